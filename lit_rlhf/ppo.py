@@ -1,0 +1,343 @@
+"""PPO math over tensors: no Lightning, no transformers, no Python loops over samples.
+
+Legend for shape comments:
+    B  batch (samples in a rollout or mini-batch)
+    T  response tokens (padded; ``response_mask`` marks the real ones)
+    V  vocabulary
+
+Sources:
+    PPO: Schulman et al. 2017, arXiv:1707.06347 (clipped surrogate objective, eq. 7).
+    GAE: Schulman et al. 2015, arXiv:1506.02438 (eq. 16).
+    KL estimators: http://joschu.net/blog/kl-approx.html (k1, k2, k3).
+    Per-token KL-shaped reward: Ziegler et al. 2019, arXiv:1909.08593 (R = r - beta * KL).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor
+
+KLEstimator = Literal["kl", "abs", "mse", "full"]
+KL_ESTIMATORS: tuple[str, ...] = ("kl", "abs", "mse", "full")
+
+# A function that sums a small tensor of statistics over all processes and returns the global sums.
+# Single-process default: identity. Under DDP the module passes a strategy all-reduce.
+ReduceFn = Callable[[Tensor], Tensor]
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+# --------------------------------------------------------------------------------------------------
+# log-probabilities and entropy
+# --------------------------------------------------------------------------------------------------
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor, chunk_elements: int = 2**24) -> Tensor:
+    """Log-probability of each chosen token: ``log softmax(logits)[label]``.
+
+    logits: [B, T, V], labels: [B, T] -> [B, T] (float32 for half-precision logits).
+
+    Computed as ``logit[label] - logsumexp(logits)``: unlike ``log_softmax``, autograd keeps no [B, T, V]
+    copy for the backward pass (logsumexp saves only its [B, T] result), and the forward temporary is
+    bounded by processing at most ``chunk_elements`` logits at a time.
+    """
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    chosen = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1)  # [B, T]
+    flat = logits.reshape(-1, logits.shape[-1])  # [B*T, V] (a view)
+    rows = max(1, chunk_elements // flat.shape[-1])
+    lse = torch.cat([torch.logsumexp(part, dim=-1) for part in flat.split(rows)])  # [B*T]
+    return chosen - lse.view(chosen.shape)
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of the categorical distribution at every position: ``H = lse(z) - sum softmax(z) z``.
+
+    logits: [B, T, V] -> [B, T].
+    """
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    probs = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# masked statistics
+# --------------------------------------------------------------------------------------------------
+
+
+def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Sum of ``x`` where ``mask`` is 1. x, mask: [B, T] -> scalar, or [B]/[T] along ``dim``."""
+    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``x`` over the positions where ``mask`` is 1. x, mask: [B, T] -> scalar (or along ``dim``).
+
+    An all-zero mask gives 0 rather than NaN: an empty mini-batch contributes nothing.
+    """
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return masked_sum(x, mask) / mask.sum().clamp(min=1.0)
+    return masked_sum(x, mask, dim) / mask.sum(dim).clamp(min=1.0)
+
+
+def masked_moments(x: Tensor, mask: Tensor, reduce_fn: ReduceFn = _identity) -> tuple[Tensor, Tensor, Tensor]:
+    """Global mean, unbiased variance and count of the masked entries, across processes.
+
+    x, mask: [B, T] -> (mean, var, n), scalars. Each process contributes ``[sum x, sum x^2, n]`` and
+    ``reduce_fn`` sums them over processes, so the result equals the statistic over the concatenated
+    batch (per-process means could not be averaged when processes hold different token counts).
+    """
+    mask = mask.to(x.dtype)
+    stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double()  # [3]
+    total, total_sq, n = reduce_fn(stats.clone()).unbind()
+    mean = total / n.clamp(min=1.0)
+    # Bessel correction, as TRL's masked_var: var = (sum x^2 - n mean^2) / (n - 1).
+    var = (total_sq - n * mean * mean).clamp(min=0.0) / (n - 1.0).clamp(min=1.0)
+    return mean.to(x.dtype), var.to(x.dtype), n
+
+
+def masked_var(x: Tensor, mask: Tensor, reduce_fn: ReduceFn = _identity) -> Tensor:
+    """Unbiased variance of the masked entries of x: [B, T] -> scalar."""
+    return masked_moments(x, mask, reduce_fn)[1]
+
+
+def masked_whiten(
+    x: Tensor, mask: Tensor, shift_mean: bool = True, reduce_fn: ReduceFn = _identity, eps: float = 1e-8
+) -> Tensor:
+    """Whiten the masked entries: ``(x - mean) / sqrt(var + eps)``; masked positions come back as 0.
+
+    x, mask: [B, T] -> [B, T]. Mean and variance are global over processes through ``reduce_fn``.
+    With ``shift_mean=False`` the mean is added back (only the scale changes).
+    """
+    mean, var, _ = masked_moments(x, mask, reduce_fn)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# KL penalty and per-token rewards
+# --------------------------------------------------------------------------------------------------
+
+
+def kl_penalty(
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    estimator: KLEstimator = "kl",
+    full_logprobs: Tensor | None = None,
+    full_ref_logprobs: Tensor | None = None,
+) -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) on the sampled tokens.
+
+    logprobs, ref_logprobs: [B, T] -> [B, T]. With ``d = log pi(a) - log pi_ref(a)``:
+      ``kl``  : d                      (k1, unbiased, can be negative per token)
+      ``abs`` : |d|
+      ``mse`` : d^2 / 2                (k2, low variance, biased)
+      ``full``: sum_v pi(v) (log pi(v) - log pi_ref(v)), the exact KL over the vocabulary; needs the
+                full log-distributions ``full_logprobs``/``full_ref_logprobs``: [B, T, V].
+    """
+    if estimator == "kl":
+        return logprobs - ref_logprobs
+    if estimator == "abs":
+        return (logprobs - ref_logprobs).abs()
+    if estimator == "mse":
+        return 0.5 * (logprobs - ref_logprobs).square()
+    if estimator == "full":
+        if full_logprobs is None or full_ref_logprobs is None:
+            raise ValueError("kl_estimator='full' needs the full log-distributions over the vocabulary")
+        return (full_logprobs.exp() * (full_logprobs - full_ref_logprobs)).sum(-1)
+    raise ValueError(f"Unknown kl_estimator {estimator!r}; choose one of {KL_ESTIMATORS}")
+
+
+def last_token_index(response_mask: Tensor) -> Tensor:
+    """Index of each sample's last real response token. response_mask: [B, T] -> [B] (long).
+
+    The largest masked-in position, so holes or padding anywhere in a row are handled; an empty
+    response gives index 0.
+    """
+    positions = torch.arange(response_mask.shape[1], device=response_mask.device)  # [T]
+    return (response_mask.long() * (positions + 1)).argmax(dim=1)
+
+
+def compute_rewards(
+    scores: Tensor,
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    response_mask: Tensor,
+    kl_coef: float,
+    estimator: KLEstimator = "kl",
+    full_logprobs: Tensor | None = None,
+    full_ref_logprobs: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token rewards ``r_t = -beta * KL_t`` on every response token, plus the score on the last one.
+
+    scores: [B]; logprobs, ref_logprobs, response_mask: [B, T] -> (rewards, non_score_rewards, kl), [B, T]
+    each, zero outside the mask (Ziegler et al. 2019, eq. 2).
+    """
+    mask = response_mask.to(logprobs.dtype)
+    kl = kl_penalty(logprobs, ref_logprobs, estimator, full_logprobs, full_ref_logprobs) * mask  # [B, T]
+    non_score = -kl_coef * kl
+    last = last_token_index(response_mask).unsqueeze(1)  # [B, 1]
+    # scatter_add places each sample's score on its own last token, with no loop over samples.
+    score_at_last = torch.zeros_like(non_score).scatter_(1, last, scores.to(non_score.dtype).unsqueeze(1))
+    rewards = non_score + score_at_last * mask
+    return rewards, non_score, kl
+
+
+# --------------------------------------------------------------------------------------------------
+# advantages
+# --------------------------------------------------------------------------------------------------
+
+
+def compute_gae(
+    rewards: Tensor, values: Tensor, response_mask: Tensor, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over masked, variable-length responses.
+
+    rewards, values, response_mask: [B, T] -> (advantages, returns), [B, T], zero outside the mask.
+
+        delta_t = r_t + gamma * V_{t+1} - V_t
+        A_t     = delta_t + gamma * lam * A_{t+1}          (GAE, arXiv:1506.02438 eq. 16)
+        R_t     = A_t + V_t                                (value target)
+
+    "Next" means the next *real* token of the same sample: masked positions are skipped, so a row with
+    holes gives exactly what the same row gives with those positions removed; after the last real token,
+    V = 0 and A = 0 (the episode ends).
+    """
+    mask = response_mask.to(values.dtype)
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])  # [B]
+    next_adv = torch.zeros_like(values[:, 0])  # [B]
+    # A reverse loop over time (not samples): each step is one vectorised op over the batch.
+    for t in reversed(range(values.shape[1])):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv_t = delta + gamma * lam * next_adv
+        advantages[:, t] = adv_t * m
+        next_adv = torch.where(m.bool(), adv_t, next_adv)
+        next_value = torch.where(m.bool(), values[:, t], next_value)
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+# --------------------------------------------------------------------------------------------------
+# losses (differentiable) and their diagnostics (no grad)
+# --------------------------------------------------------------------------------------------------
+
+
+def policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, response_mask: Tensor, clip_range: float
+) -> Tensor:
+    """PPO clipped surrogate loss (arXiv:1707.06347 eq. 7), as a loss to minimise.
+
+    logprobs (with grad), old_logprobs, advantages, response_mask: [B, T] -> scalar.
+        ratio = exp(logp - logp_old)
+        L = mean_t max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return masked_mean(torch.max(pg_loss1, pg_loss2), response_mask)
+
+
+def value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, response_mask: Tensor, clip_range_value: float
+) -> Tensor:
+    """Clipped value loss (as in OpenAI baselines' PPO2), as a loss to minimise.
+
+    values (with grad), old_values, returns, response_mask: [B, T] -> scalar.
+        V_clip = V_old + clip(V - V_old, -eps_v, eps_v)
+        L = 0.5 * mean_t max((V - R)^2, (V_clip - R)^2)
+    """
+    values_clipped = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+    vf_loss1 = (values - returns).square()
+    vf_loss2 = (values_clipped - returns).square()
+    return 0.5 * masked_mean(torch.max(vf_loss1, vf_loss2), response_mask)
+
+
+@torch.no_grad()
+def ppo_diagnostics(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    values: Tensor,
+    old_values: Tensor,
+    response_mask: Tensor,
+    clip_range: float,
+    clip_range_value: float,
+) -> dict[str, Tensor]:
+    """Diagnostics of one mini-batch update, all scalars, no gradient.
+
+    logprobs, old_logprobs, values, old_values, response_mask: [B, T].
+      policy/approxkl    : mean 0.5 * (logp - logp_old)^2      (k2 estimator, joschu.net/blog/kl-approx.html)
+      policy/approxkl_k3 : mean (ratio - 1) - log ratio         (k3: unbiased, always >= 0)
+      policy/clipfrac    : share of tokens whose ratio lies outside [1 - eps, 1 + eps]
+      val/clipfrac       : share of tokens whose value moved more than eps_v from the rollout's
+      policy/ratio_mean, policy/ratio_max
+    """
+    mask = response_mask.to(logprobs.dtype)
+    log_ratio = (logprobs - old_logprobs) * mask
+    ratio = torch.exp(log_ratio)
+    return {
+        "policy/approxkl": masked_mean(0.5 * log_ratio.square(), mask),
+        "policy/approxkl_k3": masked_mean((ratio - 1.0) - log_ratio, mask),
+        "policy/clipfrac": masked_mean(((ratio - 1.0).abs() > clip_range).to(mask.dtype), mask),
+        "val/clipfrac": masked_mean(((values - old_values).abs() > clip_range_value).to(mask.dtype), mask),
+        "policy/ratio_mean": masked_mean(ratio, mask),
+        "policy/ratio_max": ratio.masked_fill(~response_mask.bool(), float("-inf")).max(),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# KL coefficient controllers
+# --------------------------------------------------------------------------------------------------
+
+
+class FixedKLController:
+    """A constant KL coefficient beta."""
+
+    def __init__(self, kl_coef: float) -> None:
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """Nothing to adapt; kept so both controllers share one interface."""
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient (Ziegler et al. 2019, arXiv:1909.08593, section 2.2).
+
+        e_t  = clip(KL_t / KL_target - 1, -0.2, 0.2)
+        beta <- beta * (1 + K_beta * e_t),   K_beta = n_steps / horizon
+
+    ``n_steps`` is the number of samples in the batch that produced ``KL_t``, as in the paper.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int) -> None:
+        if target <= 0 or horizon <= 0:
+            raise ValueError(f"adaptive KL control needs target > 0 and horizon > 0, got {target}, {horizon}")
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+        self.target = float(state["target"])
+        self.horizon = int(state["horizon"])
