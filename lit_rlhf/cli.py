@@ -1,0 +1,72 @@
+"""The ``lit-rlhf`` command: LightningCLI over PPOModule and DialogSumDataModule.
+
+    lit-rlhf fit                                   # the embedded offline default (tiny T5, bundled DialogSum)
+    lit-rlhf fit --config configs/detox_flan_t5.yaml
+    lit-rlhf fit --print_config                    # the whole run's settings
+    lit-rlhf test --config ... --ckpt_path ...     # reward, KL and response length on the held-out split
+
+With no ``--config``, ``fit``/``validate``/``test`` start from the packaged embedded default
+(``lit_rlhf/configs/embedded_t5.yaml``); command-line flags still override it.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from importlib import resources
+
+from lightning.pytorch.cli import LightningCLI
+
+from lit_rlhf.data import DialogSumDataModule
+from lit_rlhf.module import PPOModule
+
+SUBCOMMANDS_WITH_DEFAULT = ("fit", "validate", "test")
+
+# PPOModule steps the optimizer on purpose inside training_step, so a checkpoint after the step is wanted.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+
+
+def embedded_config_path() -> str:
+    """Absolute path of the packaged embedded default config."""
+    return str(resources.files("lit_rlhf.configs").joinpath("embedded_t5.yaml"))
+
+
+class LitRLHFCLI(LightningCLI):
+    """LightningCLI with the values two parts share given once and linked."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # the policy model also picks the data module's tokenizer and padding side
+        parser.link_arguments("model.model_name", "data.model_name")
+        # the module checks its mini-batch against the rollout batch the data module produces
+        parser.link_arguments("data.batch_size", "model.rollout_batch_size")
+
+
+def with_default_config(args: list[str]) -> list[str]:
+    """Insert the embedded default config after the subcommand when the user gave no config."""
+    if not args or args[0] not in SUBCOMMANDS_WITH_DEFAULT:
+        return args
+    if any(a in ("-c", "--config") or a.startswith("--config=") for a in args):
+        return args
+    return [args[0], "--config", embedded_config_path(), *args[1:]]
+
+
+def run(args: list[str] | None = None) -> LitRLHFCLI:
+    """Parse ``args`` (default: the command line), run the subcommand and return the CLI object."""
+    args = with_default_config(list(sys.argv[1:] if args is None else args))
+    return LitRLHFCLI(
+        PPOModule,
+        DialogSumDataModule,
+        args=args,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"default_root_dir": "logs"},
+    )
+
+
+def main() -> None:
+    """Console entry point of ``lit-rlhf``."""
+    run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,401 @@
+"""DialogSum prompts for PPO: load (hub, bundled copy or local files), filter, apply the prompt, split, batch.
+
+The defaults reproduce the recipe: the DialogSum train split, dialogues of 200 < length <= 1000
+characters, the "Summarize the following conversation." prompt, the query text decoded from the prompt's
+token ids, and an unshuffled 80/20 split (``train_test_split(test_size=0.2, shuffle=False, seed=42)``).
+The 80% part feeds PPO rollouts; the held-out 20% is the validation and test set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from importlib import resources
+from math import ceil
+from typing import Any, Literal
+
+import datasets
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+
+from lit_rlhf.tiny import resolve_model_path
+
+DEFAULT_PROMPT_TEMPLATE = "\nSummarize the following conversation.\n\n{dialogue}\n\nSummary:\n"
+"""The recipe's prompt; ``{dialogue}`` is replaced by the dialogue."""
+
+REQUIRED_COLUMNS = ("id", "dialogue", "summary")
+"""Columns a source split must have (``topic`` and others are kept when present)."""
+
+_BUNDLED_FILES = {"train": "dialogsum.train.jsonl.gz", "validation": "dialogsum.dev.jsonl.gz"}
+_BUNDLED_TEST_FILE = "dialogsum.test.jsonl.gz"
+_BUNDLED_REFERENCES = 3  # the bundled test file has three reference summaries per dialogue
+
+# Local-directory sources: a file belongs to the split its name starts with.
+_SPLIT_PREFIXES = {"train": ("train",), "validation": ("validation", "valid", "dev"), "test": ("test",)}
+_FILE_FORMATS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json", ".parquet": "parquet"}
+
+
+def _expand_test_references(batch: dict[str, list]) -> dict[str, list]:
+    """One row per (dialogue, reference summary), ids ``{fname}_{k}``, in file order."""
+    out: dict[str, list] = {"id": [], "dialogue": [], "summary": [], "topic": []}
+    for i, fname in enumerate(batch["fname"]):
+        for k in range(1, _BUNDLED_REFERENCES + 1):
+            out["id"].append(f"{fname}_{k}")
+            out["dialogue"].append(batch["dialogue"][i])
+            out["summary"].append(batch[f"summary{k}"][i])
+            out["topic"].append(batch[f"topic{k}"][i])
+    return out
+
+
+def load_bundled_dialogsum() -> datasets.DatasetDict:
+    """The DialogSum copy shipped in ``lit_rlhf/assets/dialogsum``, in the schema of hub ``knkarthick/dialogsum``.
+
+    Splits ``train`` (12,460 rows), ``validation`` (500, the upstream dev file) and ``test`` (1,500: each of
+    the 500 test dialogues once per reference summary, ids ``test_{n}_{k}`` for k = 1..3, in that order);
+    columns ``id, dialogue, summary, topic``. The files are read with datasets' ``json`` builder, so the
+    Arrow conversion is cached by datasets like any other dataset.
+    """
+    assets = resources.files("lit_rlhf.assets.dialogsum")
+    with contextlib.ExitStack() as stack:
+        def local(name: str) -> str:
+            return str(stack.enter_context(resources.as_file(assets.joinpath(name))))
+
+        # Two loads: the test file has another schema (summary1..3, topic1..3) than train and dev.
+        train_dev = datasets.load_dataset("json", data_files={s: local(f) for s, f in _BUNDLED_FILES.items()})
+        test = datasets.load_dataset("json", data_files={"test": local(_BUNDLED_TEST_FILE)})["test"]
+    columns = ["id", "dialogue", "summary", "topic"]
+    out = {split: ds.rename_column("fname", "id").select_columns(columns) for split, ds in train_dev.items()}
+    expanded = test.map(_expand_test_references, batched=True, remove_columns=test.column_names)
+    out["test"] = expanded.select_columns(columns)
+    return datasets.DatasetDict(out)
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub dataset ids are "name" or "owner/name"; anything else is meant as a path on this machine.
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.path.exists(name)
+
+
+def _load_local_directory(directory: str) -> datasets.DatasetDict:
+    """Files named by split (``train*``, ``validation*``/``valid*``/``dev*``, ``test*``), jsonl/json or parquet."""
+    data_files: dict[str, list[str]] = {}
+    formats: set[str] = set()
+    for name in sorted(os.listdir(directory)):
+        fmt = next((f for ext, f in _FILE_FORMATS.items() if name.endswith(ext)), None)
+        split = next((s for s, prefixes in _SPLIT_PREFIXES.items() if name.startswith(prefixes)), None)
+        if fmt is not None and split is not None:
+            data_files.setdefault(split, []).append(os.path.join(directory, name))
+            formats.add(fmt)
+    if not data_files:
+        raise ValueError(
+            f"dataset={directory!r} has no data files: expected files named train*, validation* (or dev*) "
+            f"and test* ending in {', '.join(_FILE_FORMATS)}; found {sorted(os.listdir(directory))}"
+        )
+    if len(formats) > 1:
+        raise ValueError(
+            f"dataset={directory!r} mixes file formats {sorted(formats)}; keep one format per directory"
+        )
+    return datasets.load_dataset(formats.pop(), data_files=data_files)
+
+
+def _dialogue_length_in_range(dialogues: list[str], min_chars: int, max_chars: int) -> list[bool]:
+    return [min_chars < len(dialogue) <= max_chars for dialogue in dialogues]
+
+
+def _apply_prompt_and_tokenize(
+    batch: dict[str, list],
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_template: str,
+    max_prompt_tokens: int | None,
+) -> dict[str, list]:
+    prompts = [prompt_template.replace("{dialogue}", dialogue) for dialogue in batch["dialogue"]]
+    truncate = max_prompt_tokens is not None
+    input_ids = tokenizer(prompts, truncation=truncate, max_length=max_prompt_tokens).input_ids
+    # As in the recipe, the query is the decoded prompt ids (special tokens such as T5's </s> included): the
+    # prompt as the model sees it, after any truncation and the tokenizer's normalisation.
+    return {"prompt": prompts, "input_ids": input_ids, "query": tokenizer.batch_decode(input_ids)}
+
+
+@dataclass(frozen=True)
+class PromptCollator:
+    """Pads a list of rows into a batch: tensors for the model, lists of strings for rewards and logs.
+
+    ``padding_side`` comes from the model kind: ``"right"`` for encoder-decoder models (as T5 tokenizers pad;
+    the encoder masks padding wherever it is), ``"left"`` for decoder-only models, so that generation
+    continues right after each prompt's last token rather than after padding.
+    """
+
+    pad_token_id: int
+    padding_side: Literal["left", "right"]
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        width = max(len(row["input_ids"]) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            cols = slice(width - n, width) if self.padding_side == "left" else slice(0, n)
+            input_ids[i, cols] = torch.tensor(row["input_ids"], dtype=torch.long)
+            attention_mask[i, cols] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "query": [row["query"] for row in rows],
+            "reference": [row["summary"] for row in rows],
+            "id": [row["id"] for row in rows],
+            "prompt": [row["prompt"] for row in rows],
+        }
+
+
+class DialogSumDataModule(L.LightningDataModule):
+    """DialogSum dialogues turned into summarisation prompts for PPO rollouts.
+
+    Batches are dicts with ``input_ids`` and ``attention_mask`` (LongTensor ``[B, L]``, right-padded for
+    encoder-decoder models, left-padded for decoder-only ones), and lists of strings ``query`` (the decoded
+    prompt ids), ``reference`` (the human summary), ``id`` and ``prompt`` (the prompt text before
+    tokenization). ``prepare_data`` loads and tokenizes once (datasets caches each step on disk);
+    ``setup`` then reads the cached result on every process.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "embedded:tiny-t5",
+        dataset: str = "bundled",
+        split: str = "train",
+        min_chars: int = 200,
+        max_chars: int = 1000,
+        prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+        max_prompt_tokens: int | None = None,
+        test_size: float = 0.2,
+        split_seed: int = 42,
+        shuffle_split: bool = False,
+        batch_size: int = 16,
+        eval_batch_size: int = 16,
+        num_workers: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            model_name: Model whose tokenizer encodes the prompts: a hub name, a local folder saved with
+                ``save_pretrained``, or an embedded model (``embedded:tiny-t5``, ``embedded:tiny-gpt2``).
+                Whether it is an encoder-decoder (right padding) or decoder-only model (left padding) is read
+                from its config. Give the same name as the policy model.
+            dataset: ``"bundled"`` (the DialogSum copy shipped with lit_rlhf, no network), a hub dataset
+                name such as ``"knkarthick/dialogsum"``, or a local directory of jsonl/json/parquet files
+                named by split (``train*``, ``validation*`` or ``dev*``, ``test*``). Needs the columns
+                ``id``, ``dialogue`` and ``summary``.
+            split: Source split that feeds the recipe (filtered, then split into train and held-out parts).
+            min_chars: Keep dialogues strictly longer than this many characters.
+            max_chars: Keep dialogues at most this many characters long.
+            prompt_template: Prompt text; ``{dialogue}`` is replaced by the dialogue (no other placeholders).
+            max_prompt_tokens: If set, prompts are truncated to this many tokens, on the tokenizer's
+                truncation side (the right by default, which cuts the end of the prompt, "Summary:"
+                included); ``None`` (the recipe) keeps whole prompts. Prefer ``max_chars`` to bound length.
+            test_size: Fraction of the filtered rows held out for validation and test; as in datasets'
+                ``train_test_split``, the held-out count is rounded up.
+            split_seed: Seed of the train/held-out split; only used when ``shuffle_split`` is True.
+            shuffle_split: Shuffle before splitting. False (the recipe): the train part is the first
+                ``1 - test_size`` of the filtered rows, in order.
+            batch_size: Prompts per training batch, i.e. the rollout batch of one PPO step. Incomplete last
+                batches are dropped so every PPO step gets a full rollout batch.
+            eval_batch_size: Prompts per validation/test batch.
+            num_workers: DataLoader worker processes (0: load in the main process).
+            shuffle: Shuffle the training prompts each epoch.
+            seed: Seed of the training-prompt shuffle.
+        """
+        super().__init__()
+        if "{dialogue}" not in prompt_template:
+            raise ValueError(
+                f"prompt_template must contain '{{dialogue}}' where the dialogue goes; got {prompt_template!r}"
+            )
+        if min_chars < 0 or max_chars <= min_chars:
+            raise ValueError(
+                f"min_chars={min_chars}, max_chars={max_chars}: need 0 <= min_chars < max_chars "
+                "(dialogues with min_chars < length <= max_chars are kept)"
+            )
+        if max_prompt_tokens is not None and max_prompt_tokens < 1:
+            raise ValueError(
+                f"max_prompt_tokens must be None or a positive number of tokens, got {max_prompt_tokens}"
+            )
+        if not 0.0 < test_size < 1.0:
+            raise ValueError(f"test_size must be a fraction strictly between 0 and 1, got {test_size}")
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be 0 or more, got {num_workers}")
+        self.save_hyperparameters()
+        self.model_name = model_name
+        self.dataset = dataset
+        self.split = split
+        self.min_chars = min_chars
+        self.max_chars = max_chars
+        self.prompt_template = prompt_template
+        self.max_prompt_tokens = max_prompt_tokens
+        self.test_size = test_size
+        self.split_seed = split_seed
+        self.shuffle_split = shuffle_split
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.shuffle = shuffle
+        self.seed = seed
+
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.is_encoder_decoder: bool | None = None
+        self.train_set: datasets.Dataset | None = None
+        """Prompts for PPO rollouts (the first ``1 - test_size`` of the filtered rows unless shuffled)."""
+        self.test_set: datasets.Dataset | None = None
+        """Held-out prompts, served by both ``val_dataloader`` and ``test_dataloader``."""
+        self._sizes: dict[str, int] = {}
+
+    # -- loading ------------------------------------------------------------------------------------------
+
+    def _load_tokenizer(self) -> None:
+        if self.tokenizer is not None:
+            return
+        path = resolve_model_path(self.model_name)
+        self.is_encoder_decoder = bool(AutoConfig.from_pretrained(path).is_encoder_decoder)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer.pad_token is None:
+            if tokenizer.eos_token is None:
+                raise ValueError(
+                    f"The tokenizer of model_name={self.model_name!r} has neither a pad nor an eos token, so "
+                    "batches cannot be padded: save the tokenizer with a pad token set "
+                    "(tokenizer.add_special_tokens({'pad_token': ...}); save_pretrained) and give that folder"
+                )
+            # Decoder-only tokenizers (GPT-2, many others) ship without a pad token; eos is the usual stand-in,
+            # and the attention mask keeps the padding out of the model's view.
+            tokenizer.pad_token = tokenizer.eos_token
+            rank_zero_info(
+                f"The tokenizer of {self.model_name!r} has no pad token: using its eos token "
+                f"{tokenizer.eos_token!r} (id {tokenizer.eos_token_id}) for padding."
+            )
+        self.tokenizer = tokenizer
+
+    def _load_source(self) -> datasets.DatasetDict:
+        if self.dataset == "bundled":
+            return load_bundled_dialogsum()
+        local = os.path.expanduser(self.dataset)
+        if os.path.isdir(local):
+            return _load_local_directory(local)
+        if _looks_like_path(self.dataset):
+            raise ValueError(
+                f"dataset={self.dataset!r} is not a directory: give 'bundled', a hub dataset name such as "
+                "'knkarthick/dialogsum', or a directory of train*/validation*/test* jsonl or parquet files"
+            )
+        return datasets.load_dataset(self.dataset)
+
+    def _source_split(self) -> datasets.Dataset:
+        source = self._load_source()
+        if self.split not in source:
+            raise ValueError(f"split={self.split!r} is not in dataset={self.dataset!r}; it has {sorted(source)}")
+        rows = source[self.split]
+        missing = [c for c in REQUIRED_COLUMNS if c not in rows.column_names]
+        if missing:
+            raise ValueError(
+                f"dataset={self.dataset!r} split={self.split!r} lacks the column(s) {missing}: it has "
+                f"{rows.column_names}, and {list(REQUIRED_COLUMNS)} are needed (rename its columns to these)"
+            )
+        return rows
+
+    def _build(self) -> tuple[datasets.Dataset, datasets.Dataset]:
+        """Filter, prompt, tokenize and split; every step is cached by datasets, so a second call reads it."""
+        self._load_tokenizer()
+        rows = self._source_split()
+        kept = rows.filter(
+            _dialogue_length_in_range,
+            input_columns="dialogue",
+            batched=True,
+            fn_kwargs={"min_chars": self.min_chars, "max_chars": self.max_chars},
+        )
+        if len(kept) == 0:
+            lengths = [len(d) for d in rows["dialogue"]] or [0]
+            raise ValueError(
+                f"min_chars={self.min_chars}, max_chars={self.max_chars} keep none of the {len(rows)} dialogues "
+                f"of dataset={self.dataset!r} split={self.split!r}, whose lengths range from {min(lengths)} to "
+                f"{max(lengths)} characters; widen min_chars/max_chars"
+            )
+        n_test = ceil(self.test_size * len(kept))  # datasets' rounding: the held-out part rounds up
+        if n_test >= len(kept):
+            raise ValueError(
+                f"test_size={self.test_size} holds out {n_test} of the {len(kept)} filtered rows, leaving none "
+                "for training; lower test_size or keep more rows (min_chars/max_chars)"
+            )
+        prompts = kept.map(
+            _apply_prompt_and_tokenize,
+            batched=True,
+            fn_kwargs={
+                "tokenizer": self.tokenizer,
+                "prompt_template": self.prompt_template,
+                "max_prompt_tokens": self.max_prompt_tokens,
+            },
+        )
+        parts = prompts.train_test_split(
+            test_size=self.test_size, shuffle=self.shuffle_split, seed=self.split_seed
+        )
+        self._sizes = {
+            "source": len(rows), "kept": len(kept), "train": len(parts["train"]), "test": len(parts["test"])
+        }
+        return parts["train"], parts["test"]
+
+    # -- Lightning hooks ----------------------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        # Runs on one process per node: downloads and tokenizes, leaving datasets' cache files for setup().
+        self._build()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            self.train_set, self.test_set = self._build()
+
+    def summary(self) -> dict[str, int]:
+        """Row counts after ``setup``: ``source`` (the source split), ``kept`` (after the length filter),
+        ``train`` and ``test`` (the two parts of the split)."""
+        if not self._sizes:
+            raise RuntimeError("call setup() before summary()")
+        return dict(self._sizes)
+
+    @property
+    def collator(self) -> PromptCollator:
+        if self.tokenizer is None or self.train_set is None:
+            raise RuntimeError("call setup() before asking for data loaders")
+        side = "right" if self.is_encoder_decoder else "left"
+        return PromptCollator(pad_token_id=self.tokenizer.pad_token_id, padding_side=side)
+
+    def train_dataloader(self) -> DataLoader:
+        collate = self.collator
+        if len(self.train_set) < self.batch_size:
+            # drop_last would leave no batch at all, and training would silently do nothing.
+            raise ValueError(
+                f"batch_size={self.batch_size} is larger than the {len(self.train_set)} training prompts; "
+                "lower batch_size or keep more rows (min_chars/max_chars, test_size)"
+            )
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            drop_last=True,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def _held_out_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.test_set,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            collate_fn=self.collator,
+            num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._held_out_dataloader()
+
+    def test_dataloader(self) -> DataLoader:
+        return self._held_out_dataloader()

@@ -1,0 +1,375 @@
+"""The trainable language model: a Hugging Face seq2seq or causal LM with a LoRA adapter and a value head.
+
+Callers see one interface for both model kinds: "query ids, response ids, response mask". The places where
+the kinds really differ are small and marked:
+
+* seq2seq (T5): the query feeds the encoder; the decoder starts from ``decoder_start_token_id``, which is
+  not a response token; every generated token, including the first, gets a log-probability, a value and
+  a KL term. Decoder position ``t`` predicts response token ``t``.
+* causal (GPT-2, Llama): the query is left-padded and the response appended; position ``P - 1 + t`` (P the
+  padded query length) predicts response token ``t``. Position ids come from the attention mask, as
+  ``generate`` computes them, so left padding does not shift positions.
+
+Reference log-probabilities come from the same weights with the adapter disabled: no second copy of the
+model in memory. A separately loaded frozen reference stays possible (``reference_model``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+from lit_rlhf import ppo
+from lit_rlhf.tiny import resolve_model_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoraSettings:
+    """The LoRA adapter trained by PPO (peft)."""
+
+    r: int = 32
+    """Rank of the LoRA update matrices."""
+    alpha: int = 32
+    """LoRA scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input (active only when dropout is on in the PPO update, see ``train_dropout``)."""
+    target_modules: list[str] | None = None
+    """Module names that get an adapter. None: peft's default for the architecture (T5: q, v; GPT-2:
+    c_attn; Llama: q_proj, v_proj)."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases are trained with the adapter."""
+
+
+@dataclass
+class GenerationSettings:
+    """How responses are sampled in the rollout (one batched ``generate`` call per PPO step)."""
+
+    min_new_tokens: int = 4
+    """End-of-sequence is blocked until this many tokens were generated. The FLAN-T5 recipe's
+    ``min_length=5`` counts T5's decoder start token, i.e. 4 new tokens."""
+    max_new_tokens: tuple[int, int] = (100, 400)
+    """Each response's maximum length is drawn per sample, uniformly from [low, high) as the recipe's
+    length sampler does; a response stops at its own draw or at end-of-sequence. (n, n + 1) fixes it at n."""
+    do_sample: bool = True
+    """Sample (True) or decode greedily (False)."""
+    top_k: int = 0
+    """Top-k filtering; 0 disables it (the recipe samples from the full distribution)."""
+    top_p: float = 1.0
+    """Nucleus filtering; 1.0 disables it."""
+    temperature: float = 1.0
+    """Softmax temperature for sampling. The PPO log-probabilities are those of the temperature-1 policy,
+    so values other than 1.0 make the rollout off-policy."""
+
+
+class PerRowMaxLength(StoppingCriteria):
+    """Stops each row of a batched ``generate`` at its own maximum number of new tokens."""
+
+    def __init__(self, start_length: int, max_new_tokens: Tensor) -> None:
+        self.start_length = start_length
+        self.max_new_tokens = max_new_tokens  # [B]
+
+    def __call__(self, input_ids: Tensor, scores: Tensor | None = None, **kwargs) -> Tensor:
+        generated = input_ids.shape[1] - self.start_length
+        return generated >= self.max_new_tokens.to(input_ids.device)  # [B] bool
+
+
+class ValueHead(nn.Module):
+    """V(s_t): dropout + a linear map from the last hidden state to a scalar."""
+
+    def __init__(self, hidden_size: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.summary = nn.Linear(hidden_size, 1)
+
+    def forward(self, hidden: Tensor) -> Tensor:  # [B, T, H] -> [B, T]
+        return self.summary(self.dropout(hidden.to(self.summary.weight.dtype))).squeeze(-1)
+
+
+@dataclass
+class PolicyOutput:
+    logprobs: Tensor  # [B, T] log pi(response_t | context)
+    values: Tensor | None  # [B, T] V(context before response_t)
+    logits: Tensor | None = None  # [B, T, V] when asked for
+
+
+def _is_seq2seq(config) -> bool:
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
+def load_causal_or_seq2seq(path: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """Load a model by hub name or local path, picking the seq2seq or causal class from its config."""
+    config = AutoConfig.from_pretrained(path)
+    cls = AutoModelForSeq2SeqLM if _is_seq2seq(config) else AutoModelForCausalLM
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    return cls.from_pretrained(path, **kwargs)
+
+
+class Policy(nn.Module):
+    """A language model with a trainable LoRA adapter and a value head, behind one seq2seq/causal interface.
+
+    Args:
+        model_name: hub name, local path, or an embedded model (``embedded:tiny-t5``, ``embedded:tiny-gpt2``).
+        lora: the adapter trained by PPO.
+        init_adapter: path or hub name of an existing PEFT adapter (e.g. a supervised fine-tuning
+            checkpoint). It is merged into the base weights, which stay frozen, and a fresh LoRA is trained on
+            top: the reference policy is then the fine-tuned model, not the raw base model.
+        reference_model: load a separate frozen reference model instead of disabling the adapter (costs a
+            second copy of the weights; useful when the reference differs from the base).
+        value_head_dropout: dropout before the value head's linear layer.
+        dtype: weights' dtype for the frozen base ("float32", "bfloat16", "float16").
+    """
+
+    def __init__(
+        self,
+        model_name: str = "embedded:tiny-t5",
+        lora: LoraSettings | None = None,
+        init_adapter: str | None = None,
+        reference_model: str | None = None,
+        value_head_dropout: float = 0.1,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    ) -> None:
+        super().__init__()
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        lora = lora or LoraSettings()
+        path = resolve_model_path(model_name)
+        torch_dtype = getattr(torch, dtype)
+        base = load_causal_or_seq2seq(path, torch_dtype)
+        if init_adapter is not None:
+            # Merge the fine-tuned adapter into the frozen base; PPO trains a new adapter on top.
+            base = PeftModel.from_pretrained(base, resolve_model_path(init_adapter)).merge_and_unload()
+        self.is_seq2seq = _is_seq2seq(base.config)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        if self.tokenizer.pad_token_id is None:
+            if self.tokenizer.eos_token_id is None:
+                raise ValueError(
+                    f"The tokenizer of model_name={model_name!r} has neither a pad nor an eos token; "
+                    "use a tokenizer that defines one of them"
+                )
+            log.info("Tokenizer has no pad token: using eos (%r) as pad", self.tokenizer.eos_token)
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        peft_config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            bias=lora.bias,
+            task_type="SEQ_2_SEQ_LM" if self.is_seq2seq else "CAUSAL_LM",
+        )
+        try:
+            self.model = get_peft_model(base, peft_config)
+        except ValueError as err:
+            raise ValueError(f"Could not add the LoRA adapter (check lora.target_modules): {err}") from err
+        self.value_head = ValueHead(base.config.hidden_size, value_head_dropout)
+        self.reference: PreTrainedModel | None = None
+        if reference_model is not None:
+            ref = load_causal_or_seq2seq(resolve_model_path(reference_model), torch_dtype)
+            ref.requires_grad_(False).eval()
+            self.reference = ref
+        self.model_name = model_name
+        self.pad_token_id = self.tokenizer.pad_token_id
+        self.eos_token_id = self.tokenizer.eos_token_id
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def parameter_counts(self) -> dict[str, int | float]:
+        """Trainable / all parameters of the policy, without and with the value head (as the recipe reports)."""
+        def count(params, trainable_only):
+            return sum(p.numel() for p in params if p.requires_grad or not trainable_only)
+
+        lm_all, lm_trainable = count(self.model.parameters(), False), count(self.model.parameters(), True)
+        vh = count(self.value_head.parameters(), False)
+        return {
+            "trainable model parameters": lm_trainable,
+            "all model parameters": lm_all,
+            "percentage of trainable model parameters": 100.0 * lm_trainable / lm_all,
+            "trainable parameters with value head": lm_trainable + vh,
+            "all parameters with value head": lm_all + vh,
+            "percentage with value head": 100.0 * (lm_trainable + vh) / (lm_all + vh),
+        }
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        settings: GenerationSettings,
+        max_new_tokens: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Sample one response per query in a single batched call (KV cache, eval mode).
+
+        input_ids, attention_mask: [B, P] (right padding for seq2seq, left padding for causal);
+        max_new_tokens: [B] per-sample limits (drawn from ``settings.max_new_tokens`` if None).
+        Returns response_ids [B, T] (right-padded) and response_mask [B, T]: the tokens up to and including
+        the first end-of-sequence, within each sample's own limit.
+        """
+        batch = input_ids.shape[0]
+        if max_new_tokens is None:
+            low, high = settings.max_new_tokens
+            max_new_tokens = torch.randint(low, high, (batch,), generator=generator)
+        max_new_tokens = max_new_tokens.to(input_ids.device)
+        config = GenerationConfig(
+            do_sample=settings.do_sample,
+            top_k=settings.top_k if settings.do_sample else None,
+            top_p=settings.top_p if settings.do_sample else None,
+            temperature=settings.temperature if settings.do_sample else None,
+            max_new_tokens=int(max_new_tokens.max()),
+            min_new_tokens=min(settings.min_new_tokens, int(max_new_tokens.min())),
+            pad_token_id=self.pad_token_id,
+            eos_token_id=self.eos_token_id,
+            decoder_start_token_id=getattr(self.model.config, "decoder_start_token_id", None),
+            use_cache=True,
+        )
+        # seq2seq output starts with the decoder start token; causal output starts with the query.
+        start = 1 if self.is_seq2seq else input_ids.shape[1]
+        stopping = StoppingCriteriaList([PerRowMaxLength(start, max_new_tokens)])
+        was_training = self.training
+        self.eval()
+        try:
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                generation_config=config,
+                stopping_criteria=stopping,
+            )
+        finally:
+            self.train(was_training)
+        response = out[:, start:]  # [B, T]
+        return response, self.response_mask(response, max_new_tokens)
+
+    def response_mask(self, response: Tensor, max_new_tokens: Tensor | None = None) -> Tensor:
+        """1 for tokens up to and including the first eos, within each row's limit. response: [B, T]."""
+        if self.eos_token_id is None:
+            mask = torch.ones_like(response)
+        else:
+            is_eos = (response == self.eos_token_id).long()
+            # tokens before the first eos have no eos to their left (exclusive cumulative sum == 0)
+            mask = ((is_eos.cumsum(1) - is_eos) == 0).long()
+        if max_new_tokens is not None:
+            positions = torch.arange(response.shape[1], device=response.device)
+            mask = mask * (positions[None] < max_new_tokens[:, None]).long()
+        return mask
+
+    # ------------------------------------------------------------------ scoring forward passes
+
+    def forward(
+        self,
+        query_ids: Tensor,
+        query_mask: Tensor,
+        response_ids: Tensor,
+        response_mask: Tensor,
+        with_values: bool = True,
+        return_logits: bool = False,
+    ) -> PolicyOutput:
+        """Log-probabilities (and values) of the response tokens under the current policy.
+
+        query_ids, query_mask: [B, P]; response_ids, response_mask: [B, T] -> PolicyOutput with [B, T] fields.
+        """
+        logits, hidden = self._logits_hidden(self.model, query_ids, query_mask, response_ids, response_mask)
+        logprobs = ppo.logprobs_from_logits(logits, response_ids)
+        values = self.value_head(hidden) if with_values else None
+        return PolicyOutput(logprobs, values, logits if return_logits else None)
+
+    @torch.no_grad()
+    def reference_forward(
+        self, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
+        return_logits: bool = False,
+    ) -> PolicyOutput:
+        """Log-probabilities of the response tokens under the reference (adapter disabled, or the separate
+        reference model). Shapes as in ``forward``."""
+        if self.reference is not None:
+            logits, _ = self._logits_hidden(self.reference, query_ids, query_mask, response_ids, response_mask)
+        else:
+            with self.model.disable_adapter():
+                logits, _ = self._logits_hidden(self.model, query_ids, query_mask, response_ids, response_mask)
+        logprobs = ppo.logprobs_from_logits(logits, response_ids)
+        return PolicyOutput(logprobs, None, logits if return_logits else None)
+
+    def _logits_hidden(
+        self, model: nn.Module, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Logits [B, T, V] and last hidden states [B, T, H] at the positions that predict each response token."""
+        if self.is_seq2seq:
+            start = torch.full_like(response_ids[:, :1], self.model.config.decoder_start_token_id)
+            # shift right: decoder input t is response token t - 1, so position t predicts response token t
+            decoder_input_ids = torch.cat([start, response_ids[:, :-1]], dim=1)
+            decoder_mask = torch.cat([torch.ones_like(start), response_mask[:, :-1]], dim=1)
+            out = model(
+                input_ids=query_ids,
+                attention_mask=query_mask,
+                decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_mask,
+                output_hidden_states=True,
+                use_cache=False,
+            )
+            return out.logits, out.decoder_hidden_states[-1]
+        t = response_ids.shape[1]
+        input_ids = torch.cat([query_ids, response_ids], dim=1)
+        attention_mask = torch.cat([query_mask, response_mask], dim=1)
+        # positions as generate() computes them for left-padded queries
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_hidden_states=True,
+            use_cache=False,
+            logits_to_keep=t + 1,
+        )
+        # the last query position predicts response token 0; the last response position predicts nothing
+        return out.logits[:, :-1], out.hidden_states[-1][:, -t - 1 : -1]
+
+    # ------------------------------------------------------------------ export
+
+    def save_adapter(self, directory: str | os.PathLike) -> Path:
+        """Write the adapter (peft ``save_pretrained``), the tokenizer and the value head into ``directory``.
+
+        The result loads with plain peft: ``PeftModel.from_pretrained(base_model, directory)``.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        torch.save(self.value_head.state_dict(), directory / "value_head.pt")
+        return directory
+
+
+def trim_batch(
+    query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor, left_padded_query: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Drop padding columns that every row of this (mini-)batch has, so a forward pays only for what it needs.
+
+    query: [B, P] -> [B, P'] (left or right side, as the query is padded); response: [B, T] -> [B, T']."""
+    q_used = query_mask.any(0).nonzero()
+    p0, p1 = (int(q_used.min()), int(q_used.max()) + 1) if len(q_used) else (0, 1)
+    if left_padded_query:
+        p1 = query_mask.shape[1]
+    else:
+        p0 = 0
+    t1 = max(1, int(response_mask.sum(1).max()))
+    return query_ids[:, p0:p1], query_mask[:, p0:p1], response_ids[:, :t1], response_mask[:, :t1]
+

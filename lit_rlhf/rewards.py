@@ -1,0 +1,511 @@
+"""Rewards: one score per (prompt, response) pair, used by the PPO step.
+
+Every reward is a subclass of :class:`Reward`, a plain (non-``nn.Module``) class so that LightningCLI can build
+it from YAML (``class_path: lit_rlhf.rewards.ClassifierReward`` + ``init_args``) and so that a reward model held
+by the ``LightningModule`` is not registered as a submodule: its weights stay out of the optimizer, out of the
+checkpoint and out of DDP's gradient sync.
+
+Contract (see DESIGN.md): ``reward(prompts, responses, references=None) -> Tensor[B]``, float32, finite, on the
+device given to :meth:`Reward.to` (CPU by default). Subclasses implement :meth:`Reward.compute`; the base class
+checks inputs and output in one place and runs ``compute`` under ``torch.inference_mode()``.
+
+Implementations:
+
+- :class:`ClassifierReward`: logit or probability of a named label from any Hugging Face sequence classifier
+  (the seed recipe: ``facebook/roberta-hate-speech-dynabench-r4-target``, label ``nothate``).
+- :class:`ProfanityReward`: offline toxicity reward from the ``alt-profanity-check`` scikit-learn model.
+- :class:`ReferenceSimilarityReward`: ROUGE of the response against the reference summary.
+- :class:`CompositeReward`: weighted sum of rewards, keeping each part for logging.
+"""
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+TextField = Literal["response", "prompt+response"]
+
+# Joins prompt and response when a reward scores both (text="prompt+response"). A newline rather than a
+# tokenizer's sentence-pair encoding: hate-speech classifiers are trained on single texts.
+PROMPT_RESPONSE_SEPARATOR = "\n"
+
+
+def select_text(text: TextField, prompts: Sequence[str], responses: Sequence[str]) -> list[str]:
+    """The strings a reward scores: the responses, or each prompt and response joined by a newline."""
+    if text == "response":
+        return list(responses)
+    return [p + PROMPT_RESPONSE_SEPARATOR + r for p, r in zip(prompts, responses)]
+
+
+def _check_choice(value: Any, argument: str, choices: Sequence[Any]) -> None:
+    # Literal annotations are enforced by LightningCLI, not when a reward is built in Python.
+    if value not in choices:
+        raise ValueError(f"`{argument}` must be one of {list(choices)}, got {value!r}.")
+
+
+def check_inputs(
+    reward: "Reward", prompts: Sequence[str], responses: Sequence[str], references: Sequence[str] | None
+) -> None:
+    """Raise a ValueError unless prompts, responses (and references, when given) are equally long lists."""
+    name = type(reward).__name__
+    for argument, values in (("prompts", prompts), ("responses", responses), ("references", references)):
+        if values is not None and (isinstance(values, str) or not isinstance(values, Sequence)):
+            raise ValueError(f"{name}: `{argument}` must be a list of strings, got {type(values).__name__}.")
+    if len(prompts) != len(responses):
+        raise ValueError(f"{name}: got {len(prompts)} prompts but {len(responses)} responses; they must pair up.")
+    if references is not None and len(references) != len(responses):
+        raise ValueError(f"{name}: got {len(references)} references for {len(responses)} responses.")
+
+
+def check_scores(reward: "Reward", scores: Any, batch_size: int) -> torch.Tensor:
+    """Return ``scores`` as a float32 tensor of shape [batch_size]; raise if it is not one, or not finite."""
+    name = type(reward).__name__
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"{name}.compute returned {type(scores).__name__}, expected a torch.Tensor.")
+    if tuple(scores.shape) != (batch_size,):
+        raise ValueError(
+            f"{name}.compute returned shape {tuple(scores.shape)}, expected ({batch_size},): one score per response."
+        )
+    if not scores.is_floating_point():
+        raise ValueError(f"{name}.compute returned dtype {scores.dtype}, expected a floating point tensor.")
+    # Cast before the finiteness check: a float64 score beyond float32's range becomes inf here.
+    scores = scores.float()
+    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+    if bad:
+        shown = ", ".join(f"{i}: {scores[i].item()}" for i in bad[:10])
+        raise ValueError(f"{name} returned non-finite scores at positions {bad} ({shown}).")
+    return scores
+
+
+class Reward(ABC):
+    """Scores responses to prompts: ``reward(prompts, responses, references=None) -> Tensor[B]`` (float32).
+
+    Subclasses implement :meth:`compute`, and :meth:`setup` when they load something (a model): it is called
+    by :meth:`to` and before the first call, so a run can load and validate the reward before training starts.
+    """
+
+    model_id: str | None = None
+    """The model behind the scores (hub name, path or package), so an evaluator can tell whether it is the same
+    model as the reward; None when there is no model."""
+
+    device: torch.device = torch.device("cpu")
+    """Where scores are returned; set by :meth:`to`. A class default, so subclasses need not call ``__init__``."""
+
+    @property
+    def name(self) -> str:
+        """Short identifier used in metric names and reports (e.g. ``env/reward/<name>``)."""
+        return type(self).__name__
+
+    def describe(self) -> str:
+        """One line for reports: what is scored and by what."""
+        return self.name
+
+    def uses_model(self, model_id: str | None) -> bool:
+        """Whether ``model_id`` is (one of) the model(s) behind this reward."""
+        return model_id is not None and model_id == self.model_id
+
+    def setup(self) -> None:
+        """Load what the reward needs. Idempotent; nothing to do by default."""
+
+    def to(self, device: str | torch.device) -> "Reward":
+        """Return scores on ``device`` from now on (and compute there, for rewards that run a torch model)."""
+        self.device = torch.device(device)
+        self.setup()
+        return self
+
+    def __call__(
+        self, prompts: Sequence[str], responses: Sequence[str], references: Sequence[str] | None = None
+    ) -> torch.Tensor:
+        """One score per response: float32 tensor of shape [len(responses)] on ``self.device``.
+
+        ``references`` (e.g. the reference summaries) is passed on to rewards that compare against it and
+        ignored by the others.
+        """
+        check_inputs(self, prompts, responses, references)
+        self.setup()
+        with torch.inference_mode():
+            scores = self.compute(list(prompts), list(responses), None if references is None else list(references))
+        scores = check_scores(self, scores, len(responses)).to(self.device)
+        # Clone outside inference mode: inference tensors cannot be modified in place or saved for backward
+        # later, which the PPO step may do with the scores.
+        return scores.clone()
+
+    @abstractmethod
+    def compute(self, prompts: list[str], responses: list[str], references: list[str] | None) -> torch.Tensor:
+        """Scores, shape [B]. Called under ``torch.inference_mode()`` with checked, equally long lists."""
+
+
+class ClassifierReward(Reward):
+    """Logit or probability of one label of a Hugging Face sequence classifier.
+
+    The seed recipe rewards the ``nothate`` logit of Facebook's RoBERTa hate-speech classifier. The classifier
+    is loaded on first use (or by ``setup()`` / ``to()``), in eval mode, with gradients off.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "facebook/roberta-hate-speech-dynabench-r4-target",
+        label: str = "nothate",
+        output: Literal["logit", "probability"] = "logit",
+        batch_size: int = 32,
+        max_length: int = 512,
+        text: TextField = "response",
+        device: str | None = None,
+    ) -> None:
+        """
+        Args:
+            model_name: Hugging Face hub name or local path of a sequence-classification model and its tokenizer.
+            label: Name of the label whose score is the reward, as in the model's ``config.id2label``
+                (exact match first, then case-insensitive).
+            output: ``logit``: the raw logit of ``label`` (unbounded, the seed recipe); ``probability``: its
+                softmax probability in [0, 1].
+            batch_size: Texts per classifier forward pass.
+            max_length: Texts are truncated to this many tokens (at most the tokenizer's ``model_max_length``).
+            text: What the classifier reads: the ``response`` alone, or ``prompt+response`` joined by a newline.
+            device: Where the classifier runs. None: on the device the reward is moved to (the training
+                module's). Set e.g. ``cpu`` to keep a large classifier off the accelerator; scores are still
+                returned on the module's device.
+        """
+        super().__init__()
+        _check_choice(output, "output", ("logit", "probability"))
+        _check_choice(text, "text", ("response", "prompt+response"))
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be at least 1, got {batch_size}.")
+        if max_length < 1:
+            raise ValueError(f"`max_length` must be at least 1, got {max_length}.")
+        self.model_name = model_name
+        self.label = label
+        self.output = output
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.text = text
+        self.pinned_device = None if device is None else torch.device(device)
+        self.model_id = model_name
+        self.label_index: int | None = None
+        self.tokenizer: Any = None
+        self.model: Any = None
+
+    @property
+    def name(self) -> str:
+        return f"classifier_{self.label}"
+
+    def describe(self) -> str:
+        return f"{self.output} of label '{self.label}' from {self.model_name} (reads the {self.text})"
+
+    @property
+    def model_device(self) -> torch.device:
+        """Where the classifier runs: the ``device`` argument if given, else the reward's device."""
+        return self.pinned_device if self.pinned_device is not None else self.device
+
+    def setup(self) -> None:
+        if self.model is not None:
+            return
+        # Imported here: transformers is slow to import and not every run uses a classifier.
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.model_name)
+        model = AutoModelForSequenceClassification.from_pretrained(self.model_name)
+        self.label_index = find_label(model.config.id2label, self.label)
+        if self.output == "probability" and model.config.num_labels < 2:
+            raise ValueError(
+                f"`output='probability'` needs a classifier with at least two labels; {self.model_name} has "
+                f"{model.config.num_labels}. Use `output='logit'`."
+            )
+        limit = tokenizer.model_max_length
+        # Tokenizers without a known limit report a huge sentinel (int(1e30)); only a real limit is checked.
+        if limit < 1_000_000 and self.max_length > limit:
+            raise ValueError(
+                f"`max_length` is {self.max_length} but {self.model_name} reads at most {limit} tokens; "
+                f"set `max_length` to {limit} or less."
+            )
+        if tokenizer.pad_token is None:
+            # Decoder-style classifiers (GPT-2...) have no pad token; they find each text's last token through
+            # config.pad_token_id, so it must be set along with the tokenizer's.
+            if tokenizer.eos_token is None:
+                raise ValueError(f"The tokenizer of {self.model_name} has neither a pad nor an eos token.")
+            tokenizer.pad_token = tokenizer.eos_token
+            model.config.pad_token_id = tokenizer.pad_token_id
+        model.eval()  # no dropout: the same text always gets the same reward
+        model.requires_grad_(False)
+        self.tokenizer, self.model = tokenizer, model.to(self.model_device)
+
+    def to(self, device: str | torch.device) -> "ClassifierReward":
+        super().to(device)
+        self.model.to(self.model_device)
+        return self
+
+    def compute(self, prompts: list[str], responses: list[str], references: list[str] | None) -> torch.Tensor:
+        texts = select_text(self.text, prompts, responses)
+        scores = [self._score_batch(texts[i : i + self.batch_size]) for i in range(0, len(texts), self.batch_size)]
+        return torch.cat(scores) if scores else torch.empty(0)
+
+    def _score_batch(self, texts: list[str]) -> torch.Tensor:
+        encoded = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.model_device)
+        logits = self.model(**encoded).logits.float()  # [B, num_labels]
+        if self.output == "probability":
+            return logits.softmax(dim=-1)[:, self.label_index]
+        return logits[:, self.label_index]
+
+
+def find_label(id2label: dict[Any, str], label: str) -> int:
+    """Index of ``label`` in a config's ``id2label``: exact match first, then a unique case-insensitive one."""
+    exact = [int(i) for i, name in id2label.items() if name == label]
+    folded = [int(i) for i, name in id2label.items() if name.lower() == label.lower()]
+    if exact:
+        return exact[0]
+    if len(folded) == 1:
+        return folded[0]
+    labels = [id2label[i] for i in sorted(id2label, key=int)]
+    raise ValueError(f"`label` {label!r} is not a label of this classifier; its labels are {labels}.")
+
+
+class ProfanityReward(Reward):
+    """Offline toxicity reward: the logit of "not offensive" from the ``alt-profanity-check`` model.
+
+    The package ships a scikit-learn model (TF-IDF features, then ``CalibratedClassifierCV`` with sigmoid
+    calibration over five linear SVMs) and exposes only ``predict_prob(texts) -> P(offensive)``. The reward is
+    ``log((1 - p) / p)``, on the same scale as a classifier's logit.
+    """
+
+    def __init__(
+        self,
+        text: TextField = "response",
+        method: Literal["exact", "clamped"] = "exact",
+        eps: float = 1e-4,
+    ) -> None:
+        """
+        Args:
+            text: What is scored: the ``response`` alone, or ``prompt+response`` joined by a newline.
+            method: ``exact``: the logit computed in log space from the model's calibrated linear scores, finite
+                and still ordered where P(offensive) rounds to 0 or 1 (clearly offensive texts still differ);
+                relies on the layout of the package's scikit-learn model, checked when it loads. ``clamped``:
+                ``log((1 - p) / p)`` of the package's ``predict_prob`` with p clamped to [eps, 1 - eps], flat
+                beyond that range.
+            eps: Clamp of P(offensive) for ``method='clamped'``: rewards lie in ±log((1 - eps) / eps).
+        """
+        super().__init__()
+        _check_choice(text, "text", ("response", "prompt+response"))
+        _check_choice(method, "method", ("exact", "clamped"))
+        if not 0.0 < eps < 0.5:
+            raise ValueError(f"`eps` must be in (0, 0.5), got {eps}.")
+        self.text = text
+        self.method = method
+        self.eps = eps
+        self.model_id = "alt-profanity-check"
+        self._vectorizer: Any = None
+        self._model: Any = None
+        self._members: list[tuple[Any, float, float]] | None = None
+
+    @property
+    def name(self) -> str:
+        return "profanity"
+
+    def describe(self) -> str:
+        package = _package_version("alt-profanity-check")
+        return f"logit of 'not offensive' from {package} ({self.method}, reads the {self.text})"
+
+    def setup(self) -> None:
+        if self._model is not None:
+            return
+        # The package loads its model when imported (about a second), so import only when used.
+        from profanity_check import profanity_check
+
+        self._vectorizer, self._model = profanity_check.vectorizer, profanity_check.model
+        if self.method == "exact":
+            self._members = sigmoid_calibrated_members(self._model)
+            self._check_exact_matches_package()
+
+    def probability(self, texts: Sequence[str]) -> torch.Tensor:
+        """P(offensive) of each text, float32 [B], as the package's ``predict_prob`` gives it."""
+        self.setup()
+        if len(texts) == 0:
+            return torch.empty(0)
+        from profanity_check import predict_prob
+
+        return torch.from_numpy(predict_prob(list(texts))).float()
+
+    def compute(self, prompts: list[str], responses: list[str], references: list[str] | None) -> torch.Tensor:
+        texts = select_text(self.text, prompts, responses)
+        if not texts:
+            return torch.empty(0)
+        if self.method == "clamped":
+            from profanity_check import predict_prob
+
+            # float64 as the package gives it: in float32, 1 - p loses its digits near p = 1.
+            p = torch.from_numpy(predict_prob(texts)).clamp(self.eps, 1 - self.eps)
+            return torch.log1p(-p) - torch.log(p)
+        return self._exact_logit(texts).float()
+
+    def _exact_logit(self, texts: list[str]) -> torch.Tensor:
+        features = self._vectorizer.transform(texts)
+        # z_k: member k's calibrated logit of "offensive", sigmoid calibration σ(-(a·d + b)) of the SVM score d.
+        z = torch.stack(
+            [torch.from_numpy(-(a * svm.decision_function(features) + b)) for svm, a, b in self._members]
+        )  # [K, B], float64
+        # The package averages probabilities, p = (1/K) Σ_k σ(z_k), so
+        # log((1-p)/p) = logsumexp_k log σ(-z_k) - logsumexp_k log σ(z_k) (the 1/K cancels);
+        # in log space this stays finite where p itself rounds to 1.
+        return torch.logsumexp(F.logsigmoid(-z), dim=0) - torch.logsumexp(F.logsigmoid(z), dim=0)
+
+    def _check_exact_matches_package(self) -> None:
+        probe = ["have a nice day", "you are a stupid idiot", "the meeting moved to tuesday", "damn it"]
+        p = torch.sigmoid(-self._exact_logit(probe))
+        expected = torch.from_numpy(self._model.predict_proba(self._vectorizer.transform(probe))[:, 1])
+        if not torch.allclose(p, expected, rtol=0, atol=1e-9):
+            raise ValueError(
+                "ProfanityReward(method='exact') does not reproduce alt-profanity-check's probabilities with this "
+                "version of the package or scikit-learn; use `method='clamped'`."
+            )
+
+
+def sigmoid_calibrated_members(model: Any) -> list[tuple[Any, float, float]]:
+    """(linear model, a, b) of each member of a binary sigmoid-calibrated ``CalibratedClassifierCV``.
+
+    Member k gives P(class 1) = σ(-(a·d + b)) with d its ``decision_function`` (scikit-learn's
+    ``_SigmoidCalibration``); the ensemble's probability is the mean over members.
+    """
+    unsupported = ValueError(
+        f"ProfanityReward(method='exact') needs a sigmoid-calibrated binary scikit-learn model; the installed "
+        f"alt-profanity-check ships {type(model).__name__}. Use `method='clamped'`."
+    )
+    members = getattr(model, "calibrated_classifiers_", None)
+    if getattr(model, "method", None) != "sigmoid" or not members or list(getattr(model, "classes_", [])) != [0, 1]:
+        raise unsupported
+    out = []
+    for member in members:
+        calibrators = getattr(member, "calibrators", [])
+        if len(calibrators) != 1 or not hasattr(member.estimator, "decision_function"):
+            raise unsupported
+        a, b = getattr(calibrators[0], "a_", None), getattr(calibrators[0], "b_", None)
+        if a is None or b is None:
+            raise unsupported
+        out.append((member.estimator, float(a), float(b)))
+    return out
+
+
+def _package_version(distribution: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"{distribution} {version(distribution)}"
+    except PackageNotFoundError:
+        return distribution
+
+
+class ReferenceSimilarityReward(Reward):
+    """ROUGE of each response against its reference (e.g. the reference summary), in [0, 1].
+
+    Added to a toxicity reward, it keeps the policy from trading summary quality for a higher toxicity score.
+    Needs ``references`` in each call. Tokenisation is torchmetrics' default (lowercased alphanumeric words),
+    without stemming, so it needs neither nltk nor network.
+    """
+
+    def __init__(
+        self,
+        rouge_key: Literal["rouge1", "rouge2", "rougeL"] = "rouge1",
+        measure: Literal["fmeasure", "precision", "recall"] = "fmeasure",
+    ) -> None:
+        """
+        Args:
+            rouge_key: ``rouge1``: unigram overlap; ``rouge2``: bigram overlap; ``rougeL``: longest common
+                subsequence.
+            measure: ``fmeasure`` (F1), ``precision`` (share of the response found in the reference) or
+                ``recall`` (share of the reference found in the response).
+        """
+        super().__init__()
+        _check_choice(rouge_key, "rouge_key", ("rouge1", "rouge2", "rougeL"))
+        _check_choice(measure, "measure", ("fmeasure", "precision", "recall"))
+        self.rouge_key = rouge_key
+        self.measure = measure
+
+    @property
+    def name(self) -> str:
+        return f"{self.rouge_key}_{self.measure}"
+
+    def describe(self) -> str:
+        return f"{self.rouge_key} {self.measure} of the response against the reference"
+
+    def compute(self, prompts: list[str], responses: list[str], references: list[str] | None) -> torch.Tensor:
+        if references is None:
+            raise ValueError(
+                f"{type(self).__name__} compares responses with references; call it with `references=`."
+            )
+        from torchmetrics.functional.text.rouge import rouge_score
+
+        key = f"{self.rouge_key}_{self.measure}"
+        # rouge_score averages over a batch, so each pair is scored on its own.
+        scores = [rouge_score(r, ref, rouge_keys=self.rouge_key)[key] for r, ref in zip(responses, references)]
+        return torch.stack(scores).float() if scores else torch.empty(0)
+
+
+class CompositeReward(Reward):
+    """Weighted sum of rewards: ``Σ_i w_i · reward_i``. ``last_components`` keeps each part of the last call."""
+
+    def __init__(self, rewards: list[Reward], weights: list[float] | None = None) -> None:
+        """
+        Args:
+            rewards: The rewards to add up (each given as ``class_path`` + ``init_args`` in YAML).
+            weights: One weight per reward; None: all 1.
+        """
+        super().__init__()
+        if not rewards:
+            raise ValueError("`rewards` must hold at least one reward.")
+        if weights is None:
+            weights = [1.0] * len(rewards)
+        if len(weights) != len(rewards):
+            raise ValueError(f"`weights` has {len(weights)} values for {len(rewards)} `rewards`; give one per reward.")
+        if not all(math.isfinite(w) for w in weights):
+            raise ValueError(f"`weights` must be finite, got {weights}.")
+        self.rewards = list(rewards)
+        self.weights = [float(w) for w in weights]
+        self.names = _unique_names([r.name for r in self.rewards])
+        self.last_components: dict[str, torch.Tensor] = {}
+        """Unweighted scores of each part in the last call, by part name (for logging)."""
+
+    @property
+    def name(self) -> str:
+        return "composite"
+
+    def describe(self) -> str:
+        return " + ".join(f"{w:g} × [{r.describe()}]" for w, r in zip(self.weights, self.rewards))
+
+    def uses_model(self, model_id: str | None) -> bool:
+        return any(r.uses_model(model_id) for r in self.rewards)
+
+    def setup(self) -> None:
+        for reward in self.rewards:
+            reward.setup()
+
+    def to(self, device: str | torch.device) -> "CompositeReward":
+        for reward in self.rewards:
+            reward.to(device)
+        return super().to(device)
+
+    def __call__(
+        self, prompts: Sequence[str], responses: Sequence[str], references: Sequence[str] | None = None
+    ) -> torch.Tensor:
+        total = super().__call__(prompts, responses, references)
+        # The parts were made inside inference mode; plain copies can be used freely by loggers.
+        self.last_components = {name: part.clone() for name, part in self.last_components.items()}
+        return total
+
+    def compute(self, prompts: list[str], responses: list[str], references: list[str] | None) -> torch.Tensor:
+        # Each part goes through its own __call__, so its output is checked (and blamed) on its own.
+        parts = [reward(prompts, responses, references=references).to(self.device) for reward in self.rewards]
+        self.last_components = dict(zip(self.names, parts))
+        return sum(w * part for w, part in zip(self.weights, parts))
+
+
+def _unique_names(names: list[str]) -> list[str]:
+    """Suffix repeated names with their position (``classifier_nothate``, ``classifier_nothate_1``)."""
+    seen: dict[str, int] = {}
+    out = []
+    for i, name in enumerate(names):
+        out.append(name if name not in seen else f"{name}_{i}")
+        seen[name] = i
+    return out
