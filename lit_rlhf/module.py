@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
@@ -141,11 +141,18 @@ class PPOModule(L.LightningModule):
         export_adapter: bool = True,
     ) -> None:
         super().__init__()
+        # Settings groups come back as plain dicts from a checkpoint's hyperparameters.
+        lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
+        generation = GenerationSettings(**generation) if isinstance(generation, dict) else generation
+        ppo = PPOSettings(**ppo) if isinstance(ppo, dict) else ppo
+        generation.max_new_tokens = tuple(generation.max_new_tokens)
         validate_settings(
             ppo=ppo, generation=generation, ppo_steps=ppo_steps, learning_rate=learning_rate,
             rollout_batch_size=rollout_batch_size, mini_batch_size=mini_batch_size,
         )
-        self.save_hyperparameters(ignore=["reward"])
+        # Plain dicts keep checkpoints loadable with torch.load(weights_only=True), which resuming uses.
+        self.save_hyperparameters(ignore=["reward", "lora", "generation", "ppo"])
+        self.hparams.update(lora=asdict(lora), generation=asdict(generation), ppo=asdict(ppo))
         self.automatic_optimization = False
         # Checkpoints hold only the trainable weights; the frozen base comes back from model_name.
         self.strict_loading = False

@@ -238,7 +238,9 @@ class Policy(nn.Module):
             top_p=settings.top_p if settings.do_sample else None,
             temperature=settings.temperature if settings.do_sample else None,
             max_new_tokens=int(max_new_tokens.max()),
-            min_new_tokens=min(settings.min_new_tokens, int(max_new_tokens.min())),
+            # Capped by the longest limit only: a row whose own limit is shorter simply stops there, and
+            # must not lift the eos block for the other rows.
+            min_new_tokens=min(settings.min_new_tokens, int(max_new_tokens.max())),
             pad_token_id=self.pad_token_id,
             eos_token_id=self.eos_token_id,
             decoder_start_token_id=getattr(self.model.config, "decoder_start_token_id", None),

@@ -1,6 +1,7 @@
 """Shared fixtures: embedded tiny models built once per session into a temporary cache."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,3 +19,33 @@ def embedded_cache(tmp_path_factory):
     if "LIT_RLHF_CACHE" not in os.environ:
         os.environ["LIT_RLHF_CACHE"] = str(tmp_path_factory.mktemp("lit_rlhf_cache"))
     return os.environ["LIT_RLHF_CACHE"]
+
+
+def build_tiny_classifier(path: Path, sentences: list[str], max_tokens: int = 512) -> Path:
+    """A tiny RoBERTa sequence classifier (labels nothate / hate) and its word-level tokenizer, saved with
+    ``save_pretrained`` like a hub model, standing in for the recipe's hate-speech classifier."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, RobertaConfig, RobertaForSequenceClassification
+
+    # RoBERTa's special-token ids: <s>=0, <pad>=1, </s>=2; position ids start after the pad id.
+    words = sorted({w for s in sentences for w in s.split()})
+    vocab = {tok: i for i, tok in enumerate(["<s>", "<pad>", "</s>", "<unk>", *words])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        model_max_length=max_tokens,
+    )
+    config = RobertaConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=max_tokens + 2, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        id2label={0: "nothate", 1: "hate"}, label2id={"nothate": 0, "hate": 1},
+    )
+    torch.manual_seed(0)
+    model = RobertaForSequenceClassification(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from conftest import build_tiny_classifier
+
 from lit_rlhf.rewards import (
     ClassifierReward,
     CompositeReward,
@@ -28,44 +30,7 @@ MAX_TOKENS = 16  # the tiny model's position limit, so long texts must be trunca
 @pytest.fixture(scope="module")
 def classifier_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny RoBERTa sequence classifier (labels nothate / hate) and its tokenizer, saved like a hub model."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, RobertaConfig, RobertaForSequenceClassification
-
-    # RoBERTa's special-token ids: <s>=0, <pad>=1, </s>=2; position ids start after the pad id.
-    words = sorted({w for s in SENTENCES for w in s.split()})
-    vocab = {tok: i for i, tok in enumerate(["<s>", "<pad>", "</s>", "<unk>", *words])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        model_max_length=MAX_TOKENS,
-    )
-    config = RobertaConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=MAX_TOKENS + 2,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
-        id2label={0: "nothate", 1: "hate"},
-        label2id={"nothate": 0, "hate": 1},
-    )
-    torch.manual_seed(0)
-    model = RobertaForSequenceClassification(config)
-    path = tmp_path_factory.mktemp("tiny_classifier")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return build_tiny_classifier(tmp_path_factory.mktemp("tiny_classifier"), SENTENCES, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")
