@@ -16,6 +16,7 @@ model in memory. A separately loaded frozen reference stays possible (``referenc
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -185,6 +186,7 @@ class Policy(nn.Module):
             ref.requires_grad_(False).eval()
             self.reference = ref
         self.model_name = model_name
+        self.init_adapter = init_adapter
         self.pad_token_id = self.tokenizer.pad_token_id
         self.eos_token_id = self.tokenizer.eos_token_id
 
@@ -357,6 +359,18 @@ class Policy(nn.Module):
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         torch.save(self.value_head.state_dict(), directory / "value_head.pt")
+        # How to rebuild the trained policy: with init_adapter, this adapter sits on base + init_adapter merged,
+        # which adapter_config.json's base_model_name_or_path alone does not say.
+        manifest = {
+            "base_model": self.model_name,
+            "init_adapter": self.init_adapter,
+            "value_head": "value_head.pt",
+            "load": (
+                "PeftModel.from_pretrained(PeftModel.from_pretrained(base, init_adapter).merge_and_unload(), this_dir)"
+                if self.init_adapter else "PeftModel.from_pretrained(base, this_dir)"
+            ),
+        }
+        (directory / "lit_rlhf_adapter.json").write_text(json.dumps(manifest, indent=2) + "\n")
         return directory
 
 

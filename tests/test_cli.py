@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -86,3 +87,17 @@ def test_recipe_config_runs_with_local_models(tmp_path, monkeypatch):
     assert cli.model.hparams.learning_rate == pytest.approx(1.41e-5)
     assert cli.model.hparams.lora == {"r": 32, "alpha": 32, "dropout": 0.05, "target_modules": ["q", "v"], "bias": "none"}
     assert type(cli.model.reward).__name__ == "ClassifierReward" and cli.model.reward.label == "nothate"
+
+
+def test_test_stage_from_a_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fit_cli = run(["fit", *QUICK, "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                   "--trainer.callbacks.save_last=true"])
+    last = next(Path(fit_cli.trainer.log_dir).rglob("last.ckpt"))
+    test_cli = run(["test", "--ckpt_path", str(last), "--trainer.limit_test_batches", "1",
+                    "--data.eval_batch_size", "4", *QUICK])
+    metrics = test_cli.trainer.callback_metrics
+    for name in ["test/reward_mean", "test/kl", "test/response_length"]:
+        assert name in metrics and torch.isfinite(metrics[name])
+    # responses are sampled within the configured limits
+    assert 1 <= float(metrics["test/response_length"]) <= 8
