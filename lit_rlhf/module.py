@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -24,14 +25,15 @@ from pathlib import Path
 from typing import Any, Iterator, Literal
 
 import lightning as L
+import numpy as np
 import torch
 from jsonargparse import lazy_instance
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lit_rlhf import ppo as ppo_math
 from lit_rlhf.policy import GenerationSettings, LoraSettings, Policy, trim_batch
-from lit_rlhf.rewards import ProfanityReward, Reward
+from lit_rlhf.rewards import NonFiniteRewardError, ProfanityReward, Reward
 
 
 @dataclass
@@ -116,6 +118,8 @@ class PPOModule(L.LightningModule):
         log_samples_every: write a table of prompt / response / reward samples every N PPO steps (0: never).
         num_log_samples: rows in that table.
         export_adapter: save the adapter with ``save_pretrained`` into ``<log_dir>/adapter`` at the end of fit.
+        max_consecutive_skips: stop the run with an explanation after this many updates in a row were skipped
+            as unsafe (non-finite reward, log-probability, loss or gradient; ratio above ppo.ratio_threshold).
     """
 
     def __init__(
@@ -139,6 +143,7 @@ class PPOModule(L.LightningModule):
         log_samples_every: int = 10,
         num_log_samples: int = 4,
         export_adapter: bool = True,
+        max_consecutive_skips: int = 8,
     ) -> None:
         super().__init__()
         # Settings groups come back as plain dicts from a checkpoint's hyperparameters.
@@ -149,6 +154,7 @@ class PPOModule(L.LightningModule):
         validate_settings(
             ppo=ppo, generation=generation, ppo_steps=ppo_steps, learning_rate=learning_rate,
             rollout_batch_size=rollout_batch_size, mini_batch_size=mini_batch_size,
+            max_consecutive_skips=max_consecutive_skips,
         )
         # Plain dicts keep checkpoints loadable with torch.load(weights_only=True), which resuming uses.
         self.save_hyperparameters(ignore=["reward", "lora", "generation", "ppo"])
@@ -164,10 +170,15 @@ class PPOModule(L.LightningModule):
         # train() here only keeps Lightning from warning about modules left in eval mode by from_pretrained.
         self.policy.train()
         self.reward = reward
+        # Load and validate the reward now (unknown label, missing model), before a run directory is written.
+        self.reward.setup()
         self.ppo = ppo
         self.generation = generation
         self.kl_ctl = make_kl_controller(ppo)
         self.ppo_step = 0
+        self.consecutive_skips = 0
+        self.skipped_updates = 0
+        self.skipped_steps = 0
         self.length_generator = torch.Generator().manual_seed(seed)
         self.timings: dict[str, float] = {}
 
@@ -202,16 +213,24 @@ class PPOModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         # 1) rollout: generate, score, and the log-probs/values PPO needs (no grad, no dropout)
+        query_ids, query_mask = self.policy.fit_prompts(
+            batch["input_ids"], batch["attention_mask"], self.generation.max_new_tokens[1]
+        )
         with self._timed("time/ppo/generate"):
             response_ids, response_mask = self.policy.generate(
-                batch["input_ids"], batch["attention_mask"], self.generation, generator=self.length_generator
+                query_ids, query_mask, self.generation, generator=self.length_generator
             )
         responses = self.policy.tokenizer.batch_decode(response_ids * response_mask, skip_special_tokens=True)
         with self._timed("time/ppo/reward"):
-            raw_scores = self.reward(batch["query"], responses, references=batch.get("reference"))
-            scores = self._shape_scores(raw_scores.to(self.device))
+            raw_scores, reward_error = self._score(batch["query"], responses, batch.get("reference"))
+        if self._any_rank(reward_error is not None):
+            return self._skip_step(f"the reward returned non-finite scores ({reward_error or 'on another process'})")
+        scores = self._shape_scores(raw_scores.to(self.device))
         with self._timed("time/ppo/forward"):
-            rollout = self._rollout_forward(batch["input_ids"], batch["attention_mask"], response_ids, response_mask, scores)
+            rollout = self._rollout_forward(query_ids, query_mask, response_ids, response_mask, scores)
+        finite = all(torch.isfinite(t).all() for t in (rollout.logprobs, rollout.values, rollout.ref_logprobs))
+        if self._any_rank(not finite):
+            return self._skip_step("the model produced non-finite log-probabilities or values in the rollout")
 
         # 2) advantages: KL-shaped per-token rewards, GAE, whitening over the global batch
         with self._timed("time/ppo/advantages"):
@@ -243,6 +262,8 @@ class PPOModule(L.LightningModule):
         stats = self._step_stats(rollout, raw_scores, kl_per_sample, non_score, returns, raw_advantages, advantages)
         stats.update(update_stats)
         stats["objective/kl_coef"] = torch.tensor(kl_coef_used)
+        stats["ppo/skipped_steps_total"] = torch.tensor(float(self.skipped_steps))
+        stats["ppo/skipped_updates_total"] = torch.tensor(float(self.skipped_updates))
         stats.update({k: torch.tensor(v) for k, v in self.timings.items()})
         self._log_stats(stats)
         if self.hparams.log_samples_every and (self.ppo_step % self.hparams.log_samples_every == 0 or self.ppo_step == 1):
@@ -269,6 +290,9 @@ class PPOModule(L.LightningModule):
             "ppo_step": self.ppo_step,
             "kl_controller": self.kl_ctl.state_dict(),
             "length_generator": self.length_generator.get_state(),
+            "skipped": [self.skipped_steps, self.skipped_updates, self.consecutive_skips],
+            # generation samples from the global RNGs: restoring them makes a resumed run continue exactly
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": _numpy_rng_state()},
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -278,6 +302,50 @@ class PPOModule(L.LightningModule):
         self.ppo_step = int(state["ppo_step"])
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.length_generator.set_state(state["length_generator"])
+        self.skipped_steps, self.skipped_updates, self.consecutive_skips = state.get("skipped", [0, 0, 0])
+        rng = state.get("rng")
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            _set_numpy_rng_state(rng["numpy"])
+
+    # ------------------------------------------------------------------ guards
+
+    def _score(self, prompts: list[str], responses: list[str], references: list[str] | None) -> tuple[Tensor | None, str | None]:
+        """Scores from the reward, or the reason they are unusable (non-finite). Wrong shapes still raise."""
+        try:
+            return self.reward(prompts, responses, references=references), None
+        except NonFiniteRewardError as err:
+            return None, str(err)
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True if ``flag`` is true on any process: skip decisions must agree, or DDP's all-reduce would hang."""
+        return bool(self._all_reduce_sum(torch.tensor([float(flag)], device=self.device)).item() > 0)
+
+    def _skip_update(self, reason: str) -> None:
+        self.skipped_updates += 1
+        self._count_skip(reason)
+        return None
+
+    def _skip_step(self, reason: str) -> None:
+        """Skip a whole PPO step (its prompts are consumed, so the data position stays that of a normal run)."""
+        self.skipped_steps += 1
+        self.ppo_step += 1
+        self._count_skip(reason)
+        self._log_stats({"ppo/skipped_steps_total": torch.tensor(float(self.skipped_steps))})
+        if self.hparams.ppo_steps is not None and self.ppo_step >= self.hparams.ppo_steps:
+            self.trainer.should_stop = True
+
+    def _count_skip(self, reason: str) -> None:
+        self.consecutive_skips += 1
+        rank_zero_warn(f"PPO step {self.ppo_step}: update skipped because {reason}.")
+        if self.consecutive_skips >= self.hparams.max_consecutive_skips:
+            raise RuntimeError(
+                f"Stopping: {self.consecutive_skips} PPO updates in a row were skipped; the last because {reason}. "
+                "Lower model.learning_rate, set model.ppo.max_grad_norm, clip rewards with model.ppo.score_clip, "
+                "check the reward model's outputs, or (for ratio skips) raise model.ppo.ratio_threshold. "
+                "Resume from the last checkpoint (--ckpt_path) after changing the setting."
+            )
 
     # ------------------------------------------------------------------ rollout helpers
 
@@ -375,15 +443,28 @@ class PPOModule(L.LightningModule):
         diag = ppo_math.ppo_diagnostics(out.logprobs, old_logprobs, out.values, old_values, rm,
                                    self.ppo.cliprange, self.ppo.cliprange_value)
         # every rank must take the same decision, or DDP's gradient all-reduce would hang
-        bad = (~torch.isfinite(loss)) | (diag["policy/ratio_mean"] > self.ppo.ratio_threshold)
-        if self._all_reduce_sum(bad.float().reshape(1)).item() > 0:
+        if self._any_rank(not bool(torch.isfinite(loss))):
             opt.zero_grad()
-            return None
+            return self._skip_update("the PPO loss was not finite")
+        if self._any_rank(bool(diag["policy/ratio_mean"] > self.ppo.ratio_threshold)):
+            opt.zero_grad()
+            return self._skip_update(
+                f"the mean importance ratio {float(diag['policy/ratio_mean']):.3g} exceeded "
+                f"model.ppo.ratio_threshold={self.ppo.ratio_threshold}"
+            )
         self.manual_backward(loss)
+        # gradients are already all-reduced here under DDP, so every rank sees the same norm
+        grad_norm = torch.linalg.vector_norm(
+            torch.stack([p.grad.detach().float().norm() for p in self.policy.trainable_parameters() if p.grad is not None])
+        )
+        if not bool(torch.isfinite(grad_norm)):
+            opt.zero_grad()
+            return self._skip_update("the gradient was not finite")
         if self.ppo.max_grad_norm is not None:
             self.clip_gradients(opt, gradient_clip_val=self.ppo.max_grad_norm, gradient_clip_algorithm="norm")
         opt.step()
         opt.zero_grad()
+        self.consecutive_skips = 0
         with torch.no_grad():
             entropy = ppo_math.masked_mean(ppo_math.entropy_from_logits(out.logits), rm)
             vpred = ppo_math.masked_mean(out.values, rm)
@@ -392,6 +473,7 @@ class PPOModule(L.LightningModule):
             "ppo/loss/policy": pg_loss.detach(),
             "ppo/loss/value": vf_loss.detach(),
             "ppo/loss/total": loss.detach(),
+            "ppo/grad_norm": grad_norm,
             "ppo/policy/entropy": entropy,
             "ppo/val/vpred": vpred,
             "ppo/val/error": val_error,
@@ -445,8 +527,9 @@ class PPOModule(L.LightningModule):
         scalars = {k: float(v) for k, v in stats.items()}
         if self.logger is not None:
             self.logger.log_metrics(scalars, step=self.ppo_step)
-        self.log("reward", scalars["env/reward_mean"], prog_bar=True, logger=False, on_step=True)
-        self.log("kl", scalars["objective/kl"], prog_bar=True, logger=False, on_step=True)
+        for bar_name, name in (("reward", "env/reward_mean"), ("kl", "objective/kl")):
+            if name in scalars:
+                self.log(bar_name, scalars[name], prog_bar=True, logger=False, on_step=True)
         self.log("ppo_step", float(self.ppo_step), prog_bar=True, logger=False, on_step=True)
 
     def _log_samples(self, batch: dict[str, Any], responses: list[str], scores: Tensor) -> None:
@@ -464,15 +547,18 @@ class PPOModule(L.LightningModule):
     @torch.no_grad()
     def _evaluate_batch(self, batch: dict[str, Any], stage: str) -> None:
         """Reward, KL to the reference and response length of sampled responses on held-out prompts."""
+        query_ids, query_mask = self.policy.fit_prompts(
+            batch["input_ids"], batch["attention_mask"], self.generation.max_new_tokens[1]
+        )
         response_ids, response_mask = self.policy.generate(
-            batch["input_ids"], batch["attention_mask"], self.generation, generator=torch.Generator().manual_seed(0)
+            query_ids, query_mask, self.generation, generator=torch.Generator().manual_seed(0)
         )
         responses = self.policy.tokenizer.batch_decode(response_ids * response_mask, skip_special_tokens=True)
         scores = self.reward(batch["query"], responses, references=batch.get("reference")).float().to(self.device)
         kl = torch.zeros(len(responses), device=self.device)
         with self._eval_mode():
             for idx in torch.arange(len(responses)).split(self.hparams.mini_batch_size):
-                q, qm, r, rm = self._slice(batch["input_ids"], batch["attention_mask"], response_ids, response_mask, idx)
+                q, qm, r, rm = self._slice(query_ids, query_mask, response_ids, response_mask, idx)
                 cur = self.policy(q, qm, r, rm, with_values=False).logprobs
                 ref = self.policy.reference_forward(q, qm, r, rm).logprobs
                 kl[idx.to(self.device)] = ((cur - ref) * rm).sum(1)
@@ -502,6 +588,17 @@ class PPOModule(L.LightningModule):
             self.policy.train(was_training)
 
 
+def _numpy_rng_state() -> tuple:
+    # as plain types and tensors, so the checkpoint still loads with torch.load(weights_only=True)
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+
+
+def _set_numpy_rng_state(state: tuple) -> None:
+    kind, keys, pos, has_gauss, cached = state
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
 def make_kl_controller(settings: PPOSettings) -> ppo_math.FixedKLController | ppo_math.AdaptiveKLController:
     if settings.adaptive_kl:
         return ppo_math.AdaptiveKLController(settings.init_kl_coef, settings.kl_target, settings.kl_horizon)
@@ -528,7 +625,7 @@ def export_atomically(policy: Policy, target: Path) -> None:
 
 def validate_settings(
     ppo: PPOSettings, generation: GenerationSettings, ppo_steps: int | None, learning_rate: float,
-    rollout_batch_size: int, mini_batch_size: int,
+    rollout_batch_size: int, mini_batch_size: int, max_consecutive_skips: int = 8,
 ) -> None:
     """Check user settings once, before anything is loaded or written; errors name the argument."""
     errors = []
@@ -557,6 +654,8 @@ def validate_settings(
         errors.append(
             f"model.generation.max_new_tokens must be [low, high) with 0 < low < high, got {list(generation.max_new_tokens)}"
         )
+    if max_consecutive_skips < 1:
+        errors.append(f"model.max_consecutive_skips must be >= 1, got {max_consecutive_skips}")
     if generation.min_new_tokens < 0:
         errors.append(f"model.generation.min_new_tokens must be >= 0, got {generation.min_new_tokens}")
     if errors:

@@ -153,7 +153,13 @@ class Policy(nn.Module):
         lora = lora or LoraSettings()
         path = resolve_model_path(model_name)
         torch_dtype = getattr(torch, dtype)
-        base = load_causal_or_seq2seq(path, torch_dtype)
+        try:
+            base = load_causal_or_seq2seq(path, torch_dtype)
+        except OSError as err:
+            raise ValueError(
+                f"Could not load model_name={model_name!r}: {err}\nGive a hub name (needs the network), a local "
+                "folder written by save_pretrained, or an embedded model (embedded:tiny-t5, embedded:tiny-gpt2)."
+            ) from err
         if init_adapter is not None:
             # Merge the fine-tuned adapter into the frozen base; PPO trains a new adapter on top.
             base = PeftModel.from_pretrained(base, resolve_model_path(init_adapter)).merge_and_unload()
@@ -212,6 +218,36 @@ class Policy(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ generation
+
+    def max_positions(self) -> int | None:
+        """The causal model's absolute position limit (None for seq2seq/relative-position models)."""
+        if self.is_seq2seq:
+            return None
+        config = self.model.config
+        return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+    def fit_prompts(self, query_ids: Tensor, query_mask: Tensor, max_new_tokens: int) -> tuple[Tensor, Tensor]:
+        """Make room for ``max_new_tokens`` in a causal model's context by dropping the *start* of too-long prompts.
+
+        The end of a prompt holds the instruction ("Summary:"), so the oldest tokens go. Seq2seq models and
+        prompts that fit are returned unchanged. query_ids, query_mask: [B, P] (left-padded) -> [B, P'].
+        """
+        limit = self.max_positions()
+        if limit is None or query_ids.shape[1] + max_new_tokens <= limit:
+            return query_ids, query_mask
+        keep = limit - max_new_tokens
+        if keep < 1:
+            raise ValueError(
+                f"generation.max_new_tokens={max_new_tokens} leaves no room for the prompt in the model's "
+                f"{limit}-token context; lower model.generation.max_new_tokens"
+            )
+        if not getattr(self, "_warned_truncation", False):
+            log.warning(
+                "Prompts longer than %d tokens are cut from the start to fit the %d-token context with %d new "
+                "tokens (set data.max_prompt_tokens to control this)", keep, limit, max_new_tokens,
+            )
+            self._warned_truncation = True
+        return query_ids[:, -keep:], query_mask[:, -keep:]
 
     @torch.no_grad()
     def generate(

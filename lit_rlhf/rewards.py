@@ -60,6 +60,11 @@ def check_inputs(
         raise ValueError(f"{name}: got {len(references)} references for {len(responses)} responses.")
 
 
+class NonFiniteRewardError(ValueError):
+    """A reward returned NaN or infinite scores. The PPO module skips such a step (and stops after too many in a
+    row); shape and type errors are plain ValueError/TypeError: they are bugs that no retry fixes."""
+
+
 def check_scores(reward: "Reward", scores: Any, batch_size: int) -> torch.Tensor:
     """Return ``scores`` as a float32 tensor of shape [batch_size]; raise if it is not one, or not finite."""
     name = type(reward).__name__
@@ -76,7 +81,7 @@ def check_scores(reward: "Reward", scores: Any, batch_size: int) -> torch.Tensor
     bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
     if bad:
         shown = ", ".join(f"{i}: {scores[i].item()}" for i in bad[:10])
-        raise ValueError(f"{name} returned non-finite scores at positions {bad} ({shown}).")
+        raise NonFiniteRewardError(f"{name} returned non-finite scores at positions {bad} ({shown}).")
     return scores
 
 
