@@ -16,6 +16,9 @@ import warnings
 from importlib import resources
 
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from lit_rlhf.checkpoint import AtomicCheckpointIO
 
 from lit_rlhf.data import DialogSumDataModule
 from lit_rlhf.module import PPOModule
@@ -32,13 +35,38 @@ def embedded_config_path() -> str:
 
 
 class LitRLHFCLI(LightningCLI):
-    """LightningCLI with the values two parts share given once and linked."""
+    """LightningCLI with the values two parts share given once and linked, atomic checkpoint files, and
+    start-up checks that run before anything is written."""
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        # a killed run must never leave a truncated last.ckpt behind (see lit_rlhf.checkpoint)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+    def before_fit(self) -> None:
+        check_trainer_settings(self.trainer)
+
+    def before_validate(self) -> None:
+        check_trainer_settings(self.trainer)
+
+    def before_test(self) -> None:
+        check_trainer_settings(self.trainer)
 
     def add_arguments_to_parser(self, parser) -> None:
         # the policy model also picks the data module's tokenizer and padding side
         parser.link_arguments("model.model_name", "data.model_name")
         # the module checks its mini-batch against the rollout batch the data module produces
         parser.link_arguments("data.batch_size", "model.rollout_batch_size")
+
+
+def check_trainer_settings(trainer) -> None:
+    """Trainer settings that would make a run silently do nothing."""
+    if trainer.max_steps == 0:
+        raise ValueError("trainer.max_steps=0 runs no PPO step; use model.ppo_steps to set the run length")
+    if trainer.max_epochs == 0:
+        raise ValueError("trainer.max_epochs=0 runs no PPO step; leave it at -1 and set model.ppo_steps")
 
 
 def with_default_config(args: list[str]) -> list[str]:
@@ -53,7 +81,7 @@ def with_default_config(args: list[str]) -> list[str]:
 def run(args: list[str] | None = None) -> LitRLHFCLI:
     """Parse ``args`` (default: the command line), run the subcommand and return the CLI object."""
     args = with_default_config(list(sys.argv[1:] if args is None else args))
-    return LitRLHFCLI(
+    cli = LitRLHFCLI(
         PPOModule,
         DialogSumDataModule,
         args=args,
@@ -61,6 +89,21 @@ def run(args: list[str] | None = None) -> LitRLHFCLI:
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"default_root_dir": "logs"},
     )
+    destroy_process_group()
+    return cli
+
+
+def destroy_process_group() -> None:
+    """Tear down the process group a multi-process run (DDP, FSDP, DeepSpeed) left behind.
+
+    Lightning destroys it at exit only for NCCL; a CPU (gloo) run that leaves it up sometimes aborts at exit
+    (``terminate called without an active exception``). Only on success: after an error another rank may
+    still be inside a collective. Afterwards ``cli.trainer`` still answers locally (``log_dir`` and
+    ``strategy.broadcast`` fall back to this process's value)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def main() -> None:

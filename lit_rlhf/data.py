@@ -13,13 +13,13 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 from math import ceil
-from typing import Any, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import datasets
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from lit_rlhf.tiny import resolve_model_path
@@ -148,6 +148,48 @@ class PromptCollator:
             "id": [row["id"] for row in rows],
             "prompt": [row["prompt"] for row in rows],
         }
+
+
+class PromptStreamSampler(DistributedSampler):
+    """This process's share of a seeded stream of rollout batches, starting where training left off.
+
+    The stream is epoch after epoch of a permutation of the training prompts (seed + epoch; no shuffle: file
+    order). Stream batch ``k`` holds ``num_replicas x batch_size`` prompts, and process ``rank`` takes its
+    ``batch_size`` slice. Iteration starts at batch ``position_fn()`` (the module's PPO step), so a resumed run
+    sees exactly the prompts an uninterrupted one would, with any number of processes. A DistributedSampler
+    subclass, so Lightning keeps it under DDP instead of swapping in its own.
+    """
+
+    def __init__(
+        self, dataset_size: int, batch_size: int, num_replicas: int, rank: int, seed: int, shuffle: bool,
+        position_fn: Callable[[], int],
+    ) -> None:
+        super().__init__(range(dataset_size), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=True)
+        self.dataset_size = dataset_size
+        self.batch_size = batch_size
+        self.position_fn = position_fn
+        self.batches_per_epoch = dataset_size // (batch_size * num_replicas)
+
+    def _start(self) -> tuple[int, int]:
+        return divmod(self.position_fn(), self.batches_per_epoch)  # (stream epoch, batch within it)
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, start = self._start()
+        if self.shuffle:
+            order = torch.randperm(self.dataset_size, generator=torch.Generator().manual_seed(self.seed + epoch))
+        else:
+            order = torch.arange(self.dataset_size)
+        per_step = self.batch_size * self.num_replicas
+        for k in range(start, self.batches_per_epoch):
+            first = k * per_step + self.rank * self.batch_size
+            yield from order[first : first + self.batch_size].tolist()
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self._start()[1]) * self.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        """Ignored: the stream position, not Lightning's epoch counter, picks the permutation."""
 
 
 class DialogSumDataModule(L.LightningDataModule):
@@ -375,15 +417,33 @@ class DialogSumDataModule(L.LightningDataModule):
                 f"batch_size={self.batch_size} is larger than the {len(self.train_set)} training prompts; "
                 "lower batch_size or keep more rows (min_chars/max_chars, test_size)"
             )
+        trainer = self.trainer
+        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        if len(self.train_set) < self.batch_size * world_size:
+            raise ValueError(
+                f"batch_size={self.batch_size} x {world_size} processes is more than the {len(self.train_set)} "
+                "training prompts; lower batch_size"
+            )
+        sampler = PromptStreamSampler(
+            len(self.train_set), self.batch_size, num_replicas=world_size, rank=rank, seed=self.seed,
+            shuffle=self.shuffle, position_fn=self._consumed_batches,
+        )
         return DataLoader(
             self.train_set,
             batch_size=self.batch_size,
-            shuffle=self.shuffle,
+            sampler=sampler,
             drop_last=True,
             collate_fn=collate,
             num_workers=self.num_workers,
+            # its own generator: creating an iterator otherwise draws from the global RNG, which would shift
+            # the sampling of a resumed run away from that of an uninterrupted one
             generator=torch.Generator().manual_seed(self.seed),
         )
+
+    def _consumed_batches(self) -> int:
+        """Rollout batches the training module has already used (its PPO step), restored on resume."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return int(getattr(module, "ppo_step", 0) or 0)
 
     def _held_out_dataloader(self) -> DataLoader:
         return DataLoader(

@@ -257,11 +257,16 @@ class Policy(nn.Module):
         settings: GenerationSettings,
         max_new_tokens: Tensor | None = None,
         generator: torch.Generator | None = None,
+        synced_gpus: bool | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Sample one response per query in a single batched call (KV cache, eval mode).
 
         input_ids, attention_mask: [B, P] (right padding for seq2seq, left padding for causal);
-        max_new_tokens: [B] per-sample limits (drawn from ``settings.max_new_tokens`` if None).
+        max_new_tokens: [B] per-sample limits (drawn from ``settings.max_new_tokens`` if None);
+        synced_gpus: keep decoding until every process is done (``generate``'s flag). Needed when the weights
+        are sharded across processes (FSDP, DeepSpeed ZeRO-3): each decoding step's forward gathers weights
+        with a collective, so a process that stopped early would leave the others waiting. None: transformers'
+        own choice.
         Returns response_ids [B, T] (right-padded) and response_mask [B, T]: the tokens up to and including
         the first end-of-sequence, within each sample's own limit.
         """
@@ -283,6 +288,9 @@ class Policy(nn.Module):
             eos_token_id=self.eos_token_id,
             decoder_start_token_id=getattr(self.model.config, "decoder_start_token_id", None),
             use_cache=True,
+            # NaN/inf logits would crash sampling; generate anyway and let the rollout's finiteness check skip
+            # the step with a clear count instead
+            remove_invalid_values=True,
         )
         # seq2seq output starts with the decoder start token; causal output starts with the query.
         start = 1 if self.is_seq2seq else input_ids.shape[1]
@@ -295,6 +303,7 @@ class Policy(nn.Module):
                 attention_mask=attention_mask,
                 generation_config=config,
                 stopping_criteria=stopping,
+                synced_gpus=synced_gpus,
             )
         finally:
             self.train(was_training)
@@ -385,16 +394,27 @@ class Policy(nn.Module):
 
     # ------------------------------------------------------------------ export
 
-    def save_adapter(self, directory: str | os.PathLike) -> Path:
+    def save_adapter(self, directory: str | os.PathLike, state_dict: dict[str, Tensor] | None = None) -> Path:
         """Write the adapter (peft ``save_pretrained``), the tokenizer and the value head into ``directory``.
 
         The result loads with plain peft: ``PeftModel.from_pretrained(base_model, directory)``.
+        ``state_dict``: this policy's full weights, keyed as ``self.state_dict()``, to write instead of the
+        parameters held here: under a strategy that shards the weights (FSDP), this process holds only a shard.
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(directory)
+        model_state = value_head_state = None
+        if state_dict is not None:
+            model_state = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
+            value_head_state = {k[len("value_head."):]: v for k, v in state_dict.items() if k.startswith("value_head.")}
+            if not model_state or not value_head_state:
+                raise ValueError(
+                    "save_adapter: the given state_dict has no 'model.*' or no 'value_head.*' weights; "
+                    f"got keys like {sorted(state_dict)[:3]}"
+                )
+        self.model.save_pretrained(directory, state_dict=model_state)
         self.tokenizer.save_pretrained(directory)
-        torch.save(self.value_head.state_dict(), directory / "value_head.pt")
+        torch.save(self.value_head.state_dict() if value_head_state is None else value_head_state, directory / "value_head.pt")
         # How to rebuild the trained policy: with init_adapter, this adapter sits on base + init_adapter merged,
         # which adapter_config.json's base_model_name_or_path alone does not say.
         manifest = {
