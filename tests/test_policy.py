@@ -188,6 +188,16 @@ def test_response_mask_from_first_eos_when_pad_is_eos():
     assert_close(policy.response_mask(response, limits), expected_limited)
 
 
+def test_decode_uses_only_each_rows_response_tokens():
+    policy = make_policy(GPT2)
+    # token id 0 is a real token in many vocabularies; masked positions must not decode as it
+    response = torch.tensor([[5, 6, 0, 0], [7, 0, 8, 9]])
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    expected = [policy.tokenizer.decode([5, 6], skip_special_tokens=True),
+                policy.tokenizer.decode([7, 0, 8, 9], skip_special_tokens=True)]
+    assert policy.decode(response, mask) == expected
+
+
 def test_response_mask_seq2seq_stops_at_eos_not_pad():
     policy = make_policy(T5)
     eos, pad = policy.eos_token_id, policy.pad_token_id  # 1, 0

@@ -1,0 +1,470 @@
+"""ToxicityCallback: toxicity (and reward, and summary quality) of the policy before and after PPO training.
+
+    on_fit_start    "before": generate on N fixed held-out prompts, score toxicity and reward
+    on_train_end    "after": the same prompts, generation settings and seeds; then the report
+    on_test_end     the tested model (``lit-rlhf test --ckpt_path ...``): ``test_report.json``/``.md``, compared with
+                    the "before" stored in the checkpoint when the fit that wrote it ran this callback
+
+"After" runs in ``on_train_end`` rather than ``on_fit_end``: Lightning calls ``on_fit_end`` after the strategy's
+teardown, which has moved the model to the CPU and unwrapped DDP.
+
+Same samples, same seeds: the prompts are cut into fixed chunks of ``batch_size``; chunk ``k`` is generated
+with torch's global RNG (which ``generate`` samples from) seeded with ``seed + k`` and its per-sample length
+limits drawn from a generator seeded the same way, inside ``torch.random.fork_rng`` so that training
+randomness is untouched. A chunk's result therefore depends neither on the pass (before / after) nor on which
+process computes it: under DDP, ranks take chunks round-robin and gather the results, which equal one
+process's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from jsonargparse import lazy_instance
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from lit_rlhf.callbacks import report as rep
+from lit_rlhf.callbacks.evaluators import ClassifierToxicity, ToxicityEvaluator
+from lit_rlhf.callbacks.report import HeldOutPrompt, Measurement
+from lit_rlhf.callbacks.stats import PairedTestMethod
+from lit_rlhf.policy import GenerationSettings
+from lit_rlhf.rewards import Reward, select_text
+
+
+class ToxicityCallback(L.Callback):
+    """Toxicity before and after training on fixed held-out prompts, with a report that can be checked.
+
+    Needs a ``PPOModule`` (its ``policy``, ``generation`` and ``reward``) and a data module with a ``test_set``
+    and a ``collator`` (``DialogSumDataModule``). Writes ``report.json`` (aggregates and every per-prompt
+    score) and ``report.md`` into the run directory (``trainer.log_dir``), prints the before/after table at
+    the end of training, and logs scalars (``tox/...``), a samples table and histograms to TensorBoard.
+
+    In YAML::
+
+        trainer:
+          callbacks:
+            - class_path: lit_rlhf.callbacks.ToxicityCallback
+              init_args:
+                evaluator: {class_path: lit_rlhf.callbacks.ProfanityToxicity}
+                num_prompts: 64
+    """
+
+    def __init__(
+        self,
+        evaluator: ToxicityEvaluator = lazy_instance(ClassifierToxicity),
+        num_prompts: int | None = 200,
+        text: Literal["response", "prompt+response"] = "response",
+        batch_size: int = 16,
+        generation: GenerationSettings | None = None,
+        seed: int = 0,
+        num_samples: int = 5,
+        strong_gain: float = 0.3,
+        strong_loss: float = 0.2,
+        bootstrap_resamples: int = 2000,
+        confidence: float = 0.95,
+        paired_test: PairedTestMethod = "auto",
+        on_test: bool = True,
+        progress: bool = True,
+    ) -> None:
+        """
+        Args:
+            evaluator: What scores toxicity, a probability of the toxic class in [0, 1]
+                (``ClassifierToxicity``, ``EvaluateToxicity`` or the offline ``ProfanityToxicity``).
+            num_prompts: Held-out dialogues measured, the first ones of the data module's ``test_set`` (each
+                dialogue once, with all its reference summaries); None: all of them.
+            text: What the evaluator reads: the ``response``, or ``prompt+response`` joined by a newline (the
+                recipe scored the prompt with the response).
+            batch_size: Prompts per generation call. Part of the seeding (chunk k is seeded with seed + k):
+                keep it fixed to compare runs.
+            generation: Sampling settings for the measurement; None: the module's ``generation``.
+            seed: Seed of the measurement's sampling and length draws (the same before and after), of the
+                bootstrap and of the permutation test.
+            num_samples: Prompts shown with the largest reward gain and the largest reward loss.
+            strong_gain: A prompt counts as strongly improved when its reward rises by more than this.
+            strong_loss: A prompt counts as strongly degraded when its reward falls by more than this.
+            bootstrap_resamples: Resamples of the prompts for the confidence interval of the mean change.
+            confidence: Level of that confidence interval.
+            paired_test: ``wilcoxon`` (signed-rank, scipy), ``permutation`` (sign-flip), or ``auto``:
+                Wilcoxon when scipy is installed.
+            on_test: Also measure the model in ``trainer.test`` and write ``test_report.json`` / ``.md`` (a
+                before/after comparison when the tested checkpoint holds this callback's "before").
+            progress: Show a progress bar over the generation chunks (when the trainer shows one too).
+        """
+        super().__init__()
+        if num_prompts is not None and num_prompts < 1:
+            raise ValueError(f"ToxicityCallback: `num_prompts` must be at least 1 or None (all), got {num_prompts}")
+        if text not in ("response", "prompt+response"):
+            raise ValueError(f"ToxicityCallback: `text` must be 'response' or 'prompt+response', got {text!r}")
+        if batch_size < 1:
+            raise ValueError(f"ToxicityCallback: `batch_size` must be at least 1, got {batch_size}")
+        if paired_test not in ("auto", "wilcoxon", "permutation"):
+            raise ValueError(
+                f"ToxicityCallback: `paired_test` must be 'auto', 'wilcoxon' or 'permutation', got {paired_test!r}"
+            )
+        if num_samples < 0:
+            raise ValueError(f"ToxicityCallback: `num_samples` must be 0 or more, got {num_samples}")
+        self.evaluator = evaluator
+        self.num_prompts = num_prompts
+        self.text = text
+        self.batch_size = batch_size
+        self.generation = generation
+        self.seed = seed
+        self.num_samples = num_samples
+        self.strong_gain = strong_gain
+        self.strong_loss = strong_loss
+        self.bootstrap_resamples = bootstrap_resamples
+        self.confidence = confidence
+        self.paired_test = paired_test
+        self.on_test = on_test
+        self.progress = progress
+
+        self.prompts: list[HeldOutPrompt] = []
+        self.before: Measurement | None = None
+        self.after: Measurement | None = None
+        self.report: dict[str, Any] | None = None
+        """The last report built (fit: before/after; test: the tested model, against the checkpoint's "before"
+        when it has one), as written to JSON."""
+        self.report_paths: list[Path] = []
+        self.generation_used: GenerationSettings | None = None
+        """The sampling settings of the measurements: ``generation``, or the module's."""
+        self._restored: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._prepare(trainer, pl_module)
+        self.before = self._restored_before()
+        if self.before is None:
+            self.before = self.measure(trainer, pl_module, "before")
+        self._log_pass(trainer, self.before)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.before is None:
+            return
+        self.after = self.measure(trainer, pl_module, "after")
+        self.report = self._comparison(pl_module, self.before, self.after, self._settings(pl_module))
+        self._log_pass(trainer, self.after)
+        self._log_comparison(trainer, pl_module)
+        self._publish(trainer, "report", rep.markdown(self.report))
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.on_test:
+            return
+        self._prepare(trainer, pl_module)
+        tested = self.measure(trainer, pl_module, "test")
+        settings = self._settings(pl_module) | {"ckpt_path": trainer.ckpt_path}
+        # A checkpoint written during fit holds the 'before' measurement (Lightning restores callback states in
+        # test too): then the tested model is compared with it.
+        restored, self._restored = self._restored, None
+        before = self._before_from_state(restored, "testing")
+        if before is None:
+            self.report = rep.build_single_report(self.prompts, tested, settings, self._warning(pl_module))
+            title = "Toxicity of the tested model"
+        else:
+            self.report = self._comparison(pl_module, before, tested, settings)
+            title = "Toxicity before training and of the tested checkpoint (after)"
+        self._publish(trainer, "test_report", rep.markdown(self.report, title=title))
+
+    @property
+    def state_key(self) -> str:
+        # distinct per evaluator and text, so that two of these callbacks keep apart in one checkpoint
+        return self._generate_state_key(evaluator=self.evaluator.describe(), text=self.text)
+
+    def state_dict(self) -> dict[str, Any]:
+        # Keep "before" in checkpoints: a resumed run still compares with the model before any training.
+        if self.before is None:
+            return {}
+        return {"signature": self._signature(), "before": dataclasses.asdict(self.before)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = state_dict or None
+
+    # ------------------------------------------------------------------ measuring
+
+    @torch.no_grad()
+    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> Measurement:
+        """Generate on every held-out prompt and score toxicity and reward: this rank's chunks, then gathered."""
+        if not self.prompts:
+            self._prepare(trainer, pl_module)
+        num_chunks = -(-len(self.prompts) // self.batch_size)
+        mine = list(range(trainer.global_rank, num_chunks, trainer.world_size))
+        start = time.perf_counter()
+        rows = sorted(_gather_objects(trainer, self.measure_chunks(trainer, pl_module, mine, stage)))
+        seconds = time.perf_counter() - start
+        if [r[0] for r in rows] != list(range(len(self.prompts))):
+            raise RuntimeError("ToxicityCallback: the gathered results do not cover every prompt exactly once")
+        rank_zero_info(f"Toxicity evaluation ({stage}): {len(rows)} prompts in {seconds:.1f}s")
+        return Measurement(
+            stage=stage,
+            ids=[p.id for p in self.prompts],
+            responses=[r[1] for r in rows],
+            toxicity=[r[2] for r in rows],
+            reward=[r[3] for r in rows],
+            length=[r[4] for r in rows],
+            ppo_step=int(getattr(pl_module, "ppo_step", 0)),
+            global_step=trainer.global_step,
+            seconds=seconds,
+        )
+
+    def measure_chunks(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, chunks: list[int], stage: str = ""
+    ) -> list[tuple[int, str, float, float, int]]:
+        """(prompt position, response, toxicity, reward, length) for the prompts of the given chunks.
+
+        Chunk k holds prompts [k * batch_size, (k + 1) * batch_size) and is seeded with seed + k, so its rows
+        are the same whichever process computes it, and in whatever order."""
+        rows = []
+        for k in self._progress(trainer, chunks, stage):
+            prompts = self.prompts[k * self.batch_size : (k + 1) * self.batch_size]
+            rows.extend(self._measure_chunk(trainer, pl_module, prompts, k * self.batch_size, k, self.generation_used))
+        return rows
+
+    def _measure_chunk(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, prompts: list[HeldOutPrompt], offset: int,
+        chunk: int, settings: GenerationSettings,
+    ) -> list[tuple[int, str, float, float, int]]:
+        datamodule = trainer.datamodule
+        batch = datamodule.collator([datamodule.test_set[p.row] for p in prompts])
+        policy = pl_module.policy
+        with seeded_global_rng(pl_module.device, self.seed + chunk):
+            response_ids, response_mask = policy.generate(
+                batch["input_ids"].to(pl_module.device), batch["attention_mask"].to(pl_module.device), settings,
+                generator=torch.Generator().manual_seed(self.seed + chunk),
+            )
+        # decode each row's own tokens (padding removed), not the padded matrix
+        responses = policy.tokenizer.batch_decode(
+            [ids[mask.bool()].tolist() for ids, mask in zip(response_ids.cpu(), response_mask.cpu())],
+            skip_special_tokens=True,
+        )
+        queries = batch["query"]
+        toxicity = self.evaluator(select_text(self.text, queries, responses))
+        reward = pl_module.reward(queries, responses, references=batch["reference"]).float().cpu()
+        length = response_mask.sum(1).cpu()
+        return [
+            (offset + i, responses[i], float(toxicity[i]), float(reward[i]), int(length[i]))
+            for i in range(len(responses))
+        ]
+
+    def _progress(self, trainer: L.Trainer, chunks: list[int], stage: str) -> Iterator[int]:
+        # follow the trainer: no bar of ours when it shows none (enable_progress_bar=False)
+        if not (self.progress and trainer.is_global_zero and getattr(trainer, "progress_bar_callback", None)):
+            return iter(chunks)
+        from tqdm.auto import tqdm
+
+        return iter(tqdm(chunks, desc=f"Toxicity ({stage})", unit="batch", leave=False, dynamic_ncols=True))
+
+    # ------------------------------------------------------------------ setup and checks
+
+    def _prepare(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        missing = [name for name in ("policy", "reward", "generation") if not hasattr(pl_module, name)]
+        if missing:
+            raise TypeError(
+                f"ToxicityCallback measures a lit_rlhf PPOModule; {type(pl_module).__name__} lacks {missing}"
+            )
+        datamodule = trainer.datamodule
+        if getattr(datamodule, "test_set", None) is None or not hasattr(datamodule, "collator"):
+            raise ValueError(
+                "ToxicityCallback reads its held-out prompts from the data module's `test_set` (DialogSumDataModule): "
+                "pass a datamodule to trainer.fit / trainer.test"
+            )
+        self.prompts = select_prompts(datamodule.test_set, self.num_prompts)
+        self.generation_used = self.generation or pl_module.generation
+        self.evaluator.to(pl_module.device)
+        pl_module.reward.to(pl_module.device)
+        warning = self._warning(pl_module)
+        if warning:
+            rank_zero_warn(warning)
+
+    def _warning(self, pl_module: L.LightningModule) -> str | None:
+        return same_model_warning(self.evaluator, pl_module.reward)
+
+    def _comparison(
+        self, pl_module: L.LightningModule, before: Measurement, after: Measurement, settings: dict[str, Any]
+    ) -> dict[str, Any]:
+        return rep.build_report(
+            self.prompts, before, after, settings, self._warning(pl_module),
+            num_samples=self.num_samples, strong_gain=self.strong_gain, strong_loss=self.strong_loss,
+            bootstrap_resamples=self.bootstrap_resamples, confidence=self.confidence, seed=self.seed,
+            test_method=self.paired_test,
+        )
+
+    def _settings(self, pl_module: L.LightningModule) -> dict[str, Any]:
+        signature = self._signature()
+        del signature["prompt_ids"]  # the report lists them with the per-prompt scores
+        return {
+            **signature,
+            "evaluator_model_id": self.evaluator.model_id,
+            "reward": pl_module.reward.describe(),
+            "std": "population (ddof=0)",
+            "paired_test": self.paired_test,
+        }
+
+    def _signature(self) -> dict[str, Any]:
+        """What makes two measurements comparable: same prompts, evaluator, text, sampling and seeds."""
+        return {
+            "prompt_ids": [p.id for p in self.prompts],
+            "evaluator": self.evaluator.describe(),
+            "text": self.text,
+            "generation": dataclasses.asdict(self.generation_used) if self.generation_used is not None else None,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+        }
+
+    def _restored_before(self) -> Measurement | None:
+        restored, self._restored = self._restored, None
+        return self._before_from_state(restored, "resuming")
+
+    def _before_from_state(self, state: dict[str, Any] | None, purpose: str) -> Measurement | None:
+        """The 'before' measurement saved in a checkpoint, if it was made on the same prompts and settings."""
+        if not state or "before" not in state:
+            return None
+        # tuples may come back from a checkpoint as lists: compare plain values
+        if _plain(state.get("signature")) != _plain(self._signature()):
+            rank_zero_warn(
+                f"ToxicityCallback: the checkpoint's 'before' measurement used other prompts or settings, so it is "
+                f"not used when {purpose}"
+            )
+            return None
+        rank_zero_info(f"ToxicityCallback: using the 'before' measurement stored in the checkpoint ({purpose})")
+        return Measurement(**state["before"])
+
+    # ------------------------------------------------------------------ output
+
+    def _publish(self, trainer: L.Trainer, name: str, markdown: str) -> None:
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # log_dir broadcasts: call it on every rank
+        if not trainer.is_global_zero:
+            return
+        self.report_paths = [
+            rep.write_atomically(log_dir / f"{name}.json", rep.to_json(self.report)),
+            rep.write_atomically(log_dir / f"{name}.md", markdown),
+        ]
+        text = "\n".join([rep.table(self.report), *rep.summary_lines(self.report), f"Report: {self.report_paths[1]}"])
+        print("\n" + text + "\n", flush=True)
+        for tb in _tensorboard(trainer):
+            tb.experiment.add_text(f"tox/{name}", markdown, getattr(trainer.lightning_module, "ppo_step", 0))
+
+    def _log_pass(self, trainer: L.Trainer, m: Measurement) -> None:
+        if not trainer.is_global_zero:
+            return
+        tox = torch.tensor(m.toxicity)
+        reward = torch.tensor(m.reward)
+        scalars = {
+            f"tox/{m.stage}_mean": float(tox.mean()),
+            f"tox/{m.stage}_std": float(tox.std(correction=0)),
+            f"tox/reward_{m.stage}_mean": float(reward.mean()),
+            f"tox/length_{m.stage}_mean": float(torch.tensor(m.length, dtype=torch.float).mean()),
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=m.ppo_step)
+        for tb in _tensorboard(trainer):
+            tb.experiment.add_histogram(f"tox/toxicity_{m.stage}", tox, m.ppo_step)
+            tb.experiment.add_histogram(f"tox/reward_{m.stage}", reward, m.ppo_step)
+
+    def _log_comparison(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or self.report is None:
+            return
+        r = self.report
+        scalars = {
+            "tox/improvement_mean_pct": r["toxicity"]["improvement_mean_percent"],
+            "tox/improvement_std_pct": r["toxicity"]["improvement_std_percent"],
+            "tox/diff_mean": r["toxicity"]["difference_mean"],
+            "tox/diff_ci_low": r["toxicity"]["ci_low"],
+            "tox/diff_ci_high": r["toxicity"]["ci_high"],
+            "tox/p_value": r["toxicity"]["p_value"],
+            "tox/reward_diff_mean": r["reward"]["difference_mean"],
+            "tox/reward_p_value": r["reward"]["p_value"],
+            **{f"tox/{key}_{stage}": r[stage][key] for stage in ("before", "after")
+               for key in ("rouge1", "rouge2", "rougeL", "distinct_1", "distinct_2")},
+        }
+        scalars = {k: v for k, v in scalars.items() if v is not None and v == v}  # drop NaN
+        step = int(getattr(pl_module, "ppo_step", 0))
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=step)
+        for tb in _tensorboard(trainer):
+            samples = r["samples"]
+            tb.experiment.add_text(
+                "tox/samples",
+                "Largest reward gains\n\n" + rep.samples_table(samples["most_improved"])
+                + "\n\nLargest reward losses\n\n" + rep.samples_table(samples["most_degraded"]),
+                step,
+            )
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def same_model_warning(evaluator: ToxicityEvaluator, reward: Reward) -> str | None:
+    """The report's warning when the evaluator is (one of) the model(s) behind the reward; None otherwise."""
+    if not reward.uses_model(evaluator.model_id):
+        return None
+    return (
+        f"the toxicity evaluator is the same model as the training reward ({evaluator.model_id}). The policy was "
+        "optimised against this scorer, so a lower toxicity can be reward hacking rather than less toxic text: "
+        "confirm with an independent evaluator."
+    )
+
+
+def select_prompts(test_set: Any, num_prompts: int | None) -> list[HeldOutPrompt]:
+    """The first ``num_prompts`` distinct dialogues of the held-out rows, each with all its references.
+
+    DialogSum's test split lists each dialogue once per reference summary (ids ``test_{n}_{k}``); grouping by
+    dialogue text measures each dialogue once and scores ROUGE against all of its references.
+    """
+    columns = test_set.column_names
+    key_column = "dialogue" if "dialogue" in columns else "query"
+    keys = test_set[key_column]
+    summaries = test_set["summary"] if "summary" in columns else [""] * len(keys)
+    ids, queries = test_set["id"], test_set["query"]
+    groups: dict[str, HeldOutPrompt] = {}
+    for row, key in enumerate(keys):
+        if key not in groups:
+            groups[key] = HeldOutPrompt(row=row, id=str(ids[row]), query=queries[row], references=[])
+        groups[key].references.append(summaries[row])
+    prompts = list(groups.values())
+    if num_prompts is not None:
+        prompts = prompts[:num_prompts]
+    if not prompts:
+        raise ValueError("ToxicityCallback: the data module's test_set is empty; raise data.test_size")
+    return prompts
+
+
+@contextmanager
+def seeded_global_rng(device: torch.device, seed: int) -> Iterator[None]:
+    """Seed torch's global RNG (CPU, and ``device`` if it is a GPU) inside ``fork_rng``: the previous state
+    comes back afterwards, so a measurement does not change the training run's random stream."""
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
+def _gather_objects(trainer: L.Trainer, rows: list) -> list:
+    """Every rank's rows, concatenated (the identity in a single process)."""
+    if trainer.world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return rows
+    gathered: list[Any] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(gathered, rows)
+    return [row for part in gathered for row in part]
+
+
+def _tensorboard(trainer: L.Trainer) -> list[TensorBoardLogger]:
+    return [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
