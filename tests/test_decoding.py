@@ -1,0 +1,80 @@
+"""The cached sampling loop: samples like generate(), scores like the teacher-forced forward, drops finished rows."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from lit_rlhf.decoding import sample_with_cache
+from lit_rlhf.policy import GenerationSettings, Policy
+
+T5, GPT2 = "embedded:tiny-t5", "embedded:tiny-gpt2"
+PROMPTS = ["#Person1#: Hello there, how are you?\n#Person2#: Fine.", "#Person1#: hi",
+           "#Person1#: What time is the meeting tomorrow?\n#Person2#: At noon."]
+
+
+@pytest.fixture(scope="module", params=[T5, GPT2], ids=["t5", "gpt2"])
+def policy(request):
+    torch.manual_seed(0)
+    policy = Policy(request.param).eval()
+    for name, p in policy.named_parameters():  # a non-zero adapter, so the loop must go through it
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.3)
+    return policy
+
+
+def encode(policy):
+    policy.tokenizer.padding_side = "right" if policy.is_seq2seq else "left"
+    enc = policy.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    return enc.input_ids, enc.attention_mask
+
+
+def sample(policy, limits, min_new_tokens=1, **kwargs):
+    ids, mask = encode(policy)
+    start = policy.model.config.decoder_start_token_id if policy.is_seq2seq else None
+    return sample_with_cache(policy.model, policy.value_head, policy.is_seq2seq, ids, mask, torch.tensor(limits),
+                             min_new_tokens, policy.eos_token_id, policy.pad_token_id, start, **kwargs)
+
+
+def test_logprobs_and_values_equal_the_teacher_forced_forward(policy):
+    torch.manual_seed(3)
+    out = sample(policy, [7, 3, 12])
+    ids, mask = encode(policy)
+    forward = policy(ids, mask, out.response_ids, out.response_mask)
+    m = out.response_mask.bool()
+    assert_close(out.logprobs[m], forward.logprobs[m], atol=1e-5, rtol=1e-5)
+    assert_close(out.values[m], forward.values[m], atol=1e-5, rtol=1e-5)
+    assert (out.logprobs[~m] == 0).all() and (out.values[~m] == 0).all()
+
+
+def test_rows_stop_at_their_own_limit_or_eos(policy):
+    torch.manual_seed(4)
+    out = sample(policy, [2, 5, 3], min_new_tokens=0)
+    lengths = out.response_mask.sum(1)
+    assert (lengths <= torch.tensor([2, 5, 3])).all()
+    for row, n in zip(out.response_ids, lengths.tolist()):
+        tokens = row[:n].tolist()
+        # a row ends at its limit or at its first eos, never later
+        assert policy.eos_token_id not in tokens[:-1]
+        assert (row[n:] == policy.pad_token_id).all()
+    # the mask is what Policy.response_mask derives from the tokens and limits
+    assert torch.equal(out.response_mask, policy.response_mask(out.response_ids, torch.tensor([2, 5, 3])))
+
+
+def test_samples_exactly_like_generate_while_no_row_has_finished(policy):
+    # eos blocked and equal limits: no row leaves the batch, so both draw the same random numbers
+    limits = torch.tensor([6, 6, 6])
+    torch.manual_seed(1)
+    ours = sample(policy, limits.tolist(), min_new_tokens=6)
+    torch.manual_seed(1)
+    ids, mask = encode(policy)
+    theirs, _ = policy.generate(ids, mask, GenerationSettings(min_new_tokens=6), max_new_tokens=limits)
+    assert torch.equal(ours.response_ids, theirs)
+
+
+def test_greedy_and_top_k(policy):
+    greedy_a = sample(policy, [5, 5, 5], do_sample=False)
+    greedy_b = sample(policy, [5, 5, 5], do_sample=False)
+    assert torch.equal(greedy_a.response_ids, greedy_b.response_ids)
+    torch.manual_seed(5)
+    top1 = sample(policy, [5, 5, 5], top_k=1)  # top-1 sampling is greedy decoding
+    assert torch.equal(top1.response_ids, greedy_a.response_ids)
