@@ -206,6 +206,14 @@ class PPOModule(L.LightningModule):
         if self.logger is not None:
             self.logger.log_hyperparams({f"params/{k}": v for k, v in counts.items()})
 
+    def on_train_start(self) -> None:
+        if self.trainer.world_size > 1:
+            # seed_everything gives every process the same seed, and a resumed run restores rank zero's RNG
+            # state on all of them: processes would sample their responses with the same random numbers (on
+            # the tiny model, 82% of the tokens of two ranks' responses were equal). Derive a distinct,
+            # reproducible stream per process (after any checkpoint restore, hence here).
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,))) + self.trainer.global_rank)
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
         if self.hparams.ppo_steps is not None and self.ppo_step >= self.hparams.ppo_steps:
             return -1  # already done (e.g. resumed after the last step): skip the rest of the epoch
@@ -218,9 +226,10 @@ class PPOModule(L.LightningModule):
         )
         with self._timed("time/ppo/generate"):
             response_ids, response_mask = self.policy.generate(
-                query_ids, query_mask, self.generation, generator=self.length_generator
+                query_ids, query_mask, self.generation, max_new_tokens=self._response_length_limits(len(query_ids)),
+                synced_gpus=self._synced_gpus(),
             )
-        responses = self.policy.tokenizer.batch_decode(response_ids * response_mask, skip_special_tokens=True)
+        responses = self.policy.decode(response_ids, response_mask)
         with self._timed("time/ppo/reward"):
             raw_scores, reward_error = self._score(batch["query"], responses, batch.get("reference"))
         if self._any_rank(reward_error is not None):
@@ -278,13 +287,21 @@ class PPOModule(L.LightningModule):
         self._evaluate_batch(batch, "test")
 
     def on_fit_end(self) -> None:
-        if self.hparams.export_adapter and self.trainer.is_global_zero:
-            target = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter"
-            export_atomically(self.policy, target)
-            rank_zero_info(f"Adapter exported to {target}")
+        if not self.hparams.export_adapter:
+            return
+        # log_dir broadcasts from rank zero, and gathering sharded weights is a collective: every rank takes part
+        target = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter"
+        with self._full_weights() as state_dict:
+            if self.trainer.is_global_zero:
+                export_atomically(self.policy, target, state_dict)
+                rank_zero_info(f"Adapter exported to {target}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        # under FSDP, parameter names include the wrappers' segments; checkpoint keys do not
+        trainable = {
+            name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+            for name, p in self.named_parameters() if p.requires_grad
+        }
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["lit_rlhf"] = {
             "ppo_step": self.ppo_step,
@@ -453,11 +470,12 @@ class PPOModule(L.LightningModule):
                 f"model.ppo.ratio_threshold={self.ppo.ratio_threshold}"
             )
         self.manual_backward(loss)
-        # gradients are already all-reduced here under DDP, so every rank sees the same norm
-        grad_norm = torch.linalg.vector_norm(
-            torch.stack([p.grad.detach().float().norm() for p in self.policy.trainable_parameters() if p.grad is not None])
-        )
-        if not bool(torch.isfinite(grad_norm)):
+        # gradients are already all-reduced here under DDP, so every rank sees the same norm; under FSDP each
+        # rank holds a shard (so the decision is still agreed), and DeepSpeed keeps them in its own buffers
+        # (p.grad is None: nothing to check here)
+        grads = [p.grad.detach().float().norm() for p in self.policy.trainable_parameters() if p.grad is not None]
+        grad_norm = torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros((), device=self.device)
+        if self._any_rank(not bool(torch.isfinite(grad_norm))):
             opt.zero_grad()
             return self._skip_update("the gradient was not finite")
         if self.ppo.max_grad_norm is not None:
@@ -479,6 +497,54 @@ class PPOModule(L.LightningModule):
             "ppo/val/error": val_error,
             **{f"ppo/{k}": v for k, v in diag.items()},
         }
+
+    # ------------------------------------------------------------------ several processes
+
+    def _response_length_limits(self, batch_size: int) -> Tensor:
+        """Each sample's maximum number of new tokens [B]. Every process draws the limits of the whole global
+        batch (world_size x B) from the same generator and keeps its own slice: processes get different limits,
+        the generators stay in step (so rank zero's checkpoint resumes every rank), and a single process
+        draws exactly what ``Policy.generate`` would."""
+        low, high = self.generation.max_new_tokens
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        limits = torch.randint(low, high, (world * batch_size,), generator=self.length_generator)  # [W * B]
+        return limits[rank * batch_size : (rank + 1) * batch_size]
+
+    def _weights_sharded(self) -> bool:
+        """True under a multi-process strategy that shards the weights (FSDP, DeepSpeed ZeRO-3)."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        trainer = self._trainer
+        if trainer is None or trainer.world_size <= 1:
+            return False
+        return isinstance(trainer.strategy, FSDPStrategy) or bool(getattr(trainer.strategy, "zero_stage_3", False))
+
+    def _synced_gpus(self) -> bool | None:
+        """``generate``'s synced_gpus: with sharded weights every forward pass is a collective, so each process
+        keeps decoding until all are done; otherwise None (transformers decides, as in a single process)."""
+        return True if self._weights_sharded() else None
+
+    @contextmanager
+    def _full_weights(self) -> Iterator[dict[str, Tensor] | None]:
+        """The policy's complete weights for export. A collective under FSDP and DeepSpeed ZeRO-3 (every rank
+        must enter). Yields the policy's full state dict (FSDP: on rank zero; empty elsewhere), or None when
+        the policy's own parameters are complete (one process, DDP, ZeRO-1/2, ZeRO-3 inside the gather)."""
+        strategy = self.trainer.strategy
+        if not self._weights_sharded():
+            yield None
+        elif getattr(strategy, "zero_stage_3", False):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(self.policy.trainable_parameters(), modifier_rank=None):
+                yield None
+        else:
+            from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+            with FSDP.state_dict_type(strategy.model, StateDictType.FULL_STATE_DICT, config):
+                state = strategy.model.state_dict()  # keys as the LightningModule's: "policy.model...."
+            yield {k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")}
 
     # ------------------------------------------------------------------ statistics and logging
 
@@ -551,9 +617,10 @@ class PPOModule(L.LightningModule):
             batch["input_ids"], batch["attention_mask"], self.generation.max_new_tokens[1]
         )
         response_ids, response_mask = self.policy.generate(
-            query_ids, query_mask, self.generation, generator=torch.Generator().manual_seed(0)
+            query_ids, query_mask, self.generation, generator=torch.Generator().manual_seed(0),
+            synced_gpus=self._synced_gpus(),
         )
-        responses = self.policy.tokenizer.batch_decode(response_ids * response_mask, skip_special_tokens=True)
+        responses = self.policy.decode(response_ids, response_mask)
         scores = self.reward(batch["query"], responses, references=batch.get("reference")).float().to(self.device)
         kl = torch.zeros(len(responses), device=self.device)
         with self._eval_mode():
@@ -605,12 +672,16 @@ def make_kl_controller(settings: PPOSettings) -> ppo_math.FixedKLController | pp
     return ppo_math.FixedKLController(settings.init_kl_coef)
 
 
-def export_atomically(policy: Policy, target: Path) -> None:
-    """Write the adapter into a temporary sibling folder, then swap it in: a crash never leaves half a folder."""
+def export_atomically(policy: Policy, target: Path, state_dict: dict[str, Tensor] | None = None) -> None:
+    """Write the adapter into a temporary sibling folder, then swap it in: a crash never leaves half a folder.
+    ``state_dict``: the policy's full weights where this process holds only a shard (see ``Policy.save_adapter``)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=target.parent))
     try:
-        policy.save_adapter(tmp)
+        if state_dict is None:
+            policy.save_adapter(tmp)
+        else:
+            policy.save_adapter(tmp, state_dict=state_dict)
         if target.exists():
             old = target.with_name(target.name + ".old")
             shutil.rmtree(old, ignore_errors=True)

@@ -101,7 +101,8 @@ class ValueHead(nn.Module):
         self.summary = nn.Linear(hidden_size, 1)
 
     def forward(self, hidden: Tensor) -> Tensor:  # [B, T, H] -> [B, T]
-        return self.summary(self.dropout(hidden.to(self.summary.weight.dtype))).squeeze(-1)
+        # float32 out, as the log-probs: under mixed precision (autocast) the linear map returns bf16/fp16
+        return self.summary(self.dropout(hidden.to(self.summary.weight.dtype))).squeeze(-1).float()
 
 
 @dataclass
@@ -309,6 +310,13 @@ class Policy(nn.Module):
             self.train(was_training)
         response = out[:, start:]  # [B, T]
         return response, self.response_mask(response, max_new_tokens)
+
+    def decode(self, response_ids: Tensor, response_mask: Tensor) -> list[str]:
+        """Response texts: each row's masked-in tokens, special tokens dropped. [B, T] -> B strings."""
+        # pad (a special token) where the mask is 0; multiplying by the mask would write id 0, a real token in
+        # many vocabularies (GPT-2's "!")
+        ids = response_ids.masked_fill(~response_mask.bool(), self.pad_token_id)
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     def response_mask(self, response: Tensor, max_new_tokens: Tensor | None = None) -> Tensor:
         """1 for tokens up to and including the first eos, within each row's limit. response: [B, T]."""

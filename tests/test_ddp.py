@@ -1,0 +1,264 @@
+"""Several processes: a 2-process DDP fit on CPU (gloo), the reduction helpers across ranks, the strategy overlays.
+
+The DDP fit runs ``tests/ddp_worker.py`` in a subprocess: Lightning's ``ddp`` launcher starts rank 1 by
+re-executing the command line, which cannot be pytest's. FSDP and DeepSpeed need GPUs; here their overlays
+are only parsed and their strategies instantiated.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Union
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.testing import assert_close
+
+from lit_rlhf import ppo as ppo_math
+from lit_rlhf.cli import run
+from lit_rlhf.tiny import resolve_model_path
+
+ROOT = Path(__file__).parents[1]
+WORKER = Path(__file__).with_name("ddp_worker.py")
+OVERLAYS = sorted((ROOT / "configs" / "strategy").glob("*.yaml"))
+RECIPE = ROOT / "configs" / "detox_flan_t5.yaml"
+PPO_STEPS, BATCH, WORLD = 3, 8, 2  # as the worker runs it
+# environment that would make Lightning believe it runs inside an existing cluster job
+CLUSTER_VARIABLES = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+# ------------------------------------------------------------------ a 2-process DDP fit
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """Runs the worker once; returns both ranks' records, the run folder and the output."""
+    resolve_model_path("embedded:tiny-t5")  # build here once, rather than in both ranks at the same time
+    run_dir = tmp_path_factory.mktemp("ddp")
+    env = {k: v for k, v in os.environ.items()
+           if k not in CLUSTER_VARIABLES and not k.startswith(("SLURM_", "TORCHELASTIC_", "PL_"))}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    # its own process group, so that a timeout can stop rank 1 too (rank 0 starts it)
+    proc = subprocess.Popen([sys.executable, str(WORKER), str(run_dir / "out")], cwd=run_dir, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"the 2-process DDP fit did not finish in 300 s:\n{output[-6000:]}")
+    assert proc.returncode == 0, output[-6000:]
+    # a CPU DDP run that leaves its process group up may abort at exit; run() destroys it
+    assert "terminate called" not in output, output[-6000:]
+    records = [torch.load(run_dir / "out" / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return SimpleNamespace(ranks=records, dir=run_dir, output=output)
+
+
+def test_ddp_ranks_end_with_identical_weights_that_moved(ddp_run):
+    rank0, rank1 = ddp_run.ranks
+    assert rank0["world_size"] == rank1["world_size"] == WORLD and rank0["strategy"] == "DDPStrategy"
+    assert rank0["ppo_step"] == rank1["ppo_step"] == PPO_STEPS
+    assert rank0["final"].keys() == rank1["final"].keys() and len(rank0["final"]) > 0
+    for name in rank0["final"]:
+        # several manual backward passes and optimizer steps per training_step: bit-identical on both ranks
+        assert torch.equal(rank0["final"][name], rank1["final"][name]), name
+        assert torch.equal(rank0["initial"][name], rank1["initial"][name]), name
+        assert not torch.equal(rank0["final"][name], rank0["initial"][name]), f"{name} did not change"
+
+
+def test_ddp_ranks_see_different_prompts(ddp_run):
+    rank0, rank1 = (r["prompt_ids"] for r in ddp_run.ranks)
+    assert len(rank0) == len(rank1) == PPO_STEPS * BATCH
+    assert len(set(rank0)) == len(rank0) and not set(rank0) & set(rank1)  # DistributedSampler shares them out
+
+
+def test_ddp_statistics_and_beta_are_global(ddp_run):
+    rank0, rank1 = ddp_run.ranks
+    # reward and KL means are reduced over both ranks: the same numbers, although each saw other prompts
+    assert rank0["logged"] == rank1["logged"] and len(rank0["logged"]) == PPO_STEPS
+    assert rank0["logged"][0]["kl"] == 0.0 and rank0["logged"][-1]["kl"] != 0.0
+    # the KL controller is fed the global mean KL and the global sample count: the same beta everywhere.
+    # With KL far below the target (6), each step's error is clipped at -0.2 and
+    # beta <- beta * (1 - 0.2 * n / horizon) with n = 2 ranks x 8 samples = 16 and horizon 32: x0.9 per step.
+    assert all(step["kl"] < 0.8 * 6.0 for step in rank0["logged"])
+    assert rank0["beta"] == rank1["beta"] != rank0["initial_beta"]
+    assert rank0["beta"] == pytest.approx(rank0["initial_beta"] * 0.9**PPO_STEPS)
+
+
+def test_reduction_helpers_equal_statistics_of_the_concatenated_data(ddp_run):
+    inputs = [r["probe_input"] for r in ddp_run.ranks]  # ranks hold 3 and 5 rows of different values
+    x = torch.cat([x for x, _ in inputs])
+    mask = torch.cat([m for _, m in inputs])
+    # masked_whiten with the module's reduce function == whitening the two ranks' data put together
+    expected = ppo_math.masked_whiten(x, mask)
+    got = torch.cat([r["reduced"]["whitened"] for r in ddp_run.ranks])
+    assert_close(got, expected)
+    # _global_mean_std == mean, unbiased std and count of the concatenation
+    first_column = x[:, 0]
+    expected = torch.stack([first_column.mean(), first_column.std(), torch.tensor(float(len(first_column)))])
+    for record in ddp_run.ranks:
+        assert_close(record["reduced"]["mean_std_n"], expected)
+        assert bool(record["reduced"]["input_unchanged"])  # the strategy reduces in place: helpers pass a copy
+
+
+def test_ddp_writes_logs_checkpoint_and_adapter_once(ddp_run):
+    rank0, rank1 = ddp_run.ranks
+    assert not rank0["process_group_alive_after_run"] and not rank1["process_group_alive_after_run"]
+    logs = ddp_run.dir / "logs"
+    assert rank0["log_dir"] == rank1["log_dir"]
+    assert [p.name for p in (logs / "lightning_logs").iterdir()] == ["version_0"]
+    run_dir = ddp_run.dir / rank0["log_dir"]
+    assert len(list(logs.rglob("events.out.tfevents.*"))) == 1
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    rewards = events.Scalars("env/reward_mean")
+    assert [e.step for e in rewards] == [1, 2, 3]
+    assert [e.value for e in rewards] == pytest.approx([step["reward"] for step in rank0["logged"]])
+    assert len(list(logs.rglob("config.yaml"))) == 1
+
+    # one adapter, written by rank zero, holding the weights both ranks ended with
+    assert [p.parent for p in logs.rglob("adapter_config.json")] == [run_dir / "adapter"]
+    assert not list(run_dir.glob(".adapter-*")) and not (run_dir / "adapter.old").exists()
+    exported = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    value_head = torch.load(run_dir / "adapter" / "value_head.pt")
+    expected = {}
+    for name, weight in rank0["final"].items():
+        if name.startswith("policy.model."):
+            # peft saves without the adapter name: ...q.lora_A.default.weight -> ...q.lora_A.weight
+            expected[name[len("policy.model."):].replace(".default.", ".")] = weight
+    assert expected and expected.keys() <= exported.keys()  # (with lm_head adapted, peft also saves its base weight)
+    for name, weight in expected.items():
+        assert torch.equal(exported[name], weight), name
+    assert torch.equal(value_head["summary.weight"], rank0["final"]["policy.value_head.summary.weight"])
+
+    # one last.ckpt, with rank zero's state: the trained weights, the PPO step and beta
+    (last,) = list(logs.rglob("last.ckpt"))
+    checkpoint = torch.load(last, weights_only=False)
+    assert checkpoint["lit_rlhf"]["ppo_step"] == PPO_STEPS
+    assert checkpoint["lit_rlhf"]["kl_controller"]["value"] == rank0["beta"]
+    assert checkpoint["state_dict"].keys() == rank0["final"].keys()
+    for name, weight in checkpoint["state_dict"].items():
+        assert torch.equal(weight, rank0["final"][name]), name
+
+
+def test_response_length_limits_are_one_draw_over_the_global_batch():
+    from lit_rlhf.module import PPOModule
+    from lit_rlhf.policy import GenerationSettings
+
+    def limits(world: int, rank: int) -> torch.Tensor:
+        module = PPOModule(generation=GenerationSettings(max_new_tokens=(4, 100)), seed=3, rollout_batch_size=8,
+                           export_adapter=False)
+        module.trainer = SimpleNamespace(world_size=world, global_rank=rank)
+        return module._response_length_limits(8)
+
+    # a single process draws what Policy.generate draws from the same generator
+    assert torch.equal(limits(1, 0), torch.randint(4, 100, (8,), generator=torch.Generator().manual_seed(3)))
+    # two ranks take the two halves of one draw of 16: different limits, generators in step
+    together = torch.randint(4, 100, (16,), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(torch.cat([limits(2, 0), limits(2, 1)]), together)
+
+
+# ------------------------------------------------------------------ strategy overlays (GPU strategies: parse only)
+
+
+def test_strategy_overlays_exist():
+    assert {p.name for p in OVERLAYS} >= {"ddp.yaml", "fsdp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml",
+                                          "bf16.yaml"}
+
+
+def print_config(*configs: Path, capsys) -> dict:
+    args = ["fit"]
+    for config in configs:
+        args += ["--config", str(config)]
+    with pytest.raises(SystemExit) as exit_info:
+        run([*args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def instantiate_strategy(strategy_config):
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.strategies import Strategy
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--strategy", type=Union[str, Strategy])
+    return parser.instantiate(parser.parse_object({"strategy": strategy_config})).strategy
+
+
+def skip_without_deepspeed(overlay: Path) -> None:
+    if "deepspeed" in overlay.name and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("DeepSpeed is not installed (optional, GPU only): its strategy cannot be instantiated here")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_strategy_overlay_parses_with_a_recipe(overlay, capsys):
+    try:
+        printed = print_config(RECIPE, overlay, capsys=capsys)
+    except ImportError as err:  # a strategy class that needs a missing package
+        pytest.skip(f"{overlay.name}: the strategy's package is not installed ({err})")
+    source = yaml.safe_load(overlay.read_text())["trainer"]
+    trainer = printed["trainer"]
+    assert printed["model"]["model_name"] == "google/flan-t5-base"  # the recipe is still there
+    if "strategy" in source:
+        assert trainer["strategy"]["class_path"] == source["strategy"]["class_path"]
+        for key, value in source["strategy"]["init_args"].items():
+            expected = sorted(value) if isinstance(value, list) else value  # a set prints sorted
+            got = sorted(trainer["strategy"]["init_args"][key]) if isinstance(value, list) else trainer["strategy"]["init_args"][key]
+            assert got == expected, key
+    if "precision" in source:
+        assert trainer["precision"] == source["precision"]
+
+
+@pytest.mark.parametrize("overlay", [p for p in OVERLAYS if p.name != "bf16.yaml"], ids=lambda p: p.name)
+def test_strategy_overlay_instantiates(overlay):
+    """The strategy object the overlay describes can be built (on CPU; running FSDP/DeepSpeed needs GPUs)."""
+    skip_without_deepspeed(overlay)
+    strategy = instantiate_strategy(yaml.safe_load(overlay.read_text())["trainer"]["strategy"])
+    name = overlay.stem
+    if name == "ddp":
+        assert type(strategy).__name__ == "DDPStrategy" and strategy._ddp_kwargs["find_unused_parameters"] is False
+    elif name == "fsdp":
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+        from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+        from transformers.models.t5.modeling_t5 import T5Block
+
+        policy = strategy.kwargs["auto_wrap_policy"]
+        # the YAML list became real classes: each transformer block is its own FSDP unit
+        assert isinstance(policy, ModuleWrapPolicy) and policy._module_classes == {T5Block, GPT2Block, LlamaDecoderLayer}
+        # LoRA leaves frozen and trainable weights in one block: FSDP needs use_orig_params for that
+        assert strategy.kwargs["use_orig_params"] is True
+        assert strategy._state_dict_type == "full"
+    else:
+        stage = int(name[-1])
+        assert strategy.config["zero_optimization"]["stage"] == stage
+
+
+def test_strategy_overlays_combine(capsys):
+    overlays = ROOT / "configs" / "strategy"
+    printed = print_config(RECIPE, overlays / "ddp.yaml", overlays / "bf16.yaml", capsys=capsys)
+    assert printed["trainer"]["strategy"]["class_path"] == "lightning.pytorch.strategies.DDPStrategy"
+    assert printed["trainer"]["precision"] == "bf16-mixed"
+
+
+def test_bf16_overlay_runs_a_ppo_step_on_cpu(tmp_path, monkeypatch):
+    """bf16 autocast runs on CPU too: values and log-probs stay float32, so the rollout buffers accept them."""
+    monkeypatch.chdir(tmp_path)
+    cli = run(["fit", "--config", str(ROOT / "configs" / "embedded_t5.yaml"),
+               "--config", str(ROOT / "configs" / "strategy" / "bf16.yaml"),
+               "--trainer.callbacks", "[]", "--trainer.logger", "false", "--trainer.limit_val_batches", "0",
+               "--trainer.enable_progress_bar", "false", "--model.export_adapter", "false",
+               "--model.ppo_steps", "1", "--model.generation.max_new_tokens", "[4, 8]", "--data.batch_size", "8"])
+    assert cli.trainer.precision == "bf16-mixed" and cli.model.ppo_step == 1
+    metrics = cli.trainer.callback_metrics
+    assert float(metrics["kl"]) == 0.0 and torch.isfinite(metrics["reward"])
+    assert all(p.dtype == torch.float32 for p in cli.model.policy.parameters())  # autocast: weights stay float32
