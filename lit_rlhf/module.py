@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lit_rlhf import ppo as ppo_math
+from lit_rlhf.decoding import SampledRollout
 from lit_rlhf.policy import GenerationSettings, LoraSettings, Policy, trim_batch
 from lit_rlhf.rewards import NonFiniteRewardError, ProfanityReward, Reward
 
@@ -90,6 +91,8 @@ class Rollout:
     values: Tensor
     ref_logprobs: Tensor
     groups: list[Tensor]  # mini-batch row indices of the first epoch (the rollout forward used the same)
+    responses: list[str] = field(default_factory=list)  # decoded response texts
+    raw_scores: Tensor | None = None  # [B] the reward's scores before scaling/clipping
 
 
 class PPOModule(L.LightningModule):
@@ -120,6 +123,10 @@ class PPOModule(L.LightningModule):
         export_adapter: save the adapter with ``save_pretrained`` into ``<log_dir>/adapter`` at the end of fit.
         max_consecutive_skips: stop the run with an explanation after this many updates in a row were skipped
             as unsafe (non-finite reward, log-probability, loss or gradient; ratio above ppo.ratio_threshold).
+        fast_rollout: sample with lit_rlhf's cached decode loop (``lit_rlhf.decoding``): finished rows leave the
+            batch, and the rollout's log-probs and values are those computed while sampling, which saves the
+            policy's scoring forward. The first mini-batch's ratio is then 1 up to float rounding (~1e-6)
+            rather than exactly. Not with sharded weights (FSDP, DeepSpeed ZeRO-3).
     """
 
     def __init__(
@@ -144,6 +151,7 @@ class PPOModule(L.LightningModule):
         num_log_samples: int = 4,
         export_adapter: bool = True,
         max_consecutive_skips: int = 8,
+        fast_rollout: bool = False,
     ) -> None:
         super().__init__()
         # Settings groups come back as plain dicts from a checkpoint's hyperparameters.
@@ -193,6 +201,11 @@ class PPOModule(L.LightningModule):
         self.reward.to(self.device)
 
     def on_fit_start(self) -> None:
+        if self.hparams.fast_rollout and self._weights_sharded():
+            raise ValueError(
+                "model.fast_rollout=true samples outside the strategy's wrapped forward, which sharded weights "
+                "(FSDP, DeepSpeed ZeRO-3) do not allow; set model.fast_rollout=false"
+            )
         self.reward.to(self.device)
         counts = self.policy.parameter_counts()
         rank_zero_info(
@@ -221,25 +234,9 @@ class PPOModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         # 1) rollout: generate, score, and the log-probs/values PPO needs (no grad, no dropout)
-        query_ids, query_mask = self.policy.fit_prompts(
-            batch["input_ids"], batch["attention_mask"], self.generation.max_new_tokens[1]
-        )
-        with self._timed("time/ppo/generate"):
-            response_ids, response_mask = self.policy.generate(
-                query_ids, query_mask, self.generation, max_new_tokens=self._response_length_limits(len(query_ids)),
-                synced_gpus=self._synced_gpus(),
-            )
-        responses = self.policy.decode(response_ids, response_mask)
-        with self._timed("time/ppo/reward"):
-            raw_scores, reward_error = self._score(batch["query"], responses, batch.get("reference"))
-        if self._any_rank(reward_error is not None):
-            return self._skip_step(f"the reward returned non-finite scores ({reward_error or 'on another process'})")
-        scores = self._shape_scores(raw_scores.to(self.device))
-        with self._timed("time/ppo/forward"):
-            rollout = self._rollout_forward(query_ids, query_mask, response_ids, response_mask, scores)
-        finite = all(torch.isfinite(t).all() for t in (rollout.logprobs, rollout.values, rollout.ref_logprobs))
-        if self._any_rank(not finite):
-            return self._skip_step("the model produced non-finite log-probabilities or values in the rollout")
+        rollout = self._rollout(batch)
+        if rollout is None:
+            return  # skipped as unsafe (counted and logged)
 
         # 2) advantages: KL-shaped per-token rewards, GAE, whitening over the global batch
         with self._timed("time/ppo/advantages"):
@@ -250,12 +247,12 @@ class PPOModule(L.LightningModule):
                     rollout.scores, rollout.logprobs, rollout.ref_logprobs, rollout.response_mask,
                     self.kl_ctl.value, self.ppo.kl_estimator,
                 )
-            advantages, returns = ppo_math.compute_gae(
+            raw_advantages, returns = ppo_math.compute_gae(
                 rewards, rollout.values, rollout.response_mask, self.ppo.gamma, self.ppo.lam
             )
-            raw_advantages = advantages
+            advantages = raw_advantages
             if self.ppo.whiten_advantages:
-                advantages = ppo_math.masked_whiten(advantages, rollout.response_mask, reduce_fn=self._all_reduce_sum)
+                advantages = ppo_math.masked_whiten(raw_advantages, rollout.response_mask, reduce_fn=self._all_reduce_sum)
 
         # 3) update: epochs x mini-batches of clipped policy + value loss
         with self._timed("time/ppo/update"):
@@ -268,15 +265,49 @@ class PPOModule(L.LightningModule):
         self.kl_ctl.update(float(mean_kl), int(n_samples))
 
         self.ppo_step += 1
-        stats = self._step_stats(rollout, raw_scores, kl_per_sample, non_score, returns, raw_advantages, advantages)
+        stats = self._step_stats(rollout, kl_per_sample, non_score, returns, raw_advantages, advantages)
         stats.update(update_stats)
         stats["objective/kl_coef"] = torch.tensor(kl_coef_used)
+        self._finish_step(batch, rollout, stats)
+
+    def _rollout(self, batch: dict[str, Any]) -> Rollout | None:
+        """Responses, scores, old log-probs/values and reference log-probs; None when the step is skipped."""
+        query_ids, query_mask = self.policy.fit_prompts(
+            batch["input_ids"], batch["attention_mask"], self.generation.max_new_tokens[1]
+        )
+        limits = self._response_length_limits(len(query_ids))
+        sampled = None
+        with self._timed("time/ppo/generate"):
+            if self.hparams.fast_rollout:
+                sampled = self.policy.sample(query_ids, query_mask, self.generation, limits)
+                response_ids, response_mask = sampled.response_ids, sampled.response_mask
+            else:
+                response_ids, response_mask = self.policy.generate(
+                    query_ids, query_mask, self.generation, max_new_tokens=limits, synced_gpus=self._synced_gpus()
+                )
+        responses = self.policy.decode(response_ids, response_mask)
+        with self._timed("time/ppo/reward"):
+            raw_scores, reward_error = self._score(batch["query"], responses, batch.get("reference"))
+        if self._any_rank(reward_error is not None):
+            return self._skip_step(f"the reward returned non-finite scores ({reward_error or 'on another process'})")
+        scores = self._shape_scores(raw_scores.to(self.device))
+        with self._timed("time/ppo/forward"):
+            rollout = self._rollout_forward(query_ids, query_mask, response_ids, response_mask, scores, sampled)
+        rollout.responses, rollout.raw_scores = responses, raw_scores
+        finite = all(torch.isfinite(t).all() for t in (rollout.logprobs, rollout.values, rollout.ref_logprobs))
+        if self._any_rank(not finite):
+            return self._skip_step("the model produced non-finite log-probabilities or values in the rollout")
+        return rollout
+
+    def _finish_step(self, batch: dict[str, Any], rollout: Rollout, stats: dict[str, Tensor]) -> None:
+        """Log the step's statistics and samples; stop after the last PPO step."""
         stats["ppo/skipped_steps_total"] = torch.tensor(float(self.skipped_steps))
         stats["ppo/skipped_updates_total"] = torch.tensor(float(self.skipped_updates))
         stats.update({k: torch.tensor(v) for k, v in self.timings.items()})
         self._log_stats(stats)
-        if self.hparams.log_samples_every and (self.ppo_step % self.hparams.log_samples_every == 0 or self.ppo_step == 1):
-            self._log_samples(batch, responses, raw_scores)
+        every = self.hparams.log_samples_every
+        if every and (self.ppo_step % every == 0 or self.ppo_step == 1):
+            self._log_samples(batch, rollout.responses, rollout.raw_scores)
         if self.hparams.ppo_steps is not None and self.ppo_step >= self.hparams.ppo_steps:
             self.trainer.should_stop = True
 
@@ -384,22 +415,28 @@ class PPOModule(L.LightningModule):
 
     @torch.no_grad()
     def _rollout_forward(
-        self, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor, scores: Tensor
+        self, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor, scores: Tensor,
+        sampled: SampledRollout | None = None,
     ) -> Rollout:
         """Old log-probs, values and reference log-probs, computed per mini-batch with the same grouping and
-        padding as the first update epoch, so the first mini-batch's ratio is exactly 1."""
+        padding as the first update epoch, so the first mini-batch's ratio is exactly 1. With ``sampled``
+        (fast_rollout), the old log-probs and values come from sampling and only the reference is scored."""
         groups = self._minibatch_groups(response_mask, shuffle_rows=False)
         shape = response_ids.shape
-        logprobs = torch.zeros(shape, device=self.device)
-        values = torch.zeros(shape, device=self.device)
+        if sampled is not None:
+            logprobs, values = sampled.logprobs.to(self.device), sampled.values.to(self.device)
+        else:
+            logprobs = torch.zeros(shape, device=self.device)
+            values = torch.zeros(shape, device=self.device)
         ref_logprobs = torch.zeros(shape, device=self.device)
         with self._eval_mode():
             for idx in groups:
                 q, qm, r, rm = self._slice(query_ids, query_mask, response_ids, response_mask, idx)
                 t = r.shape[1]
-                out = self.policy(q, qm, r, rm)
-                logprobs[idx, :t] = out.logprobs * rm
-                values[idx, :t] = out.values * rm
+                if sampled is None:
+                    out = self.policy(q, qm, r, rm)
+                    logprobs[idx, :t] = out.logprobs * rm
+                    values[idx, :t] = out.values * rm
                 ref_logprobs[idx, :t] = self.policy.reference_forward(q, qm, r, rm).logprobs * rm
         return Rollout(query_ids, query_mask, response_ids, response_mask, scores, logprobs, values, ref_logprobs, groups)
 
@@ -560,10 +597,10 @@ class PPOModule(L.LightningModule):
         return mean, var.sqrt(), n
 
     @torch.no_grad()
-    def _step_stats(self, rollout: Rollout, raw_scores: Tensor, kl_per_sample: Tensor, non_score: Tensor,
+    def _step_stats(self, rollout: Rollout, kl_per_sample: Tensor, non_score: Tensor,
                     returns: Tensor, raw_advantages: Tensor, advantages: Tensor) -> dict[str, Tensor]:
         mask = rollout.response_mask
-        reward_mean, reward_std, _ = self._global_mean_std(raw_scores.float().to(self.device))
+        reward_mean, reward_std, _ = self._global_mean_std(rollout.raw_scores.float().to(self.device))
         kl_mean, _, _ = self._global_mean_std(kl_per_sample)
         entropy_mean, _, _ = self._global_mean_std(-(rollout.logprobs * mask).sum(1))
         length_mean, _, _ = self._global_mean_std(mask.sum(1).float())

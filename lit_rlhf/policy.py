@@ -37,6 +37,7 @@ from transformers import (
 )
 
 from lit_rlhf import ppo
+from lit_rlhf.decoding import SampledRollout, sample_with_cache
 from lit_rlhf.tiny import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -310,6 +311,26 @@ class Policy(nn.Module):
             self.train(was_training)
         response = out[:, start:]  # [B, T]
         return response, self.response_mask(response, max_new_tokens)
+
+    @torch.no_grad()
+    def sample(
+        self, input_ids: Tensor, attention_mask: Tensor, settings: GenerationSettings, max_new_tokens: Tensor
+    ) -> SampledRollout:
+        """Like ``generate``, with lit_rlhf's cached loop: finished rows leave the batch, and the log-probs and
+        values of the sampled tokens come back with them (``lit_rlhf.decoding``). Eval mode, KV cache."""
+        was_training = self.training
+        self.eval()
+        try:
+            return sample_with_cache(
+                self.model, self.value_head, self.is_seq2seq, input_ids, attention_mask, max_new_tokens,
+                min_new_tokens=settings.min_new_tokens, eos_token_id=self.eos_token_id,
+                pad_token_id=self.pad_token_id,
+                decoder_start_token_id=getattr(self.model.config, "decoder_start_token_id", None),
+                do_sample=settings.do_sample, top_k=settings.top_k, top_p=settings.top_p,
+                temperature=settings.temperature,
+            )
+        finally:
+            self.train(was_training)
 
     def decode(self, response_ids: Tensor, response_mask: Tensor) -> list[str]:
         """Response texts: each row's masked-in tokens, special tokens dropped. [B, T] -> B strings."""

@@ -1,5 +1,6 @@
 """PPOModule end to end on the embedded tiny models: correctness at step 1, learning, checkpoints, export."""
 
+import math
 from pathlib import Path
 
 import lightning as L
@@ -156,3 +157,27 @@ def test_full_kl_estimator_runs_and_is_zero_at_start(tmp_path):
                        log_samples_every=0, export_adapter=False)
     _, recorder = fit(module, tmp_path)
     assert recorder.history[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("model_name", ["embedded:tiny-t5", "embedded:tiny-gpt2"])
+def test_fast_rollout_scores_while_sampling(model_name, tmp_path, monkeypatch):
+    # fast_rollout takes the old log-probs and values from the sampling loop: no policy re-forward, and at
+    # the first step policy == reference, so KL and the first log-ratio are zero up to float rounding
+    log_ratios, policy_calls = [], []
+    original = module_lib.ppo_math.policy_loss
+
+    def recording_policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_range):
+        log_ratios.append(((logprobs - old_logprobs) * response_mask).detach().clone())
+        return original(logprobs, old_logprobs, advantages, response_mask, clip_range)
+
+    monkeypatch.setattr(module_lib.ppo_math, "policy_loss", recording_policy_loss)
+    module = PPOModule(model_name=model_name, reward=ProfanityReward(), generation=SHORT, ppo_steps=2,
+                       rollout_batch_size=8, mini_batch_size=4, learning_rate=1e-2, log_samples_every=0,
+                       export_adapter=False, fast_rollout=True)
+    forward = module.policy.forward
+    monkeypatch.setattr(module.policy, "forward", lambda *a, **k: (policy_calls.append(1), forward(*a, **k))[1])
+    _, recorder = fit(module, tmp_path)
+    assert abs(recorder.history[0]["kl"]) < 1e-4
+    assert log_ratios[0].abs().max() < 1e-5
+    assert len(policy_calls) == 2 * 2  # only the update's forward passes: 2 steps x 2 mini-batches
+    assert all(math.isfinite(h["reward"]) for h in recorder.history)
