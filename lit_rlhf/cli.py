@@ -15,6 +15,7 @@ import sys
 import warnings
 from importlib import resources
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -24,6 +25,16 @@ from lit_rlhf.data import DialogSumDataModule
 from lit_rlhf.module import PPOModule
 
 SUBCOMMANDS_WITH_DEFAULT = ("fit", "validate", "test")
+DESCRIPTION = (
+    "lit-rlhf: RLHF fine-tuning of Hugging Face language models with PPO (LoRA + value head) against a reward "
+    "model, as a Lightning module. `lit-rlhf fit` alone runs the embedded offline default; "
+    "`lit-rlhf fit --config configs/detox_flan_t5.yaml` the FLAN-T5 detoxification recipe; "
+    "`lit-rlhf fit --help` lists every setting."
+)
+
+# The settings dataclasses (lora, generation, ppo) document each field in a docstring under it: show those
+# in --help too.
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 # PPOModule steps the optimizer on purpose inside training_step, so a checkpoint after the step is wanted.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
@@ -80,7 +91,11 @@ def with_default_config(args: list[str]) -> list[str]:
 
 def run(args: list[str] | None = None) -> LitRLHFCLI:
     """Parse ``args`` (default: the command line), run the subcommand and return the CLI object."""
-    args = with_default_config(list(sys.argv[1:] if args is None else args))
+    if args is None:
+        # from the command line: LightningCLI reads sys.argv itself (and warns when given both)
+        sys.argv[1:] = with_default_config(sys.argv[1:])
+    else:
+        args = with_default_config(list(args))
     cli = LitRLHFCLI(
         PPOModule,
         DialogSumDataModule,
@@ -88,6 +103,7 @@ def run(args: list[str] | None = None) -> LitRLHFCLI:
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"default_root_dir": "logs"},
+        parser_kwargs={"description": DESCRIPTION},
     )
     destroy_process_group()
     return cli
