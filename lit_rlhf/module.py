@@ -719,6 +719,7 @@ def export_atomically(policy: Policy, target: Path, state_dict: dict[str, Tensor
             policy.save_adapter(tmp)
         else:
             policy.save_adapter(tmp, state_dict=state_dict)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; give it the usual permissions
         if target.exists():
             old = target.with_name(target.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
@@ -729,6 +730,12 @@ def export_atomically(policy: Policy, target: Path, state_dict: dict[str, Tensor
             os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def validate_settings(
