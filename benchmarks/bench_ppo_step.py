@@ -1,0 +1,1233 @@
+"""Benchmark: one PPO step's speed and memory for lit_rlhf (default and fast_rollout), TRL 0.11.4 (batched
+and the recipe's loop), a hand-written bare-PyTorch floor, and the FLOP limit of the step on this machine.
+
+    python benchmarks/bench_ppo_step.py                       # workload A and B, all systems
+    python benchmarks/bench_ppo_step.py --workload A --steps 3 --threads 1 --profile
+    python benchmarks/bench_ppo_step.py --tiny --systems lit_rlhf,floor   # smoke test, seconds
+
+Model: the flan-t5-base architecture built from its config with random weights (untied lm_head, 247,577,856
+parameters) plus a LoRA adapter (r 32, alpha 32, dropout 0.05 on q and v: 3,538,944) and a value head (769),
+saved once with ``save_pretrained`` into the cache folder so that every system loads the same weights from a
+local path. Rollout batch 16, mini-batch 4, 1 PPO epoch, AdamW lr 1.41e-5, fp32, sampling top_k 0 / top_p 1.
+
+Workloads (prompts and response lengths are made once by the parent process and saved to a file that every
+system reads, so all systems get the same prompts, in the same order, with the same lengths):
+
+* A: prompts of exactly 200 tokens, exactly 32 new tokens per response.
+* B: the recipe's DialogSum prompts (200 < chars <= 1000, its template), tokenized by a 32128-entry tokenizer
+  trained on the bundled train split; response lengths drawn per sample from [100, 400) with one seed.
+* Warm-up steps (``--warmup``, not measured) use the same kind of prompts with 32 new tokens per response.
+
+In both, end-of-sequence is blocked until each row's own length (min = max new tokens), so every system
+generates exactly the same number of tokens.
+
+Each system runs in its own process (TRL in its own virtual environment, ``benchmarks/.venv-trl``, built on
+demand). The first ``--warmup`` steps are not measured; the report gives medians over ``--steps`` steps.
+See benchmarks/README.md for what each system does and how lengths are forced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DEFAULT_CACHE = HERE / ".cache"
+TRL_VENV = HERE / ".venv-trl"
+TRL_PINS = ["trl==0.11.4", "transformers==5.24.0", "peft==0.21.2", "accelerate==1.15.0"]
+TORCH_PIN = "torch==2.13.0"
+
+SYSTEMS = ("lit_rlhf", "lit_rlhf_fast", "trl_batched", "trl_loop", "floor")
+LIT_SYSTEMS = ("lit_rlhf", "lit_rlhf_fast")
+SYSTEM_LABELS = {
+    "lit_rlhf": "lit_rlhf PPOModule",
+    "lit_rlhf_fast": "lit_rlhf PPOModule fast_rollout",
+    "trl_batched": "TRL 0.11.4 batched generate",
+    "trl_loop": "TRL 0.11.4 recipe loop",
+    "floor": "bare PyTorch floor",
+    "flop_limit": "FLOP limit",
+}
+PHASES = ("generate", "reward", "forward", "advantages", "update", "other")
+LIT_PHASES = {  # lit_rlhf's module.timings keys -> report phases
+    "time/ppo/generate": "generate",
+    "time/ppo/reward": "reward",
+    "time/ppo/forward": "forward",
+    "time/ppo/advantages": "advantages",
+    "time/ppo/update": "update",
+}
+
+
+# ---------------------------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """The T5 architecture under test."""
+
+    name: str
+    vocab_size: int
+    d_model: int
+    d_ff: int
+    num_layers: int
+    num_heads: int
+    d_kv: int
+
+    @property
+    def inner(self) -> int:  # attention width h * d_kv
+        return self.num_heads * self.d_kv
+
+
+FLAN_T5_BASE = ModelSize("flan-t5-base", 32128, 768, 2048, 12, 12, 64)
+TINY_T5 = ModelSize("tiny-t5", 2000, 64, 256, 2, 4, 16)  # lit_rlhf.tiny.build_tiny_t5's defaults
+FLAN_T5_BASE_PARAMETERS = 247_577_856
+LORA_PARAMETERS = 3_538_944  # 72 adapted Linear layers (q, v of enc self, dec self, dec cross) x 2 x 768 x 32
+VALUE_HEAD_PARAMETERS = 769
+
+
+@dataclass(frozen=True)
+class PPOShape:
+    """What one PPO step does, the same for every system."""
+
+    rollout_batch: int = 16
+    mini_batch: int = 4
+    ppo_epochs: int = 1
+    learning_rate: float = 1.41e-5
+    lora_r: int = 32
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("q", "v")
+    vf_coef: float = 0.1
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    kl_coef: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+
+
+PPO = PPOShape()
+WORKLOAD_A_PROMPT_TOKENS = 200
+# New tokens per response, [low, high) as the recipe's LengthSampler and lit_rlhf's max_new_tokens; --tiny
+# shortens them so that the smoke run takes seconds.
+NEW_TOKENS = {"A": (32, 33), "B": (100, 400)}
+NEW_TOKENS_TINY = {"A": (8, 9), "B": (8, 24)}
+# Warm-up steps (not measured) generate this many tokens per response: a full-length workload-B warm-up would
+# cost as much as a measured step. The measured steps' draws start from the seed, whatever the warm-up.
+WARMUP_NEW_TOKENS = 32
+WARMUP_NEW_TOKENS_TINY = 8
+LENGTH_SEED = 0
+DATA_SEED = 0
+
+
+# ---------------------------------------------------------------------------------------------- small utilities
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def vm_kib(field_name: str) -> int:
+    """A field of /proc/self/status in KiB (VmRSS, VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise KeyError(field_name)
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0). False if the kernel refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class MemoryWatch:
+    """Peak RSS of the setup (model loading) and of the steps, from /proc/self/status VmHWM."""
+
+    def __init__(self) -> None:
+        self.setup_peak_kib = 0
+        self.steps_peak_kib = 0
+        self.reset_ok = False
+        self.rss_after_setup_kib = 0
+
+    def start_steps(self) -> None:
+        self.setup_peak_kib = vm_kib("VmHWM")
+        self.rss_after_setup_kib = vm_kib("VmRSS")
+        self.reset_ok = reset_peak_rss()
+
+    def end_steps(self) -> None:
+        self.steps_peak_kib = vm_kib("VmHWM")
+
+    def report(self) -> dict[str, Any]:
+        mib = 1 / 1024
+        return {
+            "rss_after_setup_mib": self.rss_after_setup_kib * mib,
+            "setup_peak_mib": self.setup_peak_kib * mib,
+            # without the reset, VmHWM after the steps is the whole process's peak
+            "steps_peak_mib": self.steps_peak_kib * mib if self.reset_ok else float("nan"),
+            "process_peak_mib": max(self.setup_peak_kib, self.steps_peak_kib) * mib,
+            "peak_reset_ok": self.reset_ok,
+        }
+
+
+@contextmanager
+def timed(store: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    store[name] = store.get(name, 0.0) + time.perf_counter() - start
+
+
+def gemm_rate(threads: int, n: int = 2048, repeats: int = 20) -> float:
+    """Best fp32 GEMM rate (FLOP/s) of an n x n matmul on ``threads`` threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+# ---------------------------------------------------------------------------------------------- rewards (every system)
+
+
+def stub_scores(responses: list[str], cost_s: float) -> "torch.Tensor":
+    """Deterministic pseudo-scores in [-0.5, 0.5) at a fixed cost (``cost_s`` seconds of sleep, default 0)."""
+    import torch
+
+    if cost_s > 0:
+        time.sleep(cost_s)
+    return torch.tensor([(sum(map(ord, r)) % 1000) / 1000 - 0.5 for r in responses], dtype=torch.float32)
+
+
+class ClassifierScorer:
+    """The recipe's reward shape: a RoBERTa-base-sized classifier (random weights, built from its config) reading
+    prompt + response, batch 16, the ``nothate`` logit (label 0). Texts are truncated to 512 tokens."""
+
+    def __init__(self, path: str) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path).eval().requires_grad_(False)
+        self.torch = torch
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> "torch.Tensor":
+        texts = [p + r for p, r in zip(prompts, responses)]  # the recipe's query + response
+        with self.torch.inference_mode():
+            enc = self.tokenizer(texts, padding=True, truncation=True, max_length=512, return_tensors="pt")
+            return self.model(**enc).logits[:, 0].float().clone()
+
+
+def make_scorer(args: argparse.Namespace) -> Callable[[list[str], list[str]], "torch.Tensor"]:
+    if args.reward == "classifier":
+        return ClassifierScorer(args.classifier_dir)
+    return lambda prompts, responses: stub_scores(responses, args.reward_cost_s)
+
+
+# ---------------------------------------------------------------------------------------------- model and data (parent)
+
+
+def t5_config(size: ModelSize, tokenizer) -> "T5Config":
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=size.vocab_size, d_model=size.d_model, d_ff=size.d_ff, d_kv=size.d_kv,
+        num_layers=size.num_layers, num_decoder_layers=size.num_layers, num_heads=size.num_heads,
+        relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.1,
+        layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu",
+        # FLAN-T5's config says False; transformers 5 reads it as "do not scale decoder outputs" and still ties
+        # lm_head to the embedding when building from a config: lm_head is untied below.
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_model_dir(cache: Path, tiny: bool) -> Path:
+    """The model every system loads (built once, then reused): weights, config and tokenizer."""
+    if tiny:
+        from lit_rlhf.tiny import build_tiny_t5
+
+        return Path(build_tiny_t5(str(cache / "tiny-t5")))
+    path = cache / "flan-t5-base-random"
+    if (path / "bench_build.json").exists():
+        return path
+    import torch
+    from transformers import GenerationConfig, T5ForConditionalGeneration
+
+    from lit_rlhf.tiny import build_tokenizer
+
+    start = time.perf_counter()
+    tokenizer = build_tokenizer(FLAN_T5_BASE.vocab_size, "t5")
+    tokenizer_s = time.perf_counter() - start
+    log(f"trained the {len(tokenizer)}-entry tokenizer on the bundled DialogSum train split in {tokenizer_s:.1f} s")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = T5ForConditionalGeneration(t5_config(FLAN_T5_BASE, tokenizer))
+        model.lm_head.weight = torch.nn.Parameter(torch.randn(len(tokenizer), FLAN_T5_BASE.d_model) * FLAN_T5_BASE.d_model**-0.5)
+    count = sum(p.numel() for p in model.parameters())
+    if count != FLAN_T5_BASE_PARAMETERS:
+        raise RuntimeError(f"built {count:,} parameters, expected flan-t5-base's {FLAN_T5_BASE_PARAMETERS:,}")
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "bench_build.json").write_text(json.dumps({"parameters": count, "tokenizer_train_s": tokenizer_s}))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    return path
+
+
+def build_classifier_dir(cache: Path, model_dir: Path, tiny: bool) -> Path:
+    """A RoBERTa-base-sized sequence classifier (labels nothate / hate) from its config, random weights, with the
+    policy's tokenizer (the classifier's cost is in its layers, not in which tokenizer feeds it)."""
+    path = cache / ("roberta-tiny-classifier" if tiny else "roberta-base-classifier-random")
+    if (path / "config.json").exists():
+        return path
+    import torch
+    from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64) if tiny else {}
+    config = RobertaConfig(
+        vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, pad_token_id=tokenizer.pad_token_id,
+        id2label={0: "nothate", 1: "hate"}, label2id={"nothate": 0, "hate": 1}, **sizes,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = RobertaForSequenceClassification(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def quantiles(values: list[int]) -> dict[str, float]:
+    ordered = sorted(values)
+
+    def q(p: float) -> float:
+        return float(ordered[min(len(ordered) - 1, int(round(p * (len(ordered) - 1))))])
+
+    return {"n": len(ordered), "min": ordered[0], "p10": q(0.1), "p50": q(0.5), "p90": q(0.9),
+            "max": ordered[-1], "mean": sum(ordered) / len(ordered)}
+
+
+def build_workload(name: str, model_dir: Path, cache: Path, n_batches: int, tiny: bool, warmup: int,
+                   profile_batch: bool = False) -> dict[str, Any]:
+    """Prompts and per-sample response lengths of ``n_batches`` PPO steps, saved for every system to read.
+
+    A: DialogSum prompts (recipe template) truncated by the data module to 200 tokens, keeping those that
+       have exactly 200 (shuffled with seed 0); 32 new tokens each.
+    B: the recipe's prompts from lit_rlhf's DialogSumDataModule (its filter, template, shuffle with seed 0).
+    Lengths are drawn per sample with ``torch.randint(low, high, (16,), generator=Generator().manual_seed(0))``,
+    one draw per measured step in order ([32, 33) always draws 32); the ``warmup`` first batches get
+    WARMUP_NEW_TOKENS per response.
+    """
+    import torch
+
+    import datasets
+
+    from lit_rlhf.data import DialogSumDataModule
+
+    datasets.disable_progress_bars()
+    batch = PPO.rollout_batch
+    if name == "A":
+        dm = DialogSumDataModule(
+            model_name=str(model_dir), min_chars=0, max_chars=10**9, max_prompt_tokens=WORKLOAD_A_PROMPT_TOKENS,
+            batch_size=batch, shuffle=True, seed=DATA_SEED,
+        )
+        dm.setup("fit")
+        rows = [r for r in dm.train_set if len(r["input_ids"]) == WORKLOAD_A_PROMPT_TOKENS]
+        if len(rows) < batch * n_batches:
+            raise RuntimeError(f"only {len(rows)} prompts have {WORKLOAD_A_PROMPT_TOKENS} tokens")
+        gen = torch.Generator().manual_seed(DATA_SEED)
+        order = torch.randperm(len(rows), generator=gen)[: batch * n_batches].tolist()
+        collate = dm.collator
+        batches = [collate([rows[i] for i in order[k * batch : (k + 1) * batch]]) for k in range(n_batches)]
+        all_lengths = [WORKLOAD_A_PROMPT_TOKENS] * len(rows)
+    else:
+        dm = DialogSumDataModule(model_name=str(model_dir), batch_size=batch, shuffle=True, seed=DATA_SEED)
+        dm.setup("fit")
+        loader = iter(dm.train_dataloader())
+        batches = [next(loader) for _ in range(n_batches)]
+        all_lengths = [len(ids) for ids in dm.train_set["input_ids"]]
+    low, high = (NEW_TOKENS_TINY if tiny else NEW_TOKENS)[name]
+    warmup_tokens = WARMUP_NEW_TOKENS_TINY if tiny else WARMUP_NEW_TOKENS
+    gen = torch.Generator().manual_seed(LENGTH_SEED)
+    for k, b in enumerate(batches):
+        if k < warmup:
+            b["lengths"] = torch.full((batch,), warmup_tokens, dtype=torch.long)
+        else:
+            b["lengths"] = torch.randint(low, high, (batch,), generator=gen)
+    used = [int(n) for b in batches for n in b["attention_mask"].sum(1)]
+    work = {
+        "name": name,
+        "batches": [{k: b[k] for k in ("input_ids", "attention_mask", "query", "lengths")} for b in batches],
+        "prompt_tokens_all": quantiles(all_lengths),
+        "prompt_tokens_used": quantiles(used),
+        "new_tokens_used": quantiles([int(n) for b in batches for n in b["lengths"]]),
+        "tiny": tiny,
+        "new_tokens": (low, high),
+        "profile_batch": profile_batch,  # the last batch is an extra, unmeasured step (profiled)
+    }
+    path = cache / f"workload_{name}{'_tiny' if tiny else ''}_{warmup}+{n_batches - warmup}{'_p' if profile_batch else ''}.pt"
+    torch.save(work, path)
+    work["path"] = str(path)
+    return work
+
+
+# ---------------------------------------------------------------------------------------------- FLOP limit
+
+
+def forward_flops(size: ModelSize, prompt: int, response: int, lora_r: int) -> dict[str, float]:
+    """Matmul FLOPs (2 m n k) of one teacher-forced forward of one sequence: encoder over ``prompt`` tokens,
+    decoder over ``response`` tokens (causal self-attention counted as the lower triangle), lm_head, value head.
+    LoRA on q and v of every attention. Returns the total and the LoRA weights' share (for their gradient)."""
+    d, f, a, L, V = size.d_model, size.d_ff, size.inner, size.num_layers, size.vocab_size
+    P, T = prompt, response
+    lora = 2 * (d * lora_r + lora_r * a)  # per token per adapted projection
+    enc = L * (P * (4 * 2 * d * a + 3 * 2 * d * f + 2 * lora) + 2 * 2 * P * P * a)
+    dec_self = L * (T * (4 * 2 * d * a + 2 * lora) + 2 * 2 * a * T * (T + 1) / 2)
+    dec_cross = L * (T * 2 * 2 * d * a + P * 2 * 2 * d * a + 2 * 2 * T * P * a + (T + P) * lora)
+    dec_ffn = L * T * 3 * 2 * d * f
+    head = T * 2 * d * V + T * 2 * d
+    lora_total = L * (P * 2 * lora + T * 2 * lora + (T + P) * lora)
+    return {"total": enc + dec_self + dec_cross + dec_ffn + head, "lora": lora_total}
+
+
+def step_flops(size: ModelSize, prompts: list[int], responses: list[int], lora_r: int) -> dict[str, float]:
+    """Least matmul work of one PPO step: generation = one forward (KV cache: every token once), reference = one
+    forward, update = two forwards (activation gradients through the frozen weights; no weight gradients for
+    them) plus the LoRA weight gradients."""
+    fwd = [forward_flops(size, p, t, lora_r) for p, t in zip(prompts, responses)]
+    one = sum(x["total"] for x in fwd)
+    lora = sum(x["lora"] for x in fwd)
+    return {"generate": one, "forward": one, "update": 2 * one + lora}
+
+
+# ---------------------------------------------------------------------------------------------- workers
+
+
+def load_work(path: str) -> dict[str, Any]:
+    import torch
+
+    return torch.load(path, weights_only=False)
+
+
+def step_record(phases: dict[str, float], total: float, tokens: int) -> dict[str, Any]:
+    rec = {p: float(phases.get(p, 0.0)) for p in PHASES if p != "other"}
+    rec["other"] = max(0.0, total - sum(rec.values()))
+    rec["total"] = total
+    rec["tokens"] = tokens
+    return rec
+
+
+def write_profile(prof, path: str, title: str) -> None:
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+    Path(path).write_text(f"# {title}\n\n{table}\n")
+
+
+def worker_lit_rlhf(args: argparse.Namespace, work: dict[str, Any], out: dict[str, Any]) -> None:
+    """lit_rlhf's real PPOModule.training_step, run by a minimal Lightning Trainer fit over the workload's
+    batches; ``lit_rlhf_fast`` sets ``fast_rollout=True`` (lit_rlhf's cached sampling loop, old log-probs and
+    values from sampling). Response lengths: GenerationSettings(min_new_tokens >= every length) blocks
+    end-of-sequence, and the module's per-sample length draw (``_response_length_limits``, a draw from
+    ``max_new_tokens`` = [low, high)) is replaced on the instance by the batch's shared lengths. A wrapper
+    around ``policy.decode`` records the lengths really generated; each step checks them."""
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader
+
+    from lit_rlhf.module import PPOModule, PPOSettings
+    from lit_rlhf.policy import GenerationSettings, LoraSettings
+    from lit_rlhf.rewards import Reward
+
+    scorer = make_scorer(args)
+
+    class BenchReward(Reward):
+        def compute(self, prompts, responses, references):
+            return scorer(prompts, responses)
+
+    batches = work["batches"]
+    n = len(batches)
+    low, high = work["new_tokens"]
+    # min_new_tokens >= every draw blocks end-of-sequence until each row's own limit, where it stops
+    generation = GenerationSettings(min_new_tokens=high - 1, max_new_tokens=(low, high), top_k=0, top_p=1.0)
+    module = PPOModule(
+        model_name=args.model_dir, reward=BenchReward(),
+        lora=LoraSettings(r=PPO.lora_r, alpha=PPO.lora_alpha, dropout=PPO.lora_dropout, target_modules=list(PPO.lora_targets)),
+        generation=generation, ppo=PPOSettings(ppo_epochs=PPO.ppo_epochs), ppo_steps=n,
+        learning_rate=PPO.learning_rate, rollout_batch_size=PPO.rollout_batch, mini_batch_size=PPO.mini_batch,
+        seed=LENGTH_SEED, log_samples_every=0, export_adapter=False, fast_rollout=args.system == "lit_rlhf_fast",
+    )
+    counts = module.policy.parameter_counts()
+    out["parameters"] = {"all_with_value_head": counts["all parameters with value head"],
+                         "trainable_with_value_head": counts["trainable parameters with value head"]}
+
+    generated_lengths: list[torch.Tensor] = []
+    current_lengths: list[torch.Tensor] = []
+    module._response_length_limits = lambda batch_size: current_lengths[-1].clone()
+    real_decode = module.policy.decode
+
+    def recording_decode(response_ids, response_mask):  # observes the rollout's lengths, changes nothing
+        generated_lengths.append(response_mask.sum(1).cpu())
+        return real_decode(response_ids, response_mask)
+
+    module.policy.decode = recording_decode
+    memory = MemoryWatch()
+    steps: list[dict[str, Any]] = []
+    # an extra last batch, when the workload has one, is profiled (or just run, without --profile-out)
+    profile_at = n - 1 if work["profile_batch"] else None
+
+    class StepTimer(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            memory.start_steps()
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            current_lengths.append(batch["lengths"])
+            if batch_idx == profile_at:
+                memory.end_steps()  # the profiled step is not a measured one
+                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                self.prof.__enter__()
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            total = time.perf_counter() - self.start
+            if batch_idx == profile_at:
+                self.prof.__exit__(None, None, None)
+                if args.profile_out:
+                    write_profile(self.prof, args.profile_out, f"lit_rlhf PPOModule.training_step, workload {work['name']}")
+                out["profiled_step"] = step_record({LIT_PHASES[k]: v for k, v in pl_module.timings.items()}, total, 0)
+                return
+            lengths = generated_lengths[-1]
+            expected = batch["lengths"]
+            if not torch.equal(lengths, expected):
+                raise RuntimeError(f"lit_rlhf generated lengths {lengths.tolist()}, expected {expected.tolist()}")
+            phases = {LIT_PHASES[k]: v for k, v in pl_module.timings.items()}
+            steps.append(step_record(phases, total, int(lengths.sum())))
+            log(f"[{args.system}] step {batch_idx}: {total:.2f} s " + " ".join(f"{k}={v:.2f}" for k, v in phases.items()))
+
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        callbacks=[StepTimer()],
+    )
+    loader = DataLoader(batches, batch_size=None, shuffle=False)
+    trainer.fit(module, loader)
+    if profile_at is None:
+        memory.end_steps()
+    out["steps"] = steps
+    out["memory"] = memory.report()
+
+
+def trl_models(args: argparse.Namespace, ref_copy: bool):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSeq2SeqLM
+    from trl import AutoModelForSeq2SeqLMWithValueHead, create_reference_model
+
+    base = AutoModelForSeq2SeqLM.from_pretrained(args.model_dir, dtype=torch.float32)
+    lora = LoraConfig(r=PPO.lora_r, lora_alpha=PPO.lora_alpha, target_modules=list(PPO.lora_targets),
+                      lora_dropout=PPO.lora_dropout, bias="none", task_type="SEQ_2_SEQ_LM")
+    peft_model = get_peft_model(base, lora)
+    ppo_model = AutoModelForSeq2SeqLMWithValueHead.from_pretrained(peft_model, torch_dtype=torch.float32, is_trainable=True)
+    # The recipe makes a full reference copy; TRL then ignores it for a PEFT policy (it disables the adapter
+    # instead) but keeps it in memory. --trl-ref adapter passes None, as TRL's docs advise for PEFT.
+    ref_model = create_reference_model(ppo_model) if ref_copy else None
+    return ppo_model, ref_model
+
+
+def worker_trl(args: argparse.Namespace, work: dict[str, Any], out: dict[str, Any], batched: bool) -> None:
+    """TRL 0.11.4's PPOTrainer as the FLAN-T5 detoxification recipe sets it up (LoRA policy wrapped in
+    AutoModelForSeq2SeqLMWithValueHead, reference copy, batch 16, mini-batch 4, 1 epoch), with either one batched
+    generate of all 16 prompts or the recipe's loop of one generate per prompt.
+
+    Lengths: the loop gives each prompt min_new_tokens = max_new_tokens = its length. TRL's batched generate has
+    one length per call, so it generates max(lengths) for every row (end-of-sequence blocked) and each response
+    is cut to its own length, as a user of TRL would have to."""
+    import torch
+    from transformers import AutoTokenizer
+    from trl import PPOConfig, PPOTrainer
+
+    scorer = make_scorer(args)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    ppo_model, ref_model = trl_models(args, ref_copy=args.trl_ref == "copy")
+    config = PPOConfig(model_name=args.model_dir, learning_rate=PPO.learning_rate, ppo_epochs=PPO.ppo_epochs,
+                       mini_batch_size=PPO.mini_batch, batch_size=PPO.rollout_batch, seed=0)
+    trainer = PPOTrainer(config=config, model=ppo_model, ref_model=ref_model, tokenizer=tokenizer)
+    trainable = sum(p.numel() for p in ppo_model.parameters() if p.requires_grad)
+    out["parameters"] = {"all_with_value_head": sum(p.numel() for p in ppo_model.parameters()),
+                         "trainable_with_value_head": trainable}
+    sampling = {"do_sample": True, "top_k": 0, "top_p": 1.0}
+    memory = MemoryWatch()
+    memory.start_steps()
+    steps = []
+    batches = work["batches"][:-1] if work["profile_batch"] else work["batches"]
+    for index, batch in enumerate(batches):
+        queries = [ids[m.bool()] for ids, m in zip(batch["input_ids"], batch["attention_mask"])]
+        lengths = [int(n) for n in batch["lengths"]]
+        phases: dict[str, float] = {}
+        start = time.perf_counter()
+        with timed(phases, "generate"):
+            if batched:
+                top = max(lengths)
+                outputs = trainer.generate(queries, batch_size=len(queries), return_prompt=False,
+                                           min_new_tokens=top, max_new_tokens=top, **sampling)
+                # seq2seq outputs start with the decoder start token
+                responses = [o[1 : 1 + n] for o, n in zip(outputs, lengths)]
+            else:
+                responses = []
+                for query, n in zip(queries, lengths):
+                    summary = trainer.generate(query, min_new_tokens=n, max_new_tokens=n, **sampling)
+                    responses.append(summary.squeeze()[-n:])
+        if [len(r) for r in responses] != lengths:
+            raise RuntimeError(f"TRL generated {[len(r) for r in responses]} tokens, expected {lengths}")
+        with timed(phases, "reward"):
+            texts = [tokenizer.decode(r) for r in responses]
+            scores = scorer(batch["query"], texts)
+        stats = trainer.step(queries, responses, list(scores))
+        total = time.perf_counter() - start
+        phases["forward"] = stats["time/ppo/forward_pass"]
+        phases["advantages"] = stats["time/ppo/compute_rewards"] + stats["time/ppo/compute_advantages"]
+        phases["update"] = stats["time/ppo/optimize_step"]
+        rec = step_record(phases, total, sum(lengths))
+        if index >= args.warmup:
+            steps.append(rec)
+        log(f"[trl {'batched' if batched else 'loop'}] step {index}: {total:.2f} s "
+            + " ".join(f"{k}={v:.2f}" for k, v in phases.items()))
+    memory.end_steps()
+    out["steps"] = steps
+    out["memory"] = memory.report()
+
+
+class Floor:
+    """The least work of one PPO step in bare PyTorch on the same weights (transformers' T5 blocks + peft LoRA):
+    one encoder pass and a KV-cached decode loop (eval mode) that keeps each sampled token's log-prob and value
+    and drops every row from the batch once it has its length; one reference forward per length-sorted group
+    with the adapter disabled; one forward + backward + AdamW step per mini-batch (eval mode: no dropout)."""
+
+    def __init__(self, model_dir: str, size_d_model: int) -> None:
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        base = AutoModelForSeq2SeqLM.from_pretrained(model_dir, dtype=torch.float32)
+        lora = LoraConfig(r=PPO.lora_r, lora_alpha=PPO.lora_alpha, target_modules=list(PPO.lora_targets),
+                          lora_dropout=PPO.lora_dropout, bias="none", task_type="SEQ_2_SEQ_LM")
+        self.peft = get_peft_model(base, lora).eval()
+        self.t5 = self.peft.base_model.model  # T5ForConditionalGeneration with LoRA layers inside
+        self.value_head = torch.nn.Linear(self.t5.config.d_model, 1)
+        params = [p for p in self.peft.parameters() if p.requires_grad] + list(self.value_head.parameters())
+        self.params = params
+        self.opt = torch.optim.AdamW(params, lr=PPO.learning_rate, weight_decay=0.0)
+        self.start_id = self.t5.config.decoder_start_token_id
+        self.eos_id = self.t5.config.eos_token_id
+        self.scale = self.t5.model_dim**-0.5 if self.t5.config.scale_decoder_outputs else 1.0
+        self.generator = torch.Generator().manual_seed(0)
+        self.first_ratio_error = None
+
+    def parameter_count(self) -> dict[str, int]:
+        all_ = sum(p.numel() for p in self.peft.parameters()) + sum(p.numel() for p in self.value_head.parameters())
+        return {"all_with_value_head": all_, "trainable_with_value_head": sum(p.numel() for p in self.params)}
+
+    def rollout(self, ids, mask, lengths):
+        """Sampled tokens, their log-probs and values: [B, T] each (right-padded), in the input row order."""
+        torch = self.torch
+        B, T = len(lengths), int(lengths.max())
+        order = torch.argsort(lengths, descending=True, stable=True)  # finished rows leave from the end
+        ids, mask, lens = ids[order], mask[order], lengths[order]
+        width = int(mask.sum(1).max())
+        ids, mask = ids[:, :width], mask[:, :width]
+        tokens = torch.zeros(B, T, dtype=torch.long)
+        logps, values = torch.zeros(B, T), torch.zeros(B, T)
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        with torch.no_grad():
+            enc = self.t5.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, P, d]
+            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+            x = torch.full((B, 1), self.start_id, dtype=torch.long)
+            alive = B
+            for t in range(T):
+                n = int((lens > t).sum())
+                if n < alive:  # rows that have their length leave the batch (and the KV cache)
+                    cache.batch_select_indices(torch.arange(n))
+                    enc, mask, x, alive = enc[:n], mask[:n], x[:n], n
+                h = self.t5.decoder(input_ids=x, encoder_hidden_states=enc, encoder_attention_mask=mask,
+                                    cache=cache, use_cache=True).last_hidden_state[:, -1]  # [n, d]
+                logits = self.t5.lm_head(h * self.scale).float()  # [n, V]
+                logp = torch.log_softmax(logits, -1)
+                probs = logp.exp()
+                probs[:, self.eos_id] = 0.0  # end-of-sequence blocked until the row's length (min = max)
+                tok = torch.multinomial(probs, 1, generator=self.generator)  # top_k 0, top_p 1: plain sampling
+                tokens[:n, t] = tok[:, 0]
+                logps[:n, t] = logp.gather(1, tok)[:, 0]
+                values[:n, t] = self.value_head(h)[:, 0]
+                x = tok
+        unsort = torch.empty_like(order)
+        unsort[order] = torch.arange(B)
+        return tokens[unsort], logps[unsort], values[unsort]
+
+    def teacher_forced(self, q, qm, r, rm, with_values: bool):
+        """Log-probs [b, t] (and values) of response tokens r given queries q, one forward pass."""
+        torch = self.torch
+        start = torch.full_like(r[:, :1], self.start_id)
+        dec_in = torch.cat([start, r[:, :-1]], 1)
+        dec_mask = torch.cat([torch.ones_like(start), rm[:, :-1]], 1)
+        enc = self.t5.encoder(input_ids=q, attention_mask=qm).last_hidden_state
+        h = self.t5.decoder(input_ids=dec_in, attention_mask=dec_mask, encoder_hidden_states=enc,
+                            encoder_attention_mask=qm, use_cache=False).last_hidden_state  # [b, t, d]
+        logits = self.t5.lm_head(h * self.scale)
+        logp = logits.gather(-1, r[..., None])[..., 0] - logits.logsumexp(-1)
+        return logp, (self.value_head(h)[..., 0] if with_values else None)
+
+    @staticmethod
+    def groups(lengths, size: int):
+        import torch
+
+        order = torch.argsort(lengths, stable=True)
+        return list(order.split(size))
+
+    def trim(self, ids, mask, resp, rmask, idx):
+        q, qm, r, rm = ids[idx], mask[idx], resp[idx], rmask[idx]
+        width, t = int(qm.sum(1).max()), int(rm.sum(1).max())
+        return q[:, :width], qm[:, :width], r[:, :t], rm[:, :t]
+
+    def advantages(self, scores, logps, ref_logps, values, rmask):
+        torch = self.torch
+        rewards = -PPO.kl_coef * (logps - ref_logps) * rmask
+        last = rmask.sum(1).long() - 1
+        rewards[torch.arange(len(scores)), last] += scores
+        adv = torch.zeros_like(rewards)
+        gae = torch.zeros(len(scores))
+        T = rewards.shape[1]
+        for t in reversed(range(T)):
+            next_v = values[:, t + 1] * rmask[:, t + 1] if t + 1 < T else torch.zeros(len(scores))
+            delta = rewards[:, t] + PPO.gamma * next_v - values[:, t]
+            gae = (delta + PPO.gamma * PPO.lam * gae) * rmask[:, t]
+            adv[:, t] = gae
+        returns = adv + values
+        n = rmask.sum()
+        mean = (adv * rmask).sum() / n
+        var = (((adv - mean) * rmask) ** 2).sum() / (n - 1)
+        return (adv - mean) * torch.rsqrt(var + 1e-8) * rmask, returns
+
+    def update(self, ids, mask, resp, rmask, old_logps, old_values, adv, returns, groups) -> None:
+        torch = self.torch
+        for k in torch.randperm(len(groups), generator=self.generator).tolist():
+            idx = groups[k]
+            q, qm, r, rm = self.trim(ids, mask, resp, rmask, idx)
+            t = r.shape[1]
+            logp, v = self.teacher_forced(q, qm, r, rm, with_values=True)
+            old_lp, old_v, a, ret = old_logps[idx, :t], old_values[idx, :t], adv[idx, :t], returns[idx, :t]
+            ratio = torch.exp(logp - old_lp)
+            if self.first_ratio_error is None:
+                self.first_ratio_error = float(((ratio - 1).abs() * rm).max())
+            n = rm.sum()
+            pg = (torch.max(-a * ratio, -a * ratio.clamp(1 - PPO.cliprange, 1 + PPO.cliprange)) * rm).sum() / n
+            v_clip = old_v + (v - old_v).clamp(-PPO.cliprange_value, PPO.cliprange_value)
+            vf = 0.5 * (torch.max((v - ret) ** 2, (v_clip - ret) ** 2) * rm).sum() / n
+            loss = pg + PPO.vf_coef * vf
+            loss.backward()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+
+    def step(self, batch, scorer) -> tuple[dict[str, float], int]:
+        torch = self.torch
+        phases: dict[str, float] = {}
+        ids, mask, lengths = batch["input_ids"], batch["attention_mask"], batch["lengths"]
+        with timed(phases, "generate"):
+            resp, old_logps, old_values = self.rollout(ids, mask, lengths)
+            rmask = (torch.arange(resp.shape[1])[None] < lengths[:, None]).long()
+        with timed(phases, "reward"):
+            texts = self.tokenizer.batch_decode(resp * rmask, skip_special_tokens=True)
+            scores = scorer(batch["query"], texts)
+        groups = self.groups(lengths, PPO.mini_batch)
+        with timed(phases, "forward"):  # the reference only: the rollout kept the policy's log-probs and values
+            ref_logps = torch.zeros_like(old_logps)
+            with torch.no_grad(), self.peft.disable_adapter():
+                for idx in groups:
+                    q, qm, r, rm = self.trim(ids, mask, resp, rmask, idx)
+                    ref_logps[idx, : r.shape[1]] = self.teacher_forced(q, qm, r, rm, with_values=False)[0]
+        with timed(phases, "advantages"):
+            adv, returns = self.advantages(scores, old_logps, ref_logps, old_values, rmask.float())
+        with timed(phases, "update"):
+            self.update(ids, mask, resp, rmask, old_logps, old_values, adv, returns, groups)
+        return phases, int(rmask.sum())
+
+
+def worker_floor(args: argparse.Namespace, work: dict[str, Any], out: dict[str, Any]) -> None:
+    import torch
+
+    scorer = make_scorer(args)
+    floor = Floor(args.model_dir, 0)
+    out["parameters"] = floor.parameter_count()
+    memory = MemoryWatch()
+    memory.start_steps()
+    steps = []
+    batches = work["batches"]
+    measured = len(batches) - (1 if work["profile_batch"] else 0)
+    for index in range(measured):
+        start = time.perf_counter()
+        phases, tokens = floor.step(batches[index], scorer)
+        total = time.perf_counter() - start
+        if index >= args.warmup:
+            steps.append(step_record(phases, total, tokens))
+        log(f"[floor] step {index}: {total:.2f} s " + " ".join(f"{k}={v:.2f}" for k, v in phases.items()))
+    memory.end_steps()
+    if work["profile_batch"] and args.profile_out:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            phases, tokens = floor.step(batches[-1], scorer)
+            total = time.perf_counter() - start
+        write_profile(prof, args.profile_out, f"bare PyTorch floor, workload {work['name']}")
+        out["profiled_step"] = step_record(phases, total, tokens)
+    out["first_minibatch_ratio_error"] = floor.first_ratio_error
+    out["steps"] = steps
+    out["memory"] = memory.report()
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    """Entry point of one system's process: runs the steps and writes JSON to ``args.out``."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    work = load_work(args.workload_file)
+    out: dict[str, Any] = {"system": args.system, "workload": work["name"], "threads": torch.get_num_threads()}
+    start = time.perf_counter()
+    if args.system in LIT_SYSTEMS:
+        worker_lit_rlhf(args, work, out)
+        out["steps"] = out["steps"][args.warmup :]
+    elif args.system == "trl_batched":
+        worker_trl(args, work, out, batched=True)
+    elif args.system == "trl_loop":
+        worker_trl(args, work, out, batched=False)
+    elif args.system == "floor":
+        worker_floor(args, work, out)
+    else:
+        raise ValueError(f"unknown system {args.system!r}")
+    out["wall_s"] = time.perf_counter() - start
+    out["gemm_gflops"] = gemm_rate(args.threads) / 1e9  # how busy the machine was around this system's steps
+    out["versions"] = library_versions()
+    Path(args.out).write_text(json.dumps(out, indent=1))
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("torch", "transformers", "peft", "accelerate", "lightning", "trl"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+# ---------------------------------------------------------------------------------------------- parent
+
+
+def trl_python(build: bool) -> Path | None:
+    """The TRL environment's python; built on demand (torch pinned first so pip cannot swap it)."""
+    python = TRL_VENV / "bin" / "python"
+    if python.exists():
+        check = subprocess.run([str(python), "-c", "import trl, torch; print(trl.__version__, torch.__version__)"],
+                               capture_output=True, text=True)
+        if check.returncode == 0:
+            return python
+        log(f"benchmarks/.venv-trl is broken ({check.stderr.strip().splitlines()[-1:]}); rebuilding")
+    if not build:
+        return None
+    log("building benchmarks/.venv-trl (torch 2.13.0, TRL 0.11.4 and its pinned dependencies) ...")
+    shutil.rmtree(TRL_VENV, ignore_errors=True)
+    commands = [
+        [sys.executable, "-m", "venv", str(TRL_VENV)],
+        [str(TRL_VENV / "bin" / "pip"), "install", "-q", TORCH_PIN],
+        [str(TRL_VENV / "bin" / "pip"), "install", "-q", *TRL_PINS, TORCH_PIN],
+    ]
+    for cmd in commands:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            log(f"could not build the TRL environment ({' '.join(cmd[-3:])}):\n{done.stderr[-2000:]}")
+            return None
+    return python
+
+
+def run_system(system: str, work: dict[str, Any], args: argparse.Namespace, python: Path, logs: Path,
+               profile: str | None) -> dict[str, Any] | None:
+    out_path = logs / f"{system}_{work['name']}.json"
+    log_path = logs / f"{system}_{work['name']}.log"
+    out_path.unlink(missing_ok=True)
+    cmd = [str(python), str(Path(__file__).resolve()), "worker", "--system", system,
+           "--workload-file", work["path"], "--model-dir", str(args.model_dir), "--out", str(out_path),
+           "--warmup", str(args.warmup), "--threads", str(args.threads), "--reward", args.reward,
+           "--reward-cost-s", str(args.reward_cost_s), "--classifier-dir", str(args.classifier_dir or ""),
+           "--trl-ref", args.trl_ref]
+    if profile:
+        cmd += ["--profile-out", profile]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1",
+               PYTHONPATH=str(REPO) if system in LIT_SYSTEMS else os.environ.get("PYTHONPATH", ""))
+    log(f"--- {SYSTEM_LABELS[system]} on workload {work['name']} (log: {log_path})")
+    start = time.perf_counter()
+    with open(log_path, "w") as f:
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+    if done.returncode != 0 or not out_path.exists():
+        tail = log_path.read_text().splitlines()[-25:]
+        log(f"{system} failed (exit {done.returncode}) after {time.perf_counter() - start:.0f} s:\n  " + "\n  ".join(tail))
+        return None
+    result = json.loads(out_path.read_text())
+    result["process_s"] = time.perf_counter() - start
+    log(f"    done in {result['process_s']:.0f} s")
+    return result
+
+
+def summarize(result: dict[str, Any]) -> dict[str, float]:
+    steps = result["steps"]
+    summary = {p: statistics.median(s[p] for s in steps) for p in (*PHASES, "total")}
+    summary["tokens"] = statistics.median(s["tokens"] for s in steps)
+    summary["tok_per_s"] = summary["tokens"] / summary["total"]
+    summary["n_steps"] = len(steps)
+    summary["all_totals"] = [round(s["total"], 2) for s in steps]
+    summary.update({k: result["memory"][k] for k in ("steps_peak_mib", "process_peak_mib")})
+    return summary
+
+
+def flop_limit(work: dict[str, Any], size: ModelSize, rate: float, warmup: int) -> dict[str, float]:
+    per_step = []
+    measured = work["batches"][warmup : len(work["batches"]) - (1 if work["profile_batch"] else 0)]
+    for b in measured:
+        prompts = [int(n) for n in b["attention_mask"].sum(1)]
+        flops = step_flops(size, prompts, [int(n) for n in b["lengths"]], PPO.lora_r)
+        per_step.append({**{k: v / rate for k, v in flops.items()}, "flops": sum(flops.values()),
+                         "tokens": int(b["lengths"].sum())})
+    summary = {p: statistics.median(s.get(p, 0.0) for s in per_step) for p in PHASES}
+    summary["total"] = statistics.median(s["generate"] + s["forward"] + s["update"] for s in per_step)
+    summary["tflop"] = statistics.median(s["flops"] for s in per_step) / 1e12
+    summary["tokens"] = statistics.median(s["tokens"] for s in per_step)
+    summary["tok_per_s"] = summary["tokens"] / summary["total"]
+    return summary
+
+
+def fmt(x: float | None, digits: int = 2) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x:.{digits}f}"
+
+
+def ratio(a: dict | None, b: dict | None, key: str = "total") -> float | None:
+    if not a or not b or not b.get(key):
+        return None
+    return a[key] / b[key]
+
+
+def workload_table(name: str, rows: dict[str, dict[str, float]]) -> str:
+    head = ("| system | s/step | generate | reward | forward | advantages | update | other | resp. tok/s "
+            "| peak RSS steps (MiB) | process peak (MiB) | ÷ TRL batched | ÷ TRL loop | ÷ floor | ÷ FLOP limit |")
+    lines = [f"### Workload {name}: seconds per PPO step (median), by phase", "", head, "|" + "---|" * 15]
+    base = {k: rows.get(k) for k in ("trl_batched", "trl_loop", "floor", "flop_limit")}
+    for system in (*SYSTEMS, "flop_limit"):
+        s = rows.get(system)
+        if s is None:
+            continue
+        cells = [SYSTEM_LABELS[system], fmt(s["total"])] + [fmt(s.get(p)) for p in PHASES]
+        cells += [fmt(s["tok_per_s"], 1), fmt(s.get("steps_peak_mib"), 0), fmt(s.get("process_peak_mib"), 0)]
+        cells += [fmt(ratio(s, base[k])) for k in ("trl_batched", "trl_loop", "floor", "flop_limit")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Ratios are this system's seconds per step ÷ the other's (below 1: faster). FLOP-limit phases: "
+              "generate = one forward, forward = the reference forward, update = two forwards."]
+    return "\n".join(lines)
+
+
+def goals(name: str, rows: dict[str, dict[str, float]]) -> list[str]:
+    """The issue's goals, checked for each lit_rlhf variant that ran."""
+
+    def check(text: str, value: float | None, ok: Callable[[float], bool]) -> str:
+        if value is None:
+            return f"  - {text}: not measured"
+        return f"  - {text}: {value:.2f} — {'met' if ok(value) else 'NOT met'}"
+
+    out = []
+    trl, loop = rows.get("trl_batched"), rows.get("trl_loop")
+    for system in LIT_SYSTEMS:
+        lit = rows.get(system)
+        if not lit:
+            continue
+        out.append(f"- {SYSTEM_LABELS[system]}, workload {name}:")
+        if name == "A":
+            out.append(check("speed-up vs TRL batched (goal ≥ 1.5)", ratio(trl, lit), lambda v: v >= 1.5))
+            out.append(check("time ÷ floor (goal ≤ 1.05)", ratio(lit, rows.get("floor")), lambda v: v <= 1.05))
+            out.append(check("fraction of the FLOP limit (goal ≥ 0.75)", ratio(rows.get("flop_limit"), lit),
+                             lambda v: v >= 0.75))
+        else:
+            out.append(check("speed-up vs TRL batched (goal ≥ 2)", ratio(trl, lit), lambda v: v >= 2))
+            out.append(check("speed-up vs TRL loop (goal ≥ 4)", ratio(loop, lit), lambda v: v >= 4))
+        out.append(check("peak RSS during steps ÷ TRL batched (goal ≤ 0.7)", ratio(lit, trl, "steps_peak_mib"),
+                         lambda v: v <= 0.7))
+        out.append(check("process peak RSS ÷ TRL batched (goal ≤ 0.7)", ratio(lit, trl, "process_peak_mib"),
+                         lambda v: v <= 0.7))
+    return out
+
+
+def cpu_flags() -> str:
+    wanted = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+    model, flags = "?", set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name") and model == "?":
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    return f"{model}; flags: {' '.join(w for w in wanted if w in flags)}"
+
+
+def run_parent(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    args.cache_dir.mkdir(parents=True, exist_ok=True)
+    logs = args.cache_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    size = TINY_T5 if args.tiny else FLAN_T5_BASE
+    args.model_dir = build_model_dir(args.cache_dir, args.tiny)
+    log(f"model: {size.name} from config, random weights, at {args.model_dir}")
+    if args.reward == "classifier":
+        args.classifier_dir = build_classifier_dir(args.cache_dir, args.model_dir, args.tiny)
+    systems = [s.strip() for s in args.systems.split(",")]
+    unknown = set(systems) - set(SYSTEMS)
+    if unknown:
+        raise SystemExit(f"--systems: unknown {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
+    python_trl = None
+    if any(s.startswith("trl") for s in systems):
+        python_trl = trl_python(build=not args.tiny)
+        if python_trl is None:
+            log("TRL systems skipped: " + ("benchmarks/.venv-trl does not exist (--tiny does not build it)"
+                                             if args.tiny else "the TRL environment could not be built"))
+            systems = [s for s in systems if not s.startswith("trl")]
+
+    sections: dict[str, dict[str, Any]] = {}
+    for name in (["A", "B"] if args.workload == "both" else [args.workload]):
+        started, load_start = time.time(), os.getloadavg()
+        rate_before = gemm_rate(args.threads)
+        log(f"fp32 GEMM rate (2048x2048, {args.threads} threads): {rate_before / 1e9:.0f} GFLOP/s; load {load_start}")
+        steps = args.steps if name == "A" or args.steps_b is None else args.steps_b
+        profile_batch = args.profile and name == "A"
+        n_batches = args.warmup + steps + (1 if profile_batch else 0)
+        work = build_workload(name, args.model_dir, args.cache_dir, n_batches, args.tiny, args.warmup,
+                              profile_batch=profile_batch)
+        log(f"workload {name}: {n_batches} batches of {PPO.rollout_batch}; prompt tokens (all candidate prompts) "
+            f"{work['prompt_tokens_all']}; prompt tokens (used) {work['prompt_tokens_used']}; new tokens "
+            f"{work['new_tokens_used']}")
+        raw = {}
+        for system in systems:
+            python = python_trl if system.startswith("trl") else Path(sys.executable)
+            profile = str(args.cache_dir / f"profile_{system}_{name}.txt") if profile_batch and system in (*LIT_SYSTEMS, "floor") else None
+            result = run_system(system, work, args, python, logs, profile)
+            if result is not None:
+                raw[system] = result
+                if profile:
+                    result["profile_table"] = Path(profile).read_text() if Path(profile).exists() else None
+        rate_after = gemm_rate(args.threads)
+        rate = max(rate_before, rate_after)
+        log(f"fp32 GEMM rate after: {rate_after / 1e9:.0f} GFLOP/s (the FLOP limit uses the best: {rate / 1e9:.0f})")
+        rows = {system: summarize(r) for system, r in raw.items()}
+        rows["flop_limit"] = flop_limit(work, size, rate, args.warmup)
+        sections[name] = {
+            "rows": rows, "raw": raw,
+            "work": {k: v for k, v in work.items() if k != "batches"},
+            "run": {"command": "python " + " ".join([os.path.relpath(__file__, REPO), *args.argv]),
+                    "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
+                    "minutes": (time.time() - started) / 60, "load_start": load_start, "load_end": os.getloadavg(),
+                    "gemm_gflops": [rate_before / 1e9, rate_after / 1e9], "threads": args.threads,
+                    "reward": args.reward, "reward_cost_s": args.reward_cost_s, "trl_ref": args.trl_ref,
+                    "warmup": args.warmup, "systems_missing": [s for s in systems if s not in raw]},
+        }
+    store = {"model": size.name, "sections": sections}
+    if args.results:
+        json_path = Path(args.results).with_suffix(".json")
+        if json_path.exists():  # keep the other workloads of an earlier run on the same model
+            old = json.loads(json_path.read_text())
+            if old.get("model") == size.name:
+                store["sections"] = {**old.get("sections", {}), **sections}
+        store["sections"] = dict(sorted(store["sections"].items()))
+        json_path.write_text(json.dumps(store, indent=1, default=str))
+    print("\n" + render_report(size, sections))
+    if args.results:
+        write_report(Path(args.results), size, store["sections"])
+    return 1 if any(sec["run"]["systems_missing"] for sec in sections.values()) else 0
+
+
+NOTES_MARKER = "<!-- notes: text from here on is kept when the report is rewritten -->"
+
+
+def write_report(path: Path, size: ModelSize, sections: dict[str, dict[str, Any]]) -> None:
+    """Write the report, keeping the hand-written notes of the previous one (from NOTES_MARKER on)."""
+    notes = ""
+    if path.exists():
+        old = path.read_text()
+        if NOTES_MARKER in old:
+            notes = old[old.index(NOTES_MARKER):]
+    path.write_text(render_report(size, sections) + "\n" + (notes or NOTES_MARKER + "\n"))
+    log(f"wrote {path} and {path.with_suffix('.json').name}")
+
+
+def rerender(args: argparse.Namespace) -> int:
+    """--render: rewrite the report from its JSON (after editing the notes or the renderer), running nothing."""
+    store = json.loads(Path(args.results).with_suffix(".json").read_text())
+    size = {s.name: s for s in (FLAN_T5_BASE, TINY_T5)}[store["model"]]
+    write_report(Path(args.results), size, store["sections"])
+    return 0
+
+
+def render_report(size: ModelSize, sections: dict[str, dict[str, Any]]) -> str:
+    versions: dict[str, str] = {}
+    for sec in sections.values():
+        for r in sec["raw"].values():
+            versions.update(r.get("versions", {}))
+    lines = [
+        "# PPO step benchmark: lit_rlhf vs TRL 0.11.4, the recipe's loop, the bare floor and the FLOP limit",
+        "",
+        "Written by `benchmarks/bench_ppo_step.py` (see benchmarks/README.md for what each system does).",
+        "",
+        f"- Machine: {platform.node()}, {os.cpu_count()} CPU cores, {cpu_flags()}. Shared with other users: "
+        "systems ran one after another, and the load average and GEMM rate of each run are given with it.",
+        f"- Versions: Python {platform.python_version()}, " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) + ".",
+        f"- Model: {size.name} architecture (d_model {size.d_model}, d_ff {size.d_ff}, {size.num_layers}+{size.num_layers} "
+        f"layers, {size.num_heads} heads, d_kv {size.d_kv}, gated-gelu, vocab {size.vocab_size}, untied lm_head), random "
+        f"weights, LoRA r {PPO.lora_r} / alpha {PPO.lora_alpha} / dropout {PPO.lora_dropout} on q, v, value head; fp32.",
+        f"- PPO: rollout batch {PPO.rollout_batch}, mini-batch {PPO.mini_batch}, {PPO.ppo_epochs} epoch, lr "
+        f"{PPO.learning_rate}; sampling top_k 0, top_p 1.0; end-of-sequence blocked until each row's length.",
+        "",
+    ]
+    for name, sec in sections.items():
+        rows, raw, work, run = sec["rows"], sec["raw"], sec["work"], sec["run"]
+        counts = {s: r["parameters"] for s, r in raw.items() if r.get("parameters")}
+        lines += [
+            f"## Workload {name}",
+            "",
+            f"- Command: `{run['command']}`; started {run['started']}, {run['minutes']:.0f} min.",
+            f"- Load average (1/5/15 min): {tuple(round(x, 2) for x in run['load_start'])} at the start, "
+            f"{tuple(round(x, 2) for x in run['load_end'])} at the end. fp32 GEMM rate (2048×2048, best of 20, "
+            f"{run['threads']} threads): {run['gemm_gflops'][0]:.0f} GFLOP/s before, {run['gemm_gflops'][1]:.0f} after; "
+            "the FLOP limit uses the higher.",
+            f"- Reward: " + ("RoBERTa-base-sized classifier (random weights) on query + response"
+                             if run["reward"] == "classifier" else f"stub (fixed cost {run['reward_cost_s']} s)")
+            + f"; TRL reference model: {run['trl_ref']}; {run['warmup']} warm-up step(s) per system, not measured.",
+            f"- Prompt tokens, all candidate prompts: {work['prompt_tokens_all']}; this run's prompts: "
+            f"{work['prompt_tokens_used']}. New tokens per response: {work['new_tokens_used']}.",
+        ]
+        if counts:
+            lines.append("- Parameters (all / trainable, value head included): " + "; ".join(
+                f"{s} {c['all_with_value_head']:,} / {c['trainable_with_value_head']:,}" for s, c in counts.items()) + ".")
+        lines += ["", workload_table(name, rows), ""]
+        lines.append(f"FLOP limit: {rows['flop_limit']['tflop']:.2f} TFLOP per step (median).")
+        lines.append("Measured steps (s): " + "; ".join(f"{s} {rows[s]['all_totals']}" for s in SYSTEMS if s in rows) + ".")
+        lines.append("Per process: " + "; ".join(
+            f"{s} {r['process_s']:.0f} s in all, GEMM {r.get('gemm_gflops', float('nan')):.0f} GFLOP/s after its setup"
+            for s, r in raw.items()) + ".")
+        floor = raw.get("floor")
+        if floor and floor.get("first_minibatch_ratio_error") is not None:
+            lines.append(f"Floor check: first mini-batch |ratio − 1| ≤ {floor['first_minibatch_ratio_error']:.1e} "
+                         "(its decode-loop log-probs match a teacher-forced forward).")
+        if run["systems_missing"]:
+            lines.append(f"Not measured (failed): {', '.join(run['systems_missing'])}.")
+        goal_lines = goals(name, rows)
+        if goal_lines:
+            lines += ["", "Goals:", "", *goal_lines]
+        lines.append("")
+        for system, r in raw.items():
+            table = r.get("profile_table")
+            if not table:
+                continue
+            step = r.get("profiled_step", {})
+            lines += [f"Profile of one extra {SYSTEM_LABELS[system]} step ({step.get('total', float('nan')):.1f} s under "
+                      "the profiler; phases " + ", ".join(f"{p} {step.get(p, 0):.1f}" for p in PHASES[:-1] if p in step)
+                      + "), top ops by self CPU time:", "", "```",
+                      *[ln[:150] for ln in table.splitlines()[2:22]], "```", ""]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = argv[:1] == ["worker"]
+    if sub:
+        argv = argv[1:]
+        parser.add_argument("--system", required=True, choices=SYSTEMS)
+        parser.add_argument("--workload-file", required=True)
+        parser.add_argument("--model-dir", required=True)
+        parser.add_argument("--out", required=True)
+        parser.add_argument("--profile-out", default=None, help="write a torch.profiler table of one extra step here")
+    parser.add_argument("--workload", choices=("A", "B", "both"), default="both")
+    parser.add_argument("--steps", type=int, default=None, help="measured steps per system (default 3; --tiny: 2)")
+    parser.add_argument("--steps-b", type=int, default=None, help="measured steps for workload B (default: --steps)")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured warm-up steps per system")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {', '.join(SYSTEMS)}")
+    parser.add_argument("--tiny", action="store_true", help="smoke mode: the embedded tiny T5 sizes, 2 steps, seconds")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads in every process (default: all cores; --tiny: 1)")
+    parser.add_argument("--reward", choices=("stub", "classifier"), default="stub")
+    parser.add_argument("--reward-cost-s", type=float, default=0.0, help="fixed seconds the stub reward sleeps")
+    parser.add_argument("--classifier-dir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--trl-ref", choices=("copy", "adapter"), default="copy",
+                        help="TRL reference: the recipe's full copy (default) or None (adapter disabled)")
+    if not sub:
+        parser.add_argument("--profile", action="store_true",
+                            help="profile one extra lit_rlhf and floor step on workload A (torch.profiler top ops)")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="built model, tokenizer, workloads, logs")
+    parser.add_argument("--results", default=None, help="write the report here (default benchmarks/RESULTS.md; --tiny: none)")
+    if not sub:
+        parser.add_argument("--render", action="store_true", help="only rewrite the report from its JSON")
+    args = parser.parse_args(argv)
+    args.mode = "worker" if sub else "parent"
+    args.argv = argv
+    if not sub:
+        if args.steps is None:
+            args.steps = 2 if args.tiny else 3
+        if args.threads is None:
+            # tiny models: one thread avoids oversubscription on a shared 2-core machine (as tests/conftest.py)
+            args.threads = 1 if args.tiny else os.cpu_count()
+        if args.results is None and not args.tiny:
+            args.results = str(HERE / "RESULTS.md")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.mode == "worker":
+        run_worker(args)
+        return 0
+    if args.render:
+        return rerender(args)
+    return run_parent(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""The PPO step benchmark runs end to end in its tiny smoke mode and prints its tables.
+
+Only lit_rlhf (default and fast_rollout) and the bare floor run here (TRL needs its own environment, which --tiny never builds); no
+timing is asserted: the test checks that the real lit_rlhf step and the floor run on the same workload and
+that the report has a row for each, plus the FLOP limit.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "bench_ppo_step.py"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("bench_cache")
+    results = cache / "RESULTS.md"
+    env = dict(os.environ, LIT_RLHF_CACHE=str(cache / "lit_rlhf"))
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--tiny", "--workload", "both", "--systems", "lit_rlhf,lit_rlhf_fast,floor",
+         "--cache-dir", str(cache), "--results", str(results)],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout, results
+
+
+def test_tiny_run_prints_tables_for_both_workloads(tiny_run):
+    stdout, _ = tiny_run
+    for name in ("A", "B"):
+        assert f"### Workload {name}: seconds per PPO step" in stdout
+    for label in ("lit_rlhf PPOModule", "lit_rlhf PPOModule fast_rollout", "bare PyTorch floor", "FLOP limit"):
+        assert stdout.count(f"| {label} |") == 2, label
+    assert stdout.count("Goals:") == 2
+
+
+def test_tiny_run_writes_report_and_raw_results(tiny_run):
+    _, results = tiny_run
+    assert "| lit_rlhf PPOModule |" in results.read_text()
+    sections = json.loads(results.with_suffix(".json").read_text())["sections"]
+    for name in ("A", "B"):
+        rows = sections[name]["rows"]
+        assert set(rows) == {"lit_rlhf", "lit_rlhf_fast", "floor", "flop_limit"}
+        assert all(rows[s]["n_steps"] == 2 for s in ("lit_rlhf", "lit_rlhf_fast", "floor"))
+        # every system generated the workload's tokens: the same number per step
+        assert len({rows[s]["tokens"] for s in rows}) == 1
+        floor = sections[name]["raw"]["floor"]
+        # the floor's decode-loop log-probs equal a teacher-forced forward: first ratio is 1
+        assert floor["first_minibatch_ratio_error"] < 1e-4
+        lit = sections[name]["raw"]["lit_rlhf"]
+        assert lit["parameters"] == floor["parameters"]
+        assert lit["memory"]["process_peak_mib"] > 0
