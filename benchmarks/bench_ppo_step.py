@@ -39,7 +39,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -570,7 +570,6 @@ def worker_trl(args: argparse.Namespace, work: dict[str, Any], out: dict[str, An
     Lengths: the loop gives each prompt min_new_tokens = max_new_tokens = its length. TRL's batched generate has
     one length per call, so it generates max(lengths) for every row (end-of-sequence blocked) and each response
     is cut to its own length, as a user of TRL would have to."""
-    import torch
     from transformers import AutoTokenizer
     from trl import PPOConfig, PPOTrainer
 
@@ -1137,7 +1136,7 @@ def render_report(size: ModelSize, sections: dict[str, dict[str, Any]]) -> str:
             f"{tuple(round(x, 2) for x in run['load_end'])} at the end. fp32 GEMM rate (2048×2048, best of 20, "
             f"{run['threads']} threads): {run['gemm_gflops'][0]:.0f} GFLOP/s before, {run['gemm_gflops'][1]:.0f} after; "
             "the FLOP limit uses the higher.",
-            f"- Reward: " + ("RoBERTa-base-sized classifier (random weights) on query + response"
+            "- Reward: " + ("RoBERTa-base-sized classifier (random weights) on query + response"
                              if run["reward"] == "classifier" else f"stub (fixed cost {run['reward_cost_s']} s)")
             + f"; TRL reference model: {run['trl_ref']}; {run['warmup']} warm-up step(s) per system, not measured.",
             f"- Prompt tokens, all candidate prompts: {work['prompt_tokens_all']}; this run's prompts: "
