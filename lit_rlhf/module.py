@@ -477,6 +477,14 @@ class PPOModule(L.LightningModule):
                 for k, v in stats.items():
                     totals.setdefault(k, []).append(v)
         out = {k: torch.stack(v).mean() for k, v in totals.items()}
+        if out and self.trainer.world_size > 1:
+            # the update's diagnostics are per process: log their mean over processes (the maximum for ratio_max)
+            names = sorted(out)
+            stacked = torch.stack([out[k].float() for k in names])
+            means = self._all_reduce_sum(stacked) / self.trainer.world_size
+            out = dict(zip(names, means.unbind()))
+            local_max = torch.stack(totals["ppo/policy/ratio_max"]).max()
+            out["ppo/policy/ratio_max"] = self.trainer.strategy.reduce(local_max.clone(), reduce_op="max")
         out["ppo/skipped_minibatches"] = torch.tensor(float(skipped))
         return out
 
