@@ -193,7 +193,10 @@ def timed(store: dict[str, float], name: str) -> Iterator[None]:
     store[name] = store.get(name, 0.0) + time.perf_counter() - start
 
 
-def gemm_rate(threads: int, n: int = 2048, repeats: int = 20) -> float:
+GEMM_REPEATS = 20
+
+
+def gemm_rate(threads: int, n: int = 2048, repeats: int = GEMM_REPEATS) -> float:
     """Best fp32 GEMM rate (FLOP/s) of an n x n matmul on ``threads`` threads."""
     import torch
 
@@ -384,13 +387,14 @@ def build_workload(name: str, model_dir: Path, cache: Path, n_batches: int, tiny
             b["lengths"] = torch.full((batch,), warmup_tokens, dtype=torch.long)
         else:
             b["lengths"] = torch.randint(low, high, (batch,), generator=gen)
-    used = [int(n) for b in batches for n in b["attention_mask"].sum(1)]
+    measured = batches[warmup : len(batches) - (1 if profile_batch else 0)]
     work = {
         "name": name,
         "batches": [{k: b[k] for k in ("input_ids", "attention_mask", "query", "lengths")} for b in batches],
         "prompt_tokens_all": quantiles(all_lengths),
-        "prompt_tokens_used": quantiles(used),
-        "new_tokens_used": quantiles([int(n) for b in batches for n in b["lengths"]]),
+        # the measured steps only (not the warm-up or the profiled extra step)
+        "prompt_tokens_used": quantiles([int(n) for b in measured for n in b["attention_mask"].sum(1)]),
+        "new_tokens_used": quantiles([int(n) for b in measured for n in b["lengths"]]),
         "tiny": tiny,
         "new_tokens": (low, high),
         "profile_batch": profile_batch,  # the last batch is an extra, unmeasured step (profiled)
@@ -630,7 +634,7 @@ class Floor:
     and drops every row from the batch once it has its length; one reference forward per length-sorted group
     with the adapter disabled; one forward + backward + AdamW step per mini-batch (eval mode: no dropout)."""
 
-    def __init__(self, model_dir: str, size_d_model: int) -> None:
+    def __init__(self, model_dir: str) -> None:
         import torch
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
@@ -785,7 +789,7 @@ def worker_floor(args: argparse.Namespace, work: dict[str, Any], out: dict[str, 
     import torch
 
     scorer = make_scorer(args)
-    floor = Floor(args.model_dir, 0)
+    floor = Floor(args.model_dir)
     out["parameters"] = floor.parameter_count()
     memory = MemoryWatch()
     memory.start_steps()
@@ -935,6 +939,10 @@ def flop_limit(work: dict[str, Any], size: ModelSize, rate: float, warmup: int) 
     return summary
 
 
+def fmt_quantiles(q: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.1f}" if k == "mean" else f"{k} {v:.0f}" for k, v in q.items())
+
+
 def fmt(x: float | None, digits: int = 2) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
@@ -1064,7 +1072,8 @@ def run_parent(args: argparse.Namespace) -> int:
             "run": {"command": "python " + " ".join([os.path.relpath(__file__, REPO), *args.argv]),
                     "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
                     "minutes": (time.time() - started) / 60, "load_start": load_start, "load_end": os.getloadavg(),
-                    "gemm_gflops": [rate_before / 1e9, rate_after / 1e9], "threads": args.threads,
+                    "gemm_gflops": [rate_before / 1e9, rate_after / 1e9], "gemm_repeats": GEMM_REPEATS,
+                    "threads": args.threads,
                     "reward": args.reward, "reward_cost_s": args.reward_cost_s, "trl_ref": args.trl_ref,
                     "warmup": args.warmup, "systems_missing": [s for s in systems if s not in raw]},
         }
@@ -1133,14 +1142,15 @@ def render_report(size: ModelSize, sections: dict[str, dict[str, Any]]) -> str:
             "",
             f"- Command: `{run['command']}`; started {run['started']}, {run['minutes']:.0f} min.",
             f"- Load average (1/5/15 min): {tuple(round(x, 2) for x in run['load_start'])} at the start, "
-            f"{tuple(round(x, 2) for x in run['load_end'])} at the end. fp32 GEMM rate (2048×2048, best of 20, "
+            f"{tuple(round(x, 2) for x in run['load_end'])} at the end. fp32 GEMM rate (2048×2048, best of {run['gemm_repeats']}, "
             f"{run['threads']} threads): {run['gemm_gflops'][0]:.0f} GFLOP/s before, {run['gemm_gflops'][1]:.0f} after; "
             "the FLOP limit uses the higher.",
             "- Reward: " + ("RoBERTa-base-sized classifier (random weights) on query + response"
                              if run["reward"] == "classifier" else f"stub (fixed cost {run['reward_cost_s']} s)")
             + f"; TRL reference model: {run['trl_ref']}; {run['warmup']} warm-up step(s) per system, not measured.",
-            f"- Prompt tokens, all candidate prompts: {work['prompt_tokens_all']}; this run's prompts: "
-            f"{work['prompt_tokens_used']}. New tokens per response: {work['new_tokens_used']}.",
+            f"- Prompt tokens, all candidate prompts: {fmt_quantiles(work['prompt_tokens_all'])}; the measured "
+            f"steps' prompts: {fmt_quantiles(work['prompt_tokens_used'])}. New tokens per response in the measured "
+            f"steps: {fmt_quantiles(work['new_tokens_used'])} (warm-up steps: {WARMUP_NEW_TOKENS}).",
         ]
         if counts:
             lines.append("- Parameters (all / trainable, value head included): " + "; ".join(
