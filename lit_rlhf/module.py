@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lit_rlhf import ppo as ppo_math
+from lit_rlhf.checkpoint import current_umask
 from lit_rlhf.decoding import SampledRollout
 from lit_rlhf.policy import GenerationSettings, LoraSettings, Policy, trim_batch
 from lit_rlhf.rewards import NonFiniteRewardError, ProfanityReward, Reward
@@ -197,7 +198,12 @@ class PPOModule(L.LightningModule):
             self.policy.trainable_parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
         )
 
-    def setup(self, stage: str) -> None:
+    # The reward follows the module to its device. Not in setup(): Lightning moves the module to its device
+    # after setup, so there self.device is still the CPU.
+    def on_validation_start(self) -> None:
+        self.reward.to(self.device)
+
+    def on_test_start(self) -> None:
         self.reward.to(self.device)
 
     def on_fit_start(self) -> None:
@@ -727,7 +733,7 @@ def export_atomically(policy: Policy, target: Path, state_dict: dict[str, Tensor
             policy.save_adapter(tmp)
         else:
             policy.save_adapter(tmp, state_dict=state_dict)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; give it the usual permissions
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; give it the usual permissions
         if target.exists():
             old = target.with_name(target.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
@@ -738,12 +744,6 @@ def export_atomically(policy: Policy, target: Path, state_dict: dict[str, Tensor
             os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def validate_settings(
