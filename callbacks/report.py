@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -343,24 +341,3 @@ def _json_safe(value: Any) -> Any:
 
 def to_json(report: dict[str, Any]) -> str:
     return json.dumps(_json_safe(report), indent=2, ensure_ascii=False, allow_nan=False, default=str) + "\n"
-
-
-def write_atomically(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to a temporary sibling file, then ``os.replace`` it onto ``path``: readers never see
-    half a file, and a crash leaves the previous version."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions open() would
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -8,12 +8,13 @@
 "After" runs in ``on_train_end`` rather than ``on_fit_end``: Lightning calls ``on_fit_end`` after the strategy's
 teardown, which has moved the model to the CPU and unwrapped DDP.
 
-Same samples, same seeds: the prompts are cut into fixed chunks of ``batch_size``; chunk ``k`` is generated
-with torch's global RNG (which ``generate`` samples from) seeded with ``seed + k`` and its per-sample length
-limits drawn from a generator seeded the same way, inside ``torch.random.fork_rng`` so that training
-randomness is untouched. A chunk's result therefore depends neither on the pass (before / after) nor on which
-process computes it: under DDP, ranks take chunks round-robin and gather the results, which equal one
-process's.
+Same samples, same seeds: the prompts are cut into fixed chunks of ``batch_size``; chunk ``k`` goes through the
+same generate -> decode -> score path as training (``lit_rlhf.rollout``: prompt fitting, ``synced_gpus``),
+sampled inside ``rollout.evaluation_rng(seed + k)``, which seeds the global generators and the length draws
+and restores every RNG afterwards, so training randomness is untouched. A chunk's result therefore depends
+neither on the pass (before / after) nor on which process computes it: under DDP, ranks take chunks
+round-robin, each rank runs the same number of generation calls (a rank with fewer chunks repeats one and
+discards it: with sharded weights every forward is a collective), and the results are gathered.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,8 +35,11 @@ from lit_rlhf.callbacks import report as rep
 from lit_rlhf.callbacks.evaluators import ClassifierToxicity, ToxicityEvaluator
 from lit_rlhf.callbacks.report import HeldOutPrompt, Measurement
 from lit_rlhf.callbacks.stats import PairedTestMethod
-from lit_rlhf.policy import GenerationSettings
+from lit_rlhf import distributed as dist
+from lit_rlhf import rollout as ro
+from lit_rlhf.io import atomic_write
 from lit_rlhf.rewards import Reward, select_text
+from lit_rlhf.settings import GenerationSettings
 
 
 class ToxicityCallback(L.Callback):
@@ -197,7 +200,7 @@ class ToxicityCallback(L.Callback):
         num_chunks = -(-len(self.prompts) // self.batch_size)
         mine = list(range(trainer.global_rank, num_chunks, trainer.world_size))
         start = time.perf_counter()
-        rows = sorted(_gather_objects(trainer, self.measure_chunks(trainer, pl_module, mine, stage)))
+        rows = sorted(dist.gather_objects(trainer, self.measure_chunks(trainer, pl_module, mine, stage)))
         seconds = time.perf_counter() - start
         if [r[0] for r in rows] != list(range(len(self.prompts))):
             raise RuntimeError("ToxicityCallback: the gathered results do not cover every prompt exactly once")
@@ -220,37 +223,36 @@ class ToxicityCallback(L.Callback):
         """(prompt position, response, toxicity, reward, length) for the prompts of the given chunks.
 
         Chunk k holds prompts [k * batch_size, (k + 1) * batch_size) and is seeded with seed + k, so its rows
-        are the same whichever process computes it, and in whatever order."""
+        are the same whichever process computes it, and in whatever order. Every rank makes the same number
+        of generation calls (ceil(chunks / processes)); padding calls repeat a chunk and are discarded."""
+        num_chunks = -(-len(self.prompts) // self.batch_size)
+        calls = -(-num_chunks // trainer.world_size) if trainer.world_size > 1 else len(chunks)
+        padded = chunks + [chunks[0] if chunks else 0] * (calls - len(chunks))
         rows = []
-        for k in self._progress(trainer, chunks, stage):
-            prompts = self.prompts[k * self.batch_size : (k + 1) * self.batch_size]
-            rows.extend(self._measure_chunk(trainer, pl_module, prompts, k * self.batch_size, k, self.generation_used))
+        for n, k in enumerate(self._progress(trainer, padded, stage)):
+            measured = self._measure_chunk(trainer, pl_module, k)
+            if n < len(chunks):
+                rows.extend(measured)
         return rows
 
     def _measure_chunk(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, prompts: list[HeldOutPrompt], offset: int,
-        chunk: int, settings: GenerationSettings,
+        self, trainer: L.Trainer, pl_module: L.LightningModule, chunk: int
     ) -> list[tuple[int, str, float, float, int]]:
-        datamodule = trainer.datamodule
+        datamodule, offset = trainer.datamodule, chunk * self.batch_size
+        prompts = self.prompts[offset : offset + self.batch_size]
         batch = datamodule.collator([datamodule.test_set[p.row] for p in prompts])
-        policy = pl_module.policy
-        with seeded_global_rng(pl_module.device, self.seed + chunk):
-            response_ids, response_mask = policy.generate(
-                batch["input_ids"].to(pl_module.device), batch["attention_mask"].to(pl_module.device), settings,
-                generator=torch.Generator().manual_seed(self.seed + chunk),
-            )
-        # decode each row's own tokens (padding removed), not the padded matrix
-        responses = policy.tokenizer.batch_decode(
-            [ids[mask.bool()].tolist() for ids, mask in zip(response_ids.cpu(), response_mask.cpu())],
-            skip_special_tokens=True,
-        )
-        queries = batch["query"]
-        toxicity = self.evaluator(select_text(self.text, queries, responses))
-        reward = pl_module.reward(queries, responses, references=batch["reference"]).float().cpu()
-        length = response_mask.sum(1).cpu()
+        batch = {k: v.to(pl_module.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        settings = self.generation_used
+        with ro.evaluation_rng(self.seed + chunk, len(prompts), settings) as limits:
+            generated = ro.collect(pl_module.policy, pl_module.reward, batch, settings, limits,
+                                   synced_gpus=dist.synced_gpus(trainer))
+        if generated.scores is None:
+            raise ValueError(f"ToxicityCallback: the reward returned non-finite scores: {generated.reward_error}")
+        toxicity = self.evaluator(select_text(self.text, generated.prompts, generated.texts))
+        reward, length = generated.scores.float().cpu(), generated.rows.response_mask.sum(1).cpu()
         return [
-            (offset + i, responses[i], float(toxicity[i]), float(reward[i]), int(length[i]))
-            for i in range(len(responses))
+            (offset + i, text, float(toxicity[i]), float(reward[i]), int(length[i]))
+            for i, text in enumerate(generated.texts)
         ]
 
     def _progress(self, trainer: L.Trainer, chunks: list[int], stage: str) -> Iterator[int]:
@@ -343,8 +345,8 @@ class ToxicityCallback(L.Callback):
         if not trainer.is_global_zero:
             return
         self.report_paths = [
-            rep.write_atomically(log_dir / f"{name}.json", rep.to_json(self.report)),
-            rep.write_atomically(log_dir / f"{name}.md", markdown),
+            atomic_write(log_dir / f"{name}.json", rep.to_json(self.report)),
+            atomic_write(log_dir / f"{name}.md", markdown),
         ]
         text = "\n".join([rep.table(self.report), *rep.summary_lines(self.report), f"Report: {self.report_paths[1]}"])
         print("\n" + text + "\n", flush=True)
@@ -434,28 +436,6 @@ def select_prompts(test_set: Any, num_prompts: int | None) -> list[HeldOutPrompt
     if not prompts:
         raise ValueError("ToxicityCallback: the data module's test_set is empty; raise data.test_size")
     return prompts
-
-
-@contextmanager
-def seeded_global_rng(device: torch.device, seed: int) -> Iterator[None]:
-    """Seed torch's global RNG (CPU, and ``device`` if it is a GPU) inside ``fork_rng``: the previous state
-    comes back afterwards, so a measurement does not change the training run's random stream."""
-    cuda = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.default_generator.manual_seed(seed)
-        if cuda:
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
-        yield
-
-
-def _gather_objects(trainer: L.Trainer, rows: list) -> list:
-    """Every rank's rows, concatenated (the identity in a single process)."""
-    if trainer.world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return rows
-    gathered: list[Any] = [None] * trainer.world_size
-    torch.distributed.all_gather_object(gathered, rows)
-    return [row for part in gathered for row in part]
 
 
 def _tensorboard(trainer: L.Trainer) -> list[TensorBoardLogger]:

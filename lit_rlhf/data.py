@@ -286,6 +286,7 @@ class DialogSumDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.shuffle = shuffle
         self.seed = seed
+        self.consumed_batches = 0  # rollout batches training has taken from the prompt stream (state_dict)
 
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.is_encoder_decoder: bool | None = None
@@ -441,9 +442,24 @@ class DialogSumDataModule(L.LightningDataModule):
         )
 
     def _consumed_batches(self) -> int:
-        """Rollout batches the training module has already used (its PPO step), restored on resume."""
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        return int(getattr(module, "ppo_step", 0) or 0)
+        """Rollout batches training has already used: counted as they are handed to ``training_step`` and
+        restored from a checkpoint through this data module's own ``state_dict``."""
+        return self.consumed_batches
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Lightning calls this for each batch right before its step (after any prefetching), so the count is
+        # of batches training really took, whatever the loader read ahead.
+        if self.trainer is not None and self.trainer.training:
+            self.consumed_batches += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position in the prompt stream (Lightning stores it in checkpoints): a resumed run continues with
+        the prompts an uninterrupted run would have seen."""
+        return {"consumed_batches": self.consumed_batches}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.consumed_batches = int(state_dict.get("consumed_batches", 0))
 
     def _held_out_dataloader(self) -> DataLoader:
         return DataLoader(

@@ -9,7 +9,8 @@ samples exactly like ``generate`` (same warpers, same end-of-sequence rules, per
 * removes a row from the batch (and from the KV cache) as soon as its response is complete: with per-sample
   lengths of 100-400 tokens, most of a batched decode is otherwise spent on rows that are already finished.
 
-Shapes: B batch, P prompt tokens, T response tokens, V vocabulary, H hidden size.
+The seq2seq/causal difference (encoder, positions, cache) lives in ``lit_rlhf.lm``; this loop is the same for
+both. Shapes: B batch, P prompt tokens, T response tokens, V vocabulary, H hidden size, b rows still running.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+
+from lit_rlhf.lm import CausalLM, Seq2SeqLM
+from lit_rlhf.settings import GenerationSettings
 
 
 @dataclass
@@ -36,38 +39,36 @@ class SampledRollout:
     values: Tensor  # [B, T] V(state the token was sampled from), 0 outside the mask
 
 
-def _warpers(do_sample: bool, top_k: int, top_p: float, temperature: float) -> LogitsProcessorList:
-    warpers = LogitsProcessorList()
-    if do_sample and temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(temperature))
-    if do_sample and top_k and top_k > 0:
-        warpers.append(TopKLogitsWarper(top_k))
-    if do_sample and top_p < 1.0:
-        warpers.append(TopPLogitsWarper(top_p))
-    return warpers
+def warpers(settings: GenerationSettings) -> LogitsProcessorList:
+    """The logits warpers ``generate`` applies for these settings, in its order."""
+    out = LogitsProcessorList()
+    if not settings.do_sample:
+        return out
+    if settings.temperature != 1.0:
+        out.append(TemperatureLogitsWarper(settings.temperature))
+    if settings.top_k and settings.top_k > 0:
+        out.append(TopKLogitsWarper(settings.top_k))
+    if settings.top_p < 1.0:
+        out.append(TopPLogitsWarper(settings.top_p))
+    return out
 
 
 @torch.no_grad()
 def sample_with_cache(
     model: nn.Module,
+    lm: Seq2SeqLM | CausalLM,
     value_head: Callable[[Tensor], Tensor],
-    is_seq2seq: bool,
     query_ids: Tensor,
     query_mask: Tensor,
     max_new_tokens: Tensor,
-    min_new_tokens: int,
+    settings: GenerationSettings,
     eos_token_id: int | None,
     pad_token_id: int,
-    decoder_start_token_id: int | None = None,
-    do_sample: bool = True,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    temperature: float = 1.0,
 ) -> SampledRollout:
     """Sample one response per query; rows leave the batch when they emit eos or reach their own limit.
 
-    query_ids, query_mask: [B, P] (right padding for seq2seq, left padding for causal); max_new_tokens: [B].
-    The model must be in eval mode. Sampling draws from torch's global RNG, one multinomial call per step.
+    query_ids, query_mask: [B, P] (padded on ``lm.query_padding_side``); max_new_tokens: [B]. The model must
+    be in eval mode. Sampling draws from torch's global RNG, one multinomial call per step.
     """
     device = query_ids.device
     batch = query_ids.shape[0]
@@ -77,39 +78,21 @@ def sample_with_cache(
     logprobs = torch.zeros(batch, horizon, device=device)
     values = torch.zeros(batch, horizon, device=device)
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
-    warpers = _warpers(do_sample, top_k, top_p, temperature)
-
+    warp = warpers(settings)
     rows = torch.arange(batch, device=device)  # original index of each row still in the batch
-    if is_seq2seq:
-        encoder_hidden = model.get_encoder()(input_ids=query_ids, attention_mask=query_mask).last_hidden_state
-        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        step_input = torch.full((batch, 1), decoder_start_token_id, dtype=torch.long, device=device)
-        attention = query_mask
-    else:
-        cache = DynamicCache()
-        attention = query_mask
-        positions = (query_mask.cumsum(1) - 1).clamp(min=0)
-        step_input = query_ids
+    state = lm.start(model, query_ids, query_mask)
 
     for t in range(horizon):
-        # 1) one decoder step for the rows still running: logits and last hidden state of the newest position
-        if is_seq2seq:
-            out = model(encoder_outputs=(encoder_hidden,), attention_mask=attention, decoder_input_ids=step_input,
-                        past_key_values=cache, use_cache=True, output_hidden_states=True)
-            hidden = out.decoder_hidden_states[-1][:, -1]  # [b, H]
-        else:
-            out = model(input_ids=step_input, attention_mask=attention, position_ids=positions,
-                        past_key_values=cache, use_cache=True, output_hidden_states=True, logits_to_keep=1)
-            hidden = out.hidden_states[-1][:, -1]
-        cache = out.past_key_values
-        logits = out.logits[:, -1].float()  # [b, V]
+        # 1) one decoder step for the rows still running
+        logits, hidden = lm.step(model, state)  # [b, V], [b, H]
+        logits = logits.float()
 
         # 2) sample as generate() does: eos blocked before min_new_tokens, then the warpers
         scores = logits.clone()
-        if eos_token_id is not None and t < min_new_tokens:
+        if eos_token_id is not None and t < settings.min_new_tokens:
             scores[:, eos_token_id] = float("-inf")
-        scores = warpers(None, scores)
-        if do_sample:
+        scores = warp(None, scores)
+        if settings.do_sample:
             token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)  # [b]
         else:
             token = scores.argmax(-1)
@@ -128,16 +111,9 @@ def sample_with_cache(
             break
         if done.any():
             keep = (~done).nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
-            rows, token, attention = rows[keep], token[keep], attention[keep]
-            if is_seq2seq:
-                encoder_hidden = encoder_hidden[keep]
-            else:
-                positions = positions[keep]
-        step_input = token[:, None]
-        if not is_seq2seq:
-            attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], dim=1)
-            positions = positions[:, -1:] + 1
+            lm.select(state, keep)
+            rows, token = rows[keep], token[keep]
+        lm.advance(state, token)
 
     width = max(1, int(lengths.max()))
     mask = (torch.arange(width, device=device)[None] < lengths[:, None]).long()

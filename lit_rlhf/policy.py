@@ -1,14 +1,13 @@
 """The trainable language model: a Hugging Face seq2seq or causal LM with a LoRA adapter and a value head.
 
-Callers see one interface for both model kinds: "query ids, response ids, response mask". The places where
-the kinds really differ are small and marked:
+Callers see one interface for both model kinds: "query ids, response ids, response mask". Where the kinds
+really differ (encoder, positions, padding side, the decoder start token) is ``lit_rlhf.lm``'s small adapter,
+used here for the teacher-forced forward and by the cached decode loop.
 
-* seq2seq (T5): the query feeds the encoder; the decoder starts from ``decoder_start_token_id``, which is
-  not a response token; every generated token, including the first, gets a log-probability, a value and
-  a KL term. Decoder position ``t`` predicts response token ``t``.
-* causal (GPT-2, Llama): the query is left-padded and the response appended; position ``P - 1 + t`` (P the
-  padded query length) predicts response token ``t``. Position ids come from the attention mask, as
-  ``generate`` computes them, so left padding does not shift positions.
+The policy owns its scoring passes: :meth:`Policy.score` takes a batch of responses and the mini-batch
+groups, and returns the log-probabilities, values and reference log-probabilities (or the exact KL) of every
+response token, doing the group loop, the trimming of shared padding and eval mode itself; :meth:`Policy.forward_rows`
+is the same forward for one group with gradients (the PPO update).
 
 Reference log-probabilities come from the same weights with the adapter disabled: no second copy of the
 model in memory. A separately loaded frozen reference stays possible (``reference_model``).
@@ -19,6 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -36,49 +37,13 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from lit_rlhf import ppo
 from lit_rlhf.decoding import SampledRollout, sample_with_cache
+from lit_rlhf.io import atomic_directory
+from lit_rlhf.lm import entropy_from_logits, lm_kind, logprobs_from_logits, trim_batch
+from lit_rlhf.settings import GenerationSettings, LoraSettings
 from lit_rlhf.tiny import resolve_model_path
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LoraSettings:
-    """The LoRA adapter trained by PPO (peft)."""
-
-    r: int = 32
-    """Rank of the LoRA update matrices."""
-    alpha: int = 32
-    """LoRA scaling numerator: the update is scaled by alpha / r."""
-    dropout: float = 0.05
-    """Dropout on the LoRA input (active only when dropout is on in the PPO update, see ``train_dropout``)."""
-    target_modules: list[str] | None = None
-    """Module names that get an adapter. None: peft's default for the architecture (T5: q, v; GPT-2:
-    c_attn; Llama: q_proj, v_proj)."""
-    bias: Literal["none", "all", "lora_only"] = "none"
-    """Which biases are trained with the adapter."""
-
-
-@dataclass
-class GenerationSettings:
-    """How responses are sampled in the rollout (one batched ``generate`` call per PPO step)."""
-
-    min_new_tokens: int = 4
-    """End-of-sequence is blocked until this many tokens were generated. The FLAN-T5 recipe's
-    ``min_length=5`` counts T5's decoder start token, i.e. 4 new tokens."""
-    max_new_tokens: tuple[int, int] = (100, 400)
-    """Each response's maximum length is drawn per sample, uniformly from [low, high) as the recipe's
-    length sampler does; a response stops at its own draw or at end-of-sequence. (n, n + 1) fixes it at n."""
-    do_sample: bool = True
-    """Sample (True) or decode greedily (False)."""
-    top_k: int = 0
-    """Top-k filtering; 0 disables it (the recipe samples from the full distribution)."""
-    top_p: float = 1.0
-    """Nucleus filtering; 1.0 disables it."""
-    temperature: float = 1.0
-    """Softmax temperature for sampling. The PPO log-probabilities are those of the temperature-1 policy,
-    so values other than 1.0 make the rollout off-policy."""
 
 
 class PerRowMaxLength(StoppingCriteria):
@@ -107,10 +72,41 @@ class ValueHead(nn.Module):
 
 
 @dataclass
+class ResponseBatch:
+    """Queries and their responses: [B, P] query ids and mask (padded on the model kind's side), [B, T]
+    response ids and mask (right-padded; the mask marks each response's tokens)."""
+
+    query_ids: Tensor
+    query_mask: Tensor
+    response_ids: Tensor
+    response_mask: Tensor
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.query_ids, self.query_mask, self.response_ids, self.response_mask
+
+
+@dataclass
+class Scores:
+    """What :meth:`Policy.score` computed, [B, T] each, 0 outside the response mask; None when not asked for."""
+
+    logprobs: Tensor | None
+    values: Tensor | None
+    ref_logprobs: Tensor | None
+    kl: Tensor | None = None
+
+
+@dataclass
 class PolicyOutput:
     logprobs: Tensor  # [B, T] log pi(response_t | context)
     values: Tensor | None  # [B, T] V(context before response_t)
     logits: Tensor | None = None  # [B, T, V] when asked for
+
+
+def full_kl_per_token(logits: Tensor, ref_logits: Tensor) -> Tensor:
+    """Exact KL(pi || ref) over the vocabulary at every position: sum_v p_v (log p_v - log ref_v).
+    [B, T, V] x 2 -> [B, T] (float32)."""
+    logp, ref_logp = torch.log_softmax(logits.float(), -1), torch.log_softmax(ref_logits.float(), -1)
+    return (logp.exp() * (logp - ref_logp)).sum(-1)
 
 
 def _is_seq2seq(config) -> bool:
@@ -165,7 +161,8 @@ class Policy(nn.Module):
         if init_adapter is not None:
             # Merge the fine-tuned adapter into the frozen base; PPO trains a new adapter on top.
             base = PeftModel.from_pretrained(base, resolve_model_path(init_adapter)).merge_and_unload()
-        self.is_seq2seq = _is_seq2seq(base.config)
+        self.lm = lm_kind(base.config)  # the seq2seq/causal difference
+        self.is_seq2seq = self.lm.is_seq2seq
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token_id is None:
             if self.tokenizer.eos_token_id is None:
@@ -223,10 +220,7 @@ class Policy(nn.Module):
 
     def max_positions(self) -> int | None:
         """The causal model's absolute position limit (None for seq2seq/relative-position models)."""
-        if self.is_seq2seq:
-            return None
-        config = self.model.config
-        return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+        return None if self.is_seq2seq else self.lm.max_positions()
 
     def fit_prompts(self, query_ids: Tensor, query_mask: Tensor, max_new_tokens: int) -> tuple[Tensor, Tensor]:
         """Make room for ``max_new_tokens`` in a causal model's context by dropping the *start* of too-long prompts.
@@ -297,9 +291,7 @@ class Policy(nn.Module):
         # seq2seq output starts with the decoder start token; causal output starts with the query.
         start = 1 if self.is_seq2seq else input_ids.shape[1]
         stopping = StoppingCriteriaList([PerRowMaxLength(start, max_new_tokens)])
-        was_training = self.training
-        self.eval()
-        try:
+        with self.mode(dropout=False):
             out = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -307,8 +299,6 @@ class Policy(nn.Module):
                 stopping_criteria=stopping,
                 synced_gpus=synced_gpus,
             )
-        finally:
-            self.train(was_training)
         response = out[:, start:]  # [B, T]
         return response, self.response_mask(response, max_new_tokens)
 
@@ -318,19 +308,11 @@ class Policy(nn.Module):
     ) -> SampledRollout:
         """Like ``generate``, with lit_rlhf's cached loop: finished rows leave the batch, and the log-probs and
         values of the sampled tokens come back with them (``lit_rlhf.decoding``). Eval mode, KV cache."""
-        was_training = self.training
-        self.eval()
-        try:
+        with self.mode(dropout=False):
             return sample_with_cache(
-                self.model, self.value_head, self.is_seq2seq, input_ids, attention_mask, max_new_tokens,
-                min_new_tokens=settings.min_new_tokens, eos_token_id=self.eos_token_id,
-                pad_token_id=self.pad_token_id,
-                decoder_start_token_id=getattr(self.model.config, "decoder_start_token_id", None),
-                do_sample=settings.do_sample, top_k=settings.top_k, top_p=settings.top_p,
-                temperature=settings.temperature,
+                self.model, self.lm, self.value_head, input_ids, attention_mask, max_new_tokens, settings,
+                eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
             )
-        finally:
-            self.train(was_training)
 
     def decode(self, response_ids: Tensor, response_mask: Tensor) -> list[str]:
         """Response texts: each row's masked-in tokens, special tokens dropped. [B, T] -> B strings."""
@@ -354,6 +336,16 @@ class Policy(nn.Module):
 
     # ------------------------------------------------------------------ scoring forward passes
 
+    @contextmanager
+    def mode(self, dropout: bool) -> Iterator[None]:
+        """Train mode (dropout on) or eval mode for the duration of a pass; the previous mode comes back after."""
+        was_training = self.training
+        self.train(dropout)
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
     def forward(
         self,
         query_ids: Tensor,
@@ -367,8 +359,8 @@ class Policy(nn.Module):
 
         query_ids, query_mask: [B, P]; response_ids, response_mask: [B, T] -> PolicyOutput with [B, T] fields.
         """
-        logits, hidden = self._logits_hidden(self.model, query_ids, query_mask, response_ids, response_mask)
-        logprobs = ppo.logprobs_from_logits(logits, response_ids)
+        logits, hidden = self.lm.teacher_forced(self.model, query_ids, query_mask, response_ids, response_mask)
+        logprobs = logprobs_from_logits(logits, response_ids)
         values = self.value_head(hidden) if with_values else None
         return PolicyOutput(logprobs, values, logits if return_logits else None)
 
@@ -379,49 +371,82 @@ class Policy(nn.Module):
     ) -> PolicyOutput:
         """Log-probabilities of the response tokens under the reference (adapter disabled, or the separate
         reference model). Shapes as in ``forward``."""
-        if self.reference is not None:
-            logits, _ = self._logits_hidden(self.reference, query_ids, query_mask, response_ids, response_mask)
-        else:
-            with self.model.disable_adapter():
-                logits, _ = self._logits_hidden(self.model, query_ids, query_mask, response_ids, response_mask)
-        logprobs = ppo.logprobs_from_logits(logits, response_ids)
+        with self.mode(dropout=False):  # the reference never samples dropout
+            if self.reference is not None:
+                logits, _ = self.lm.teacher_forced(self.reference, query_ids, query_mask, response_ids, response_mask)
+            else:
+                with self.model.disable_adapter():
+                    logits, _ = self.lm.teacher_forced(self.model, query_ids, query_mask, response_ids, response_mask)
+        logprobs = logprobs_from_logits(logits, response_ids)
         return PolicyOutput(logprobs, None, logits if return_logits else None)
 
-    def _logits_hidden(
-        self, model: nn.Module, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Logits [B, T, V] and last hidden states [B, T, H] at the positions that predict each response token."""
-        if self.is_seq2seq:
-            start = torch.full_like(response_ids[:, :1], self.model.config.decoder_start_token_id)
-            # shift right: decoder input t is response token t - 1, so position t predicts response token t
-            decoder_input_ids = torch.cat([start, response_ids[:, :-1]], dim=1)
-            decoder_mask = torch.cat([torch.ones_like(start), response_mask[:, :-1]], dim=1)
-            out = model(
-                input_ids=query_ids,
-                attention_mask=query_mask,
-                decoder_input_ids=decoder_input_ids,
-                decoder_attention_mask=decoder_mask,
-                output_hidden_states=True,
-                use_cache=False,
-            )
-            return out.logits, out.decoder_hidden_states[-1]
-        t = response_ids.shape[1]
-        input_ids = torch.cat([query_ids, response_ids], dim=1)
-        attention_mask = torch.cat([query_mask, response_mask], dim=1)
-        # positions as generate() computes them for left-padded queries
-        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            output_hidden_states=True,
-            use_cache=False,
-            logits_to_keep=t + 1,
+    def rows(self, batch: ResponseBatch, idx: Tensor) -> tuple[ResponseBatch, Tensor]:
+        """The rows ``idx`` of ``batch`` without the padding columns they all share (the side the query is padded
+        on depends on the model kind), and ``idx`` on the batch's device."""
+        idx = idx.to(batch.query_ids.device)
+        trimmed = trim_batch(
+            batch.query_ids[idx], batch.query_mask[idx], batch.response_ids[idx], batch.response_mask[idx],
+            left_padded_query=self.lm.query_padding_side == "left",
         )
-        # the last query position predicts response token 0; the last response position predicts nothing
-        return out.logits[:, :-1], out.hidden_states[-1][:, -t - 1 : -1]
+        return ResponseBatch(*trimmed), idx
+
+    def forward_rows(
+        self, batch: ResponseBatch, idx: Tensor, dropout: bool = False, with_values: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[PolicyOutput, ResponseBatch, Tensor]:
+        """``forward`` on the rows ``idx`` of ``batch`` (trimmed, with gradients): the PPO update's pass.
+        Returns the output ([b, t] fields), the trimmed rows and ``idx`` on the batch's device."""
+        rows, idx = self.rows(batch, idx)
+        with self.mode(dropout):
+            out = self(*rows.tensors(), with_values=with_values, return_logits=return_logits)
+        return out, rows, idx
+
+    @torch.no_grad()
+    def score(
+        self, batch: ResponseBatch, groups: Sequence[Tensor], policy: bool = True, values: bool = True,
+        reference: bool = True, full_kl: bool = False,
+    ) -> Scores:
+        """Score every response token, one group of rows at a time (eval mode, no gradients).
+
+        ``groups``: row indices of each forward pass. Use the first update epoch's mini-batches, so that the
+        rollout's log-probs were computed with the same grouping and padding as the first update: the first
+        mini-batch's importance ratio is then exactly 1. Asked-for fields are [B, T] tensors, 0 outside the
+        response mask: ``policy`` log-probs, ``values``, ``reference`` log-probs, and with ``full_kl`` the exact
+        per-token KL(policy || reference) over the vocabulary (which needs both distributions)."""
+        shape, device = batch.response_ids.shape, batch.response_ids.device
+        current_needed, reference_needed = policy or values or full_kl, reference or full_kl
+        out = Scores(*(torch.zeros(shape, device=device) if wanted else None
+                       for wanted in (policy, values, reference, full_kl)))
+        for group in groups:
+            rows, idx = self.rows(batch, group)
+            t, mask = rows.response_ids.shape[1], rows.response_mask
+            current = ref = None
+            with self.mode(dropout=False):
+                if current_needed:
+                    current = self(*rows.tensors(), with_values=values, return_logits=full_kl)
+                if reference_needed:
+                    ref = self.reference_forward(*rows.tensors(), return_logits=full_kl)
+            if policy:
+                out.logprobs[idx, :t] = current.logprobs * mask
+            if values:
+                out.values[idx, :t] = current.values * mask
+            if reference:
+                out.ref_logprobs[idx, :t] = ref.logprobs * mask
+            if full_kl:
+                out.kl[idx, :t] = full_kl_per_token(current.logits, ref.logits) * mask
+        return out
+
+    def entropy(self, logits: Tensor) -> Tensor:
+        """Entropy of the policy's next-token distribution at every position: [B, T, V] -> [B, T]."""
+        return entropy_from_logits(logits)
 
     # ------------------------------------------------------------------ export
+
+    def export(self, target: str | os.PathLike, state_dict: dict[str, Tensor] | None = None) -> Path:
+        """:meth:`save_adapter` into a temporary sibling folder, then swapped in: a crash never leaves half a
+        folder under ``target`` (``lit_rlhf.io.atomic_directory``)."""
+        atomic_directory(target, lambda tmp: self.save_adapter(tmp, state_dict=state_dict))
+        return Path(target)
 
     def save_adapter(self, directory: str | os.PathLike, state_dict: dict[str, Tensor] | None = None) -> Path:
         """Write the adapter (peft ``save_pretrained``), the tokenizer and the value head into ``directory``.
@@ -457,20 +482,4 @@ class Policy(nn.Module):
         }
         (directory / "lit_rlhf_adapter.json").write_text(json.dumps(manifest, indent=2) + "\n")
         return directory
-
-
-def trim_batch(
-    query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor, left_padded_query: bool
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Drop padding columns that every row of this (mini-)batch has, so a forward pays only for what it needs.
-
-    query: [B, P] -> [B, P'] (left or right side, as the query is padded); response: [B, T] -> [B, T']."""
-    q_used = query_mask.any(0).nonzero()
-    p0, p1 = (int(q_used.min()), int(q_used.max()) + 1) if len(q_used) else (0, 1)
-    if left_padded_query:
-        p1 = query_mask.shape[1]
-    else:
-        p0 = 0
-    t1 = max(1, int(response_mask.sum(1).max()))
-    return query_ids[:, p0:p1], query_mask[:, p0:p1], response_ids[:, :t1], response_mask[:, :t1]
 

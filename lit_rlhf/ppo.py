@@ -3,7 +3,10 @@
 Legend for shape comments:
     B  batch (samples in a rollout or mini-batch)
     T  response tokens (padded; ``response_mask`` marks the real ones)
-    V  vocabulary
+    S  statistics reduced together
+
+Token log-probabilities, entropies and the exact KL over the vocabulary need the model's logits; they live
+with the model code (``lit_rlhf.lm``, ``lit_rlhf.policy``). Everything here starts from per-token tensors.
 
 Sources:
     PPO: Schulman et al. 2017, arXiv:1707.06347 (clipped surrogate objective, eq. 7).
@@ -14,13 +17,13 @@ Sources:
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable, Literal, get_args
 
 import torch
 from torch import Tensor
 
 KLEstimator = Literal["kl", "abs", "mse", "full"]
-KL_ESTIMATORS: tuple[str, ...] = ("kl", "abs", "mse", "full")
+KL_ESTIMATORS: tuple[str, ...] = get_args(KLEstimator)
 
 # A function that sums a small tensor of statistics over all processes and returns the global sums.
 # Single-process default: identity. Under DDP the module passes a strategy all-reduce.
@@ -29,39 +32,6 @@ ReduceFn = Callable[[Tensor], Tensor]
 
 def _identity(t: Tensor) -> Tensor:
     return t
-
-
-# --------------------------------------------------------------------------------------------------
-# log-probabilities and entropy
-# --------------------------------------------------------------------------------------------------
-
-
-def logprobs_from_logits(logits: Tensor, labels: Tensor, chunk_elements: int = 2**24) -> Tensor:
-    """Log-probability of each chosen token: ``log softmax(logits)[label]``.
-
-    logits: [B, T, V], labels: [B, T] -> [B, T] (float32 for half-precision logits).
-
-    Computed as ``logit[label] - logsumexp(logits)``: unlike ``log_softmax``, autograd keeps no [B, T, V]
-    copy for the backward pass (logsumexp saves only its [B, T] result), and the forward temporary is
-    bounded by processing at most ``chunk_elements`` logits at a time.
-    """
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    chosen = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1)  # [B, T]
-    flat = logits.reshape(-1, logits.shape[-1])  # [B*T, V] (a view)
-    rows = max(1, chunk_elements // flat.shape[-1])
-    lse = torch.cat([torch.logsumexp(part, dim=-1) for part in flat.split(rows)])  # [B*T]
-    return chosen - lse.view(chosen.shape)
-
-
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of the categorical distribution at every position: ``H = lse(z) - sum softmax(z) z``.
-
-    logits: [B, T, V] -> [B, T].
-    """
-    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    probs = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -92,13 +62,28 @@ def masked_moments(x: Tensor, mask: Tensor, reduce_fn: ReduceFn = _identity) -> 
     ``reduce_fn`` sums them over processes, so the result equals the statistic over the concatenated
     batch (per-process means could not be averaged when processes hold different token counts).
     """
-    mask = mask.to(x.dtype)
-    stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double()  # [3]
-    total, total_sq, n = reduce_fn(stats.clone()).unbind()
+    mean, var, n = masked_moments_many([(x, mask)], reduce_fn)
+    return mean[0].to(x.dtype), var[0].to(x.dtype), n[0]
+
+
+def masked_moments_many(
+    pairs: list[tuple[Tensor, Tensor]], reduce_fn: ReduceFn = _identity
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Means, variances and counts of several masked tensors with ONE reduction over processes.
+
+    pairs: S tuples (x, mask), each pair of one shape -> three [S] tensors (float64). The S x
+    ``[sum x, sum x^2, n]`` sums are stacked into one [S, 3] tensor for ``reduce_fn``, so S global statistics
+    cost one all-reduce.
+    """
+    sums = torch.stack([
+        torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()]).double()
+        for x, m in ((x, m.to(x.dtype)) for x, m in pairs)
+    ])  # [S, 3]
+    total, total_sq, n = reduce_fn(sums.clone()).unbind(-1)
     mean = total / n.clamp(min=1.0)
     # Bessel correction, as TRL's masked_var: var = (sum x^2 - n mean^2) / (n - 1).
     var = (total_sq - n * mean * mean).clamp(min=0.0) / (n - 1.0).clamp(min=1.0)
-    return mean.to(x.dtype), var.to(x.dtype), n
+    return mean, var, n
 
 
 def masked_var(x: Tensor, mask: Tensor, reduce_fn: ReduceFn = _identity) -> Tensor:
@@ -126,32 +111,25 @@ def masked_whiten(
 # --------------------------------------------------------------------------------------------------
 
 
-def kl_penalty(
-    logprobs: Tensor,
-    ref_logprobs: Tensor,
-    estimator: KLEstimator = "kl",
-    full_logprobs: Tensor | None = None,
-    full_ref_logprobs: Tensor | None = None,
-) -> Tensor:
-    """Per-token estimate of KL(pi || pi_ref) on the sampled tokens.
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator = "kl") -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from the sampled tokens' log-probabilities.
 
     logprobs, ref_logprobs: [B, T] -> [B, T]. With ``d = log pi(a) - log pi_ref(a)``:
       ``kl``  : d                      (k1, unbiased, can be negative per token)
       ``abs`` : |d|
       ``mse`` : d^2 / 2                (k2, low variance, biased)
-      ``full``: sum_v pi(v) (log pi(v) - log pi_ref(v)), the exact KL over the vocabulary; needs the
-                full log-distributions ``full_logprobs``/``full_ref_logprobs``: [B, T, V].
+    ``full`` (the exact KL over the vocabulary) needs both distributions, not sampled log-probabilities:
+    the policy computes it (``Policy.score(full_kl=True)``).
     """
+    d = logprobs - ref_logprobs
     if estimator == "kl":
-        return logprobs - ref_logprobs
+        return d
     if estimator == "abs":
-        return (logprobs - ref_logprobs).abs()
+        return d.abs()
     if estimator == "mse":
-        return 0.5 * (logprobs - ref_logprobs).square()
+        return 0.5 * d.square()
     if estimator == "full":
-        if full_logprobs is None or full_ref_logprobs is None:
-            raise ValueError("kl_estimator='full' needs the full log-distributions over the vocabulary")
-        return (full_logprobs.exp() * (full_logprobs - full_ref_logprobs)).sum(-1)
+        raise ValueError("kl_estimator='full' needs the full distributions: take the KL from Policy.score(full_kl=True)")
     raise ValueError(f"Unknown kl_estimator {estimator!r}; choose one of {KL_ESTIMATORS}")
 
 
@@ -165,29 +143,19 @@ def last_token_index(response_mask: Tensor) -> Tensor:
     return (response_mask.long() * (positions + 1)).argmax(dim=1)
 
 
-def compute_rewards(
-    scores: Tensor,
-    logprobs: Tensor,
-    ref_logprobs: Tensor,
-    response_mask: Tensor,
-    kl_coef: float,
-    estimator: KLEstimator = "kl",
-    full_logprobs: Tensor | None = None,
-    full_ref_logprobs: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+def compute_rewards(scores: Tensor, kl: Tensor, response_mask: Tensor, kl_coef: float) -> tuple[Tensor, Tensor]:
     """Per-token rewards ``r_t = -beta * KL_t`` on every response token, plus the score on the last one.
 
-    scores: [B]; logprobs, ref_logprobs, response_mask: [B, T] -> (rewards, non_score_rewards, kl), [B, T]
-    each, zero outside the mask (Ziegler et al. 2019, eq. 2).
+    scores: [B]; kl (any estimator's per-token KL), response_mask: [B, T] -> (rewards, non_score_rewards),
+    [B, T] each, zero outside the mask (Ziegler et al. 2019, eq. 2).
     """
-    mask = response_mask.to(logprobs.dtype)
-    kl = kl_penalty(logprobs, ref_logprobs, estimator, full_logprobs, full_ref_logprobs) * mask  # [B, T]
-    non_score = -kl_coef * kl
+    mask = response_mask.to(kl.dtype)
+    non_score = -kl_coef * (kl * mask)
     last = last_token_index(response_mask).unsqueeze(1)  # [B, 1]
-    # scatter_add places each sample's score on its own last token, with no loop over samples.
+    # scatter places each sample's score on its own last token, with no loop over samples.
     score_at_last = torch.zeros_like(non_score).scatter_(1, last, scores.to(non_score.dtype).unsqueeze(1))
     rewards = non_score + score_at_last * mask
-    return rewards, non_score, kl
+    return rewards, non_score
 
 
 # --------------------------------------------------------------------------------------------------

@@ -99,6 +99,10 @@ class Reward(ABC):
     device: torch.device = torch.device("cpu")
     """Where scores are returned; set by :meth:`to`. A class default, so subclasses need not call ``__init__``."""
 
+    last_components: dict[str, torch.Tensor] = {}
+    """The parts of the last call's scores by name, for a reward made of several (``CompositeReward``); the
+    PPO module logs each part's mean as ``env/reward/<name>_mean``. Empty for a single reward."""
+
     @property
     def name(self) -> str:
         """Short identifier used in metric names and reports (e.g. ``env/reward/<name>``)."""

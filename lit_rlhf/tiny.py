@@ -15,10 +15,9 @@ import gzip
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable
 from importlib import resources
+from pathlib import Path
 from typing import Any, Literal
 
 import tokenizers
@@ -33,6 +32,8 @@ from transformers import (
     T5Config,
     T5ForConditionalGeneration,
 )
+
+from lit_rlhf.io import atomic_directory
 
 EMBEDDED_PREFIX = "embedded:"
 """Model names starting with this prefix name an embedded model, built locally rather than downloaded."""
@@ -188,26 +189,17 @@ def _build_atomically(path: str, build: dict[str, Any], write: Callable[[str], N
         return path
     if os.path.isdir(path) and os.listdir(path):
         raise FileExistsError(f"{path} exists and is not a finished build (no {MARKER_FILE}); remove it")
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    try:
-        write(tmp)
+    def write_with_marker(folder: Path) -> None:
+        write(str(folder))
         marker = {"build": build, "libraries": {"transformers": transformers.__version__,
                                                 "tokenizers": tokenizers.__version__, "torch": torch.__version__}}
-        with open(os.path.join(tmp, MARKER_FILE), "w", encoding="utf-8") as f:
-            json.dump(marker, f, indent=2)
-        # mkdtemp makes the folder private (0700); a built model is ordinary readable data.
-        os.chmod(tmp, 0o755)
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            # Another process finished the same build first (rename onto a non-empty folder fails).
-            winner = _read_marker(path)
-            if winner is None or winner.get("build") != build:
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (folder / MARKER_FILE).write_text(json.dumps(marker, indent=2), encoding="utf-8")
+
+    if not atomic_directory(path, write_with_marker, replace=False):
+        # another process finished the same build first: it must be this build
+        winner = _read_marker(path)
+        if winner is None or winner.get("build") != build:
+            raise FileExistsError(f"{path} was built by another process with another description ({winner})")
     return path
 
 

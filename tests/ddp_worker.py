@@ -61,12 +61,25 @@ class Probe(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.logged.append({k: float(trainer.callback_metrics[k]) for k in ("reward", "kl")})
 
+    def on_train_start(self, trainer, pl_module):
+        # every statistic the module logs for a step, as each rank computed it
+        self.step_stats: list[dict[str, float]] = []
+        original = pl_module._step_stats
+
+        def recording(*args):
+            stats = original(*args)
+            self.step_stats.append({k: float(v) for k, v in stats.items()})
+            return stats
+
+        pl_module._step_stats = recording
+
     def on_train_end(self, trainer, pl_module):
         x, mask = reduction_probe_data(trainer.global_rank)
-        mean, std, n = pl_module._global_mean_std(x[:, 0])
+        # two statistics through one stacked reduction: per-row first column, and the masked entries
+        mean, var, n = ppo_math.masked_moments_many([(x[:, 0], torch.ones_like(x[:, 0])), (x, mask)], pl_module._reduce)
         self.reduced = {
-            "whitened": ppo_math.masked_whiten(x, mask, reduce_fn=pl_module._all_reduce_sum),
-            "mean_std_n": torch.stack([mean, std, n.to(mean.dtype)]),
+            "whitened": ppo_math.masked_whiten(x, mask, reduce_fn=pl_module._reduce),
+            "mean_std_n": torch.stack([mean, var.sqrt(), n]).float(),
             # the helper must not change its input (the strategy reduces in place)
             "input_unchanged": torch.tensor(torch.equal(x, reduction_probe_data(trainer.global_rank)[0])),
         }
@@ -102,6 +115,7 @@ def main(out_dir: str, extra: list[str]) -> None:
         "ppo_step": module.ppo_step,
         "prompt_ids": probe.prompt_ids,
         "logged": probe.logged,
+        "step_stats": probe.step_stats,
         "probe_input": reduction_probe_data(cli.trainer.global_rank),
         "reduced": probe.reduced,
         "log_dir": cli.trainer.log_dir,

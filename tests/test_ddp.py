@@ -8,6 +8,7 @@ are only parsed and their strategies instantiated.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import signal
 import subprocess
@@ -102,12 +103,25 @@ def test_reduction_helpers_equal_statistics_of_the_concatenated_data(ddp_run):
     expected = ppo_math.masked_whiten(x, mask)
     got = torch.cat([r["reduced"]["whitened"] for r in ddp_run.ranks])
     assert_close(got, expected)
-    # _global_mean_std == mean, unbiased std and count of the concatenation
-    first_column = x[:, 0]
-    expected = torch.stack([first_column.mean(), first_column.std(), torch.tensor(float(len(first_column)))])
+    # masked_moments_many with the module's reduce function == mean, unbiased std and count of the concatenation
+    first_column, masked = x[:, 0], x[mask.bool()]
+    expected = torch.tensor([[first_column.mean(), masked.mean()], [first_column.std(), masked.std()],
+                             [float(len(first_column)), float(len(masked))]])
     for record in ddp_run.ranks:
         assert_close(record["reduced"]["mean_std_n"], expected)
         assert bool(record["reduced"]["input_unchanged"])  # the strategy reduces in place: helpers pass a copy
+
+
+def test_every_logged_step_statistic_is_global(ddp_run):
+    # the ranks hold different responses, yet every statistic of a step (rewards, KL, returns, values,
+    # advantages) must be the same number on both: a statistic of the global batch
+    rank0, rank1 = (r["step_stats"] for r in ddp_run.ranks)
+    assert len(rank0) == len(rank1) == PPO_STEPS
+    for step0, step1 in zip(rank0, rank1):
+        assert step0.keys() == step1.keys()
+        assert "ppo/returns/mean" in step0 and "ppo/val/var_explained" in step0
+        different = {k: (step0[k], step1[k]) for k in step0 if not math.isclose(step0[k], step1[k], rel_tol=1e-5, abs_tol=1e-6)}
+        assert not different
 
 
 def test_ddp_writes_logs_checkpoint_and_adapter_once(ddp_run):

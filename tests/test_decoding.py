@@ -30,9 +30,9 @@ def encode(policy):
 
 def sample(policy, limits, min_new_tokens=1, **kwargs):
     ids, mask = encode(policy)
-    start = policy.model.config.decoder_start_token_id if policy.is_seq2seq else None
-    return sample_with_cache(policy.model, policy.value_head, policy.is_seq2seq, ids, mask, torch.tensor(limits),
-                             min_new_tokens, policy.eos_token_id, policy.pad_token_id, start, **kwargs)
+    settings = GenerationSettings(min_new_tokens=min_new_tokens, **kwargs)
+    return sample_with_cache(policy.model, policy.lm, policy.value_head, ids, mask, torch.tensor(limits), settings,
+                             policy.eos_token_id, policy.pad_token_id)
 
 
 def test_logprobs_and_values_equal_the_teacher_forced_forward(policy):

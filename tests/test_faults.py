@@ -17,7 +17,7 @@ from conftest import build_tiny_classifier
 from lit_rlhf.checkpoint import AtomicCheckpointIO
 from lit_rlhf.cli import run
 from lit_rlhf.data import DialogSumDataModule, PromptStreamSampler
-from lit_rlhf.module import PPOModule, PPOSettings, export_atomically
+from lit_rlhf.module import PPOModule, PPOSettings
 from lit_rlhf.policy import GenerationSettings
 from lit_rlhf.rewards import ProfanityReward, Reward
 
@@ -167,16 +167,16 @@ def test_interrupted_checkpoint_write_keeps_the_last_good_file(tmp_path, monkeyp
 def test_interrupted_adapter_export_keeps_the_previous_export(tmp_path, monkeypatch):
     module = small_module()
     target = tmp_path / "adapter"
-    export_atomically(module.policy, target)
+    module.policy.export(target)
     before = sorted(p.name for p in target.iterdir())
 
-    def dies(directory):
+    def dies(directory, **kwargs):
         (Path(directory) / "adapter_config.json").write_text("{")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(module.policy, "save_adapter", dies)
     with pytest.raises(KeyboardInterrupt):
-        export_atomically(module.policy, target)
+        module.policy.export(target)
     assert sorted(p.name for p in target.iterdir()) == before
     assert (target / "adapter_config.json").read_text().startswith("{\n")
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
@@ -253,7 +253,7 @@ def test_eos_first_responses_and_equal_rewards(tmp_path):
     original = module._step_stats
 
     def record(rollout, *args):
-        lengths.append(rollout.response_mask.sum(1))
+        lengths.append(rollout.rows.response_mask.sum(1))
         stats = original(rollout, *args)
         assert all(torch.isfinite(v).all() for v in stats.values())
         return stats
@@ -271,7 +271,7 @@ def test_responses_at_the_maximum_length(tmp_path):
         lambda mod, inp, out: out.index_fill(-1, torch.tensor([eos]), -1e4))
     lengths = []
     original = module._step_stats
-    module._step_stats = lambda rollout, *a: (lengths.append(rollout.response_mask.sum(1)), original(rollout, *a))[1]
+    module._step_stats = lambda rollout, *a: (lengths.append(rollout.rows.response_mask.sum(1)), original(rollout, *a))[1]
     fit(module, tmp_path)
     assert all((n == 5).all() for n in lengths)
 

@@ -29,47 +29,6 @@ def rows(x: torch.Tensor, mask: torch.Tensor, i: int) -> list[float]:
     return x[i][mask[i].bool()].tolist()
 
 
-# ------------------------------------------------------------------ log-probs and entropy
-
-
-def test_logprobs_match_log_softmax_and_chunking_is_exact():
-    torch.manual_seed(0)
-    logits = torch.randn(3, 5, 11) * 4
-    labels = torch.randint(0, 11, (3, 5))
-    expected = torch.log_softmax(logits, -1).gather(-1, labels[..., None])[..., 0]
-    assert_close(ppo.logprobs_from_logits(logits, labels), expected)
-    # 11 logits per row, 13 elements per chunk -> one row per chunk: same numbers
-    assert_close(ppo.logprobs_from_logits(logits, labels, chunk_elements=13), expected)
-
-
-def test_logprobs_hand_computed():
-    # logits [0, ln 3] -> softmax [1/4, 3/4]; log-probs of labels 1 then 0
-    logits = torch.tensor([[[0.0, math.log(3.0)], [0.0, math.log(3.0)]]])
-    out = ppo.logprobs_from_logits(logits, torch.tensor([[1, 0]]))
-    assert_close(out, torch.tensor([[math.log(0.75), math.log(0.25)]]))
-
-
-def test_logprobs_gradient_matches_log_softmax():
-    torch.manual_seed(1)
-    a = torch.randn(2, 3, 7, requires_grad=True)
-    b = a.detach().clone().requires_grad_(True)
-    labels = torch.randint(0, 7, (2, 3))
-    ppo.logprobs_from_logits(a, labels).sum().backward()
-    torch.log_softmax(b, -1).gather(-1, labels[..., None]).sum().backward()
-    assert_close(a.grad, b.grad)
-
-
-def test_logprobs_half_precision_upcast():
-    logits = torch.randn(1, 2, 5).bfloat16()
-    assert ppo.logprobs_from_logits(logits, torch.zeros(1, 2, dtype=torch.long)).dtype == torch.float32
-
-
-def test_entropy_uniform_and_one_hot():
-    # uniform over 4 -> ln 4; a near one-hot distribution -> ~0
-    logits = torch.stack([torch.zeros(4), torch.tensor([100.0, 0, 0, 0])])[None]  # [1, 2, 4]
-    assert_close(ppo.entropy_from_logits(logits), torch.tensor([[math.log(4.0), 0.0]]), atol=1e-5, rtol=0)
-
-
 # ------------------------------------------------------------------ masked statistics
 
 
@@ -135,14 +94,12 @@ def test_kl_estimators_hand_computed():
     assert_close(ppo.kl_penalty(logp, ref, "mse"), torch.tensor([[0.125, 0.5]]))
 
 
-def test_kl_full_equals_exact_kl():
-    # p = [1/2, 1/2], q = [1/4, 3/4]: KL = 1/2 ln 2 + 1/2 ln(2/3)
-    p = torch.log(torch.tensor([[[0.5, 0.5]]]))
-    q = torch.log(torch.tensor([[[0.25, 0.75]]]))
-    out = ppo.kl_penalty(p[..., 0], q[..., 0], "full", full_logprobs=p, full_ref_logprobs=q)
-    assert_close(out, torch.tensor([[0.5 * math.log(2.0) + 0.5 * math.log(2.0 / 3.0)]]))
+def test_kl_full_is_refused_from_sampled_logprobs():
+    # the exact KL needs both distributions: the policy computes it (tests/test_lm.py), not kl_penalty
+    p = torch.log(torch.tensor([[0.5]]))
+    q = torch.log(torch.tensor([[0.25]]))
     with pytest.raises(ValueError, match="full"):
-        ppo.kl_penalty(p[..., 0], q[..., 0], "full")
+        ppo.kl_penalty(p, q, "full")
     with pytest.raises(ValueError, match="kl_estimator"):
         ppo.kl_penalty(p[..., 0], q[..., 0], "bogus")
 
@@ -152,10 +109,10 @@ def test_compute_rewards_places_score_on_each_last_token():
     ref = torch.tensor([[-1.5, -1.0, -0.5], [-2.0, -1.0, -2.0], [-1.0, -1.0, -1.0]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 1]])  # full, shorter, hole in the middle
     scores = torch.tensor([10.0, 20.0, 30.0])
-    rewards, non_score, kl = ppo.compute_rewards(scores, logp, ref, mask, kl_coef=0.1)
-    # kl (k1) = logp - ref, masked: row 0 [0.5, 0, -0.5]; row 1 [0, -1, 0]; row 2 [0, 0, 0]
-    assert_close(kl, torch.tensor([[0.5, 0.0, -0.5], [0.0, -1.0, 0.0], [0.0, 0.0, 0.0]]))
-    assert_close(non_score, -0.1 * kl)
+    # kl (k1) = logp - ref; unmasked it is row 0 [0.5, 0, -0.5]; row 1 [0, -1, 0]; row 2 [0, 0, 0]
+    rewards, non_score = ppo.compute_rewards(scores, ppo.kl_penalty(logp, ref, "kl"), mask, kl_coef=0.1)
+    # masked positions get no penalty even when the KL given there is not 0
+    assert_close(non_score, -0.1 * torch.tensor([[0.5, 0.0, -0.5], [0.0, -1.0, 0.0], [0.0, 0.0, 0.0]]))
     expected = torch.tensor([[-0.05, 0.0, 0.05 + 10.0], [0.0, 0.1 + 20.0, 0.0], [0.0, 0.0, 30.0]])
     assert_close(rewards, expected)
 
@@ -210,7 +167,7 @@ def test_rewards_then_gae_equal_loop_on_padded_batch():
     logp, ref, values = torch.randn(3, 5), torch.randn(3, 5), torch.randn(3, 5)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
     scores = torch.tensor([1.0, -2.0, 0.5])
-    rewards, _, _ = ppo.compute_rewards(scores, logp, ref, mask, kl_coef=0.2)
+    rewards, _ = ppo.compute_rewards(scores, ppo.kl_penalty(logp, ref), mask, kl_coef=0.2)
     adv, _ = ppo.compute_gae(rewards, values, mask, gamma=1.0, lam=0.95)
     for i in range(3):
         n = int(mask[i].sum())

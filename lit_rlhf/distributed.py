@@ -1,0 +1,103 @@
+"""What several processes must agree on: reductions, decisions, sharded weights, per-rank draws.
+
+Every function takes the Lightning ``trainer`` (or None outside a run) and is the identity, or the obvious
+local answer, in a single process. Reductions sum *sums and counts*, never per-rank means, so a statistic
+over all processes equals the one a single process would compute over the whole global batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def world_size(trainer: Any) -> int:
+    return 1 if trainer is None else int(trainer.world_size)
+
+
+def all_reduce_sum(trainer: Any, t: Tensor) -> Tensor:
+    """Element-wise sum of ``t`` over all processes (a new tensor; ``t`` is untouched)."""
+    if world_size(trainer) <= 1:
+        return t
+    return trainer.strategy.reduce(t.clone(), reduce_op="sum")  # the strategy reduces in place
+
+
+def all_reduce_max(trainer: Any, t: Tensor) -> Tensor:
+    if world_size(trainer) <= 1:
+        return t
+    return trainer.strategy.reduce(t.clone(), reduce_op="max")
+
+
+def any_rank(trainer: Any, flag: bool, device: torch.device | None = None) -> bool:
+    """True if ``flag`` is true on any process. Skip decisions must agree on all ranks, or the next
+    collective (DDP's gradient all-reduce, a sharded forward) would hang."""
+    if world_size(trainer) <= 1:
+        return bool(flag)
+    return bool(all_reduce_sum(trainer, torch.tensor([float(flag)], device=device)).item() > 0)
+
+
+def gather_objects(trainer: Any, rows: list) -> list:
+    """Every rank's list, concatenated in rank order (the identity in a single process)."""
+    dist = torch.distributed
+    if world_size(trainer) <= 1 or not dist.is_available() or not dist.is_initialized():
+        return rows
+    gathered: list[Any] = [None] * world_size(trainer)
+    dist.all_gather_object(gathered, rows)
+    return [row for part in gathered for row in part]
+
+
+def weights_sharded(trainer: Any) -> bool:
+    """True under a multi-process strategy that shards the weights (FSDP, DeepSpeed ZeRO-3)."""
+    if world_size(trainer) <= 1:
+        return False
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(trainer.strategy, FSDPStrategy) or bool(getattr(trainer.strategy, "zero_stage_3", False))
+
+
+def synced_gpus(trainer: Any) -> bool | None:
+    """``generate``'s ``synced_gpus``: with sharded weights every forward is a collective, so each process
+    keeps decoding until all are done; otherwise None (transformers decides, as in a single process)."""
+    return True if weights_sharded(trainer) else None
+
+
+def draw_length_limits(generator: torch.Generator, low: int, high: int, batch: int, trainer: Any) -> Tensor:
+    """Each sample's maximum number of new tokens [batch], uniform in [low, high).
+
+    Every process draws the limits of the whole global batch (world x batch) from the same generator and
+    keeps its own slice: processes get different limits, the generators stay in step (so rank zero's
+    checkpoint resumes every rank), and a single process draws exactly what ``Policy.generate`` would."""
+    world = world_size(trainer)
+    rank = 0 if trainer is None else int(trainer.global_rank)
+    limits = torch.randint(low, high, (world * batch,), generator=generator)  # [W * B]
+    return limits[rank * batch : (rank + 1) * batch]
+
+
+@contextmanager
+def full_weights(trainer: Any, module: nn.Module, prefix: str = "policy.") -> Iterator[dict[str, Tensor] | None]:
+    """The complete weights of ``module`` (the LightningModule's attribute named by ``prefix``) for export.
+
+    A collective under FSDP and DeepSpeed ZeRO-3: every rank must enter. Yields the full state dict (FSDP: on
+    rank zero; empty elsewhere), or None when the module's own parameters are complete (one process, DDP,
+    ZeRO-1/2, and ZeRO-3 inside the gather)."""
+    strategy = trainer.strategy
+    if not weights_sharded(trainer):
+        yield None
+    elif getattr(strategy, "zero_stage_3", False):
+        import deepspeed
+
+        params = [p for p in module.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield None
+    else:
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+        with FSDP.state_dict_type(strategy.model, StateDictType.FULL_STATE_DICT, config):
+            state = strategy.model.state_dict()  # keys as the LightningModule's: "policy.model...."
+        yield {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -1,0 +1,179 @@
+"""The one place where seq2seq and decoder-only language models differ, and token log-probability ops.
+
+Callers see "query ids, response ids, response mask" for both kinds. :class:`Seq2SeqLM` and :class:`CausalLM`
+implement the same small interface, used by the teacher-forced forward (``Policy``) and by the KV-cached
+decode loop (``lit_rlhf.decoding``), so the two paths cannot disagree on positions or padding:
+
+* seq2seq (T5): the query feeds the encoder (right-padded); the decoder starts from
+  ``decoder_start_token_id``, which is not a response token. Decoder position ``t`` predicts response token
+  ``t``; every generated token, including the first, is scored.
+* causal (GPT-2, Llama): the query is left-padded and the response appended; position ``P - 1 + t`` (P the
+  padded query length) predicts response token ``t``. Position ids come from the attention mask, as
+  ``generate`` computes them, so left padding does not shift positions.
+
+Shapes: B batch, P query tokens, T response tokens, V vocabulary, H hidden size; b rows still decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor, chunk_elements: int = 2**24) -> Tensor:
+    """Log-probability of each chosen token: ``log softmax(logits)[label]``.
+
+    logits: [B, T, V], labels: [B, T] -> [B, T] (float32 for half-precision logits).
+
+    Computed as ``logit[label] - logsumexp(logits)``: unlike ``log_softmax``, autograd keeps no [B, T, V]
+    copy for the backward pass (logsumexp saves only its [B, T] result), and the forward temporary is
+    bounded by processing at most ``chunk_elements`` logits at a time.
+    """
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    chosen = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1)  # [B, T]
+    flat = logits.reshape(-1, logits.shape[-1])  # [B*T, V] (a view)
+    rows = max(1, chunk_elements // flat.shape[-1])
+    lse = torch.cat([torch.logsumexp(part, dim=-1) for part in flat.split(rows)])  # [B*T]
+    return chosen - lse.view(chosen.shape)
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of the categorical distribution at every position: ``H = lse(z) - sum softmax(z) z``.
+
+    logits: [B, T, V] -> [B, T].
+    """
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    probs = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+
+
+def trim_batch(
+    query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor, left_padded_query: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Drop padding columns that every row of this (mini-)batch has, so a forward pays only for what it needs.
+
+    query: [B, P] -> [B, P'] (left or right side, as the query is padded); response: [B, T] -> [B, T']."""
+    q_used = query_mask.any(0).nonzero()
+    p0, p1 = (int(q_used.min()), int(q_used.max()) + 1) if len(q_used) else (0, 1)
+    if left_padded_query:
+        p1 = query_mask.shape[1]
+    else:
+        p0 = 0
+    t1 = max(1, int(response_mask.sum(1).max()))
+    return query_ids[:, p0:p1], query_mask[:, p0:p1], response_ids[:, :t1], response_mask[:, :t1]
+
+
+@dataclass
+class DecodeState:
+    """A KV-cached decode in progress: the rows still running, and what their next step needs."""
+
+    cache: Any
+    step_input: Tensor  # [b, 1] (the whole query [b, P] before the first causal step)
+    attention: Tensor  # [b, P] seq2seq (encoder mask), [b, P + t] causal
+    context: Tensor  # seq2seq: encoder states [b, P, H]; causal: position ids of step_input [b, *]
+
+
+class Seq2SeqLM:
+    """Encoder-decoder models (T5)."""
+
+    is_seq2seq = True
+    query_padding_side = "right"
+
+    def __init__(self, config: Any) -> None:
+        self.decoder_start_token_id = config.decoder_start_token_id
+
+    def teacher_forced(
+        self, model: nn.Module, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Logits [B, T, V] and last hidden states [B, T, H] at the positions that predict each response token."""
+        start = torch.full_like(response_ids[:, :1], self.decoder_start_token_id)
+        # shift right: decoder input t is response token t - 1, so position t predicts response token t
+        decoder_input_ids = torch.cat([start, response_ids[:, :-1]], dim=1)
+        decoder_mask = torch.cat([torch.ones_like(start), response_mask[:, :-1]], dim=1)
+        out = model(
+            input_ids=query_ids, attention_mask=query_mask, decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_mask, output_hidden_states=True, use_cache=False,
+        )
+        return out.logits, out.decoder_hidden_states[-1]
+
+    def start(self, model: nn.Module, query_ids: Tensor, query_mask: Tensor) -> DecodeState:
+        # the encoder runs once; every decode step attends to its states
+        encoder_hidden = model.get_encoder()(input_ids=query_ids, attention_mask=query_mask).last_hidden_state
+        step_input = torch.full((query_ids.shape[0], 1), self.decoder_start_token_id, dtype=torch.long,
+                                device=query_ids.device)
+        return DecodeState(EncoderDecoderCache(DynamicCache(), DynamicCache()), step_input, query_mask, encoder_hidden)
+
+    def step(self, model: nn.Module, state: DecodeState) -> tuple[Tensor, Tensor]:
+        """One decoder step for the running rows: logits [b, V] and last hidden state [b, H] of the newest position."""
+        out = model(encoder_outputs=(state.context,), attention_mask=state.attention, decoder_input_ids=state.step_input,
+                    past_key_values=state.cache, use_cache=True, output_hidden_states=True)
+        state.cache = out.past_key_values
+        return out.logits[:, -1], out.decoder_hidden_states[-1][:, -1]
+
+    def advance(self, state: DecodeState, token: Tensor) -> None:
+        state.step_input = token[:, None]
+
+    def select(self, state: DecodeState, keep: Tensor) -> None:
+        """Keep only the rows ``keep`` (indices into the running rows), cache included."""
+        state.cache.batch_select_indices(keep)
+        state.attention, state.context = state.attention[keep], state.context[keep]
+
+
+class CausalLM:
+    """Decoder-only models (GPT-2, Llama)."""
+
+    is_seq2seq = False
+    query_padding_side = "left"
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    def teacher_forced(
+        self, model: nn.Module, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Logits [B, T, V] and last hidden states [B, T, H] at the positions that predict each response token."""
+        t = response_ids.shape[1]
+        input_ids = torch.cat([query_ids, response_ids], dim=1)
+        attention_mask = torch.cat([query_mask, response_mask], dim=1)
+        out = model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
+            output_hidden_states=True, use_cache=False, logits_to_keep=t + 1,
+        )
+        # the last query position predicts response token 0; the last response position predicts nothing
+        return out.logits[:, :-1], out.hidden_states[-1][:, -t - 1 : -1]
+
+    def start(self, model: nn.Module, query_ids: Tensor, query_mask: Tensor) -> DecodeState:
+        return DecodeState(DynamicCache(), query_ids, query_mask, _positions(query_mask))
+
+    def step(self, model: nn.Module, state: DecodeState) -> tuple[Tensor, Tensor]:
+        out = model(input_ids=state.step_input, attention_mask=state.attention, position_ids=state.context,
+                    past_key_values=state.cache, use_cache=True, output_hidden_states=True, logits_to_keep=1)
+        state.cache = out.past_key_values
+        return out.logits[:, -1], out.hidden_states[-1][:, -1]
+
+    def advance(self, state: DecodeState, token: Tensor) -> None:
+        state.step_input = token[:, None]
+        state.attention = torch.cat([state.attention, state.attention.new_ones(state.attention.shape[0], 1)], dim=1)
+        state.context = state.context[:, -1:] + 1
+
+    def select(self, state: DecodeState, keep: Tensor) -> None:
+        state.cache.batch_select_indices(keep)
+        state.attention, state.context = state.attention[keep], state.context[keep]
+
+    def max_positions(self) -> int | None:
+        return getattr(self.config, "n_positions", None) or getattr(self.config, "max_position_embeddings", None)
+
+
+def _positions(attention_mask: Tensor) -> Tensor:
+    # positions as generate() computes them for left-padded queries
+    return (attention_mask.cumsum(1) - 1).clamp(min=0)
+
+
+def lm_kind(config: Any) -> Seq2SeqLM | CausalLM:
+    """The adapter for a Hugging Face model config."""
+    return Seq2SeqLM(config) if getattr(config, "is_encoder_decoder", False) else CausalLM(config)

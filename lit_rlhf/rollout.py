@@ -1,0 +1,119 @@
+"""The one generate -> decode -> score path: training, validation/test, prediction and the toxicity callback.
+
+    generate_responses   prompts fitted to the context, one batched sampling call (``generate``, or the
+                         cached loop of ``lit_rlhf.decoding`` with fast rollout), responses decoded
+    score_responses      the reward's scores, or the reason they are unusable (non-finite)
+    collect              both, timed per phase
+    evaluation_rng       seeded sampling for measurements, isolated from the training run's random stream
+
+Log-probabilities of the collected responses come from ``Policy.score`` (one group loop for every caller).
+Shapes: B rows, P query tokens, T response tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities.seed import isolate_rng
+from torch import Tensor
+
+from lit_rlhf.decoding import SampledRollout
+from lit_rlhf.policy import Policy, ResponseBatch
+from lit_rlhf.rewards import NonFiniteRewardError, Reward
+from lit_rlhf.settings import GenerationSettings
+
+Timer = Callable[[str], AbstractContextManager]
+
+
+@dataclass
+class Generated:
+    """Responses to one batch of prompts, decoded and (after ``score_responses``) scored."""
+
+    rows: ResponseBatch  # query [B, P] as fitted for generation, response [B, T]
+    texts: list[str]  # decoded responses
+    prompts: list[str]
+    references: list[Any] | None
+    sampled: SampledRollout | None = None  # fast rollout: log-probs and values kept while sampling
+    scores: Tensor | None = None  # [B] the reward's raw scores
+    reward_error: str | None = None  # why the scores are unusable (non-finite), if they are
+
+
+@dataclass
+class Rollout:
+    """One PPO step's experience; tensors are [B, P] (query) or [B, T] (response)."""
+
+    rows: ResponseBatch
+    scores: Tensor  # [B] shaped (scaled, clipped) scores used for the advantages
+    logprobs: Tensor
+    values: Tensor
+    ref_logprobs: Tensor
+    groups: list[Tensor]  # mini-batch row indices of the first epoch (the rollout's scoring used the same)
+    kl: Tensor | None = None  # [B, T] exact per-token KL (kl_estimator "full")
+    prompts: list[str] = field(default_factory=list)
+    responses: list[str] = field(default_factory=list)
+    raw_scores: Tensor | None = None  # [B] the reward's scores before scaling/clipping
+
+
+@torch.no_grad()
+def generate_responses(
+    policy: Policy, batch: dict[str, Any], settings: GenerationSettings, limits: Tensor, fast: bool = False,
+    synced_gpus: bool | None = None,
+) -> Generated:
+    """Sample one response per prompt of a collated batch (``input_ids``, ``attention_mask`` on the policy's
+    device, ``query``, and optionally ``reference``), each within its own length limit ``limits`` [B], and decode them.
+
+    A decoder-only model's prompts are first cut to fit its context with the longest response. ``fast``: the
+    cached loop that keeps the sampled tokens' log-probs and values (not with sharded weights). ``synced_gpus``:
+    keep decoding until every process is done (needed when every forward is a collective, FSDP/ZeRO-3)."""
+    query_ids, query_mask = policy.fit_prompts(batch["input_ids"], batch["attention_mask"], settings.max_new_tokens[1])
+    sampled = None
+    if fast:
+        sampled = policy.sample(query_ids, query_mask, settings, limits)
+        response_ids, response_mask = sampled.response_ids, sampled.response_mask
+    else:
+        response_ids, response_mask = policy.generate(
+            query_ids, query_mask, settings, max_new_tokens=limits, synced_gpus=synced_gpus
+        )
+    rows = ResponseBatch(query_ids, query_mask, response_ids, response_mask)
+    texts = policy.decode(response_ids, response_mask)
+    return Generated(rows, texts, list(batch["query"]), batch.get("reference"), sampled)
+
+
+def score_responses(reward: Reward, generated: Generated) -> Generated:
+    """Score the responses; non-finite scores are recorded as ``reward_error`` (the caller decides to skip).
+    Wrong shapes or counts still raise: they are bugs that no retry fixes."""
+    try:
+        generated.scores = reward(generated.prompts, generated.texts, references=generated.references)
+    except NonFiniteRewardError as err:
+        generated.scores, generated.reward_error = None, str(err)
+    return generated
+
+
+def collect(
+    policy: Policy, reward: Reward, batch: dict[str, Any], settings: GenerationSettings, limits: Tensor,
+    fast: bool = False, synced_gpus: bool | None = None, timer: Timer | None = None,
+) -> Generated:
+    """generate -> decode -> score, each phase inside ``timer(name)`` (``time/ppo/generate``, ``.../reward``)."""
+    timer = timer or (lambda name: nullcontext())
+    with timer("time/ppo/generate"):
+        generated = generate_responses(policy, batch, settings, limits, fast, synced_gpus)
+    with timer("time/ppo/reward"):
+        return score_responses(reward, generated)
+
+
+@contextmanager
+def evaluation_rng(seed: int, batch_size: int, settings: GenerationSettings) -> Iterator[Tensor]:
+    """Seeded randomness for a measurement: inside, torch's global generators (CPU and every CUDA device)
+    start from ``seed``; yields the batch's length limits [batch_size], drawn from their own generator seeded
+    the same way. Every global RNG (torch, CUDA, Python, NumPy) comes back afterwards, so a measurement (a
+    validation pass during fit, the toxicity callback) never shifts the training run's random stream, and the
+    same seed gives the same samples before and after training, on any process."""
+    low, high = settings.max_new_tokens
+    limits = torch.randint(low, high, (batch_size,), generator=torch.Generator().manual_seed(seed))
+    with isolate_rng(include_cuda=True):
+        torch.manual_seed(seed)
+        yield limits

@@ -1,0 +1,198 @@
+"""Typed settings groups: the docstring under each field becomes its ``--help`` text in LightningCLI.
+
+Each group validates itself (``errors()``, a list of messages that name the flag to change), and
+:func:`check` raises one ``ValueError`` listing every problem, before anything is loaded or written. Choice
+lists have one source: the ``Literal`` type, read with ``typing.get_args``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, get_args
+
+from lit_rlhf.ppo import KLEstimator
+
+LoraBias = Literal["none", "all", "lora_only"]
+Precision = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass
+class LoraSettings:
+    """The LoRA adapter trained by PPO (peft)."""
+
+    r: int = 32
+    """Rank of the LoRA update matrices."""
+    alpha: int = 32
+    """LoRA scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input (active only when dropout is on in the PPO update, see ``train_dropout``)."""
+    target_modules: list[str] | None = None
+    """Module names that get an adapter. None: peft's default for the architecture (T5: q, v; GPT-2:
+    c_attn; Llama: q_proj, v_proj)."""
+    bias: LoraBias = "none"
+    """Which biases are trained with the adapter."""
+
+    def errors(self, prefix: str = "model.lora") -> list[str]:
+        errors = []
+        if self.r < 1 or self.alpha <= 0:
+            errors.append(f"{prefix}.r and {prefix}.alpha must be > 0, got {self.r}, {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            errors.append(f"{prefix}.dropout must lie in [0, 1), got {self.dropout}")
+        errors += _choice(self.bias, f"{prefix}.bias", LoraBias)
+        return errors
+
+
+@dataclass
+class GenerationSettings:
+    """How responses are sampled in the rollout (one batched call per PPO step)."""
+
+    min_new_tokens: int = 4
+    """End-of-sequence is blocked until this many tokens were generated. The FLAN-T5 recipe's
+    ``min_length=5`` counts T5's decoder start token, i.e. 4 new tokens."""
+    max_new_tokens: tuple[int, int] = (100, 400)
+    """Each response's maximum length is drawn per sample, uniformly from [low, high) as the recipe's
+    length sampler does; a response stops at its own draw or at end-of-sequence. (n, n + 1) fixes it at n."""
+    do_sample: bool = True
+    """Sample (True) or decode greedily (False)."""
+    top_k: int = 0
+    """Top-k filtering; 0 disables it (the recipe samples from the full distribution)."""
+    top_p: float = 1.0
+    """Nucleus filtering; 1.0 disables it."""
+    temperature: float = 1.0
+    """Softmax temperature for sampling. The PPO log-probabilities are those of the temperature-1 policy,
+    so values other than 1.0 make the rollout off-policy."""
+
+    def __post_init__(self) -> None:
+        self.max_new_tokens = tuple(self.max_new_tokens)  # a YAML list or a checkpoint's list
+
+    def errors(self, prefix: str = "model.generation") -> list[str]:
+        errors = []
+        if len(self.max_new_tokens) != 2 or not (0 < self.max_new_tokens[0] < self.max_new_tokens[1]):
+            errors.append(
+                f"{prefix}.max_new_tokens must be [low, high) with 0 < low < high, got {list(self.max_new_tokens)}"
+            )
+        if self.min_new_tokens < 0:
+            errors.append(f"{prefix}.min_new_tokens must be >= 0, got {self.min_new_tokens}")
+        if self.top_k < 0:
+            errors.append(f"{prefix}.top_k must be >= 0 (0: off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            errors.append(f"{prefix}.top_p must lie in (0, 1], got {self.top_p}")
+        if not self.temperature > 0:
+            errors.append(f"{prefix}.temperature must be > 0, got {self.temperature}")
+        return errors
+
+
+@dataclass
+class PPOSettings:
+    """PPO hyperparameters (defaults: the FLAN-T5 detoxification recipe, i.e. TRL 0.11's defaults)."""
+
+    ppo_epochs: int = 1
+    """Passes over each rollout batch."""
+    init_kl_coef: float = 0.2
+    """Initial KL penalty coefficient beta."""
+    adaptive_kl: bool = True
+    """Adapt beta towards ``kl_target`` (Ziegler et al. 2019); False keeps it fixed at ``init_kl_coef``."""
+    kl_target: float = 6.0
+    """Target KL (nats per response) of the adaptive controller."""
+    kl_horizon: int = 10000
+    """Horizon of the adaptive controller, in samples."""
+    kl_estimator: KLEstimator = "kl"
+    """Per-token KL estimator in the reward penalty: kl (k1), abs, mse (k2), full (exact over the vocabulary)."""
+    gamma: float = 1.0
+    """Discount factor."""
+    lam: float = 0.95
+    """GAE lambda."""
+    cliprange: float = 0.2
+    """Policy ratio clipping epsilon."""
+    cliprange_value: float = 0.2
+    """Value clipping epsilon."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    max_grad_norm: float | None = None
+    """Clip the gradient norm of the trainable parameters to this value (None: no clipping)."""
+    ratio_threshold: float = 10.0
+    """Skip a mini-batch whose mean importance ratio exceeds this (guards against policy collapse)."""
+    whiten_advantages: bool = True
+    """Whiten advantages over the whole (global) rollout batch."""
+    score_scale: float = 1.0
+    """Multiply rewards from the reward model by this before use."""
+    score_clip: float | None = None
+    """Clip scaled rewards to [-score_clip, score_clip] (None: no clipping)."""
+    sort_by_length: bool = True
+    """Group responses of similar length into mini-batches (less padding, faster); the mini-batch order is
+    still shuffled."""
+
+    def errors(self, prefix: str = "model.ppo") -> list[str]:
+        errors = []
+        if self.ppo_epochs <= 0:
+            errors.append(f"{prefix}.ppo_epochs must be > 0, got {self.ppo_epochs}")
+        errors += _choice(self.kl_estimator, f"{prefix}.kl_estimator", KLEstimator)
+        if not (0.0 <= self.gamma <= 1.0) or not (0.0 <= self.lam <= 1.0):
+            errors.append(f"{prefix}.gamma and {prefix}.lam must lie in [0, 1], got {self.gamma}, {self.lam}")
+        if self.cliprange <= 0 or self.cliprange_value <= 0:
+            errors.append(f"{prefix}.cliprange and {prefix}.cliprange_value must be > 0")
+        if self.adaptive_kl and (self.kl_target <= 0 or self.kl_horizon <= 0):
+            errors.append(f"{prefix}.kl_target and {prefix}.kl_horizon must be > 0 with adaptive_kl")
+        if self.init_kl_coef < 0:
+            errors.append(f"{prefix}.init_kl_coef must be >= 0, got {self.init_kl_coef}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            errors.append(f"{prefix}.max_grad_norm must be > 0 (or null), got {self.max_grad_norm}")
+        if self.score_clip is not None and not self.score_clip > 0:
+            errors.append(f"{prefix}.score_clip must be > 0 (or null), got {self.score_clip}")
+        if not self.ratio_threshold > 0:
+            errors.append(f"{prefix}.ratio_threshold must be > 0, got {self.ratio_threshold}")
+        return errors
+
+
+def _choice(value: Any, flag: str, choices_type: Any) -> list[str]:
+    choices = get_args(choices_type)
+    return [] if value in choices else [f"{flag} must be one of {list(choices)}, got {value!r}"]
+
+
+def as_settings(cls: type, value: Any) -> Any:
+    """A settings object from itself or from the plain dict a checkpoint's hyperparameters hold."""
+    return cls(**value) if isinstance(value, dict) else value
+
+
+def plain(settings: Any) -> dict[str, Any]:
+    """A settings object as a plain dict (checkpoints then load with ``torch.load(weights_only=True)``)."""
+    return asdict(settings)
+
+
+def run_errors(
+    ppo_steps: int | None, learning_rate: float, rollout_batch_size: int, mini_batch_size: int,
+    max_consecutive_skips: int,
+) -> list[str]:
+    """Problems with the module-level run settings; messages name the flag."""
+    errors = []
+    if mini_batch_size <= 0 or rollout_batch_size <= 0:
+        errors.append(f"model.mini_batch_size ({mini_batch_size}) and data.batch_size ({rollout_batch_size}) must be > 0")
+    elif rollout_batch_size % mini_batch_size:
+        errors.append(
+            f"model.mini_batch_size={mini_batch_size} must divide the rollout batch data.batch_size={rollout_batch_size}"
+        )
+    if ppo_steps is not None and ppo_steps <= 0:
+        errors.append(f"model.ppo_steps must be > 0 (or null), got {ppo_steps}")
+    if not learning_rate > 0 or not math.isfinite(learning_rate):
+        errors.append(f"model.learning_rate must be a positive number, got {learning_rate}")
+    if max_consecutive_skips < 1:
+        errors.append(f"model.max_consecutive_skips must be >= 1, got {max_consecutive_skips}")
+    return errors
+
+
+def check(errors: list[str]) -> None:
+    """Raise one ValueError that lists every problem (none: return)."""
+    if errors:
+        raise ValueError("Invalid settings:\n  - " + "\n  - ".join(errors))
+
+
+def check_precision(precision: Any) -> None:
+    """Refuse float16 mixed precision: PPO's guards read the gradients before a GradScaler would unscale them
+    (scaled overflows would count as unsafe updates and the scale would never adapt). bfloat16 has float32's
+    range and needs no scaler."""
+    if str(precision).startswith("16"):
+        raise ValueError(
+            f"trainer.precision={precision!r} (float16 with a gradient scaler) is not supported by lit_rlhf's "
+            "manual PPO update; use trainer.precision=bf16-mixed (or bf16-true), which needs no loss scaling"
+        )
