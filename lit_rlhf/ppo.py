@@ -86,6 +86,35 @@ def masked_moments_many(
     return mean, var, n
 
 
+def rollout_statistics(
+    scores: Tensor, kl: Tensor, non_score: Tensor, logprobs: Tensor, values: Tensor, returns: Tensor,
+    raw_advantages: Tensor, advantages: Tensor, response_mask: Tensor, reward_parts: dict[str, Tensor],
+    reduce_fn: ReduceFn = _identity,
+) -> dict[str, Tensor]:
+    """A PPO step's logged statistics over the global batch, with ONE reduction over processes.
+
+    scores, kl (per response): [B]; reward_parts: name -> [B]; the rest [B, T] with the response mask.
+    Names as other RLHF tools log them; ``ppo/val/var_explained`` is 1 - Var[R - V] / Var[R]; the entropy is
+    the sampled estimate -sum_t log pi(a_t) per response.
+    """
+    per_sample = {"env/reward": scores.float(), "objective/kl": kl, "objective/entropy": -(logprobs * response_mask).sum(1),
+                  "tokens/responses_len_mean": response_mask.sum(1).float(), "ppo/mean_non_score_reward": non_score.sum(1),
+                  **{f"env/reward/{name}_mean": part.float() for name, part in reward_parts.items()}}
+    per_token = {"ppo/returns": returns, "ppo/val": values, "residual": returns - values,
+                 "ppo/policy/advantages_mean": advantages, "ppo/policy/advantages_raw_mean": raw_advantages}
+    ones = torch.ones_like(kl)
+    names = [*per_sample, *per_token]
+    pairs = [(v, ones) for v in per_sample.values()] + [(v, response_mask) for v in per_token.values()]
+    means, variances, _ = masked_moments_many(pairs, reduce_fn)
+    mean, var = dict(zip(names, means.float().unbind())), dict(zip(names, variances.float().unbind()))
+    out = {k: mean[k] for k in names if k not in ("env/reward", "ppo/returns", "ppo/val", "residual")}
+    return {**out, "env/reward_mean": mean["env/reward"], "env/reward_std": var["env/reward"].sqrt(),
+            "ppo/mean_scores": mean["env/reward"],
+            "ppo/returns/mean": mean["ppo/returns"], "ppo/returns/var": var["ppo/returns"],
+            "ppo/val/mean": mean["ppo/val"], "ppo/val/var": var["ppo/val"],
+            "ppo/val/var_explained": 1.0 - var["residual"] / var["ppo/returns"].clamp(min=1e-8)}
+
+
 def masked_var(x: Tensor, mask: Tensor, reduce_fn: ReduceFn = _identity) -> Tensor:
     """Unbiased variance of the masked entries of x: [B, T] -> scalar."""
     return masked_moments(x, mask, reduce_fn)[1]
@@ -131,6 +160,23 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator = 
     if estimator == "full":
         raise ValueError("kl_estimator='full' needs the full distributions: take the KL from Policy.score(full_kl=True)")
     raise ValueError(f"Unknown kl_estimator {estimator!r}; choose one of {KL_ESTIMATORS}")
+
+
+def shape_scores(scores: Tensor, scale: float = 1.0, clip: float | None = None) -> Tensor:
+    """Scores as PPO uses them: ``clip(scale * r, -clip, clip)`` (no clipping when ``clip`` is None). [B] -> [B]."""
+    scores = scores.float() * scale
+    return scores if clip is None else scores.clamp(-clip, clip)
+
+
+def minibatch_groups(lengths: Tensor, size: int, by_length: bool) -> list[Tensor]:
+    """Row indices of each mini-batch of ``size`` rows, the mini-batches in random order.
+
+    lengths: [B] response lengths. ``by_length``: rows of similar length together (a stable sort, so less
+    padding per forward); otherwise a random permutation of the rows. Draws from torch's global RNG.
+    """
+    order = torch.argsort(lengths, stable=True) if by_length else torch.randperm(len(lengths))
+    groups = list(order.split(size))
+    return [groups[i] for i in torch.randperm(len(groups)).tolist()]
 
 
 def last_token_index(response_mask: Tensor) -> Tensor:
@@ -259,6 +305,25 @@ def ppo_diagnostics(
         "policy/ratio_mean": masked_mean(ratio, mask),
         "policy/ratio_max": ratio.masked_fill(~response_mask.bool(), float("-inf")).max(),
     }
+
+
+def ppo_objective(
+    logprobs: Tensor, old_logprobs: Tensor, values: Tensor, old_values: Tensor, advantages: Tensor,
+    returns: Tensor, response_mask: Tensor, clip_range: float, clip_range_value: float, vf_coef: float,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """One mini-batch's PPO loss ``L_clip + vf_coef * L_value`` (arXiv:1707.06347 eq. 9, as a loss to
+    minimise) and its diagnostics (``loss/...``, ``val/vpred``, ``val/error`` and :func:`ppo_diagnostics`),
+    all [B, T] inputs with the response mask."""
+    pg_loss = policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_range)
+    vf_loss = value_loss(values, old_values, returns, response_mask, clip_range_value)
+    loss = pg_loss + vf_coef * vf_loss
+    with torch.no_grad():
+        stats = {
+            "loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "loss/total": loss.detach(),
+            "val/vpred": masked_mean(values, response_mask), "val/error": masked_mean((values - returns).square(), response_mask),
+            **ppo_diagnostics(logprobs, old_logprobs, values, old_values, response_mask, clip_range, clip_range_value),
+        }
+    return loss, stats
 
 
 # --------------------------------------------------------------------------------------------------

@@ -117,3 +117,33 @@ def evaluation_rng(seed: int, batch_size: int, settings: GenerationSettings) -> 
     with isolate_rng(include_cuda=True):
         torch.manual_seed(seed)
         yield limits
+
+
+@torch.no_grad()
+def evaluate(
+    policy: Policy, reward: Reward, batch: dict[str, Any], settings: GenerationSettings, seed: int,
+    group_size: int, synced_gpus: bool | None = None,
+) -> dict[str, Tensor]:
+    """Reward, KL to the reference (nats per response) and response length of responses sampled on held-out
+    prompts, with seeded randomness isolated from training (a validation pass leaves a resume exact)."""
+    with evaluation_rng(seed, len(batch["input_ids"]), settings) as limits:
+        generated = collect(policy, reward, batch, settings, limits, synced_gpus=synced_gpus)
+    if generated.scores is None:
+        raise ValueError(f"The reward returned non-finite scores on held-out prompts: {generated.reward_error}")
+    rows = generated.rows
+    scores = policy.score(rows, list(torch.arange(len(generated.texts)).split(group_size)), values=False)
+    return {
+        "reward_mean": generated.scores.float().mean(),
+        "kl": (scores.logprobs - scores.ref_logprobs).sum(1).mean(),
+        "response_length": rows.response_mask.sum(1).float().mean(),
+    }
+
+
+def samples_markdown(prompts: list[str], responses: list[str], scores: Tensor, n: int) -> str:
+    """A markdown table of the first ``n`` prompts (their last 300 characters), responses and rewards."""
+    def cell(text: str) -> str:
+        return text.replace("\n", " ").replace("|", "\\|")
+
+    rows = ["| query | response | reward |", "|---|---|---|"]
+    rows += [f"| {cell(q)[-300:]} | {cell(r)} | {float(x):.4f} |" for q, r, x in zip(prompts[:n], responses[:n], scores[:n])]
+    return "\n".join(rows)

@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
-from lit_rlhf.ppo import KLEstimator
+from lit_rlhf.ppo import AdaptiveKLController, FixedKLController, KLEstimator
 
 LoraBias = Literal["none", "all", "lora_only"]
 Precision = Literal["float32", "bfloat16", "float16"]
@@ -122,6 +122,12 @@ class PPOSettings:
     sort_by_length: bool = True
     """Group responses of similar length into mini-batches (less padding, faster); the mini-batch order is
     still shuffled."""
+
+    def kl_controller(self) -> AdaptiveKLController | FixedKLController:
+        """A fresh KL controller for these settings (adaptive towards ``kl_target``, or fixed)."""
+        if self.adaptive_kl:
+            return AdaptiveKLController(self.init_kl_coef, self.kl_target, self.kl_horizon)
+        return FixedKLController(self.init_kl_coef)
 
     def errors(self, prefix: str = "model.ppo") -> list[str]:
         errors = []

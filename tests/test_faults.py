@@ -188,7 +188,7 @@ def test_interrupted_adapter_export_keeps_the_previous_export(tmp_path, monkeypa
 def test_nan_reward_skips_the_step_and_the_run_goes_on(tmp_path):
     module = small_module(reward=ScriptedReward(nan_calls={0}), ppo_steps=3)
     trainer = fit(module, tmp_path)
-    assert module.ppo_step == 3 and module.skipped_steps == 1
+    assert module.ppo_step == 3 and module.skips.steps == 1
     assert trainer.global_step == 2 * 2  # two PPO steps with 2 mini-batches each; the NaN step updated nothing
 
 
@@ -204,7 +204,7 @@ def test_nan_logits_skip_updates_then_stop(tmp_path):
     lm_head.register_forward_hook(lambda mod, inp, out: out * float("nan"))
     with pytest.raises(RuntimeError, match="non-finite log-probabilities or values in the rollout"):
         fit(module, tmp_path)
-    assert module.skipped_steps == 3
+    assert module.skips.steps == 3
 
 
 def test_nan_gradient_skips_the_update(tmp_path):
@@ -213,7 +213,7 @@ def test_nan_gradient_skips_the_update(tmp_path):
     some_lora = next(p for n, p in module.policy.named_parameters() if "lora_A" in n)
     some_lora.register_hook(lambda grad: grad * float("nan"))
     trainer = fit(module, tmp_path)
-    assert module.skipped_updates == 2 and trainer.global_step == 0
+    assert module.skips.updates == 2 and trainer.global_step == 0
     for name, p in module.policy.named_parameters():
         if p.requires_grad:
             assert torch.equal(p, weights[name]), name  # nothing stepped with a NaN gradient
@@ -224,7 +224,7 @@ def test_ratio_above_threshold_skips(tmp_path):
     module = small_module(ppo=PPOSettings(ratio_threshold=0.5), ppo_steps=10, max_consecutive_skips=4)
     with pytest.raises(RuntimeError, match="ratio_threshold=0.5"):
         fit(module, tmp_path)
-    assert module.skipped_updates == 4
+    assert module.skips.updates == 4
 
 
 def test_reward_with_the_wrong_count_is_a_clear_error(tmp_path):
@@ -260,7 +260,7 @@ def test_eos_first_responses_and_equal_rewards(tmp_path):
 
     module._step_stats = record
     fit(module, tmp_path)
-    assert module.skipped_updates == 0 and module.skipped_steps == 0
+    assert module.skips.updates == 0 and module.skips.steps == 0
     assert all((n == 1).all() for n in lengths)
 
 
