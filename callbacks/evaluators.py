@@ -1,6 +1,6 @@
 """Toxicity evaluators: ``evaluator(texts) -> Tensor[B]``, the probability of the toxic class, in [0, 1].
 
-Evaluators are not rewards (DESIGN.md): they measure the trained model, they are not optimised against. The
+Evaluators are not rewards: they measure the trained model, they are not optimised against. The
 report says when an evaluator is the same model as the reward (``reward.uses_model(evaluator.model_id)``),
 because a policy trained against a scorer can lower that scorer's toxicity without being less toxic.
 
@@ -15,45 +15,26 @@ lazily, in :meth:`ToxicityEvaluator.setup`.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lit_rlhf.rewards import ClassifierReward, ProfanityReward
+from lit_rlhf.rewards import ClassifierReward, ProfanityReward, Scorer
 
 # Probabilities a classifier computes in float32 may stray from [0, 1] by rounding; beyond this, it is a bug.
 _RANGE_TOLERANCE = 1e-5
 
 
-class ToxicityEvaluator(ABC):
+class ToxicityEvaluator(Scorer):
     """Scores texts: ``evaluator(texts) -> Tensor[B]``, float32 on the CPU, the probability of the toxic class.
 
-    Subclasses implement :meth:`compute`, and :meth:`setup` when they load a model. The base class checks
-    the output (one finite value per text, in [0, 1]) in one place and runs ``compute`` under
-    ``torch.inference_mode()``.
+    Subclasses implement :meth:`compute`, and :meth:`setup` when they load a model (``lit_rlhf.rewards.Scorer``
+    gives ``model_id``, ``device``, ``describe``, ``setup`` and ``to``). The base class checks the output (one
+    finite value per text, in [0, 1]) in one place and runs ``compute`` under ``torch.inference_mode()``.
     """
-
-    model_id: str | None = None
-    """The model behind the scores (hub name, path or package), compared with the reward's models."""
-
-    device: torch.device = torch.device("cpu")
-    """Where the evaluator's model runs, set by :meth:`to`."""
-
-    def describe(self) -> str:
-        """One line for reports: what scores the texts."""
-        return type(self).__name__
-
-    def setup(self) -> None:
-        """Load what the evaluator needs. Idempotent; nothing to do by default."""
-
-    def to(self, device: str | torch.device) -> "ToxicityEvaluator":
-        """Run the evaluator's model on ``device`` from now on (scores are still returned on the CPU)."""
-        self.device = torch.device(device)
-        self.setup()
-        return self
 
     def __call__(self, texts: Sequence[str]) -> Tensor:
         name = type(self).__name__

@@ -1,11 +1,12 @@
 """Rewards: one score per (prompt, response) pair, used by the PPO step.
 
-Every reward is a subclass of :class:`Reward`, a plain (non-``nn.Module``) class so that LightningCLI can build
-it from YAML (``class_path: lit_rlhf.rewards.ClassifierReward`` + ``init_args``) and so that a reward model held
-by the ``LightningModule`` is not registered as a submodule: its weights stay out of the optimizer, out of the
+Every reward is a subclass of :class:`Reward`, and every toxicity evaluator (``lit_rlhf.callbacks``) of
+:class:`Scorer`, their shared base: a plain (non-``nn.Module``) class so that LightningCLI can build it from YAML
+(``class_path: lit_rlhf.rewards.ClassifierReward`` + ``init_args``) and so that a reward model held by the
+``LightningModule`` is not registered as a submodule: its weights stay out of the optimizer, out of the
 checkpoint and out of DDP's gradient sync.
 
-Contract (see DESIGN.md): ``reward(prompts, responses, references=None) -> Tensor[B]``, float32, finite, on the
+Contract: ``reward(prompts, responses, references=None) -> Tensor[B]``, float32, finite, on the
 device given to :meth:`Reward.to` (CPU by default). Subclasses implement :meth:`Reward.compute`; the base class
 checks inputs and output in one place and runs ``compute`` under ``torch.inference_mode()``.
 
@@ -85,11 +86,11 @@ def check_scores(reward: "Reward", scores: Any, batch_size: int) -> torch.Tensor
     return scores
 
 
-class Reward(ABC):
-    """Scores responses to prompts: ``reward(prompts, responses, references=None) -> Tensor[B]`` (float32).
+class Scorer(ABC):
+    """What rewards and toxicity evaluators share: a model loaded on demand, a device, a description.
 
-    Subclasses implement :meth:`compute`, and :meth:`setup` when they load something (a model): it is called
-    by :meth:`to` and before the first call, so a run can load and validate the reward before training starts.
+    Plain classes (not ``nn.Module``), so LightningCLI builds them from YAML (``class_path`` + ``init_args``)
+    and a scoring model held by the LightningModule stays out of its optimizer, checkpoint and DDP sync.
     """
 
     model_id: str | None = None
@@ -98,6 +99,27 @@ class Reward(ABC):
 
     device: torch.device = torch.device("cpu")
     """Where scores are returned; set by :meth:`to`. A class default, so subclasses need not call ``__init__``."""
+
+    def describe(self) -> str:
+        """One line for reports: what is scored and by what."""
+        return type(self).__name__
+
+    def setup(self) -> None:
+        """Load what the scorer needs (called by :meth:`to` and before the first call, so a run can load and
+        validate it before training starts). Idempotent; nothing to do by default."""
+
+    def to(self, device: str | torch.device) -> "Scorer":
+        """Score on ``device`` from now on (and compute there, for scorers that run a torch model)."""
+        self.device = torch.device(device)
+        self.setup()
+        return self
+
+
+class Reward(Scorer):
+    """Scores responses to prompts: ``reward(prompts, responses, references=None) -> Tensor[B]`` (float32).
+
+    Subclasses implement :meth:`compute`, and :meth:`setup` when they load something (a model).
+    """
 
     last_components: dict[str, torch.Tensor] = {}
     """The parts of the last call's scores by name, for a reward made of several (``CompositeReward``); the
@@ -109,21 +131,11 @@ class Reward(ABC):
         return type(self).__name__
 
     def describe(self) -> str:
-        """One line for reports: what is scored and by what."""
         return self.name
 
     def uses_model(self, model_id: str | None) -> bool:
         """Whether ``model_id`` is (one of) the model(s) behind this reward."""
         return model_id is not None and model_id == self.model_id
-
-    def setup(self) -> None:
-        """Load what the reward needs. Idempotent; nothing to do by default."""
-
-    def to(self, device: str | torch.device) -> "Reward":
-        """Return scores on ``device`` from now on (and compute there, for rewards that run a torch model)."""
-        self.device = torch.device(device)
-        self.setup()
-        return self
 
     def __call__(
         self, prompts: Sequence[str], responses: Sequence[str], references: Sequence[str] | None = None
