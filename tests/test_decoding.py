@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from lit_rlhf.decoding import sample_with_cache
+from lit_rlhf.decoding import sample_with_cache, warpers
 from lit_rlhf.policy import GenerationSettings, Policy
 
 T5, GPT2 = "embedded:tiny-t5", "embedded:tiny-gpt2"
@@ -60,15 +60,28 @@ def test_rows_stop_at_their_own_limit_or_eos(policy):
     assert torch.equal(out.response_mask, policy.response_mask(out.response_ids, torch.tensor([2, 5, 3])))
 
 
-def test_samples_exactly_like_generate_while_no_row_has_finished(policy):
-    # eos blocked and equal limits: no row leaves the batch, so both draw the same random numbers
+@pytest.mark.parametrize("warping", [{}, {"temperature": 0.7}, {"top_p": 0.8}, {"temperature": 1.3, "top_p": 0.9}])
+def test_samples_exactly_like_generate_while_no_row_has_finished(policy, warping):
+    # eos blocked and equal limits: no row leaves the batch, so both draw the same random numbers; with a
+    # temperature or nucleus filtering, the same warpers in generate's order
     limits = torch.tensor([6, 6, 6])
     torch.manual_seed(1)
-    ours = sample(policy, limits.tolist(), min_new_tokens=6)
+    ours = sample(policy, limits.tolist(), min_new_tokens=6, **warping)
     torch.manual_seed(1)
     ids, mask = encode(policy)
-    theirs, _ = policy.generate(ids, mask, GenerationSettings(min_new_tokens=6), max_new_tokens=limits)
+    theirs, _ = policy.generate(ids, mask, GenerationSettings(min_new_tokens=6, **warping), max_new_tokens=limits)
     assert torch.equal(ours.response_ids, theirs)
+    assert len(warpers(GenerationSettings(**warping))) == len(warping)  # one warper per setting, none at defaults
+
+
+def test_logprobs_are_those_of_the_temperature_one_policy(policy):
+    # sampling at temperature 2 still records log pi(token) of the untempered policy, as the scoring forward
+    torch.manual_seed(2)
+    out = sample(policy, [6, 6, 6], temperature=2.0, top_p=0.9)
+    ids, mask = encode(policy)
+    forward = policy(ids, mask, out.response_ids, out.response_mask)
+    m = out.response_mask.bool()
+    assert_close(out.logprobs[m], forward.logprobs[m], atol=1e-5, rtol=1e-5)
 
 
 def test_greedy_and_top_k(policy):

@@ -260,3 +260,81 @@ def test_fixed_kl_controller_is_constant():
 def test_adaptive_kl_controller_rejects_bad_settings():
     with pytest.raises(ValueError):
         ppo.AdaptiveKLController(0.2, target=0.0, horizon=10)
+
+
+# ------------------------------------------------------------------ scores, mini-batches, step statistics
+
+
+def test_shape_scores_scales_then_clips():
+    scores = torch.tensor([-3.0, 0.5, 2.0])
+    # x 2 -> [-6, 1, 4], clipped to [-3, 3] -> [-3, 1, 3]
+    assert_close(ppo.shape_scores(scores, scale=2.0, clip=3.0), torch.tensor([-3.0, 1.0, 3.0]))
+    assert_close(ppo.shape_scores(scores, scale=2.0, clip=None), torch.tensor([-6.0, 1.0, 4.0]))
+    assert_close(ppo.shape_scores(scores), scores)
+
+
+def test_minibatch_groups_by_length_or_shuffled():
+    lengths = torch.tensor([5, 1, 4, 2, 3, 6])
+    torch.manual_seed(0)
+    by_length = ppo.minibatch_groups(lengths, 2, by_length=True)
+    # sorted by length: rows 1 (1), 3 (2) | 4 (3), 2 (4) | 0 (5), 5 (6); the groups come in a random order
+    assert sorted(g.tolist() for g in by_length) == [[0, 5], [1, 3], [4, 2]]
+    shuffled = ppo.minibatch_groups(lengths, 2, by_length=False)
+    rows = sorted(i for g in shuffled for i in g.tolist())
+    assert rows == list(range(6)) and all(len(g) == 2 for g in shuffled)
+    # with by_length=False the rows are drawn at random: some draw pairs rows of different length classes
+    torch.manual_seed(1)
+    draws = [{tuple(sorted(g.tolist())) for g in ppo.minibatch_groups(lengths, 2, False)} for _ in range(20)]
+    assert any(d != {(0, 5), (1, 3), (2, 4)} for d in draws)
+
+
+def test_masked_moments_many_equals_one_at_a_time_and_reduces_once():
+    torch.manual_seed(7)
+    a, b = torch.randn(4), torch.randn(3, 5)
+    mask_a, mask_b = torch.ones(4), (torch.rand(3, 5) > 0.4).float()
+    calls = []
+
+    def reduce(t):
+        calls.append(t.shape)
+        return t
+
+    mean, var, n = ppo.masked_moments_many([(a, mask_a), (b, mask_b)], reduce)
+    assert calls == [torch.Size([2, 3])]  # one reduction for both statistics
+    for i, (x, m) in enumerate([(a, mask_a), (b, mask_b)]):
+        values = x[m.bool()]
+        assert_close(mean[i].float(), values.mean())
+        assert_close(var[i].float(), values.var())
+        assert n[i] == len(values)
+
+
+def test_rollout_statistics_over_processes_equal_those_of_the_concatenated_batch():
+    # a second "process" whose sums are added by the reduce function: statistics equal the concatenation's
+    torch.manual_seed(8)
+
+    def batch(rows):
+        mask = torch.ones(rows, 4)
+        mask[0, 2:] = 0
+        return dict(scores=torch.randn(rows), kl=torch.randn(rows), non_score=torch.randn(rows, 4),
+                    logprobs=-torch.rand(rows, 4), values=torch.randn(rows, 4), returns=torch.randn(rows, 4),
+                    raw_advantages=torch.randn(rows, 4), advantages=torch.randn(rows, 4), response_mask=mask,
+                    reward_parts={"a": torch.randn(rows)})
+
+    mine, other = batch(3), batch(5)
+    other_stats = {}
+
+    def capture(t):
+        other_stats["sums"] = t
+        return t
+
+    ppo.rollout_statistics(**other, reduce_fn=capture)
+    local = ppo.rollout_statistics(**mine, reduce_fn=lambda t: t + other_stats["sums"])
+    both = {k: torch.cat([mine[k], other[k]]) for k in mine if k != "reward_parts"}
+    expected = ppo.rollout_statistics(**both, reward_parts={"a": torch.cat([mine["reward_parts"]["a"],
+                                                                           other["reward_parts"]["a"]])})
+    assert local.keys() == expected.keys()
+    for key in expected:
+        assert_close(local[key], expected[key], msg=key)
+    # hand check of two names: the reward mean and the per-token returns mean over real tokens only
+    assert_close(expected["env/reward_mean"], both["scores"].mean())
+    assert_close(expected["ppo/returns/mean"], both["returns"][both["response_mask"].bool()].mean())
+    assert {"env/reward/a_mean", "objective/kl", "ppo/val/var_explained", "tokens/responses_len_mean"} <= set(expected)
