@@ -468,6 +468,9 @@ class DialogSumDataModule(L.LightningDataModule):
             shuffle=False,
             collate_fn=self.collator,
             num_workers=self.num_workers,
+            # its own generator: each new iterator (every validation pass) would otherwise draw its base seed
+            # from the global RNG and shift the training run's sampling
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def val_dataloader(self) -> DataLoader:

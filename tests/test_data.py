@@ -4,6 +4,7 @@ import gzip
 import json
 import logging
 import shutil
+import types
 from importlib import resources
 from math import ceil
 from pathlib import Path
@@ -327,3 +328,23 @@ def test_tokenizer_without_pad_or_eos_is_rejected(tmp_path, local_dir):
     folder = _tokenizer_copy(tmp_path, drop=("pad_token", "eos_token", "bos_token", "unk_token"))
     with pytest.raises(ValueError, match="model_name=.*neither a pad nor an eos token"):
         DialogSumDataModule(model_name=str(folder), dataset=str(local_dir)).setup()
+
+
+def test_stream_position_is_the_data_modules_own_state():
+    # the position counts batches handed to training_step and comes back through state_dict, so a resumed
+    # run starts at the next unused batch without reading anything from the module
+    data = DialogSumDataModule(batch_size=4)
+    data.prepare_data()
+    data.setup("fit")
+    fresh = [b["id"] for _, b in zip(range(4), data.train_dataloader())]
+    data.trainer = types.SimpleNamespace(training=True, world_size=1, global_rank=0)
+    for _ in range(3):
+        data.on_after_batch_transfer({}, 0)
+    data.trainer = types.SimpleNamespace(training=False, world_size=1, global_rank=0)
+    data.on_after_batch_transfer({}, 0)  # a validation batch does not move the training stream
+    assert data.state_dict() == {"consumed_batches": 3}
+    resumed = DialogSumDataModule(batch_size=4)
+    resumed.prepare_data()
+    resumed.setup("fit")
+    resumed.load_state_dict(data.state_dict())
+    assert next(iter(resumed.train_dataloader()))["id"] == fresh[3]
