@@ -495,6 +495,9 @@ def policy_loss_per_token(
     (PPO arXiv:1707.06347 eq. 7; the KL term of GRPO arXiv:2402.03300 eq. 3, as TRL's
     ``per_token_loss + beta * per_token_kl``). ``aggregate(..., "token_mean")`` of it equals ``policy_loss``.
     """
+    if advantages.dim() != logprobs.dim():
+        # a [B] vector would broadcast along T, not B: silently wrong whenever B == T
+        raise ValueError(f"advantages must be [B, T] or [B, 1], got {tuple(advantages.shape)}; see broadcast_to_tokens")
     ratio = torch.exp(logprobs - old_logprobs)
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)

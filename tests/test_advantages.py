@@ -140,7 +140,8 @@ def test_rloo_matches_per_group_loop_and_scaled_grpo_relation():
 
 def test_broadcast_to_tokens_and_kl_shaped_scores():
     mask = torch.tensor([[1, 1, 0], [1, 0, 1]])
-    assert_close(ppo.broadcast_to_tokens(torch.tensor([2.0, -1.0]), mask), torch.tensor([[2.0, 2.0, 0.0], [-1.0, 0.0, -1.0]]))
+    expected = torch.tensor([[2.0, 2.0, 0.0], [-1.0, 0.0, -1.0]])
+    assert_close(ppo.broadcast_to_tokens(torch.tensor([2.0, -1.0]), mask), expected)
     kl = torch.tensor([[0.5, 1.0, 9.0], [2.0, 7.0, -1.0]])
     # row 0: 1 - 0.1 * (0.5 + 1) = 0.85; row 1: 2 - 0.1 * (2 - 1) = 1.9 (the 9 and the 7 are masked)
     assert_close(ppo.kl_shaped_scores(torch.tensor([1.0, 2.0]), kl, mask, 0.1), torch.tensor([0.85, 1.9]))
@@ -273,6 +274,11 @@ def test_policy_loss_per_token_hand_computed_with_k3_term():
     assert_close(ppo.policy_loss_per_token(logp, old, adv, 0.2), torch.tensor([[-2.0, -1.2, 0.8]]))
     with pytest.raises(ValueError, match="ref_logprobs"):
         ppo.policy_loss_per_token(logp, old, adv, 0.2, kl_coef=0.1)
+    # one advantage per sample broadcasts as [B, 1]; a bare [B] is refused (it would broadcast along T)
+    # A = 1: [-1, max(-1.5, -1.2), max(-0.5, -0.8)] = [-1, -1.2, -0.5]
+    assert_close(ppo.policy_loss_per_token(logp, old, torch.tensor([[1.0]]), 0.2), torch.tensor([[-1.0, -1.2, -0.5]]))
+    with pytest.raises(ValueError, match="broadcast_to_tokens"):
+        ppo.policy_loss_per_token(logp, old, torch.tensor([1.0]), 0.2)
 
 
 @pytest.mark.parametrize("mode", ["token_mean", "sequence_mean", "token_sum_norm"])
