@@ -119,6 +119,29 @@ def _apply_prompt_and_tokenize(
     return {"prompt": prompts, "input_ids": input_ids, "query": tokenizer.batch_decode(input_ids)}
 
 
+def _tokenize_summary(
+    batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, max_summary_tokens: int | None
+) -> dict[str, list]:
+    """The reference summary as the response the model should produce, ending with eos (supervised labels)."""
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(batch["summary"], add_special_tokens=False).input_ids
+    if max_summary_tokens is not None:
+        ids = [row[: max_summary_tokens - 1] for row in ids]
+    return {"summary_ids": [row + [eos] for row in ids]}
+
+
+def _pad(rows: list[list[int]], pad_token_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token-id lists into ids and mask, LongTensor [B, L], on the given side."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        cols = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[i, cols] = torch.tensor(row, dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
+
+
 @dataclass(frozen=True)
 class PromptCollator:
     """Pads a list of rows into a batch: tensors for the model, lists of strings for rewards and logs.
@@ -132,15 +155,14 @@ class PromptCollator:
     padding_side: Literal["left", "right"]
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        width = max(len(row["input_ids"]) for row in rows)
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            n = len(row["input_ids"])
-            cols = slice(width - n, width) if self.padding_side == "left" else slice(0, n)
-            input_ids[i, cols] = torch.tensor(row["input_ids"], dtype=torch.long)
-            attention_mask[i, cols] = 1
+        input_ids, attention_mask = _pad([row["input_ids"] for row in rows], self.pad_token_id, self.padding_side)
+        labels = {}
+        if "summary_ids" in rows[0]:
+            # supervised fine-tuning: the reference summary is the response, right-padded as generate returns it
+            summary_ids, summary_mask = _pad([row["summary_ids"] for row in rows], self.pad_token_id, "right")
+            labels = {"summary_ids": summary_ids, "summary_mask": summary_mask}
         return {
+            **labels,
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "query": [row["query"] for row in rows],
@@ -219,6 +241,9 @@ class DialogSumDataModule(L.LightningDataModule):
         num_workers: int = 0,
         shuffle: bool = True,
         seed: int = 0,
+        with_labels: bool = False,
+        max_summary_tokens: int | None = None,
+        group_by_length: bool = False,
     ) -> None:
         """
         Args:
@@ -248,6 +273,13 @@ class DialogSumDataModule(L.LightningDataModule):
             num_workers: DataLoader worker processes (0: load in the main process).
             shuffle: Shuffle the training prompts each epoch.
             seed: Seed of the training-prompt shuffle.
+            with_labels: Supervised fine-tuning mode: batches also hold ``summary_ids`` and ``summary_mask``
+                (LongTensor ``[B, S]``, right-padded), the reference summary tokenized with eos at its end;
+                the training loader is then a plain shuffled epoch loader (not PPO's step-indexed stream).
+            max_summary_tokens: With ``with_labels``: cut reference summaries to this many tokens (eos
+                included). None keeps them whole.
+            group_by_length: With ``with_labels``, in one process: batch prompts of similar length together
+                (shuffled chunks of 50 batches, sorted within each chunk), so less time goes into padding.
         """
         super().__init__()
         if "{dialogue}" not in prompt_template:
@@ -270,7 +302,12 @@ class DialogSumDataModule(L.LightningDataModule):
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be 0 or more, got {num_workers}")
+        if max_summary_tokens is not None and max_summary_tokens < 2:
+            raise ValueError(f"max_summary_tokens must be None or at least 2 (one token and eos), got {max_summary_tokens}")
         self.save_hyperparameters()
+        self.with_labels = with_labels
+        self.max_summary_tokens = max_summary_tokens
+        self.group_by_length = group_by_length
         self.model_name = model_name
         self.dataset = dataset
         self.split = split
@@ -377,6 +414,11 @@ class DialogSumDataModule(L.LightningDataModule):
                 "max_prompt_tokens": self.max_prompt_tokens,
             },
         )
+        if self.with_labels:
+            prompts = prompts.map(
+                _tokenize_summary, batched=True,
+                fn_kwargs={"tokenizer": self.tokenizer, "max_summary_tokens": self.max_summary_tokens},
+            )
         parts = prompts.train_test_split(
             test_size=self.test_size, shuffle=self.shuffle_split, seed=self.split_seed
         )
@@ -410,6 +452,8 @@ class DialogSumDataModule(L.LightningDataModule):
         return PromptCollator(pad_token_id=self.tokenizer.pad_token_id, padding_side=side)
 
     def train_dataloader(self) -> DataLoader:
+        if self.with_labels:
+            return self._supervised_dataloader()
         collate = self.collator
         if len(self.train_set) < self.batch_size:
             # drop_last would leave no batch at all, and training would silently do nothing.
@@ -440,6 +484,20 @@ class DialogSumDataModule(L.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
         )
 
+    def _supervised_dataloader(self) -> DataLoader:
+        """Shuffled epochs of (prompt, reference summary) pairs; Lightning distributes them under DDP."""
+        generator = torch.Generator().manual_seed(self.seed)
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        if self.group_by_length and world_size == 1:
+            lengths = [len(ids) for ids in self.train_set["input_ids"]]
+            batches = LengthGroupedBatchSampler(lengths, self.batch_size, generator)
+            return DataLoader(self.train_set, batch_sampler=batches, collate_fn=self.collator,
+                              num_workers=self.num_workers)
+        return DataLoader(
+            self.train_set, batch_size=self.batch_size, shuffle=self.shuffle, drop_last=True,
+            collate_fn=self.collator, num_workers=self.num_workers, generator=generator,
+        )
+
     def _consumed_batches(self) -> int:
         """Rollout batches the training module has already used (its PPO step), restored on resume."""
         module = self.trainer.lightning_module if self.trainer is not None else None
@@ -459,3 +517,29 @@ class DialogSumDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._held_out_dataloader()
+
+
+class LengthGroupedBatchSampler:
+    """Batches of similar-length rows: shuffle, cut into chunks of ``chunk`` batches, sort each chunk by
+    length, and shuffle the order of the resulting batches. A new shuffle each epoch (one seeded generator).
+    The last incomplete batch is dropped."""
+
+    def __init__(self, lengths: list[int], batch_size: int, generator: torch.Generator, chunk: int = 50) -> None:
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.generator = generator
+        self.chunk = chunk
+
+    def __len__(self) -> int:
+        return len(self.lengths) // self.batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        order = order[: len(self) * self.batch_size]
+        span = self.chunk * self.batch_size
+        batches = []
+        for start in range(0, len(order), span):
+            group = sorted(order[start : start + span], key=lambda i: self.lengths[i])
+            batches += [group[k : k + self.batch_size] for k in range(0, len(group), self.batch_size)]
+        for b in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield batches[b]

@@ -310,9 +310,22 @@ def build_tiny_gpt2(
     return _build_atomically(path, build, write)
 
 
+SUMMARIZER_ARCHITECTURE: dict[str, int] = {
+    "vocab_size": 4000, "d_model": 256, "d_ff": 768, "num_layers": 2, "num_heads": 4, "d_kv": 64,
+}
+"""The embedded summarizer's T5 shape (about 6M parameters, 24 MB in float32)."""
+
+
+def build_summarizer_untrained(path: str) -> str:
+    """The embedded summarizer's architecture and tokenizer with random weights: the start of its training
+    (``configs/sft_embedded.yaml``)."""
+    return build_tiny_t5(path, **SUMMARIZER_ARCHITECTURE)
+
+
 EMBEDDED: dict[str, Callable[[str], str]] = {
     "embedded:tiny-t5": build_tiny_t5,
     "embedded:tiny-gpt2": build_tiny_gpt2,
+    "embedded:summarizer-untrained": build_summarizer_untrained,
 }
 """Embedded model names and the builders that write them into a given folder."""
 
