@@ -239,3 +239,31 @@ def check_sft_settings(
         errors.append(f"model.num_threads must be None or >= 1, got {num_threads}")
     if errors:
         raise ValueError("; ".join(errors))
+
+
+# ---------------------------------------------------------------------------------------- evaluation helpers
+
+def utterances(dialogue: str) -> list[str]:
+    """A DialogSum dialogue's utterances: its non-empty lines ("#Person1#: ..."), in order."""
+    return [line.strip() for line in dialogue.split("\n") if line.strip()]
+
+
+def lead_summary(dialogue: str, k: int = 2) -> str:
+    """Lead-k baseline: the dialogue's first ``k`` utterances."""
+    return " ".join(utterances(dialogue)[:k])
+
+
+def longest_summary(dialogue: str, k: int = 3) -> str:
+    """Longest-k baseline: the dialogue's ``k`` longest utterances (in characters), kept in dialogue order."""
+    lines = utterances(dialogue)
+    keep = sorted(sorted(range(len(lines)), key=lambda i: -len(lines[i]))[:k])
+    return " ".join(lines[i] for i in keep)
+
+
+def rouge_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F-measures of ``predictions`` against ``references`` (torchmetrics ``ROUGEScore``,
+    the metric SFT validation logs): ``{"rouge1": ..., "rouge2": ..., "rougeL": ...}``."""
+    if len(predictions) != len(references) or not predictions:
+        raise ValueError(f"need as many predictions as references (> 0), got {len(predictions)} and {len(references)}")
+    scores = ROUGEScore(rouge_keys=ROUGE_KEYS)(predictions, references)
+    return {key: float(scores[f"{key}_fmeasure"]) for key in ROUGE_KEYS}

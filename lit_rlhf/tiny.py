@@ -330,6 +330,22 @@ EMBEDDED: dict[str, Callable[[str], str]] = {
 """Embedded model names and the builders that write them into a given folder."""
 
 
+SHIPPED_SUMMARIZER = "embedded:summarizer"
+"""The trained summarizer shipped inside the package (``lit_rlhf/assets/summarizer``, see its PROVENANCE.md)."""
+
+
+def shipped_summarizer_path() -> str:
+    """Folder of the shipped summarizer (a ``save_pretrained`` T5 and its tokenizer) inside the package."""
+    folder = resources.files("lit_rlhf.assets").joinpath("summarizer")
+    path = os.fspath(folder)
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+        raise FileNotFoundError(
+            f"{SHIPPED_SUMMARIZER} is not in this installation ({path} has no model.safetensors); reinstall "
+            "lit_rlhf, or train it with `lit-rlhf-sft fit --config configs/sft_embedded.yaml`"
+        )
+    return path
+
+
 def default_cache_dir() -> str:
     """``$LIT_RLHF_CACHE`` if set, else ``~/.cache/lit_rlhf``."""
     return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "lit_rlhf")
@@ -345,8 +361,12 @@ def resolve_model_path(name: str, cache_dir: str | None = None) -> str:
     """
     if not name.startswith(EMBEDDED_PREFIX):
         return name
+    if name == SHIPPED_SUMMARIZER:
+        return shipped_summarizer_path()
     if name not in EMBEDDED:
-        raise ValueError(f"model_name={name!r} is not an embedded model; choose one of {sorted(EMBEDDED)}")
+        raise ValueError(
+            f"model_name={name!r} is not an embedded model; choose one of {sorted([*EMBEDDED, SHIPPED_SUMMARIZER])}"
+        )
     root = cache_dir if cache_dir is not None else default_cache_dir()
     folder = os.path.join(root, f"{name[len(EMBEDDED_PREFIX):]}-v{BUILD_VERSION}")
     return EMBEDDED[name](folder)
