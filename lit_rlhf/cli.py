@@ -65,11 +65,24 @@ class LitRLHFCLI(LightningCLI):
     def before_test(self) -> None:
         check_trainer_settings(self.trainer)
 
+    def before_predict(self) -> None:
+        add_prediction_writer(self.trainer)
+
     def add_arguments_to_parser(self, parser) -> None:
         # the policy model also picks the data module's tokenizer and padding side
         parser.link_arguments("model.model_name", "data.model_name")
         # the module checks its mini-batch against the rollout batch the data module produces
         parser.link_arguments("data.batch_size", "model.rollout_batch_size")
+
+
+def add_prediction_writer(trainer) -> None:
+    """``predict`` writes ``predictions.jsonl`` into the run's log directory unless a writer is configured."""
+    from lightning.pytorch.callbacks import BasePredictionWriter
+
+    from lit_rlhf.callbacks import PredictionWriter
+
+    if not any(isinstance(c, BasePredictionWriter) for c in trainer.callbacks):
+        trainer.callbacks.append(PredictionWriter())
 
 
 def check_trainer_settings(trainer) -> None:
@@ -149,6 +162,9 @@ class SFTCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model_name", "data.model_name")
         parser.set_defaults({"data.with_labels": True})
+
+    def before_predict(self) -> None:
+        add_prediction_writer(self.trainer)
 
 
 def run_sft(args: list[str] | None = None) -> SFTCLI:

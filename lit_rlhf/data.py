@@ -166,7 +166,8 @@ class PromptCollator:
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "query": [row["query"] for row in rows],
-            "reference": [row["summary"] for row in rows],
+            "reference": [row.get("summary") for row in rows],
+            "dialogue": [row.get("dialogue") for row in rows],
             "id": [row["id"] for row in rows],
             "prompt": [row["prompt"] for row in rows],
         }
@@ -244,6 +245,7 @@ class DialogSumDataModule(L.LightningDataModule):
         with_labels: bool = False,
         max_summary_tokens: int | None = None,
         group_by_length: bool = False,
+        predict_path: str | None = None,
     ) -> None:
         """
         Args:
@@ -280,6 +282,9 @@ class DialogSumDataModule(L.LightningDataModule):
                 included). None keeps them whole.
             group_by_length: With ``with_labels``, in one process: batch prompts of similar length together
                 (shuffled chunks of 50 batches, sorted within each chunk), so less time goes into padding.
+            predict_path: Dialogues to summarize in ``predict``: a .jsonl/.json(.gz), .csv or .parquet file,
+                or a folder of such files, with a ``dialogue`` column (``id`` is optional: row numbers
+                otherwise). The prompt template and ``max_prompt_tokens`` apply; no length filter.
         """
         super().__init__()
         if "{dialogue}" not in prompt_template:
@@ -308,6 +313,8 @@ class DialogSumDataModule(L.LightningDataModule):
         self.with_labels = with_labels
         self.max_summary_tokens = max_summary_tokens
         self.group_by_length = group_by_length
+        self.predict_path = predict_path
+        self.predict_set: datasets.Dataset | None = None
         self.model_name = model_name
         self.dataset = dataset
         self.split = split
@@ -434,8 +441,29 @@ class DialogSumDataModule(L.LightningDataModule):
         self._build()
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict":
+            self._load_tokenizer()
+            if self.predict_set is None:
+                self.predict_set = self._build_predict_set()
+            return
         if self.train_set is None:
             self.train_set, self.test_set = self._build()
+
+    def _build_predict_set(self) -> datasets.Dataset:
+        rows = load_predict_rows(self.predict_path)
+        return rows.map(
+            _apply_prompt_and_tokenize, batched=True,
+            fn_kwargs={"tokenizer": self.tokenizer, "prompt_template": self.prompt_template,
+                       "max_prompt_tokens": self.max_prompt_tokens},
+        )
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.predict_set is None:
+            raise RuntimeError("call setup('predict') before asking for the predict data loader")
+        side = "right" if self.is_encoder_decoder else "left"
+        collate = PromptCollator(pad_token_id=self.tokenizer.pad_token_id, padding_side=side)
+        return DataLoader(self.predict_set, batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate,
+                          num_workers=self.num_workers)
 
     def summary(self) -> dict[str, int]:
         """Row counts after ``setup``: ``source`` (the source split), ``kept`` (after the length filter),
@@ -543,3 +571,44 @@ class LengthGroupedBatchSampler:
             batches += [group[k : k + self.batch_size] for k in range(0, len(group), self.batch_size)]
         for b in torch.randperm(len(batches), generator=self.generator).tolist():
             yield batches[b]
+
+
+_PREDICT_FORMATS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json", ".csv": "csv",
+                    ".parquet": "parquet"}
+
+
+def load_predict_rows(path: str | None) -> datasets.Dataset:
+    """Rows to summarize from a file or a folder of files (one format), with ``id`` (added as the row number
+    when absent) and ``dialogue`` columns. Errors name the file and what is wrong, in one line."""
+    if path is None:
+        raise ValueError("predict needs dialogues: give --data.predict_path (a jsonl, csv or parquet file or folder)")
+    local = os.path.expanduser(path)
+    if not os.path.exists(local):
+        raise ValueError(f"data.predict_path={path!r} does not exist")
+    files = [os.path.join(local, n) for n in sorted(os.listdir(local))] if os.path.isdir(local) else [local]
+    typed = [(f, next((fmt for ext, fmt in _PREDICT_FORMATS.items() if f.endswith(ext)), None)) for f in files]
+    if os.path.isdir(local):
+        typed = [(f, fmt) for f, fmt in typed if fmt is not None]
+    formats = {fmt for _, fmt in typed}
+    if not typed or None in formats:
+        raise ValueError(f"data.predict_path={path!r}: expected a {', '.join(_PREDICT_FORMATS)} file or a folder of them")
+    if len(formats) > 1:
+        raise ValueError(f"data.predict_path={path!r} mixes file formats {sorted(formats)}; keep one format")
+    if any(os.path.getsize(f) == 0 for f, _ in typed):
+        raise ValueError(f"data.predict_path={path!r}: {next(f for f, _ in typed if os.path.getsize(f) == 0)} is empty")
+    try:
+        rows = datasets.load_dataset(formats.pop(), data_files=[f for f, _ in typed], split="train")
+    except Exception as err:  # datasets raises many types for a malformed file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"data.predict_path={path!r} could not be read: {first}") from err
+    if len(rows) == 0:
+        raise ValueError(f"data.predict_path={path!r} has no rows")
+    if "dialogue" not in rows.column_names:
+        raise ValueError(f"data.predict_path={path!r} has no 'dialogue' column (its columns: {rows.column_names})")
+    if "id" not in rows.column_names:
+        rows = rows.add_column("id", [None] * len(rows))
+    # a row without an id gets its row number; ids become strings whatever the file's type
+    return rows.map(
+        lambda r, i: {"id": str(i) if r["id"] is None else str(r["id"]), "dialogue": str(r["dialogue"] or "")},
+        with_indices=True,
+    )

@@ -221,3 +221,50 @@ def test_baselines_by_hand():
     # "the cat sat" vs "the cat ran": 2 of 3 unigrams match, 1 of 2 bigrams
     scores = rouge_scores(["the cat sat"], ["the cat ran"])
     assert scores["rouge1"] == pytest.approx(2 / 3) and scores["rouge2"] == pytest.approx(0.5)
+
+
+def test_predict_writes_one_summary_per_dialogue(tmp_path):
+    dialogues = [
+        {"id": "a", "dialogue": "#Person1#: Hi, how are you?\n#Person2#: Fine. I am going to the bank."},
+        {"id": "b", "dialogue": "#Person1#: When is the meeting?\n#Person2#: At three, in room five."},
+        {"dialogue": "#Person1#: A ticket to Paris, please.\n#Person2#: One way or return?"},
+    ]
+    source = tmp_path / "three.jsonl"
+    source.write_text("".join(json.dumps(d) + "\n" for d in dialogues))
+    cli = run_sft(["predict", "--model.model_name", "embedded:tiny-t5", "--model.max_new_tokens", "6",
+                   "--data.predict_path", str(source), "--trainer.default_root_dir", str(tmp_path / "logs"),
+                   "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu"])
+    written = Path(cli.trainer.log_dir) / "predictions.jsonl"
+    rows = [json.loads(line) for line in written.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a", "b", "2"]  # the row without an id gets its row number
+    assert [r["dialogue"] for r in rows] == [d["dialogue"] for d in dialogues]
+    assert all(isinstance(r["summary"], str) and r["summary"] for r in rows)
+    assert not list(written.parent.glob(".predictions.jsonl.*"))  # no temporary file left behind
+
+
+def test_predict_inputs_fail_with_one_line_errors(tmp_path):
+    from lit_rlhf.data import load_predict_rows
+
+    (tmp_path / "text.csv").write_text("id,text\n1,hello\n")
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "broken.parquet").write_bytes(b"not a parquet file")
+    (tmp_path / "notes.txt").write_text("x")
+    cases = {
+        "text.csv": "has no 'dialogue' column",
+        "empty.jsonl": "is empty",
+        "broken.parquet": "could not be read",
+        "notes.txt": "expected a",
+        "missing.jsonl": "does not exist",
+    }
+    for name, message in cases.items():
+        with pytest.raises(ValueError, match=message) as info:
+            load_predict_rows(str(tmp_path / name))
+        assert "\n" not in str(info.value) and name in str(info.value)
+    with pytest.raises(ValueError, match="--data.predict_path"):
+        load_predict_rows(None)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "part1.csv").write_text('dialogue\n"#Person1#: Hi."\n')
+    (folder / "part2.csv").write_text('dialogue\n"#Person1#: Bye."\n')
+    rows = load_predict_rows(str(folder))
+    assert rows["id"] == ["0", "1"] and rows["dialogue"] == ["#Person1#: Hi.", "#Person1#: Bye."]
