@@ -4,6 +4,7 @@
   training (and in ``trainer.test``), with paired statistics and a report (``report.json`` / ``report.md``).
 - Toxicity evaluators, P(toxic) in [0, 1]: :class:`ClassifierToxicity`, :class:`EvaluateToxicity`,
   :class:`ProfanityToxicity` (offline), all subclasses of :class:`ToxicityEvaluator`.
+- :class:`PredictionWriter`: ``predict``'s summaries into ``predictions.jsonl``, atomically.
 - :mod:`lit_rlhf.callbacks.stats`: the pure statistics (improvement %, bootstrap CI, paired test, distinct-n).
 """
 
@@ -13,10 +14,12 @@ from lit_rlhf.callbacks.evaluators import (
     ProfanityToxicity,
     ToxicityEvaluator,
 )
+from lit_rlhf.callbacks.predictions import PredictionWriter
 from lit_rlhf.callbacks.toxicity import ToxicityCallback
 
 __all__ = [
     "ClassifierToxicity",
+    "PredictionWriter",
     "EvaluateToxicity",
     "ProfanityToxicity",
     "ToxicityCallback",

@@ -65,11 +65,24 @@ class LitRLHFCLI(LightningCLI):
     def before_test(self) -> None:
         check_trainer_settings(self.trainer)
 
+    def before_predict(self) -> None:
+        add_prediction_writer(self.trainer)
+
     def add_arguments_to_parser(self, parser) -> None:
         # the policy model also picks the data module's tokenizer and padding side
         parser.link_arguments("model.model_name", "data.model_name")
         # the module checks its mini-batch against the rollout batch the data module produces
         parser.link_arguments("data.batch_size", "model.rollout_batch_size")
+
+
+def add_prediction_writer(trainer) -> None:
+    """``predict`` writes ``predictions.jsonl`` into the run's log directory unless a writer is configured."""
+    from lightning.pytorch.callbacks import BasePredictionWriter
+
+    from lit_rlhf.callbacks import PredictionWriter
+
+    if not any(isinstance(c, BasePredictionWriter) for c in trainer.callbacks):
+        trainer.callbacks.append(PredictionWriter())
 
 
 def check_trainer_settings(trainer) -> None:
@@ -125,6 +138,55 @@ def destroy_process_group() -> None:
 def main() -> None:
     """Console entry point of ``lit-rlhf``."""
     run()
+
+
+# ---------------------------------------------------------------------------------------- lit-rlhf-sft
+
+SFT_DESCRIPTION = (
+    "lit-rlhf-sft: supervised fine-tuning (prompt -> reference summary) of a seq2seq or decoder-only model on "
+    "DialogSum, with a LoRA adapter or all weights; exports what `lit-rlhf fit --model.init_adapter` takes. "
+    "`lit-rlhf-sft fit --config configs/sft_flan_t5.yaml` runs the FLAN-T5 recipe's SFT stage; "
+    "`lit-rlhf-sft fit --config configs/sft_embedded.yaml` trains the embedded summarizer from scratch."
+)
+
+
+class SFTCLI(LightningCLI):
+    """LightningCLI for SFTModule: the data module serves reference summaries, atomic checkpoint files."""
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.model_name", "data.model_name")
+        parser.set_defaults({"data.with_labels": True})
+
+    def before_predict(self) -> None:
+        add_prediction_writer(self.trainer)
+
+
+def run_sft(args: list[str] | None = None) -> SFTCLI:
+    """Parse ``args`` (default: the command line), run the ``lit-rlhf-sft`` subcommand, return the CLI."""
+    from lit_rlhf.sft import SFTModule
+
+    cli = SFTCLI(
+        SFTModule,
+        DialogSumDataModule,
+        args=args,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"default_root_dir": "logs"},
+        parser_kwargs={"description": SFT_DESCRIPTION},
+    )
+    destroy_process_group()
+    return cli
+
+
+def main_sft() -> None:
+    """Console entry point of ``lit-rlhf-sft``."""
+    run_sft()
 
 
 if __name__ == "__main__":

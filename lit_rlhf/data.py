@@ -119,6 +119,29 @@ def _apply_prompt_and_tokenize(
     return {"prompt": prompts, "input_ids": input_ids, "query": tokenizer.batch_decode(input_ids)}
 
 
+def _tokenize_summary(
+    batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, max_summary_tokens: int | None
+) -> dict[str, list]:
+    """The reference summary as the response the model should produce, ending with eos (supervised labels)."""
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(batch["summary"], add_special_tokens=False).input_ids
+    if max_summary_tokens is not None:
+        ids = [row[: max_summary_tokens - 1] for row in ids]
+    return {"summary_ids": [row + [eos] for row in ids]}
+
+
+def _pad(rows: list[list[int]], pad_token_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token-id lists into ids and mask, LongTensor [B, L], on the given side."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        cols = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[i, cols] = torch.tensor(row, dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
+
+
 @dataclass(frozen=True)
 class PromptCollator:
     """Pads a list of rows into a batch: tensors for the model, lists of strings for rewards and logs.
@@ -132,19 +155,19 @@ class PromptCollator:
     padding_side: Literal["left", "right"]
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        width = max(len(row["input_ids"]) for row in rows)
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            n = len(row["input_ids"])
-            cols = slice(width - n, width) if self.padding_side == "left" else slice(0, n)
-            input_ids[i, cols] = torch.tensor(row["input_ids"], dtype=torch.long)
-            attention_mask[i, cols] = 1
+        input_ids, attention_mask = _pad([row["input_ids"] for row in rows], self.pad_token_id, self.padding_side)
+        labels = {}
+        if "summary_ids" in rows[0]:
+            # supervised fine-tuning: the reference summary is the response, right-padded as generate returns it
+            summary_ids, summary_mask = _pad([row["summary_ids"] for row in rows], self.pad_token_id, "right")
+            labels = {"summary_ids": summary_ids, "summary_mask": summary_mask}
         return {
+            **labels,
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "query": [row["query"] for row in rows],
-            "reference": [row["summary"] for row in rows],
+            "reference": [row.get("summary") for row in rows],
+            "dialogue": [row.get("dialogue") for row in rows],
             "id": [row["id"] for row in rows],
             "prompt": [row["prompt"] for row in rows],
         }
@@ -219,6 +242,10 @@ class DialogSumDataModule(L.LightningDataModule):
         num_workers: int = 0,
         shuffle: bool = True,
         seed: int = 0,
+        with_labels: bool = False,
+        max_summary_tokens: int | None = None,
+        group_by_length: bool = False,
+        predict_path: str | None = None,
     ) -> None:
         """
         Args:
@@ -248,6 +275,16 @@ class DialogSumDataModule(L.LightningDataModule):
             num_workers: DataLoader worker processes (0: load in the main process).
             shuffle: Shuffle the training prompts each epoch.
             seed: Seed of the training-prompt shuffle.
+            with_labels: Supervised fine-tuning mode: batches also hold ``summary_ids`` and ``summary_mask``
+                (LongTensor ``[B, S]``, right-padded), the reference summary tokenized with eos at its end;
+                the training loader is then a plain shuffled epoch loader (not PPO's step-indexed stream).
+            max_summary_tokens: With ``with_labels``: cut reference summaries to this many tokens (eos
+                included). None keeps them whole.
+            group_by_length: With ``with_labels``, in one process: batch prompts of similar length together
+                (shuffled chunks of 50 batches, sorted within each chunk), so less time goes into padding.
+            predict_path: Dialogues to summarize in ``predict``: a .jsonl/.json(.gz), .csv or .parquet file,
+                or a folder of such files, with a ``dialogue`` column (``id`` is optional: row numbers
+                otherwise). The prompt template and ``max_prompt_tokens`` apply; no length filter.
         """
         super().__init__()
         if "{dialogue}" not in prompt_template:
@@ -270,7 +307,14 @@ class DialogSumDataModule(L.LightningDataModule):
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be 0 or more, got {num_workers}")
+        if max_summary_tokens is not None and max_summary_tokens < 2:
+            raise ValueError(f"max_summary_tokens must be None or at least 2 (one token and eos), got {max_summary_tokens}")
         self.save_hyperparameters()
+        self.with_labels = with_labels
+        self.max_summary_tokens = max_summary_tokens
+        self.group_by_length = group_by_length
+        self.predict_path = predict_path
+        self.predict_set: datasets.Dataset | None = None
         self.model_name = model_name
         self.dataset = dataset
         self.split = split
@@ -378,6 +422,11 @@ class DialogSumDataModule(L.LightningDataModule):
                 "max_prompt_tokens": self.max_prompt_tokens,
             },
         )
+        if self.with_labels:
+            prompts = prompts.map(
+                _tokenize_summary, batched=True,
+                fn_kwargs={"tokenizer": self.tokenizer, "max_summary_tokens": self.max_summary_tokens},
+            )
         parts = prompts.train_test_split(
             test_size=self.test_size, shuffle=self.shuffle_split, seed=self.split_seed
         )
@@ -393,8 +442,29 @@ class DialogSumDataModule(L.LightningDataModule):
         self._build()
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict":
+            self._load_tokenizer()
+            if self.predict_set is None:
+                self.predict_set = self._build_predict_set()
+            return
         if self.train_set is None:
             self.train_set, self.test_set = self._build()
+
+    def _build_predict_set(self) -> datasets.Dataset:
+        rows = load_predict_rows(self.predict_path)
+        return rows.map(
+            _apply_prompt_and_tokenize, batched=True,
+            fn_kwargs={"tokenizer": self.tokenizer, "prompt_template": self.prompt_template,
+                       "max_prompt_tokens": self.max_prompt_tokens},
+        )
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.predict_set is None:
+            raise RuntimeError("call setup('predict') before asking for the predict data loader")
+        side = "right" if self.is_encoder_decoder else "left"
+        collate = PromptCollator(pad_token_id=self.tokenizer.pad_token_id, padding_side=side)
+        return DataLoader(self.predict_set, batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate,
+                          num_workers=self.num_workers)
 
     def summary(self) -> dict[str, int]:
         """Row counts after ``setup``: ``source`` (the source split), ``kept`` (after the length filter),
@@ -411,6 +481,8 @@ class DialogSumDataModule(L.LightningDataModule):
         return PromptCollator(pad_token_id=self.tokenizer.pad_token_id, padding_side=side)
 
     def train_dataloader(self) -> DataLoader:
+        if self.with_labels:
+            return self._supervised_dataloader()
         collate = self.collator
         if len(self.train_set) < self.batch_size:
             # drop_last would leave no batch at all, and training would silently do nothing.
@@ -439,6 +511,20 @@ class DialogSumDataModule(L.LightningDataModule):
             # its own generator: creating an iterator otherwise draws from the global RNG, which would shift
             # the sampling of a resumed run away from that of an uninterrupted one
             generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def _supervised_dataloader(self) -> DataLoader:
+        """Shuffled epochs of (prompt, reference summary) pairs; Lightning distributes them under DDP."""
+        generator = torch.Generator().manual_seed(self.seed)
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        if self.group_by_length and world_size == 1:
+            lengths = [len(ids) for ids in self.train_set["input_ids"]]
+            batches = LengthGroupedBatchSampler(lengths, self.batch_size, generator)
+            return DataLoader(self.train_set, batch_sampler=batches, collate_fn=self.collator,
+                              num_workers=self.num_workers)
+        return DataLoader(
+            self.train_set, batch_size=self.batch_size, shuffle=self.shuffle, drop_last=True,
+            collate_fn=self.collator, num_workers=self.num_workers, generator=generator,
         )
 
     def _consumed_batches(self) -> int:
@@ -478,3 +564,70 @@ class DialogSumDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._held_out_dataloader()
+
+
+class LengthGroupedBatchSampler:
+    """Batches of similar-length rows: shuffle, cut into chunks of ``chunk`` batches, sort each chunk by
+    length, and shuffle the order of the resulting batches. A new shuffle each epoch (one seeded generator).
+    The last incomplete batch is dropped."""
+
+    def __init__(self, lengths: list[int], batch_size: int, generator: torch.Generator, chunk: int = 50) -> None:
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.generator = generator
+        self.chunk = chunk
+
+    def __len__(self) -> int:
+        return len(self.lengths) // self.batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        order = order[: len(self) * self.batch_size]
+        span = self.chunk * self.batch_size
+        batches = []
+        for start in range(0, len(order), span):
+            group = sorted(order[start : start + span], key=lambda i: self.lengths[i])
+            batches += [group[k : k + self.batch_size] for k in range(0, len(group), self.batch_size)]
+        for b in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield batches[b]
+
+
+_PREDICT_FORMATS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json", ".csv": "csv",
+                    ".parquet": "parquet"}
+
+
+def load_predict_rows(path: str | None) -> datasets.Dataset:
+    """Rows to summarize from a file or a folder of files (one format), with ``id`` (added as the row number
+    when absent) and ``dialogue`` columns. Errors name the file and what is wrong, in one line."""
+    if path is None:
+        raise ValueError("predict needs dialogues: give --data.predict_path (a jsonl, csv or parquet file or folder)")
+    local = os.path.expanduser(path)
+    if not os.path.exists(local):
+        raise ValueError(f"data.predict_path={path!r} does not exist")
+    files = [os.path.join(local, n) for n in sorted(os.listdir(local))] if os.path.isdir(local) else [local]
+    typed = [(f, next((fmt for ext, fmt in _PREDICT_FORMATS.items() if f.endswith(ext)), None)) for f in files]
+    if os.path.isdir(local):
+        typed = [(f, fmt) for f, fmt in typed if fmt is not None]
+    formats = {fmt for _, fmt in typed}
+    if not typed or None in formats:
+        raise ValueError(f"data.predict_path={path!r}: expected a {', '.join(_PREDICT_FORMATS)} file or a folder of them")
+    if len(formats) > 1:
+        raise ValueError(f"data.predict_path={path!r} mixes file formats {sorted(formats)}; keep one format")
+    if any(os.path.getsize(f) == 0 for f, _ in typed):
+        raise ValueError(f"data.predict_path={path!r}: {next(f for f, _ in typed if os.path.getsize(f) == 0)} is empty")
+    try:
+        rows = datasets.load_dataset(formats.pop(), data_files=[f for f, _ in typed], split="train")
+    except Exception as err:  # datasets raises many types for a malformed file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"data.predict_path={path!r} could not be read: {first}") from err
+    if len(rows) == 0:
+        raise ValueError(f"data.predict_path={path!r} has no rows")
+    if "dialogue" not in rows.column_names:
+        raise ValueError(f"data.predict_path={path!r} has no 'dialogue' column (its columns: {rows.column_names})")
+    if "id" not in rows.column_names:
+        rows = rows.add_column("id", [None] * len(rows))
+    # a row without an id gets its row number; ids become strings whatever the file's type
+    return rows.map(
+        lambda r, i: {"id": str(i) if r["id"] is None else str(r["id"]), "dialogue": str(r["dialogue"] or "")},
+        with_indices=True,
+    )

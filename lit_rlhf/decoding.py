@@ -57,7 +57,7 @@ def warpers(settings: GenerationSettings) -> LogitsProcessorList:
 def sample_with_cache(
     model: nn.Module,
     lm: Seq2SeqLM | CausalLM,
-    value_head: Callable[[Tensor], Tensor],
+    value_head: Callable[[Tensor], Tensor] | None,
     query_ids: Tensor,
     query_mask: Tensor,
     max_new_tokens: Tensor,
@@ -68,7 +68,8 @@ def sample_with_cache(
     """Sample one response per query; rows leave the batch when they emit eos or reach their own limit.
 
     query_ids, query_mask: [B, P] (padded on ``lm.query_padding_side``); max_new_tokens: [B]. The model must
-    be in eval mode. Sampling draws from torch's global RNG, one multinomial call per step.
+    be in eval mode. ``value_head``: None for a policy without one (values come back as 0). Sampling draws
+    from torch's global RNG, one multinomial call per step.
     """
     device = query_ids.device
     batch = query_ids.shape[0]
@@ -101,7 +102,8 @@ def sample_with_cache(
 
         response[rows, t] = token
         logprobs[rows, t] = token_logprob
-        values[rows, t] = value_head(hidden[:, None]).squeeze(1).float()
+        if value_head is not None:  # none for a critic-free policy: values stay 0
+            values[rows, t] = value_head(hidden[:, None]).squeeze(1).float()
         lengths[rows] = t + 1
 
         # 3) drop rows whose response is complete (eos, or their own limit)

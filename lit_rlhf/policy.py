@@ -134,6 +134,14 @@ class Policy(nn.Module):
             second copy of the weights; useful when the reference differs from the base).
         value_head_dropout: dropout before the value head's linear layer.
         dtype: weights' dtype for the frozen base ("float32", "bfloat16", "float16").
+        value_head: build the value head (PPO needs it). False (supervised fine-tuning): none is built, and
+            ``forward(with_values=True)`` or ``sample`` raise an error that says so.
+        finetune: ``"lora"``: a LoRA adapter is trained on frozen base weights. ``"full"``: no adapter, every
+            weight of the model is trainable (e.g. a model trained from scratch); ``save_adapter`` then writes
+            the whole model with ``save_pretrained``, which ``init_adapter`` accepts.
+        init_from_scratch: build the model from ``model_name``'s config with freshly initialised weights
+            instead of loading its weights (the folder then needs only config and tokenizer files). Needs
+            ``finetune="full"``.
     """
 
     def __init__(
@@ -144,23 +152,20 @@ class Policy(nn.Module):
         reference_model: str | None = None,
         value_head_dropout: float = 0.1,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        value_head: bool = True,
+        finetune: Literal["lora", "full"] = "lora",
+        init_from_scratch: bool = False,
     ) -> None:
         super().__init__()
-        from peft import LoraConfig, PeftModel, get_peft_model
+        from peft import LoraConfig, get_peft_model
 
         lora = lora or LoraSettings()
-        path = resolve_model_path(model_name)
+        if finetune not in ("lora", "full"):
+            raise ValueError(f"finetune must be 'lora' or 'full', got {finetune!r}")
+        if init_from_scratch and finetune != "full":
+            raise ValueError("init_from_scratch=True trains a model from random weights: it needs finetune='full'")
         torch_dtype = getattr(torch, dtype)
-        try:
-            base = load_causal_or_seq2seq(path, torch_dtype)
-        except OSError as err:
-            raise ValueError(
-                f"Could not load model_name={model_name!r}: {err}\nGive a hub name (needs the network), a local "
-                "folder written by save_pretrained, or an embedded model (embedded:tiny-t5, embedded:tiny-gpt2)."
-            ) from err
-        if init_adapter is not None:
-            # Merge the fine-tuned adapter into the frozen base; PPO trains a new adapter on top.
-            base = PeftModel.from_pretrained(base, resolve_model_path(init_adapter)).merge_and_unload()
+        base, path = load_base_model(model_name, init_adapter, torch_dtype, init_from_scratch)
         self.lm = lm_kind(base.config)  # the seq2seq/causal difference
         self.is_seq2seq = self.lm.is_seq2seq
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -180,11 +185,15 @@ class Policy(nn.Module):
             bias=lora.bias,
             task_type="SEQ_2_SEQ_LM" if self.is_seq2seq else "CAUSAL_LM",
         )
-        try:
-            self.model = get_peft_model(base, peft_config)
-        except ValueError as err:
-            raise ValueError(f"Could not add the LoRA adapter (check lora.target_modules): {err}") from err
-        self.value_head = ValueHead(base.config.hidden_size, value_head_dropout)
+        self.finetune = finetune
+        if finetune == "full":
+            self.model = base.requires_grad_(True)
+        else:
+            try:
+                self.model = get_peft_model(base, peft_config)
+            except ValueError as err:
+                raise ValueError(f"Could not add the LoRA adapter (check lora.target_modules): {err}") from err
+        self.value_head = ValueHead(base.config.hidden_size, value_head_dropout) if value_head else NoValueHead()
         self.reference: PreTrainedModel | None = None
         if reference_model is not None:
             ref = load_causal_or_seq2seq(resolve_model_path(reference_model), torch_dtype)
@@ -203,7 +212,7 @@ class Policy(nn.Module):
             return sum(p.numel() for p in params if p.requires_grad or not trainable_only)
 
         lm_all, lm_trainable = count(self.model.parameters(), False), count(self.model.parameters(), True)
-        vh = count(self.value_head.parameters(), False)
+        vh = count(self.value_head.parameters(), False)  # 0 without a value head
         return {
             "trainable model parameters": lm_trainable,
             "all model parameters": lm_all,
@@ -212,6 +221,11 @@ class Policy(nn.Module):
             "all parameters with value head": lm_all + vh,
             "percentage with value head": 100.0 * (lm_trainable + vh) / (lm_all + vh),
         }
+
+    @property
+    def has_value_head(self) -> bool:
+        """False when built with ``value_head=False``: no value head is trained, saved or exported."""
+        return isinstance(self.value_head, ValueHead)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -310,7 +324,8 @@ class Policy(nn.Module):
         values of the sampled tokens come back with them (``lit_rlhf.decoding``). Eval mode, KV cache."""
         with self.mode(dropout=False):
             return sample_with_cache(
-                self.model, self.lm, self.value_head, input_ids, attention_mask, max_new_tokens, settings,
+                self.model, self.lm, self.value_head if self.has_value_head else None, input_ids, attention_mask,
+                max_new_tokens, settings,
                 eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
             )
 
@@ -457,24 +472,28 @@ class Policy(nn.Module):
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        if self.finetune == "full":
+            return self._save_full_model(directory, state_dict)
         model_state = value_head_state = None
         if state_dict is not None:
             model_state = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
             value_head_state = {k[len("value_head."):]: v for k, v in state_dict.items() if k.startswith("value_head.")}
-            if not model_state or not value_head_state:
+            if not model_state or (self.has_value_head and not value_head_state):
                 raise ValueError(
                     "save_adapter: the given state_dict has no 'model.*' or no 'value_head.*' weights; "
                     f"got keys like {sorted(state_dict)[:3]}"
                 )
         self.model.save_pretrained(directory, state_dict=model_state)
         self.tokenizer.save_pretrained(directory)
-        torch.save(self.value_head.state_dict() if value_head_state is None else value_head_state, directory / "value_head.pt")
+        if self.has_value_head:
+            torch.save(self.value_head.state_dict() if value_head_state is None else value_head_state,
+                       directory / "value_head.pt")
         # How to rebuild the trained policy: with init_adapter, this adapter sits on base + init_adapter merged,
         # which adapter_config.json's base_model_name_or_path alone does not say.
         manifest = {
             "base_model": self.model_name,
             "init_adapter": self.init_adapter,
-            "value_head": "value_head.pt",
+            "value_head": "value_head.pt" if self.has_value_head else None,
             "load": (
                 "PeftModel.from_pretrained(PeftModel.from_pretrained(base, init_adapter).merge_and_unload(), this_dir)"
                 if self.init_adapter else "PeftModel.from_pretrained(base, this_dir)"
@@ -482,4 +501,74 @@ class Policy(nn.Module):
         }
         (directory / "lit_rlhf_adapter.json").write_text(json.dumps(manifest, indent=2) + "\n")
         return directory
+
+    def _save_full_model(self, directory: Path, state_dict: dict[str, Tensor] | None) -> Path:
+        """``finetune="full"``: the whole model and tokenizer with ``save_pretrained`` (plus the value head, if
+        any), loadable as a base model, or as PPO's ``init_adapter``."""
+        model_state = None
+        if state_dict is not None:
+            model_state = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
+            if not model_state:
+                raise ValueError(f"save_adapter: the given state_dict has no 'model.*' weights; got {sorted(state_dict)[:3]}")
+        self.model.save_pretrained(directory, state_dict=model_state)
+        self.tokenizer.save_pretrained(directory)
+        if self.has_value_head:
+            torch.save(self.value_head.state_dict(), directory / "value_head.pt")
+        manifest = {"base_model": self.model_name, "init_adapter": self.init_adapter, "finetune": "full",
+                    "load": "AutoModelForSeq2SeqLM/AutoModelForCausalLM.from_pretrained(this_dir)"}
+        (directory / "lit_rlhf_adapter.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        return directory
+
+
+class NoValueHead(nn.Module):
+    """Stands in for the value head of a policy built with ``value_head=False`` (supervised fine-tuning, or a
+    critic-free estimator such as GRPO): no parameters, and asking it for values is an error."""
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        raise ValueError(
+            "This policy was built with value_head=False (supervised fine-tuning or a critic-free advantage "
+            "estimator): it has no value head, so it cannot compute values; call forward(..., with_values=False) "
+            "or build it with value_head=True"
+        )
+
+
+def is_full_model_folder(path: str) -> bool:
+    """True for a local folder holding a whole ``save_pretrained`` model (config.json, no adapter_config.json)."""
+    return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(
+        os.path.join(path, "adapter_config.json")
+    )
+
+
+def load_base_model(
+    model_name: str, init_adapter: str | None, dtype: torch.dtype, init_from_scratch: bool = False
+) -> tuple[PreTrainedModel, str]:
+    """The base model and the path its tokenizer loads from.
+
+    ``init_adapter`` may be a peft adapter folder (merged into the base) or a whole ``save_pretrained``
+    model folder, e.g. the export of a full supervised fine-tuning run: that model then replaces the base.
+    ``init_from_scratch``: build from the config with fresh weights (the folder may hold no weights).
+    """
+    from peft import PeftModel
+
+    path = resolve_model_path(model_name)
+    adapter_path = resolve_model_path(init_adapter) if init_adapter is not None else None
+    if adapter_path is not None and is_full_model_folder(adapter_path):
+        log.info("init_adapter=%r is a whole model: it replaces model_name=%r", init_adapter, model_name)
+        path, adapter_path = adapter_path, None
+    try:
+        if init_from_scratch:
+            config = AutoConfig.from_pretrained(path)
+            cls = AutoModelForSeq2SeqLM if _is_seq2seq(config) else AutoModelForCausalLM
+            base = cls.from_config(config, dtype=dtype)
+        else:
+            base = load_causal_or_seq2seq(path, dtype)
+    except OSError as err:
+        raise ValueError(
+            f"Could not load model_name={model_name!r}: {err}\nGive a hub name (needs the network), a local "
+            "folder written by save_pretrained, or an embedded model (embedded:tiny-t5, embedded:tiny-gpt2)."
+        ) from err
+    if adapter_path is not None:
+        # Merge the fine-tuned adapter into the frozen base; PPO trains a new adapter on top.
+        base = PeftModel.from_pretrained(base, adapter_path).merge_and_unload()
+    return base, path
 

@@ -302,11 +302,40 @@ def build_tiny_gpt2(
     return _build_atomically(path, build, write)
 
 
+SUMMARIZER_ARCHITECTURE: dict[str, int] = {
+    "vocab_size": 4000, "d_model": 256, "d_ff": 768, "num_layers": 2, "num_heads": 4, "d_kv": 64,
+}
+"""The embedded summarizer's T5 shape (about 6M parameters, 24 MB in float32)."""
+
+
+def build_summarizer_untrained(path: str) -> str:
+    """The embedded summarizer's architecture and tokenizer with random weights: the start of its training
+    (``configs/sft_embedded.yaml``)."""
+    return build_tiny_t5(path, **SUMMARIZER_ARCHITECTURE)
+
+
 EMBEDDED: dict[str, Callable[[str], str]] = {
     "embedded:tiny-t5": build_tiny_t5,
     "embedded:tiny-gpt2": build_tiny_gpt2,
+    "embedded:summarizer-untrained": build_summarizer_untrained,
 }
 """Embedded model names and the builders that write them into a given folder."""
+
+
+SHIPPED_SUMMARIZER = "embedded:summarizer"
+"""The trained summarizer shipped inside the package (``lit_rlhf/assets/summarizer``, see its PROVENANCE.md)."""
+
+
+def shipped_summarizer_path() -> str:
+    """Folder of the shipped summarizer (a ``save_pretrained`` T5 and its tokenizer) inside the package."""
+    folder = resources.files("lit_rlhf.assets").joinpath("summarizer")
+    path = os.fspath(folder)
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+        raise FileNotFoundError(
+            f"{SHIPPED_SUMMARIZER} is not in this installation ({path} has no model.safetensors); reinstall "
+            "lit_rlhf, or train it with `lit-rlhf-sft fit --config configs/sft_embedded.yaml`"
+        )
+    return path
 
 
 def default_cache_dir() -> str:
@@ -324,8 +353,12 @@ def resolve_model_path(name: str, cache_dir: str | None = None) -> str:
     """
     if not name.startswith(EMBEDDED_PREFIX):
         return name
+    if name == SHIPPED_SUMMARIZER:
+        return shipped_summarizer_path()
     if name not in EMBEDDED:
-        raise ValueError(f"model_name={name!r} is not an embedded model; choose one of {sorted(EMBEDDED)}")
+        raise ValueError(
+            f"model_name={name!r} is not an embedded model; choose one of {sorted([*EMBEDDED, SHIPPED_SUMMARIZER])}"
+        )
     root = cache_dir if cache_dir is not None else default_cache_dir()
     folder = os.path.join(root, f"{name[len(EMBEDDED_PREFIX):]}-v{BUILD_VERSION}")
     return EMBEDDED[name](folder)

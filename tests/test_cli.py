@@ -11,7 +11,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import build_tiny_classifier
 from lit_rlhf.cli import embedded_config_path, run, with_default_config
 
-CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml"))
+# PPO configs (lit-rlhf); the SFT configs (sft_*.yaml, lit-rlhf-sft) are parsed in test_sft.py
+CONFIGS = sorted(p for p in Path(__file__).parents[1].joinpath("configs").glob("*.yaml") if not p.name.startswith("sft_"))
 QUICK = ["--model.ppo_steps", "2", "--model.generation.max_new_tokens", "[4, 8]", "--data.batch_size", "8",
          "--trainer.enable_progress_bar", "false"]
 

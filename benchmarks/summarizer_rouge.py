@@ -1,0 +1,86 @@
+"""ROUGE of a summarizer and of two extractive baselines on the bundled DialogSum test split.
+
+The test set is the 500 test dialogues, each against its FIRST reference summary (``summary1``). The
+baselines are computed on the same rows with the same metric (torchmetrics ROUGEScore, F-measure, mean
+over dialogues): Lead-2 (the first two utterances) and Longest-3 (the three longest utterances).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/summarizer_rouge.py --model embedded:summarizer
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/summarizer_rouge.py --model path/to/model --json out.json
+
+The model's summaries are greedy, from the PPO/SFT prompt (``DEFAULT_PROMPT_TEMPLATE``), with the prompt cut
+to ``--max-prompt-tokens`` as in ``configs/sft_embedded.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import time
+from importlib import resources
+
+import torch
+
+from lit_rlhf.data import DEFAULT_PROMPT_TEMPLATE, PromptCollator
+from lit_rlhf.sft import SFTModule, lead_summary, longest_summary, rouge_scores
+
+
+def load_test_rows() -> list[dict]:
+    """The bundled test split: 500 dialogues with their three references, in file order."""
+    source = resources.files("lit_rlhf.assets.dialogsum").joinpath("dialogsum.test.jsonl.gz")
+    with source.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as lines:
+        return [json.loads(line) for line in lines]
+
+
+def model_summaries(model: str, dialogues: list[str], max_prompt_tokens: int, max_new_tokens: int,
+                    batch_size: int, init_adapter: str | None = None) -> list[str]:
+    """Greedy summaries of ``dialogues`` by ``model`` (a whole model, or a base plus ``init_adapter``)."""
+    module = SFTModule(model, finetune="full", init_adapter=init_adapter, max_new_tokens=max_new_tokens).eval()
+    tokenizer = module.policy.tokenizer
+    side = "right" if module.policy.is_seq2seq else "left"
+    collate = PromptCollator(tokenizer.pad_token_id, side)
+    out: list[str] = []
+    for start in range(0, len(dialogues), batch_size):
+        chunk = dialogues[start : start + batch_size]
+        prompts = [DEFAULT_PROMPT_TEMPLATE.replace("{dialogue}", d) for d in chunk]
+        ids = tokenizer(prompts, truncation=True, max_length=max_prompt_tokens).input_ids
+        batch = collate([{"input_ids": x, "query": "", "summary": "", "id": "", "prompt": ""} for x in ids])
+        with torch.no_grad():
+            out += module.generate_summaries(batch)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="model to evaluate (omit: baselines only)")
+    parser.add_argument("--init-adapter", default=None)
+    parser.add_argument("--max-prompt-tokens", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--limit", type=int, default=None, help="first N dialogues only (quick look; not a result)")
+    parser.add_argument("--samples", type=int, default=3, help="print this many example summaries")
+    parser.add_argument("--json", default=None, help="also write the scores to this file")
+    args = parser.parse_args()
+    rows = load_test_rows()[: args.limit]
+    dialogues, references = [r["dialogue"] for r in rows], [r["summary1"] for r in rows]
+    results = {
+        "rows": len(rows),
+        "lead-2": rouge_scores([lead_summary(d, 2) for d in dialogues], references),
+        "longest-3": rouge_scores([longest_summary(d, 3) for d in dialogues], references),
+    }
+    if args.model:
+        start = time.perf_counter()
+        summaries = model_summaries(args.model, dialogues, args.max_prompt_tokens, args.max_new_tokens,
+                                    args.batch_size, args.init_adapter)
+        results["model"] = {"name": args.model, **rouge_scores(summaries, references),
+                            "seconds": round(time.perf_counter() - start, 1)}
+        for i in range(min(args.samples, len(rows))):
+            print(f"--- {rows[i]['fname']}\nreference: {references[i]}\ngenerated: {summaries[i]}")
+    print(json.dumps(results, indent=2))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

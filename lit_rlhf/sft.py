@@ -1,0 +1,268 @@
+"""Supervised fine-tuning (SFT): teach a model to write the reference summary of a prompt, before PPO.
+
+Teacher forcing on (prompt, reference summary) pairs from ``DialogSumDataModule(with_labels=True)``. The
+loss is the mean negative log-likelihood of the summary tokens, computed by the same ``Policy.forward`` that
+scores PPO responses, so the seq2seq/causal difference stays in ``lit_rlhf.policy``: for a decoder-only model
+only the summary tokens (the "response") are scored, never the prompt.
+
+Trains a LoRA adapter (``finetune="lora"``, the FLAN-T5 recipe's SFT stage) or every weight
+(``finetune="full"``, e.g. a model trained from scratch). At the end of fit the result is exported atomically
+to what PPO's ``model.init_adapter`` takes: a peft adapter folder or a whole ``save_pretrained`` model, each
+with the tokenizer.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torchmetrics.text.rouge import ROUGEScore
+
+from lit_rlhf import ppo
+from lit_rlhf import distributed as dist
+from lit_rlhf import rollout as ro
+from lit_rlhf.policy import GenerationSettings, LoraSettings, Policy
+
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
+
+
+def lr_factor(step: int, warmup_steps: int, decay_steps: int, schedule: str, min_ratio: float) -> float:
+    """Learning-rate multiplier at optimizer step ``step``: linear warmup from 0 over ``warmup_steps``, then
+    constant, or a linear or cosine decay reaching ``min_ratio`` at ``decay_steps`` (and staying there)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
+    shape = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+class SFTModule(L.LightningModule):
+    """Supervised fine-tuning of a seq2seq or decoder-only model on (prompt, reference summary) pairs.
+
+    Batches come from ``DialogSumDataModule(with_labels=True)``: ``input_ids``/``attention_mask`` [B, P] (the
+    prompt, padded as the model kind needs), ``summary_ids``/``summary_mask`` [B, S] (the reference summary
+    with eos, right-padded) and ``reference`` (B strings). Validation and test log the loss and ROUGE-1/2/L
+    of greedy summaries against ``reference``.
+
+    Args:
+        model_name: hub name, local folder or embedded model (``embedded:summarizer-untrained`` is the
+            embedded summarizer's architecture with random weights).
+        finetune: ``"lora"``: train a LoRA adapter (``lora``) on the frozen model; ``"full"``: train every weight.
+        lora: the LoRA adapter's shape (with ``finetune="lora"``).
+        init_adapter: start from this peft adapter (merged in) or whole ``save_pretrained`` model folder.
+        init_from_scratch: random weights from ``model_name``'s config (needs ``finetune="full"``).
+        dtype: weights' dtype.
+        learning_rate: AdamW's peak learning rate.
+        weight_decay: AdamW's decoupled weight decay.
+        warmup_steps: optimizer steps of linear warmup from 0.
+        lr_schedule: after warmup: ``constant``, or ``linear``/``cosine`` decay to ``min_lr_ratio`` x peak.
+        decay_steps: optimizer step at which the decay ends; None: the trainer's estimate of the run's
+            total (needs ``trainer.max_steps`` or ``trainer.max_epochs``).
+        min_lr_ratio: the decay's end point as a fraction of ``learning_rate``.
+        max_new_tokens: longest generated summary in validation, test and predict (greedy decoding).
+        export_dir: where the result goes at the end of fit; None: ``<log_dir>/adapter`` (LoRA) or
+            ``<log_dir>/model`` (full).
+        num_threads: torch's intra-op CPU threads (``torch.set_num_threads``); None leaves torch's default.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "embedded:tiny-t5",
+        finetune: Literal["lora", "full"] = "lora",
+        lora: LoraSettings | None = None,
+        init_adapter: str | None = None,
+        init_from_scratch: bool = False,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        lr_schedule: Literal["constant", "linear", "cosine"] = "constant",
+        decay_steps: int | None = None,
+        min_lr_ratio: float = 0.0,
+        max_new_tokens: int = 64,
+        export_dir: str | None = None,
+        num_threads: int | None = None,
+    ) -> None:
+        super().__init__()
+        check_sft_settings(learning_rate, weight_decay, warmup_steps, lr_schedule, decay_steps, min_lr_ratio,
+                           max_new_tokens, num_threads)
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        self.save_hyperparameters()
+        # checkpoints of a LoRA run hold only the trainable weights (see on_save_checkpoint)
+        self.strict_loading = False
+        self.policy = Policy(
+            model_name, lora=lora, init_adapter=init_adapter, dtype=dtype, value_head=False,
+            finetune=finetune, init_from_scratch=init_from_scratch,
+        )
+        self.policy.train()
+        self.rouge = ROUGEScore(rouge_keys=ROUGE_KEYS)
+
+    # ------------------------------------------------------------------ training
+
+    def sft_loss(self, batch: dict[str, Any]) -> Tensor:
+        """Mean negative log-likelihood of the reference summary tokens (teacher forcing). Scalar."""
+        if "summary_ids" not in batch:
+            raise ValueError(
+                "The batch has no reference summaries ('summary_ids'): SFT needs data.with_labels=true"
+            )
+        out = self.policy(
+            batch["input_ids"], batch["attention_mask"], batch["summary_ids"], batch["summary_mask"],
+            with_values=False,
+        )
+        return -ppo.masked_mean(out.logprobs, batch["summary_mask"])
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss = self.sft_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=len(batch["input_ids"]))
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=hp.learning_rate,
+                                      weight_decay=hp.weight_decay)
+        decay_steps = hp.decay_steps
+        if decay_steps is None and hp.lr_schedule != "constant":
+            estimate = self.trainer.estimated_stepping_batches
+            if not math.isfinite(estimate):
+                raise ValueError(
+                    f"model.lr_schedule={hp.lr_schedule!r} needs the run's length: set model.decay_steps, "
+                    "trainer.max_steps or trainer.max_epochs"
+                )
+            decay_steps = int(estimate)
+        factor = partial(lr_factor, warmup_steps=hp.warmup_steps, decay_steps=decay_steps or 0,
+                         schedule=hp.lr_schedule, min_ratio=hp.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ evaluation
+
+    def generate_summaries(self, batch: dict[str, Any]) -> list[str]:
+        """Greedy summaries of the batch's prompts (at most ``max_new_tokens`` tokens each): B strings.
+
+        The one place SFT generates text: validation, test and predict all go through it."""
+        n = self.hparams.max_new_tokens
+        settings = GenerationSettings(min_new_tokens=1, max_new_tokens=(n, n + 1), do_sample=False)
+        limits = torch.full((len(batch["input_ids"]),), n, dtype=torch.long)
+        generated = ro.generate_responses(self.policy, batch, settings, limits, synced_gpus=dist.synced_gpus(self._trainer))
+        return [text.strip() for text in generated.texts]
+
+    def _evaluate_batch(self, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
+        batch_size = len(batch["input_ids"])
+        if "summary_ids" in batch:
+            self.log(f"{stage}/loss", self.sft_loss(batch), batch_size=batch_size, sync_dist=True)
+        summaries = self.generate_summaries(batch)
+        self.rouge.update(summaries, batch["reference"])
+        if batch_idx == 0:
+            self._log_sample(stage, batch["reference"][0], summaries[0])
+
+    def _log_rouge(self, stage: str) -> None:
+        scores = self.rouge.compute()
+        self.rouge.reset()
+        self.log_dict({f"{stage}/{key}": scores[f"{key}_fmeasure"] for key in ROUGE_KEYS}, prog_bar=stage == "val")
+
+    def _log_sample(self, stage: str, reference: str, summary: str) -> None:
+        text = f"reference: {reference}\n\ngenerated: {summary}"
+        experiment = getattr(self.logger, "experiment", None)
+        if self.trainer.is_global_zero and hasattr(experiment, "add_text"):
+            experiment.add_text(f"{stage}/sample", text, self.global_step)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate_batch(batch, batch_idx, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_rouge("val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate_batch(batch, batch_idx, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_rouge("test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        """One record per prompt: ``id``, ``dialogue`` (when the batch has it) and the greedy ``summary``."""
+        summaries = self.generate_summaries(batch)
+        dialogues = batch.get("dialogue") or [None] * len(summaries)
+        return [{"id": i, "dialogue": d, "summary": s} for i, d, s in zip(batch["id"], dialogues, summaries)]
+
+    # ------------------------------------------------------------------ checkpoints and export
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # a LoRA run's frozen base is not written into every checkpoint: it loads from model_name again
+        checkpoint["state_dict"] = dist.trainable_state(self, checkpoint["state_dict"])
+
+    def export_path(self) -> Path:
+        """Where ``on_fit_end`` writes the result (``export_dir``, or a folder in the run's log directory)."""
+        if self.hparams.export_dir is not None:
+            return Path(self.hparams.export_dir)
+        name = "model" if self.hparams.finetune == "full" else "adapter"
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir) / name
+
+    def on_fit_end(self) -> None:
+        if self.trainer.is_global_zero:
+            target = self.export_path()
+            self.policy.export(target)
+            rank_zero_info(f"SFT result exported to {target} (give it to PPO as --model.init_adapter {target})")
+
+
+def check_sft_settings(
+    learning_rate: float, weight_decay: float, warmup_steps: int, lr_schedule: str, decay_steps: int | None,
+    min_lr_ratio: float, max_new_tokens: int, num_threads: int | None,
+) -> None:
+    """Check SFTModule's settings before anything is loaded; errors name the flag."""
+    errors = []
+    if not learning_rate > 0:
+        errors.append(f"model.learning_rate must be > 0, got {learning_rate}")
+    if weight_decay < 0:
+        errors.append(f"model.weight_decay must be >= 0, got {weight_decay}")
+    if warmup_steps < 0:
+        errors.append(f"model.warmup_steps must be >= 0, got {warmup_steps}")
+    if lr_schedule not in ("constant", "linear", "cosine"):
+        errors.append(f"model.lr_schedule must be constant, linear or cosine, got {lr_schedule!r}")
+    if decay_steps is not None and decay_steps <= warmup_steps:
+        errors.append(f"model.decay_steps ({decay_steps}) must be larger than model.warmup_steps ({warmup_steps})")
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        errors.append(f"model.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+    if max_new_tokens < 1:
+        errors.append(f"model.max_new_tokens must be >= 1, got {max_new_tokens}")
+    if num_threads is not None and num_threads < 1:
+        errors.append(f"model.num_threads must be None or >= 1, got {num_threads}")
+    if errors:
+        raise ValueError("; ".join(errors))
+
+
+# ---------------------------------------------------------------------------------------- evaluation helpers
+
+def utterances(dialogue: str) -> list[str]:
+    """A DialogSum dialogue's utterances: its non-empty lines ("#Person1#: ..."), in order."""
+    return [line.strip() for line in dialogue.split("\n") if line.strip()]
+
+
+def lead_summary(dialogue: str, k: int = 2) -> str:
+    """Lead-k baseline: the dialogue's first ``k`` utterances."""
+    return " ".join(utterances(dialogue)[:k])
+
+
+def longest_summary(dialogue: str, k: int = 3) -> str:
+    """Longest-k baseline: the dialogue's ``k`` longest utterances (in characters), kept in dialogue order."""
+    lines = utterances(dialogue)
+    keep = sorted(sorted(range(len(lines)), key=lambda i: -len(lines[i]))[:k])
+    return " ".join(lines[i] for i in keep)
+
+
+def rouge_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F-measures of ``predictions`` against ``references`` (torchmetrics ``ROUGEScore``,
+    the metric SFT validation logs): ``{"rouge1": ..., "rouge2": ..., "rougeL": ...}``."""
+    if len(predictions) != len(references) or not predictions:
+        raise ValueError(f"need as many predictions as references (> 0), got {len(predictions)} and {len(references)}")
+    scores = ROUGEScore(rouge_keys=ROUGE_KEYS)(predictions, references)
+    return {key: float(scores[f"{key}_fmeasure"]) for key in ROUGE_KEYS}

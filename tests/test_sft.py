@@ -1,0 +1,270 @@
+"""SFTModule: the loss is the summary tokens' NLL, a short fit learns, exports load into PPO, bad input fails."""
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from torch.testing import assert_close
+
+from lit_rlhf.cli import run_sft
+from lit_rlhf.data import DialogSumDataModule
+from lit_rlhf.module import PPOModule
+from lit_rlhf.policy import GenerationSettings, Policy
+from lit_rlhf.rewards import ProfanityReward
+from lit_rlhf.sft import SFTModule, lead_summary, longest_summary, lr_factor, rouge_scores
+from lit_rlhf.tiny import build_tiny_t5
+
+SFT_CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs").glob("sft_*.yaml"))
+
+
+class MetricsRecorder(L.Callback):
+    def __init__(self):
+        self.train: list[float] = []
+        self.val: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.train.append(float(outputs["loss"]))
+
+    def on_validation_end(self, trainer, pl_module):  # after the module has logged its epoch's ROUGE
+        self.val.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
+
+
+def supervised_data(model_name: str, batch_size: int = 16) -> DialogSumDataModule:
+    # short dialogues and summaries keep each step fast; 2% of the kept rows are held out
+    return DialogSumDataModule(model_name=model_name, with_labels=True, min_chars=200, max_chars=500,
+                               test_size=0.02, max_prompt_tokens=128, max_summary_tokens=32,
+                               batch_size=batch_size, eval_batch_size=16)
+
+
+def batch_of(model_name: str, n: int = 4) -> dict:
+    data = supervised_data(model_name, batch_size=n)
+    data.setup("fit")
+    return next(iter(data.val_dataloader()))
+
+
+@pytest.fixture(scope="module")
+def full_sft(tmp_path_factory):
+    """A full-weight SFT fit on the tiny T5 (validated before and after), exported to a folder."""
+    tmp = tmp_path_factory.mktemp("full_sft")
+    torch.manual_seed(0)
+    module = SFTModule("embedded:tiny-t5", finetune="full", learning_rate=3e-3, warmup_steps=5,
+                       lr_schedule="cosine", max_new_tokens=24, export_dir=str(tmp / "model"))
+    recorder = MetricsRecorder()
+    trainer = L.Trainer(default_root_dir=tmp, max_steps=80, accelerator="cpu", devices=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=2,
+                        num_sanity_val_steps=0, val_check_interval=80, callbacks=[recorder])
+    data = supervised_data("embedded:tiny-t5")
+    trainer.validate(module, data)
+    trainer.fit(module, data)
+    return module, recorder, tmp / "model"
+
+
+def test_lr_factor_warmup_then_cosine_to_floor():
+    # warmup 4 steps: (s + 1) / 4; then cosine from 1 to min_ratio over steps 4..14
+    f = lambda s: lr_factor(s, warmup_steps=4, decay_steps=14, schedule="cosine", min_ratio=0.1)  # noqa: E731
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == pytest.approx(1.0)
+    assert f(9) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway: cos(pi / 2) = 0
+    assert f(14) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
+    assert lr_factor(9, 4, 14, "linear", 0.0) == pytest.approx(0.5)
+    assert lr_factor(50, 4, 14, "constant", 0.0) == 1.0
+
+
+def test_full_fit_loss_falls_and_rouge_rises(full_sft):
+    module, recorder, _ = full_sft
+    before, after = recorder.val[0], recorder.val[-1]
+    first, last = sum(recorder.train[:5]) / 5, sum(recorder.train[-5:]) / 5
+    assert last < first - 1.0, (first, last)
+    assert after["val/loss"] < before["val/loss"] - 1.0
+    assert after["val/rouge1"] > before["val/rouge1"] + 0.05, (before, after)
+
+
+def test_full_export_loads_as_ppo_init_adapter_with_zero_kl(full_sft, tmp_path):
+    module, _, export = full_sft
+    assert (export / "model.safetensors").exists() and not (export / "adapter_config.json").exists()
+    batch = batch_of("embedded:tiny-t5")
+    args = (batch["input_ids"], batch["attention_mask"], batch["summary_ids"], batch["summary_mask"])
+    module.policy.eval()
+    with torch.no_grad():
+        sft_logprobs = module.policy(*args, with_values=False).logprobs
+    ppo = PPOModule(model_name="embedded:tiny-t5", init_adapter=str(export), reward=ProfanityReward(),
+                    generation=GenerationSettings(min_new_tokens=1, max_new_tokens=(4, 8)), ppo_steps=1,
+                    rollout_batch_size=8, mini_batch_size=4, log_samples_every=0, export_adapter=False)
+    # the PPO reference (adapter disabled) is the SFT model itself, not the random base
+    ppo.policy.eval()
+    assert_close(ppo.policy.reference_forward(*args).logprobs, sft_logprobs, atol=1e-5, rtol=0)
+    kl = fit_ppo_one_step(ppo, tmp_path)
+    assert kl == 0.0
+
+
+def fit_ppo_one_step(ppo: PPOModule, tmp_path: Path) -> float:
+    """Fit PPO for one step; return the step's logged KL."""
+    seen = []
+
+    class KL(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(float(trainer.callback_metrics["kl"]))
+
+    trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        num_sanity_val_steps=0, callbacks=[KL()])
+    trainer.fit(ppo, DialogSumDataModule(model_name=ppo.hparams.model_name, batch_size=8, eval_batch_size=8))
+    return seen[0]
+
+
+def test_decoder_only_loss_is_the_summary_tokens_nll():
+    # Against a manual computation: each row unpadded as [prompt, summary] through the plain HF model with
+    # labels -100 on the prompt, so HF's own shifted cross-entropy scores the summary tokens only.
+    torch.manual_seed(0)
+    module = SFTModule("embedded:tiny-gpt2", finetune="full").eval()
+    batch = batch_of("embedded:tiny-gpt2")
+    assert batch["attention_mask"][:, 0].min() == 0  # rows of different lengths: left padding is exercised
+    with torch.no_grad():
+        loss = module.sft_loss(batch)
+        total, count = 0.0, 0
+        for q, qm, s, sm in zip(batch["input_ids"], batch["attention_mask"], batch["summary_ids"],
+                                batch["summary_mask"]):
+            prompt, summary = q[qm.bool()], s[sm.bool()]
+            ids = torch.cat([prompt, summary])[None]
+            labels = torch.cat([torch.full_like(prompt, -100), summary])[None]
+            row_loss = module.policy.model(input_ids=ids, labels=labels).loss
+            total, count = total + float(row_loss) * len(summary), count + len(summary)
+    assert_close(loss, torch.tensor(total / count), atol=1e-5, rtol=0)
+    # the loss reads the summary mask: padding after the summary never counts
+    padded = dict(batch, summary_ids=torch.nn.functional.pad(batch["summary_ids"], (0, 3), value=7),
+                  summary_mask=torch.nn.functional.pad(batch["summary_mask"], (0, 3)))
+    with torch.no_grad():
+        assert_close(module.sft_loss(padded), loss, atol=1e-5, rtol=0)
+
+
+def test_flan_t5_recipe_config_makes_an_adapter_that_ppo_loads(tmp_path):
+    # configs/sft_flan_t5.yaml with google/flan-t5-base replaced by a tiny T5 of the same family (q/v
+    # attention names, gated-GELU, untied lm_head) and the hub dataset by the bundled copy
+    stand_in = build_tiny_t5(str(tmp_path / "flan-t5-stand-in"))
+    cli = run_sft([
+        "fit", "--config", str(SFT_CONFIGS[0].parent / "sft_flan_t5.yaml"), "--model.model_name", stand_in,
+        "--data.dataset", "bundled", "--data.batch_size", "4", "--data.max_chars", "500",
+        "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1", "--trainer.accelerator", "cpu",
+        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "logs"),
+        "--model.max_new_tokens", "8", "--model.lr_schedule", "constant",
+    ])
+    adapter = Path(cli.trainer.log_dir) / "adapter"
+    settings = json.loads((adapter / "adapter_config.json").read_text())
+    assert settings["r"] == 32 and settings["lora_alpha"] == 32 and settings["lora_dropout"] == 0.05
+    assert sorted(settings["target_modules"]) == ["q", "v"]
+    assert (adapter / "tokenizer.json").exists()
+    assert next(Path(cli.trainer.log_dir).rglob("last.ckpt")).exists()
+
+    batch = batch_of(stand_in)
+    args = (batch["input_ids"], batch["attention_mask"], batch["summary_ids"], batch["summary_mask"])
+    sft_policy = cli.model.policy.eval()
+    with torch.no_grad():
+        sft_logprobs = sft_policy(*args, with_values=False).logprobs
+        base_logprobs = sft_policy.reference_forward(*args).logprobs
+    assert (sft_logprobs - base_logprobs).abs().max() > 1e-4  # three steps moved the adapter off zero
+    ppo = PPOModule(model_name=stand_in, init_adapter=str(adapter), reward=ProfanityReward(),
+                    generation=GenerationSettings(min_new_tokens=1, max_new_tokens=(4, 8)), ppo_steps=1,
+                    rollout_batch_size=8, mini_batch_size=4, log_samples_every=0, export_adapter=False)
+    ppo.policy.eval()
+    assert_close(ppo.policy.reference_forward(*args).logprobs, sft_logprobs, atol=1e-5, rtol=0)
+    assert fit_ppo_one_step(ppo, tmp_path) == 0.0
+
+
+@pytest.mark.parametrize("config", SFT_CONFIGS, ids=lambda p: p.name)
+def test_sft_configs_parse(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_sft(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["model_name"] == yaml.safe_load(config.read_text())["model"]["model_name"]
+    assert printed["data"]["with_labels"] is True
+
+
+def test_bad_settings_and_inputs_fail_clearly():
+    with pytest.raises(ValueError, match="model.learning_rate"):
+        SFTModule(learning_rate=0.0)
+    with pytest.raises(ValueError, match="model.decay_steps"):
+        SFTModule(warmup_steps=10, decay_steps=5)
+    with pytest.raises(ValueError, match="init_from_scratch=True .* finetune='full'"):
+        SFTModule(init_from_scratch=True, finetune="lora")
+    with pytest.raises(ValueError, match="max_summary_tokens"):
+        DialogSumDataModule(with_labels=True, max_summary_tokens=1)
+    module = SFTModule("embedded:tiny-t5", finetune="full")
+    batch = batch_of("embedded:tiny-t5")
+    prompts_only = {k: v for k, v in batch.items() if not k.startswith("summary_")}
+    with pytest.raises(ValueError, match="data.with_labels=true"):
+        module.sft_loss(prompts_only)
+    with pytest.raises(ValueError, match="value_head=False"):
+        module.policy(batch["input_ids"], batch["attention_mask"], batch["summary_ids"], batch["summary_mask"])
+
+
+def test_init_from_scratch_reinitialises_and_trains_every_weight():
+    loaded = Policy("embedded:tiny-t5", finetune="full", value_head=False)
+    torch.manual_seed(1)
+    scratch = Policy("embedded:tiny-t5", finetune="full", value_head=False, init_from_scratch=True)
+    assert all(p.requires_grad for p in scratch.parameters())
+    assert not torch.equal(loaded.model.shared.weight, scratch.model.shared.weight)
+    lora = Policy("embedded:tiny-t5")
+    assert lora.parameter_counts()["trainable model parameters"] < loaded.parameter_counts()["all model parameters"]
+
+
+def test_baselines_by_hand():
+    dialogue = "#Person1#: Hi.\n#Person2#: Hello there, friend.\n#Person1#: A much longer line than the rest.\n#Person2#: Ok"
+    assert lead_summary(dialogue, 2) == "#Person1#: Hi. #Person2#: Hello there, friend."
+    # the three longest, in dialogue order
+    assert longest_summary(dialogue, 3) == (
+        "#Person1#: Hi. #Person2#: Hello there, friend. #Person1#: A much longer line than the rest."
+    )
+    # "the cat sat" vs "the cat ran": 2 of 3 unigrams match, 1 of 2 bigrams
+    scores = rouge_scores(["the cat sat"], ["the cat ran"])
+    assert scores["rouge1"] == pytest.approx(2 / 3) and scores["rouge2"] == pytest.approx(0.5)
+
+
+def test_predict_writes_one_summary_per_dialogue(tmp_path):
+    dialogues = [
+        {"id": "a", "dialogue": "#Person1#: Hi, how are you?\n#Person2#: Fine. I am going to the bank."},
+        {"id": "b", "dialogue": "#Person1#: When is the meeting?\n#Person2#: At three, in room five."},
+        {"dialogue": "#Person1#: A ticket to Paris, please.\n#Person2#: One way or return?"},
+    ]
+    source = tmp_path / "three.jsonl"
+    source.write_text("".join(json.dumps(d) + "\n" for d in dialogues))
+    cli = run_sft(["predict", "--model.model_name", "embedded:tiny-t5", "--model.max_new_tokens", "6",
+                   "--data.predict_path", str(source), "--trainer.default_root_dir", str(tmp_path / "logs"),
+                   "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu"])
+    written = Path(cli.trainer.log_dir) / "predictions.jsonl"
+    rows = [json.loads(line) for line in written.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a", "b", "2"]  # the row without an id gets its row number
+    assert [r["dialogue"] for r in rows] == [d["dialogue"] for d in dialogues]
+    assert all(isinstance(r["summary"], str) and r["summary"] for r in rows)
+    assert not list(written.parent.glob(".predictions.jsonl.*"))  # no temporary file left behind
+
+
+def test_predict_inputs_fail_with_one_line_errors(tmp_path):
+    from lit_rlhf.data import load_predict_rows
+
+    (tmp_path / "text.csv").write_text("id,text\n1,hello\n")
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "broken.parquet").write_bytes(b"not a parquet file")
+    (tmp_path / "notes.txt").write_text("x")
+    cases = {
+        "text.csv": "has no 'dialogue' column",
+        "empty.jsonl": "is empty",
+        "broken.parquet": "could not be read",
+        "notes.txt": "expected a",
+        "missing.jsonl": "does not exist",
+    }
+    for name, message in cases.items():
+        with pytest.raises(ValueError, match=message) as info:
+            load_predict_rows(str(tmp_path / name))
+        assert "\n" not in str(info.value) and name in str(info.value)
+    with pytest.raises(ValueError, match="--data.predict_path"):
+        load_predict_rows(None)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "part1.csv").write_text('dialogue\n"#Person1#: Hi."\n')
+    (folder / "part2.csv").write_text('dialogue\n"#Person1#: Bye."\n')
+    rows = load_predict_rows(str(folder))
+    assert rows["id"] == ["0", "1"] and rows["dialogue"] == ["#Person1#: Hi.", "#Person1#: Bye."]
