@@ -64,15 +64,17 @@ def sample_with_cache(
     settings: GenerationSettings,
     eos_token_id: int | None,
     pad_token_id: int,
+    repeats: int = 1,
 ) -> SampledRollout:
     """Sample one response per query; rows leave the batch when they emit eos or reach their own limit.
 
-    query_ids, query_mask: [B, P] (padded on ``lm.query_padding_side``); max_new_tokens: [B]. The model must
-    be in eval mode. ``value_head``: None for a policy without one (values come back as 0). Sampling draws
-    from torch's global RNG, one multinomial call per step.
+    query_ids, query_mask: [Q, P] (padded on ``lm.query_padding_side``), each query sampled ``repeats`` times
+    (rows of one query contiguous: B = Q x repeats; a seq2seq encoder runs once per query); max_new_tokens: [B].
+    The model must be in eval mode. ``value_head``: None for a policy without one (values come back as 0).
+    Sampling draws from torch's global RNG, one multinomial call per step.
     """
     device = query_ids.device
-    batch = query_ids.shape[0]
+    batch = query_ids.shape[0] * repeats
     limits = max_new_tokens.to(device)
     horizon = int(limits.max())
     response = torch.full((batch, horizon), pad_token_id, dtype=torch.long, device=device)
@@ -81,7 +83,7 @@ def sample_with_cache(
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
     warp = warpers(settings)
     rows = torch.arange(batch, device=device)  # original index of each row still in the batch
-    state = lm.start(model, query_ids, query_mask)
+    state = lm.start(model, query_ids, query_mask, repeats)
 
     for t in range(horizon):
         # 1) one decoder step for the rows still running

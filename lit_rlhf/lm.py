@@ -101,10 +101,13 @@ class Seq2SeqLM:
         )
         return out.logits, out.decoder_hidden_states[-1]
 
-    def start(self, model: nn.Module, query_ids: Tensor, query_mask: Tensor) -> DecodeState:
+    def start(self, model: nn.Module, query_ids: Tensor, query_mask: Tensor, repeats: int = 1) -> DecodeState:
+        """``repeats`` rows per query (k samples per prompt), the encoder run once per query."""
         # the encoder runs once; every decode step attends to its states
         encoder_hidden = model.get_encoder()(input_ids=query_ids, attention_mask=query_mask).last_hidden_state
-        step_input = torch.full((query_ids.shape[0], 1), self.decoder_start_token_id, dtype=torch.long,
+        if repeats > 1:
+            encoder_hidden, query_mask = encoder_hidden.repeat_interleave(repeats, 0), query_mask.repeat_interleave(repeats, 0)
+        step_input = torch.full((encoder_hidden.shape[0], 1), self.decoder_start_token_id, dtype=torch.long,
                                 device=query_ids.device)
         return DecodeState(EncoderDecoderCache(DynamicCache(), DynamicCache()), step_input, query_mask, encoder_hidden)
 
@@ -147,7 +150,10 @@ class CausalLM:
         # the last query position predicts response token 0; the last response position predicts nothing
         return out.logits[:, :-1], out.hidden_states[-1][:, -t - 1 : -1]
 
-    def start(self, model: nn.Module, query_ids: Tensor, query_mask: Tensor) -> DecodeState:
+    def start(self, model: nn.Module, query_ids: Tensor, query_mask: Tensor, repeats: int = 1) -> DecodeState:
+        """``repeats`` rows per query (k samples per prompt); each row's first step reads its whole prompt."""
+        if repeats > 1:
+            query_ids, query_mask = query_ids.repeat_interleave(repeats, 0), query_mask.repeat_interleave(repeats, 0)
         return DecodeState(DynamicCache(), query_ids, query_mask, _positions(query_mask))
 
     def step(self, model: nn.Module, state: DecodeState) -> tuple[Tensor, Tensor]:

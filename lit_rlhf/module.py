@@ -72,6 +72,8 @@ class PPOModule(L.LightningModule):
         fast_rollout: sample with the cached decode loop (``lit_rlhf.decoding``): finished rows leave the
             batch, and the log-probs and values computed while sampling save the policy's scoring forward; the
             first ratio is then 1 up to float rounding. Not with sharded weights (FSDP, ZeRO-3).
+        samples_per_prompt: responses sampled per prompt (k); data.batch_size stays the number of prompts, so a
+            step has batch x k responses. grpo and rloo compare the k responses of a prompt (k >= 2).
     """
 
     def __init__(
@@ -97,13 +99,15 @@ class PPOModule(L.LightningModule):
         export_adapter: bool = True,
         max_consecutive_skips: int = 8,
         fast_rollout: bool = False,
+        samples_per_prompt: int = 1,
     ) -> None:
         super().__init__()
         # Settings groups come back as plain dicts from a checkpoint's hyperparameters.
         lora, generation, ppo = (as_settings(cls, v) for cls, v in
                                  ((LoraSettings, lora), (GenerationSettings, generation), (PPOSettings, ppo)))
         check(lora.errors() + generation.errors() + ppo.errors() + run_errors(
-            ppo_steps, learning_rate, rollout_batch_size, mini_batch_size, max_consecutive_skips))
+            ppo_steps, learning_rate, rollout_batch_size, mini_batch_size, max_consecutive_skips, samples_per_prompt,
+            ppo.advantage_estimator))
         # Plain dicts keep checkpoints loadable with torch.load(weights_only=True), which resuming uses.
         self.save_hyperparameters(ignore=["reward", "lora", "generation", "ppo"])
         self.hparams.update(lora=plain(lora), generation=plain(generation), ppo=plain(ppo))
@@ -112,7 +116,7 @@ class PPOModule(L.LightningModule):
         self.strict_loading = False
         self.policy = Policy(
             model_name, lora=lora, init_adapter=init_adapter, reference_model=reference_model,
-            value_head_dropout=value_head_dropout, dtype=dtype,
+            value_head_dropout=value_head_dropout, dtype=dtype, value_head=not ppo.critic_free,
         )
         # The policy sets eval/train mode itself around each pass (dropout is off unless train_dropout);
         # train() here only keeps Lightning from warning about modules left in eval mode by from_pretrained.
@@ -190,10 +194,11 @@ class PPOModule(L.LightningModule):
 
     def _rollout(self, batch: dict[str, Any]) -> Rollout | None:
         """Responses, scores, old log-probs/values and reference log-probs; None when the step is skipped."""
-        limits = self._response_length_limits(len(batch["input_ids"]))
-        fast = self.hparams.fast_rollout
+        k = self.hparams.samples_per_prompt
+        limits = self._response_length_limits(len(batch["input_ids"]) * k)
+        fast, critic = self.hparams.fast_rollout, self.policy.has_value_head
         generated = ro.collect(self.policy, self.reward, batch, self.generation, limits, fast=fast,
-                               synced_gpus=dist.synced_gpus(self.trainer), timer=self._timed)
+                               synced_gpus=dist.synced_gpus(self.trainer), timer=self._timed, repeats=k)
         if self._any_rank(generated.reward_error is not None):
             return self._skip_step(f"the reward returned non-finite scores ({generated.reward_error or 'on another process'})")
         rows, sampled = generated.rows, generated.sampled
@@ -201,9 +206,9 @@ class PPOModule(L.LightningModule):
         full_kl = self.ppo.kl_estimator == "full"
         with self._timed("time/ppo/forward"):
             # fast rollout kept the sampled tokens' log-probs and values: only the reference is scored
-            scores = self.policy.score(rows, groups, policy=not fast, values=not fast, full_kl=full_kl)
+            scores = self.policy.score(rows, groups, policy=not fast, values=critic and not fast, full_kl=full_kl)
         logprobs = sampled.logprobs if fast else scores.logprobs
-        values = sampled.values if fast else scores.values
+        values = sampled.values if fast else scores.values if critic else torch.zeros_like(logprobs)
         shaped = ppo_math.shape_scores(generated.scores.to(self.device), self.ppo.score_scale, self.ppo.score_clip)
         rollout = Rollout(rows, shaped, logprobs, values,
                           scores.ref_logprobs, groups, scores.kl, generated.prompts, generated.texts, generated.scores)
@@ -218,16 +223,16 @@ class PPOModule(L.LightningModule):
         return dist.draw_length_limits(self.length_generator, low, high, batch_size, self.trainer)
 
     def _advantages(self, rollout: Rollout) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Per-token KL, KL penalty, GAE advantages (raw and whitened) and returns, [B, T] each."""
+        """Per-token KL, KL penalty, advantages (raw and final) and returns, [B, T] each."""
         mask = rollout.rows.response_mask
         kl = rollout.kl if rollout.kl is not None else \
             ppo_math.kl_penalty(rollout.logprobs, rollout.ref_logprobs, self.ppo.kl_estimator) * mask
-        rewards, non_score = ppo_math.compute_rewards(rollout.scores, kl, mask, self.kl_ctl.value)
-        raw_advantages, returns = ppo_math.compute_gae(rewards, rollout.values, mask, self.ppo.gamma, self.ppo.lam)
-        advantages = raw_advantages
-        if self.ppo.whiten_advantages:
-            advantages = ppo_math.masked_whiten(raw_advantages, mask, reduce_fn=self._reduce)
-        return kl, non_score, raw_advantages, advantages, returns
+        p = self.ppo
+        out = ppo_math.compute_advantages(
+            p.advantage_estimator, rollout.scores, torch.zeros_like(kl) if p.kl_in_loss else kl, rollout.values, mask,
+            self.kl_ctl.value, self.hparams.samples_per_prompt, p.gamma, p.lam, p.whiten_advantages,
+            p.grpo_scale_rewards, self._reduce)
+        return (kl, *out)
 
     def _finish_step(self, rollout: Rollout, stats: dict[str, Tensor]) -> None:
         """Log the step's statistics and samples; stop after the last PPO step."""
@@ -273,6 +278,7 @@ class PPOModule(L.LightningModule):
             "kl_controller": self.kl_ctl.state_dict(),
             "length_generator": self.length_generator.get_state(),
             "skipped": self.skips.state_dict(),
+            "value_head": self.policy.has_value_head,  # critic-free estimators train and save none
             # generation samples from the global RNGs: restoring them makes a resumed run continue exactly
             "rng": rng_state(),
         }
@@ -337,13 +343,15 @@ class PPOModule(L.LightningModule):
         self, opt, rollout: Rollout, advantages: Tensor, returns: Tensor, idx: Tensor
     ) -> dict[str, Tensor] | None:
         """One clipped PPO gradient step on the rows ``idx``; None if it was skipped as unsafe."""
+        p, critic = self.ppo, self.policy.has_value_head
         out, rows, idx = self.policy.forward_rows(rollout.rows, idx, dropout=self.hparams.train_dropout,
-                                                  return_logits=True)
+                                                  with_values=critic, return_logits=True)
         t, rm = rows.response_ids.shape[1], rows.response_mask
-        old_logprobs, old_values = rollout.logprobs[idx, :t], rollout.values[idx, :t]
-        adv, ret = advantages[idx, :t], returns[idx, :t]
-        loss, stats = ppo_math.ppo_objective(out.logprobs, old_logprobs, out.values, old_values, adv, ret, rm,
-                                             self.ppo.cliprange, self.ppo.cliprange_value, self.ppo.vf_coef)
+        old_logprobs, ref = rollout.logprobs[idx, :t], rollout.ref_logprobs[idx, :t] if p.kl_in_loss else None
+        loss, stats = ppo_math.ppo_objective(
+            out.logprobs, old_logprobs, out.values, rollout.values[idx, :t], advantages[idx, :t], returns[idx, :t], rm,
+            p.cliprange, p.cliprange_value, p.vf_coef, p.loss_aggregation, self.generation.max_new_tokens[1] - 1,
+            ref, self.kl_ctl.value if p.kl_in_loss else 0.0)
         # every rank must take the same decision, or DDP's gradient all-reduce would hang
         ratio = float(stats["policy/ratio_mean"])
         for unsafe, reason in ((not bool(torch.isfinite(loss)), "the PPO loss was not finite"),
@@ -378,9 +386,13 @@ class PPOModule(L.LightningModule):
                     returns: Tensor, raw_advantages: Tensor, advantages: Tensor) -> dict[str, Tensor]:
         """The step's statistics over the global batch (every process), with one all-reduce."""
         parts = {name: part.to(self.device) for name, part in self.reward.last_components.items()}
-        stats = ppo_math.rollout_statistics(
-            rollout.raw_scores.to(self.device), kl_per_sample, non_score, rollout.logprobs, rollout.values, returns,
-            raw_advantages, advantages, rollout.rows.response_mask, parts, self._reduce)
+        scores = rollout.raw_scores.to(self.device)
+        stats = ppo_math.rollout_statistics(scores, kl_per_sample, non_score, rollout.logprobs, rollout.values, returns,
+                                            raw_advantages, advantages, rollout.rows.response_mask, parts, self._reduce)
+        if not self.policy.has_value_head:  # no critic: its statistics would describe zeros
+            stats = {k: v for k, v in stats.items() if not k.startswith("ppo/val/")}
+        if self.hparams.samples_per_prompt > 1:
+            stats.update(ppo_math.group_stats(scores, self.hparams.samples_per_prompt, self._reduce))
         return {**stats, "ppo/step": torch.tensor(float(self.ppo_step))}
 
     def _log_stats(self, stats: dict[str, Tensor]) -> None:

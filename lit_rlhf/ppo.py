@@ -254,10 +254,7 @@ def policy_loss(
         ratio = exp(logp - logp_old)
         L = mean_t max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))
     """
-    ratio = torch.exp(logprobs - old_logprobs)
-    pg_loss1 = -advantages * ratio
-    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    return masked_mean(torch.max(pg_loss1, pg_loss2), response_mask)
+    return aggregate(policy_loss_per_token(logprobs, old_logprobs, advantages, clip_range), response_mask)
 
 
 def value_loss(
@@ -308,22 +305,67 @@ def ppo_diagnostics(
 
 
 def ppo_objective(
-    logprobs: Tensor, old_logprobs: Tensor, values: Tensor, old_values: Tensor, advantages: Tensor,
+    logprobs: Tensor, old_logprobs: Tensor, values: Tensor | None, old_values: Tensor, advantages: Tensor,
     returns: Tensor, response_mask: Tensor, clip_range: float, clip_range_value: float, vf_coef: float,
+    aggregation: str = "token_mean", norm_constant: float | None = None, ref_logprobs: Tensor | None = None,
+    kl_coef: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """One mini-batch's PPO loss ``L_clip + vf_coef * L_value`` (arXiv:1707.06347 eq. 9, as a loss to
-    minimise) and its diagnostics (``loss/...``, ``val/vpred``, ``val/error`` and :func:`ppo_diagnostics`),
-    all [B, T] inputs with the response mask."""
-    pg_loss = policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_range)
-    vf_loss = value_loss(values, old_values, returns, response_mask, clip_range_value)
-    loss = pg_loss + vf_coef * vf_loss
-    with torch.no_grad():
-        stats = {
-            "loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "loss/total": loss.detach(),
-            "val/vpred": masked_mean(values, response_mask), "val/error": masked_mean((values - returns).square(), response_mask),
-            **ppo_diagnostics(logprobs, old_logprobs, values, old_values, response_mask, clip_range, clip_range_value),
-        }
-    return loss, stats
+    """One mini-batch's loss to minimise and its diagnostics, all [B, T] inputs with the response mask.
+
+    loss = aggregate(clipped surrogate [+ kl_coef * k3 KL to ``ref_logprobs``]) + vf_coef * clipped value loss
+    (PPO arXiv:1707.06347 eq. 9; the value term only with ``values``, i.e. a value head). ``aggregation``
+    "token_mean" without a KL term is exactly ``policy_loss``. Diagnostics: ``loss/...``, ``val/...`` and
+    :func:`ppo_diagnostics`.
+    """
+    per_token = policy_loss_per_token(logprobs, old_logprobs, advantages, clip_range, ref_logprobs, kl_coef)
+    pg_loss = aggregate(per_token, response_mask, aggregation, norm_constant)
+    loss, stats = pg_loss, {"loss/policy": pg_loss.detach()}
+    if values is not None:
+        vf_loss = value_loss(values, old_values, returns, response_mask, clip_range_value)
+        loss = pg_loss + vf_coef * vf_loss
+        with torch.no_grad():
+            stats.update({"loss/value": vf_loss.detach(), "val/vpred": masked_mean(values, response_mask),
+                          "val/error": masked_mean((values - returns).square(), response_mask)})
+    stats["loss/total"] = loss.detach()
+    if ref_logprobs is not None and kl_coef != 0.0:
+        stats["policy/kl_k3"] = masked_mean(k3_kl(logprobs.detach(), ref_logprobs), response_mask)
+    diag = ppo_diagnostics(logprobs, old_logprobs, values if values is not None else old_values, old_values,
+                           response_mask, clip_range, clip_range_value)
+    if values is None:
+        del diag["val/clipfrac"]
+    return loss, {**stats, **diag}
+
+
+def compute_advantages(
+    estimator: str, scores: Tensor, kl: Tensor, values: Tensor, response_mask: Tensor, kl_coef: float,
+    samples_per_prompt: int = 1, gamma: float = 1.0, lam: float = 0.95, whiten: bool = True,
+    grpo_scale: bool = True, reduce_fn: ReduceFn = _identity,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Advantages and returns of one rollout batch by any estimator, with the KL penalty in the reward.
+
+    scores: [B] (rows of one prompt contiguous, ``samples_per_prompt`` = k of them); kl (per-token, 0 to keep
+    the KL out of the reward), values (0 without a critic), response_mask: [B, T] -> (non_score_rewards,
+    raw advantages, advantages, returns), [B, T] each:
+      gae          : r_t = -beta KL_t (+ score on the last token) -> GAE -> whitened (``whiten``)
+      reinforce_pp : the same rewards -> discounted returns, whitened over the global batch
+      grpo, rloo   : one advantage per response from score - beta sum_t KL_t against its group, on every token
+    """
+    rewards, non_score = compute_rewards(scores, kl, response_mask, kl_coef)
+    if estimator == "gae":
+        raw, returns = compute_gae(rewards, values, response_mask, gamma, lam)
+        return non_score, raw, masked_whiten(raw, response_mask, reduce_fn=reduce_fn) if whiten else raw, returns
+    if estimator == "reinforce_pp":
+        advantages, returns = reinforce_pp_advantages(rewards, response_mask, gamma, reduce_fn)
+        return non_score, returns, advantages, returns
+    shaped = kl_shaped_scores(scores, kl, response_mask, kl_coef)
+    if estimator == "grpo":
+        per_response = grpo_advantages(shaped, samples_per_prompt, scale=grpo_scale)
+    elif estimator == "rloo":
+        per_response = rloo_advantages(shaped, samples_per_prompt)
+    else:
+        raise ValueError(f"Unknown advantage_estimator {estimator!r}; choose one of {ADVANTAGE_ESTIMATORS}")
+    advantages = broadcast_to_tokens(per_response, response_mask)
+    return non_score, advantages, advantages, advantages
 
 
 # --------------------------------------------------------------------------------------------------
@@ -579,7 +621,8 @@ def aggregate(
         raise ValueError(f"model.ppo.loss_aggregation={mode!r}: choose one of {LOSS_AGGREGATIONS}")
     # [count, 1] summed over processes = [global count, P]
     count, processes = reduce_fn(torch.stack([count.double(), torch.ones_like(count, dtype=torch.float64)])).unbind()
-    return total * (processes / count.clamp(min=1.0)).to(loss.dtype)
+    # (total * P) / count: in one process exactly masked_mean's ``sum / count`` (bit for bit, as policy_loss)
+    return total * processes.to(loss.dtype) / count.clamp(min=1.0).to(loss.dtype)
 
 
 @torch.no_grad()

@@ -61,26 +61,31 @@ class Rollout:
 @torch.no_grad()
 def generate_responses(
     policy: Policy, batch: dict[str, Any], settings: GenerationSettings, limits: Tensor, fast: bool = False,
-    synced_gpus: bool | None = None,
+    synced_gpus: bool | None = None, repeats: int = 1,
 ) -> Generated:
     """Sample one response per prompt of a collated batch (``input_ids``, ``attention_mask`` on the policy's
     device, ``query``, and optionally ``reference``), each within its own length limit ``limits`` [B], and decode them.
 
     A decoder-only model's prompts are first cut to fit its context with the longest response. ``fast``: the
     cached loop that keeps the sampled tokens' log-probs and values (not with sharded weights). ``synced_gpus``:
-    keep decoding until every process is done (needed when every forward is a collective, FSDP/ZeRO-3)."""
+    keep decoding until every process is done (needed when every forward is a collective, FSDP/ZeRO-3).
+    ``repeats``: k responses per prompt, rows of one prompt contiguous (one batched call with distinct random
+    draws; the cached loop runs a seq2seq encoder once per prompt); ``limits`` then has B x k entries."""
     query_ids, query_mask = policy.fit_prompts(batch["input_ids"], batch["attention_mask"], settings.max_new_tokens[1])
     sampled = None
     if fast:
-        sampled = policy.sample(query_ids, query_mask, settings, limits)
+        sampled = policy.sample(query_ids, query_mask, settings, limits, repeats=repeats)
         response_ids, response_mask = sampled.response_ids, sampled.response_mask
-    else:
+    query_ids, query_mask = (t.repeat_interleave(repeats, 0) for t in (query_ids, query_mask))
+    if not fast:
         response_ids, response_mask = policy.generate(
             query_ids, query_mask, settings, max_new_tokens=limits, synced_gpus=synced_gpus
         )
     rows = ResponseBatch(query_ids, query_mask, response_ids, response_mask)
     texts = policy.decode(response_ids, response_mask)
-    return Generated(rows, texts, list(batch["query"]), batch.get("reference"), sampled)
+    prompts, references = ([x for x in column for _ in range(repeats)] if column is not None else None
+                           for column in (batch["query"], batch.get("reference")))
+    return Generated(rows, texts, prompts, references, sampled)
 
 
 def score_responses(reward: Reward, generated: Generated) -> Generated:
@@ -95,12 +100,12 @@ def score_responses(reward: Reward, generated: Generated) -> Generated:
 
 def collect(
     policy: Policy, reward: Reward, batch: dict[str, Any], settings: GenerationSettings, limits: Tensor,
-    fast: bool = False, synced_gpus: bool | None = None, timer: Timer | None = None,
+    fast: bool = False, synced_gpus: bool | None = None, timer: Timer | None = None, repeats: int = 1,
 ) -> Generated:
     """generate -> decode -> score, each phase inside ``timer(name)`` (``time/ppo/generate``, ``.../reward``)."""
     timer = timer or (lambda name: nullcontext())
     with timer("time/ppo/generate"):
-        generated = generate_responses(policy, batch, settings, limits, fast, synced_gpus)
+        generated = generate_responses(policy, batch, settings, limits, fast, synced_gpus, repeats)
     with timer("time/ppo/reward"):
         return score_responses(reward, generated)
 

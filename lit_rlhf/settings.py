@@ -11,7 +11,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
-from lit_rlhf.ppo import AdaptiveKLController, FixedKLController, KLEstimator
+from lit_rlhf.ppo import (
+    GROUP_ESTIMATORS, AdaptiveKLController, AdvantageEstimator, FixedKLController, KLEstimator, LossAggregation,
+)
 
 LoraBias = Literal["none", "all", "lora_only"]
 Precision = Literal["float32", "bfloat16", "float16"]
@@ -122,6 +124,19 @@ class PPOSettings:
     sort_by_length: bool = True
     """Group responses of similar length into mini-batches (less padding, faster); the mini-batch order is
     still shuffled."""
+    advantage_estimator: AdvantageEstimator = "gae"
+    """gae: PPO with a value head (GAE). Critic-free, no value head built: grpo (group-relative, k >= 2
+    samples per prompt), rloo (leave-one-out baseline, k >= 2), reinforce_pp (REINFORCE++: KL-shaped
+    returns whitened over the batch). k is model.samples_per_prompt."""
+    grpo_scale_rewards: bool = True
+    """grpo: divide by the group's reward std (GRPO); False: only subtract the group mean (Dr. GRPO)."""
+    kl_in_loss: bool = False
+    """Put the KL in the loss (GRPO's k3 per token, coefficient beta = init_kl_coef, adapted when
+    adaptive_kl) instead of in the reward. The KL is reported either way."""
+    loss_aggregation: LossAggregation = "token_mean"
+    """How a mini-batch's per-token policy loss becomes one number: token_mean (every token weighs the same,
+    DAPO; today's PPO), sequence_mean (mean per response, then over responses, GRPO), token_sum_norm (sum
+    divided by batch x longest response, Dr. GRPO)."""
 
     def kl_controller(self) -> AdaptiveKLController | FixedKLController:
         """A fresh KL controller for these settings (adaptive towards ``kl_target``, or fixed)."""
@@ -148,7 +163,14 @@ class PPOSettings:
             errors.append(f"{prefix}.score_clip must be > 0 (or null), got {self.score_clip}")
         if not self.ratio_threshold > 0:
             errors.append(f"{prefix}.ratio_threshold must be > 0, got {self.ratio_threshold}")
+        errors += _choice(self.advantage_estimator, f"{prefix}.advantage_estimator", AdvantageEstimator)
+        errors += _choice(self.loss_aggregation, f"{prefix}.loss_aggregation", LossAggregation)
         return errors
+
+    @property
+    def critic_free(self) -> bool:
+        """No value head: the advantages come from the rewards alone."""
+        return self.advantage_estimator != "gae"
 
 
 def _choice(value: Any, flag: str, choices_type: Any) -> list[str]:
@@ -168,16 +190,22 @@ def plain(settings: Any) -> dict[str, Any]:
 
 def run_errors(
     ppo_steps: int | None, learning_rate: float, rollout_batch_size: int, mini_batch_size: int,
-    max_consecutive_skips: int,
+    max_consecutive_skips: int, samples_per_prompt: int = 1, estimator: str = "gae",
 ) -> list[str]:
     """Problems with the module-level run settings; messages name the flag."""
     errors = []
+    responses = rollout_batch_size * samples_per_prompt
+    if samples_per_prompt < 1:
+        errors.append(f"model.samples_per_prompt must be >= 1, got {samples_per_prompt}")
+    elif estimator in GROUP_ESTIMATORS and samples_per_prompt < 2:
+        errors.append(f"model.ppo.advantage_estimator={estimator} compares the samples of one prompt: it needs "
+                      f"model.samples_per_prompt >= 2, got {samples_per_prompt}")
     if mini_batch_size <= 0 or rollout_batch_size <= 0:
         errors.append(f"model.mini_batch_size ({mini_batch_size}) and data.batch_size ({rollout_batch_size}) must be > 0")
-    elif rollout_batch_size % mini_batch_size:
-        errors.append(
-            f"model.mini_batch_size={mini_batch_size} must divide the rollout batch data.batch_size={rollout_batch_size}"
-        )
+    elif samples_per_prompt >= 1 and responses % mini_batch_size:
+        per_step = f"data.batch_size={rollout_batch_size}" + (
+            f" x model.samples_per_prompt={samples_per_prompt}" if samples_per_prompt > 1 else "")
+        errors.append(f"model.mini_batch_size={mini_batch_size} must divide the rollout batch {per_step}")
     if ppo_steps is not None and ppo_steps <= 0:
         errors.append(f"model.ppo_steps must be > 0 (or null), got {ppo_steps}")
     if not learning_rate > 0 or not math.isfinite(learning_rate):

@@ -254,7 +254,8 @@ def test_aggregate_matches_loop_and_token_mean_of_per_token_loss_is_policy_loss(
     logp, old, adv = torch.randn(5, 7) * 0.3, torch.randn(5, 7) * 0.3, torch.randn(5, 7)
     mask = (torch.rand(5, 7) > 0.3).long()
     per_token = ppo.policy_loss_per_token(logp, old, adv, 0.2)
-    assert_close(ppo.aggregate(per_token, mask, "token_mean"), ppo.policy_loss(logp, old, adv, mask, 0.2))
+    assert_close(ppo.aggregate(per_token, mask, "token_mean"), (per_token * mask).sum() / mask.sum())
+    assert_close(ppo.policy_loss(logp, old, adv, mask, 0.2), (per_token * mask).sum() / mask.sum())
     rows = [per_token[i][mask[i].bool()].tolist() for i in range(5)]
     seq = [sum(r) / len(r) for r in rows if r]
     assert ppo.aggregate(per_token, mask, "sequence_mean").item() == pytest.approx(sum(seq) / len(seq), rel=1e-5)

@@ -52,13 +52,13 @@ def test_first_step_kl_zero_and_first_ratio_exactly_one(model_name, tmp_path, mo
     # LoRA starts at zero, so policy == reference at the first rollout: KL must be exactly 0, and the first
     # mini-batch's importance ratio exactly 1 (same eval-mode computation as the rollout forward).
     log_ratios = []
-    original = module_lib.ppo_math.policy_loss
+    original = module_lib.ppo_math.ppo_diagnostics
 
-    def recording_policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_range):
+    def recording_diagnostics(logprobs, old_logprobs, values, old_values, response_mask, *args):
         log_ratios.append(((logprobs - old_logprobs) * response_mask).detach().clone())
-        return original(logprobs, old_logprobs, advantages, response_mask, clip_range)
+        return original(logprobs, old_logprobs, values, old_values, response_mask, *args)
 
-    monkeypatch.setattr(module_lib.ppo_math, "policy_loss", recording_policy_loss)
+    monkeypatch.setattr(module_lib.ppo_math, "ppo_diagnostics", recording_diagnostics)
     torch.manual_seed(0)
     module = PPOModule(model_name=model_name, reward=ProfanityReward(), generation=SHORT, ppo_steps=1,
                        rollout_batch_size=8, mini_batch_size=4, learning_rate=1e-2, log_samples_every=0,
@@ -164,13 +164,13 @@ def test_fast_rollout_scores_while_sampling(model_name, tmp_path, monkeypatch):
     # fast_rollout takes the old log-probs and values from the sampling loop: no policy re-forward, and at
     # the first step policy == reference, so KL and the first log-ratio are zero up to float rounding
     log_ratios, policy_calls = [], []
-    original = module_lib.ppo_math.policy_loss
+    original = module_lib.ppo_math.ppo_diagnostics
 
-    def recording_policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_range):
+    def recording_diagnostics(logprobs, old_logprobs, values, old_values, response_mask, *args):
         log_ratios.append(((logprobs - old_logprobs) * response_mask).detach().clone())
-        return original(logprobs, old_logprobs, advantages, response_mask, clip_range)
+        return original(logprobs, old_logprobs, values, old_values, response_mask, *args)
 
-    monkeypatch.setattr(module_lib.ppo_math, "policy_loss", recording_policy_loss)
+    monkeypatch.setattr(module_lib.ppo_math, "ppo_diagnostics", recording_diagnostics)
     module = PPOModule(model_name=model_name, reward=ProfanityReward(), generation=SHORT, ppo_steps=2,
                        rollout_batch_size=8, mini_batch_size=4, learning_rate=1e-2, log_samples_every=0,
                        export_adapter=False, fast_rollout=True)
