@@ -1,23 +1,16 @@
 """PPOModule: one PPO step per Lightning ``training_step``, with manual optimization.
 
-    rollout      generate responses (eval mode, KV cache) -> reward -> log-probs and values of the
-                 response tokens under the policy, log-probs under the reference (adapter disabled)
-    advantages   per-token rewards r_t = -beta * KL_t (+ score on the last token) -> GAE -> whitening
-                 over the global batch
-    update       ppo_epochs x mini-batches: clipped policy loss + vf_coef * clipped value loss
+    rollout      generate (``lit_rlhf.rollout``) -> reward -> log-probs, values, reference log-probs (``Policy.score``)
+    advantages   KL-shaped rewards -> GAE (or a critic-free estimator) -> whitening over the global batch
+    update       ppo_epochs x mini-batches of the clipped policy loss (+ vf_coef x clipped value loss)
     KL control   adaptive or fixed beta, fed the global mean KL
 
 ``trainer.global_step`` counts optimizer steps (PPO steps x mini-batches x epochs); the module counts PPO
 steps in ``ppo_step``, logs metrics against it and stops the run after ``ppo_steps`` of them.
-
-Generation and scoring come from ``lit_rlhf.rollout`` and ``Policy.score``, the math from ``lit_rlhf.ppo``.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,20 +38,17 @@ class PPOModule(L.LightningModule):
     """RLHF with PPO on a Hugging Face language model with a LoRA adapter and a value head.
 
     Args:
-        model_name: policy: hub name, local path, or ``embedded:tiny-t5`` / ``embedded:tiny-gpt2``; also picks the
-            data module's tokenizer (linked in the CLI).
+        model_name: policy: hub name, local path or ``embedded:...``; also picks the data's tokenizer (linked).
         reward: what scores a response (``lit_rlhf.rewards``); default the offline ``ProfanityReward``.
         lora: the LoRA adapter trained by PPO.
         generation: rollout sampling settings.
         ppo: PPO hyperparameters.
-        ppo_steps: PPO steps (rollout + update) to run; None: until the trainer stops (its max_steps counts
-            optimizer steps = ppo_steps x mini-batches per step x ppo_epochs).
+        ppo_steps: PPO steps (rollout + update) to run; None: until the trainer stops (max_steps counts optimizer steps).
         learning_rate: AdamW learning rate of the trainable parameters (adapter + value head).
         weight_decay: AdamW weight decay (0: Adam, as the recipe).
         rollout_batch_size: prompts per PPO step per process (linked from data.batch_size).
         mini_batch_size: samples per gradient step; must divide rollout_batch_size.
-        train_dropout: dropout in the update's forward. Off by default: the rollout is sampled without
-            dropout, so the first mini-batch's importance ratio is exactly 1.
+        train_dropout: dropout in the update's forward (off: the first importance ratio is exactly 1).
         init_adapter: start from a PEFT adapter, merged into the frozen base (see ``Policy``).
         reference_model: a separate frozen reference model instead of the adapter-disabled policy.
         value_head_dropout: dropout before the value head (active only with train_dropout).
@@ -67,13 +57,11 @@ class PPOModule(L.LightningModule):
         log_samples_every: write a prompt / response / reward table every N PPO steps (0: never).
         num_log_samples: rows in that table.
         export_adapter: save the adapter (``save_pretrained``) into ``<log_dir>/adapter`` at the end of fit.
-        max_consecutive_skips: stop with an explanation after this many unsafe updates in a row were skipped
-            (non-finite reward, log-probability, loss or gradient; ratio above ppo.ratio_threshold).
-        fast_rollout: sample with the cached decode loop (``lit_rlhf.decoding``): finished rows leave the
-            batch, and the log-probs and values computed while sampling save the policy's scoring forward; the
-            first ratio is then 1 up to float rounding. Not with sharded weights (FSDP, ZeRO-3).
-        samples_per_prompt: responses sampled per prompt (k); data.batch_size stays the number of prompts, so a
-            step has batch x k responses. grpo and rloo compare the k responses of a prompt (k >= 2).
+        max_consecutive_skips: stop with an explanation after this many unsafe updates in a row were skipped.
+        fast_rollout: sample with the cached loop (``lit_rlhf.decoding``), keeping its log-probs and values: no
+            scoring forward; the first ratio is then 1 up to float rounding. Not with FSDP or ZeRO-3.
+        samples_per_prompt: responses per prompt (k): a step has data.batch_size x k of them (grpo, rloo: k >= 2).
+        predict_do_sample: sample in ``predict`` (default: greedy decoding).
     """
 
     def __init__(
@@ -100,6 +88,7 @@ class PPOModule(L.LightningModule):
         max_consecutive_skips: int = 8,
         fast_rollout: bool = False,
         samples_per_prompt: int = 1,
+        predict_do_sample: bool = False,
     ) -> None:
         super().__init__()
         # Settings groups come back as plain dicts from a checkpoint's hyperparameters.
@@ -129,22 +118,20 @@ class PPOModule(L.LightningModule):
         self.ppo_step = 0
         self.skips = SkipGuard(max_consecutive_skips)
         self.length_generator = torch.Generator().manual_seed(seed)
-        self.timings: dict[str, float] = {}
+        self.timings = ro.PhaseTimer()  # seconds per phase of the last step
 
     # ------------------------------------------------------------------ Lightning hooks
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(
-            self.policy.trainable_parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
-        )
+        hp = self.hparams
+        return torch.optim.AdamW(self.policy.trainable_parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay)
 
     # The reward follows the module to its device. Not in setup(): Lightning moves the module to its device
     # after setup, so there self.device is still the CPU.
     def on_validation_start(self) -> None:
         self.reward.to(self.device)
 
-    def on_test_start(self) -> None:
-        self.reward.to(self.device)
+    on_test_start = on_predict_start = on_validation_start
 
     def on_fit_start(self) -> None:
         check_precision(self.trainer.precision)
@@ -153,8 +140,7 @@ class PPOModule(L.LightningModule):
                              "weights (FSDP, DeepSpeed ZeRO-3) do not allow; set model.fast_rollout=false")
         self.reward.to(self.device)
         counts = self.policy.parameter_counts()
-        rank_zero_info(f"Policy {self.hparams.model_name}: " + ", ".join(
-            f"{k}: {v:,}" if isinstance(v, int) else f"{k}: {v:.2f}" for k, v in counts.items()))
+        rank_zero_info(f"Policy {self.hparams.model_name}: " + ", ".join(f"{k}: {v:,.6g}" for k, v in counts.items()))
         if self.logger is not None:
             self.logger.log_hyperparams({f"params/{k}": v for k, v in counts.items()})
 
@@ -162,9 +148,8 @@ class PPOModule(L.LightningModule):
         dist.seed_per_rank(self.trainer)  # after any checkpoint restore, hence here
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
-        if self.hparams.ppo_steps is not None and self.ppo_step >= self.hparams.ppo_steps:
-            return -1  # already done (e.g. resumed after the last step): skip the rest of the epoch
-        return None
+        done = self.hparams.ppo_steps is not None and self.ppo_step >= self.hparams.ppo_steps
+        return -1 if done else None  # already done (e.g. resumed after the last step): skip the rest
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         # 1) rollout: generate, score, and the log-probs/values PPO needs (no grad, no dropout)
@@ -173,11 +158,11 @@ class PPOModule(L.LightningModule):
             return  # skipped as unsafe (counted and logged)
 
         # 2) advantages: KL-shaped per-token rewards, GAE, whitening over the global batch
-        with self._timed("time/ppo/advantages"):
+        with self.timings("time/ppo/advantages"):
             kl, non_score, raw_advantages, advantages, returns = self._advantages(rollout)
 
         # 3) update: epochs x mini-batches of clipped policy + value loss
-        with self._timed("time/ppo/update"):
+        with self.timings("time/ppo/update"):
             update_stats = self._ppo_update(rollout, advantages, returns)
 
         # 4) KL controller, fed the global mean KL per response (every rank gets the same beta)
@@ -198,20 +183,20 @@ class PPOModule(L.LightningModule):
         limits = self._response_length_limits(len(batch["input_ids"]) * k)
         fast, critic = self.hparams.fast_rollout, self.policy.has_value_head
         generated = ro.collect(self.policy, self.reward, batch, self.generation, limits, fast=fast,
-                               synced_gpus=dist.synced_gpus(self.trainer), timer=self._timed, repeats=k)
+                               synced_gpus=dist.synced_gpus(self.trainer), timer=self.timings, repeats=k)
         if self._any_rank(generated.reward_error is not None):
             return self._skip_step(f"the reward returned non-finite scores ({generated.reward_error or 'on another process'})")
         rows, sampled = generated.rows, generated.sampled
-        groups = self._minibatch_groups(rows.response_mask, shuffle_rows=False)
+        groups = self._minibatch_groups(rows.response_mask, by_length=self.ppo.sort_by_length)
         full_kl = self.ppo.kl_estimator == "full"
-        with self._timed("time/ppo/forward"):
+        with self.timings("time/ppo/forward"):
             # fast rollout kept the sampled tokens' log-probs and values: only the reference is scored
             scores = self.policy.score(rows, groups, policy=not fast, values=critic and not fast, full_kl=full_kl)
         logprobs = sampled.logprobs if fast else scores.logprobs
         values = sampled.values if fast else scores.values if critic else torch.zeros_like(logprobs)
         shaped = ppo_math.shape_scores(generated.scores.to(self.device), self.ppo.score_scale, self.ppo.score_clip)
-        rollout = Rollout(rows, shaped, logprobs, values,
-                          scores.ref_logprobs, groups, scores.kl, generated.prompts, generated.texts, generated.scores)
+        rollout = Rollout(rows, shaped, logprobs, values, scores.ref_logprobs, groups, scores.kl, generated.prompts,
+                          generated.texts, generated.scores)
         finite = all(torch.isfinite(t).all() for t in (logprobs, values, scores.ref_logprobs))
         if self._any_rank(not finite):
             return self._skip_step("the model produced non-finite log-probabilities or values in the rollout")
@@ -228,16 +213,15 @@ class PPOModule(L.LightningModule):
         kl = rollout.kl if rollout.kl is not None else \
             ppo_math.kl_penalty(rollout.logprobs, rollout.ref_logprobs, self.ppo.kl_estimator) * mask
         p = self.ppo
-        out = ppo_math.compute_advantages(
+        return kl, *ppo_math.compute_advantages(
             p.advantage_estimator, rollout.scores, torch.zeros_like(kl) if p.kl_in_loss else kl, rollout.values, mask,
             self.kl_ctl.value, self.hparams.samples_per_prompt, p.gamma, p.lam, p.whiten_advantages,
             p.grpo_scale_rewards, self._reduce)
-        return (kl, *out)
 
     def _finish_step(self, rollout: Rollout, stats: dict[str, Tensor]) -> None:
         """Log the step's statistics and samples; stop after the last PPO step."""
-        stats["ppo/skipped_steps_total"] = torch.tensor(float(self.skips.steps))
-        stats["ppo/skipped_updates_total"] = torch.tensor(float(self.skips.updates))
+        stats.update({"ppo/skipped_steps_total": torch.tensor(float(self.skips.steps)),
+                      "ppo/skipped_updates_total": torch.tensor(float(self.skips.updates))})
         stats.update({k: torch.tensor(v) for k, v in self.timings.items()})
         self._log_stats(stats)
         every = self.hparams.log_samples_every
@@ -250,16 +234,23 @@ class PPOModule(L.LightningModule):
             self.trainer.should_stop = True
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate_batch(batch, batch_idx, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate_batch(batch, batch_idx, "test")
-
-    def _evaluate_batch(self, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
+        """Reward, KL and response length on held-out prompts (``val/...`` or ``test/...``)."""
         stats = ro.evaluate(self.policy, self.reward, batch, self.generation, self.hparams.seed + batch_idx,
                             self.hparams.mini_batch_size, dist.synced_gpus(self.trainer))
+        stage = "test" if self.trainer.testing else "val"
         for name, value in stats.items():
             self.log(f"{stage}/{name}", value, sync_dist=True, batch_size=len(batch["input_ids"]))
+
+    test_step = validation_step
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """Summaries of new prompts (greedy unless ``predict_do_sample``), scored by the reward, as records for
+        ``lit_rlhf.callbacks.PredictionWriter``."""
+        settings = GenerationSettings(**{**plain(self.generation), "do_sample": self.hparams.predict_do_sample})
+        limits = torch.full((len(batch["input_ids"]),), settings.max_new_tokens[1] - 1)  # the longest allowed
+        with ro.evaluation_rng(self.hparams.seed + batch_idx, len(limits), settings):
+            generated = ro.collect(self.policy, self.reward, batch, settings, limits, synced_gpus=dist.synced_gpus(self.trainer))
+        return ro.predict_records(generated, batch, self.reward.describe())
 
     def on_fit_end(self) -> None:
         if not self.hparams.export_adapter:
@@ -314,9 +305,8 @@ class PPOModule(L.LightningModule):
         self._log_stats({"ppo/skipped_steps_total": torch.tensor(float(self.skips.steps))})
         self._stop_when_done()
 
-    def _minibatch_groups(self, response_mask: Tensor, shuffle_rows: bool) -> list[Tensor]:
-        return ppo_math.minibatch_groups(response_mask.sum(1).cpu(), self.hparams.mini_batch_size,
-                                         by_length=self.ppo.sort_by_length and not shuffle_rows)
+    def _minibatch_groups(self, response_mask: Tensor, by_length: bool) -> list[Tensor]:
+        return ppo_math.minibatch_groups(response_mask.sum(1).cpu(), self.hparams.mini_batch_size, by_length)
 
     # ------------------------------------------------------------------ update
 
@@ -325,8 +315,7 @@ class PPOModule(L.LightningModule):
         totals: dict[str, list[Tensor]] = {}
         skipped = 0
         for epoch in range(self.ppo.ppo_epochs):
-            mask = rollout.rows.response_mask
-            groups = rollout.groups if epoch == 0 else self._minibatch_groups(mask, shuffle_rows=True)
+            groups = rollout.groups if epoch == 0 else self._minibatch_groups(rollout.rows.response_mask, False)
             for idx in groups:
                 stats = self._minibatch_step(opt, rollout, advantages, returns, idx)
                 skipped += stats is None
@@ -409,10 +398,3 @@ class PPOModule(L.LightningModule):
         if experiment is not None and hasattr(experiment, "add_text"):
             table = ro.samples_markdown(rollout.prompts, rollout.responses, rollout.raw_scores, self.hparams.num_log_samples)
             experiment.add_text("samples", table, self.ppo_step)
-
-    @contextmanager
-    def _timed(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        self.timings[name] = time.perf_counter() - start
-

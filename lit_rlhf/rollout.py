@@ -12,6 +12,7 @@ Shapes: B rows, P query tokens, T response tokens.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -27,6 +28,16 @@ from lit_rlhf.rewards import NonFiniteRewardError, Reward
 from lit_rlhf.settings import GenerationSettings
 
 Timer = Callable[[str], AbstractContextManager]
+
+
+class PhaseTimer(dict):
+    """Seconds of each named phase of the last step: ``with timer("time/ppo/generate"): ...``."""
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self[name] = time.perf_counter() - start
 
 
 @dataclass
@@ -152,3 +163,14 @@ def samples_markdown(prompts: list[str], responses: list[str], scores: Tensor, n
     rows = ["| query | response | reward |", "|---|---|---|"]
     rows += [f"| {cell(q)[-300:]} | {cell(r)} | {float(x):.4f} |" for q, r, x in zip(prompts[:n], responses[:n], scores[:n])]
     return "\n".join(rows)
+
+
+def predict_records(generated: Generated, batch: dict[str, Any], scorer_name: str | None) -> list[dict[str, Any]]:
+    """One record per response for a prediction file: ``id``, ``dialogue`` (when the batch has it),
+    ``summary`` and, when the responses were scored, ``score`` (named by ``scorer_name``)."""
+    ids, dialogues = batch.get("id", [None] * len(generated.texts)), batch.get("dialogue") or [None] * len(generated.texts)
+    records = [{"id": i, "dialogue": d, "summary": t.strip()} for i, d, t in zip(ids, dialogues, generated.texts)]
+    if generated.scores is not None:
+        for record, score in zip(records, generated.scores.tolist()):
+            record.update(score=score, scorer=scorer_name)
+    return records
