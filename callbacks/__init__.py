@@ -4,7 +4,7 @@
   training (and in ``trainer.test``), with paired statistics and a report (``report.json`` / ``report.md``).
 - Toxicity evaluators, P(toxic) in [0, 1]: :class:`ClassifierToxicity`, :class:`EvaluateToxicity`,
   :class:`ProfanityToxicity` (offline), all subclasses of :class:`ToxicityEvaluator`.
-- :mod:`lit_rlhf.callbacks.stats`: the pure statistics (improvement %, bootstrap CI, paired test, distinct-n).
+- :mod:`lit_rlhf.callbacks.stats`: the pure statistics (improvement %, BCa bootstrap CI and paired tests from scipy.stats, distinct-n).
 """
 
 from lit_rlhf.callbacks.evaluators import (

@@ -283,7 +283,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         c = report[name]
         out.append(
             f"{label} ({c['difference']}, per prompt): mean {_fmt(c['difference_mean'])}, "
-            f"{c['confidence'] * 100:g}% bootstrap CI [{_fmt(c['ci_low'])}, {_fmt(c['ci_high'])}] "
+            f"{c['confidence'] * 100:g}% BCa bootstrap CI [{_fmt(c['ci_low'])}, {_fmt(c['ci_high'])}] "
             f"({c['bootstrap_resamples']} resamples of the prompts, seed {c['bootstrap_seed']}); "
             f"{c['test']}, two-sided: p = {_p(c['p_value'])}; "
             f"improved {c['improved']}, degraded {c['degraded']}, unchanged {c['unchanged']}."
