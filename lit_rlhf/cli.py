@@ -15,11 +15,18 @@ import sys
 import warnings
 from importlib import resources
 
-from jsonargparse import set_parsing_settings
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+from pathlib import Path
 
-from lit_rlhf.checkpoint import AtomicCheckpointIO
+import torch
+from jsonargparse import set_parsing_settings
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from lit_rlhf.checkpoint import AtomicCheckpointIO, InterruptCheckpoint
+from lit_rlhf.runs import RunFolder, combine_with_checkpoint, given_model_keys, remove_if_only_start_files, run_folder_of
 
 from lit_rlhf.data import DialogSumDataModule
 from lit_rlhf.module import PPOModule
@@ -46,30 +53,140 @@ def embedded_config_path() -> str:
 
 
 class LitRLHFCLI(LightningCLI):
-    """LightningCLI with the values two parts share given once and linked, atomic checkpoint files, and
-    start-up checks that run before anything is written."""
+    """LightningCLI with the values two parts share given once and linked, atomic checkpoint files, start-up
+    checks that run before anything is written, and resume semantics: the checkpoint's run folder and model
+    settings, except the flags the user gives."""
+
+    checkpoint_ppo_step: int | None = None
+    """PPO steps done by the run in ``--ckpt_path`` (None without one)."""
+    checkpoint_dirs: list[str] = []
+    """The folders of the ModelCheckpoint callbacks that wrote ``--ckpt_path``, as they spelled them."""
+
+    def parse_arguments(self, parser, args) -> None:
+        self.given_args = [str(a) for a in args] if isinstance(args, (list, tuple)) else sys.argv[1:]
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning's version replaces every model setting with the checkpoint's, flags included: here the flags
+        # the user gives win (lit_rlhf.runs.combine_with_checkpoint), with one notice per differing setting.
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
+            return
+        if not Path(ckpt_path).is_file():
+            raise ValueError(f"--ckpt_path {ckpt_path}: no such file")
+        checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        if "lit_rlhf" not in checkpoint:
+            raise ValueError(f"--ckpt_path {ckpt_path} was not written by lit_rlhf's PPOModule (no 'lit_rlhf' state)")
+        self.checkpoint_ppo_step = int(checkpoint["lit_rlhf"]["ppo_step"])
+        states = checkpoint.get("callbacks", {}).values()
+        self.checkpoint_dirs = [s["dirpath"] for s in states if isinstance(s, dict) and s.get("dirpath")]
+        hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k != "_instantiator"}
+        parsed = self.config[sub].model.clone()
+        merged = self.parser.parse_object({sub: {"model": hparams}}, self.config)
+        merged[sub].model, notices = combine_with_checkpoint(parsed, merged[sub].model, given_model_keys(self.given_args))
+        self.config = merged
+        for line in notices:
+            notice(f"warning: {line}")
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == "validate" and self.config.validate.trainer.limit_val_batches == 0:
+            # the fit configs turn validation during fit off; `validate` exists to measure, so it measures
+            self.config.validate.trainer.limit_val_batches = 1.0
+            notice("validate: trainer.limit_val_batches=0 (no validation during fit) replaced by 1.0: "
+                   "measuring every held-out prompt (give --trainer.limit_val_batches to measure fewer)")
 
     def instantiate_trainer(self, **kwargs):
+        folder = self._checkpoint_run_folder()
+        if folder is not None and "logger" not in kwargs:
+            kwargs["logger"] = TensorBoardLogger(folder.save_dir, name=folder.name, version=folder.version)
+        if self.subcommand != "fit":
+            # beside a fit run's config.yaml, not over it
+            self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"{self.subcommand}_config.yaml"}
         trainer = super().instantiate_trainer(**kwargs)
         # a killed run must never leave a truncated last.ckpt behind (see lit_rlhf.checkpoint)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
 
+    def _instantiate_trainer(self, config, callbacks):
+        if self.subcommand == "fit" and config.get("enable_checkpointing") is not False:
+            configured = config.get("callbacks") or []
+            configured = configured if isinstance(configured, list) else [configured]
+            if not any(isinstance(c, ModelCheckpoint) for c in [*configured, *callbacks]):
+                # Lightning adds this default only when no Checkpoint callback is given; InterruptCheckpoint is one
+                callbacks.append(ModelCheckpoint())
+            callbacks.append(InterruptCheckpoint())
+        return super()._instantiate_trainer(config, callbacks)
+
+    def _checkpoint_run_folder(self) -> RunFolder | None:
+        """The run folder of ``--ckpt_path`` when this command keeps the default logger; else None."""
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        logger = self.config[self.subcommand].trainer.get("logger")
+        if not ckpt_path or logger not in (None, True):
+            return None
+        return run_folder_of(ckpt_path, self.checkpoint_dirs)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand == "fit" and self._finished():
+            return
+        log_dir = self.trainer.log_dir if self.trainer.logger is not None else None
+        new_folder = Path(log_dir) if log_dir and not Path(log_dir).exists() else None
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            # a failed start leaves no folder behind (a run that has stepped keeps its folder and checkpoint)
+            if new_folder is not None and self.trainer.global_step == 0 and self.trainer.is_global_zero:
+                remove_if_only_start_files(new_folder)
+            raise
+
+    def _finished(self) -> bool:
+        """A resumed run that has done its ``model.ppo_steps`` stops at once, with one line saying so."""
+        done, total = self.checkpoint_ppo_step, self.model.hparams.ppo_steps
+        if done is None or total is None or done < total:
+            return False
+        notice(f"Nothing to do: {self.config.fit.ckpt_path} has done {done} of model.ppo_steps={total} PPO steps; "
+               f"give a larger --model.ppo_steps to continue it")
+        return True
+
     def before_fit(self) -> None:
         check_trainer_settings(self.trainer)
+        check_callbacks(self.trainer)
 
     def before_validate(self) -> None:
         check_trainer_settings(self.trainer)
+        check_callbacks(self.trainer)
 
     def before_test(self) -> None:
         check_trainer_settings(self.trainer)
+        check_callbacks(self.trainer)
 
     def add_arguments_to_parser(self, parser) -> None:
         # the policy model also picks the data module's tokenizer and padding side
         parser.link_arguments("model.model_name", "data.model_name")
         # the module checks its mini-batch against the rollout batch the data module produces
         parser.link_arguments("data.batch_size", "model.rollout_batch_size")
+
+
+@rank_zero_only
+def notice(line: str) -> None:
+    """One line for the user on stderr, from one process."""
+    print(f"lit-rlhf: {line}", file=sys.stderr, flush=True)
+
+
+def check_callbacks(trainer) -> None:
+    """Load the callbacks' evaluators now, before a run folder exists, naming the setting when one fails."""
+    for callback in trainer.callbacks:
+        evaluator = getattr(callback, "evaluator", None)
+        if evaluator is None or not callable(getattr(evaluator, "setup", None)):
+            continue
+        try:
+            evaluator.setup()
+        except Exception as err:
+            where = f"trainer.callbacks: {type(callback).__name__}'s evaluator {type(evaluator).__name__}"
+            name = getattr(evaluator, "model_name", None)
+            setting = f" (init_args.model_name={name!r}: a hub name or a local copy)" if name else ""
+            raise ValueError(f"{where}{setting} could not load: {type(err).__name__}: {err}") from err
 
 
 def check_trainer_settings(trainer) -> None:

@@ -232,10 +232,17 @@ class PPOModule(L.LightningModule):
             # the tiny model, 82% of the tokens of two ranks' responses were equal). Derive a distinct,
             # reproducible stream per process (after any checkpoint restore, hence here).
             torch.manual_seed(int(torch.randint(0, 2**62, (1,))) + self.trainer.global_rank)
+        if self.hparams.ppo_steps is not None and self.ppo_step >= self.hparams.ppo_steps:
+            rank_zero_info(f"Resumed at PPO step {self.ppo_step} of model.ppo_steps={self.hparams.ppo_steps}: "
+                           "nothing to do")
+            self.trainer.should_stop = True
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
         if self.hparams.ppo_steps is not None and self.ppo_step >= self.hparams.ppo_steps:
-            return -1  # already done (e.g. resumed after the last step): skip the rest of the epoch
+            # already done (e.g. resumed after the last step): skip the rest of the epoch, and start no other
+            # (with max_epochs=-1 the trainer would otherwise start empty epochs forever)
+            self.trainer.should_stop = True
+            return -1
         return None
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
