@@ -289,3 +289,30 @@ def test_given_flags_win_and_the_rest_comes_from_the_checkpoint():
     assert combined.rollout_batch_size == 16  # a link target: left to the link
     assert len(notices) == 3  # (16, 48) equals [16, 48]; the link target is not compared
     assert notices[0].startswith("model.generation.top_p=0.9 (given)")
+
+
+def test_offline_overlay_runs_the_recipe_on_local_copies(tmp_path, monkeypatch):
+    """configs/offline/local_models.yaml over the FLAN-T5 recipe, with stand-ins at the paths it names."""
+    from lit_rlhf.data import load_bundled_dialogsum
+    from lit_rlhf.tiny import resolve_model_path
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(resolve_model_path("embedded:tiny-t5"), "local/flan-t5-base")
+    bundled = load_bundled_dialogsum()
+    build_tiny_classifier(Path("local/roberta-hate-speech-dynabench-r4-target"),
+                          [" ".join(bundled["train"].select(range(400))["dialogue"])])
+    for split, rows in (("train", 1500), ("validation", 20), ("test", 20)):
+        bundled[split].select(range(rows)).to_json(f"local/dialogsum/{split}.jsonl")
+    configs = Path(__file__).parents[1] / "configs"
+    cli = run(["fit", "--config", str(configs / "detox_flan_t5.yaml"), "--config",
+               str(configs / "offline" / "local_models.yaml"), "--trainer.accelerator", "cpu",
+               "--trainer.devices", "1", *QUICK])
+    assert cli.model.ppo_step == 2
+    assert cli.model.hparams.model_name == "local/flan-t5-base" == cli.datamodule.hparams.model_name
+    # the overlay changes only the reward's model: the recipe's label and output are kept
+    reward = cli.model.reward
+    assert (reward.model_name, reward.label, reward.output) == (
+        "local/roberta-hate-speech-dynabench-r4-target", "nothate", "logit")
+    assert cli.datamodule.summary()["source"] == 1500
+    report = json.loads((Path(cli.trainer.log_dir) / "report.json").read_text())
+    assert report["num_prompts"] == 200 and "local/roberta-hate-speech-dynabench-r4-target" in report["settings"]["evaluator"]
