@@ -11,6 +11,8 @@ With no ``--config``, ``fit``/``validate``/``test`` start from the packaged embe
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 import warnings
 from importlib import resources
@@ -18,33 +20,117 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from jsonargparse import set_parsing_settings
-from lightning.pytorch.callbacks import ModelCheckpoint
+from jsonargparse import DefaultHelpFormatter, set_parsing_settings
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lit_rlhf.checkpoint import AtomicCheckpointIO, InterruptCheckpoint
+from lit_rlhf.progress import PPOProgressBar
 from lit_rlhf.runs import RunFolder, combine_with_checkpoint, given_model_keys, remove_if_only_start_files, run_folder_of
 
 from lit_rlhf.data import DialogSumDataModule
 from lit_rlhf.module import PPOModule
 
 SUBCOMMANDS_WITH_DEFAULT = ("fit", "validate", "test")
+
+REWARDS = {
+    "ClassifierReward": "logit or probability of one label of a Hugging Face sequence classifier (hub or local)",
+    "ProfanityReward": "offline: logit of 'not offensive' from the alt-profanity-check model",
+    "ReferenceSimilarityReward": "ROUGE of the response against the reference summary, in [0, 1]",
+    "CompositeReward": "weighted sum of rewards (the embedded default: profanity + 10 x ROUGE-1)",
+}
+"""``lit_rlhf.rewards`` classes, one line each for ``--help`` (a test checks that every Reward is listed)."""
+EVALUATORS = {
+    "ClassifierToxicity": "softmax probability of a label of a Hugging Face classifier (the recipe's 'hate')",
+    "EvaluateToxicity": "the `evaluate` library's toxicity measurement, as the recipe used it (needs the hub)",
+    "ProfanityToxicity": "offline: P(offensive) from alt-profanity-check",
+}
+"""``lit_rlhf.callbacks`` toxicity evaluators, one line each for ``--help``."""
+
+
+def _catalogue() -> str:
+    rewards = "".join(f"\n  {name:<27} {line}" for name, line in REWARDS.items())
+    evaluators = "".join(f"\n  {name:<27} {line}" for name, line in EVALUATORS.items())
+    return (
+        f"\n\nRewards (--model.reward lit_rlhf.rewards.CLASS; options: --model.reward.help CLASS):{rewards}"
+        f"\n\nToxicity evaluators (lit_rlhf.callbacks.ToxicityCallback's init_args.evaluator: "
+        f"lit_rlhf.callbacks.CLASS):{evaluators}"
+    )
+
+
 DESCRIPTION = (
-    "lit-rlhf: RLHF fine-tuning of Hugging Face language models with PPO (LoRA + value head) against a reward "
-    "model, as a Lightning module. `lit-rlhf fit` alone runs the embedded offline default; "
-    "`lit-rlhf fit --config configs/detox_flan_t5.yaml` the FLAN-T5 detoxification recipe; "
+    "lit-rlhf: RLHF fine-tuning of Hugging Face language models with PPO (LoRA + value head) against a\n"
+    "reward model, as a Lightning module. `lit-rlhf fit` alone runs the embedded offline default\n"
+    "(lit_rlhf/configs/embedded_t5.yaml; print it with `lit-rlhf fit --print_config`);\n"
+    "`lit-rlhf fit --config configs/detox_flan_t5.yaml` the FLAN-T5 detoxification recipe;\n"
     "`lit-rlhf fit --help` lists every setting."
 )
+SUBCOMMAND_USAGE = (
+    "lit-rlhf {sub} [--config FILE ...] [--SECTION.SETTING VALUE ...]\n\n"
+    "Default config: with no --config, `lit-rlhf {sub}` runs the packaged embedded default\n"
+    "(lit_rlhf/configs/embedded_t5.yaml: tiny T5, bundled DialogSum, 100 PPO steps). The defaults listed\n"
+    "below are the classes' own; print what a plain `lit-rlhf {sub}` runs: `lit-rlhf {sub} --print_config`."
+)
+SUBCOMMAND_DESCRIPTION = (
+    "Recipes: --config configs/detox_flan_t5.yaml (FLAN-T5 detoxification), configs/detox_gpt2.yaml,\n"
+    "configs/embedded_gpt2.yaml; offline copies of the recipe's models and data: add\n"
+    "--config configs/offline/local_models.yaml. Flags are never abbreviated."
+)
+
+
+class HelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help, with descriptions kept as written (line breaks, the one-line-per-class lists)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
+
+
+def parser_kwargs() -> dict:
+    """Main and per-subcommand parser settings: the default config stated at the top, no abbreviated flags."""
+    common = {"allow_abbrev": False, "formatter_class": HelpFormatter}
+    kwargs = {"description": DESCRIPTION + _catalogue(), **common}
+    for sub in ("fit", "validate", "test", "predict"):
+        kwargs[sub] = {"usage": SUBCOMMAND_USAGE.format(sub=sub), "description": SUBCOMMAND_DESCRIPTION + _catalogue(),
+                       **common}
+    return kwargs
+
 
 # The settings dataclasses (lora, generation, ppo) document each field in a docstring under it: show those
 # in --help too.
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
-# PPOModule steps the optimizer on purpose inside training_step, so a checkpoint after the step is wanted.
-warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+HARMLESS_WARNINGS = (
+    # PPOModule steps the optimizer on purpose inside training_step, so a checkpoint after the step is wanted.
+    "Using ModelCheckpoint with manual optimization",
+    # peft, when a LoRA target (the embedded configs' lm_head) is tied to the input embedding: intended
+    r"Model has `tie_word_embeddings=True` and a tied layer is part of the adapter",
+    # transformers' deprecation, hit inside peft
+    r"`is_gradient_checkpointing` is deprecated",
+    # torch's deprecation, hit inside Lightning's own _pytree helper
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+"""Third-party warnings that say nothing a lit-rlhf user can act on, matched by message only."""
+HARMLESS_LOG_LINES = {
+    # FLAN-T5 stores its own lm_head, which transformers 5's T5 config declares tied: it loads untied, correctly
+    "transformers.modeling_utils": "The tied weights mapping and config for this model specifies to tie",
+    "lightning.pytorch.utilities.rank_zero": "💡 Tip: For seamless cloud logging",
+}
+"""Log records (logger name: message start) of the same kind."""
+
+
+def quiet_harmless_warnings() -> None:
+    """Filter HARMLESS_WARNINGS and HARMLESS_LOG_LINES, and nothing else."""
+    for message in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    for name, start in HARMLESS_LOG_LINES.items():
+        logging.getLogger(name).addFilter(lambda record, start=start: not record.getMessage().startswith(start))
+
+
+quiet_harmless_warnings()
 
 
 def embedded_config_path() -> str:
@@ -110,13 +196,15 @@ class LitRLHFCLI(LightningCLI):
         return trainer
 
     def _instantiate_trainer(self, config, callbacks):
+        configured = config.get("callbacks") or []
+        configured = [*(configured if isinstance(configured, list) else [configured]), *callbacks]
         if self.subcommand == "fit" and config.get("enable_checkpointing") is not False:
-            configured = config.get("callbacks") or []
-            configured = configured if isinstance(configured, list) else [configured]
-            if not any(isinstance(c, ModelCheckpoint) for c in [*configured, *callbacks]):
+            if not any(isinstance(c, ModelCheckpoint) for c in configured):
                 # Lightning adds this default only when no Checkpoint callback is given; InterruptCheckpoint is one
                 callbacks.append(ModelCheckpoint())
             callbacks.append(InterruptCheckpoint())
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in configured):
+            callbacks.append(PPOProgressBar())
         return super()._instantiate_trainer(config, callbacks)
 
     def _checkpoint_run_folder(self) -> RunFolder | None:
@@ -220,7 +308,7 @@ def run(args: list[str] | None = None) -> LitRLHFCLI:
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"default_root_dir": "logs"},
-        parser_kwargs={"description": DESCRIPTION},
+        parser_kwargs=parser_kwargs(),
     )
     destroy_process_group()
     return cli
@@ -239,9 +327,20 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
+USER_ERRORS = (ValueError, OSError, MisconfigurationException)
+"""What a setting, a path or a missing download causes: one line, the message (LIT_RLHF_DEBUG=1: traceback)."""
+
+
 def main() -> None:
     """Console entry point of ``lit-rlhf``."""
-    run()
+    try:
+        run()
+    except USER_ERRORS as err:
+        if os.environ.get("LIT_RLHF_DEBUG") == "1":
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"lit-rlhf: error: {message}  (LIT_RLHF_DEBUG=1 shows the traceback)", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

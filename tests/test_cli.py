@@ -316,3 +316,72 @@ def test_offline_overlay_runs_the_recipe_on_local_copies(tmp_path, monkeypatch):
     assert cli.datamodule.summary()["source"] == 1500
     report = json.loads((Path(cli.trainer.log_dir) / "report.json").read_text())
     assert report["num_prompts"] == 200 and "local/roberta-hate-speech-dynabench-r4-target" in report["settings"]["evaluator"]
+
+
+# ------------------------------------------------------------------ help, errors, warnings
+
+
+def test_help_states_the_default_config_and_lists_rewards_and_evaluators(capsys):
+    import inspect
+
+    import lit_rlhf.callbacks.evaluators as evaluators
+    import lit_rlhf.rewards as rewards
+
+    with pytest.raises(SystemExit) as exit_info:
+        run(["fit", "--help"])
+    assert exit_info.value.code in (0, None)
+    help_text = capsys.readouterr().out
+    top = help_text[:600]
+    assert "embedded_t5.yaml" in top and "lit-rlhf fit --print_config" in top
+    for module, base in ((rewards, rewards.Reward), (evaluators, evaluators.ToxicityEvaluator)):
+        classes = [c for _, c in inspect.getmembers(module, inspect.isclass)
+                   if issubclass(c, base) and c is not base and c.__module__ == module.__name__]
+        assert classes
+        for cls in classes:  # one line each: "  Name   what it does"
+            assert any(line.split()[:1] == [cls.__name__] for line in help_text.splitlines()), cls.__name__
+
+
+def test_abbreviated_flags_are_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(["fit", "--model.learning_rat", "1e-3", "--print_config"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --model.learning_rat" in capsys.readouterr().err
+
+
+def test_a_user_error_is_one_line_unless_debugging(tmp_path, monkeypatch, capsys):
+    from lit_rlhf.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["lit-rlhf", "fit", "--ckpt_path", "missing.ckpt"])
+    monkeypatch.delenv("LIT_RLHF_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["lit-rlhf: error: --ckpt_path missing.ckpt: no such file  (LIT_RLHF_DEBUG=1 shows the traceback)"]
+    monkeypatch.setenv("LIT_RLHF_DEBUG", "1")
+    with pytest.raises(ValueError, match="no such file"):
+        main()
+
+
+def test_only_the_known_harmless_warnings_are_filtered(caplog):
+    import logging
+    import warnings
+
+    from lit_rlhf.cli import quiet_harmless_warnings
+
+    quiet_harmless_warnings()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        quiet_harmless_warnings()  # catch_warnings resets the filters it finds; install them inside
+        warnings.warn("Model has `tie_word_embeddings=True` and a tied layer is part of the adapter, but ...")
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
+        warnings.warn("Model has something else to say")
+    assert [str(w.message) for w in caught] == ["Model has something else to say"]
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("transformers.modeling_utils").warning(
+            "The tied weights mapping and config for this model specifies to tie shared.weight to lm_head.weight")
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").info("💡 Tip: For seamless cloud logging, ...")
+        logging.getLogger("transformers.modeling_utils").warning("a different warning")
+    assert [r.getMessage() for r in caplog.records] == ["a different warning"]

@@ -379,3 +379,16 @@ def test_a_failure_before_the_first_step_saves_nothing(tmp_path):
 class FailAtStart(L.Callback):
     def on_train_start(self, trainer, pl_module):
         raise RuntimeError("early")
+
+
+def test_progress_bar_counts_ppo_steps_to_ppo_steps(tmp_path):
+    from lit_rlhf.progress import PPOProgressBar
+
+    bar = PPOProgressBar()
+    trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
+                        enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                        num_sanity_val_steps=0, callbacks=[bar])
+    trainer.fit(small_module(ppo_steps=2), DialogSumDataModule(model_name="embedded:tiny-t5", batch_size=8))
+    # not the epoch's 1000 batches: the run's 2 PPO steps, so the rate and ETA are the run's
+    assert (bar.train_progress_bar.n, bar.train_progress_bar.total) == (2, 2)
+    assert bar.train_progress_bar.desc.startswith("PPO steps")
