@@ -209,6 +209,8 @@ class LitRLHFCLI(LightningCLI):
 
     def _checkpoint_run_folder(self) -> RunFolder | None:
         """The run folder of ``--ckpt_path`` when this command keeps the default logger; else None."""
+        if self.subcommand is None:  # run=False: the caller runs the trainer
+            return None
         ckpt_path = self.config[self.subcommand].get("ckpt_path")
         logger = self.config[self.subcommand].trainer.get("logger")
         if not ckpt_path or logger not in (None, True):

@@ -220,10 +220,35 @@ def test_report_files_hold_recomputable_aggregates(fitted):
         assert report[stage]["distinct_2"] == pytest.approx(stats.distinct_n(words, 2))
     assert all(len(refs) >= 1 for refs in p["references"])
     # samples: sorted by reward change, the largest gain first
-    top = report["samples"]["most_improved"]
-    assert len(top) == 5 and top[0]["reward_diff"] == pytest.approx(diff.max())
-    assert report["samples"]["most_degraded"][0]["reward_diff"] == pytest.approx(diff.min())
-    assert "| before " in markdown and "| after " in markdown and "improvement %" in markdown
+    top, bottom = report["samples"]["most_improved"], report["samples"]["most_degraded"]
+    assert len(top) == min(5, (diff > 0).sum()) and len(bottom) == min(5, (diff < 0).sum())
+    if len(top):
+        assert top[0]["reward_diff"] == pytest.approx(diff.max())
+    if len(bottom):
+        assert bottom[0]["reward_diff"] == pytest.approx(diff.min())
+    assert all(s["reward_diff"] > 0 for s in top) and all(s["reward_diff"] < 0 for s in bottom)
+    assert "| before " in markdown and "| after " in markdown
+    # the std column's change is labelled as the std's, not as an improvement in toxicity
+    assert "improvement %" not in markdown and "decrease %" in markdown and "% of the std" in markdown
+    assert "20%, holds out of PPO rollouts" in markdown
+
+
+def test_reward_sample_tables_list_only_gains_and_only_losses():
+    from lit_rlhf.callbacks.report import markdown, reward_samples
+
+    diffs = [0.3, -0.5, 0.0, 0.1, 0.2]
+    per_prompt = {name: [f"{name}{i}" for i in range(5)] for name in
+                  ("id", "query", "response_before", "response_after")}
+    per_prompt |= {"reward_before": [0.0] * 5, "reward_after": diffs, "reward_diff": diffs,
+                   "toxicity_before": [0.0] * 5, "toxicity_after": [0.0] * 5}
+    samples = reward_samples(per_prompt, 3)
+    assert [s["reward_diff"] for s in samples["most_improved"]] == [0.3, 0.2, 0.1]
+    assert [s["reward_diff"] for s in samples["most_degraded"]] == [-0.5]  # not the +0.1 and +0.2 gains
+    none_lost = reward_samples({**per_prompt, "reward_diff": [0.1] * 5}, 3)
+    assert none_lost["most_degraded"] == []
+    report = {"samples": none_lost, "settings": {"evaluator": "e", "text": "response", "reward": "r"},
+              "num_prompts": 5}
+    assert "No prompt lost reward." in markdown(report)
 
 
 def test_evaluator_equal_to_the_reward_is_flagged(fitted):
