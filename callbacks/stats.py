@@ -14,7 +14,6 @@ from typing import Literal, get_args
 
 import numpy as np
 import scipy.stats
-import torch
 from torch import Tensor
 
 PairedTestMethod = Literal["wilcoxon", "permutation", "auto"]

@@ -30,7 +30,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lit_rlhf.checkpoint import AtomicCheckpointIO, InterruptCheckpoint
 from lit_rlhf.progress import PPOProgressBar
-from lit_rlhf.runs import RunFolder, combine_with_checkpoint, given_model_keys, remove_if_only_start_files, run_folder_of
+from lit_rlhf.runs import (
+    RunFolder, combine_with_checkpoint, given_model_keys, remove_if_only_start_files, run_folder_of,
+)
 
 from lit_rlhf.data import DialogSumDataModule
 from lit_rlhf.module import PPOModule
@@ -170,7 +172,8 @@ class LitRLHFCLI(LightningCLI):
         hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k != "_instantiator"}
         parsed = self.config[sub].model.clone()
         merged = self.parser.parse_object({sub: {"model": hparams}}, self.config)
-        merged[sub].model, notices = combine_with_checkpoint(parsed, merged[sub].model, given_model_keys(self.given_args))
+        merged[sub].model, notices = combine_with_checkpoint(
+            parsed, merged[sub].model, given_model_keys(self.given_args), report_kept=sub == "fit")
         self.config = merged
         for line in notices:
             notice(f"warning: {line}")

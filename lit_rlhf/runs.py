@@ -76,13 +76,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def combine_with_checkpoint(parsed, stored, given: Sequence[str]):
+def combine_with_checkpoint(parsed, stored, given: Sequence[str], report_kept: bool = True):
     """The model settings a resumed run uses, and one notice per setting where the two sources differ.
 
     parsed: the model section as parsed from the config and flags (jsonargparse Namespace); stored: the same
     with the checkpoint's hyperparameters merged over it. Settings the user gave as flags keep their parsed
     value; every other setting takes the checkpoint's, so that a resumed run continues the run it resumes.
-    Returns (the combined Namespace, notices)."""
+    report_kept: also give a notice for each setting the checkpoint keeps (useful when resuming a fit; noise
+    for ``test``/``validate``, which measure the checkpoint as it is). Returns (the combined Namespace, notices)."""
     combined = stored.clone()
     notices = []
     for key in sorted(set(parsed.keys()) | set(stored.keys())):
@@ -94,7 +95,7 @@ def combine_with_checkpoint(parsed, stored, given: Sequence[str]):
         if is_given(key, given):
             combined[key] = mine
             notices.append(f"model.{key}={_plain(mine)!r} (given) replaces the checkpoint's {_plain(theirs)!r}")
-        else:
+        elif report_kept:
             notices.append(
                 f"model.{key}={_plain(theirs)!r} comes from the checkpoint (the config says {_plain(mine)!r}; "
                 f"give --model.{key} to change it)"

@@ -315,7 +315,8 @@ def test_offline_overlay_runs_the_recipe_on_local_copies(tmp_path, monkeypatch):
         "local/roberta-hate-speech-dynabench-r4-target", "nothate", "logit")
     assert cli.datamodule.summary()["source"] == 1500
     report = json.loads((Path(cli.trainer.log_dir) / "report.json").read_text())
-    assert report["num_prompts"] == 200 and "local/roberta-hate-speech-dynabench-r4-target" in report["settings"]["evaluator"]
+    assert report["num_prompts"] == 200
+    assert "local/roberta-hate-speech-dynabench-r4-target" in report["settings"]["evaluator"]
 
 
 # ------------------------------------------------------------------ help, errors, warnings
@@ -385,3 +386,14 @@ def test_only_the_known_harmless_warnings_are_filtered(caplog):
         logging.getLogger("lightning.pytorch.utilities.rank_zero").info("💡 Tip: For seamless cloud logging, ...")
         logging.getLogger("transformers.modeling_utils").warning("a different warning")
     assert [r.getMessage() for r in caplog.records] == ["a different warning"]
+
+
+def test_test_and_validate_report_only_the_flags_given():
+    from jsonargparse import Namespace
+
+    from lit_rlhf.runs import combine_with_checkpoint
+
+    parsed, stored = Namespace(ppo_steps=100, learning_rate=1e-3), Namespace(ppo_steps=3, learning_rate=2e-3)
+    combined, notices = combine_with_checkpoint(parsed, stored, ["learning_rate"], report_kept=False)
+    assert (combined.ppo_steps, combined.learning_rate) == (3, 1e-3)
+    assert notices == ["model.learning_rate=0.001 (given) replaces the checkpoint's 0.002"]
