@@ -4,6 +4,7 @@
     lit-rlhf fit --config configs/detox_flan_t5.yaml
     lit-rlhf fit --print_config                    # the whole run's settings
     lit-rlhf test --config ... --ckpt_path ...     # reward, KL and response length on the held-out split
+    lit-rlhf fit --ckpt_path .../last.ckpt --model.ppo_steps 150   # resume (flags given win), in the same run folder
 
 With no ``--config``, ``fit``/``validate``/``test`` start from the packaged embedded default
 (``lit_rlhf/configs/embedded_t5.yaml``); command-line flags still override it.
@@ -16,7 +17,6 @@ import os
 import sys
 import warnings
 from importlib import resources
-
 from pathlib import Path
 
 import torch
@@ -29,13 +29,12 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lit_rlhf.checkpoint import AtomicCheckpointIO, InterruptCheckpoint
+from lit_rlhf.data import DialogSumDataModule
+from lit_rlhf.module import PPOModule
 from lit_rlhf.progress import PPOProgressBar
 from lit_rlhf.runs import (
     RunFolder, combine_with_checkpoint, given_model_keys, remove_if_only_start_files, run_folder_of,
 )
-
-from lit_rlhf.data import DialogSumDataModule
-from lit_rlhf.module import PPOModule
 
 SUBCOMMANDS_WITH_DEFAULT = ("fit", "validate", "test")
 
