@@ -5,7 +5,7 @@
 - Toxicity evaluators, P(toxic) in [0, 1]: :class:`ClassifierToxicity`, :class:`EvaluateToxicity`,
   :class:`ProfanityToxicity` (offline), all subclasses of :class:`ToxicityEvaluator`.
 - :class:`PredictionWriter`: ``predict``'s summaries into ``predictions.jsonl``, atomically.
-- :mod:`lit_rlhf.callbacks.stats`: the pure statistics (improvement %, bootstrap CI, paired test, distinct-n).
+- :mod:`lit_rlhf.callbacks.stats`: the pure statistics (improvement %, BCa bootstrap CI and paired tests from scipy.stats, distinct-n).
 """
 
 from lit_rlhf.callbacks.evaluators import (

@@ -211,7 +211,8 @@ def _pass_info(m: Measurement) -> dict[str, Any]:
 
 
 def reward_samples(per_prompt: dict[str, list], k: int) -> dict[str, list[dict[str, Any]]]:
-    """The k prompts whose reward rose most and the k whose reward fell most (the recipe's sorted table)."""
+    """The (at most) k prompts whose reward rose most and the k whose reward fell most (the recipe's sorted
+    table); a prompt whose reward did not change is in neither."""
     order = sorted(range(len(per_prompt["id"])), key=lambda i: per_prompt["reward_diff"][i], reverse=True)
     fields = ("id", "query", "response_before", "response_after", "reward_before", "reward_after", "reward_diff",
               "toxicity_before", "toxicity_after")
@@ -219,8 +220,10 @@ def reward_samples(per_prompt: dict[str, list], k: int) -> dict[str, list[dict[s
     def row(i: int) -> dict[str, Any]:
         return {name: per_prompt[name][i] for name in fields}
 
-    k = min(k, len(order))
-    return {"most_improved": [row(i) for i in order[:k]], "most_degraded": [row(i) for i in order[::-1][:k]]}
+    diff = per_prompt["reward_diff"]
+    gains = [i for i in order if diff[i] > 0]  # only rows that gained / lost: a table of losses lists no gain
+    losses = [i for i in reversed(order) if diff[i] < 0]
+    return {"most_improved": [row(i) for i in gains[:k]], "most_degraded": [row(i) for i in losses[:k]]}
 
 
 # ---------------------------------------------------------------------------------------------- rendering
@@ -260,8 +263,9 @@ def table(report: dict[str, Any]) -> str:
             rows.append([stage, *(_fmt(report[stage][key]) for key, _ in COLUMNS)])
     if "toxicity" in report:
         tox = report["toxicity"]
-        cells = [_pct(tox["improvement_mean_percent"]), _pct(tox["improvement_std_percent"])]
-        rows.append(["improvement %", *cells, *[""] * (len(COLUMNS) - 2)])
+        # relative decreases (positive: lower after); the second is the spread's, not a toxicity improvement
+        cells = [_pct(tox["improvement_mean_percent"]), f"{_pct(tox['improvement_std_percent'])} of the std"]
+        rows.append(["decrease %", *cells, *[""] * (len(COLUMNS) - 2)])
     return _aligned(rows)
 
 
@@ -272,7 +276,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         out.append(f"**WARNING:** {report['warning']}")
     settings = report["settings"]
     out.append(
-        f"{report['num_prompts']} held-out prompts; toxicity = {settings['evaluator']} on the {settings['text']}; "
+        f"{report['num_prompts']} held-out prompts (the recipe's split: the part of the filtered train split that "
+        f"data.test_size, 20%, holds out of PPO rollouts; ids are DialogSum train ids); "
+        f"toxicity = {settings['evaluator']} on the {settings['text']}; "
         f"reward = {settings['reward']}."
     )
     for name, label in (("toxicity", "Toxicity decrease"), ("reward", "Reward increase")):
@@ -281,7 +287,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         c = report[name]
         out.append(
             f"{label} ({c['difference']}, per prompt): mean {_fmt(c['difference_mean'])}, "
-            f"{c['confidence'] * 100:g}% bootstrap CI [{_fmt(c['ci_low'])}, {_fmt(c['ci_high'])}] "
+            f"{c['confidence'] * 100:g}% BCa bootstrap CI [{_fmt(c['ci_low'])}, {_fmt(c['ci_high'])}] "
             f"({c['bootstrap_resamples']} resamples of the prompts, seed {c['bootstrap_seed']}); "
             f"{c['test']}, two-sided: p = {_p(c['p_value'])}; "
             f"improved {c['improved']}, degraded {c['degraded']}, unchanged {c['unchanged']}."
@@ -319,8 +325,10 @@ def samples_table(samples: list[dict[str, Any]]) -> str:
 def markdown(report: dict[str, Any], title: str = "Toxicity before and after training") -> str:
     parts = [f"# {title}", "", table(report), "", *[f"- {line}" for line in summary_lines(report)]]
     if "samples" in report:
-        parts += ["", "## Largest reward gains", "", samples_table(report["samples"]["most_improved"])]
-        parts += ["", "## Largest reward losses", "", samples_table(report["samples"]["most_degraded"])]
+        for title, key, none in (("Largest reward gains", "most_improved", "No prompt gained reward."),
+                                 ("Largest reward losses", "most_degraded", "No prompt lost reward.")):
+            rows = report["samples"][key]
+            parts += ["", f"## {title}", "", samples_table(rows) if rows else none]
     parts += ["", "## Settings", "", "```json", json.dumps(report["settings"], indent=2, default=str), "```", ""]
     return "\n".join(parts)
 

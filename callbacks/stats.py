@@ -10,15 +10,14 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
-import torch
+import numpy as np
+import scipy.stats
 from torch import Tensor
 
-PairedTestMethod = Literal["auto", "wilcoxon", "permutation"]
-
-_EXACT_SIGN_FLIPS_UP_TO = 16
-"""Below this many non-zero differences the sign-flip test enumerates all 2^n sign patterns (exact p-value)."""
+PairedTestMethod = Literal["wilcoxon", "permutation", "auto"]
+"""``auto`` is the Wilcoxon test (an older name kept so that existing configs still run)."""
 
 
 def mean_std(x: Tensor) -> tuple[float, float]:
@@ -43,27 +42,29 @@ def improvement_percent(before: float, after: float) -> float:
 def bootstrap_ci(
     differences: Tensor, num_resamples: int = 2000, confidence: float = 0.95, seed: int = 0
 ) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of the mean of paired differences.
+    """BCa bootstrap confidence interval of the mean of paired differences (``scipy.stats.bootstrap``).
 
-    differences: [N], one per prompt (e.g. toxicity before - after). Prompts are resampled with replacement
-    ``num_resamples`` times with a fixed seed, so the interval is reproducible; the interval is the
-    ((1 - confidence) / 2, (1 + confidence) / 2) quantiles of the resampled means (Efron & Tibshirani 1993,
-    ch. 13). An empty input gives (nan, nan).
+    differences: [N], one per prompt (e.g. toxicity before - after). Resampling the differences with
+    replacement is resampling the prompts (each prompt keeps its before and after together); the interval is
+    the bias-corrected and accelerated one (Efron & Tibshirani 1993, ch. 14), drawn ``num_resamples`` times
+    from a generator seeded with ``seed``, so it is reproducible. All differences equal (including N = 1)
+    gives the degenerate interval (d, d); an empty input gives (nan, nan).
     """
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"`confidence` must lie in (0, 1), got {confidence}")
     if num_resamples < 1:
         raise ValueError(f"`num_resamples` must be at least 1, got {num_resamples}")
-    d = differences.double().flatten()
-    n = d.numel()
-    if n == 0:
+    d = differences.double().flatten().numpy()
+    if d.size == 0:
         return math.nan, math.nan
-    generator = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, n, (num_resamples, n), generator=generator)  # [R, N]
-    means = d[idx].mean(1)  # [R]
-    alpha = (1.0 - confidence) / 2
-    low, high = torch.quantile(means, torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64))
-    return float(low), float(high)
+    if (d == d[0]).all():
+        # every resample has the same mean; scipy's BCa is undefined there (no spread to correct)
+        return float(d[0]), float(d[0])
+    result = scipy.stats.bootstrap(
+        (d,), np.mean, n_resamples=num_resamples, confidence_level=confidence, method="BCa",
+        vectorized=True, random_state=np.random.default_rng(seed),
+    )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 @dataclass(frozen=True)
@@ -77,70 +78,45 @@ class PairedTestResult:
     p_value: float
 
 
-def scipy_available() -> bool:
-    try:
-        import scipy.stats  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def paired_test(
     before: Tensor,
     after: Tensor,
-    method: PairedTestMethod = "auto",
+    method: PairedTestMethod = "wilcoxon",
     num_permutations: int = 10000,
     seed: int = 0,
 ) -> PairedTestResult:
     """Two-sided paired test that before and after do not differ. before, after: [N], paired by position.
 
-    ``wilcoxon``: Wilcoxon signed-rank test from scipy (zero differences dropped, scipy's default; exact
-    distribution for small N without ties). ``permutation``: sign-flip permutation test of the mean
-    difference (under H0 each difference is as likely positive as negative); exact over all 2^n sign
-    patterns for n <= 16 non-zero differences, else ``num_permutations`` random patterns with a fixed seed
-    and the add-one p-value (Phipson & Smyth 2010). ``auto``: Wilcoxon when scipy is installed, else the
-    sign-flip test. When every difference is 0 the p-value is 1.
+    ``wilcoxon`` (and ``auto``, its older name): ``scipy.stats.wilcoxon``, the signed-rank test (zero
+    differences dropped, scipy's default; exact distribution for small N without ties). ``permutation``:
+    ``scipy.stats.permutation_test`` with ``permutation_type="samples"`` on the differences, i.e. a sign-flip
+    test of the mean difference (under H0 each difference is as likely positive as negative); exact over all
+    2^n sign patterns when 2^n <= ``num_permutations``, else that many random patterns from a generator
+    seeded with ``seed``. When every difference is 0 the p-value is 1.
     """
     if before.shape != after.shape or before.dim() != 1:
         raise ValueError(
             f"`before` and `after` must be 1-d and equally long, got {tuple(before.shape)} and {tuple(after.shape)}"
         )
-    if method not in ("auto", "wilcoxon", "permutation"):
-        raise ValueError(f"`method` must be 'auto', 'wilcoxon' or 'permutation', got {method!r}")
-    if method == "auto":
-        method = "wilcoxon" if scipy_available() else "permutation"
-    d = (before.double() - after.double())
-    nonzero = d[d != 0]
-    name = "Wilcoxon signed-rank test (scipy)" if method == "wilcoxon" else "sign-flip permutation test"
-    if nonzero.numel() == 0:
-        return PairedTestResult(name, 0.0, 1.0)
-    if method == "wilcoxon":
-        from scipy.stats import wilcoxon
-
-        result = wilcoxon(before.double().numpy(), after.double().numpy(), alternative="two-sided")
-        return PairedTestResult(name, float(result.statistic), float(result.pvalue))
-    return _sign_flip_test(nonzero, num_permutations, seed)
-
-
-def _sign_flip_test(d: Tensor, num_permutations: int, seed: int) -> PairedTestResult:
-    """p = P(|mean(s * d)| >= |mean(d)|) over random signs s; d: [n] non-zero differences."""
-    n = d.numel()
-    observed = d.mean().abs()
-    if n <= _EXACT_SIGN_FLIPS_UP_TO:
-        # row k's signs are the bits of k: all 2^n patterns
-        bits = (torch.arange(2**n)[:, None] >> torch.arange(n)[None]) & 1  # [2^n, n]
-        signs = bits.double() * 2 - 1
-        exact = True
+    if method not in get_args(PairedTestMethod):
+        raise ValueError(f"`paired_test` must be one of {get_args(PairedTestMethod)}, got {method!r}")
+    b, a = before.double().numpy(), after.double().numpy()
+    d = b - a  # [N]
+    exact = 2 ** len(d) <= num_permutations
+    if method == "permutation":
+        name = f"sign-flip permutation test ({'exact' if exact else f'{num_permutations} random sign patterns'})"
     else:
-        generator = torch.Generator().manual_seed(seed)
-        signs = torch.randint(0, 2, (num_permutations, n), generator=generator).double() * 2 - 1  # [R, n]
-        exact = False
-    flipped = (signs * d).mean(1).abs()  # [R]
-    # a relative tolerance, so permutations equal to the observed mean up to rounding count as "as extreme"
-    extreme = (flipped >= observed * (1 - 1e-12)).sum().item()
-    p = extreme / len(signs) if exact else (extreme + 1) / (len(signs) + 1)
-    name = f"sign-flip permutation test ({'exact' if exact else f'{num_permutations} random sign patterns'})"
-    return PairedTestResult(name, float(d.mean()), float(min(1.0, p)))
+        name = "Wilcoxon signed-rank test (scipy)"
+    if not (d != 0).any():
+        return PairedTestResult(name, 0.0, 1.0)
+    if method == "permutation":
+        result = scipy.stats.permutation_test(
+            (d,), np.mean, permutation_type="samples", vectorized=True, n_resamples=num_permutations,
+            alternative="two-sided", random_state=np.random.default_rng(seed),
+        )
+    else:
+        result = scipy.stats.wilcoxon(b, a, alternative="two-sided")
+    return PairedTestResult(name, float(result.statistic), float(result.pvalue))
 
 
 def distinct_n(sequences: Sequence[Sequence[Hashable]], n: int) -> float:

@@ -8,8 +8,10 @@ so ``last.ckpt`` is always the last *complete* checkpoint.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lit_rlhf.io import atomic_torch_save
@@ -22,3 +24,44 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options")
         atomic_torch_save(checkpoint, path)
+
+
+class InterruptCheckpoint(Checkpoint):
+    """Saves ``last.ckpt`` beside the run's other checkpoints when fit stops on Ctrl-C or an error, so that
+    ``--ckpt_path .../checkpoints/last.ckpt`` resumes it: Lightning's ``OnExceptionCheckpoint`` with the run's
+    folder and file name.
+
+    Not a subclass of ``OnExceptionCheckpoint``: with one of those present, Lightning turns every
+    ``fit(ckpt_path=None)`` into ``ckpt_path="last"`` and silently resumes from whatever last checkpoint it finds.
+    Saves only once this run has stepped the optimizer (a failed start leaves nothing to resume, and an older
+    ``last.ckpt`` is kept). A stop inside a PPO step saves the weights as they are and the step count before
+    that step: the resumed run redoes the step, so it is resumable but not bit-identical to an uninterrupted run.
+    Under several processes only Ctrl-C saves (every process receives it); an error on one process would wait
+    for the others at the save's barrier.
+    """
+
+    def __init__(self, filename: str = "last") -> None:
+        super().__init__()
+        self.filename = filename
+        self.ckpt_path: str | None = None
+        """Where the last save went (None until one)."""
+        self._start_step: int | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start_step = trainer.global_step
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if self._start_step is None or trainer.global_step == self._start_step:
+            return
+        if trainer.world_size > 1 and not isinstance(exception, KeyboardInterrupt):
+            return
+        periodic = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
+        folder = periodic[0].dirpath if periodic else Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+        self.ckpt_path = str(Path(folder) / f"{self.filename}.ckpt")
+        if periodic:
+            # recorded in the checkpoint: the resumed ModelCheckpoint then overwrites this file, not last-v1.ckpt
+            periodic[0].last_model_path = self.ckpt_path
+        trainer.save_checkpoint(self.ckpt_path)
+        if trainer.is_global_zero:
+            print(f"\nStopped by {type(exception).__name__}; saved {self.ckpt_path} (resume with --ckpt_path)",
+                  flush=True)

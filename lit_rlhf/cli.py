@@ -4,6 +4,7 @@
     lit-rlhf fit --config configs/detox_flan_t5.yaml
     lit-rlhf fit --print_config                    # the whole run's settings
     lit-rlhf test --config ... --ckpt_path ...     # reward, KL and response length on the held-out split
+    lit-rlhf fit --ckpt_path .../last.ckpt --model.ppo_steps 150   # resume (flags given win), in the same run folder
 
 With no ``--config``, ``fit``/``validate``/``test`` start from the packaged embedded default
 (``lit_rlhf/configs/embedded_t5.yaml``); command-line flags still override it.
@@ -11,33 +12,126 @@ With no ``--config``, ``fit``/``validate``/``test`` start from the packaged embe
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 import warnings
 from importlib import resources
+from pathlib import Path
 
-from jsonargparse import set_parsing_settings
+import torch
+from jsonargparse import DefaultHelpFormatter, set_parsing_settings
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from lit_rlhf.checkpoint import AtomicCheckpointIO
-
+from lit_rlhf.checkpoint import AtomicCheckpointIO, InterruptCheckpoint
 from lit_rlhf.data import DialogSumDataModule
 from lit_rlhf.module import PPOModule
+from lit_rlhf.progress import PPOProgressBar
+from lit_rlhf.runs import (
+    RunFolder, combine_with_checkpoint, given_model_keys, remove_if_only_start_files, run_folder_of,
+)
 
 SUBCOMMANDS_WITH_DEFAULT = ("fit", "validate", "test")
+
+REWARDS = {
+    "ClassifierReward": "logit or probability of one label of a Hugging Face sequence classifier (hub or local)",
+    "ProfanityReward": "offline: logit of 'not offensive' from the alt-profanity-check model",
+    "ReferenceSimilarityReward": "ROUGE of the response against the reference summary, in [0, 1]",
+    "CompositeReward": "weighted sum of rewards (the embedded default: profanity + 10 x ROUGE-1)",
+}
+"""``lit_rlhf.rewards`` classes, one line each for ``--help`` (a test checks that every Reward is listed)."""
+EVALUATORS = {
+    "ClassifierToxicity": "softmax probability of a label of a Hugging Face classifier (the recipe's 'hate')",
+    "EvaluateToxicity": "the `evaluate` library's toxicity measurement, as the recipe used it (needs the hub)",
+    "ProfanityToxicity": "offline: P(offensive) from alt-profanity-check",
+}
+"""``lit_rlhf.callbacks`` toxicity evaluators, one line each for ``--help``."""
+
+
+def _catalogue() -> str:
+    rewards = "".join(f"\n  {name:<27} {line}" for name, line in REWARDS.items())
+    evaluators = "".join(f"\n  {name:<27} {line}" for name, line in EVALUATORS.items())
+    return (
+        f"\n\nRewards (--model.reward lit_rlhf.rewards.CLASS; options: --model.reward.help CLASS):{rewards}"
+        f"\n\nToxicity evaluators (lit_rlhf.callbacks.ToxicityCallback's init_args.evaluator: "
+        f"lit_rlhf.callbacks.CLASS):{evaluators}"
+    )
+
+
 DESCRIPTION = (
-    "lit-rlhf: RLHF fine-tuning of Hugging Face language models with PPO (LoRA + value head) against a reward "
-    "model, as a Lightning module. `lit-rlhf fit` alone runs the embedded offline default; "
-    "`lit-rlhf fit --config configs/detox_flan_t5.yaml` the FLAN-T5 detoxification recipe; "
+    "lit-rlhf: RLHF fine-tuning of Hugging Face language models with PPO (LoRA + value head) against a\n"
+    "reward model, as a Lightning module. `lit-rlhf fit` alone runs the embedded offline default\n"
+    "(lit_rlhf/configs/embedded_t5.yaml; print it with `lit-rlhf fit --print_config`);\n"
+    "`lit-rlhf fit --config configs/detox_flan_t5.yaml` the FLAN-T5 detoxification recipe;\n"
     "`lit-rlhf fit --help` lists every setting."
 )
+SUBCOMMAND_USAGE = (
+    "lit-rlhf {sub} [--config FILE ...] [--SECTION.SETTING VALUE ...]\n\n"
+    "Default config: with no --config, `lit-rlhf {sub}` runs the packaged embedded default\n"
+    "(lit_rlhf/configs/embedded_t5.yaml: tiny T5, bundled DialogSum, 100 PPO steps). The defaults listed\n"
+    "below are the classes' own; print what a plain `lit-rlhf {sub}` runs: `lit-rlhf {sub} --print_config`."
+)
+SUBCOMMAND_DESCRIPTION = (
+    "Recipes: --config configs/detox_flan_t5.yaml (FLAN-T5 detoxification), configs/detox_gpt2.yaml,\n"
+    "configs/embedded_gpt2.yaml; offline copies of the recipe's models and data: add\n"
+    "--config configs/offline/local_models.yaml. Flags are never abbreviated."
+)
+
+
+class HelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help, with descriptions kept as written (line breaks, the one-line-per-class lists)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
+
+
+def parser_kwargs() -> dict:
+    """Main and per-subcommand parser settings: the default config stated at the top, no abbreviated flags."""
+    common = {"allow_abbrev": False, "formatter_class": HelpFormatter}
+    kwargs = {"description": DESCRIPTION + _catalogue(), **common}
+    for sub in ("fit", "validate", "test", "predict"):
+        kwargs[sub] = {"usage": SUBCOMMAND_USAGE.format(sub=sub), "description": SUBCOMMAND_DESCRIPTION + _catalogue(),
+                       **common}
+    return kwargs
+
 
 # The settings dataclasses (lora, generation, ppo) document each field in a docstring under it: show those
 # in --help too.
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
-# PPOModule steps the optimizer on purpose inside training_step, so a checkpoint after the step is wanted.
-warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+HARMLESS_WARNINGS = (
+    # PPOModule steps the optimizer on purpose inside training_step, so a checkpoint after the step is wanted.
+    "Using ModelCheckpoint with manual optimization",
+    # peft, when a LoRA target (the embedded configs' lm_head) is tied to the input embedding: intended
+    r"Model has `tie_word_embeddings=True` and a tied layer is part of the adapter",
+    # transformers' deprecation, hit inside peft
+    r"`is_gradient_checkpointing` is deprecated",
+    # torch's deprecation, hit inside Lightning's own _pytree helper
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+"""Third-party warnings that say nothing a lit-rlhf user can act on, matched by message only."""
+HARMLESS_LOG_LINES = {
+    # FLAN-T5 stores its own lm_head, which transformers 5's T5 config declares tied: it loads untied, correctly
+    "transformers.modeling_utils": "The tied weights mapping and config for this model specifies to tie",
+    "lightning.pytorch.utilities.rank_zero": "💡 Tip: For seamless cloud logging",
+}
+"""Log records (logger name: message start) of the same kind."""
+
+
+def quiet_harmless_warnings() -> None:
+    """Filter HARMLESS_WARNINGS and HARMLESS_LOG_LINES, and nothing else."""
+    for message in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    for name, start in HARMLESS_LOG_LINES.items():
+        logging.getLogger(name).addFilter(lambda record, start=start: not record.getMessage().startswith(start))
+
+
+quiet_harmless_warnings()
 
 
 def embedded_config_path() -> str:
@@ -46,24 +140,118 @@ def embedded_config_path() -> str:
 
 
 class LitRLHFCLI(LightningCLI):
-    """LightningCLI with the values two parts share given once and linked, atomic checkpoint files, and
-    start-up checks that run before anything is written."""
+    """LightningCLI with the values two parts share given once and linked, atomic checkpoint files, start-up
+    checks that run before anything is written, and resume semantics: the checkpoint's run folder and model
+    settings, except the flags the user gives."""
+
+    checkpoint_ppo_step: int | None = None
+    """PPO steps done by the run in ``--ckpt_path`` (None without one)."""
+    checkpoint_dirs: list[str] = []
+    """The folders of the ModelCheckpoint callbacks that wrote ``--ckpt_path``, as they spelled them."""
+
+    def parse_arguments(self, parser, args) -> None:
+        self.given_args = [str(a) for a in args] if isinstance(args, (list, tuple)) else sys.argv[1:]
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning's version replaces every model setting with the checkpoint's, flags included: here the flags
+        # the user gives win (lit_rlhf.runs.combine_with_checkpoint), with one notice per differing setting.
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
+            return
+        if not Path(ckpt_path).is_file():
+            raise ValueError(f"--ckpt_path {ckpt_path}: no such file")
+        checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        if "lit_rlhf" not in checkpoint:
+            raise ValueError(f"--ckpt_path {ckpt_path} was not written by lit_rlhf's PPOModule (no 'lit_rlhf' state)")
+        self.checkpoint_ppo_step = int(checkpoint["lit_rlhf"]["ppo_step"])
+        states = checkpoint.get("callbacks", {}).values()
+        self.checkpoint_dirs = [s["dirpath"] for s in states if isinstance(s, dict) and s.get("dirpath")]
+        hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k != "_instantiator"}
+        parsed = self.config[sub].model.clone()
+        merged = self.parser.parse_object({sub: {"model": hparams}}, self.config)
+        merged[sub].model, notices = combine_with_checkpoint(
+            parsed, merged[sub].model, given_model_keys(self.given_args), report_kept=sub == "fit")
+        self.config = merged
+        for line in notices:
+            notice(f"warning: {line}")
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == "validate" and self.config.validate.trainer.limit_val_batches == 0:
+            # the fit configs turn validation during fit off; `validate` exists to measure, so it measures
+            self.config.validate.trainer.limit_val_batches = 1.0
+            notice("validate: trainer.limit_val_batches=0 (no validation during fit) replaced by 1.0: "
+                   "measuring every held-out prompt (give --trainer.limit_val_batches to measure fewer)")
 
     def instantiate_trainer(self, **kwargs):
+        folder = self._checkpoint_run_folder()
+        if folder is not None and "logger" not in kwargs:
+            kwargs["logger"] = TensorBoardLogger(folder.save_dir, name=folder.name, version=folder.version)
+        if self.subcommand != "fit":
+            # beside a fit run's config.yaml, not over it
+            self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"{self.subcommand}_config.yaml"}
         trainer = super().instantiate_trainer(**kwargs)
         # a killed run must never leave a truncated last.ckpt behind (see lit_rlhf.checkpoint)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
 
+    def _instantiate_trainer(self, config, callbacks):
+        configured = config.get("callbacks") or []
+        configured = [*(configured if isinstance(configured, list) else [configured]), *callbacks]
+        if self.subcommand == "fit" and config.get("enable_checkpointing") is not False:
+            if not any(isinstance(c, ModelCheckpoint) for c in configured):
+                # Lightning adds this default only when no Checkpoint callback is given; InterruptCheckpoint is one
+                callbacks.append(ModelCheckpoint())
+            callbacks.append(InterruptCheckpoint())
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in configured):
+            callbacks.append(PPOProgressBar())
+        return super()._instantiate_trainer(config, callbacks)
+
+    def _checkpoint_run_folder(self) -> RunFolder | None:
+        """The run folder of ``--ckpt_path`` when this command keeps the default logger; else None."""
+        if self.subcommand is None:  # run=False: the caller runs the trainer
+            return None
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        logger = self.config[self.subcommand].trainer.get("logger")
+        if not ckpt_path or logger not in (None, True):
+            return None
+        return run_folder_of(ckpt_path, self.checkpoint_dirs)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand == "fit" and self._finished():
+            return
+        log_dir = self.trainer.log_dir if self.trainer.logger is not None else None
+        new_folder = Path(log_dir) if log_dir and not Path(log_dir).exists() else None
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            # a failed start leaves no folder behind (a run that has stepped keeps its folder and checkpoint)
+            if new_folder is not None and self.trainer.global_step == 0 and self.trainer.is_global_zero:
+                remove_if_only_start_files(new_folder)
+            raise
+
+    def _finished(self) -> bool:
+        """A resumed run that has done its ``model.ppo_steps`` stops at once, with one line saying so."""
+        done, total = self.checkpoint_ppo_step, self.model.hparams.ppo_steps
+        if done is None or total is None or done < total:
+            return False
+        notice(f"Nothing to do: {self.config.fit.ckpt_path} has done {done} of model.ppo_steps={total} PPO steps; "
+               f"give a larger --model.ppo_steps to continue it")
+        return True
+
     def before_fit(self) -> None:
         check_trainer_settings(self.trainer)
+        check_callbacks(self.trainer)
 
     def before_validate(self) -> None:
         check_trainer_settings(self.trainer)
+        check_callbacks(self.trainer)
 
     def before_test(self) -> None:
         check_trainer_settings(self.trainer)
+        check_callbacks(self.trainer)
 
     def before_predict(self) -> None:
         add_prediction_writer(self.trainer)
@@ -83,6 +271,27 @@ def add_prediction_writer(trainer) -> None:
 
     if not any(isinstance(c, BasePredictionWriter) for c in trainer.callbacks):
         trainer.callbacks.append(PredictionWriter())
+
+
+@rank_zero_only
+def notice(line: str) -> None:
+    """One line for the user on stderr, from one process."""
+    print(f"lit-rlhf: {line}", file=sys.stderr, flush=True)
+
+
+def check_callbacks(trainer) -> None:
+    """Load the callbacks' evaluators now, before a run folder exists, naming the setting when one fails."""
+    for callback in trainer.callbacks:
+        evaluator = getattr(callback, "evaluator", None)
+        if evaluator is None or not callable(getattr(evaluator, "setup", None)):
+            continue
+        try:
+            evaluator.setup()
+        except Exception as err:
+            where = f"trainer.callbacks: {type(callback).__name__}'s evaluator {type(evaluator).__name__}"
+            name = getattr(evaluator, "model_name", None)
+            setting = f" (init_args.model_name={name!r}: a hub name or a local copy)" if name else ""
+            raise ValueError(f"{where}{setting} could not load: {type(err).__name__}: {err}") from err
 
 
 def check_trainer_settings(trainer) -> None:
@@ -116,7 +325,7 @@ def run(args: list[str] | None = None) -> LitRLHFCLI:
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"default_root_dir": "logs"},
-        parser_kwargs={"description": DESCRIPTION},
+        parser_kwargs=parser_kwargs(),
     )
     destroy_process_group()
     return cli
@@ -135,9 +344,20 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
+USER_ERRORS = (ValueError, OSError, MisconfigurationException)
+"""What a setting, a path or a missing download causes: one line, the message (LIT_RLHF_DEBUG=1: traceback)."""
+
+
 def main() -> None:
     """Console entry point of ``lit-rlhf``."""
-    run()
+    try:
+        run()
+    except USER_ERRORS as err:
+        if os.environ.get("LIT_RLHF_DEBUG") == "1":
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"lit-rlhf: error: {message}  (LIT_RLHF_DEBUG=1 shows the traceback)", file=sys.stderr)
+        sys.exit(1)
 
 
 # ---------------------------------------------------------------------------------------- lit-rlhf-sft

@@ -15,7 +15,6 @@ from importlib import resources
 from math import ceil
 from typing import Any, Callable, Iterator, Literal
 
-import datasets
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -23,6 +22,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from lit_rlhf.tiny import resolve_model_path
+
+# `datasets` is imported where it is used: it takes ~1.5 s to import, which `lit-rlhf fit --help` need not pay. Not
+# under TYPE_CHECKING either: jsonargparse runs those blocks when it reads signatures. Annotations below that name
+# `datasets.Dataset`/`DatasetDict` are text only (postponed annotations).
 
 DEFAULT_PROMPT_TEMPLATE = "\nSummarize the following conversation.\n\n{dialogue}\n\nSummary:\n"
 """The recipe's prompt; ``{dialogue}`` is replaced by the dialogue."""
@@ -59,6 +62,8 @@ def load_bundled_dialogsum() -> datasets.DatasetDict:
     columns ``id, dialogue, summary, topic``. The files are read with datasets' ``json`` builder, so the
     Arrow conversion is cached by datasets like any other dataset.
     """
+    import datasets
+
     assets = resources.files("lit_rlhf.assets.dialogsum")
     with contextlib.ExitStack() as stack:
         def local(name: str) -> str:
@@ -81,6 +86,8 @@ def _looks_like_path(name: str) -> bool:
 
 def _load_local_directory(directory: str) -> datasets.DatasetDict:
     """Files named by split (``train*``, ``validation*``/``valid*``/``dev*``, ``test*``), jsonl/json or parquet."""
+    import datasets
+
     data_files: dict[str, list[str]] = {}
     formats: set[str] = set()
     for name in sorted(os.listdir(directory)):
@@ -375,6 +382,8 @@ class DialogSumDataModule(L.LightningDataModule):
                 f"dataset={self.dataset!r} is not a directory: give 'bundled', a hub dataset name such as "
                 "'knkarthick/dialogsum', or a directory of train*/validation*/test* jsonl or parquet files"
             )
+        import datasets
+
         return datasets.load_dataset(self.dataset)
 
     def _source_split(self) -> datasets.Dataset:

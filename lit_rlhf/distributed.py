@@ -41,6 +41,16 @@ def mean_over_ranks(trainer: Any, stats: dict[str, Tensor]) -> dict[str, Tensor]
     return dict(zip(names, means.unbind()))
 
 
+def grad_norm(parameters: list[nn.Parameter], device: torch.device) -> Tensor:
+    """The global L2 norm of the parameters' gradients, after backward.
+
+    Under DDP the gradients are already all-reduced, so every rank sees the same norm; under FSDP each rank
+    holds a shard (its norm differs, but decisions on it go through ``any_rank``), and DeepSpeed keeps them
+    in its own buffers (``p.grad`` is None: nothing to check here, a norm of 0)."""
+    grads = [p.grad.detach().float().norm() for p in parameters if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros((), device=device)
+
+
 def any_rank(trainer: Any, flag: bool, device: torch.device | None = None) -> bool:
     """True if ``flag`` is true on any process. Skip decisions must agree on all ranks, or the next
     collective (DDP's gradient all-reduce, a sharded forward) would hang."""

@@ -24,6 +24,7 @@ from lit_rlhf import distributed as dist
 from lit_rlhf import ppo as ppo_math
 from lit_rlhf import rollout as ro
 from lit_rlhf.guards import SkipGuard
+from lit_rlhf.health import DegenerateWatch
 from lit_rlhf.io import rng_state, set_rng_state
 from lit_rlhf.policy import Policy
 from lit_rlhf.rewards import ProfanityReward, Reward
@@ -116,7 +117,7 @@ class PPOModule(L.LightningModule):
         self.ppo, self.generation = ppo, generation
         self.kl_ctl = ppo.kl_controller()
         self.ppo_step = 0
-        self.skips = SkipGuard(max_consecutive_skips)
+        self.skips, self.degenerate = SkipGuard(max_consecutive_skips), DegenerateWatch()
         self.length_generator = torch.Generator().manual_seed(seed)
         self.timings = ro.PhaseTimer()  # seconds per phase of the last step
 
@@ -146,10 +147,15 @@ class PPOModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         dist.seed_per_rank(self.trainer)  # after any checkpoint restore, hence here
+        if self._done():
+            rank_zero_info(f"Resumed at PPO step {self.ppo_step} of model.ppo_steps={self.hparams.ppo_steps}: nothing to do")
+            self.trainer.should_stop = True
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
-        done = self.hparams.ppo_steps is not None and self.ppo_step >= self.hparams.ppo_steps
-        return -1 if done else None  # already done (e.g. resumed after the last step): skip the rest
+        # already done (e.g. resumed after the last step): skip the rest of the epoch, and start no other (with
+        # max_epochs=-1 the trainer would otherwise start empty epochs forever)
+        self.trainer.should_stop = self.trainer.should_stop or self._done()
+        return -1 if self._done() else None
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         # 1) rollout: generate, score, and the log-probs/values PPO needs (no grad, no dropout)
@@ -221,7 +227,8 @@ class PPOModule(L.LightningModule):
     def _finish_step(self, rollout: Rollout, stats: dict[str, Tensor]) -> None:
         """Log the step's statistics and samples; stop after the last PPO step."""
         stats.update({"ppo/skipped_steps_total": torch.tensor(float(self.skips.steps)),
-                      "ppo/skipped_updates_total": torch.tensor(float(self.skips.updates))})
+                      "ppo/skipped_updates_total": torch.tensor(float(self.skips.updates)),
+                      "env/degenerate_streak": torch.tensor(float(self.degenerate.observe(stats, self.ppo_step)))})
         stats.update({k: torch.tensor(v) for k, v in self.timings.items()})
         self._log_stats(stats)
         every = self.hparams.log_samples_every
@@ -229,9 +236,11 @@ class PPOModule(L.LightningModule):
             self._log_samples(rollout)
         self._stop_when_done()
 
+    def _done(self) -> bool:
+        return self.hparams.ppo_steps is not None and self.ppo_step >= self.hparams.ppo_steps
+
     def _stop_when_done(self) -> None:
-        if self.hparams.ppo_steps is not None and self.ppo_step >= self.hparams.ppo_steps:
-            self.trainer.should_stop = True
+        self.trainer.should_stop = self.trainer.should_stop or self._done()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Reward, KL and response length on held-out prompts (``val/...`` or ``test/...``)."""
@@ -265,13 +274,10 @@ class PPOModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = dist.trainable_state(self, checkpoint["state_dict"])
         checkpoint["lit_rlhf"] = {
-            "ppo_step": self.ppo_step,
-            "kl_controller": self.kl_ctl.state_dict(),
-            "length_generator": self.length_generator.get_state(),
-            "skipped": self.skips.state_dict(),
+            "ppo_step": self.ppo_step, "length_generator": self.length_generator.get_state(),
             "value_head": self.policy.has_value_head,  # critic-free estimators train and save none
             # generation samples from the global RNGs: restoring them makes a resumed run continue exactly
-            "rng": rng_state(),
+            "rng": rng_state(), **{name: part.state_dict() for name, part in self._stateful().items()},
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -279,13 +285,15 @@ class PPOModule(L.LightningModule):
         if state is None:
             raise ValueError("This checkpoint was not written by lit_rlhf's PPOModule (no 'lit_rlhf' state)")
         self.ppo_step = int(state["ppo_step"])
-        self.kl_ctl.load_state_dict(state["kl_controller"])
         self.length_generator.set_state(state["length_generator"])
-        self.skips.load_state_dict(state.get("skipped", [0, 0, 0]))
+        for name, part in self._stateful().items():
+            if name in state:
+                part.load_state_dict(state[name])
         if state.get("rng") is not None:
             set_rng_state(state["rng"])
 
-    # ------------------------------------------------------------------ guards
+    def _stateful(self) -> dict[str, Any]:
+        return {"kl_controller": self.kl_ctl, "skipped": self.skips, "degenerate": self.degenerate}
 
     def _reduce(self, t: Tensor) -> Tensor:
         return dist.all_reduce_sum(self._trainer, t)
@@ -349,7 +357,7 @@ class PPOModule(L.LightningModule):
             if self._any_rank(unsafe):
                 return self._skip_update(reason, opt)
         self.manual_backward(loss)
-        grad_norm = self._grad_norm()
+        grad_norm = dist.grad_norm(self.policy.trainable_parameters(), self.device)
         if self._any_rank(not bool(torch.isfinite(grad_norm))):
             return self._skip_update("the gradient was not finite", opt)
         if self.ppo.max_grad_norm is not None:
@@ -360,15 +368,6 @@ class PPOModule(L.LightningModule):
         with torch.no_grad():
             stats["policy/entropy"] = ppo_math.masked_mean(self.policy.entropy(out.logits), rm)
         return {"ppo/grad_norm": grad_norm, **{f"ppo/{k}": v for k, v in stats.items()}}
-
-    def _grad_norm(self) -> Tensor:
-        # gradients are already all-reduced here under DDP, so every rank sees the same norm; under FSDP each
-        # rank holds a shard (so the decision is still agreed), and DeepSpeed keeps them in its own buffers
-        # (p.grad is None: nothing to check here)
-        grads = [p.grad.detach().float().norm() for p in self.policy.trainable_parameters() if p.grad is not None]
-        return torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros((), device=self.device)
-
-    # ------------------------------------------------------------------ statistics and logging
 
     @torch.no_grad()
     def _step_stats(self, rollout: Rollout, kl_per_sample: Tensor, non_score: Tensor,

@@ -49,49 +49,6 @@ def test_mean_std_is_the_population_std():
     assert std == pytest.approx(math.sqrt(1.25))  # squared deviations 2.25, .25, .25, 2.25 -> mean 1.25
 
 
-def test_bootstrap_ci_contains_the_true_mean_difference():
-    generator = torch.Generator().manual_seed(1)
-    differences = 0.1 + 0.05 * torch.randn(200, generator=generator, dtype=torch.float64)  # true mean 0.1
-    low, high = stats.bootstrap_ci(differences, num_resamples=2000, confidence=0.95, seed=0)
-    assert low < 0.1 < high
-    assert low < float(differences.mean()) < high
-    # width ~ 2 * 1.96 * 0.05 / sqrt(200) = 0.0139
-    assert 0.010 < high - low < 0.018
-    assert stats.bootstrap_ci(differences, 2000, 0.95, seed=0) == (low, high)  # fixed seed: reproducible
-    assert stats.bootstrap_ci(torch.full((5,), 0.3), 100) == pytest.approx((0.3, 0.3))
-
-
-@pytest.mark.parametrize("method", ["wilcoxon", "permutation"])
-def test_paired_test_detects_a_shift_and_not_its_absence(method):
-    generator = torch.Generator().manual_seed(0)
-    before = torch.rand(40, generator=generator, dtype=torch.float64)
-    shifted = before - 0.2 + 0.01 * torch.randn(40, generator=generator, dtype=torch.float64)
-    result = stats.paired_test(before, shifted, method)
-    assert result.p_value < 1e-4
-    # differences +a_i and -a_i in pairs: symmetric around 0, no shift at all
-    a = torch.rand(20, generator=generator, dtype=torch.float64) + 0.1
-    after = before + torch.cat([a, -a])
-    assert stats.paired_test(before, after, method).p_value > 0.9
-    assert stats.paired_test(before, before.clone(), method).p_value == 1.0
-
-
-def test_sign_flip_test_is_exact_on_a_hand_example():
-    # d = [1, 1, 1]: of the 8 sign patterns only +++ and --- reach |mean| >= 1, so p = 2 / 8
-    result = stats.paired_test(torch.tensor([2.0, 3.0, 4.0]), torch.tensor([1.0, 2.0, 3.0]), "permutation")
-    assert result.p_value == pytest.approx(0.25)
-    assert "exact" in result.test
-
-
-def test_auto_paired_test_uses_scipy_when_installed():
-    pytest.importorskip("scipy")
-    from scipy.stats import wilcoxon
-
-    before, after = torch.tensor([0.5, 0.4, 0.9, 0.3, 0.7, 0.2]), torch.tensor([0.1, 0.35, 0.2, 0.31, 0.3, 0.25])
-    result = stats.paired_test(before, after)
-    assert result.test.startswith("Wilcoxon")
-    assert result.p_value == pytest.approx(wilcoxon(before.numpy(), after.numpy()).pvalue)
-
-
 def test_distinct_n_on_a_hand_example():
     responses = [["a", "b", "a"], ["a", "b"]]
     assert stats.distinct_n(responses, 1) == pytest.approx(2 / 5)  # a b a a b: {a, b}
@@ -263,10 +220,35 @@ def test_report_files_hold_recomputable_aggregates(fitted):
         assert report[stage]["distinct_2"] == pytest.approx(stats.distinct_n(words, 2))
     assert all(len(refs) >= 1 for refs in p["references"])
     # samples: sorted by reward change, the largest gain first
-    top = report["samples"]["most_improved"]
-    assert len(top) == 5 and top[0]["reward_diff"] == pytest.approx(diff.max())
-    assert report["samples"]["most_degraded"][0]["reward_diff"] == pytest.approx(diff.min())
-    assert "| before " in markdown and "| after " in markdown and "improvement %" in markdown
+    top, bottom = report["samples"]["most_improved"], report["samples"]["most_degraded"]
+    assert len(top) == min(5, (diff > 0).sum()) and len(bottom) == min(5, (diff < 0).sum())
+    if len(top):
+        assert top[0]["reward_diff"] == pytest.approx(diff.max())
+    if len(bottom):
+        assert bottom[0]["reward_diff"] == pytest.approx(diff.min())
+    assert all(s["reward_diff"] > 0 for s in top) and all(s["reward_diff"] < 0 for s in bottom)
+    assert "| before " in markdown and "| after " in markdown
+    # the std column's change is labelled as the std's, not as an improvement in toxicity
+    assert "improvement %" not in markdown and "decrease %" in markdown and "% of the std" in markdown
+    assert "20%, holds out of PPO rollouts" in markdown
+
+
+def test_reward_sample_tables_list_only_gains_and_only_losses():
+    from lit_rlhf.callbacks.report import markdown, reward_samples
+
+    diffs = [0.3, -0.5, 0.0, 0.1, 0.2]
+    per_prompt = {name: [f"{name}{i}" for i in range(5)] for name in
+                  ("id", "query", "response_before", "response_after")}
+    per_prompt |= {"reward_before": [0.0] * 5, "reward_after": diffs, "reward_diff": diffs,
+                   "toxicity_before": [0.0] * 5, "toxicity_after": [0.0] * 5}
+    samples = reward_samples(per_prompt, 3)
+    assert [s["reward_diff"] for s in samples["most_improved"]] == [0.3, 0.2, 0.1]
+    assert [s["reward_diff"] for s in samples["most_degraded"]] == [-0.5]  # not the +0.1 and +0.2 gains
+    none_lost = reward_samples({**per_prompt, "reward_diff": [0.1] * 5}, 3)
+    assert none_lost["most_degraded"] == []
+    report = {"samples": none_lost, "settings": {"evaluator": "e", "text": "response", "reward": "r"},
+              "num_prompts": 5}
+    assert "No prompt lost reward." in markdown(report)
 
 
 def test_evaluator_equal_to_the_reward_is_flagged(fitted):

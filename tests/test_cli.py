@@ -1,8 +1,13 @@
 """The lit-rlhf command: every shipped config parses; the embedded default and the recipe config run a step."""
 
 import json
+import os
+import shutil
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -10,6 +15,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import build_tiny_classifier
 from lit_rlhf.cli import embedded_config_path, run, with_default_config
+from lit_rlhf.data import DialogSumDataModule
+from lit_rlhf.module import PPOModule
 
 # PPO configs (lit-rlhf); the SFT configs (sft_*.yaml, lit-rlhf-sft) are parsed in test_sft.py
 CONFIGS = sorted(p for p in Path(__file__).parents[1].joinpath("configs").glob("*.yaml") if not p.name.startswith("sft_"))
@@ -102,3 +109,292 @@ def test_test_stage_from_a_checkpoint(tmp_path, monkeypatch):
         assert name in metrics and torch.isfinite(metrics[name])
     # responses are sampled within the configured limits
     assert 1 <= float(metrics["test/response_length"]) <= 8
+
+
+# ------------------------------------------------------------------ resume, run folders, failed starts
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 2-PPO-step run of the embedded default (learning rate given as a flag), copied per test."""
+    root = tmp_path_factory.mktemp("finished")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        run(["fit", *QUICK, "--model.learning_rate", "0.002"])
+    finally:
+        os.chdir(cwd)
+    return root / "logs"
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, finished_run):
+    """A fresh working directory holding a copy of ``finished_run``'s logs; returns its last.ckpt."""
+    shutil.copytree(finished_run, tmp_path / "logs")
+    monkeypatch.chdir(tmp_path)
+    return Path("logs/lightning_logs/version_0/checkpoints/last.ckpt")
+
+
+def run_folders() -> list[str]:
+    return sorted(p.name for p in Path("logs/lightning_logs").iterdir())
+
+
+@contextmanager
+def deadline(seconds: int):
+    """Fail instead of hanging (the finished-run resume used to loop over empty epochs forever)."""
+    def expire(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_resuming_a_finished_run_stops_at_once(workdir, capsys):
+    before = {p: p.stat().st_mtime_ns for p in Path("logs").rglob("*") if p.is_file()}
+    with deadline(120):
+        cli = run(["fit", "--ckpt_path", str(workdir), *QUICK])
+    assert "Nothing to do" in capsys.readouterr().err
+    assert cli.model.ppo_step == 0  # not even restored: fit never started
+    # nothing written: no new run folder, no file touched
+    assert run_folders() == ["version_0"]
+    assert {p: p.stat().st_mtime_ns for p in Path("logs").rglob("*") if p.is_file()} == before
+
+
+def test_finished_module_stops_when_resumed_through_the_trainer(workdir):
+    """The same through the Python API (no CLI): the module's hooks stop the trainer."""
+    hparams = torch.load(workdir, weights_only=True)["hyper_parameters"]
+    hparams.pop("_instantiator")
+    module = PPOModule(**{**hparams, "export_adapter": False})
+    trainer = L.Trainer(max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, num_sanity_val_steps=0)
+    with deadline(120):
+        trainer.fit(module, DialogSumDataModule(model_name="embedded:tiny-t5", batch_size=8), ckpt_path=workdir)
+    assert module.ppo_step == 2 and trainer.current_epoch <= 1
+
+
+def test_a_given_flag_wins_over_the_checkpoint_and_extends_the_run(workdir, capsys):
+    with deadline(300):
+        cli = run(["fit", "--ckpt_path", str(workdir), *QUICK[:1], "3", *QUICK[2:]])
+    err = capsys.readouterr().err
+    assert cli.model.ppo_step == 3 and cli.model.hparams.ppo_steps == 3
+    # one line per differing setting: the flag given, and a checkpoint value the config does not have
+    assert err.count("model.ppo_steps=3 (given) replaces the checkpoint's 2") == 1
+    assert "model.learning_rate=0.002 comes from the checkpoint" in err
+    assert cli.model.hparams.learning_rate == pytest.approx(0.002)
+    # the resumed run continues in its own folder: same TensorBoard version, config, report and adapter there
+    assert run_folders() == ["version_0"] and Path(cli.trainer.log_dir).resolve() == workdir.parents[1].resolve()
+    assert yaml.safe_load((workdir.parents[1] / "config.yaml").read_text())["model"]["ppo_steps"] == 3
+    events = EventAccumulator(str(workdir.parents[1]))
+    events.Reload()
+    assert [e.step for e in events.Scalars("env/reward_mean")] == [1, 2, 3]
+    assert torch.load(workdir, weights_only=True)["lit_rlhf"]["ppo_step"] == 3
+
+
+def test_test_and_validate_write_into_the_checkpoint_run(workdir):
+    fit_config = (workdir.parents[1] / "config.yaml").read_text()
+    small = ["--data.eval_batch_size", "8", "--data.test_size", "0.002", *QUICK]  # 21 held-out prompts
+    validate_cli = run(["validate", "--ckpt_path", str(workdir), *small])
+    # the fit config's limit_val_batches=0 is replaced: validate measures every held-out prompt
+    assert validate_cli.trainer.limit_val_batches == 1.0
+    metrics = validate_cli.trainer.callback_metrics
+    assert torch.isfinite(metrics["val/reward_mean"]) and torch.isfinite(metrics["val/kl"])
+    test_cli = run(["test", "--ckpt_path", str(workdir), "--trainer.limit_test_batches", "1", *small])
+    assert "test/reward_mean" in test_cli.trainer.callback_metrics
+    run_dir = workdir.parents[1]
+    assert run_folders() == ["version_0"]
+    assert (run_dir / "test_report.md").exists()  # the toxicity callback's report of the tested model
+    assert (run_dir / "validate_config.yaml").exists() and (run_dir / "test_config.yaml").exists()
+    assert (run_dir / "config.yaml").read_text() == fit_config  # the fit's own config is kept
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    assert "val/reward_mean" in events.Tags()["scalars"] and "test/reward_mean" in events.Tags()["scalars"]
+
+
+def test_a_missing_checkpoint_is_one_clear_error_and_leaves_no_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="--ckpt_path nowhere/last.ckpt: no such file"):
+        run(["fit", "--ckpt_path", "nowhere/last.ckpt", *QUICK])
+    assert not Path("logs").exists()
+
+
+def test_a_start_that_fails_inside_fit_leaves_no_folder(tmp_path, monkeypatch):
+    # the train dataloader refuses a batch larger than the data: raised after Lightning made the run folder
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="batch_size"):
+        run(["fit", *QUICK, "--data.batch_size", "100000", "--model.mini_batch_size", "4"])
+    assert not Path("logs/lightning_logs").exists() or run_folders() == []
+
+
+def test_an_evaluator_that_cannot_load_names_its_setting_before_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = Path(__file__).parents[1] / "configs" / "detox_flan_t5.yaml"
+    from lit_rlhf.tiny import resolve_model_path
+
+    classifier = build_tiny_classifier(tmp_path / "classifier", ["a tiny vocabulary for the test classifier"])
+    with pytest.raises(ValueError, match=r"ToxicityCallback's evaluator ClassifierToxicity \(init_args.model_name="
+                                         r"'facebook/roberta-hate-speech-dynabench-r4-target'"):
+        run(["fit", "--config", str(recipe), "--model.model_name", resolve_model_path("embedded:tiny-t5"),
+             "--model.reward.init_args.model_name", str(classifier), "--data.dataset", "bundled",
+             "--trainer.accelerator", "cpu", "--trainer.devices", "1", *QUICK])
+    assert not Path("logs").exists()
+
+
+def test_embedded_gpt2_writes_last_ckpt_and_the_toxicity_report(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = run(["fit", "--config", str(Path(__file__).parents[1] / "configs" / "embedded_gpt2.yaml"), *QUICK])
+    run_dir = Path(cli.trainer.log_dir)
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["lit_rlhf"]["ppo_step"] == 2
+    assert json.loads((run_dir / "report.json").read_text())["num_prompts"] > 0
+
+
+def test_run_folder_of_a_checkpoint(tmp_path):
+    from lit_rlhf.runs import RunFolder, run_folder_of
+
+    folder = run_folder_of("logs/lightning_logs/version_3/checkpoints/last.ckpt")
+    assert folder.name == "lightning_logs" and folder.version == 3
+    assert folder.path == Path("logs/lightning_logs/version_3").absolute()
+    assert run_folder_of("somewhere/last.ckpt") is None
+    assert run_folder_of("runs/exp/my_run/checkpoints/x.ckpt").version == "my_run"
+    # an absolute path to a run whose ModelCheckpoint stored a relative folder keeps that spelling
+    relative = "logs/lightning_logs/version_0/checkpoints"
+    (tmp_path / relative).mkdir(parents=True)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        spelled = run_folder_of(tmp_path / relative / "last.ckpt", [relative])
+    finally:
+        os.chdir(cwd)
+    assert spelled == RunFolder("logs", "lightning_logs", 0)
+
+
+def test_given_flags_win_and_the_rest_comes_from_the_checkpoint():
+    from jsonargparse import Namespace
+
+    from lit_rlhf.runs import combine_with_checkpoint, given_model_keys
+
+    given = given_model_keys(["--config", "x.yaml", "--model.ppo_steps", "105", "--model.generation.top_p=0.9",
+                              "--data.batch_size", "8"])
+    assert given == ["ppo_steps", "generation.top_p"]
+    parsed = Namespace(ppo_steps=105, learning_rate=3e-3, rollout_batch_size=8,
+                       generation=Namespace(top_p=0.9, max_new_tokens=[16, 48]))
+    stored = Namespace(ppo_steps=100, learning_rate=1e-3, rollout_batch_size=16,
+                       generation=Namespace(top_p=1.0, max_new_tokens=(16, 48)))
+    combined, notices = combine_with_checkpoint(parsed, stored, given)
+    assert combined.ppo_steps == 105 and combined.generation.top_p == 0.9  # given: the flag wins
+    assert combined.learning_rate == 1e-3  # not given: the checkpoint's, so the run continues as it was
+    assert combined.rollout_batch_size == 16  # a link target: left to the link
+    assert len(notices) == 3  # (16, 48) equals [16, 48]; the link target is not compared
+    assert notices[0].startswith("model.generation.top_p=0.9 (given)")
+
+
+def test_offline_overlay_runs_the_recipe_on_local_copies(tmp_path, monkeypatch):
+    """configs/offline/local_models.yaml over the FLAN-T5 recipe, with stand-ins at the paths it names."""
+    from lit_rlhf.data import load_bundled_dialogsum
+    from lit_rlhf.tiny import resolve_model_path
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(resolve_model_path("embedded:tiny-t5"), "local/flan-t5-base")
+    bundled = load_bundled_dialogsum()
+    build_tiny_classifier(Path("local/roberta-hate-speech-dynabench-r4-target"),
+                          [" ".join(bundled["train"].select(range(400))["dialogue"])])
+    for split, rows in (("train", 1500), ("validation", 20), ("test", 20)):
+        bundled[split].select(range(rows)).to_json(f"local/dialogsum/{split}.jsonl")
+    configs = Path(__file__).parents[1] / "configs"
+    cli = run(["fit", "--config", str(configs / "detox_flan_t5.yaml"), "--config",
+               str(configs / "offline" / "local_models.yaml"), "--trainer.accelerator", "cpu",
+               "--trainer.devices", "1", *QUICK])
+    assert cli.model.ppo_step == 2
+    assert cli.model.hparams.model_name == "local/flan-t5-base" == cli.datamodule.hparams.model_name
+    # the overlay changes only the reward's model: the recipe's label and output are kept
+    reward = cli.model.reward
+    assert (reward.model_name, reward.label, reward.output) == (
+        "local/roberta-hate-speech-dynabench-r4-target", "nothate", "logit")
+    assert cli.datamodule.summary()["source"] == 1500
+    report = json.loads((Path(cli.trainer.log_dir) / "report.json").read_text())
+    assert report["num_prompts"] == 200
+    assert "local/roberta-hate-speech-dynabench-r4-target" in report["settings"]["evaluator"]
+
+
+# ------------------------------------------------------------------ help, errors, warnings
+
+
+def test_help_states_the_default_config_and_lists_rewards_and_evaluators(capsys):
+    import inspect
+
+    import lit_rlhf.callbacks.evaluators as evaluators
+    import lit_rlhf.rewards as rewards
+
+    with pytest.raises(SystemExit) as exit_info:
+        run(["fit", "--help"])
+    assert exit_info.value.code in (0, None)
+    help_text = capsys.readouterr().out
+    top = help_text[:600]
+    assert "embedded_t5.yaml" in top and "lit-rlhf fit --print_config" in top
+    for module, base in ((rewards, rewards.Reward), (evaluators, evaluators.ToxicityEvaluator)):
+        classes = [c for _, c in inspect.getmembers(module, inspect.isclass)
+                   if issubclass(c, base) and c is not base and c.__module__ == module.__name__]
+        assert classes
+        for cls in classes:  # one line each: "  Name   what it does"
+            assert any(line.split()[:1] == [cls.__name__] for line in help_text.splitlines()), cls.__name__
+
+
+def test_abbreviated_flags_are_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(["fit", "--model.learning_rat", "1e-3", "--print_config"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --model.learning_rat" in capsys.readouterr().err
+
+
+def test_a_user_error_is_one_line_unless_debugging(tmp_path, monkeypatch, capsys):
+    from lit_rlhf.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["lit-rlhf", "fit", "--ckpt_path", "missing.ckpt"])
+    monkeypatch.delenv("LIT_RLHF_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["lit-rlhf: error: --ckpt_path missing.ckpt: no such file  (LIT_RLHF_DEBUG=1 shows the traceback)"]
+    monkeypatch.setenv("LIT_RLHF_DEBUG", "1")
+    with pytest.raises(ValueError, match="no such file"):
+        main()
+
+
+def test_only_the_known_harmless_warnings_are_filtered(caplog):
+    import logging
+    import warnings
+
+    from lit_rlhf.cli import quiet_harmless_warnings
+
+    quiet_harmless_warnings()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        quiet_harmless_warnings()  # catch_warnings resets the filters it finds; install them inside
+        warnings.warn("Model has `tie_word_embeddings=True` and a tied layer is part of the adapter, but ...")
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
+        warnings.warn("Model has something else to say")
+    assert [str(w.message) for w in caught] == ["Model has something else to say"]
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("transformers.modeling_utils").warning(
+            "The tied weights mapping and config for this model specifies to tie shared.weight to lm_head.weight")
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").info("💡 Tip: For seamless cloud logging, ...")
+        logging.getLogger("transformers.modeling_utils").warning("a different warning")
+    assert [r.getMessage() for r in caplog.records] == ["a different warning"]
+
+
+def test_test_and_validate_report_only_the_flags_given():
+    from jsonargparse import Namespace
+
+    from lit_rlhf.runs import combine_with_checkpoint
+
+    parsed, stored = Namespace(ppo_steps=100, learning_rate=1e-3), Namespace(ppo_steps=3, learning_rate=2e-3)
+    combined, notices = combine_with_checkpoint(parsed, stored, ["learning_rate"], report_kept=False)
+    assert (combined.ppo_steps, combined.learning_rate) == (3, 1e-3)
+    assert notices == ["model.learning_rate=0.001 (given) replaces the checkpoint's 0.002"]

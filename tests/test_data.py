@@ -233,7 +233,7 @@ def test_hub_names_go_to_load_dataset(monkeypatch, local_dir):
         seen.append(name)
         return local
 
-    monkeypatch.setattr(data_module.datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)  # data.py imports it where used
     dm = DialogSumDataModule(dataset="knkarthick/dialogsum")
     dm.setup()
     assert seen == ["knkarthick/dialogsum"]

@@ -330,3 +330,68 @@ def test_dataset_folder_without_the_needed_columns(tmp_path):
     data = DialogSumDataModule(dataset=str(folder))
     with pytest.raises(ValueError, match="dialogue"):
         data.prepare_data()
+
+
+# ------------------------------------------------------------------ Ctrl-C and crashes leave a resumable last.ckpt
+
+
+class StopAfter(L.Callback):
+    """Raises ``exception`` after PPO step ``step`` (as Ctrl-C or a crash would, between two steps)."""
+
+    def __init__(self, step: int, exception: BaseException):
+        self.step, self.exception = step, exception
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        if pl_module.ppo_step == self.step:
+            raise self.exception
+
+
+def checkpointed_trainer(tmp_path: Path, *callbacks) -> L.Trainer:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lit_rlhf.checkpoint import InterruptCheckpoint
+
+    periodic = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=1000, save_last=True)
+    return L.Trainer(default_root_dir=tmp_path, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
+                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                     num_sanity_val_steps=0, callbacks=[periodic, InterruptCheckpoint(), *callbacks])
+
+
+@pytest.mark.parametrize("exception", [KeyboardInterrupt(), RuntimeError("crash")], ids=["ctrl-c", "crash"])
+def test_an_interrupted_fit_leaves_a_resumable_last_ckpt(tmp_path, exception):
+    data = lambda: DialogSumDataModule(model_name="embedded:tiny-t5", batch_size=8)  # noqa: E731
+    expected = SystemExit if isinstance(exception, KeyboardInterrupt) else RuntimeError  # Lightning exits on Ctrl-C
+    with pytest.raises(expected):
+        checkpointed_trainer(tmp_path, StopAfter(1, exception)).fit(small_module(ppo_steps=3), data())
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["lit_rlhf"]["ppo_step"] == 1  # the periodic save never ran
+    resumed = small_module(ppo_steps=3)
+    trainer = checkpointed_trainer(tmp_path)
+    trainer.fit(resumed, data(), ckpt_path=last)
+    assert resumed.ppo_step == 3
+    assert torch.load(last, weights_only=True)["lit_rlhf"]["ppo_step"] == 3  # kept (and updated) at the end
+
+
+def test_a_failure_before_the_first_step_saves_nothing(tmp_path):
+    with pytest.raises(RuntimeError, match="early"):
+        checkpointed_trainer(tmp_path, FailAtStart()).fit(small_module(), DialogSumDataModule(
+            model_name="embedded:tiny-t5", batch_size=8))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+class FailAtStart(L.Callback):
+    def on_train_start(self, trainer, pl_module):
+        raise RuntimeError("early")
+
+
+def test_progress_bar_counts_ppo_steps_to_ppo_steps(tmp_path):
+    from lit_rlhf.progress import PPOProgressBar
+
+    bar = PPOProgressBar()
+    trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
+                        enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                        num_sanity_val_steps=0, callbacks=[bar])
+    trainer.fit(small_module(ppo_steps=2), DialogSumDataModule(model_name="embedded:tiny-t5", batch_size=8))
+    # not the epoch's 1000 batches: the run's 2 PPO steps, so the rate and ETA are the run's
+    assert (bar.train_progress_bar.n, bar.train_progress_bar.total) == (2, 2)
+    assert bar.train_progress_bar.desc.startswith("PPO steps")

@@ -1,0 +1,48 @@
+"""The command line's progress bar: PPO steps of the run, not batches of an epoch.
+
+A PPO run stops after ``model.ppo_steps`` steps, usually long before the prompt stream's epoch ends, and
+``max_epochs`` is -1: Lightning's bars showed ``Epoch 0/-2 ... 100/501`` and an ETA for the 501 batches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+
+class PPOProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar that counts the module's ``ppo_step`` up to ``model.ppo_steps``, so that its rate and
+    ETA are those of the run. One bar for the whole run (a run longer than the prompt stream crosses epochs);
+    a resumed run starts at its checkpoint's step and times only the steps it runs."""
+
+    def init_train_tqdm(self):
+        bar = super().init_train_tqdm()
+        bar.set_description("PPO steps")
+        return bar
+
+    def on_train_epoch_start(self, trainer, pl_module, *args: Any) -> None:
+        bar = self.train_progress_bar
+        if bar is None or getattr(bar, "_ppo_started", False):
+            return
+        done = int(getattr(pl_module, "ppo_step", 0))
+        bar.reset(total=pl_module.hparams.get("ppo_steps"))
+        bar.initial = bar.n = bar.last_print_n = done  # tqdm's rate is (n - initial) / elapsed
+        bar.set_description("PPO steps")
+        bar.refresh()
+        bar._ppo_started = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        bar = self.train_progress_bar
+        if bar is None:
+            return
+        step = int(getattr(pl_module, "ppo_step", batch_idx + 1))
+        if self._should_update(step, bar.total):
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
+
+    def get_metrics(self, trainer, pl_module) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the run folder's version number, not a measurement
+        metrics.pop("ppo_step", None)  # the bar's own count
+        return metrics
