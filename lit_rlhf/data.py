@@ -608,6 +608,8 @@ _PREDICT_FORMATS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".js
 def load_predict_rows(path: str | None) -> datasets.Dataset:
     """Rows to summarize from a file or a folder of files (one format), with ``id`` (added as the row number
     when absent) and ``dialogue`` columns. Errors name the file and what is wrong, in one line."""
+    import datasets
+
     if path is None:
         raise ValueError("predict needs dialogues: give --data.predict_path (a jsonl, csv or parquet file or folder)")
     local = os.path.expanduser(path)
