@@ -40,16 +40,14 @@ CLUSTER_VARIABLES = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RAN
 # ------------------------------------------------------------------ a 2-process DDP fit
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
+def run_worker(run_dir: Path, *extra: str) -> SimpleNamespace:
     """Runs the worker once; returns both ranks' records, the run folder and the output."""
     resolve_model_path("embedded:tiny-t5")  # build here once, rather than in both ranks at the same time
-    run_dir = tmp_path_factory.mktemp("ddp")
     env = {k: v for k, v in os.environ.items()
            if k not in CLUSTER_VARIABLES and not k.startswith(("SLURM_", "TORCHELASTIC_", "PL_"))}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     # its own process group, so that a timeout can stop rank 1 too (rank 0 starts it)
-    proc = subprocess.Popen([sys.executable, str(WORKER), str(run_dir / "out")], cwd=run_dir, env=env,
+    proc = subprocess.Popen([sys.executable, str(WORKER), str(run_dir / "out"), *extra], cwd=run_dir, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=300)
@@ -62,6 +60,26 @@ def ddp_run(tmp_path_factory):
     assert "terminate called" not in output, output[-6000:]
     records = [torch.load(run_dir / "out" / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     return SimpleNamespace(ranks=records, dir=run_dir, output=output)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    return run_worker(tmp_path_factory.mktemp("ddp"))
+
+
+def test_grpo_under_ddp_keeps_identical_weights_without_a_value_head(tmp_path):
+    # each process samples whole groups (its prompts x k); group statistics and the loss are reduced globally
+    run = run_worker(tmp_path, "--model.ppo.advantage_estimator", "grpo", "--model.samples_per_prompt", "2",
+                     "--data.batch_size", "4", "--model.fast_rollout", "true")
+    rank0, rank1 = run.ranks
+    assert rank0["ppo_step"] == rank1["ppo_step"] == PPO_STEPS
+    assert not any("value_head" in name for name in rank0["final"])
+    for name in rank0["final"]:
+        assert torch.equal(rank0["final"][name], rank1["final"][name]), name
+    assert any(not torch.equal(rank0["final"][n], rank0["initial"][n]) for n in rank0["final"])
+    for step0, step1 in zip(rank0["step_stats"], rank1["step_stats"]):
+        assert step0["env/group_reward_std"] == pytest.approx(step1["env/group_reward_std"])
+        assert step0["env/reward_mean"] == pytest.approx(step1["env/reward_mean"])
 
 
 def test_ddp_ranks_end_with_identical_weights_that_moved(ddp_run):
