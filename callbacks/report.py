@@ -266,7 +266,19 @@ def table(report: dict[str, Any]) -> str:
         # relative decreases (positive: lower after); the second is the spread's, not a toxicity improvement
         cells = [_pct(tox["improvement_mean_percent"]), f"{_pct(tox['improvement_std_percent'])} of the std"]
         rows.append(["decrease %", *cells, *[""] * (len(COLUMNS) - 2)])
+    after = "after" if "after" in report else "test"
+    if "before" in report and after in report:
+        # how much of the summaries' overlap with the references is kept (100%: summary quality unchanged)
+        rows.append(["retained %", *(_retained(report["before"][key], report[after][key]) if key.startswith("rouge")
+                                     else "" for key, _ in COLUMNS)])
     return _aligned(rows)
+
+
+def _retained(before: float | None, after: float | None) -> str:
+    """after / before in percent ("" when before is 0 or missing)."""
+    if not before or after is None or before != before or after != after:
+        return ""
+    return f"{100.0 * after / before:.1f}%"
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:

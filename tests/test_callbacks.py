@@ -311,3 +311,15 @@ def test_embedded_config_adds_the_callback():
     callbacks = [c for c in cli.trainer.callbacks if isinstance(c, ToxicityCallback)]
     assert len(callbacks) == 1
     assert isinstance(callbacks[0].evaluator, ProfanityToxicity) and callbacks[0].num_prompts == 64
+
+
+def test_report_table_shows_how_much_rouge_is_retained():
+    from lit_rlhf.callbacks.report import COLUMNS, table
+
+    before = {key: 0.5 for key, _ in COLUMNS} | {"rouge1": 0.40, "rouge2": 0.0, "rougeL": 0.30}
+    after = dict(before) | {"rouge1": 0.38, "rougeL": 0.33}
+    text = table({"before": before, "after": after})
+    retained = next(line for line in text.splitlines() if line.startswith("| retained %"))
+    cells = [c.strip() for c in retained.strip("|").split("|")]
+    # 0.38 / 0.40 = 95.0%; ROUGE-2 was 0 before: no ratio; 0.33 / 0.30 = 110.0%
+    assert cells[5:8] == ["95.0%", "", "110.0%"]
