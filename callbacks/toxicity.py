@@ -23,7 +23,7 @@ import dataclasses
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
@@ -38,7 +38,7 @@ from lit_rlhf.callbacks.stats import PairedTestMethod
 from lit_rlhf import distributed as dist
 from lit_rlhf import rollout as ro
 from lit_rlhf.io import atomic_write
-from lit_rlhf.rewards import Reward, select_text
+from lit_rlhf.rewards import Reward, TextField, select_text
 from lit_rlhf.settings import GenerationSettings
 
 
@@ -58,6 +58,29 @@ class ToxicityCallback(L.Callback):
               init_args:
                 evaluator: {class_path: lit_rlhf.callbacks.ProfanityToxicity}
                 num_prompts: 64
+
+    Args:
+        evaluator: What scores toxicity, a probability of the toxic class in [0, 1]
+            (``ClassifierToxicity``, ``EvaluateToxicity`` or the offline ``ProfanityToxicity``).
+        num_prompts: Held-out dialogues measured, the first ones of the data module's ``test_set`` (each
+            dialogue once, with all its reference summaries); None: all of them.
+        text: What the evaluator reads: the ``response``, or ``prompt+response`` joined by a newline (the
+            recipe scored the prompt with the response).
+        batch_size: Prompts per generation call. Part of the seeding (chunk k is seeded with seed + k):
+            keep it fixed to compare runs.
+        generation: Sampling settings for the measurement; None: the module's ``generation``.
+        seed: Seed of the measurement's sampling and length draws (the same before and after), of the
+            bootstrap and of the permutation test.
+        num_samples: Prompts shown with the largest reward gain and the largest reward loss.
+        strong_gain: A prompt counts as strongly improved when its reward rises by more than this.
+        strong_loss: A prompt counts as strongly degraded when its reward falls by more than this.
+        bootstrap_resamples: Resamples of the prompts for the confidence interval of the mean change.
+        confidence: Level of that confidence interval.
+        paired_test: ``wilcoxon`` (signed-rank, scipy), ``permutation`` (sign-flip), or ``auto``:
+            Wilcoxon when scipy is installed.
+        on_test: Also measure the model in ``trainer.test`` and write ``test_report.json`` / ``.md`` (a
+            before/after comparison when the tested checkpoint holds this callback's "before").
+        progress: Show a progress bar over the generation chunks (when the trainer shows one too).
     """
 
     def __init__(
@@ -77,43 +100,8 @@ class ToxicityCallback(L.Callback):
         on_test: bool = True,
         progress: bool = True,
     ) -> None:
-        """
-        Args:
-            evaluator: What scores toxicity, a probability of the toxic class in [0, 1]
-                (``ClassifierToxicity``, ``EvaluateToxicity`` or the offline ``ProfanityToxicity``).
-            num_prompts: Held-out dialogues measured, the first ones of the data module's ``test_set`` (each
-                dialogue once, with all its reference summaries); None: all of them.
-            text: What the evaluator reads: the ``response``, or ``prompt+response`` joined by a newline (the
-                recipe scored the prompt with the response).
-            batch_size: Prompts per generation call. Part of the seeding (chunk k is seeded with seed + k):
-                keep it fixed to compare runs.
-            generation: Sampling settings for the measurement; None: the module's ``generation``.
-            seed: Seed of the measurement's sampling and length draws (the same before and after), of the
-                bootstrap and of the permutation test.
-            num_samples: Prompts shown with the largest reward gain and the largest reward loss.
-            strong_gain: A prompt counts as strongly improved when its reward rises by more than this.
-            strong_loss: A prompt counts as strongly degraded when its reward falls by more than this.
-            bootstrap_resamples: Resamples of the prompts for the confidence interval of the mean change.
-            confidence: Level of that confidence interval.
-            paired_test: ``wilcoxon`` (signed-rank, scipy), ``permutation`` (sign-flip), or ``auto``:
-                Wilcoxon when scipy is installed.
-            on_test: Also measure the model in ``trainer.test`` and write ``test_report.json`` / ``.md`` (a
-                before/after comparison when the tested checkpoint holds this callback's "before").
-            progress: Show a progress bar over the generation chunks (when the trainer shows one too).
-        """
         super().__init__()
-        if num_prompts is not None and num_prompts < 1:
-            raise ValueError(f"ToxicityCallback: `num_prompts` must be at least 1 or None (all), got {num_prompts}")
-        if text not in ("response", "prompt+response"):
-            raise ValueError(f"ToxicityCallback: `text` must be 'response' or 'prompt+response', got {text!r}")
-        if batch_size < 1:
-            raise ValueError(f"ToxicityCallback: `batch_size` must be at least 1, got {batch_size}")
-        if paired_test not in ("auto", "wilcoxon", "permutation"):
-            raise ValueError(
-                f"ToxicityCallback: `paired_test` must be 'auto', 'wilcoxon' or 'permutation', got {paired_test!r}"
-            )
-        if num_samples < 0:
-            raise ValueError(f"ToxicityCallback: `num_samples` must be 0 or more, got {num_samples}")
+        check_callback_settings(num_prompts, text, batch_size, paired_test, num_samples)
         self.evaluator = evaluator
         self.num_prompts = num_prompts
         self.text = text
@@ -401,6 +389,24 @@ class ToxicityCallback(L.Callback):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def check_callback_settings(
+    num_prompts: int | None, text: str, batch_size: int, paired_test: str, num_samples: int
+) -> None:
+    """Raise a ValueError naming the ToxicityCallback argument that cannot work."""
+    if num_prompts is not None and num_prompts < 1:
+        raise ValueError(f"ToxicityCallback: `num_prompts` must be at least 1 or None (all), got {num_prompts}")
+    if text not in get_args(TextField):
+        raise ValueError(f"ToxicityCallback: `text` must be one of {list(get_args(TextField))}, got {text!r}")
+    if batch_size < 1:
+        raise ValueError(f"ToxicityCallback: `batch_size` must be at least 1, got {batch_size}")
+    if paired_test not in get_args(PairedTestMethod):
+        raise ValueError(
+            f"ToxicityCallback: `paired_test` must be one of {list(get_args(PairedTestMethod))}, got {paired_test!r}"
+        )
+    if num_samples < 0:
+        raise ValueError(f"ToxicityCallback: `num_samples` must be 0 or more, got {num_samples}")
 
 
 def same_model_warning(evaluator: ToxicityEvaluator, reward: Reward) -> str | None:

@@ -222,6 +222,35 @@ class PromptStreamSampler(DistributedSampler):
         """Ignored: the stream position, not Lightning's epoch counter, picks the permutation."""
 
 
+def check_data_settings(
+    prompt_template: str, min_chars: int, max_chars: int, max_prompt_tokens: int | None, test_size: float,
+    batch_size: int, eval_batch_size: int, num_workers: int, max_summary_tokens: int | None,
+) -> None:
+    """Raise a ValueError naming the ``data.*`` setting that cannot work."""
+    if "{dialogue}" not in prompt_template:
+        raise ValueError(
+            f"data.prompt_template must contain '{{dialogue}}' where the dialogue goes; got {prompt_template!r}"
+        )
+    if min_chars < 0 or max_chars <= min_chars:
+        raise ValueError(
+            f"data.min_chars={min_chars}, data.max_chars={max_chars}: need 0 <= min_chars < max_chars "
+            "(dialogues with min_chars < length <= max_chars are kept)"
+        )
+    if max_prompt_tokens is not None and max_prompt_tokens < 1:
+        raise ValueError(
+            f"data.max_prompt_tokens must be None or a positive number of tokens, got {max_prompt_tokens}"
+        )
+    if not 0.0 < test_size < 1.0:
+        raise ValueError(f"data.test_size must be a fraction strictly between 0 and 1, got {test_size}")
+    for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+        if value < 1:
+            raise ValueError(f"data.{name} must be at least 1, got {value}")
+    if num_workers < 0:
+        raise ValueError(f"data.num_workers must be 0 or more, got {num_workers}")
+    if max_summary_tokens is not None and max_summary_tokens < 2:
+        raise ValueError(f"data.max_summary_tokens must be None or at least 2 (one token and eos), got {max_summary_tokens}")
+
+
 class DialogSumDataModule(L.LightningDataModule):
     """DialogSum dialogues turned into summarisation prompts for PPO rollouts.
 
@@ -230,6 +259,44 @@ class DialogSumDataModule(L.LightningDataModule):
     prompt ids), ``reference`` (the human summary), ``id`` and ``prompt`` (the prompt text before
     tokenization). ``prepare_data`` loads and tokenizes once (datasets caches each step on disk);
     ``setup`` then reads the cached result on every process.
+
+    Args:
+        model_name: Model whose tokenizer encodes the prompts: a hub name, a local folder saved with
+            ``save_pretrained``, or an embedded model (``embedded:tiny-t5``, ``embedded:tiny-gpt2``).
+            Whether it is an encoder-decoder (right padding) or decoder-only model (left padding) is read
+            from its config. Give the same name as the policy model.
+        dataset: ``"bundled"`` (the DialogSum copy shipped with lit_rlhf, no network), a hub dataset
+            name such as ``"knkarthick/dialogsum"``, or a local directory of jsonl/json/parquet files
+            named by split (``train*``, ``validation*`` or ``dev*``, ``test*``). Needs the columns
+            ``id``, ``dialogue`` and ``summary``.
+        split: Source split that feeds the recipe (filtered, then split into train and held-out parts).
+        min_chars: Keep dialogues strictly longer than this many characters.
+        max_chars: Keep dialogues at most this many characters long.
+        prompt_template: Prompt text; ``{dialogue}`` is replaced by the dialogue (no other placeholders).
+        max_prompt_tokens: If set, prompts are truncated to this many tokens, on the tokenizer's
+            truncation side (the right by default, which cuts the end of the prompt, "Summary:"
+            included); ``None`` (the recipe) keeps whole prompts. Prefer ``max_chars`` to bound length.
+        test_size: Fraction of the filtered rows held out for validation and test; as in datasets'
+            ``train_test_split``, the held-out count is rounded up.
+        split_seed: Seed of the train/held-out split; only used when ``shuffle_split`` is True.
+        shuffle_split: Shuffle before splitting. False (the recipe): the train part is the first
+            ``1 - test_size`` of the filtered rows, in order.
+        batch_size: Prompts per training batch, i.e. the rollout batch of one PPO step. Incomplete last
+            batches are dropped so every PPO step gets a full rollout batch.
+        eval_batch_size: Prompts per validation/test batch.
+        num_workers: DataLoader worker processes (0: load in the main process).
+        shuffle: Shuffle the training prompts each epoch.
+        seed: Seed of the training-prompt shuffle.
+        with_labels: Supervised fine-tuning mode: batches also hold ``summary_ids`` and ``summary_mask``
+            (LongTensor ``[B, S]``, right-padded), the reference summary tokenized with eos at its end;
+            the training loader is then a plain shuffled epoch loader (not PPO's step-indexed stream).
+        max_summary_tokens: With ``with_labels``: cut reference summaries to this many tokens (eos
+            included). None keeps them whole.
+        group_by_length: With ``with_labels``, in one process: batch prompts of similar length together
+            (shuffled chunks of 50 batches, sorted within each chunk), so less time goes into padding.
+        predict_path: Dialogues to summarize in ``predict``: a .jsonl/.json(.gz), .csv or .parquet file,
+            or a folder of such files, with a ``dialogue`` column (``id`` is optional: row numbers
+            otherwise). The prompt template and ``max_prompt_tokens`` apply; no length filter.
     """
 
     def __init__(
@@ -254,89 +321,13 @@ class DialogSumDataModule(L.LightningDataModule):
         group_by_length: bool = False,
         predict_path: str | None = None,
     ) -> None:
-        """
-        Args:
-            model_name: Model whose tokenizer encodes the prompts: a hub name, a local folder saved with
-                ``save_pretrained``, or an embedded model (``embedded:tiny-t5``, ``embedded:tiny-gpt2``).
-                Whether it is an encoder-decoder (right padding) or decoder-only model (left padding) is read
-                from its config. Give the same name as the policy model.
-            dataset: ``"bundled"`` (the DialogSum copy shipped with lit_rlhf, no network), a hub dataset
-                name such as ``"knkarthick/dialogsum"``, or a local directory of jsonl/json/parquet files
-                named by split (``train*``, ``validation*`` or ``dev*``, ``test*``). Needs the columns
-                ``id``, ``dialogue`` and ``summary``.
-            split: Source split that feeds the recipe (filtered, then split into train and held-out parts).
-            min_chars: Keep dialogues strictly longer than this many characters.
-            max_chars: Keep dialogues at most this many characters long.
-            prompt_template: Prompt text; ``{dialogue}`` is replaced by the dialogue (no other placeholders).
-            max_prompt_tokens: If set, prompts are truncated to this many tokens, on the tokenizer's
-                truncation side (the right by default, which cuts the end of the prompt, "Summary:"
-                included); ``None`` (the recipe) keeps whole prompts. Prefer ``max_chars`` to bound length.
-            test_size: Fraction of the filtered rows held out for validation and test; as in datasets'
-                ``train_test_split``, the held-out count is rounded up.
-            split_seed: Seed of the train/held-out split; only used when ``shuffle_split`` is True.
-            shuffle_split: Shuffle before splitting. False (the recipe): the train part is the first
-                ``1 - test_size`` of the filtered rows, in order.
-            batch_size: Prompts per training batch, i.e. the rollout batch of one PPO step. Incomplete last
-                batches are dropped so every PPO step gets a full rollout batch.
-            eval_batch_size: Prompts per validation/test batch.
-            num_workers: DataLoader worker processes (0: load in the main process).
-            shuffle: Shuffle the training prompts each epoch.
-            seed: Seed of the training-prompt shuffle.
-            with_labels: Supervised fine-tuning mode: batches also hold ``summary_ids`` and ``summary_mask``
-                (LongTensor ``[B, S]``, right-padded), the reference summary tokenized with eos at its end;
-                the training loader is then a plain shuffled epoch loader (not PPO's step-indexed stream).
-            max_summary_tokens: With ``with_labels``: cut reference summaries to this many tokens (eos
-                included). None keeps them whole.
-            group_by_length: With ``with_labels``, in one process: batch prompts of similar length together
-                (shuffled chunks of 50 batches, sorted within each chunk), so less time goes into padding.
-            predict_path: Dialogues to summarize in ``predict``: a .jsonl/.json(.gz), .csv or .parquet file,
-                or a folder of such files, with a ``dialogue`` column (``id`` is optional: row numbers
-                otherwise). The prompt template and ``max_prompt_tokens`` apply; no length filter.
-        """
         super().__init__()
-        if "{dialogue}" not in prompt_template:
-            raise ValueError(
-                f"prompt_template must contain '{{dialogue}}' where the dialogue goes; got {prompt_template!r}"
-            )
-        if min_chars < 0 or max_chars <= min_chars:
-            raise ValueError(
-                f"min_chars={min_chars}, max_chars={max_chars}: need 0 <= min_chars < max_chars "
-                "(dialogues with min_chars < length <= max_chars are kept)"
-            )
-        if max_prompt_tokens is not None and max_prompt_tokens < 1:
-            raise ValueError(
-                f"max_prompt_tokens must be None or a positive number of tokens, got {max_prompt_tokens}"
-            )
-        if not 0.0 < test_size < 1.0:
-            raise ValueError(f"test_size must be a fraction strictly between 0 and 1, got {test_size}")
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be 0 or more, got {num_workers}")
-        if max_summary_tokens is not None and max_summary_tokens < 2:
-            raise ValueError(f"max_summary_tokens must be None or at least 2 (one token and eos), got {max_summary_tokens}")
+        check_data_settings(prompt_template, min_chars, max_chars, max_prompt_tokens, test_size, batch_size,
+                            eval_batch_size, num_workers, max_summary_tokens)
         self.save_hyperparameters()
-        self.with_labels = with_labels
-        self.max_summary_tokens = max_summary_tokens
-        self.group_by_length = group_by_length
-        self.predict_path = predict_path
+        for name, value in self.hparams.items():  # every argument is also an attribute of the same name
+            setattr(self, name, value)
         self.predict_set: datasets.Dataset | None = None
-        self.model_name = model_name
-        self.dataset = dataset
-        self.split = split
-        self.min_chars = min_chars
-        self.max_chars = max_chars
-        self.prompt_template = prompt_template
-        self.max_prompt_tokens = max_prompt_tokens
-        self.test_size = test_size
-        self.split_seed = split_seed
-        self.shuffle_split = shuffle_split
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
-        self.num_workers = num_workers
-        self.shuffle = shuffle
-        self.seed = seed
         self.consumed_batches = 0  # rollout batches training has taken from the prompt stream (state_dict)
 
         self.tokenizer: PreTrainedTokenizerBase | None = None

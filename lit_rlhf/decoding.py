@@ -53,18 +53,23 @@ def warpers(settings: GenerationSettings) -> LogitsProcessorList:
     return out
 
 
+def next_token(logits: Tensor, warp: LogitsProcessorList, do_sample: bool, blocked: int | None) -> Tensor:
+    """The next token of each row, as ``generate`` picks it: ``blocked`` (eos before min_new_tokens) gets
+    probability 0, the warpers apply, then a multinomial draw (or the argmax). logits: [b, V] -> [b]."""
+    scores = logits.clone()
+    if blocked is not None:
+        scores[:, blocked] = float("-inf")
+    scores = warp(None, scores)
+    if do_sample:
+        return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+    return scores.argmax(-1)
+
+
 @torch.no_grad()
 def sample_with_cache(
-    model: nn.Module,
-    lm: Seq2SeqLM | CausalLM,
-    value_head: Callable[[Tensor], Tensor] | None,
-    query_ids: Tensor,
-    query_mask: Tensor,
-    max_new_tokens: Tensor,
-    settings: GenerationSettings,
-    eos_token_id: int | None,
-    pad_token_id: int,
-    repeats: int = 1,
+    model: nn.Module, lm: Seq2SeqLM | CausalLM, value_head: Callable[[Tensor], Tensor] | None, query_ids: Tensor,
+    query_mask: Tensor, max_new_tokens: Tensor, settings: GenerationSettings, eos_token_id: int | None,
+    pad_token_id: int, repeats: int = 1,
 ) -> SampledRollout:
     """Sample one response per query; rows leave the batch when they emit eos or reach their own limit.
 
@@ -91,14 +96,7 @@ def sample_with_cache(
         logits = logits.float()
 
         # 2) sample as generate() does: eos blocked before min_new_tokens, then the warpers
-        scores = logits.clone()
-        if eos_token_id is not None and t < settings.min_new_tokens:
-            scores[:, eos_token_id] = float("-inf")
-        scores = warp(None, scores)
-        if settings.do_sample:
-            token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)  # [b]
-        else:
-            token = scores.argmax(-1)
+        token = next_token(logits, warp, settings.do_sample, eos_token_id if t < settings.min_new_tokens else None)
         # PPO's log-probability is that of the temperature-1 policy, as the scoring forward computes it
         token_logprob = torch.log_softmax(logits, -1).gather(1, token[:, None]).squeeze(1)
 
