@@ -135,7 +135,7 @@ class PPOSettings:
     adaptive_kl) instead of in the reward. The KL is reported either way."""
     loss_aggregation: LossAggregation = "token_mean"
     """How a mini-batch's per-token policy loss becomes one number: token_mean (every token weighs the same,
-    DAPO; today's PPO), sequence_mean (mean per response, then over responses, GRPO), token_sum_norm (sum
+    DAPO; the PPO default), sequence_mean (mean per response, then over responses, GRPO), token_sum_norm (sum
     divided by batch x longest response, Dr. GRPO)."""
 
     def kl_controller(self) -> AdaptiveKLController | FixedKLController:
