@@ -79,6 +79,9 @@ class GenerationSettings:
     temperature: float = 1.0
     """Softmax temperature for sampling. The PPO log-probabilities are those of the temperature-1 policy,
     so values other than 1.0 make the rollout off-policy."""
+    no_repeat_ngram_size: int = 0
+    """Forbid repeating any n-gram of this size within a response (``generate``'s option); 0 disables it.
+    For greedy evaluation summaries of small models, which otherwise loop; it makes a PPO rollout off-policy."""
 
 
 class PerRowMaxLength(StoppingCriteria):
@@ -302,6 +305,7 @@ class Policy(nn.Module):
             # NaN/inf logits would crash sampling; generate anyway and let the rollout's finiteness check skip
             # the step with a clear count instead
             remove_invalid_values=True,
+            no_repeat_ngram_size=settings.no_repeat_ngram_size or None,
         )
         # seq2seq output starts with the decoder start token; causal output starts with the query.
         start = 1 if self.is_seq2seq else input_ids.shape[1]
