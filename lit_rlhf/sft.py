@@ -200,6 +200,8 @@ class SFTModule(L.LightningModule):
     # ------------------------------------------------------------------ checkpoints and export
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.hparams.finetune == "full":
+            return  # every weight is trained: the whole state dict (tied embeddings under all their names)
         # a LoRA run's frozen base is not written into every checkpoint: it loads from model_name again
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
