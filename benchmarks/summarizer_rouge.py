@@ -32,10 +32,16 @@ def load_test_rows() -> list[dict]:
         return [json.loads(line) for line in lines]
 
 
-def model_summaries(model: str, dialogues: list[str], max_prompt_tokens: int, max_new_tokens: int,
-                    batch_size: int, init_adapter: str | None = None) -> list[str]:
-    """Greedy summaries of ``dialogues`` by ``model`` (a whole model, or a base plus ``init_adapter``)."""
-    module = SFTModule(model, finetune="full", init_adapter=init_adapter, max_new_tokens=max_new_tokens).eval()
+def load_module(model: str, max_new_tokens: int, no_repeat_ngram_size: int, init_adapter: str | None) -> SFTModule:
+    """A whole model folder or name (plus ``init_adapter``), or an SFT Lightning checkpoint (``*.ckpt``)."""
+    settings = {"max_new_tokens": max_new_tokens, "no_repeat_ngram_size": no_repeat_ngram_size}
+    if model.endswith(".ckpt"):
+        return SFTModule.load_from_checkpoint(model, map_location="cpu", **settings).eval()
+    return SFTModule(model, finetune="full", init_adapter=init_adapter, **settings).eval()
+
+
+def model_summaries(module: SFTModule, dialogues: list[str], max_prompt_tokens: int, batch_size: int) -> list[str]:
+    """Greedy summaries of ``dialogues`` by the module's policy."""
     tokenizer = module.policy.tokenizer
     side = "right" if module.policy.is_seq2seq else "left"
     collate = PromptCollator(tokenizer.pad_token_id, side)
@@ -52,11 +58,12 @@ def model_summaries(model: str, dialogues: list[str], max_prompt_tokens: int, ma
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="model to evaluate (omit: baselines only)")
+    parser.add_argument("--model", help="model folder, name or SFT checkpoint (.ckpt) to evaluate (omit: baselines only)")
     parser.add_argument("--init-adapter", default=None)
     parser.add_argument("--max-prompt-tokens", type=int, default=256)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=0, help="0: plain greedy decoding")
     parser.add_argument("--limit", type=int, default=None, help="first N dialogues only (quick look; not a result)")
     parser.add_argument("--samples", type=int, default=3, help="print this many example summaries")
     parser.add_argument("--json", default=None, help="also write the scores to this file")
@@ -70,9 +77,10 @@ def main() -> None:
     }
     if args.model:
         start = time.perf_counter()
-        summaries = model_summaries(args.model, dialogues, args.max_prompt_tokens, args.max_new_tokens,
-                                    args.batch_size, args.init_adapter)
-        results["model"] = {"name": args.model, **rouge_scores(summaries, references),
+        module = load_module(args.model, args.max_new_tokens, args.no_repeat_ngram_size, args.init_adapter)
+        summaries = model_summaries(module, dialogues, args.max_prompt_tokens, args.batch_size)
+        results["model"] = {"name": args.model, "no_repeat_ngram_size": args.no_repeat_ngram_size,
+                            **rouge_scores(summaries, references),
                             "seconds": round(time.perf_counter() - start, 1)}
         for i in range(min(args.samples, len(rows))):
             print(f"--- {rows[i]['fname']}\nreference: {references[i]}\ngenerated: {summaries[i]}")

@@ -78,6 +78,8 @@ def sample_with_cache(
     The model must be in eval mode. ``value_head``: None for a policy without one (values come back as 0).
     Sampling draws from torch's global RNG, one multinomial call per step.
     """
+    if settings.no_repeat_ngram_size:
+        raise ValueError("generation.no_repeat_ngram_size is not available with model.fast_rollout=true; set one to 0")
     device = query_ids.device
     batch = query_ids.shape[0] * repeats
     limits = max_new_tokens.to(device)

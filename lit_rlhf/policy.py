@@ -301,6 +301,7 @@ class Policy(nn.Module):
             # NaN/inf logits would crash sampling; generate anyway and let the rollout's finiteness check skip
             # the step with a clear count instead
             remove_invalid_values=True,
+            no_repeat_ngram_size=settings.no_repeat_ngram_size or None,
         )
         # seq2seq output starts with the decoder start token; causal output starts with the query.
         start = 1 if self.is_seq2seq else input_ids.shape[1]

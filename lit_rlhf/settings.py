@@ -64,6 +64,10 @@ class GenerationSettings:
     temperature: float = 1.0
     """Softmax temperature for sampling. The PPO log-probabilities are those of the temperature-1 policy,
     so values other than 1.0 make the rollout off-policy."""
+    no_repeat_ngram_size: int = 0
+    """Forbid repeating any n-gram of this size within a response (``generate``'s option); 0 disables it.
+    For greedy evaluation summaries of small models, which otherwise loop; it makes a PPO rollout off-policy
+    and is not available with fast_rollout."""
 
     def __post_init__(self) -> None:
         self.max_new_tokens = tuple(self.max_new_tokens)  # a YAML list or a checkpoint's list
@@ -82,6 +86,8 @@ class GenerationSettings:
             errors.append(f"{prefix}.top_p must lie in (0, 1], got {self.top_p}")
         if not self.temperature > 0:
             errors.append(f"{prefix}.temperature must be > 0, got {self.temperature}")
+        if self.no_repeat_ngram_size < 0:
+            errors.append(f"{prefix}.no_repeat_ngram_size must be >= 0 (0: off), got {self.no_repeat_ngram_size}")
         return errors
 
 

@@ -68,6 +68,7 @@ class SFTModule(L.LightningModule):
             total (needs ``trainer.max_steps`` or ``trainer.max_epochs``).
         min_lr_ratio: the decay's end point as a fraction of ``learning_rate``.
         max_new_tokens: longest generated summary in validation, test and predict (greedy decoding).
+        no_repeat_ngram_size: greedy decoding never repeats an n-gram of this size (0: no constraint).
         export_dir: where the result goes at the end of fit; None: ``<log_dir>/adapter`` (LoRA) or
             ``<log_dir>/model`` (full).
         num_threads: torch's intra-op CPU threads (``torch.set_num_threads``); None leaves torch's default.
@@ -88,12 +89,13 @@ class SFTModule(L.LightningModule):
         decay_steps: int | None = None,
         min_lr_ratio: float = 0.0,
         max_new_tokens: int = 64,
+        no_repeat_ngram_size: int = 0,
         export_dir: str | None = None,
         num_threads: int | None = None,
     ) -> None:
         super().__init__()
         check_sft_settings(learning_rate, weight_decay, warmup_steps, lr_schedule, decay_steps, min_lr_ratio,
-                           max_new_tokens, num_threads)
+                           max_new_tokens, num_threads, no_repeat_ngram_size)
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         self.save_hyperparameters()
@@ -151,7 +153,8 @@ class SFTModule(L.LightningModule):
 
         The one place SFT generates text: validation, test and predict all go through it."""
         n = self.hparams.max_new_tokens
-        settings = GenerationSettings(min_new_tokens=1, max_new_tokens=(n, n + 1), do_sample=False)
+        settings = GenerationSettings(min_new_tokens=1, max_new_tokens=(n, n + 1), do_sample=False,
+                                      no_repeat_ngram_size=self.hparams.no_repeat_ngram_size)
         limits = torch.full((len(batch["input_ids"]),), n, dtype=torch.long)
         generated = ro.generate_responses(self.policy, batch, settings, limits, synced_gpus=dist.synced_gpus(self._trainer))
         return [text.strip() for text in generated.texts]
@@ -197,6 +200,8 @@ class SFTModule(L.LightningModule):
     # ------------------------------------------------------------------ checkpoints and export
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.hparams.finetune == "full":
+            return  # every weight is trained: the whole state dict (tied embeddings under all their names)
         # a LoRA run's frozen base is not written into every checkpoint: it loads from model_name again
         checkpoint["state_dict"] = dist.trainable_state(self, checkpoint["state_dict"])
 
@@ -216,7 +221,7 @@ class SFTModule(L.LightningModule):
 
 def check_sft_settings(
     learning_rate: float, weight_decay: float, warmup_steps: int, lr_schedule: str, decay_steps: int | None,
-    min_lr_ratio: float, max_new_tokens: int, num_threads: int | None,
+    min_lr_ratio: float, max_new_tokens: int, num_threads: int | None, no_repeat_ngram_size: int = 0,
 ) -> None:
     """Check SFTModule's settings before anything is loaded; errors name the flag."""
     errors = []
@@ -232,6 +237,8 @@ def check_sft_settings(
         errors.append(f"model.decay_steps ({decay_steps}) must be larger than model.warmup_steps ({warmup_steps})")
     if not 0.0 <= min_lr_ratio <= 1.0:
         errors.append(f"model.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+    if no_repeat_ngram_size < 0:
+        errors.append(f"model.no_repeat_ngram_size must be >= 0 (0: off), got {no_repeat_ngram_size}")
     if max_new_tokens < 1:
         errors.append(f"model.max_new_tokens must be >= 1, got {max_new_tokens}")
     if num_threads is not None and num_threads < 1:

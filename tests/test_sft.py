@@ -268,3 +268,31 @@ def test_predict_inputs_fail_with_one_line_errors(tmp_path):
     (folder / "part2.csv").write_text('dialogue\n"#Person1#: Bye."\n')
     rows = load_predict_rows(str(folder))
     assert rows["id"] == ["0", "1"] and rows["dialogue"] == ["#Person1#: Hi.", "#Person1#: Bye."]
+
+
+def test_interrupted_run_resumes_from_last_checkpoint(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def trainer(max_steps):
+        return L.Trainer(default_root_dir=tmp_path, max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         num_sanity_val_steps=0,
+                         callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)])
+
+    first = SFTModule("embedded:tiny-t5", finetune="full", learning_rate=1e-2, export_dir=str(tmp_path / "m"))
+    trainer(2).fit(first, supervised_data("embedded:tiny-t5", batch_size=4))
+    saved = {k: v.clone() for k, v in first.state_dict().items()}
+    second = SFTModule("embedded:tiny-t5", finetune="full", learning_rate=1e-2, export_dir=str(tmp_path / "m"))
+    seen = []
+
+    class FirstWeights(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen.append({k: v.clone() for k, v in pl_module.state_dict().items()})
+
+    resumed = trainer(4)
+    resumed.callbacks.append(FirstWeights())
+    resumed.fit(second, supervised_data("embedded:tiny-t5", batch_size=4), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    for key, value in saved.items():  # training went on from the saved weights (and optimizer), not from scratch
+        assert torch.equal(seen[0][key], value), key
+    assert resumed.global_step == 4
+    assert resumed.lr_scheduler_configs[0].scheduler.last_epoch == 4
