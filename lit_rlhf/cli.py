@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from jsonargparse import DefaultHelpFormatter, set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -93,7 +93,7 @@ class HelpFormatter(DefaultHelpFormatter):
 def parser_kwargs() -> dict:
     """Main and per-subcommand parser settings: the default config stated at the top, no abbreviated flags."""
     common = {"allow_abbrev": False, "formatter_class": HelpFormatter}
-    kwargs = {"description": DESCRIPTION + _catalogue(), **common}
+    kwargs = {"description": DESCRIPTION + _catalogue(), "prog": "lit-rlhf", **common}
     for sub in ("fit", "validate", "test", "predict"):
         kwargs[sub] = {"usage": SUBCOMMAND_USAGE.format(sub=sub), "description": SUBCOMMAND_DESCRIPTION + _catalogue(),
                        **common}
@@ -322,6 +322,7 @@ def run(args: list[str] | None = None) -> LitRLHFCLI:
         PPOModule,
         DialogSumDataModule,
         args=args,
+        parser_class=OneLineErrorParser,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"default_root_dir": "logs"},
@@ -342,6 +343,18 @@ def destroy_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class OneLineErrorParser(LightningArgumentParser):
+    """The parser's own errors (an unknown flag, a value outside a setting's choices) in one line on stderr,
+    like every other user error (exit status 2, as argparse); LIT_RLHF_DEBUG=1 keeps jsonargparse's output."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if os.environ.get("LIT_RLHF_DEBUG") == "1" or not self.exit_on_error:
+            return super().error(message, ex)
+        line = " ".join(str(message).split())
+        sys.stderr.write(f"{self.prog.split()[0]}: error: {line}  (--help lists every setting)\n")
+        raise SystemExit(2)
 
 
 USER_ERRORS = (ValueError, OSError, MisconfigurationException)
@@ -395,10 +408,11 @@ def run_sft(args: list[str] | None = None) -> SFTCLI:
         SFTModule,
         DialogSumDataModule,
         args=args,
+        parser_class=OneLineErrorParser,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"default_root_dir": "logs"},
-        parser_kwargs={"description": SFT_DESCRIPTION},
+        parser_kwargs={"description": SFT_DESCRIPTION, "prog": "lit-rlhf-sft"},
     )
     destroy_process_group()
     return cli

@@ -398,3 +398,15 @@ def test_test_and_validate_report_only_the_flags_given():
     combined, notices = combine_with_checkpoint(parsed, stored, ["learning_rate"], report_kept=False)
     assert (combined.ppo_steps, combined.learning_rate) == (3, 1e-3)
     assert notices == ["model.learning_rate=0.001 (given) replaces the checkpoint's 0.002"]
+
+
+def test_a_parse_error_is_one_line(capsys):
+    # jsonargparse's own errors (a value outside a setting's choices, an unknown or abbreviated flag) exit
+    # with status 2 and one line naming the setting, not the usage text
+    for flags, expected in ((["--model.ppo.kl_estimator", "bogus"], "model.ppo.kl_estimator"),
+                            (["--model.learning_rat", "1e-3"], "--model.learning_rat")):
+        with pytest.raises(SystemExit) as info:
+            run(["fit", *flags])
+        assert info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err and err.startswith("lit-rlhf: error:"), err
