@@ -1,5 +1,6 @@
 """Benchmark: one PPO step's speed and memory for lit_rlhf (default and fast_rollout), TRL 0.11.4 (batched
-and the recipe's loop), a hand-written bare-PyTorch floor, and the FLOP limit of the step on this machine.
+and the recipe's loop), a hand-written bare-PyTorch floor, and the FLOP limit of the step on this machine;
+beside them lit_rlhf's GRPO step (4 prompts x 4 samples: the same 16 responses, no value head).
 
     python benchmarks/bench_ppo_step.py                       # workload A and B, all systems
     python benchmarks/bench_ppo_step.py --workload A --steps 3 --threads 1 --profile
@@ -9,6 +10,8 @@ Model: the flan-t5-base architecture built from its config with random weights (
 parameters) plus a LoRA adapter (r 32, alpha 32, dropout 0.05 on q and v: 3,538,944) and a value head (769),
 saved once with ``save_pretrained`` into the cache folder so that every system loads the same weights from a
 local path. Rollout batch 16, mini-batch 4, 1 PPO epoch, AdamW lr 1.41e-5, fp32, sampling top_k 0 / top_p 1.
+GRPO (``lit_rlhf_grpo``): each batch's first 4 prompts sampled 4 times (the 16 lengths of PPO's step), mini-batch
+4, fast_rollout, the recipe's GRPO settings (configs/detox_flan_t5_grpo.yaml), no value head.
 
 Workloads (prompts and response lengths are made once by the parent process and saved to a file that every
 system reads, so all systems get the same prompts, in the same order, with the same lengths):
@@ -50,15 +53,18 @@ TRL_VENV = HERE / ".venv-trl"
 TRL_PINS = ["trl==0.11.4", "transformers==5.24.0", "peft==0.21.2", "accelerate==1.15.0"]
 TORCH_PIN = "torch==2.13.0"
 
-SYSTEMS = ("lit_rlhf", "lit_rlhf_fast", "trl_batched", "trl_loop", "floor")
-LIT_SYSTEMS = ("lit_rlhf", "lit_rlhf_fast")
+SYSTEMS = ("lit_rlhf", "lit_rlhf_fast", "lit_rlhf_grpo", "trl_batched", "trl_loop", "floor")
+LIT_SYSTEMS = ("lit_rlhf", "lit_rlhf_fast", "lit_rlhf_grpo")
+LIT_PPO_SYSTEMS = ("lit_rlhf", "lit_rlhf_fast")  # the PPO variants the issue's goals are checked for
 SYSTEM_LABELS = {
     "lit_rlhf": "lit_rlhf PPOModule",
     "lit_rlhf_fast": "lit_rlhf PPOModule fast_rollout",
+    "lit_rlhf_grpo": "lit_rlhf GRPO k 4 fast_rollout",
     "trl_batched": "TRL 0.11.4 batched generate",
     "trl_loop": "TRL 0.11.4 recipe loop",
     "floor": "bare PyTorch floor",
     "flop_limit": "FLOP limit",
+    "flop_limit_grpo": "FLOP limit GRPO k 4",
 }
 PHASES = ("generate", "reward", "forward", "advantages", "update", "other")
 LIT_PHASES = {  # lit_rlhf's module.timings keys -> report phases
@@ -118,6 +124,12 @@ class PPOShape:
 
 
 PPO = PPOShape()
+# GRPO beside PPO: the same 16 responses per step from 4 prompts x 4 samples (each batch's first 4 prompts; the
+# 4 samples of prompt j get the lengths of rows 4j..4j+3), mini-batch 4; the recipe's settings
+# (configs/detox_flan_t5_grpo.yaml): k3 KL in the loss, beta 0.04 fixed, per-sequence loss mean; no value head.
+GRPO_SAMPLES_PER_PROMPT = 4
+GRPO_SETTINGS = dict(advantage_estimator="grpo", kl_in_loss=True, init_kl_coef=0.04, adaptive_kl=False,
+                     loss_aggregation="sequence_mean")
 WORKLOAD_A_PROMPT_TOKENS = 200
 # New tokens per response, [low, high) as the recipe's LengthSampler and lit_rlhf's max_new_tokens; --tiny
 # shortens them so that the smoke run takes seconds.
@@ -394,6 +406,9 @@ def build_workload(name: str, model_dir: Path, cache: Path, n_batches: int, tiny
         "prompt_tokens_all": quantiles(all_lengths),
         # the measured steps only (not the warm-up or the profiled extra step)
         "prompt_tokens_used": quantiles([int(n) for b in measured for n in b["attention_mask"].sum(1)]),
+        # GRPO samples each batch's first B / k prompts k times (grpo_batches)
+        "prompt_tokens_used_grpo": quantiles([int(n) for b in measured
+                                              for n in b["attention_mask"][: batch // GRPO_SAMPLES_PER_PROMPT].sum(1)]),
         "new_tokens_used": quantiles([int(n) for b in measured for n in b["lengths"]]),
         "tiny": tiny,
         "new_tokens": (low, high),
@@ -408,10 +423,11 @@ def build_workload(name: str, model_dir: Path, cache: Path, n_batches: int, tiny
 # ---------------------------------------------------------------------------------------------- FLOP limit
 
 
-def forward_flops(size: ModelSize, prompt: int, response: int, lora_r: int) -> dict[str, float]:
+def forward_flops(size: ModelSize, prompt: int, response: int, lora_r: int, value_head: bool = True) -> dict[str, float]:
     """Matmul FLOPs (2 m n k) of one teacher-forced forward of one sequence: encoder over ``prompt`` tokens,
-    decoder over ``response`` tokens (causal self-attention counted as the lower triangle), lm_head, value head.
-    LoRA on q and v of every attention. Returns the total and the LoRA weights' share (for their gradient)."""
+    decoder over ``response`` tokens (causal self-attention counted as the lower triangle), lm_head, value head
+    (if any). LoRA on q and v of every attention. Returns the total, the encoder's share (``encoder``: shared by
+    the k samples of one prompt in generation) and the LoRA weights' share (for their gradient)."""
     d, f, a, L, V = size.d_model, size.d_ff, size.inner, size.num_layers, size.vocab_size
     P, T = prompt, response
     lora = 2 * (d * lora_r + lora_r * a)  # per token per adapted projection
@@ -419,19 +435,26 @@ def forward_flops(size: ModelSize, prompt: int, response: int, lora_r: int) -> d
     dec_self = L * (T * (4 * 2 * d * a + 2 * lora) + 2 * 2 * a * T * (T + 1) / 2)
     dec_cross = L * (T * 2 * 2 * d * a + P * 2 * 2 * d * a + 2 * 2 * T * P * a + (T + P) * lora)
     dec_ffn = L * T * 3 * 2 * d * f
-    head = T * 2 * d * V + T * 2 * d
+    head = T * 2 * d * V + (T * 2 * d if value_head else 0)
     lora_total = L * (P * 2 * lora + T * 2 * lora + (T + P) * lora)
-    return {"total": enc + dec_self + dec_cross + dec_ffn + head, "lora": lora_total}
+    return {"total": enc + dec_self + dec_cross + dec_ffn + head, "encoder": enc, "lora": lora_total}
 
 
-def step_flops(size: ModelSize, prompts: list[int], responses: list[int], lora_r: int) -> dict[str, float]:
+def step_flops(size: ModelSize, prompts: list[int], responses: list[int], lora_r: int,
+               samples_per_prompt: int = 1) -> dict[str, float]:
     """Least matmul work of one PPO step: generation = one forward (KV cache: every token once), reference = one
     forward, update = two forwards (activation gradients through the frozen weights; no weight gradients for
-    them) plus the LoRA weight gradients."""
-    fwd = [forward_flops(size, p, t, lora_r) for p, t in zip(prompts, responses)]
+    them) plus the LoRA weight gradients.
+
+    prompts: [B] prompt tokens of every response (B = prompts x ``samples_per_prompt``, the samples of one
+    prompt contiguous); responses: [B] response tokens. With k = ``samples_per_prompt`` > 1 (GRPO: no value
+    head) generation runs the encoder once per prompt; the teacher-forced passes run it for every row."""
+    k = samples_per_prompt
+    fwd = [forward_flops(size, p, t, lora_r, value_head=k == 1) for p, t in zip(prompts, responses)]
     one = sum(x["total"] for x in fwd)
     lora = sum(x["lora"] for x in fwd)
-    return {"generate": one, "forward": one, "update": 2 * one + lora}
+    shared_encoder = sum(x["encoder"] for i, x in enumerate(fwd) if i % k) if k > 1 else 0.0
+    return {"generate": one - shared_encoder, "forward": one, "update": 2 * one + lora}
 
 
 # ---------------------------------------------------------------------------------------------- workers
@@ -456,17 +479,22 @@ def write_profile(prof, path: str, title: str) -> None:
     Path(path).write_text(f"# {title}\n\n{table}\n")
 
 
-def worker_lit_rlhf(args: argparse.Namespace, work: dict[str, Any], out: dict[str, Any]) -> None:
-    """lit_rlhf's real PPOModule.training_step, run by a minimal Lightning Trainer fit over the workload's
-    batches; ``lit_rlhf_fast`` sets ``fast_rollout=True`` (lit_rlhf's cached sampling loop, old log-probs and
-    values from sampling). Response lengths: GenerationSettings(min_new_tokens >= every length) blocks
-    end-of-sequence, and the module's per-sample length draw (``_response_length_limits``, a draw from
-    ``max_new_tokens`` = [low, high)) is replaced on the instance by the batch's shared lengths. A wrapper
-    around ``policy.decode`` records the lengths really generated; each step checks them."""
-    import lightning as L
-    import torch
-    from torch.utils.data import DataLoader
+def grpo_batches(batches: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
+    """GRPO's view of PPO's batches: the first ``len(lengths) // k`` prompts of each batch (trimmed to their
+    longest prompt) and all of its lengths [B], so that sample j of prompt i (row i*k + j) gets ``lengths[i*k + j]``
+    and the step generates exactly the tokens PPO's step does."""
+    out = []
+    for b in batches:
+        n = len(b["lengths"]) // k
+        width = int(b["attention_mask"][:n].sum(1).max())
+        out.append({"input_ids": b["input_ids"][:n, :width], "attention_mask": b["attention_mask"][:n, :width],
+                    "query": list(b["query"][:n]), "lengths": b["lengths"]})
+    return out
 
+
+def lit_module(args: argparse.Namespace, work: dict[str, Any], n_steps: int):
+    """The PPOModule of ``args.system``: defaults (lit_rlhf), fast_rollout (lit_rlhf_fast), or GRPO with k = 4
+    samples of 4 prompts and fast_rollout (lit_rlhf_grpo); the benchmark's reward and length settings."""
     from lit_rlhf.module import PPOModule, PPOSettings
     from lit_rlhf.policy import GenerationSettings, LoraSettings
     from lit_rlhf.rewards import Reward
@@ -477,29 +505,81 @@ def worker_lit_rlhf(args: argparse.Namespace, work: dict[str, Any], out: dict[st
         def compute(self, prompts, responses, references):
             return scorer(prompts, responses)
 
-    batches = work["batches"]
-    n = len(batches)
     low, high = work["new_tokens"]
+    grpo = args.system == "lit_rlhf_grpo"
+    k = GRPO_SAMPLES_PER_PROMPT if grpo else 1
     # min_new_tokens >= every draw blocks end-of-sequence until each row's own limit, where it stops
     generation = GenerationSettings(min_new_tokens=high - 1, max_new_tokens=(low, high), top_k=0, top_p=1.0)
-    module = PPOModule(
+    return PPOModule(
         model_name=args.model_dir, reward=BenchReward(),
         lora=LoraSettings(r=PPO.lora_r, alpha=PPO.lora_alpha, dropout=PPO.lora_dropout, target_modules=list(PPO.lora_targets)),
-        generation=generation, ppo=PPOSettings(ppo_epochs=PPO.ppo_epochs), ppo_steps=n,
-        learning_rate=PPO.learning_rate, rollout_batch_size=PPO.rollout_batch, mini_batch_size=PPO.mini_batch,
-        seed=LENGTH_SEED, log_samples_every=0, export_adapter=False, fast_rollout=args.system == "lit_rlhf_fast",
+        generation=generation, ppo=PPOSettings(ppo_epochs=PPO.ppo_epochs, **(GRPO_SETTINGS if grpo else {})),
+        ppo_steps=n_steps, learning_rate=PPO.learning_rate, rollout_batch_size=PPO.rollout_batch // k,
+        mini_batch_size=PPO.mini_batch, samples_per_prompt=k, seed=LENGTH_SEED, log_samples_every=0,
+        export_adapter=False, fast_rollout=args.system in ("lit_rlhf_fast", "lit_rlhf_grpo"),
     )
-    counts = module.policy.parameter_counts()
-    out["parameters"] = {"all_with_value_head": counts["all parameters with value head"],
-                         "trainable_with_value_head": counts["trainable parameters with value head"]}
 
-    generated_lengths: list[torch.Tensor] = []
+
+def check_lit_step(system: str, response_ids: "torch.Tensor", lengths: "torch.Tensor", expected: "torch.Tensor") -> None:
+    """The step generated each row's length; GRPO's k samples of a prompt are distinct draws (their common
+    prefixes are not all identical). response_ids [B, T]; lengths, expected [B]."""
+    import torch
+
+    if not torch.equal(lengths, expected):
+        raise RuntimeError(f"{system} generated lengths {lengths.tolist()}, expected {expected.tolist()}")
+    if system != "lit_rlhf_grpo":
+        return
+    k = GRPO_SAMPLES_PER_PROMPT
+    for g in range(len(lengths) // k):
+        prefix = int(lengths[g * k : (g + 1) * k].min())
+        group = response_ids[g * k : (g + 1) * k, :prefix]
+        if bool((group == group[:1]).all()):
+            raise RuntimeError(f"lit_rlhf_grpo: the {k} samples of prompt {g} are identical (not distinct draws)")
+
+
+def lit_parameters(system: str, module) -> dict[str, int]:
+    """Parameter counts (the value head's included where one is built); GRPO must have none."""
+    counts = module.policy.parameter_counts()
+    if system == "lit_rlhf_grpo":
+        heads = [name for name, _ in module.named_parameters() if "value_head" in name]
+        if module.policy.has_value_head or heads:
+            raise RuntimeError(f"lit_rlhf_grpo built a value head: {heads}")
+    return {"all_with_value_head": counts["all parameters with value head"],
+            "trainable_with_value_head": counts["trainable parameters with value head"]}
+
+
+def worker_lit_rlhf(args: argparse.Namespace, work: dict[str, Any], out: dict[str, Any]) -> None:
+    """lit_rlhf's real PPOModule.training_step, run by a minimal Lightning Trainer fit over the workload's
+    batches; ``lit_rlhf_fast`` sets ``fast_rollout=True`` (lit_rlhf's cached sampling loop, old log-probs and
+    values from sampling); ``lit_rlhf_grpo`` samples 4 prompts 4 times each (``grpo_batches``) with fast_rollout
+    and GRPO's settings. Response lengths: GenerationSettings(min_new_tokens >= every length) blocks
+    end-of-sequence, and the module's per-sample length draw (``_response_length_limits``, a draw from
+    ``max_new_tokens`` = [low, high)) is replaced on the instance by the batch's shared lengths. A wrapper
+    around ``policy.decode`` records the responses really generated; each step checks them."""
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader
+
+    batches = work["batches"]
+    if args.system == "lit_rlhf_grpo":
+        batches = grpo_batches(batches, GRPO_SAMPLES_PER_PROMPT)
+    n = len(batches)
+    module = lit_module(args, work, n)
+    out["parameters"] = lit_parameters(args.system, module)
+
+    generated: list[tuple[torch.Tensor, torch.Tensor]] = []
     current_lengths: list[torch.Tensor] = []
-    module._response_length_limits = lambda batch_size: current_lengths[-1].clone()
+
+    def batch_lengths(batch_size: int) -> torch.Tensor:
+        if batch_size != len(current_lengths[-1]):
+            raise RuntimeError(f"the module asked for {batch_size} lengths, the batch has {len(current_lengths[-1])}")
+        return current_lengths[-1].clone()
+
+    module._response_length_limits = batch_lengths
     real_decode = module.policy.decode
 
-    def recording_decode(response_ids, response_mask):  # observes the rollout's lengths, changes nothing
-        generated_lengths.append(response_mask.sum(1).cpu())
+    def recording_decode(response_ids, response_mask):  # observes the rollout's responses, changes nothing
+        generated.append((response_ids.cpu(), response_mask.sum(1).cpu()))
         return real_decode(response_ids, response_mask)
 
     module.policy.decode = recording_decode
@@ -507,6 +587,24 @@ def worker_lit_rlhf(args: argparse.Namespace, work: dict[str, Any], out: dict[st
     steps: list[dict[str, Any]] = []
     # an extra last batch, when the workload has one, is profiled (or just run, without --profile-out)
     profile_at = n - 1 if work["profile_batch"] else None
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        callbacks=[lit_step_timer(args, work, out, memory, steps, generated, current_lengths, profile_at)],
+    )
+    trainer.fit(module, DataLoader(batches, batch_size=None, shuffle=False))
+    if profile_at is None:
+        memory.end_steps()
+    out["steps"] = steps
+    out["memory"] = memory.report()
+
+
+def lit_step_timer(args: argparse.Namespace, work: dict[str, Any], out: dict[str, Any], memory: MemoryWatch,
+                   steps: list[dict[str, Any]], generated: list, current_lengths: list, profile_at: int | None):
+    """The Lightning callback that times each training step, checks its responses (``check_lit_step``),
+    feeds the batch's lengths to the module and profiles the extra step ``profile_at`` (if any)."""
+    import lightning as L
+    import torch
 
     class StepTimer(L.Callback):
         def on_train_start(self, trainer, pl_module):
@@ -525,28 +623,16 @@ def worker_lit_rlhf(args: argparse.Namespace, work: dict[str, Any], out: dict[st
             if batch_idx == profile_at:
                 self.prof.__exit__(None, None, None)
                 if args.profile_out:
-                    write_profile(self.prof, args.profile_out, f"lit_rlhf PPOModule.training_step, workload {work['name']}")
+                    write_profile(self.prof, args.profile_out, f"{SYSTEM_LABELS[args.system]}, workload {work['name']}")
                 out["profiled_step"] = step_record({LIT_PHASES[k]: v for k, v in pl_module.timings.items()}, total, 0)
                 return
-            lengths = generated_lengths[-1]
-            expected = batch["lengths"]
-            if not torch.equal(lengths, expected):
-                raise RuntimeError(f"lit_rlhf generated lengths {lengths.tolist()}, expected {expected.tolist()}")
+            response_ids, lengths = generated[-1]
+            check_lit_step(args.system, response_ids, lengths, batch["lengths"])
             phases = {LIT_PHASES[k]: v for k, v in pl_module.timings.items()}
             steps.append(step_record(phases, total, int(lengths.sum())))
             log(f"[{args.system}] step {batch_idx}: {total:.2f} s " + " ".join(f"{k}={v:.2f}" for k, v in phases.items()))
 
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        callbacks=[StepTimer()],
-    )
-    loader = DataLoader(batches, batch_size=None, shuffle=False)
-    trainer.fit(module, loader)
-    if profile_at is None:
-        memory.end_steps()
-    out["steps"] = steps
-    out["memory"] = memory.report()
+    return StepTimer()
 
 
 def trl_models(args: argparse.Namespace, ref_copy: bool):
@@ -923,12 +1009,16 @@ def summarize(result: dict[str, Any]) -> dict[str, float]:
     return summary
 
 
-def flop_limit(work: dict[str, Any], size: ModelSize, rate: float, warmup: int) -> dict[str, float]:
+def flop_limit(work: dict[str, Any], size: ModelSize, rate: float, warmup: int, samples_per_prompt: int = 1) -> dict[str, float]:
+    """The measured steps' FLOP limit (median seconds per phase at ``rate`` FLOP/s). ``samples_per_prompt`` k > 1:
+    GRPO's step on the same batches, each batch's first B / k prompts sampled k times (``grpo_batches``)."""
     per_step = []
     measured = work["batches"][warmup : len(work["batches"]) - (1 if work["profile_batch"] else 0)]
+    k = samples_per_prompt
     for b in measured:
         prompts = [int(n) for n in b["attention_mask"].sum(1)]
-        flops = step_flops(size, prompts, [int(n) for n in b["lengths"]], PPO.lora_r)
+        prompts = [prompts[i // k] for i in range(len(prompts))]  # row i answers prompt i // k (k = 1: itself)
+        flops = step_flops(size, prompts, [int(n) for n in b["lengths"]], PPO.lora_r, k)
         per_step.append({**{k: v / rate for k, v in flops.items()}, "flops": sum(flops.values()),
                          "tokens": int(b["lengths"].sum())})
     summary = {p: statistics.median(s.get(p, 0.0) for s in per_step) for p in PHASES}
@@ -960,16 +1050,21 @@ def workload_table(name: str, rows: dict[str, dict[str, float]]) -> str:
             "| peak RSS steps (MiB) | process peak (MiB) | ÷ TRL batched | ÷ TRL loop | ÷ floor | ÷ FLOP limit |")
     lines = [f"### Workload {name}: seconds per PPO step (median), by phase", "", head, "|" + "---|" * 15]
     base = {k: rows.get(k) for k in ("trl_batched", "trl_loop", "floor", "flop_limit")}
-    for system in (*SYSTEMS, "flop_limit"):
+    for system in (*SYSTEMS, "flop_limit", "flop_limit_grpo"):
         s = rows.get(system)
         if s is None:
             continue
         cells = [SYSTEM_LABELS[system], fmt(s["total"])] + [fmt(s.get(p)) for p in PHASES]
         cells += [fmt(s["tok_per_s"], 1), fmt(s.get("steps_peak_mib"), 0), fmt(s.get("process_peak_mib"), 0)]
-        cells += [fmt(ratio(s, base[k])) for k in ("trl_batched", "trl_loop", "floor", "flop_limit")]
+        grpo = system in ("lit_rlhf_grpo", "flop_limit_grpo")  # against its own FLOP limit
+        limit = rows.get("flop_limit_grpo") if grpo else base["flop_limit"]
+        cells += [fmt(ratio(s, base[k])) for k in ("trl_batched", "trl_loop", "floor")] + [fmt(ratio(s, limit))]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Ratios are this system's seconds per step ÷ the other's (below 1: faster). FLOP-limit phases: "
               "generate = one forward, forward = the reference forward, update = two forwards."]
+    if "flop_limit_grpo" in rows:
+        lines.append("GRPO (4 prompts × 4 samples, the 16 lengths of PPO's step, no value head) is divided by its own "
+                     "FLOP limit, which runs the encoder once per prompt in generation.")
     return "\n".join(lines)
 
 
@@ -983,7 +1078,7 @@ def goals(name: str, rows: dict[str, dict[str, float]]) -> list[str]:
 
     out = []
     trl, loop = rows.get("trl_batched"), rows.get("trl_loop")
-    for system in LIT_SYSTEMS:
+    for system in LIT_PPO_SYSTEMS:
         lit = rows.get(system)
         if not lit:
             continue
@@ -1000,6 +1095,21 @@ def goals(name: str, rows: dict[str, dict[str, float]]) -> list[str]:
                          lambda v: v <= 0.7))
         out.append(check("process peak RSS ÷ TRL batched (goal ≤ 0.7)", ratio(lit, trl, "process_peak_mib"),
                          lambda v: v <= 0.7))
+    return out + grpo_lines(name, rows)
+
+
+def grpo_lines(name: str, rows: dict[str, dict[str, float]]) -> list[str]:
+    """GRPO against PPO with fast_rollout on the same responses count (no goal: what a critic-free step costs)."""
+    grpo, ppo = rows.get("lit_rlhf_grpo"), rows.get("lit_rlhf_fast")
+    if not grpo:
+        return []
+    out = [f"- {SYSTEM_LABELS['lit_rlhf_grpo']} ÷ {SYSTEM_LABELS['lit_rlhf_fast']}, workload {name} "
+           "(same 16 responses per step):"]
+    for text, key in (("time per step", "total"), ("generate", "generate"), ("forward", "forward"),
+                      ("update", "update"), ("peak RSS during steps", "steps_peak_mib"),
+                      ("process peak RSS", "process_peak_mib")):
+        value = ratio(grpo, ppo, key)
+        out.append(f"  - {text}: " + ("not measured" if value is None else f"{value:.2f}"))
     return out
 
 
@@ -1066,6 +1176,8 @@ def run_parent(args: argparse.Namespace) -> int:
         log(f"fp32 GEMM rate after: {rate_after / 1e9:.0f} GFLOP/s (the FLOP limit uses the best: {rate / 1e9:.0f})")
         rows = {system: summarize(r) for system, r in raw.items()}
         rows["flop_limit"] = flop_limit(work, size, rate, args.warmup)
+        if "lit_rlhf_grpo" in systems:
+            rows["flop_limit_grpo"] = flop_limit(work, size, rate, args.warmup, GRPO_SAMPLES_PER_PROMPT)
         sections[name] = {
             "rows": rows, "raw": raw,
             "work": {k: v for k, v in work.items() if k != "batches"},
@@ -1152,11 +1264,15 @@ def render_report(size: ModelSize, sections: dict[str, dict[str, Any]]) -> str:
             f"steps' prompts: {fmt_quantiles(work['prompt_tokens_used'])}. New tokens per response in the measured "
             f"steps: {fmt_quantiles(work['new_tokens_used'])} (warm-up steps: {WARMUP_NEW_TOKENS}).",
         ]
+        if "lit_rlhf_grpo" in raw and work.get("prompt_tokens_used_grpo"):
+            lines.append(f"- GRPO's prompts (each batch's first {PPO.rollout_batch // GRPO_SAMPLES_PER_PROMPT}, "
+                         f"{GRPO_SAMPLES_PER_PROMPT} samples each): {fmt_quantiles(work['prompt_tokens_used_grpo'])}.")
         if counts:
-            lines.append("- Parameters (all / trainable, value head included): " + "; ".join(
+            lines.append("- Parameters (all / trainable, value head included where one is built): " + "; ".join(
                 f"{s} {c['all_with_value_head']:,} / {c['trainable_with_value_head']:,}" for s, c in counts.items()) + ".")
         lines += ["", workload_table(name, rows), ""]
-        lines.append(f"FLOP limit: {rows['flop_limit']['tflop']:.2f} TFLOP per step (median).")
+        lines.append(f"FLOP limit: {rows['flop_limit']['tflop']:.2f} TFLOP per step (median)"
+                     + (f"; GRPO's: {rows['flop_limit_grpo']['tflop']:.2f}." if "flop_limit_grpo" in rows else "."))
         lines.append("Measured steps (s): " + "; ".join(f"{s} {rows[s]['all_totals']}" for s in SYSTEMS if s in rows) + ".")
         lines.append("Per process: " + "; ".join(
             f"{s} {r['process_s']:.0f} s in all, GEMM {r.get('gemm_gflops', float('nan')):.0f} GFLOP/s after its setup"

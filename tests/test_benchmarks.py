@@ -1,8 +1,8 @@
 """The PPO step benchmark runs end to end in its tiny smoke mode and prints its tables.
 
-Only lit_rlhf (default and fast_rollout) and the bare floor run here (TRL needs its own environment, which --tiny never builds); no
-timing is asserted: the test checks that the real lit_rlhf step and the floor run on the same workload and
-that the report has a row for each, plus the FLOP limit.
+Only lit_rlhf (default, fast_rollout and GRPO with k = 4) and the bare floor run here (TRL needs its own environment,
+which --tiny never builds); no timing is asserted: the test checks that the real lit_rlhf steps and the floor
+run on the same workload and that the report has a row for each, plus the FLOP limits.
 """
 
 import json
@@ -23,7 +23,7 @@ def tiny_run(tmp_path_factory):
     results = cache / "RESULTS.md"
     env = dict(os.environ, LIT_RLHF_CACHE=str(cache / "lit_rlhf"))
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--tiny", "--workload", "both", "--systems", "lit_rlhf,lit_rlhf_fast,floor",
+        [sys.executable, str(SCRIPT), "--tiny", "--workload", "both", "--systems", "lit_rlhf,lit_rlhf_fast,lit_rlhf_grpo,floor",
          "--cache-dir", str(cache), "--results", str(results)],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
     )
@@ -35,9 +35,11 @@ def test_tiny_run_prints_tables_for_both_workloads(tiny_run):
     stdout, _ = tiny_run
     for name in ("A", "B"):
         assert f"### Workload {name}: seconds per PPO step" in stdout
-    for label in ("lit_rlhf PPOModule", "lit_rlhf PPOModule fast_rollout", "bare PyTorch floor", "FLOP limit"):
+    for label in ("lit_rlhf PPOModule", "lit_rlhf PPOModule fast_rollout", "lit_rlhf GRPO k 4 fast_rollout",
+                  "bare PyTorch floor", "FLOP limit", "FLOP limit GRPO k 4"):
         assert stdout.count(f"| {label} |") == 2, label
     assert stdout.count("Goals:") == 2
+    assert stdout.count("lit_rlhf GRPO k 4 fast_rollout ÷ lit_rlhf PPOModule fast_rollout") == 2
 
 
 def test_tiny_run_writes_report_and_raw_results(tiny_run):
@@ -46,13 +48,20 @@ def test_tiny_run_writes_report_and_raw_results(tiny_run):
     sections = json.loads(results.with_suffix(".json").read_text())["sections"]
     for name in ("A", "B"):
         rows = sections[name]["rows"]
-        assert set(rows) == {"lit_rlhf", "lit_rlhf_fast", "floor", "flop_limit"}
-        assert all(rows[s]["n_steps"] == 2 for s in ("lit_rlhf", "lit_rlhf_fast", "floor"))
-        # every system generated the workload's tokens: the same number per step
+        assert set(rows) == {"lit_rlhf", "lit_rlhf_fast", "lit_rlhf_grpo", "floor", "flop_limit", "flop_limit_grpo"}
+        assert all(rows[s]["n_steps"] == 2 for s in ("lit_rlhf", "lit_rlhf_fast", "lit_rlhf_grpo", "floor"))
+        # every system generated the workload's tokens: the same number per step (GRPO: 4 prompts x 4 samples)
         assert len({rows[s]["tokens"] for s in rows}) == 1
+        # GRPO's generation runs the encoder once per prompt, not once per response: less work than PPO's
+        assert rows["flop_limit_grpo"]["generate"] < rows["flop_limit"]["generate"]
         floor = sections[name]["raw"]["floor"]
         # the floor's decode-loop log-probs equal a teacher-forced forward: first ratio is 1
         assert floor["first_minibatch_ratio_error"] < 1e-4
         lit = sections[name]["raw"]["lit_rlhf"]
         assert lit["parameters"] == floor["parameters"]
         assert lit["memory"]["process_peak_mib"] > 0
+        # GRPO builds no value head: d_model + 1 = 65 parameters fewer than the floor (tiny T5, d_model 64)
+        grpo = sections[name]["raw"]["lit_rlhf_grpo"]
+        assert {k: floor["parameters"][k] - v for k, v in grpo["parameters"].items()} == {
+            "all_with_value_head": 65, "trainable_with_value_head": 65}
+        assert grpo["memory"]["steps_peak_mib"] > 0
