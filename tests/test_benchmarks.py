@@ -23,7 +23,7 @@ def tiny_run(tmp_path_factory):
     results = cache / "RESULTS.md"
     env = dict(os.environ, LIT_RLHF_CACHE=str(cache / "lit_rlhf"))
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--tiny", "--workload", "both", "--systems", "lit_rlhf,lit_rlhf_fast,lit_rlhf_grpo,floor",
+        [sys.executable, str(SCRIPT), "--tiny", "--workload", "B", "--systems", "lit_rlhf,lit_rlhf_fast,lit_rlhf_grpo,floor",
          "--cache-dir", str(cache), "--results", str(results)],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
     )
@@ -33,20 +33,21 @@ def tiny_run(tmp_path_factory):
 
 def test_tiny_run_prints_tables_for_both_workloads(tiny_run):
     stdout, _ = tiny_run
-    for name in ("A", "B"):
-        assert f"### Workload {name}: seconds per PPO step" in stdout
+    # workload B only (the recipe's prompts and per-sample lengths); A differs only in how its prompts are made,
+    # and one workload keeps this smoke test short
+    assert "### Workload B: seconds per PPO step" in stdout
     for label in ("lit_rlhf PPOModule", "lit_rlhf PPOModule fast_rollout", "lit_rlhf GRPO k 4 fast_rollout",
                   "bare PyTorch floor", "FLOP limit", "FLOP limit GRPO k 4"):
-        assert stdout.count(f"| {label} |") == 2, label
-    assert stdout.count("Goals:") == 2
-    assert stdout.count("lit_rlhf GRPO k 4 fast_rollout ÷ lit_rlhf PPOModule fast_rollout") == 2
+        assert stdout.count(f"| {label} |") == 1, label
+    assert stdout.count("Goals:") == 1
+    assert stdout.count("lit_rlhf GRPO k 4 fast_rollout ÷ lit_rlhf PPOModule fast_rollout") == 1
 
 
 def test_tiny_run_writes_report_and_raw_results(tiny_run):
     _, results = tiny_run
     assert "| lit_rlhf PPOModule |" in results.read_text()
     sections = json.loads(results.with_suffix(".json").read_text())["sections"]
-    for name in ("A", "B"):
+    for name in ("B",):
         rows = sections[name]["rows"]
         assert set(rows) == {"lit_rlhf", "lit_rlhf_fast", "lit_rlhf_grpo", "floor", "flop_limit", "flop_limit_grpo"}
         assert all(rows[s]["n_steps"] == 2 for s in ("lit_rlhf", "lit_rlhf_fast", "lit_rlhf_grpo", "floor"))
