@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
-from lit_rlhf.tiny import resolve_model_path
+from lit_rlhf.tiny import looks_like_local_path, resolve_model_path
 
 # `datasets` is imported where it is used: it takes ~1.5 s to import, which `lit-rlhf fit --help` need not pay. Not
 # under TYPE_CHECKING either: jsonargparse runs those blocks when it reads signatures. Annotations below that name
@@ -79,9 +79,6 @@ def load_bundled_dialogsum() -> datasets.DatasetDict:
     return datasets.DatasetDict(out)
 
 
-def _looks_like_path(name: str) -> bool:
-    # Hub dataset ids are "name" or "owner/name"; anything else is meant as a path on this machine.
-    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.path.exists(name)
 
 
 def _load_local_directory(directory: str) -> datasets.DatasetDict:
@@ -368,7 +365,7 @@ class DialogSumDataModule(L.LightningDataModule):
         local = os.path.expanduser(self.dataset)
         if os.path.isdir(local):
             return _load_local_directory(local)
-        if _looks_like_path(self.dataset):
+        if looks_like_local_path(self.dataset):
             raise ValueError(
                 f"dataset={self.dataset!r} is not a directory: give 'bundled', a hub dataset name such as "
                 "'knkarthick/dialogsum', or a directory of train*/validation*/test* jsonl or parquet files"

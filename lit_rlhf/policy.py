@@ -552,8 +552,13 @@ def load_base_model(
     """
     from peft import PeftModel
 
-    path = resolve_model_path(model_name)
-    adapter_path = resolve_model_path(init_adapter) if init_adapter is not None else None
+    resolved = {}
+    for setting, name in (("model_name", model_name), ("init_adapter", init_adapter)):
+        try:
+            resolved[setting] = resolve_model_path(name) if name is not None else None
+        except ValueError as err:
+            raise ValueError(f"Could not load {setting}={name!r}: {err}") from err
+    path, adapter_path = resolved["model_name"], resolved["init_adapter"]
     if adapter_path is not None and is_full_model_folder(adapter_path):
         log.info("init_adapter=%r is a whole model: it replaces model_name=%r", init_adapter, model_name)
         path, adapter_path = adapter_path, None

@@ -343,6 +343,12 @@ def default_cache_dir() -> str:
     return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "lit_rlhf")
 
 
+def looks_like_local_path(name: str) -> bool:
+    """Hub ids are "name" or "owner/name"; an absolute path, one starting with "." or "~", one with more than
+    one "/", or anything that exists here is meant as a path on this machine."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.path.exists(name)
+
+
 def resolve_model_path(name: str, cache_dir: str | None = None) -> str:
     """Path or hub name to give ``from_pretrained`` for the model called ``name``.
 
@@ -352,7 +358,11 @@ def resolve_model_path(name: str, cache_dir: str | None = None) -> str:
     model such as ``"google/flan-t5-base"`` or a local folder) is returned unchanged.
     """
     if not name.startswith(EMBEDDED_PREFIX):
-        return name
+        if looks_like_local_path(name) and not os.path.exists(os.path.expanduser(name)):
+            # fail at once: transformers would take it for a hub id and retry the network for half a minute
+            raise ValueError(f"{name!r} names a local folder that does not exist (expected a folder written by "
+                             "save_pretrained; hub names look like 'owner/name')")
+        return os.path.expanduser(name)
     if name == SHIPPED_SUMMARIZER:
         return shipped_summarizer_path()
     if name not in EMBEDDED:

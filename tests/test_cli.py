@@ -309,15 +309,15 @@ def test_offline_overlay_runs_the_recipe_on_local_copies(tmp_path, monkeypatch):
                str(configs / "offline" / "local_models.yaml"), "--trainer.accelerator", "cpu",
                "--trainer.devices", "1", *QUICK])
     assert cli.model.ppo_step == 2
-    assert cli.model.hparams.model_name == "local/flan-t5-base" == cli.datamodule.hparams.model_name
+    assert cli.model.hparams.model_name == "./local/flan-t5-base" == cli.datamodule.hparams.model_name
     # the overlay changes only the reward's model: the recipe's label and output are kept
     reward = cli.model.reward
     assert (reward.model_name, reward.label, reward.output) == (
-        "local/roberta-hate-speech-dynabench-r4-target", "nothate", "logit")
+        "./local/roberta-hate-speech-dynabench-r4-target", "nothate", "logit")
     assert cli.datamodule.summary()["source"] == 1500
     report = json.loads((Path(cli.trainer.log_dir) / "report.json").read_text())
     assert report["num_prompts"] == 200
-    assert "local/roberta-hate-speech-dynabench-r4-target" in report["settings"]["evaluator"]
+    assert "./local/roberta-hate-speech-dynabench-r4-target" in report["settings"]["evaluator"]
 
 
 # ------------------------------------------------------------------ help, errors, warnings

@@ -150,7 +150,10 @@ def test_resolve_reuses_a_finished_build(built, cache_dir):
 
 def test_resolve_passes_other_names_through(tmp_path):
     assert resolve_model_path("google/flan-t5-base", cache_dir=str(tmp_path)) == "google/flan-t5-base"
-    assert resolve_model_path("/some/local/folder") == "/some/local/folder"
+    assert resolve_model_path(str(tmp_path)) == str(tmp_path)
+    # a local path that does not exist fails at once, instead of being tried as a hub id over the network
+    with pytest.raises(ValueError, match="does not exist"):
+        resolve_model_path("./no/such/folder")
     assert not list(tmp_path.iterdir())
 
 
