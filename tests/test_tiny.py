@@ -19,6 +19,7 @@ from lit_rlhf.tiny import (
     resolve_model_path,
 )
 
+# the tiny test models (EMBEDDED also holds the untrained summarizer, checked in test_sft.py)
 LOADERS = {"embedded:tiny-t5": AutoModelForSeq2SeqLM, "embedded:tiny-gpt2": AutoModelForCausalLM}
 
 
@@ -29,7 +30,7 @@ def cache_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def built(cache_dir) -> dict[str, str]:
-    return {name: resolve_model_path(name, cache_dir=cache_dir) for name in EMBEDDED}
+    return {name: resolve_model_path(name, cache_dir=cache_dir) for name in LOADERS}
 
 
 def _dialogsum_rows(split: str, n: int) -> list[dict]:
@@ -38,7 +39,7 @@ def _dialogsum_rows(split: str, n: int) -> list[dict]:
         return [json.loads(line) for _, line in zip(range(n), lines)]
 
 
-@pytest.mark.parametrize("name", sorted(EMBEDDED))
+@pytest.mark.parametrize("name", sorted(LOADERS))
 def test_loads_like_a_hub_model_and_is_small(built, name):
     path = built[name]
     assert (Path(path) / MARKER_FILE).is_file()
@@ -50,7 +51,7 @@ def test_loads_like_a_hub_model_and_is_small(built, name):
     assert len(tokenizer) == model.config.vocab_size == 2000
 
 
-@pytest.mark.parametrize("name", sorted(EMBEDDED))
+@pytest.mark.parametrize("name", sorted(LOADERS))
 def test_speaker_tags_are_single_tokens_that_decode(built, name):
     tokenizer = AutoTokenizer.from_pretrained(built[name])
     for tag in SPEAKER_TAGS:
@@ -63,7 +64,7 @@ def test_speaker_tags_are_single_tokens_that_decode(built, name):
     assert tokenizer.decode(ids, skip_special_tokens=True) == text
 
 
-@pytest.mark.parametrize("name", sorted(EMBEDDED))
+@pytest.mark.parametrize("name", sorted(LOADERS))
 def test_dialogsum_text_round_trips(built, name):
     tokenizer = AutoTokenizer.from_pretrained(built[name])
     # Validation and test text was not seen in training; the café line has characters outside the
@@ -99,7 +100,7 @@ def test_gpt2_pads_left_with_eos(built):
     assert tokenizer.eos_token_id not in tokenizer("Hello there.").input_ids
 
 
-@pytest.mark.parametrize("name", sorted(EMBEDDED))
+@pytest.mark.parametrize("name", sorted(LOADERS))
 def test_generate_on_a_dialogsum_prompt(built, name):
     path = built[name]
     model = LOADERS[name].from_pretrained(path).eval()
