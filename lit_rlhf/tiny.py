@@ -5,8 +5,10 @@ the embedded default exercises the code path a hub model takes, with no network 
 ``resolve_model_path("embedded:tiny-t5")`` builds one once into a cache folder and returns its path; any
 other name is returned unchanged for ``from_pretrained`` to load.
 
-The models are random (untrained): they generate fluent-looking token soup, which is all the training
-loop, the tests and the benchmarks need from them.
+The tiny models are random (untrained): they generate fluent-looking token soup, which is all the training
+loop, the tests and the benchmarks need from them. ``embedded:summarizer`` is different: a trained T5
+shipped inside the package (``lit_rlhf/assets/summarizer``, made by ``lit-rlhf-sft`` from
+``embedded:summarizer-untrained``; see its PROVENANCE.md).
 """
 
 from __future__ import annotations
@@ -332,8 +334,9 @@ def shipped_summarizer_path() -> str:
     path = os.fspath(folder)
     if not os.path.isfile(os.path.join(path, "model.safetensors")):
         raise FileNotFoundError(
-            f"{SHIPPED_SUMMARIZER} is not in this installation ({path} has no model.safetensors); reinstall "
-            "lit_rlhf, or train it with `lit-rlhf-sft fit --config configs/sft_embedded.yaml`"
+            f"{SHIPPED_SUMMARIZER} is not in this installation ({path} has no model.safetensors): train it with "
+            "`lit-rlhf-sft fit --config configs/sft_embedded.yaml` and copy the run's exported `model` folder's "
+            "files there, or give that folder as model_name"
         )
     return path
 

@@ -296,3 +296,27 @@ def test_interrupted_run_resumes_from_last_checkpoint(tmp_path):
         assert torch.equal(seen[0][key], value), key
     assert resumed.global_step == 4
     assert resumed.lr_scheduler_configs[0].scheduler.last_epoch == 4
+
+
+def test_embedded_summarizer_name_resolves_to_the_package_folder():
+    from lit_rlhf.tiny import resolve_model_path
+
+    folder = Path(__file__).parents[1] / "lit_rlhf" / "assets" / "summarizer"
+    if (folder / "model.safetensors").exists():
+        assert Path(resolve_model_path("embedded:summarizer")) == folder
+    else:
+        with pytest.raises(FileNotFoundError, match="lit-rlhf-sft fit --config configs/sft_embedded.yaml"):
+            resolve_model_path("embedded:summarizer")
+    with pytest.raises(ValueError, match="embedded:summarizer"):
+        resolve_model_path("embedded:nope")
+
+
+def test_untrained_summarizer_has_the_documented_shape_and_fits_25_mb():
+    from lit_rlhf.tiny import SUMMARIZER_ARCHITECTURE, resolve_model_path
+
+    folder = Path(resolve_model_path("embedded:summarizer-untrained"))
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("vocab_size", "d_model", "d_ff", "num_layers", "num_heads", "d_kv"):
+        assert config[key] == SUMMARIZER_ARCHITECTURE[key], key
+    assert config["num_decoder_layers"] == SUMMARIZER_ARCHITECTURE["num_layers"]
+    assert (folder / "model.safetensors").stat().st_size <= 25 * 10**6

@@ -19,6 +19,7 @@ from lit_rlhf.tiny import (
     resolve_model_path,
 )
 
+# the tiny test models (EMBEDDED also holds the untrained summarizer, checked in test_sft.py)
 LOADERS = {"embedded:tiny-t5": AutoModelForSeq2SeqLM, "embedded:tiny-gpt2": AutoModelForCausalLM}
 TINY = sorted(LOADERS)  # the tiny test models (the summarizer's untrained start is tested in test_sft.py)
 
