@@ -114,7 +114,7 @@ def collect(
     fast: bool = False, synced_gpus: bool | None = None, timer: Timer | None = None, repeats: int = 1,
 ) -> Generated:
     """generate -> decode -> score, each phase inside ``timer(name)`` (``time/ppo/generate``, ``.../reward``)."""
-    timer = timer or (lambda name: nullcontext())
+    timer = timer if timer is not None else (lambda name: nullcontext())  # an empty PhaseTimer is falsy
     with timer("time/ppo/generate"):
         generated = generate_responses(policy, batch, settings, limits, fast, synced_gpus, repeats)
     with timer("time/ppo/reward"):

@@ -71,6 +71,16 @@ def test_score_in_groups_equals_one_row_at_a_time(rows):
     assert not torch.equal(grouped.logprobs, grouped.ref_logprobs)  # the adapter changes the policy
 
 
+def test_collect_times_both_phases_from_the_first_step(rows):
+    # the module's PhaseTimer is an empty dict (falsy) before its first step: it must still be used
+    policy, batch = rows
+    timer = ro.PhaseTimer()
+    prompts = {"input_ids": batch.query_ids[:2], "attention_mask": batch.query_mask[:2], "query": ["a", "b"]}
+    ro.collect(policy, ProfanityReward(), prompts, SHORT, torch.tensor([3, 5]), timer=timer)
+    assert set(timer) == {"time/ppo/generate", "time/ppo/reward"}
+    assert timer["time/ppo/generate"] > 0
+
+
 def test_score_is_in_eval_mode_whatever_the_policy_mode(rows):
     # dropout must never reach the rollout's scores: the policy sets eval mode for the pass and restores it
     policy, batch = rows
