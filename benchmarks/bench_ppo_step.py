@@ -1192,6 +1192,7 @@ def run_parent(args: argparse.Namespace) -> int:
     store = {"model": size.name, "sections": sections}
     if args.results:
         json_path = Path(args.results).with_suffix(".json")
+        json_path.parent.mkdir(parents=True, exist_ok=True)
         if json_path.exists():  # keep the other workloads of an earlier run on the same model
             old = json.loads(json_path.read_text())
             if old.get("model") == size.name:
