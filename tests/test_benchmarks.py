@@ -31,7 +31,7 @@ def tiny_run(tmp_path_factory):
     return done.stdout, results
 
 
-def test_tiny_run_prints_tables_for_both_workloads(tiny_run):
+def test_tiny_run_prints_the_tables_of_workload_b(tiny_run):
     stdout, _ = tiny_run
     # workload B only (the recipe's prompts and per-sample lengths); A differs only in how its prompts are made,
     # and one workload keeps this smoke test short
