@@ -388,6 +388,9 @@ class Policy(nn.Module):
     ) -> PolicyOutput:
         """Log-probabilities of the response tokens under the reference (adapter disabled, or the separate
         reference model). Shapes as in ``forward``."""
+        if self.reference is None and self.finetune == "full":
+            raise ValueError("A policy that trains all its weights (finetune='full') has no adapter to disable: "
+                             "give a separate reference_model to compare with")
         with self.mode(dropout=False):  # the reference never samples dropout
             if self.reference is not None:
                 logits, _ = self.lm.teacher_forced(self.reference, query_ids, query_mask, response_ids, response_mask)

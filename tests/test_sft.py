@@ -320,3 +320,10 @@ def test_untrained_summarizer_has_the_documented_shape_and_fits_25_mb():
         assert config[key] == SUMMARIZER_ARCHITECTURE[key], key
     assert config["num_decoder_layers"] == SUMMARIZER_ARCHITECTURE["num_layers"]
     assert (folder / "model.safetensors").stat().st_size <= 25 * 10**6
+
+
+def test_a_fully_trained_policy_has_no_adapter_reference():
+    policy = Policy("embedded:tiny-t5", finetune="full", value_head=False)
+    ids = torch.tensor([[5, 6, 1]])
+    with pytest.raises(ValueError, match="reference_model"):
+        policy.reference_forward(ids, torch.ones_like(ids), ids, torch.ones_like(ids))
