@@ -322,11 +322,8 @@ def run(args: list[str] | None = None) -> LitRLHFCLI:
         PPOModule,
         DialogSumDataModule,
         args=args,
-        parser_class=OneLineErrorParser,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults={"default_root_dir": "logs"},
         parser_kwargs=parser_kwargs(),
+        **COMMON_CLI_SETTINGS,
     )
     destroy_process_group()
     return cli
@@ -356,6 +353,12 @@ class OneLineErrorParser(LightningArgumentParser):
         sys.stderr.write(f"{self.prog.split()[0]}: error: {line}  (--help lists every setting)\n")
         raise SystemExit(2)
 
+
+COMMON_CLI_SETTINGS = dict(
+    parser_class=OneLineErrorParser, seed_everything_default=0, save_config_kwargs={"overwrite": True},
+    trainer_defaults={"default_root_dir": "logs"},
+)
+"""What lit-rlhf and lit-rlhf-sft share: one-line parse errors, seed 0, runs under logs/."""
 
 USER_ERRORS = (ValueError, OSError, MisconfigurationException)
 """What a setting, a path or a missing download causes: one line, the message (LIT_RLHF_DEBUG=1: traceback)."""
@@ -408,11 +411,8 @@ def run_sft(args: list[str] | None = None) -> SFTCLI:
         SFTModule,
         DialogSumDataModule,
         args=args,
-        parser_class=OneLineErrorParser,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults={"default_root_dir": "logs"},
         parser_kwargs={"description": SFT_DESCRIPTION, "prog": "lit-rlhf-sft"},
+        **COMMON_CLI_SETTINGS,
     )
     destroy_process_group()
     return cli
