@@ -448,21 +448,6 @@ LOSS_AGGREGATIONS: tuple[str, ...] = get_args(LossAggregation)
 GRPO_STD_EPS = 1e-4
 
 
-def check_advantage_settings(estimator: str, samples_per_prompt: int, loss_aggregation: str) -> None:
-    """Raise ``ValueError`` naming the flag when the critic-free settings cannot work together."""
-    if estimator not in ADVANTAGE_ESTIMATORS:
-        raise ValueError(f"model.ppo.advantage_estimator={estimator!r}: choose one of {ADVANTAGE_ESTIMATORS}")
-    if loss_aggregation not in LOSS_AGGREGATIONS:
-        raise ValueError(f"model.ppo.loss_aggregation={loss_aggregation!r}: choose one of {LOSS_AGGREGATIONS}")
-    if samples_per_prompt < 1:
-        raise ValueError(f"model.samples_per_prompt must be >= 1, got {samples_per_prompt}")
-    if estimator in GROUP_ESTIMATORS and samples_per_prompt < 2:
-        raise ValueError(
-            f"model.ppo.advantage_estimator={estimator!r} compares the samples of one prompt and needs "
-            f"model.samples_per_prompt >= 2, got {samples_per_prompt}"
-        )
-
-
 def _groups(scores: Tensor, k: int, min_k: int = 1) -> Tensor:
     """scores: [B] -> [B / k, k] (a view), in a floating dtype; checks that whole groups are present."""
     if k < min_k:

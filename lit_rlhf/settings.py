@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
 from lit_rlhf.ppo import (
-    GROUP_ESTIMATORS, AdaptiveKLController, AdvantageEstimator, FixedKLController, KLEstimator, LossAggregation,
+    CRITIC_FREE_ESTIMATORS, GROUP_ESTIMATORS, AdaptiveKLController, AdvantageEstimator, FixedKLController,
+    KLEstimator, LossAggregation,
 )
 
 LoraBias = Literal["none", "all", "lora_only"]
@@ -176,7 +177,7 @@ class PPOSettings:
     @property
     def critic_free(self) -> bool:
         """No value head: the advantages come from the rewards alone."""
-        return self.advantage_estimator != "gae"
+        return self.advantage_estimator in CRITIC_FREE_ESTIMATORS
 
 
 def _choice(value: Any, flag: str, choices_type: Any) -> list[str]:

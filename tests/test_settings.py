@@ -27,6 +27,10 @@ from lit_rlhf.settings import (
     (PPOSettings(max_grad_norm=0.0), "model.ppo.max_grad_norm must be > 0"),
     (PPOSettings(score_clip=-1.0), "model.ppo.score_clip must be > 0"),
     (PPOSettings(ratio_threshold=0.0), "model.ppo.ratio_threshold must be > 0"),
+    (PPOSettings(advantage_estimator="ppo2"),
+     "model.ppo.advantage_estimator must be one of ['gae', 'grpo', 'rloo', 'reinforce_pp'], got 'ppo2'"),
+    (PPOSettings(loss_aggregation="mean"),
+     "model.ppo.loss_aggregation must be one of ['token_mean', 'sequence_mean', 'token_sum_norm'], got 'mean'"),
 ])
 def test_each_bad_setting_names_its_flag(settings, message):
     errors = settings.errors()
@@ -48,6 +52,8 @@ def test_defaults_are_valid_and_choice_lists_come_from_the_literals():
     ((None, -1.0, 16, 4, 8), "model.learning_rate must be a positive number"),
     ((None, float("nan"), 16, 4, 8), "model.learning_rate must be a positive number"),
     ((None, 1e-3, 16, 4, 0), "model.max_consecutive_skips must be >= 1"),
+    ((None, 1e-3, 16, 4, 8, 0), "model.samples_per_prompt must be >= 1"),
+    ((None, 1e-3, 16, 4, 8, 1, "rloo"), "it needs model.samples_per_prompt >= 2, got 1"),
 ])
 def test_run_settings_name_their_flag(args, message):
     errors = run_errors(*args)
