@@ -3,8 +3,11 @@
 import os
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+
+from lit_rlhf.rewards import Reward
 
 # Tiny models on 2 cores: one thread avoids oversubscription and is faster for these sizes.
 torch.set_num_threads(1)
@@ -49,3 +52,20 @@ def build_tiny_classifier(path: Path, sentences: list[str], max_tokens: int = 51
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+class ShortnessReward(Reward):
+    """Higher for shorter responses: a signal PPO must learn within a few steps (emit eos early)."""
+
+    def compute(self, prompts, responses, references):
+        return torch.tensor([-len(r) / 20.0 for r in responses])
+
+
+class MetricsRecorder(L.Callback):
+    """The trainer's callback metrics (progress-bar values such as ``reward`` and ``kl``) after every step."""
+
+    def __init__(self):
+        self.history: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.history.append({k: float(v) for k, v in trainer.callback_metrics.items()})

@@ -10,23 +10,9 @@ import torch
 
 from lit_rlhf.data import DialogSumDataModule
 from lit_rlhf.module import PPOModule, PPOSettings
-from lit_rlhf.rewards import Reward
 from lit_rlhf.settings import GenerationSettings, LoraSettings
 
-
-class ShortnessReward(Reward):
-    """Higher for shorter responses: a signal a policy learns within a few steps (emit eos early)."""
-
-    def compute(self, prompts, responses, references):
-        return torch.tensor([-len(r) / 20.0 for r in responses])
-
-
-class History(L.Callback):
-    def __init__(self):
-        self.steps: list[dict[str, float]] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.steps.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+from conftest import MetricsRecorder, ShortnessReward
 
 
 def module(estimator: str, k: int = 4, model_name: str = "embedded:tiny-t5", **kwargs) -> PPOModule:
@@ -40,8 +26,8 @@ def module(estimator: str, k: int = 4, model_name: str = "embedded:tiny-t5", **k
     return PPOModule(**{**defaults, **kwargs})
 
 
-def fit(m: PPOModule, root: Path, **trainer_kwargs) -> tuple[L.Trainer, History]:
-    history = History()
+def fit(m: PPOModule, root: Path, **trainer_kwargs) -> tuple[L.Trainer, MetricsRecorder]:
+    history = MetricsRecorder()
     kwargs = dict(default_root_dir=root, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
                   enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                   limit_val_batches=0, num_sanity_val_steps=0, callbacks=[history])
@@ -60,10 +46,10 @@ def test_critic_free_estimators_learn_without_a_value_head(estimator, tmp_path):
     original = m._step_stats
     m._step_stats = lambda *args: recorded.append(original(*args)) or recorded[-1]
     trainer, history = fit(m, tmp_path)
-    rewards = [s["reward"] for s in history.steps]
+    rewards = [s["reward"] for s in history.history]
     # LoRA starts at zero: policy == reference at the first rollout (the cached loop's log-probs equal the
     # teacher-forced reference up to float rounding; exactly 0 without fast rollout, see the GPT-2 test)
-    assert abs(history.steps[0]["kl"]) < 1e-5
+    assert abs(history.history[0]["kl"]) < 1e-5
     assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4, rewards  # the reward of the last third rose
     stats = recorded[0]
     assert not any(k.startswith("ppo/val/") for k in stats)
@@ -78,7 +64,7 @@ def test_grpo_on_a_decoder_only_policy_with_the_kl_in_the_loss(tmp_path):
     original = m._minibatch_step
     m._minibatch_step = lambda *args: recorded.append(original(*args)) or recorded[-1]
     _, history = fit(m, tmp_path)
-    assert history.steps[0]["kl"] == 0.0
+    assert history.history[0]["kl"] == 0.0
     assert len(recorded) == 2 * 2 and all(r is not None for r in recorded)
     assert recorded[0]["ppo/policy/kl_k3"] == 0.0  # k3 KL in the loss: 0 before the first update
     assert recorded[-1]["ppo/policy/kl_k3"] > 0.0

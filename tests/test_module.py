@@ -12,24 +12,11 @@ import lit_rlhf.module as module_lib
 from lit_rlhf.data import DialogSumDataModule
 from lit_rlhf.module import PPOModule, PPOSettings
 from lit_rlhf.policy import GenerationSettings, LoraSettings
-from lit_rlhf.rewards import ProfanityReward, Reward
+from lit_rlhf.rewards import ProfanityReward
+
+from conftest import MetricsRecorder, ShortnessReward
 
 SHORT = GenerationSettings(min_new_tokens=1, max_new_tokens=(4, 12))
-
-
-class ShortnessReward(Reward):
-    """Higher for shorter responses: a signal PPO must learn within a few steps (emit eos early)."""
-
-    def compute(self, prompts, responses, references):
-        return torch.tensor([-len(r) / 20.0 for r in responses])
-
-
-class MetricsRecorder(L.Callback):
-    def __init__(self):
-        self.history: list[dict[str, float]] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.history.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
 
 def make_data(model_name: str, batch_size: int = 8) -> DialogSumDataModule:
