@@ -39,6 +39,7 @@ from lit_rlhf import distributed as dist
 from lit_rlhf import rollout as ro
 from lit_rlhf.io import atomic_write
 from lit_rlhf.rewards import Reward, TextField, select_text
+from lit_rlhf.runs import plain_values
 from lit_rlhf.settings import GenerationSettings
 
 
@@ -317,7 +318,7 @@ class ToxicityCallback(L.Callback):
         if not state or "before" not in state:
             return None
         # tuples may come back from a checkpoint as lists: compare plain values
-        if _plain(state.get("signature")) != _plain(self._signature()):
+        if plain_values(state.get("signature")) != plain_values(self._signature()):
             rank_zero_warn(
                 f"ToxicityCallback: the checkpoint's 'before' measurement used other prompts or settings, so it is "
                 f"not used when {purpose}"
@@ -446,11 +447,3 @@ def select_prompts(test_set: Any, num_prompts: int | None) -> list[HeldOutPrompt
 
 def _tensorboard(trainer: L.Trainer) -> list[TensorBoardLogger]:
     return [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value

@@ -69,10 +69,13 @@ def is_given(key: str, given: Sequence[str]) -> bool:
     return any(g == "*" or key == g or key.startswith(g + ".") for g in given)
 
 
-def _plain(value: Any) -> Any:
-    """Tuples as lists, so that a checkpoint's ``(16, 48)`` equals a config's ``[16, 48]``."""
+def plain_values(value: Any) -> Any:
+    """Tuples as lists, recursively (dicts too), so that a checkpoint's ``(16, 48)`` equals a config's
+    ``[16, 48]``."""
+    if isinstance(value, dict):
+        return {k: plain_values(v) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
+        return [plain_values(v) for v in value]
     return value
 
 
@@ -90,14 +93,14 @@ def combine_with_checkpoint(parsed, stored, given: Sequence[str], report_kept: b
         if key.split(".")[0] in LINK_TARGETS:
             continue
         mine, theirs = parsed.get(key), stored.get(key)
-        if _plain(mine) == _plain(theirs):
+        if plain_values(mine) == plain_values(theirs):
             continue
         if is_given(key, given):
             combined[key] = mine
-            notices.append(f"model.{key}={_plain(mine)!r} (given) replaces the checkpoint's {_plain(theirs)!r}")
+            notices.append(f"model.{key}={plain_values(mine)!r} (given) replaces the checkpoint's {plain_values(theirs)!r}")
         elif report_kept:
             notices.append(
-                f"model.{key}={_plain(theirs)!r} comes from the checkpoint (the config says {_plain(mine)!r}; "
+                f"model.{key}={plain_values(theirs)!r} comes from the checkpoint (the config says {plain_values(mine)!r}; "
                 f"give --model.{key} to change it)"
             )
     return combined, notices
