@@ -149,15 +149,16 @@ class SFTModule(L.LightningModule):
     # ------------------------------------------------------------------ evaluation
 
     def generate_summaries(self, batch: dict[str, Any]) -> list[str]:
-        """Greedy summaries of the batch's prompts (at most ``max_new_tokens`` tokens each): B strings.
+        """Greedy summaries of the batch's prompts (at most ``max_new_tokens`` tokens each): B strings."""
+        return [text.strip() for text in self._generate(batch).texts]
 
-        The one place SFT generates text: validation, test and predict all go through it."""
+    def _generate(self, batch: dict[str, Any]) -> ro.Generated:
+        # The one place SFT generates text (validation, test and predict), through the shared rollout path.
         n = self.hparams.max_new_tokens
         settings = GenerationSettings(min_new_tokens=1, max_new_tokens=(n, n + 1), do_sample=False,
                                       no_repeat_ngram_size=self.hparams.no_repeat_ngram_size)
         limits = torch.full((len(batch["input_ids"]),), n, dtype=torch.long)
-        generated = ro.generate_responses(self.policy, batch, settings, limits, synced_gpus=dist.synced_gpus(self._trainer))
-        return [text.strip() for text in generated.texts]
+        return ro.generate_responses(self.policy, batch, settings, limits, synced_gpus=dist.synced_gpus(self._trainer))
 
     def _evaluate_batch(self, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
         batch_size = len(batch["input_ids"])
@@ -193,9 +194,7 @@ class SFTModule(L.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         """One record per prompt: ``id``, ``dialogue`` (when the batch has it) and the greedy ``summary``."""
-        summaries = self.generate_summaries(batch)
-        dialogues = batch.get("dialogue") or [None] * len(summaries)
-        return [{"id": i, "dialogue": d, "summary": s} for i, d, s in zip(batch["id"], dialogues, summaries)]
+        return ro.predict_records(self._generate(batch), batch, scorer_name=None)
 
     # ------------------------------------------------------------------ checkpoints and export
 
