@@ -214,18 +214,28 @@ def build_tiny_t5(
     num_heads: int = 4,
     d_kv: int = 16,
     seed: int = 0,
+    num_decoder_layers: int | None = None,
+    tie_embeddings: bool = False,
 ) -> str:
     """Build a tiny FLAN-T5-like ``T5ForConditionalGeneration`` and its tokenizer into ``path``; return it.
 
-    Same architecture family as FLAN-T5 (gated-GELU feed-forward, relative attention, untied ``lm_head``),
-    with ``num_layers`` encoder and decoder blocks. ``decoder_start_token_id`` = pad = 0, eos = 1. The build
-    is deterministic and atomic: if ``path`` already holds the same finished build, it is returned as is.
+    Same architecture family as FLAN-T5 (gated-GELU feed-forward, relative attention, untied ``lm_head`` by
+    default),
+    with ``num_layers`` encoder and ``num_decoder_layers`` (default: ``num_layers``) decoder blocks.
+    ``tie_embeddings=True`` makes ``lm_head`` the shared embedding (T5's original tying, decoder output scaled
+    by ``d_model ** -0.5``): a model trained from scratch then gets copying from the dialogue for free, since
+    an attended input token's embedding is also its output direction. ``decoder_start_token_id`` = pad = 0,
+    eos = 1. The build is deterministic and atomic: if ``path`` already holds the same finished build, it is
+    returned as is.
     Loading it prints transformers' note that ``shared`` and ``lm_head`` are both stored and not tied;
     FLAN-T5 checkpoints load the same way.
     """
     build = {"builder": "build_tiny_t5", "version": BUILD_VERSION, "vocab_size": vocab_size,
              "d_model": d_model, "d_ff": d_ff, "num_layers": num_layers, "num_heads": num_heads,
              "d_kv": d_kv, "seed": seed}
+    if num_decoder_layers is not None or tie_embeddings:  # older builds keep their folder names' meaning
+        build.update(num_decoder_layers=num_decoder_layers, tie_embeddings=tie_embeddings)
+    decoder_layers = num_layers if num_decoder_layers is None else num_decoder_layers
 
     def write(folder: str) -> None:
         tokenizer = build_tokenizer(vocab_size, kind="t5")
@@ -235,11 +245,11 @@ def build_tiny_t5(
             d_ff=d_ff,
             d_kv=d_kv,
             num_layers=num_layers,
-            num_decoder_layers=num_layers,
+            num_decoder_layers=decoder_layers,
             num_heads=num_heads,
             feed_forward_proj="gated-gelu",
             # FLAN-T5's configs say False; transformers 5 reads it as "do not scale decoder outputs".
-            tie_word_embeddings=False,
+            tie_word_embeddings=tie_embeddings,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             decoder_start_token_id=tokenizer.pad_token_id,
@@ -248,9 +258,10 @@ def build_tiny_t5(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = T5ForConditionalGeneration(config)
-            # A T5 built from a config ties lm_head to the embedding; FLAN-T5 has its own. std d_model^-0.5
-            # keeps the untrained logits of unit scale, so sampling is not close to greedy from the start.
-            model.lm_head.weight = torch.nn.Parameter(torch.randn(len(tokenizer), d_model) * d_model**-0.5)
+            if not tie_embeddings:
+                # A T5 built from a config ties lm_head to the embedding; FLAN-T5 has its own. std d_model^-0.5
+                # keeps the untrained logits of unit scale, so sampling is not close to greedy from the start.
+                model.lm_head.weight = torch.nn.Parameter(torch.randn(len(tokenizer), d_model) * d_model**-0.5)
         model.generation_config = GenerationConfig(
             decoder_start_token_id=tokenizer.pad_token_id,
             pad_token_id=tokenizer.pad_token_id,
@@ -304,10 +315,11 @@ def build_tiny_gpt2(
     return _build_atomically(path, build, write)
 
 
-SUMMARIZER_ARCHITECTURE: dict[str, int] = {
+SUMMARIZER_ARCHITECTURE: dict[str, Any] = {
     "vocab_size": 4000, "d_model": 256, "d_ff": 768, "num_layers": 2, "num_heads": 4, "d_kv": 64,
+    "tie_embeddings": True,
 }
-"""The embedded summarizer's T5 shape (about 6M parameters, 24 MB in float32)."""
+"""The embedded summarizer's T5 shape (about 5M parameters, 20 MB in float32), lm_head tied to the embedding."""
 
 
 def build_summarizer_untrained(path: str) -> str:

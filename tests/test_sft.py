@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 from torch.testing import assert_close
+from transformers import T5ForConditionalGeneration
 
 from lit_rlhf.cli import run_sft
 from lit_rlhf.data import DialogSumDataModule
@@ -319,6 +320,9 @@ def test_untrained_summarizer_has_the_documented_shape_and_fits_25_mb():
     for key in ("vocab_size", "d_model", "d_ff", "num_layers", "num_heads", "d_kv"):
         assert config[key] == SUMMARIZER_ARCHITECTURE[key], key
     assert config["num_decoder_layers"] == SUMMARIZER_ARCHITECTURE["num_layers"]
+    assert config["tie_word_embeddings"] is SUMMARIZER_ARCHITECTURE["tie_embeddings"] is True
+    model = T5ForConditionalGeneration.from_pretrained(folder)
+    assert model.lm_head.weight is model.shared.weight  # tied: one matrix, stored once
     assert (folder / "model.safetensors").stat().st_size <= 25 * 10**6
 
 
