@@ -17,11 +17,12 @@ Shapes: B batch, P query tokens, T response tokens, V vocabulary, H hidden size;
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
 
 
 def logprobs_from_logits(logits: Tensor, labels: Tensor, chunk_elements: int = 2**24) -> Tensor:
@@ -68,6 +69,56 @@ def trim_batch(
     return query_ids[:, p0:p1], query_mask[:, p0:p1], response_ids[:, :t1], response_mask[:, :t1]
 
 
+class InPlaceLayer(DynamicLayer):
+    """One attention layer's KV cache written in place: a buffer of ``capacity`` positions is allocated at
+    the first update and each decode step writes its key/value into the next slot, where ``DynamicLayer``
+    concatenates (copying every cached key and value of every layer, every step). Rows that finish are
+    dropped by copying the used part once (``batch_select_indices``). Keys/values handed to attention are
+    views of the filled prefix: [b, heads, length, head_dim]."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+        self.key_buffer: Tensor | None = None
+        self.value_buffer: Tensor | None = None
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        if self.key_buffer is None:
+            self.is_initialized, self.device = True, key_states.device
+            capacity = max(self.capacity, key_states.shape[-2])
+            self.key_buffer = key_states.new_empty((*key_states.shape[:2], capacity, key_states.shape[-1]))
+            self.value_buffer = value_states.new_empty((*value_states.shape[:2], capacity, value_states.shape[-1]))
+        end = self.length + key_states.shape[-2]
+        if end > self.key_buffer.shape[-2]:
+            raise RuntimeError(f"KV cache of {self.key_buffer.shape[-2]} positions cannot take position {end}")
+        self.key_buffer[:, :, self.length:end] = key_states
+        self.value_buffer[:, :, self.length:end] = value_states
+        self.length = end
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        if self.key_buffer is None:
+            return
+        for name in ("key_buffer", "value_buffer"):
+            old = getattr(self, name)
+            new = old.new_empty((len(indices), *old.shape[1:]))
+            new[:, :, : self.length] = old[indices, :, : self.length]
+            setattr(self, name, new)
+        self.keys, self.values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
+
+
+class InPlaceCache(DynamicCache):
+    """A ``DynamicCache`` whose layers are :class:`InPlaceLayer` buffers of ``capacity`` positions."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.layer_class_to_replicate = partial(InPlaceLayer, capacity)
+
+
 @dataclass
 class DecodeState:
     """A KV-cached decode in progress: the rows still running, and what their next step needs."""
@@ -101,15 +152,19 @@ class Seq2SeqLM:
         )
         return out.logits, out.decoder_hidden_states[-1]
 
-    def start(self, model: nn.Module, query_ids: Tensor, query_mask: Tensor, repeats: int = 1) -> DecodeState:
-        """``repeats`` rows per query (k samples per prompt), the encoder run once per query."""
+    def start(
+        self, model: nn.Module, query_ids: Tensor, query_mask: Tensor, repeats: int = 1, horizon: int = 0
+    ) -> DecodeState:
+        """``repeats`` rows per query (k samples per prompt), the encoder run once per query; the decoder's KV
+        cache holds ``horizon`` steps in place (0: grows by concatenation)."""
         # the encoder runs once; every decode step attends to its states
         encoder_hidden = model.get_encoder()(input_ids=query_ids, attention_mask=query_mask).last_hidden_state
         if repeats > 1:
             encoder_hidden, query_mask = encoder_hidden.repeat_interleave(repeats, 0), query_mask.repeat_interleave(repeats, 0)
         step_input = torch.full((encoder_hidden.shape[0], 1), self.decoder_start_token_id, dtype=torch.long,
                                 device=query_ids.device)
-        return DecodeState(EncoderDecoderCache(DynamicCache(), DynamicCache()), step_input, query_mask, encoder_hidden)
+        cache = InPlaceCache(horizon) if horizon else DynamicCache()
+        return DecodeState(EncoderDecoderCache(cache, DynamicCache()), step_input, query_mask, encoder_hidden)
 
     def step(self, model: nn.Module, state: DecodeState) -> tuple[Tensor, Tensor]:
         """One decoder step for the running rows: logits [b, V] and last hidden state [b, H] of the newest position."""
@@ -150,11 +205,15 @@ class CausalLM:
         # the last query position predicts response token 0; the last response position predicts nothing
         return out.logits[:, :-1], out.hidden_states[-1][:, -t - 1 : -1]
 
-    def start(self, model: nn.Module, query_ids: Tensor, query_mask: Tensor, repeats: int = 1) -> DecodeState:
-        """``repeats`` rows per query (k samples per prompt); each row's first step reads its whole prompt."""
+    def start(
+        self, model: nn.Module, query_ids: Tensor, query_mask: Tensor, repeats: int = 1, horizon: int = 0
+    ) -> DecodeState:
+        """``repeats`` rows per query (k samples per prompt); each row's first step reads its whole prompt. The
+        KV cache holds the prompt and ``horizon`` steps in place (0: grows by concatenation)."""
         if repeats > 1:
             query_ids, query_mask = query_ids.repeat_interleave(repeats, 0), query_mask.repeat_interleave(repeats, 0)
-        return DecodeState(DynamicCache(), query_ids, query_mask, _positions(query_mask))
+        cache = InPlaceCache(query_ids.shape[1] + horizon) if horizon else DynamicCache()
+        return DecodeState(cache, query_ids, query_mask, _positions(query_mask))
 
     def step(self, model: nn.Module, state: DecodeState) -> tuple[Tensor, Tensor]:
         out = model(input_ids=state.step_input, attention_mask=state.attention, position_ids=state.context,

