@@ -25,10 +25,14 @@ from torch import Tensor, nn
 from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
 
 
-def logprobs_from_logits(logits: Tensor, labels: Tensor, chunk_elements: int = 2**24) -> Tensor:
-    """Log-probability of each chosen token: ``log softmax(logits)[label]``.
+def logprobs_from_logits(
+    logits: Tensor, labels: Tensor, chunk_elements: int = 2**24, with_entropy: bool = False
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Log-probability of each chosen token: ``log softmax(logits)[label]``; with ``with_entropy`` also the
+    entropy of each position's distribution, ``H = lse(z) - sum softmax(z) z``, from the same logsumexp
+    (no gradient: it is a diagnostic).
 
-    logits: [B, T, V], labels: [B, T] -> [B, T] (float32 for half-precision logits).
+    logits: [B, T, V], labels: [B, T] -> [B, T] (float32 for half-precision logits), or ([B, T], [B, T]).
 
     Computed as ``logit[label] - logsumexp(logits)``: unlike ``log_softmax``, autograd keeps no [B, T, V]
     copy for the backward pass (logsumexp saves only its [B, T] result), and the forward temporary is
@@ -38,19 +42,15 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor, chunk_elements: int = 2
         logits = logits.float()
     chosen = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1)  # [B, T]
     flat = logits.reshape(-1, logits.shape[-1])  # [B*T, V] (a view)
-    rows = max(1, chunk_elements // flat.shape[-1])
-    lse = torch.cat([torch.logsumexp(part, dim=-1) for part in flat.split(rows)])  # [B*T]
-    return chosen - lse.view(chosen.shape)
-
-
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of the categorical distribution at every position: ``H = lse(z) - sum softmax(z) z``.
-
-    logits: [B, T, V] -> [B, T].
-    """
-    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    probs = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+    parts = flat.split(max(1, chunk_elements // flat.shape[-1]))
+    lse_parts = [torch.logsumexp(part, dim=-1) for part in parts]
+    logprobs = chosen - torch.cat(lse_parts).view(chosen.shape)
+    if not with_entropy:
+        return logprobs
+    with torch.no_grad():
+        entropy = torch.cat([lse - (torch.exp(part - lse[:, None]) * part).sum(-1)
+                             for part, lse in zip(parts, lse_parts)])
+    return logprobs, entropy.view(chosen.shape)
 
 
 def trim_batch(

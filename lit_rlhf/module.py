@@ -60,7 +60,8 @@ class PPOModule(L.LightningModule):
         export_adapter: save the adapter (``save_pretrained``) into ``<log_dir>/adapter`` at the end of fit.
         max_consecutive_skips: stop with an explanation after this many unsafe updates in a row were skipped.
         fast_rollout: sample with the cached loop (``lit_rlhf.decoding``), keeping its log-probs and values: no
-            scoring forward; the first ratio is then 1 up to float rounding. Not with FSDP or ZeRO-3.
+            scoring forward; the first ratio is then 1 up to float rounding. ``false``: ``generate``, then a
+            scoring forward in the update's grouping (first ratio exactly 1); needed with FSDP or ZeRO-3.
         samples_per_prompt: responses per prompt (k): a step has data.batch_size x k of them (grpo, rloo: k >= 2).
         predict_do_sample: sample in ``predict`` (default: greedy decoding).
     """
@@ -87,7 +88,7 @@ class PPOModule(L.LightningModule):
         num_log_samples: int = 4,
         export_adapter: bool = True,
         max_consecutive_skips: int = 8,
-        fast_rollout: bool = False,
+        fast_rollout: bool = True,
         samples_per_prompt: int = 1,
         predict_do_sample: bool = False,
     ) -> None:
@@ -342,7 +343,7 @@ class PPOModule(L.LightningModule):
         """One clipped PPO gradient step on the rows ``idx``; None if it was skipped as unsafe."""
         p, critic = self.ppo, self.policy.has_value_head
         out, rows, idx = self.policy.forward_rows(rollout.rows, idx, dropout=self.hparams.train_dropout,
-                                                  with_values=critic, return_logits=True)
+                                                  with_values=critic, with_entropy=True)
         t, rm = rows.response_ids.shape[1], rows.response_mask
         old_logprobs, ref = rollout.logprobs[idx, :t], rollout.ref_logprobs[idx, :t] if p.kl_in_loss else None
         loss, stats = ppo_math.ppo_objective(
@@ -365,8 +366,7 @@ class PPOModule(L.LightningModule):
         opt.step()
         opt.zero_grad()
         self.skips.passed()
-        with torch.no_grad():
-            stats["policy/entropy"] = ppo_math.masked_mean(self.policy.entropy(out.logits), rm)
+        stats["policy/entropy"] = ppo_math.masked_mean(out.entropy, rm)
         return {"ppo/grad_norm": grad_norm, **{f"ppo/{k}": v for k, v in stats.items()}}
 
     @torch.no_grad()

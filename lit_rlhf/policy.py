@@ -39,7 +39,7 @@ from transformers import (
 
 from lit_rlhf.decoding import SampledRollout, sample_with_cache
 from lit_rlhf.io import atomic_directory
-from lit_rlhf.lm import entropy_from_logits, lm_kind, logprobs_from_logits, trim_batch
+from lit_rlhf.lm import lm_kind, logprobs_from_logits, trim_batch
 from lit_rlhf.settings import GenerationSettings, LoraSettings
 from lit_rlhf.tiny import resolve_model_path
 
@@ -100,6 +100,7 @@ class PolicyOutput:
     logprobs: Tensor  # [B, T] log pi(response_t | context)
     values: Tensor | None  # [B, T] V(context before response_t)
     logits: Tensor | None = None  # [B, T, V] when asked for
+    entropy: Tensor | None = None  # [B, T] entropy of the next-token distribution (no gradient), when asked for
 
 
 def full_kl_per_token(logits: Tensor, ref_logits: Tensor) -> Tensor:
@@ -387,15 +388,18 @@ class Policy(nn.Module):
         response_mask: Tensor,
         with_values: bool = True,
         return_logits: bool = False,
+        with_entropy: bool = False,
     ) -> PolicyOutput:
-        """Log-probabilities (and values) of the response tokens under the current policy.
+        """Log-probabilities (and values, and the entropy at each position) of the response tokens under the
+        current policy.
 
         query_ids, query_mask: [B, P]; response_ids, response_mask: [B, T] -> PolicyOutput with [B, T] fields.
         """
         logits, hidden = self.lm.teacher_forced(self.model, query_ids, query_mask, response_ids, response_mask)
-        logprobs = logprobs_from_logits(logits, response_ids)
+        logprobs = logprobs_from_logits(logits, response_ids, with_entropy=with_entropy)
+        logprobs, entropy = logprobs if with_entropy else (logprobs, None)
         values = self.value_head(hidden) if with_values else None
-        return PolicyOutput(logprobs, values, logits if return_logits else None)
+        return PolicyOutput(logprobs, values, logits if return_logits else None, entropy)
 
     @torch.no_grad()
     def reference_forward(
@@ -428,13 +432,13 @@ class Policy(nn.Module):
 
     def forward_rows(
         self, batch: ResponseBatch, idx: Tensor, dropout: bool = False, with_values: bool = True,
-        return_logits: bool = False,
+        with_entropy: bool = False,
     ) -> tuple[PolicyOutput, ResponseBatch, Tensor]:
         """``forward`` on the rows ``idx`` of ``batch`` (trimmed, with gradients): the PPO update's pass.
         Returns the output ([b, t] fields), the trimmed rows and ``idx`` on the batch's device."""
         rows, idx = self.rows(batch, idx)
         with self.mode(dropout):
-            out = self(*rows.tensors(), with_values=with_values, return_logits=return_logits)
+            out = self(*rows.tensors(), with_values=with_values, with_entropy=with_entropy)
         return out, rows, idx
 
     @torch.no_grad()
@@ -471,10 +475,6 @@ class Policy(nn.Module):
             if full_kl:
                 out.kl[idx, :t] = full_kl_per_token(current.logits, ref.logits) * mask
         return out
-
-    def entropy(self, logits: Tensor) -> Tensor:
-        """Entropy of the policy's next-token distribution at every position: [B, T, V] -> [B, T]."""
-        return entropy_from_logits(logits)
 
     # ------------------------------------------------------------------ export
 

@@ -44,11 +44,6 @@ def test_logprobs_half_precision_upcast():
     assert lm.logprobs_from_logits(logits, torch.zeros(1, 2, dtype=torch.long)).dtype == torch.float32
 
 
-def test_entropy_uniform_and_one_hot():
-    # uniform over 4 -> ln 4; a near one-hot distribution -> ~0
-    logits = torch.stack([torch.zeros(4), torch.tensor([100.0, 0, 0, 0])])[None]  # [1, 2, 4]
-    assert_close(lm.entropy_from_logits(logits), torch.tensor([[math.log(4.0), 0.0]]), atol=1e-5, rtol=0)
-
 
 
 def test_full_kl_per_token_hand_computed():
@@ -58,3 +53,18 @@ def test_full_kl_per_token_hand_computed():
     expected = torch.tensor([[0.5 * math.log(2.0) + 0.5 * math.log(2.0 / 3.0), 0.0]])
     # logits up to a constant shift per position give the same distributions
     assert_close(full_kl_per_token(p + 3.0, q - 1.0), expected)
+
+
+def test_entropy_from_the_same_logsumexp_matches_categorical_entropy_and_chunks_exactly():
+    torch.manual_seed(2)
+    logits = torch.randn(2, 4, 9) * 3
+    labels = torch.randint(0, 9, (2, 4))
+    expected = torch.distributions.Categorical(logits=logits).entropy()
+    for chunk in (2**24, 9, 20):  # one chunk; one row per chunk; two rows per chunk
+        logprobs, entropy = lm.logprobs_from_logits(logits, labels, chunk_elements=chunk, with_entropy=True)
+        assert_close(entropy, expected)
+        assert_close(logprobs, lm.logprobs_from_logits(logits, labels))
+    # hand-computed: uniform over 4 -> ln 4; a near one-hot distribution -> ~0
+    logits = torch.stack([torch.zeros(4), torch.tensor([100.0, 0, 0, 0])])[None]  # [1, 2, 4]
+    _, entropy = lm.logprobs_from_logits(logits, torch.zeros(1, 2, dtype=torch.long), with_entropy=True)
+    assert_close(entropy, torch.tensor([[math.log(4.0), 0.0]]), atol=1e-5, rtol=0)

@@ -36,8 +36,8 @@ def fit(module: PPOModule, tmp_path: Path, batch_size: int = 8, ckpt_path=None, 
 
 @pytest.mark.parametrize("model_name", ["embedded:tiny-t5", "embedded:tiny-gpt2"])
 def test_first_step_kl_zero_and_first_ratio_exactly_one(model_name, tmp_path, monkeypatch):
-    # LoRA starts at zero, so policy == reference at the first rollout: KL must be exactly 0, and the first
-    # mini-batch's importance ratio exactly 1 (same eval-mode computation as the rollout forward).
+    # Exact mode: LoRA starts at zero, so policy == reference at the first rollout: KL must be exactly 0, and
+    # the first mini-batch's importance ratio exactly 1 (same eval-mode computation as the rollout forward).
     log_ratios = []
     original = module_lib.ppo_math.ppo_diagnostics
 
@@ -49,7 +49,7 @@ def test_first_step_kl_zero_and_first_ratio_exactly_one(model_name, tmp_path, mo
     torch.manual_seed(0)
     module = PPOModule(model_name=model_name, reward=ProfanityReward(), generation=SHORT, ppo_steps=1,
                        rollout_batch_size=8, mini_batch_size=4, learning_rate=1e-2, log_samples_every=0,
-                       export_adapter=False)
+                       export_adapter=False, fast_rollout=False)
     _, recorder = fit(module, tmp_path)
     assert recorder.history[0]["kl"] == 0.0
     assert len(log_ratios) == 2  # 8 samples / mini-batch 4, one epoch
