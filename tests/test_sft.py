@@ -93,7 +93,8 @@ def test_full_export_loads_as_ppo_init_adapter_with_zero_kl(full_sft, tmp_path):
         sft_logprobs = module.policy(*args, with_values=False).logprobs
     ppo = PPOModule(model_name="embedded:tiny-t5", init_adapter=str(export), reward=ProfanityReward(),
                     generation=GenerationSettings(min_new_tokens=1, max_new_tokens=(4, 8)), ppo_steps=1,
-                    rollout_batch_size=8, mini_batch_size=4, log_samples_every=0, export_adapter=False)
+                    rollout_batch_size=8, mini_batch_size=4, log_samples_every=0, export_adapter=False,
+                    fast_rollout=False)  # exact mode: the step-1 KL is exactly 0
     # the PPO reference (adapter disabled) is the SFT model itself, not the random base
     ppo.policy.eval()
     assert_close(ppo.policy.reference_forward(*args).logprobs, sft_logprobs, atol=1e-5, rtol=0)
@@ -168,7 +169,8 @@ def test_flan_t5_recipe_config_makes_an_adapter_that_ppo_loads(tmp_path):
     assert (sft_logprobs - base_logprobs).abs().max() > 1e-4  # three steps moved the adapter off zero
     ppo = PPOModule(model_name=stand_in, init_adapter=str(adapter), reward=ProfanityReward(),
                     generation=GenerationSettings(min_new_tokens=1, max_new_tokens=(4, 8)), ppo_steps=1,
-                    rollout_batch_size=8, mini_batch_size=4, log_samples_every=0, export_adapter=False)
+                    rollout_batch_size=8, mini_batch_size=4, log_samples_every=0, export_adapter=False,
+                    fast_rollout=False)  # exact mode: the step-1 KL is exactly 0
     ppo.policy.eval()
     assert_close(ppo.policy.reference_forward(*args).logprobs, sft_logprobs, atol=1e-5, rtol=0)
     assert fit_ppo_one_step(ppo, tmp_path) == 0.0
