@@ -64,7 +64,7 @@ class PPOModule(L.LightningModule):
             scoring forward; the first ratio is then 1 up to float rounding. Not with FSDP or ZeRO-3.
         samples_per_prompt: responses per prompt (k): a step has data.batch_size x k of them (grpo, rloo: k >= 2).
         predict_do_sample: sample in ``predict`` (default: greedy decoding).
-        num_threads: torch's intra-op CPU threads; auto: 1 for a small policy, else torch's default (``lit_rlhf.threads``).
+        num_threads: torch's intra-op CPU threads; auto: 1 for a small policy, else all cores (``lit_rlhf.threads``).
     """
 
     def __init__(

@@ -170,7 +170,8 @@ def log_samples(logger: Any, rollout: Rollout, n: int, step: int) -> None:
     text (TensorBoard's ``add_text``); other loggers, or none, skip it."""
     experiment = getattr(logger, "experiment", None)
     if experiment is not None and hasattr(experiment, "add_text"):
-        experiment.add_text("samples", samples_markdown(rollout.prompts, rollout.responses, rollout.raw_scores, n), step)
+        table = samples_markdown(rollout.prompts, rollout.responses, rollout.raw_scores, n)
+        experiment.add_text("samples", table, step)
 
 
 def predict_records(generated: Generated, batch: dict[str, Any], scorer_name: str | None) -> list[dict[str, Any]]:
