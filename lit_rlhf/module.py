@@ -31,6 +31,7 @@ from lit_rlhf.rewards import ProfanityReward, Reward
 from lit_rlhf.rollout import Rollout
 from lit_rlhf.settings import GenerationSettings, LoraSettings, PPOSettings, as_settings, check, check_precision, plain
 from lit_rlhf.settings import run_errors
+from lit_rlhf.threads import NumThreads, num_threads_errors, use_num_threads
 
 __all__ = ["PPOModule", "PPOSettings", "Rollout"]
 
@@ -64,6 +65,7 @@ class PPOModule(L.LightningModule):
             scoring forward in the update's grouping (first ratio exactly 1); needed with FSDP or ZeRO-3.
         samples_per_prompt: responses per prompt (k): a step has data.batch_size x k of them (grpo, rloo: k >= 2).
         predict_do_sample: sample in ``predict`` (default: greedy decoding).
+        num_threads: torch's intra-op CPU threads; auto: 1 for a small policy, else all cores (``lit_rlhf.threads``).
     """
 
     def __init__(
@@ -91,6 +93,7 @@ class PPOModule(L.LightningModule):
         fast_rollout: bool = True,
         samples_per_prompt: int = 1,
         predict_do_sample: bool = False,
+        num_threads: NumThreads = "auto",
     ) -> None:
         super().__init__()
         # Settings groups come back as plain dicts from a checkpoint's hyperparameters.
@@ -98,7 +101,7 @@ class PPOModule(L.LightningModule):
                                  ((LoraSettings, lora), (GenerationSettings, generation), (PPOSettings, ppo)))
         check(lora.errors() + generation.errors() + ppo.errors() + run_errors(
             ppo_steps, learning_rate, rollout_batch_size, mini_batch_size, max_consecutive_skips, samples_per_prompt,
-            ppo.advantage_estimator))
+            ppo.advantage_estimator) + num_threads_errors(num_threads))
         # Plain dicts keep checkpoints loadable with torch.load(weights_only=True), which resuming uses.
         self.save_hyperparameters(ignore=["reward", "lora", "generation", "ppo"])
         self.hparams.update(lora=plain(lora), generation=plain(generation), ppo=plain(ppo))
@@ -123,6 +126,9 @@ class PPOModule(L.LightningModule):
         self.timings = ro.PhaseTimer()  # seconds per phase of the last step
 
     # ------------------------------------------------------------------ Lightning hooks
+
+    def setup(self, stage: str) -> None:
+        use_num_threads(self.hparams.num_threads, self.policy, self._trainer)  # in every process, after launch
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
@@ -234,7 +240,7 @@ class PPOModule(L.LightningModule):
         self._log_stats(stats)
         every = self.hparams.log_samples_every
         if every and (self.ppo_step % every == 0 or self.ppo_step == 1):
-            self._log_samples(rollout)
+            ro.log_samples(self.logger, rollout, self.hparams.num_log_samples, self.ppo_step)
         self._stop_when_done()
 
     def _done(self) -> bool:
@@ -391,9 +397,3 @@ class PPOModule(L.LightningModule):
             if name in scalars:
                 self.log(bar_name, scalars[name], prog_bar=True, logger=False, on_step=True)
         self.log("ppo_step", float(self.ppo_step), prog_bar=True, logger=False, on_step=True)
-
-    def _log_samples(self, rollout: Rollout) -> None:
-        experiment = getattr(self.logger, "experiment", None)
-        if experiment is not None and hasattr(experiment, "add_text"):
-            table = ro.samples_markdown(rollout.prompts, rollout.responses, rollout.raw_scores, self.hparams.num_log_samples)
-            experiment.add_text("samples", table, self.ppo_step)

@@ -165,6 +165,15 @@ def samples_markdown(prompts: list[str], responses: list[str], scores: Tensor, n
     return "\n".join(rows)
 
 
+def log_samples(logger: Any, rollout: Rollout, n: int, step: int) -> None:
+    """Write the first ``n`` samples of ``rollout`` as a table (``samples_markdown``) to a logger that takes
+    text (TensorBoard's ``add_text``); other loggers, or none, skip it."""
+    experiment = getattr(logger, "experiment", None)
+    if experiment is not None and hasattr(experiment, "add_text"):
+        table = samples_markdown(rollout.prompts, rollout.responses, rollout.raw_scores, n)
+        experiment.add_text("samples", table, step)
+
+
 def predict_records(generated: Generated, batch: dict[str, Any], scorer_name: str | None) -> list[dict[str, Any]]:
     """One record per response for a prediction file: ``id``, ``dialogue`` (when the batch has it),
     ``summary`` and, when the responses were scored, ``score`` (named by ``scorer_name``)."""

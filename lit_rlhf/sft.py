@@ -28,6 +28,7 @@ from lit_rlhf import ppo
 from lit_rlhf import distributed as dist
 from lit_rlhf import rollout as ro
 from lit_rlhf.policy import GenerationSettings, LoraSettings, Policy
+from lit_rlhf.threads import NumThreads, num_threads_errors, use_num_threads
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 
@@ -71,7 +72,8 @@ class SFTModule(L.LightningModule):
         no_repeat_ngram_size: greedy decoding never repeats an n-gram of this size (0: no constraint).
         export_dir: where the result goes at the end of fit; None: ``<log_dir>/adapter`` (LoRA) or
             ``<log_dir>/model`` (full).
-        num_threads: torch's intra-op CPU threads (``torch.set_num_threads``); None leaves torch's default.
+        num_threads: torch's intra-op CPU threads; auto: 1 for a small model, else torch's default
+            (``lit_rlhf.threads``); None leaves torch's setting.
     """
 
     def __init__(
@@ -91,13 +93,11 @@ class SFTModule(L.LightningModule):
         max_new_tokens: int = 64,
         no_repeat_ngram_size: int = 0,
         export_dir: str | None = None,
-        num_threads: int | None = None,
+        num_threads: NumThreads = "auto",
     ) -> None:
         super().__init__()
         check_sft_settings(learning_rate, weight_decay, warmup_steps, lr_schedule, decay_steps, min_lr_ratio,
                            max_new_tokens, num_threads, no_repeat_ngram_size)
-        if num_threads is not None:
-            torch.set_num_threads(num_threads)
         self.save_hyperparameters()
         # checkpoints of a LoRA run hold only the trainable weights (see on_save_checkpoint)
         self.strict_loading = False
@@ -109,6 +109,9 @@ class SFTModule(L.LightningModule):
         self.rouge = ROUGEScore(rouge_keys=ROUGE_KEYS)
 
     # ------------------------------------------------------------------ training
+
+    def setup(self, stage: str) -> None:
+        use_num_threads(self.hparams.num_threads, self.policy, self._trainer)  # in every process, after launch
 
     def sft_loss(self, batch: dict[str, Any]) -> Tensor:
         """Mean negative log-likelihood of the reference summary tokens (teacher forcing). Scalar."""
@@ -220,7 +223,7 @@ class SFTModule(L.LightningModule):
 
 def check_sft_settings(
     learning_rate: float, weight_decay: float, warmup_steps: int, lr_schedule: str, decay_steps: int | None,
-    min_lr_ratio: float, max_new_tokens: int, num_threads: int | None, no_repeat_ngram_size: int = 0,
+    min_lr_ratio: float, max_new_tokens: int, num_threads: NumThreads, no_repeat_ngram_size: int = 0,
 ) -> None:
     """Check SFTModule's settings before anything is loaded; errors name the flag."""
     errors = []
@@ -240,8 +243,7 @@ def check_sft_settings(
         errors.append(f"model.no_repeat_ngram_size must be >= 0 (0: off), got {no_repeat_ngram_size}")
     if max_new_tokens < 1:
         errors.append(f"model.max_new_tokens must be >= 1, got {max_new_tokens}")
-    if num_threads is not None and num_threads < 1:
-        errors.append(f"model.num_threads must be None or >= 1, got {num_threads}")
+    errors += num_threads_errors(num_threads)
     if errors:
         raise ValueError("; ".join(errors))
 
