@@ -1197,7 +1197,7 @@ def ratio(a: dict | None, b: dict | None, key: str = "total") -> float | None:
     return a[key] / b[key]
 
 
-def ratio_columns(sec: dict[str, Any], context: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+def ratio_columns(sec: dict[str, Any]) -> list[tuple[str, str]]:
     """The ratio columns of a section's table: (header, row key); bf16 tables add TRL batched of the fp32 run
     of the same workload on the same machine (row key ``trl_batched_fp32``, see ``fp32_baseline``)."""
     tag = "" if sec["run"]["dtype"] == "float32" else " " + DTYPE_SHORT[sec["run"]["dtype"]]
@@ -1221,7 +1221,7 @@ def fp32_baseline(sec: dict[str, Any], context: dict[str, dict[str, Any]]) -> di
 
 def workload_table(sec: dict[str, Any], context: dict[str, dict[str, Any]]) -> str:
     rows, run = sec["rows"], sec["run"]
-    columns = ratio_columns(sec, context)
+    columns = ratio_columns(sec)
     base = {key: rows.get(key) for _, key in columns}
     base["trl_batched_fp32"] = fp32_baseline(sec, context)
     head = ("| system | s/step | generate | reward | forward | advantages | update | other | resp. tok/s "
