@@ -1,15 +1,20 @@
-"""Benchmark: one PPO step's speed and memory for lit_rlhf (default and fast_rollout), TRL 0.11.4 (batched
-and the recipe's loop), a hand-written bare-PyTorch floor, and the FLOP limit of the step on this machine;
-beside them lit_rlhf's GRPO step (4 prompts x 4 samples: the same 16 responses, no value head).
+"""Benchmark: one PPO step's speed and memory for lit_rlhf (fast_rollout, the default, and exact mode), TRL
+0.11.4 (batched and the recipe's loop), a hand-written bare-PyTorch floor, and the FLOP limit of the step on this
+machine; beside them lit_rlhf's GRPO step (4 prompts x 4 samples: the same 16 responses, no value head). With
+``--dtype bfloat16`` every system keeps its frozen weights in bf16 (trained weights fp32) and the FLOP limit
+divides by the bf16 GEMM rate. lit_rlhf's cached decode loop is timed step by step against its bandwidth and
+FLOP limits.
 
     python benchmarks/bench_ppo_step.py                       # workload A and B, all systems
     python benchmarks/bench_ppo_step.py --workload A --steps 3 --threads 1 --profile
-    python benchmarks/bench_ppo_step.py --tiny --systems lit_rlhf,floor   # smoke test, seconds
+    python benchmarks/bench_ppo_step.py --workload B --steps 2 --threads 1 --dtype bfloat16
+    python benchmarks/bench_ppo_step.py --tiny --systems lit_rlhf,lit_rlhf_fast,floor   # smoke test, seconds
 
 Model: the flan-t5-base architecture built from its config with random weights (untied lm_head, 247,577,856
 parameters) plus a LoRA adapter (r 32, alpha 32, dropout 0.05 on q and v: 3,538,944) and a value head (769),
 saved once with ``save_pretrained`` into the cache folder so that every system loads the same weights from a
-local path. Rollout batch 16, mini-batch 4, 1 PPO epoch, AdamW lr 1.41e-5, fp32, sampling top_k 0 / top_p 1.
+local path. Rollout batch 16, mini-batch 4, 1 PPO epoch, AdamW lr 1.41e-5, fp32 (or bf16 frozen weights),
+sampling top_k 0 / top_p 1.
 GRPO (``lit_rlhf_grpo``): each batch's first 4 prompts sampled 4 times (the 16 lengths of PPO's step), mini-batch
 4, fast_rollout, the recipe's GRPO settings (configs/detox_flan_t5_grpo.yaml), no value head.
 
@@ -44,7 +49,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -55,10 +60,10 @@ TORCH_PIN = "torch==2.13.0"
 
 SYSTEMS = ("lit_rlhf", "lit_rlhf_fast", "lit_rlhf_grpo", "trl_batched", "trl_loop", "floor")
 LIT_SYSTEMS = ("lit_rlhf", "lit_rlhf_fast", "lit_rlhf_grpo")
-LIT_PPO_SYSTEMS = ("lit_rlhf", "lit_rlhf_fast")  # the PPO variants the issue's goals are checked for
+LIT_PPO_SYSTEMS = ("lit_rlhf", "lit_rlhf_fast")  # the PPO variants the goals are checked for
 SYSTEM_LABELS = {
-    "lit_rlhf": "lit_rlhf PPOModule",
-    "lit_rlhf_fast": "lit_rlhf PPOModule fast_rollout",
+    "lit_rlhf": "lit_rlhf PPOModule exact (fast_rollout false)",
+    "lit_rlhf_fast": "lit_rlhf PPOModule (fast_rollout, default)",
     "lit_rlhf_grpo": "lit_rlhf GRPO k 4 fast_rollout",
     "trl_batched": "TRL 0.11.4 batched generate",
     "trl_loop": "TRL 0.11.4 recipe loop",
@@ -66,6 +71,8 @@ SYSTEM_LABELS = {
     "flop_limit": "FLOP limit",
     "flop_limit_grpo": "FLOP limit GRPO k 4",
 }
+DTYPES = ("float32", "bfloat16")
+DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16"}
 PHASES = ("generate", "reward", "forward", "advantages", "update", "other")
 LIT_PHASES = {  # lit_rlhf's module.timings keys -> report phases
     "time/ppo/generate": "generate",
@@ -206,22 +213,58 @@ def timed(store: dict[str, float], name: str) -> Iterator[None]:
 
 
 GEMM_REPEATS = 20
+GEMM_REPEATS_TINY = 3  # --tiny: the rates are printed, not compared
+DECODE_ROWS = (16, 8, 4, 1)  # rows still decoding at which the decode-step table compares steps with their limits
+BANDWIDTH_MIB = 512  # the read-bandwidth tensor (fp32), far larger than the caches
+BANDWIDTH_MIB_TINY = 64
+BANDWIDTH_REPEATS = 20  # one pass over 512 MiB takes ~50 ms: on a shared machine most passes are interrupted
 
 
-def gemm_rate(threads: int, n: int = 2048, repeats: int = GEMM_REPEATS) -> float:
-    """Best fp32 GEMM rate (FLOP/s) of an n x n matmul on ``threads`` threads."""
-    import torch
-
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(2):
-        a @ b
+def best_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
+    """The shortest of ``repeats`` timed calls of ``fn`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
-        a @ b
+        fn()
         best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+    return best
+
+
+def gemm_rate(threads: int, n: int = 2048, repeats: int = GEMM_REPEATS, dtype: str = "float32",
+              shape: tuple[int, int, int] | None = None) -> float:
+    """Best GEMM rate (FLOP/s) of an [m, k] x [k, n] matmul with ``dtype`` inputs on ``threads`` threads;
+    ``shape`` (m, k, n), default n x n x n."""
+    import torch
+
+    torch.set_num_threads(threads)
+    m, k, n = shape or (n, n, n)
+    a, b = torch.randn(m, k).to(getattr(torch, dtype)), torch.randn(k, n).to(getattr(torch, dtype))
+    return 2 * m * k * n / best_seconds(lambda: a @ b, repeats)
+
+
+def read_bandwidth(threads: int, mib: int = BANDWIDTH_MIB, repeats: int = BANDWIDTH_REPEATS) -> float:
+    """Best memory read rate (bytes/s): ``sum`` over an fp32 tensor of ``mib`` MiB on ``threads`` threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.full((mib * 2**18,), 1.0)
+    return x.numel() * 4 / best_seconds(x.sum, repeats, warmup=1)
+
+
+def machine_rates(threads: int, dtype: str, size: ModelSize, tiny: bool) -> dict[str, Any]:
+    """What the limits divide by, measured now: the 2048 x 2048 GEMM rate in fp32 and in bf16 (GFLOP/s), the
+    read bandwidth (GB/s), and the GEMM rate of one decode step's shapes in ``dtype``: [b, d_model] x
+    [d_model, d_ff] for each b of DECODE_ROWS."""
+    repeats = GEMM_REPEATS_TINY if tiny else GEMM_REPEATS
+    rows = {str(b): gemm_rate(threads, repeats=10 * repeats, dtype=dtype, shape=(b, size.d_model, size.d_ff)) / 1e9
+            for b in DECODE_ROWS}
+    bandwidth = read_bandwidth(threads, BANDWIDTH_MIB_TINY, 3) if tiny else read_bandwidth(threads)
+    return {"gemm_gflops": gemm_rate(threads, repeats=repeats) / 1e9,
+            "gemm_gflops_bf16": gemm_rate(threads, repeats=repeats, dtype="bfloat16") / 1e9,
+            "read_gbps": bandwidth / 1e9,
+            "gemm_rows_gflops": rows}
 
 
 # ---------------------------------------------------------------------------------------------- rewards (every system)
@@ -352,6 +395,36 @@ def quantiles(values: list[int]) -> dict[str, float]:
             "max": ordered[-1], "mean": sum(ordered) / len(ordered)}
 
 
+def workload_prompts(name: str, model_dir: Path, n_batches: int) -> tuple[list[dict[str, Any]], list[int]]:
+    """``n_batches`` collated batches of prompts of workload ``name`` (see ``build_workload``) and the prompt
+    tokens of every candidate prompt."""
+    import torch
+
+    import datasets
+
+    from lit_rlhf.data import DialogSumDataModule
+
+    datasets.disable_progress_bars()
+    batch = PPO.rollout_batch
+    if name == "B":
+        dm = DialogSumDataModule(model_name=str(model_dir), batch_size=batch, shuffle=True, seed=DATA_SEED)
+        dm.setup("fit")
+        loader = iter(dm.train_dataloader())
+        return [next(loader) for _ in range(n_batches)], [len(ids) for ids in dm.train_set["input_ids"]]
+    dm = DialogSumDataModule(
+        model_name=str(model_dir), min_chars=0, max_chars=10**9, max_prompt_tokens=WORKLOAD_A_PROMPT_TOKENS,
+        batch_size=batch, shuffle=True, seed=DATA_SEED,
+    )
+    dm.setup("fit")
+    rows = [r for r in dm.train_set if len(r["input_ids"]) == WORKLOAD_A_PROMPT_TOKENS]
+    if len(rows) < batch * n_batches:
+        raise RuntimeError(f"only {len(rows)} prompts have {WORKLOAD_A_PROMPT_TOKENS} tokens")
+    gen = torch.Generator().manual_seed(DATA_SEED)
+    order = torch.randperm(len(rows), generator=gen)[: batch * n_batches].tolist()
+    batches = [dm.collator([rows[i] for i in order[k * batch : (k + 1) * batch]]) for k in range(n_batches)]
+    return batches, [WORKLOAD_A_PROMPT_TOKENS] * len(rows)
+
+
 def build_workload(name: str, model_dir: Path, cache: Path, n_batches: int, tiny: bool, warmup: int,
                    profile_batch: bool = False) -> dict[str, Any]:
     """Prompts and per-sample response lengths of ``n_batches`` PPO steps, saved for every system to read.
@@ -365,32 +438,8 @@ def build_workload(name: str, model_dir: Path, cache: Path, n_batches: int, tiny
     """
     import torch
 
-    import datasets
-
-    from lit_rlhf.data import DialogSumDataModule
-
-    datasets.disable_progress_bars()
     batch = PPO.rollout_batch
-    if name == "A":
-        dm = DialogSumDataModule(
-            model_name=str(model_dir), min_chars=0, max_chars=10**9, max_prompt_tokens=WORKLOAD_A_PROMPT_TOKENS,
-            batch_size=batch, shuffle=True, seed=DATA_SEED,
-        )
-        dm.setup("fit")
-        rows = [r for r in dm.train_set if len(r["input_ids"]) == WORKLOAD_A_PROMPT_TOKENS]
-        if len(rows) < batch * n_batches:
-            raise RuntimeError(f"only {len(rows)} prompts have {WORKLOAD_A_PROMPT_TOKENS} tokens")
-        gen = torch.Generator().manual_seed(DATA_SEED)
-        order = torch.randperm(len(rows), generator=gen)[: batch * n_batches].tolist()
-        collate = dm.collator
-        batches = [collate([rows[i] for i in order[k * batch : (k + 1) * batch]]) for k in range(n_batches)]
-        all_lengths = [WORKLOAD_A_PROMPT_TOKENS] * len(rows)
-    else:
-        dm = DialogSumDataModule(model_name=str(model_dir), batch_size=batch, shuffle=True, seed=DATA_SEED)
-        dm.setup("fit")
-        loader = iter(dm.train_dataloader())
-        batches = [next(loader) for _ in range(n_batches)]
-        all_lengths = [len(ids) for ids in dm.train_set["input_ids"]]
+    batches, all_lengths = workload_prompts(name, model_dir, n_batches)
     low, high = (NEW_TOKENS_TINY if tiny else NEW_TOKENS)[name]
     warmup_tokens = WARMUP_NEW_TOKENS_TINY if tiny else WARMUP_NEW_TOKENS
     gen = torch.Generator().manual_seed(LENGTH_SEED)
@@ -457,6 +506,50 @@ def step_flops(size: ModelSize, prompts: list[int], responses: list[int], lora_r
     return {"generate": one - shared_encoder, "forward": one, "update": 2 * one + lora}
 
 
+def decode_step_cost(size: ModelSize, rows: int, position: int, prompt: int, lora_r: int, weight_bytes: int,
+                     value_head: bool = True) -> dict[str, float]:
+    """Least work of one step of the KV-cached decode loop: ``rows`` rows at decoder position ``position`` (0: the
+    decoder start token), cross-attending to ``prompt`` encoder positions (the batch's padded prompt width).
+
+    flops: matmul FLOPs (2 m n k) of every row: self-attention q, k, v, o and attention over position + 1 keys,
+    cross-attention q, o (its k, v are cached) and attention over ``prompt`` keys, the gated FFN, lm_head, LoRA
+    on self q, v and cross q, the value head. bytes: what the step must read at least: those weights once
+    (``weight_bytes`` per element; LoRA and the value head in fp32), plus each row's KV cache (self: position +
+    1 keys and values, cross: ``prompt`` keys and values, ``weight_bytes`` per element: the cache holds
+    activations of the weights' dtype). The first step also computes the cross-attention k, v: not counted."""
+    d, f, a, L, V, r = size.d_model, size.d_ff, size.inner, size.num_layers, size.vocab_size, lora_r
+    layer_weights = 6 * d * a + 3 * d * f  # self q k v o, cross q o, FFN wi_0 wi_1 wo
+    lora = 3 * (d * r + r * a)  # self q, self v, cross q: per layer
+    head = d * V
+    value = d if value_head else 0  # its weights (and bias) in bytes and FLOPs
+    weights = (L * layer_weights + head) * weight_bytes + (L * lora + value + (1 if value_head else 0)) * 4
+    kv = L * rows * 2 * a * (position + 1 + prompt) * weight_bytes
+    attention = 2 * 2 * a * (position + 1 + prompt)  # scores and weighted values, self + cross, per row per layer
+    per_row = L * (2 * layer_weights + 2 * lora + attention) + 2 * head + 2 * value
+    return {"flops": rows * per_row, "bytes": weights + kv, "weight_bytes": weights, "kv_bytes": kv}
+
+
+def decode_rows_summary(steps: list[list[float]], rows: int, size: ModelSize, dtype: str, read_gbps: float,
+                        gemm_gflops: float, lora_r: int = PPO.lora_r, value_head: bool = True) -> dict[str, float] | None:
+    """The measured decode steps with ``rows`` rows against their two limits. steps: [rows, position, prompt,
+    seconds] per step. Returns the step count, the mean position, and in milliseconds (means over the steps):
+    measured, bandwidth limit (bytes ÷ ``read_gbps``), FLOP limit (FLOPs ÷ ``gemm_gflops``, the rate of a
+    [rows, d_model] x [d_model, d_ff] GEMM), and measured ÷ the larger limit; None if no step had ``rows``."""
+    picked = [s for s in steps if int(s[0]) == rows]
+    if not picked:
+        return None
+    width = 2 if dtype == "bfloat16" else 4
+    costs = [decode_step_cost(size, rows, int(s[1]), int(s[2]), lora_r, width, value_head) for s in picked]
+    n = len(picked)
+    out = {"steps": n, "position": sum(s[1] for s in picked) / n, "prompt": sum(s[2] for s in picked) / n,
+           "measured_ms": 1e3 * sum(s[3] for s in picked) / n,
+           "mb_read": sum(c["bytes"] for c in costs) / n / 1e6,
+           "bandwidth_ms": 1e3 * sum(c["bytes"] for c in costs) / n / (read_gbps * 1e9),
+           "flop_ms": 1e3 * sum(c["flops"] for c in costs) / n / (gemm_gflops * 1e9)}
+    out["ratio"] = out["measured_ms"] / max(out["bandwidth_ms"], out["flop_ms"])
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- workers
 
 
@@ -516,7 +609,7 @@ def lit_module(args: argparse.Namespace, work: dict[str, Any], n_steps: int):
         generation=generation, ppo=PPOSettings(ppo_epochs=PPO.ppo_epochs, **(GRPO_SETTINGS if grpo else {})),
         ppo_steps=n_steps, learning_rate=PPO.learning_rate, rollout_batch_size=PPO.rollout_batch // k,
         mini_batch_size=PPO.mini_batch, samples_per_prompt=k, seed=LENGTH_SEED, log_samples_every=0,
-        export_adapter=False, fast_rollout=args.system in ("lit_rlhf_fast", "lit_rlhf_grpo"),
+        export_adapter=False, fast_rollout=args.system in ("lit_rlhf_fast", "lit_rlhf_grpo"), dtype=args.dtype,
     )
 
 
@@ -548,6 +641,43 @@ def lit_parameters(system: str, module) -> dict[str, int]:
             "trainable_with_value_head": counts["trainable parameters with value head"]}
 
 
+def parameter_dtypes(system: str, named: Iterable[tuple[str, Any]], dtype: str) -> dict[str, list[str]]:
+    """The dtypes of the frozen and of the trained parameters (checked: the frozen weights include ``dtype``,
+    every trained one, LoRA and value head, is float32, so AdamW's state is float32 too)."""
+    found: dict[str, set[str]] = {"frozen": set(), "trainable": set()}
+    for _, p in named:
+        found["trainable" if p.requires_grad else "frozen"].add(str(p.dtype).removeprefix("torch."))
+    if dtype not in found["frozen"] or found["trainable"] != {"float32"}:
+        raise RuntimeError(f"{system}: parameter dtypes {found}, expected frozen {dtype} and trainable float32")
+    return {k: sorted(v) for k, v in found.items()}
+
+
+class DecodeRecorder:
+    """Times each step of lit_rlhf's cached decode loop (``lit_rlhf.decoding.sample_with_cache``) by wrapping,
+    on the instance, ``policy.sample`` (one rollout) and ``policy.lm.step`` (one decoder step): a step lasts
+    from its ``lm.step`` call to the next one (sampling and bookkeeping included), the last one until
+    ``sample`` returns; the encoder (``lm.start``) is not in any step. ``rollouts[k]``: [rows, position,
+    prompt width, seconds] per step of the k-th rollout."""
+
+    def __init__(self, policy) -> None:
+        self.rollouts: list[list[list[float]]] = []
+        starts: list[tuple[int, int, int, float]] = []
+        real_sample, real_step = policy.sample, policy.lm.step
+
+        def sample(*args, **kwargs):
+            starts.clear()
+            rollout = real_sample(*args, **kwargs)
+            ends = [s[3] for s in starts[1:]] + [time.perf_counter()]
+            self.rollouts.append([[b, t, p, round(end - start, 6)] for (b, t, p, start), end in zip(starts, ends)])
+            return rollout
+
+        def step(model, state):
+            starts.append((int(state.step_input.shape[0]), len(starts), int(state.attention.shape[1]), time.perf_counter()))
+            return real_step(model, state)
+
+        policy.sample, policy.lm.step = sample, step
+
+
 def worker_lit_rlhf(args: argparse.Namespace, work: dict[str, Any], out: dict[str, Any]) -> None:
     """lit_rlhf's real PPOModule.training_step, run by a minimal Lightning Trainer fit over the workload's
     batches; ``lit_rlhf_fast`` sets ``fast_rollout=True`` (lit_rlhf's cached sampling loop, old log-probs and
@@ -566,6 +696,8 @@ def worker_lit_rlhf(args: argparse.Namespace, work: dict[str, Any], out: dict[st
     n = len(batches)
     module = lit_module(args, work, n)
     out["parameters"] = lit_parameters(args.system, module)
+    out["parameter_dtypes"] = parameter_dtypes(args.system, module.named_parameters(), args.dtype)
+    decode = DecodeRecorder(module.policy) if args.system == "lit_rlhf_fast" else None
 
     generated: list[tuple[torch.Tensor, torch.Tensor]] = []
     current_lengths: list[torch.Tensor] = []
@@ -595,6 +727,8 @@ def worker_lit_rlhf(args: argparse.Namespace, work: dict[str, Any], out: dict[st
     trainer.fit(module, DataLoader(batches, batch_size=None, shuffle=False))
     if profile_at is None:
         memory.end_steps()
+    if decode is not None:  # the measured steps' rollouts: not the warm-up, not the profiled extra step
+        out["decode_steps"] = [s for r in decode.rollouts[args.warmup : profile_at] for s in r]
     out["steps"] = steps
     out["memory"] = memory.report()
 
@@ -641,15 +775,39 @@ def trl_models(args: argparse.Namespace, ref_copy: bool):
     from transformers import AutoModelForSeq2SeqLM
     from trl import AutoModelForSeq2SeqLMWithValueHead, create_reference_model
 
-    base = AutoModelForSeq2SeqLM.from_pretrained(args.model_dir, dtype=torch.float32)
+    # --dtype bfloat16 loads as the recipe does: the base in bf16 (``torch_dtype`` of the value-head wrapper is
+    # not used by TRL 0.11.4 for a model object); peft keeps the LoRA weights float32 (autocast_adapter_dtype),
+    # TRL's value head is float32 and casts its input, its logits are cast to float32.
+    dtype = getattr(torch, args.dtype)
+    base = AutoModelForSeq2SeqLM.from_pretrained(args.model_dir, dtype=dtype)
     lora = LoraConfig(r=PPO.lora_r, lora_alpha=PPO.lora_alpha, target_modules=list(PPO.lora_targets),
                       lora_dropout=PPO.lora_dropout, bias="none", task_type="SEQ_2_SEQ_LM")
     peft_model = get_peft_model(base, lora)
-    ppo_model = AutoModelForSeq2SeqLMWithValueHead.from_pretrained(peft_model, torch_dtype=torch.float32, is_trainable=True)
+    ppo_model = AutoModelForSeq2SeqLMWithValueHead.from_pretrained(peft_model, torch_dtype=dtype, is_trainable=True)
     # The recipe makes a full reference copy; TRL then ignores it for a PEFT policy (it disables the adapter
     # instead) but keeps it in memory. --trl-ref adapter passes None, as TRL's docs advise for PEFT.
     ref_model = create_reference_model(ppo_model) if ref_copy else None
     return ppo_model, ref_model
+
+
+def trl_generate(trainer, queries: list, lengths: list[int], batched: bool) -> list:
+    """The responses of TRL's generate: one batched call of max(lengths) tokens, each response cut to its
+    length, or the recipe's loop of one call per prompt with its own length (checked)."""
+    sampling = {"do_sample": True, "top_k": 0, "top_p": 1.0}
+    if batched:
+        top = max(lengths)
+        outputs = trainer.generate(queries, batch_size=len(queries), return_prompt=False,
+                                   min_new_tokens=top, max_new_tokens=top, **sampling)
+        # seq2seq outputs start with the decoder start token
+        responses = [o[1 : 1 + n] for o, n in zip(outputs, lengths)]
+    else:
+        responses = []
+        for query, n in zip(queries, lengths):
+            summary = trainer.generate(query, min_new_tokens=n, max_new_tokens=n, **sampling)
+            responses.append(summary.squeeze()[-n:])
+    if [len(r) for r in responses] != lengths:
+        raise RuntimeError(f"TRL generated {[len(r) for r in responses]} tokens, expected {lengths}")
+    return responses
 
 
 def worker_trl(args: argparse.Namespace, work: dict[str, Any], out: dict[str, Any], batched: bool) -> None:
@@ -672,7 +830,7 @@ def worker_trl(args: argparse.Namespace, work: dict[str, Any], out: dict[str, An
     trainable = sum(p.numel() for p in ppo_model.parameters() if p.requires_grad)
     out["parameters"] = {"all_with_value_head": sum(p.numel() for p in ppo_model.parameters()),
                          "trainable_with_value_head": trainable}
-    sampling = {"do_sample": True, "top_k": 0, "top_p": 1.0}
+    out["parameter_dtypes"] = parameter_dtypes(args.system, ppo_model.named_parameters(), args.dtype)
     memory = MemoryWatch()
     memory.start_steps()
     steps = []
@@ -683,19 +841,7 @@ def worker_trl(args: argparse.Namespace, work: dict[str, Any], out: dict[str, An
         phases: dict[str, float] = {}
         start = time.perf_counter()
         with timed(phases, "generate"):
-            if batched:
-                top = max(lengths)
-                outputs = trainer.generate(queries, batch_size=len(queries), return_prompt=False,
-                                           min_new_tokens=top, max_new_tokens=top, **sampling)
-                # seq2seq outputs start with the decoder start token
-                responses = [o[1 : 1 + n] for o, n in zip(outputs, lengths)]
-            else:
-                responses = []
-                for query, n in zip(queries, lengths):
-                    summary = trainer.generate(query, min_new_tokens=n, max_new_tokens=n, **sampling)
-                    responses.append(summary.squeeze()[-n:])
-        if [len(r) for r in responses] != lengths:
-            raise RuntimeError(f"TRL generated {[len(r) for r in responses]} tokens, expected {lengths}")
+            responses = trl_generate(trainer, queries, lengths, batched)
         with timed(phases, "reward"):
             texts = [tokenizer.decode(r) for r in responses]
             scores = scorer(batch["query"], texts)
@@ -718,16 +864,18 @@ class Floor:
     """The least work of one PPO step in bare PyTorch on the same weights (transformers' T5 blocks + peft LoRA):
     one encoder pass and a KV-cached decode loop (eval mode) that keeps each sampled token's log-prob and value
     and drops every row from the batch once it has its length; one reference forward per length-sorted group
-    with the adapter disabled; one forward + backward + AdamW step per mini-batch (eval mode: no dropout)."""
+    with the adapter disabled; one forward + backward + AdamW step per mini-batch (eval mode: no dropout).
+    ``dtype`` bfloat16: the frozen weights in bf16; LoRA (peft's autocast_adapter_dtype), the value head (fed
+    float32 hidden states) and AdamW's state float32; log-probs from float32 logits."""
 
-    def __init__(self, model_dir: str) -> None:
+    def __init__(self, model_dir: str, dtype: str = "float32") -> None:
         import torch
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
         self.torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        base = AutoModelForSeq2SeqLM.from_pretrained(model_dir, dtype=torch.float32)
+        base = AutoModelForSeq2SeqLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
         lora = LoraConfig(r=PPO.lora_r, lora_alpha=PPO.lora_alpha, target_modules=list(PPO.lora_targets),
                           lora_dropout=PPO.lora_dropout, bias="none", task_type="SEQ_2_SEQ_LM")
         self.peft = get_peft_model(base, lora).eval()
@@ -777,7 +925,7 @@ class Floor:
                 tok = torch.multinomial(probs, 1, generator=self.generator)  # top_k 0, top_p 1: plain sampling
                 tokens[:n, t] = tok[:, 0]
                 logps[:n, t] = logp.gather(1, tok)[:, 0]
-                values[:n, t] = self.value_head(h)[:, 0]
+                values[:n, t] = self.value_head(h.float())[:, 0]
                 x = tok
         unsort = torch.empty_like(order)
         unsort[order] = torch.arange(B)
@@ -792,9 +940,9 @@ class Floor:
         enc = self.t5.encoder(input_ids=q, attention_mask=qm).last_hidden_state
         h = self.t5.decoder(input_ids=dec_in, attention_mask=dec_mask, encoder_hidden_states=enc,
                             encoder_attention_mask=qm, use_cache=False).last_hidden_state  # [b, t, d]
-        logits = self.t5.lm_head(h * self.scale)
+        logits = self.t5.lm_head(h * self.scale).float()
         logp = logits.gather(-1, r[..., None])[..., 0] - logits.logsumexp(-1)
-        return logp, (self.value_head(h)[..., 0] if with_values else None)
+        return logp, (self.value_head(h.float())[..., 0] if with_values else None)
 
     @staticmethod
     def groups(lengths, size: int):
@@ -875,8 +1023,10 @@ def worker_floor(args: argparse.Namespace, work: dict[str, Any], out: dict[str, 
     import torch
 
     scorer = make_scorer(args)
-    floor = Floor(args.model_dir)
+    floor = Floor(args.model_dir, args.dtype)
     out["parameters"] = floor.parameter_count()
+    out["parameter_dtypes"] = parameter_dtypes(args.system, [*floor.peft.named_parameters(),
+                                                             *floor.value_head.named_parameters()], args.dtype)
     memory = MemoryWatch()
     memory.start_steps()
     steps = []
@@ -909,7 +1059,8 @@ def run_worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     work = load_work(args.workload_file)
-    out: dict[str, Any] = {"system": args.system, "workload": work["name"], "threads": torch.get_num_threads()}
+    out: dict[str, Any] = {"system": args.system, "workload": work["name"], "threads": torch.get_num_threads(),
+                           "dtype": args.dtype}
     start = time.perf_counter()
     if args.system in LIT_SYSTEMS:
         worker_lit_rlhf(args, work, out)
@@ -923,7 +1074,8 @@ def run_worker(args: argparse.Namespace) -> None:
     else:
         raise ValueError(f"unknown system {args.system!r}")
     out["wall_s"] = time.perf_counter() - start
-    out["gemm_gflops"] = gemm_rate(args.threads) / 1e9  # how busy the machine was around this system's steps
+    # how busy the machine was around this system's steps, in the run's dtype
+    out["gemm_gflops"] = gemm_rate(args.threads, repeats=args.gemm_repeats, dtype=args.dtype) / 1e9
     out["versions"] = library_versions()
     Path(args.out).write_text(json.dumps(out, indent=1))
 
@@ -971,20 +1123,20 @@ def trl_python(build: bool) -> Path | None:
 
 def run_system(system: str, work: dict[str, Any], args: argparse.Namespace, python: Path, logs: Path,
                profile: str | None) -> dict[str, Any] | None:
-    out_path = logs / f"{system}_{work['name']}.json"
-    log_path = logs / f"{system}_{work['name']}.log"
+    out_path = logs / f"{system}_{work['name']}_{args.dtype}.json"
+    log_path = logs / f"{system}_{work['name']}_{args.dtype}.log"
     out_path.unlink(missing_ok=True)
     cmd = [str(python), str(Path(__file__).resolve()), "worker", "--system", system,
            "--workload-file", work["path"], "--model-dir", str(args.model_dir), "--out", str(out_path),
            "--warmup", str(args.warmup), "--threads", str(args.threads), "--reward", args.reward,
            "--reward-cost-s", str(args.reward_cost_s), "--classifier-dir", str(args.classifier_dir or ""),
-           "--trl-ref", args.trl_ref]
+           "--trl-ref", args.trl_ref, "--dtype", args.dtype, "--gemm-repeats", str(args.gemm_repeats)]
     if profile:
         cmd += ["--profile-out", profile]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1",
                PYTHONPATH=str(REPO) if system in LIT_SYSTEMS else os.environ.get("PYTHONPATH", ""))
-    log(f"--- {SYSTEM_LABELS[system]} on workload {work['name']} (log: {log_path})")
+    log(f"--- {SYSTEM_LABELS[system]} on workload {work['name']}, {args.dtype} (log: {log_path})")
     start = time.perf_counter()
     with open(log_path, "w") as f:
         done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
@@ -1045,11 +1197,37 @@ def ratio(a: dict | None, b: dict | None, key: str = "total") -> float | None:
     return a[key] / b[key]
 
 
-def workload_table(name: str, rows: dict[str, dict[str, float]]) -> str:
+def ratio_columns(sec: dict[str, Any]) -> list[tuple[str, str]]:
+    """The ratio columns of a section's table: (header, row key); bf16 tables add TRL batched of the fp32 run
+    of the same workload on the same machine (row key ``trl_batched_fp32``, see ``fp32_baseline``)."""
+    tag = "" if sec["run"]["dtype"] == "float32" else " " + DTYPE_SHORT[sec["run"]["dtype"]]
+    columns = [(f"÷ TRL batched{tag}", "trl_batched"), (f"÷ TRL loop{tag}", "trl_loop"), (f"÷ floor{tag}", "floor"),
+               (f"÷ FLOP limit{tag}", "flop_limit")]
+    if tag:
+        columns.append(("÷ TRL batched fp32", "trl_batched_fp32"))
+    return columns
+
+
+def fp32_baseline(sec: dict[str, Any], context: dict[str, dict[str, Any]]) -> dict[str, float] | None:
+    """TRL batched's row of the float32 run of ``sec``'s workload, if that run was on the same machine with the
+    same threads (None otherwise)."""
+    run = sec["run"]
+    other = context.get(section_key(run["workload"], "float32"))
+    if other is None or run["dtype"] == "float32":
+        return None
+    same = run.get("machine") and other["run"].get("machine") == run["machine"] and other["run"]["threads"] == run["threads"]
+    return other["rows"].get("trl_batched") if same else None
+
+
+def workload_table(sec: dict[str, Any], context: dict[str, dict[str, Any]]) -> str:
+    rows, run = sec["rows"], sec["run"]
+    columns = ratio_columns(sec)
+    base = {key: rows.get(key) for _, key in columns}
+    base["trl_batched_fp32"] = fp32_baseline(sec, context)
     head = ("| system | s/step | generate | reward | forward | advantages | update | other | resp. tok/s "
-            "| peak RSS steps (MiB) | process peak (MiB) | ÷ TRL batched | ÷ TRL loop | ÷ floor | ÷ FLOP limit |")
-    lines = [f"### Workload {name}: seconds per PPO step (median), by phase", "", head, "|" + "---|" * 15]
-    base = {k: rows.get(k) for k in ("trl_batched", "trl_loop", "floor", "flop_limit")}
+            "| peak RSS steps (MiB) | process peak (MiB) | " + " | ".join(h for h, _ in columns) + " |")
+    lines = [f"### Workload {run['workload']}, {run['dtype']}: seconds per PPO step (median), by phase", "", head,
+             "|" + "---|" * (11 + len(columns))]
     for system in (*SYSTEMS, "flop_limit", "flop_limit_grpo"):
         s = rows.get(system)
         if s is None:
@@ -1057,43 +1235,53 @@ def workload_table(name: str, rows: dict[str, dict[str, float]]) -> str:
         cells = [SYSTEM_LABELS[system], fmt(s["total"])] + [fmt(s.get(p)) for p in PHASES]
         cells += [fmt(s["tok_per_s"], 1), fmt(s.get("steps_peak_mib"), 0), fmt(s.get("process_peak_mib"), 0)]
         grpo = system in ("lit_rlhf_grpo", "flop_limit_grpo")  # against its own FLOP limit
-        limit = rows.get("flop_limit_grpo") if grpo else base["flop_limit"]
-        cells += [fmt(ratio(s, base[k])) for k in ("trl_batched", "trl_loop", "floor")] + [fmt(ratio(s, limit))]
+        for _, key in columns:
+            against = rows.get("flop_limit_grpo") if grpo and key == "flop_limit" else base[key]
+            cells.append(fmt(ratio(s, against)))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Ratios are this system's seconds per step ÷ the other's (below 1: faster). FLOP-limit phases: "
               "generate = one forward, forward = the reference forward, update = two forwards."]
+    if run["dtype"] != "float32":
+        lines.append("÷ TRL batched fp32: TRL batched of the float32 table of this workload, " + (
+            "measured on the same machine with the same threads." if base["trl_batched_fp32"] else
+            "not available (no float32 run of TRL batched on this machine and threads in the results file)."))
     if "flop_limit_grpo" in rows:
         lines.append("GRPO (4 prompts × 4 samples, the 16 lengths of PPO's step, no value head) is divided by its own "
                      "FLOP limit, which runs the encoder once per prompt in generation.")
     return "\n".join(lines)
 
 
-def goals(name: str, rows: dict[str, dict[str, float]]) -> list[str]:
-    """The issue's goals, checked for each lit_rlhf variant that ran."""
+def goals(sec: dict[str, Any], context: dict[str, dict[str, Any]]) -> list[str]:
+    """The speed and memory goals, checked for each lit_rlhf PPO variant that ran, against TRL in the section's
+    dtype (and, for bf16, against TRL batched in fp32 on the same machine)."""
 
     def check(text: str, value: float | None, ok: Callable[[float], bool]) -> str:
         if value is None:
             return f"  - {text}: not measured"
         return f"  - {text}: {value:.2f} — {'met' if ok(value) else 'NOT met'}"
 
+    rows, name, dtype = sec["rows"], sec["run"]["workload"], sec["run"]["dtype"]
+    tag = "" if dtype == "float32" else " " + DTYPE_SHORT[dtype]
+    trl, loop, trl32 = rows.get("trl_batched"), rows.get("trl_loop"), fp32_baseline(sec, context)
+    speed = 1.5 if name == "A" else 2
     out = []
-    trl, loop = rows.get("trl_batched"), rows.get("trl_loop")
     for system in LIT_PPO_SYSTEMS:
         lit = rows.get(system)
         if not lit:
             continue
-        out.append(f"- {SYSTEM_LABELS[system]}, workload {name}:")
+        out.append(f"- {SYSTEM_LABELS[system]}, workload {name}, {dtype}:")
+        out.append(check(f"speed-up vs TRL batched{tag} (goal ≥ {speed})", ratio(trl, lit), lambda v: v >= speed))
+        if tag:
+            out.append(check(f"speed-up vs TRL batched fp32 (goal ≥ {speed})", ratio(trl32, lit), lambda v: v >= speed))
         if name == "A":
-            out.append(check("speed-up vs TRL batched (goal ≥ 1.5)", ratio(trl, lit), lambda v: v >= 1.5))
             out.append(check("time ÷ floor (goal ≤ 1.05)", ratio(lit, rows.get("floor")), lambda v: v <= 1.05))
             out.append(check("fraction of the FLOP limit (goal ≥ 0.75)", ratio(rows.get("flop_limit"), lit),
                              lambda v: v >= 0.75))
         else:
-            out.append(check("speed-up vs TRL batched (goal ≥ 2)", ratio(trl, lit), lambda v: v >= 2))
-            out.append(check("speed-up vs TRL loop (goal ≥ 4)", ratio(loop, lit), lambda v: v >= 4))
-        out.append(check("peak RSS during steps ÷ TRL batched (goal ≤ 0.7)", ratio(lit, trl, "steps_peak_mib"),
+            out.append(check(f"speed-up vs TRL loop{tag} (goal ≥ 4)", ratio(loop, lit), lambda v: v >= 4))
+        out.append(check(f"peak RSS during steps ÷ TRL batched{tag} (goal ≤ 0.7)", ratio(lit, trl, "steps_peak_mib"),
                          lambda v: v <= 0.7))
-        out.append(check("process peak RSS ÷ TRL batched (goal ≤ 0.7)", ratio(lit, trl, "process_peak_mib"),
+        out.append(check(f"process peak RSS ÷ TRL batched{tag} (goal ≤ 0.7)", ratio(lit, trl, "process_peak_mib"),
                          lambda v: v <= 0.7))
     return out + grpo_lines(name, rows)
 
@@ -1113,6 +1301,57 @@ def grpo_lines(name: str, rows: dict[str, dict[str, float]]) -> list[str]:
     return out
 
 
+def phase_excess_line(rows: dict[str, dict[str, float]], system: str = "lit_rlhf_fast") -> str | None:
+    """Where the seconds of ``system``'s step above the FLOP limit go: each phase against its FLOP-limit phase."""
+    lit, limit = rows.get(system), rows.get("flop_limit")
+    if not lit or not limit:
+        return None
+    excess = {p: lit.get(p, 0.0) - limit.get(p, 0.0) for p in PHASES}
+    total = lit["total"] - limit["total"]
+    parts = [f"{p} {lit[p]:.2f} s vs {limit[p]:.2f} ({excess[p]:+.2f} s)" for p in ("generate", "forward", "update")]
+    rest = sum(v for p, v in excess.items() if p not in ("generate", "forward", "update"))
+    shares = ", ".join(f"{p} {100 * excess[p] / total:.0f} %" for p in ("generate", "forward", "update")) if total > 0 else "–"
+    return (f"{SYSTEM_LABELS[system]} against the FLOP limit, by phase: " + "; ".join(parts)
+            + f"; reward + advantages + other {rest:+.2f} s. Of the {total:.2f} s per step above the limit: {shares}.")
+
+
+def best_rates(run: dict[str, Any]) -> dict[str, Any] | None:
+    """The higher of the before/after measurements of each rate of a run (None for runs that kept only the
+    fp32 GEMM rate)."""
+    if "rates" not in run:
+        return None
+    before, after = run["rates"]
+    best = {k: max(before[k], after[k]) for k in ("gemm_gflops", "gemm_gflops_bf16", "read_gbps")}
+    best["gemm_rows_gflops"] = {b: max(before["gemm_rows_gflops"][b], after["gemm_rows_gflops"][b])
+                                for b in before["gemm_rows_gflops"]}
+    return best
+
+
+def decode_table_lines(sec: dict[str, Any], size: ModelSize, system: str = "lit_rlhf_fast") -> list[str]:
+    """The decode-step table of ``system``'s cached decode loop: measured ms per step at b rows still running
+    against the bandwidth and FLOP limits of that step (``decode_rows_summary``)."""
+    steps, rates = sec["raw"].get(system, {}).get("decode_steps"), best_rates(sec["run"])
+    if not steps or not rates:
+        return []
+    dtype = sec["run"]["dtype"]
+    lines = [f"Decode steps of {SYSTEM_LABELS[system]} ({len(steps)} in the measured steps, {sum(s[3] for s in steps):.2f} s "
+             f"in all), by rows still running, against their limits ({dtype}; read bandwidth {rates['read_gbps']:.1f} GB/s; "
+             f"GEMM rate of [b, {size.d_model}] × [{size.d_model}, {size.d_ff}] in {dtype}):", "",
+             "| b | steps | mean position | prompt width | MB read | GEMM GFLOP/s | ms measured | ms bandwidth limit "
+             "| ms FLOP limit | measured ÷ limit |", "|" + "---|" * 10]
+    for b in DECODE_ROWS:
+        rate = rates["gemm_rows_gflops"][str(b)]
+        row = decode_rows_summary(steps, b, size, dtype, rates["read_gbps"], rate)
+        if row is None:
+            continue
+        lines.append(f"| {b} | {row['steps']} | {row['position']:.0f} | {row['prompt']:.0f} | {row['mb_read']:.0f} | "
+                     f"{rate:.0f} | {row['measured_ms']:.1f} | {row['bandwidth_ms']:.1f} | {row['flop_ms']:.1f} | "
+                     f"{row['ratio']:.2f} |")
+    lines += ["", "A step: from one decoder call to the next (sampling included). MB read: the decoder's weights "
+              "used per step plus the rows' KV cache (self and cross attention); limit = the larger of the two."]
+    return lines
+
+
 def cpu_flags() -> str:
     wanted = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
     model, flags = "?", set()
@@ -1125,16 +1364,40 @@ def cpu_flags() -> str:
     return f"{model}; flags: {' '.join(w for w in wanted if w in flags)}"
 
 
-def run_parent(args: argparse.Namespace) -> int:
-    import torch
+def machine_description() -> str:
+    return f"{platform.node()}, {os.cpu_count()} CPU cores, {cpu_flags()}"
 
-    torch.set_num_threads(args.threads)
+
+def section_key(workload: str, dtype: str) -> str:
+    return f"{workload}/{dtype}"
+
+
+def upgrade_sections(sections: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Sections keyed by workload and dtype ("A/float32"), in report order (A before B, fp32 before bf16).
+    Results written before the dtype was recorded are keyed by workload alone ("A") and are float32."""
+    out = {}
+    for key, sec in sections.items():
+        workload, _, dtype = key.partition("/")
+        sec["run"].setdefault("workload", workload)
+        sec["run"].setdefault("dtype", dtype or "float32")
+        out[section_key(sec["run"]["workload"], sec["run"]["dtype"])] = sec
+    order = sorted(out, key=lambda k: (out[k]["run"]["workload"], DTYPES.index(out[k]["run"]["dtype"])))
+    return {k: out[k] for k in order}
+
+
+def log_rates(when: str, rates: dict[str, Any]) -> None:
+    log(f"rates {when}: GEMM 2048x2048 fp32 {rates['gemm_gflops']:.0f} GFLOP/s, bf16 {rates['gemm_gflops_bf16']:.0f}; "
+        f"read bandwidth {rates['read_gbps']:.1f} GB/s; decode-shape GEMM "
+        + ", ".join(f"b {b}: {r:.0f}" for b, r in rates["gemm_rows_gflops"].items()) + f"; load {os.getloadavg()}")
+
+
+def prepare(args: argparse.Namespace) -> tuple[ModelSize, list[str], Path | None]:
+    """Builds (or finds) the model, the classifier and the TRL environment; the systems that can run."""
     args.cache_dir.mkdir(parents=True, exist_ok=True)
-    logs = args.cache_dir / "logs"
-    logs.mkdir(exist_ok=True)
+    (args.cache_dir / "logs").mkdir(exist_ok=True)
     size = TINY_T5 if args.tiny else FLAN_T5_BASE
     args.model_dir = build_model_dir(args.cache_dir, args.tiny)
-    log(f"model: {size.name} from config, random weights, at {args.model_dir}")
+    log(f"model: {size.name} from config, random weights, at {args.model_dir}; frozen weights {args.dtype}")
     if args.reward == "classifier":
         args.classifier_dir = build_classifier_dir(args.cache_dir, args.model_dir, args.tiny)
     systems = [s.strip() for s in args.systems.split(",")]
@@ -1148,60 +1411,75 @@ def run_parent(args: argparse.Namespace) -> int:
             log("TRL systems skipped: " + ("benchmarks/.venv-trl does not exist (--tiny does not build it)"
                                              if args.tiny else "the TRL environment could not be built"))
             systems = [s for s in systems if not s.startswith("trl")]
+    return size, systems, python_trl
 
-    sections: dict[str, dict[str, Any]] = {}
+
+def run_workload(name: str, size: ModelSize, systems: list[str], python_trl: Path | None,
+                 args: argparse.Namespace) -> dict[str, Any]:
+    """Every system on workload ``name``, between two measurements of the machine's rates: one report section."""
+    started, load_start = time.time(), os.getloadavg()
+    before = machine_rates(args.threads, args.dtype, size, args.tiny)
+    log_rates("before", before)
+    steps = args.steps if name == "A" or args.steps_b is None else args.steps_b
+    profile_batch = args.profile and name == "A"
+    n_batches = args.warmup + steps + (1 if profile_batch else 0)
+    work = build_workload(name, args.model_dir, args.cache_dir, n_batches, args.tiny, args.warmup,
+                          profile_batch=profile_batch)
+    log(f"workload {name}: {n_batches} batches of {PPO.rollout_batch}; prompt tokens (all candidate prompts) "
+        f"{work['prompt_tokens_all']}; prompt tokens (used) {work['prompt_tokens_used']}; new tokens "
+        f"{work['new_tokens_used']}")
+    raw = {}
+    for system in systems:
+        python = python_trl if system.startswith("trl") else Path(sys.executable)
+        profile = (str(args.cache_dir / f"profile_{system}_{name}_{args.dtype}.txt")
+                   if profile_batch and system in (*LIT_SYSTEMS, "floor") else None)
+        result = run_system(system, work, args, python, args.cache_dir / "logs", profile)
+        if result is not None:
+            raw[system] = result
+            if profile:
+                result["profile_table"] = Path(profile).read_text() if Path(profile).exists() else None
+    after = machine_rates(args.threads, args.dtype, size, args.tiny)
+    log_rates("after", after)
+    key = "gemm_gflops" if args.dtype == "float32" else "gemm_gflops_bf16"
+    rate = 1e9 * max(before[key], after[key])
+    rows = {system: summarize(r) for system, r in raw.items()}
+    rows["flop_limit"] = flop_limit(work, size, rate, args.warmup)
+    if "lit_rlhf_grpo" in systems:
+        rows["flop_limit_grpo"] = flop_limit(work, size, rate, args.warmup, GRPO_SAMPLES_PER_PROMPT)
+    run = {"workload": name, "dtype": args.dtype, "machine": machine_description(),
+           "command": "python " + " ".join([os.path.relpath(__file__, REPO), *args.argv]),
+           "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
+           "minutes": (time.time() - started) / 60, "load_start": load_start, "load_end": os.getloadavg(),
+           "gemm_gflops": [before["gemm_gflops"], after["gemm_gflops"]], "rates": [before, after],
+           "gemm_repeats": args.gemm_repeats, "bandwidth_mib": BANDWIDTH_MIB_TINY if args.tiny else BANDWIDTH_MIB,
+           "bandwidth_repeats": 3 if args.tiny else BANDWIDTH_REPEATS,
+           "threads": args.threads, "reward": args.reward, "reward_cost_s": args.reward_cost_s,
+           "trl_ref": args.trl_ref, "warmup": args.warmup, "systems_missing": [s for s in systems if s not in raw]}
+    return {"rows": rows, "raw": raw, "work": {k: v for k, v in work.items() if k != "batches"}, "run": run}
+
+
+def run_parent(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    size, systems, python_trl = prepare(args)
+    sections = {}
     for name in (["A", "B"] if args.workload == "both" else [args.workload]):
-        started, load_start = time.time(), os.getloadavg()
-        rate_before = gemm_rate(args.threads)
-        log(f"fp32 GEMM rate (2048x2048, {args.threads} threads): {rate_before / 1e9:.0f} GFLOP/s; load {load_start}")
-        steps = args.steps if name == "A" or args.steps_b is None else args.steps_b
-        profile_batch = args.profile and name == "A"
-        n_batches = args.warmup + steps + (1 if profile_batch else 0)
-        work = build_workload(name, args.model_dir, args.cache_dir, n_batches, args.tiny, args.warmup,
-                              profile_batch=profile_batch)
-        log(f"workload {name}: {n_batches} batches of {PPO.rollout_batch}; prompt tokens (all candidate prompts) "
-            f"{work['prompt_tokens_all']}; prompt tokens (used) {work['prompt_tokens_used']}; new tokens "
-            f"{work['new_tokens_used']}")
-        raw = {}
-        for system in systems:
-            python = python_trl if system.startswith("trl") else Path(sys.executable)
-            profile = str(args.cache_dir / f"profile_{system}_{name}.txt") if profile_batch and system in (*LIT_SYSTEMS, "floor") else None
-            result = run_system(system, work, args, python, logs, profile)
-            if result is not None:
-                raw[system] = result
-                if profile:
-                    result["profile_table"] = Path(profile).read_text() if Path(profile).exists() else None
-        rate_after = gemm_rate(args.threads)
-        rate = max(rate_before, rate_after)
-        log(f"fp32 GEMM rate after: {rate_after / 1e9:.0f} GFLOP/s (the FLOP limit uses the best: {rate / 1e9:.0f})")
-        rows = {system: summarize(r) for system, r in raw.items()}
-        rows["flop_limit"] = flop_limit(work, size, rate, args.warmup)
-        if "lit_rlhf_grpo" in systems:
-            rows["flop_limit_grpo"] = flop_limit(work, size, rate, args.warmup, GRPO_SAMPLES_PER_PROMPT)
-        sections[name] = {
-            "rows": rows, "raw": raw,
-            "work": {k: v for k, v in work.items() if k != "batches"},
-            "run": {"command": "python " + " ".join([os.path.relpath(__file__, REPO), *args.argv]),
-                    "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
-                    "minutes": (time.time() - started) / 60, "load_start": load_start, "load_end": os.getloadavg(),
-                    "gemm_gflops": [rate_before / 1e9, rate_after / 1e9], "gemm_repeats": GEMM_REPEATS,
-                    "threads": args.threads,
-                    "reward": args.reward, "reward_cost_s": args.reward_cost_s, "trl_ref": args.trl_ref,
-                    "warmup": args.warmup, "systems_missing": [s for s in systems if s not in raw]},
-        }
-    store = {"model": size.name, "sections": sections}
+        sections[section_key(name, args.dtype)] = run_workload(name, size, systems, python_trl, args)
+    context = dict(sections)
     if args.results:
         json_path = Path(args.results).with_suffix(".json")
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        if json_path.exists():  # keep the other workloads of an earlier run on the same model
+        store = {"model": size.name, "sections": sections}
+        if json_path.exists():  # keep the other workloads and dtypes of earlier runs on the same model
             old = json.loads(json_path.read_text())
             if old.get("model") == size.name:
-                store["sections"] = {**old.get("sections", {}), **sections}
-        store["sections"] = dict(sorted(store["sections"].items()))
+                store["sections"] = {**upgrade_sections(old.get("sections", {})), **sections}
+        store["sections"] = context = upgrade_sections(store["sections"])
         json_path.write_text(json.dumps(store, indent=1, default=str))
-    print("\n" + render_report(size, sections))
+    print("\n" + render_report(size, sections, context))
     if args.results:
-        write_report(Path(args.results), size, store["sections"])
+        write_report(Path(args.results), size, context)
     return 1 if any(sec["run"]["systems_missing"] for sec in sections.values()) else 0
 
 
@@ -1223,81 +1501,122 @@ def rerender(args: argparse.Namespace) -> int:
     """--render: rewrite the report from its JSON (after editing the notes or the renderer), running nothing."""
     store = json.loads(Path(args.results).with_suffix(".json").read_text())
     size = {s.name: s for s in (FLAN_T5_BASE, TINY_T5)}[store["model"]]
-    write_report(Path(args.results), size, store["sections"])
+    write_report(Path(args.results), size, upgrade_sections(store["sections"]))
     return 0
 
 
-def render_report(size: ModelSize, sections: dict[str, dict[str, Any]]) -> str:
+def render_report(size: ModelSize, sections: dict[str, dict[str, Any]],
+                  context: dict[str, dict[str, Any]] | None = None) -> str:
+    """The report of ``sections``; ``context``: every section of the results file (bf16 tables compare with
+    the fp32 table of their workload)."""
     versions: dict[str, str] = {}
     for sec in sections.values():
         for r in sec["raw"].values():
             versions.update(r.get("versions", {}))
+    machines = {sec["run"].get("machine") for sec in sections.values()}
+    machine = machines.pop() if len(machines) == 1 and None not in machines else "given with each workload below"
     lines = [
         "# PPO step benchmark: lit_rlhf vs TRL 0.11.4, the recipe's loop, the bare floor and the FLOP limit",
         "",
         "Written by `benchmarks/bench_ppo_step.py` (see benchmarks/README.md for what each system does).",
         "",
-        f"- Machine: {platform.node()}, {os.cpu_count()} CPU cores, {cpu_flags()}. Shared with other users: "
-        "systems ran one after another, and the load average and GEMM rate of each run are given with it.",
+        f"- Machine: {machine}. Shared with other users: systems ran one after another, and the load average and "
+        "GEMM rate of each run are given with it.",
         f"- Versions: Python {platform.python_version()}, " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) + ".",
         f"- Model: {size.name} architecture (d_model {size.d_model}, d_ff {size.d_ff}, {size.num_layers}+{size.num_layers} "
         f"layers, {size.num_heads} heads, d_kv {size.d_kv}, gated-gelu, vocab {size.vocab_size}, untied lm_head), random "
-        f"weights, LoRA r {PPO.lora_r} / alpha {PPO.lora_alpha} / dropout {PPO.lora_dropout} on q, v, value head; fp32.",
+        f"weights, LoRA r {PPO.lora_r} / alpha {PPO.lora_alpha} / dropout {PPO.lora_dropout} on q, v, value head. Frozen "
+        "weights in each table's dtype (float32 or bfloat16); LoRA, value head and AdamW's state always float32.",
         f"- PPO: rollout batch {PPO.rollout_batch}, mini-batch {PPO.mini_batch}, {PPO.ppo_epochs} epoch, lr "
         f"{PPO.learning_rate}; sampling top_k 0, top_p 1.0; end-of-sequence blocked until each row's length.",
         "",
     ]
-    for name, sec in sections.items():
-        rows, raw, work, run = sec["rows"], sec["raw"], sec["work"], sec["run"]
-        counts = {s: r["parameters"] for s, r in raw.items() if r.get("parameters")}
-        lines += [
-            f"## Workload {name}",
-            "",
-            f"- Command: `{run['command']}`; started {run['started']}, {run['minutes']:.0f} min.",
-            f"- Load average (1/5/15 min): {tuple(round(x, 2) for x in run['load_start'])} at the start, "
-            f"{tuple(round(x, 2) for x in run['load_end'])} at the end. fp32 GEMM rate (2048×2048, best of {run['gemm_repeats']}, "
-            f"{run['threads']} threads): {run['gemm_gflops'][0]:.0f} GFLOP/s before, {run['gemm_gflops'][1]:.0f} after; "
-            "the FLOP limit uses the higher.",
-            "- Reward: " + ("RoBERTa-base-sized classifier (random weights) on query + response"
-                             if run["reward"] == "classifier" else f"stub (fixed cost {run['reward_cost_s']} s)")
-            + f"; TRL reference model: {run['trl_ref']}; {run['warmup']} warm-up step(s) per system, not measured.",
-            f"- Prompt tokens, all candidate prompts: {fmt_quantiles(work['prompt_tokens_all'])}; the measured "
-            f"steps' prompts: {fmt_quantiles(work['prompt_tokens_used'])}. New tokens per response in the measured "
-            f"steps: {fmt_quantiles(work['new_tokens_used'])} (warm-up steps: {WARMUP_NEW_TOKENS}).",
-        ]
-        if "lit_rlhf_grpo" in raw and work.get("prompt_tokens_used_grpo"):
-            lines.append(f"- GRPO's prompts (each batch's first {PPO.rollout_batch // GRPO_SAMPLES_PER_PROMPT}, "
-                         f"{GRPO_SAMPLES_PER_PROMPT} samples each): {fmt_quantiles(work['prompt_tokens_used_grpo'])}.")
-        if counts:
-            lines.append("- Parameters (all / trainable, value head included where one is built): " + "; ".join(
-                f"{s} {c['all_with_value_head']:,} / {c['trainable_with_value_head']:,}" for s, c in counts.items()) + ".")
-        lines += ["", workload_table(name, rows), ""]
-        lines.append(f"FLOP limit: {rows['flop_limit']['tflop']:.2f} TFLOP per step (median)"
-                     + (f"; GRPO's: {rows['flop_limit_grpo']['tflop']:.2f}." if "flop_limit_grpo" in rows else "."))
-        lines.append("Measured steps (s): " + "; ".join(f"{s} {rows[s]['all_totals']}" for s in SYSTEMS if s in rows) + ".")
-        lines.append("Per process: " + "; ".join(
-            f"{s} {r['process_s']:.0f} s in all, GEMM {r.get('gemm_gflops', float('nan')):.0f} GFLOP/s after its setup"
-            for s, r in raw.items()) + ".")
-        floor = raw.get("floor")
-        if floor and floor.get("first_minibatch_ratio_error") is not None:
-            lines.append(f"Floor check: first mini-batch |ratio − 1| ≤ {floor['first_minibatch_ratio_error']:.1e} "
-                         "(its decode-loop log-probs match a teacher-forced forward).")
-        if run["systems_missing"]:
-            lines.append(f"Not measured (failed): {', '.join(run['systems_missing'])}.")
-        goal_lines = goals(name, rows)
-        if goal_lines:
-            lines += ["", "Goals:", "", *goal_lines]
-        lines.append("")
-        for system, r in raw.items():
-            table = r.get("profile_table")
-            if not table:
-                continue
-            step = r.get("profiled_step", {})
-            lines += [f"Profile of one extra {SYSTEM_LABELS[system]} step ({step.get('total', float('nan')):.1f} s under "
-                      "the profiler; phases " + ", ".join(f"{p} {step.get(p, 0):.1f}" for p in PHASES[:-1] if p in step)
-                      + "), top ops by self CPU time:", "", "```",
-                      *[ln[:150] for ln in table.splitlines()[2:22]], "```", ""]
+    for sec in sections.values():
+        lines += render_section(size, sec, context or sections)
     return "\n".join(lines)
+
+
+def rates_line(run: dict[str, Any]) -> str:
+    """The rates the limits divide by, as measured before and after the run."""
+    g = run["gemm_gflops"]
+    if "rates" not in run:
+        return (f"fp32 GEMM rate (2048×2048, best of {run.get('gemm_repeats', GEMM_REPEATS)}, {run['threads']} threads): "
+                f"{g[0]:.0f} GFLOP/s before, {g[1]:.0f} after; the FLOP limit uses the higher.")
+    before, after = run["rates"]
+    return (f"GEMM rate (2048×2048, best of {run['gemm_repeats']}, {run['threads']} threads): fp32 {g[0]:.0f} GFLOP/s "
+            f"before, {g[1]:.0f} after; bf16 {before['gemm_gflops_bf16']:.0f} before, {after['gemm_gflops_bf16']:.0f} "
+            f"after; the FLOP limit uses the higher {DTYPE_SHORT[run['dtype']]} rate. Read bandwidth (sum over "
+            f"{run['bandwidth_mib']} MiB fp32, best of {run.get('bandwidth_repeats', 10)}): {before['read_gbps']:.1f} GB/s before, {after['read_gbps']:.1f} after.")
+
+
+def section_facts(sec: dict[str, Any]) -> list[str]:
+    """The bullet list that opens a section: command, machine, load and rates, reward, prompts, parameters."""
+    raw, work, run = sec["raw"], sec["work"], sec["run"]
+    counts = {s: r["parameters"] for s, r in raw.items() if r.get("parameters")}
+    dtypes = {s: r["parameter_dtypes"] for s, r in raw.items() if r.get("parameter_dtypes")}
+    lines = [
+        f"- Command: `{run['command']}`; started {run['started']}, {run['minutes']:.0f} min."
+        + (f" Machine: {run['machine']}." if run.get("machine") else ""),
+        f"- Load average (1/5/15 min): {tuple(round(x, 2) for x in run['load_start'])} at the start, "
+        f"{tuple(round(x, 2) for x in run['load_end'])} at the end. " + rates_line(run),
+        "- Reward: " + ("RoBERTa-base-sized classifier (random weights) on query + response"
+                         if run["reward"] == "classifier" else f"stub (fixed cost {run['reward_cost_s']} s)")
+        + f"; TRL reference model: {run['trl_ref']}; {run['warmup']} warm-up step(s) per system, not measured.",
+        f"- Prompt tokens, all candidate prompts: {fmt_quantiles(work['prompt_tokens_all'])}; the measured "
+        f"steps' prompts: {fmt_quantiles(work['prompt_tokens_used'])}. New tokens per response in the measured "
+        f"steps: {fmt_quantiles(work['new_tokens_used'])} (warm-up steps: {WARMUP_NEW_TOKENS}).",
+    ]
+    if "lit_rlhf_grpo" in raw and work.get("prompt_tokens_used_grpo"):
+        lines.append(f"- GRPO's prompts (each batch's first {PPO.rollout_batch // GRPO_SAMPLES_PER_PROMPT}, "
+                     f"{GRPO_SAMPLES_PER_PROMPT} samples each): {fmt_quantiles(work['prompt_tokens_used_grpo'])}.")
+    if counts:
+        lines.append("- Parameters (all / trainable, value head included where one is built): " + "; ".join(
+            f"{s} {c['all_with_value_head']:,} / {c['trainable_with_value_head']:,}" for s, c in counts.items()) + ".")
+    if dtypes:
+        lines.append("- Parameter dtypes (frozen / trainable, checked): " + "; ".join(
+            f"{s} {'+'.join(d['frozen'])} / {'+'.join(d['trainable'])}" for s, d in dtypes.items()) + ".")
+    return lines
+
+
+def render_section(size: ModelSize, sec: dict[str, Any], context: dict[str, dict[str, Any]]) -> list[str]:
+    rows, raw, run = sec["rows"], sec["raw"], sec["run"]
+    lines = [f"## Workload {run['workload']}, {run['dtype']}", "", *section_facts(sec), "", workload_table(sec, context), ""]
+    lines.append(f"FLOP limit: {rows['flop_limit']['tflop']:.2f} TFLOP per step (median)"
+                 + (f"; GRPO's: {rows['flop_limit_grpo']['tflop']:.2f}." if "flop_limit_grpo" in rows else "."))
+    lines.append("Measured steps (s): " + "; ".join(f"{s} {rows[s]['all_totals']}" for s in SYSTEMS if s in rows) + ".")
+    lines.append("Per process: " + "; ".join(
+        f"{s} {r['process_s']:.0f} s in all, {DTYPE_SHORT[r.get('dtype', 'float32')]} GEMM "
+        f"{r.get('gemm_gflops', float('nan')):.0f} GFLOP/s after its setup" for s, r in raw.items()) + ".")
+    floor = raw.get("floor")
+    if floor and floor.get("first_minibatch_ratio_error") is not None:
+        lines.append(f"Floor check: first mini-batch |ratio − 1| ≤ {floor['first_minibatch_ratio_error']:.1e} "
+                     "(its decode-loop log-probs match a teacher-forced forward).")
+    if run["systems_missing"]:
+        lines.append(f"Not measured (failed): {', '.join(run['systems_missing'])}.")
+    excess = phase_excess_line(rows)
+    if excess:
+        lines += ["", excess]
+    decode = decode_table_lines(sec, size)
+    if decode:
+        lines += ["", *decode]
+    goal_lines = goals(sec, context)
+    if goal_lines:
+        lines += ["", "Goals:", "", *goal_lines]
+    return lines + [""] + profile_lines(raw)
+
+
+def profile_lines(raw: dict[str, dict[str, Any]]) -> list[str]:
+    lines = []
+    for system, r in raw.items():
+        table = r.get("profile_table")
+        if not table:
+            continue
+        step = r.get("profiled_step", {})
+        lines += [f"Profile of one extra {SYSTEM_LABELS[system]} step ({step.get('total', float('nan')):.1f} s under "
+                  "the profiler; phases " + ", ".join(f"{p} {step.get(p, 0):.1f}" for p in PHASES[:-1] if p in step)
+                  + "), top ops by self CPU time:", "", "```",
+                  *[ln[:150] for ln in table.splitlines()[2:22]], "```", ""]
+    return lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -1311,6 +1630,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.add_argument("--model-dir", required=True)
         parser.add_argument("--out", required=True)
         parser.add_argument("--profile-out", default=None, help="write a torch.profiler table of one extra step here")
+        parser.add_argument("--gemm-repeats", type=int, default=GEMM_REPEATS)
     parser.add_argument("--workload", choices=("A", "B", "both"), default="both")
     parser.add_argument("--steps", type=int, default=None, help="measured steps per system (default 3; --tiny: 2)")
     parser.add_argument("--steps-b", type=int, default=None, help="measured steps for workload B (default: --steps)")
@@ -1322,6 +1642,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reward", choices=("stub", "classifier"), default="stub")
     parser.add_argument("--reward-cost-s", type=float, default=0.0, help="fixed seconds the stub reward sleeps")
     parser.add_argument("--classifier-dir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="the frozen weights' dtype (bfloat16: LoRA, value head and optimizer stay float32)")
     parser.add_argument("--trl-ref", choices=("copy", "adapter"), default="copy",
                         help="TRL reference: the recipe's full copy (default) or None (adapter disabled)")
     if not sub:
@@ -1342,6 +1664,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.threads = 1 if args.tiny else os.cpu_count()
         if args.results is None and not args.tiny:
             args.results = str(HERE / "RESULTS.md")
+        args.gemm_repeats = GEMM_REPEATS_TINY if args.tiny else GEMM_REPEATS
     return args
 
 

@@ -1,10 +1,13 @@
-"""The PPO step benchmark runs end to end in its tiny smoke mode and prints its tables.
+"""The PPO step benchmark runs end to end in its tiny smoke mode and prints its tables; its limit arithmetic.
 
-Only lit_rlhf (default, fast_rollout and GRPO with k = 4) and the bare floor run here (TRL needs its own environment,
-which --tiny never builds); no timing is asserted: the test checks that the real lit_rlhf steps and the floor
-run on the same workload and that the report has a row for each, plus the FLOP limits.
+Only lit_rlhf (exact mode, fast_rollout and GRPO with k = 4) and the bare floor run here (TRL needs its own
+environment, which --tiny never builds); no timing is asserted: the test checks that the real lit_rlhf steps and
+the floor run on the same workload and that the report has a row for each, plus the FLOP limits and the decode-step
+table. The decode-step limits and the results file's sections (keyed by workload and dtype) are checked on
+hand-computed numbers, without running anything.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -15,6 +18,17 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "bench_ppo_step.py"
+FAST = "lit_rlhf PPOModule (fast_rollout, default)"
+EXACT = "lit_rlhf PPOModule exact (fast_rollout false)"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_ppo_step", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -35,19 +49,22 @@ def test_tiny_run_prints_the_tables_of_workload_b(tiny_run):
     stdout, _ = tiny_run
     # workload B only (the recipe's prompts and per-sample lengths); A differs only in how its prompts are made,
     # and one workload keeps this smoke test short
-    assert "### Workload B: seconds per PPO step" in stdout
-    for label in ("lit_rlhf PPOModule", "lit_rlhf PPOModule fast_rollout", "lit_rlhf GRPO k 4 fast_rollout",
-                  "bare PyTorch floor", "FLOP limit", "FLOP limit GRPO k 4"):
+    assert "### Workload B, float32: seconds per PPO step" in stdout
+    for label in (EXACT, FAST, "lit_rlhf GRPO k 4 fast_rollout", "bare PyTorch floor", "FLOP limit",
+                  "FLOP limit GRPO k 4"):
         assert stdout.count(f"| {label} |") == 1, label
     assert stdout.count("Goals:") == 1
-    assert stdout.count("lit_rlhf GRPO k 4 fast_rollout ÷ lit_rlhf PPOModule fast_rollout") == 1
+    assert stdout.count(f"lit_rlhf GRPO k 4 fast_rollout ÷ {FAST}") == 1
+    assert stdout.count(f"{FAST} against the FLOP limit, by phase:") == 1
+    assert stdout.count(f"Decode steps of {FAST}") == 1
 
 
 def test_tiny_run_writes_report_and_raw_results(tiny_run):
     _, results = tiny_run
-    assert "| lit_rlhf PPOModule |" in results.read_text()
+    assert f"| {EXACT} |" in results.read_text()
     sections = json.loads(results.with_suffix(".json").read_text())["sections"]
-    for name in ("B",):
+    assert list(sections) == ["B/float32"]
+    for name in ("B/float32",):
         rows = sections[name]["rows"]
         assert set(rows) == {"lit_rlhf", "lit_rlhf_fast", "lit_rlhf_grpo", "floor", "flop_limit", "flop_limit_grpo"}
         assert all(rows[s]["n_steps"] == 2 for s in ("lit_rlhf", "lit_rlhf_fast", "lit_rlhf_grpo", "floor"))
@@ -66,3 +83,57 @@ def test_tiny_run_writes_report_and_raw_results(tiny_run):
         assert {k: floor["parameters"][k] - v for k, v in grpo["parameters"].items()} == {
             "all_with_value_head": 65, "trainable_with_value_head": 65}
         assert grpo["memory"]["steps_peak_mib"] > 0
+        assert {r["parameter_dtypes"]["frozen"][0] for r in sections[name]["raw"].values()} == {"float32"}
+        # the decode loop's steps: [rows, position, prompt width, seconds], at most 16 rows, every row's tokens
+        decode = sections[name]["raw"]["lit_rlhf_fast"]["decode_steps"]
+        assert all(1 <= b <= 16 and s > 0 for b, _, _, s in decode)
+        assert sum(b for b, *_ in decode) == rows["lit_rlhf_fast"]["tokens"] * rows["lit_rlhf_fast"]["n_steps"]
+
+
+# a 1-layer model small enough to count by hand: d 4, d_ff 8, 2 heads of 2 (inner 4), vocab 10
+def test_decode_step_cost_counts_weights_kv_cache_and_flops(bench):
+    size = bench.ModelSize("hand", vocab_size=10, d_model=4, d_ff=8, num_layers=1, num_heads=2, d_kv=2)
+    cost = bench.decode_step_cost(size, rows=2, position=3, prompt=5, lora_r=1, weight_bytes=2)
+    # weights read once: self q k v o + cross q o (6 x 4 x 4) + FFN (3 x 4 x 8) = 192, lm_head 40, in bf16;
+    # LoRA 3 x (4 + 4) = 24 and the value head 4 + 1 in fp32: 232 x 2 + 29 x 4
+    assert cost["weight_bytes"] == 580
+    # KV cache: 2 rows x (k, v) x inner 4 x (4 self positions + 5 prompt positions) x 2 bytes
+    assert cost["kv_bytes"] == 288
+    assert cost["bytes"] == 868
+    # per row: 2 x 192 + 2 x 24 + attention 2 x 2 x 4 x 9 + lm_head 2 x 40 + value head 2 x 4 = 664
+    assert cost["flops"] == 2 * 664
+
+
+def test_decode_rows_summary_divides_by_bandwidth_and_gemm_rate(bench):
+    size = bench.ModelSize("hand", vocab_size=10, d_model=4, d_ff=8, num_layers=1, num_heads=2, d_kv=2)
+    steps = [[2, 3, 5, 0.004], [2, 3, 5, 0.006], [1, 0, 5, 0.1]]  # two 2-row steps as above, one 1-row step
+    row = bench.decode_rows_summary(steps, 2, size, "bfloat16", read_gbps=868e-6, gemm_gflops=1328e-6 / 2, lora_r=1)
+    assert row["steps"] == 2 and row["position"] == 3 and row["prompt"] == 5
+    assert row["measured_ms"] == pytest.approx(5.0)
+    assert row["bandwidth_ms"] == pytest.approx(1.0)  # 868 bytes at 868 kB/s
+    assert row["flop_ms"] == pytest.approx(2.0)  # 1328 FLOPs at 664 kFLOP/s
+    assert row["ratio"] == pytest.approx(2.5)  # 5 ms ÷ the larger limit
+    assert bench.decode_rows_summary(steps, 4, size, "bfloat16", 1.0, 1.0) is None
+
+
+def test_sections_are_keyed_by_workload_and_dtype(bench):
+    machine = {"machine": "m", "threads": 1}
+    old = {"B": {"run": dict(machine)}, "A": {"run": dict(machine)}}  # written before the dtype was recorded
+    new = {"A/bfloat16": {"run": {**machine, "workload": "A", "dtype": "bfloat16"}, "rows": {}}}
+    sections = bench.upgrade_sections({**old, **new})
+    assert list(sections) == ["A/float32", "A/bfloat16", "B/float32"]
+    assert sections["A/float32"]["run"]["dtype"] == "float32"
+    sections["A/float32"]["rows"] = {"trl_batched": {"total": 2.0}}
+    assert bench.fp32_baseline(sections["A/bfloat16"], sections) == {"total": 2.0}
+    sections["A/float32"]["run"]["machine"] = "another"  # only a float32 run on the same machine counts
+    assert bench.fp32_baseline(sections["A/bfloat16"], sections) is None
+
+
+@pytest.mark.parametrize("name", ["RESULTS.md", "RESULTS_GRPO.md"])
+def test_render_rewrites_the_recorded_results(bench, tmp_path, name):
+    for suffix in (".md", ".json"):
+        (tmp_path / name).with_suffix(suffix).write_text((REPO / "benchmarks" / name).with_suffix(suffix).read_text())
+    assert bench.main(["--render", "--results", str(tmp_path / name)]) == 0
+    text = (tmp_path / name).read_text()
+    assert f"| {FAST} |" in text and ", float32: seconds per PPO step" in text
+    assert bench.NOTES_MARKER in text
