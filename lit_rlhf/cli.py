@@ -1,13 +1,13 @@
 """The ``lit-rlhf`` command: LightningCLI over PPOModule and DialogSumDataModule.
 
-    lit-rlhf fit                                   # the embedded offline default (tiny T5, bundled DialogSum)
+    lit-rlhf fit                                   # the offline recipe: detoxify the embedded summarizer
     lit-rlhf fit --config configs/detox_flan_t5.yaml
     lit-rlhf fit --print_config                    # the whole run's settings
     lit-rlhf test --config ... --ckpt_path ...     # reward, KL and response length on the held-out split
     lit-rlhf fit --ckpt_path .../last.ckpt --model.ppo_steps 150   # resume (flags given win), in the same run folder
 
-With no ``--config``, ``fit``/``validate``/``test`` start from the packaged embedded default
-(``lit_rlhf/configs/embedded_t5.yaml``); command-line flags still override it.
+With no ``--config``, ``fit``/``validate``/``test`` start from the packaged offline recipe
+(``lit_rlhf/configs/detox_summarizer.yaml``); command-line flags still override it.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import sys
 import warnings
 from importlib import resources
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from jsonargparse import DefaultHelpFormatter, set_parsing_settings
@@ -65,21 +66,22 @@ def _catalogue() -> str:
 
 DESCRIPTION = (
     "lit-rlhf: RLHF fine-tuning of Hugging Face language models with PPO (LoRA + value head) against a\n"
-    "reward model, as a Lightning module. `lit-rlhf fit` alone runs the embedded offline default\n"
-    "(lit_rlhf/configs/embedded_t5.yaml; print it with `lit-rlhf fit --print_config`);\n"
+    "reward model, as a Lightning module. `lit-rlhf fit` alone runs the offline recipe\n"
+    "(lit_rlhf/configs/detox_summarizer.yaml; print it with `lit-rlhf fit --print_config`);\n"
     "`lit-rlhf fit --config configs/detox_flan_t5.yaml` the FLAN-T5 detoxification recipe;\n"
     "`lit-rlhf fit --help` lists every setting."
 )
 SUBCOMMAND_USAGE = (
     "lit-rlhf {sub} [--config FILE ...] [--SECTION.SETTING VALUE ...]\n\n"
-    "Default config: with no --config, `lit-rlhf {sub}` runs the packaged embedded default\n"
-    "(lit_rlhf/configs/embedded_t5.yaml: tiny T5, bundled DialogSum, 100 PPO steps). The defaults listed\n"
-    "below are the classes' own; print what a plain `lit-rlhf {sub}` runs: `lit-rlhf {sub} --print_config`."
+    "Default config: with no --config, `lit-rlhf {sub}` runs the packaged offline recipe\n"
+    "(lit_rlhf/configs/detox_summarizer.yaml: the embedded summarizer, bundled DialogSum, 60 PPO steps).\n"
+    "The defaults listed below are the classes' own; print what a plain `lit-rlhf {sub}` runs:\n"
+    "`lit-rlhf {sub} --print_config`."
 )
 SUBCOMMAND_DESCRIPTION = (
     "Recipes: --config configs/detox_flan_t5.yaml (FLAN-T5 detoxification), configs/detox_gpt2.yaml,\n"
-    "configs/embedded_gpt2.yaml; offline copies of the recipe's models and data: add\n"
-    "--config configs/offline/local_models.yaml. Flags are never abbreviated."
+    "configs/embedded_t5.yaml and configs/embedded_gpt2.yaml (tiny random models, seconds); offline copies\n"
+    "of the recipe's models and data: add --config configs/offline/local_models.yaml. Flags are never abbreviated."
 )
 
 
@@ -134,9 +136,13 @@ def quiet_harmless_warnings() -> None:
 quiet_harmless_warnings()
 
 
-def embedded_config_path() -> str:
-    """Absolute path of the packaged embedded default config."""
-    return str(resources.files("lit_rlhf.configs").joinpath("embedded_t5.yaml"))
+DEFAULT_CONFIG = "detox_summarizer.yaml"
+"""The packaged config ``fit``/``validate``/``test`` use when no ``--config`` is given."""
+
+
+def config_path(name: str = DEFAULT_CONFIG) -> str:
+    """Absolute path of a packaged config (``lit_rlhf/configs/<name>``; default: the offline recipe)."""
+    return str(resources.files("lit_rlhf.configs").joinpath(name))
 
 
 class LitRLHFCLI(LightningCLI):
@@ -303,12 +309,12 @@ def check_trainer_settings(trainer) -> None:
 
 
 def with_default_config(args: list[str]) -> list[str]:
-    """Insert the embedded default config after the subcommand when the user gave no config."""
+    """Insert the default config (:data:`DEFAULT_CONFIG`) after the subcommand when the user gave no config."""
     if not args or args[0] not in SUBCOMMANDS_WITH_DEFAULT:
         return args
     if any(a in ("-c", "--config") or a.startswith("--config=") for a in args):
         return args
-    return [args[0], "--config", embedded_config_path(), *args[1:]]
+    return [args[0], "--config", config_path(), *args[1:]]
 
 
 def run(args: list[str] | None = None) -> LitRLHFCLI:
@@ -364,16 +370,22 @@ USER_ERRORS = (ValueError, OSError, MisconfigurationException)
 """What a setting, a path or a missing download causes: one line, the message (LIT_RLHF_DEBUG=1: traceback)."""
 
 
-def main() -> None:
-    """Console entry point of ``lit-rlhf``."""
+def one_line_errors(command: str, entry: Callable[[], Any]) -> None:
+    """Run ``entry``; a user error (bad setting, missing file) prints one line ``<command>: error: ...`` and
+    exits with 1 (``LIT_RLHF_DEBUG=1``: the traceback instead)."""
     try:
-        run()
+        entry()
     except USER_ERRORS as err:
         if os.environ.get("LIT_RLHF_DEBUG") == "1":
             raise
         message = " ".join(str(err).split()) or type(err).__name__
-        print(f"lit-rlhf: error: {message}  (LIT_RLHF_DEBUG=1 shows the traceback)", file=sys.stderr)
+        print(f"{command}: error: {message}  (LIT_RLHF_DEBUG=1 shows the traceback)", file=sys.stderr)
         sys.exit(1)
+
+
+def main() -> None:
+    """Console entry point of ``lit-rlhf``."""
+    one_line_errors("lit-rlhf", run)
 
 
 # ---------------------------------------------------------------------------------------- lit-rlhf-sft
@@ -420,7 +432,7 @@ def run_sft(args: list[str] | None = None) -> SFTCLI:
 
 def main_sft() -> None:
     """Console entry point of ``lit-rlhf-sft``."""
-    run_sft()
+    one_line_errors("lit-rlhf-sft", run_sft)
 
 
 if __name__ == "__main__":

@@ -333,3 +333,16 @@ def test_a_fully_trained_policy_has_no_adapter_reference():
     ids = torch.tensor([[5, 6, 1]])
     with pytest.raises(ValueError, match="reference_model"):
         policy.reference_forward(ids, torch.ones_like(ids), ids, torch.ones_like(ids))
+
+
+def test_lit_rlhf_sft_user_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    from lit_rlhf.cli import main_sft
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["lit-rlhf-sft", "fit", "--model.learning_rate", "-1"])
+    monkeypatch.delenv("LIT_RLHF_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main_sft()
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lit-rlhf-sft: error:") and "learning_rate" in err[0], err
