@@ -29,7 +29,7 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
 from lit_rlhf import ppo as ppo_math  # noqa: E402
-from lit_rlhf.cli import embedded_config_path, run  # noqa: E402
+from lit_rlhf.cli import config_path, run  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -92,7 +92,7 @@ def main(out_dir: str, extra: list[str]) -> None:
         {"class_path": "__main__.Probe"},
     ]
     cli = run([
-        "fit", "--config", embedded_config_path(), "--config", str(STRATEGY_OVERLAY),
+        "fit", "--config", config_path("embedded_t5.yaml"), "--config", str(STRATEGY_OVERLAY),
         "--trainer.accelerator", "cpu", "--trainer.devices", "2",
         "--trainer.callbacks", json.dumps(callbacks),
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",

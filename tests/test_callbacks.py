@@ -305,9 +305,9 @@ def test_resumed_fit_keeps_the_original_before(fitted, tmp_path):
 
 
 def test_embedded_config_adds_the_callback():
-    from lit_rlhf.cli import LitRLHFCLI, embedded_config_path
+    from lit_rlhf.cli import LitRLHFCLI, config_path
 
-    cli = LitRLHFCLI(PPOModule, DialogSumDataModule, args=["--config", embedded_config_path()], run=False)
+    cli = LitRLHFCLI(PPOModule, DialogSumDataModule, args=["--config", config_path("embedded_t5.yaml")], run=False)
     callbacks = [c for c in cli.trainer.callbacks if isinstance(c, ToxicityCallback)]
     assert len(callbacks) == 1
     assert isinstance(callbacks[0].evaluator, ProfanityToxicity) and callbacks[0].num_prompts == 64

@@ -14,21 +14,24 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import build_tiny_classifier
-from lit_rlhf.cli import embedded_config_path, run, with_default_config
+from lit_rlhf.cli import DEFAULT_CONFIG, config_path, run, with_default_config
 from lit_rlhf.data import DialogSumDataModule
 from lit_rlhf.module import PPOModule
 
 # PPO configs (lit-rlhf); the SFT configs (sft_*.yaml, lit-rlhf-sft) are parsed in test_sft.py
 CONFIGS = sorted(p for p in Path(__file__).parents[1].joinpath("configs").glob("*.yaml") if not p.name.startswith("sft_"))
-QUICK = ["--model.ppo_steps", "2", "--model.generation.max_new_tokens", "[4, 8]", "--data.batch_size", "8",
+TINY = config_path("embedded_t5.yaml")  # the tiny random T5: seconds per run
+FLAGS = ["--model.ppo_steps", "2", "--model.generation.max_new_tokens", "[4, 8]", "--data.batch_size", "8",
          "--trainer.enable_progress_bar", "false"]
+QUICK = ["--config", TINY, *FLAGS]
 
 
 def test_configs_exist_and_are_packaged():
     names = {p.name for p in CONFIGS}
     assert {"embedded_t5.yaml", "embedded_gpt2.yaml", "detox_flan_t5.yaml", "detox_gpt2.yaml"} <= names
     # the packaged default is the repo's configs/embedded_t5.yaml
-    assert Path(embedded_config_path()).read_text() == Path(CONFIGS[0].parent, "embedded_t5.yaml").read_text()
+    assert DEFAULT_CONFIG == "embedded_t5.yaml"
+    assert Path(config_path()).read_text() == Path(CONFIGS[0].parent, DEFAULT_CONFIG).read_text()
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
@@ -44,7 +47,7 @@ def test_every_config_parses(config, capsys):
 
 
 def test_no_config_means_the_embedded_default():
-    assert with_default_config(["fit"]) == ["fit", "--config", embedded_config_path()]
+    assert with_default_config(["fit"]) == ["fit", "--config", config_path(DEFAULT_CONFIG)]
     assert with_default_config(["fit", "--config", "x.yaml"]) == ["fit", "--config", "x.yaml"]
     assert with_default_config(["--help"]) == ["--help"]
 
@@ -89,7 +92,7 @@ def test_recipe_config_runs_with_local_models(tmp_path, monkeypatch):
     cli = run([
         "fit", "--config", str(recipe), "--model.model_name", resolve_model_path("embedded:tiny-t5"),
         "--model.reward.init_args.model_name", str(classifier), "--data.dataset", "bundled",
-        "--trainer.callbacks", "[]", "--trainer.accelerator", "cpu", "--trainer.devices", "1", *QUICK,
+        "--trainer.callbacks", "[]", "--trainer.accelerator", "cpu", "--trainer.devices", "1", *FLAGS,
     ])
     assert cli.model.ppo_step == 2
     assert cli.model.hparams.learning_rate == pytest.approx(1.41e-5)
@@ -179,7 +182,7 @@ def test_finished_module_stops_when_resumed_through_the_trainer(workdir):
 
 def test_a_given_flag_wins_over_the_checkpoint_and_extends_the_run(workdir, capsys):
     with deadline(300):
-        cli = run(["fit", "--ckpt_path", str(workdir), *QUICK[:1], "3", *QUICK[2:]])
+        cli = run(["fit", "--ckpt_path", str(workdir), *QUICK[:3], "3", *QUICK[4:]])
     err = capsys.readouterr().err
     assert cli.model.ppo_step == 3 and cli.model.hparams.ppo_steps == 3
     # one line per differing setting: the flag given, and a checkpoint value the config does not have
@@ -240,13 +243,13 @@ def test_an_evaluator_that_cannot_load_names_its_setting_before_any_folder(tmp_p
                                          r"'facebook/roberta-hate-speech-dynabench-r4-target'"):
         run(["fit", "--config", str(recipe), "--model.model_name", resolve_model_path("embedded:tiny-t5"),
              "--model.reward.init_args.model_name", str(classifier), "--data.dataset", "bundled",
-             "--trainer.accelerator", "cpu", "--trainer.devices", "1", *QUICK])
+             "--trainer.accelerator", "cpu", "--trainer.devices", "1", *FLAGS])
     assert not Path("logs").exists()
 
 
 def test_embedded_gpt2_writes_last_ckpt_and_the_toxicity_report(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = run(["fit", "--config", str(Path(__file__).parents[1] / "configs" / "embedded_gpt2.yaml"), *QUICK])
+    cli = run(["fit", "--config", str(Path(__file__).parents[1] / "configs" / "embedded_gpt2.yaml"), *FLAGS])
     run_dir = Path(cli.trainer.log_dir)
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["lit_rlhf"]["ppo_step"] == 2
     assert json.loads((run_dir / "report.json").read_text())["num_prompts"] > 0
@@ -307,7 +310,7 @@ def test_offline_overlay_runs_the_recipe_on_local_copies(tmp_path, monkeypatch):
     configs = Path(__file__).parents[1] / "configs"
     cli = run(["fit", "--config", str(configs / "detox_flan_t5.yaml"), "--config",
                str(configs / "offline" / "local_models.yaml"), "--trainer.accelerator", "cpu",
-               "--trainer.devices", "1", *QUICK])
+               "--trainer.devices", "1", *FLAGS])
     assert cli.model.ppo_step == 2
     assert cli.model.hparams.model_name == "./local/flan-t5-base" == cli.datamodule.hparams.model_name
     # the overlay changes only the reward's model: the recipe's label and output are kept
