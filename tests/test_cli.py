@@ -55,7 +55,7 @@ def test_no_config_means_the_embedded_default():
 def test_bad_setting_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="mini_batch_size=3 must divide"):
-        run(["fit", "--model.mini_batch_size", "3", *QUICK])
+        run(["fit", *QUICK, "--model.mini_batch_size", "3"])
     assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").rglob("*.ckpt"))
 
 
