@@ -12,7 +12,7 @@ steps in ``ppo_step``, logs metrics against it and stops the run after ``ppo_ste
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
@@ -30,7 +30,7 @@ from lit_rlhf.policy import Policy
 from lit_rlhf.rewards import ProfanityReward, Reward
 from lit_rlhf.rollout import Rollout
 from lit_rlhf.settings import GenerationSettings, LoraSettings, PPOSettings, as_settings, check, check_precision, plain
-from lit_rlhf.settings import run_errors
+from lit_rlhf.settings import WeightDtype, run_errors
 from lit_rlhf.threads import NumThreads, num_threads_errors, use_num_threads
 
 __all__ = ["PPOModule", "PPOSettings", "Rollout"]
@@ -54,7 +54,7 @@ class PPOModule(L.LightningModule):
         init_adapter: start from a PEFT adapter, merged into the frozen base (see ``Policy``).
         reference_model: a separate frozen reference model instead of the adapter-disabled policy.
         value_head_dropout: dropout before the value head (active only with train_dropout).
-        dtype: dtype of the frozen base weights.
+        dtype: dtype of the frozen base (bfloat16: half the memory; adapter, value head, optimizer stay float32).
         seed: seed of the per-sample response-length draws and of validation/test sampling.
         log_samples_every: write a prompt / response / reward table every N PPO steps (0: never).
         num_log_samples: rows in that table.
@@ -84,7 +84,7 @@ class PPOModule(L.LightningModule):
         init_adapter: str | None = None,
         reference_model: str | None = None,
         value_head_dropout: float = 0.1,
-        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        dtype: WeightDtype = "float32",
         seed: int = 0,
         log_samples_every: int = 10,
         num_log_samples: int = 4,
@@ -142,7 +142,7 @@ class PPOModule(L.LightningModule):
     on_test_start = on_predict_start = on_validation_start
 
     def on_fit_start(self) -> None:
-        check_precision(self.trainer.precision)
+        check_precision(self.trainer.precision, self.hparams.dtype, self.device)
         if self.hparams.fast_rollout and dist.weights_sharded(self.trainer):
             raise ValueError("model.fast_rollout=true samples outside the strategy's wrapped forward, which sharded "
                              "weights (FSDP, DeepSpeed ZeRO-3) do not allow; set model.fast_rollout=false")

@@ -40,7 +40,7 @@ from transformers import (
 from lit_rlhf.decoding import SampledRollout, sample_with_cache
 from lit_rlhf.io import atomic_directory
 from lit_rlhf.lm import lm_kind, logprobs_from_logits, trim_batch
-from lit_rlhf.settings import GenerationSettings, LoraSettings
+from lit_rlhf.settings import GenerationSettings, LoraSettings, WeightDtype, check, dtype_errors
 from lit_rlhf.tiny import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,11 @@ class Policy(nn.Module):
         reference_model: load a separate frozen reference model instead of disabling the adapter (costs a
             second copy of the weights; useful when the reference differs from the base).
         value_head_dropout: dropout before the value head's linear layer.
-        dtype: weights' dtype for the frozen base ("float32", "bfloat16", "float16").
+        dtype: dtype of the frozen base weights (and of a separate ``reference_model``): "float32", "bfloat16"
+            or "float16". The trained weights stay float32 whatever it is: peft upcasts the LoRA adapter (its
+            ``autocast_adapter_dtype``) and casts each adapted layer's input to it, and the value head casts the
+            hidden states; log-probabilities and values come out float32. Half precision is refused for trained
+            base weights (``finetune="full"``, ``lora.bias`` other than "none"), see ``settings.dtype_errors``.
         value_head: build the value head (PPO needs it). False (supervised fine-tuning): none is built, and
             ``forward(with_values=True)`` or ``sample`` raise an error that says so.
         finetune: ``"lora"``: a LoRA adapter is trained on frozen base weights. ``"full"``: no adapter, every
@@ -168,7 +172,7 @@ class Policy(nn.Module):
         init_adapter: str | None = None,
         reference_model: str | None = None,
         value_head_dropout: float = 0.1,
-        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        dtype: WeightDtype = "float32",
         value_head: bool = True,
         finetune: Literal["lora", "full"] = "lora",
         init_from_scratch: bool = False,
@@ -181,6 +185,7 @@ class Policy(nn.Module):
             raise ValueError(f"finetune must be 'lora' or 'full', got {finetune!r}")
         if init_from_scratch and finetune != "full":
             raise ValueError("init_from_scratch=True trains a model from random weights: it needs finetune='full'")
+        check(dtype_errors(dtype, finetune, lora.bias))
         torch_dtype = getattr(torch, dtype)
         base, path = load_base_model(model_name, init_adapter, torch_dtype, init_from_scratch)
         self.lm = lm_kind(base.config)  # the seq2seq/causal difference

@@ -17,7 +17,9 @@ from lit_rlhf.ppo import (
 )
 
 LoraBias = Literal["none", "all", "lora_only"]
-Precision = Literal["float32", "bfloat16", "float16"]
+WeightDtype = Literal["float32", "bfloat16", "float16"]
+"""``model.dtype``: the dtype the frozen base weights are stored and computed in. The trainable weights (LoRA
+adapter, value head) and the optimizer state stay float32 in every case (peft upcasts the adapter)."""
 
 
 @dataclass
@@ -228,12 +230,47 @@ def check(errors: list[str]) -> None:
         raise ValueError("Invalid settings:\n  - " + "\n  - ".join(errors))
 
 
-def check_precision(precision: Any) -> None:
-    """Refuse float16 mixed precision: PPO's guards read the gradients before a GradScaler would unscale them
-    (scaled overflows would count as unsafe updates and the scale would never adapt). bfloat16 has float32's
-    range and needs no scaler."""
-    if str(precision).startswith("16"):
+def dtype_errors(dtype: str, finetune: str = "lora", lora_bias: str = "none", prefix: str = "model") -> list[str]:
+    """Problems with ``model.dtype``: half-precision (bfloat16, float16) weights are only for the frozen base.
+
+    Trained weights stored in half precision would make AdamW update half-precision master weights, where an
+    update smaller than about 2**-8 of the weight (bfloat16's rounding) is lost."""
+    errors = _choice(dtype, f"{prefix}.dtype", WeightDtype)
+    if dtype != "float32" and finetune == "full":
+        errors.append(f"{prefix}.finetune=full trains every weight, which {prefix}.dtype={dtype} would store (and "
+                      f"update) in {dtype}: use {prefix}.dtype=float32 with trainer.precision=bf16-mixed, or "
+                      f"{prefix}.finetune=lora")
+    if dtype != "float32" and lora_bias != "none":
+        errors.append(f"{prefix}.lora.bias={lora_bias} trains the base model's biases, which {prefix}.dtype={dtype} "
+                      f"stores in {dtype}: use {prefix}.lora.bias=none or {prefix}.dtype=float32")
+    return errors
+
+
+def check_precision(precision: Any, dtype: str = "float32", device: Any = None, gradient_scaler: bool = False) -> None:
+    """Refuse a trainer precision or weight dtype that training cannot use well; the message names the flags.
+
+    * ``bf16-true`` / ``16-true``: Lightning casts the whole module, trained adapter and value head included, so
+      the optimizer would update half-precision weights, where small updates round away. ``model.dtype=bfloat16``
+      halves the frozen base and keeps the trained weights float32.
+    * float16 mixed precision, unless the optimization uses a ``gradient_scaler`` (SFT's automatic optimization):
+      PPO's guards read the gradients before a GradScaler would unscale them (scaled overflows would count as
+      unsafe updates and the scale would never adapt). bfloat16 has float32's range and needs no scaler.
+    * ``model.dtype=float16`` on a CPU (``device``): no faster than float32 there (bfloat16 has AVX512-BF16 and
+      AMX), with float16's narrow range and no gradient scaling. On a GPU without bfloat16 it stays available."""
+    precision = str(precision)
+    if precision in ("16-true", "bf16-true"):
+        raise ValueError(
+            f"trainer.precision={precision!r} casts the trained weights (adapter, value head) and the optimizer "
+            "state to half precision, where small updates round away; use model.dtype=bfloat16 (frozen base in "
+            "bfloat16, trained weights float32) with trainer.precision=32-true or bf16-mixed"
+        )
+    if precision.startswith("16") and not gradient_scaler:
         raise ValueError(
             f"trainer.precision={precision!r} (float16 with a gradient scaler) is not supported by lit_rlhf's "
-            "manual PPO update; use trainer.precision=bf16-mixed (or bf16-true), which needs no loss scaling"
+            "manual PPO update; use trainer.precision=bf16-mixed (which needs no loss scaling) or model.dtype=bfloat16"
+        )
+    if dtype == "float16" and str(getattr(device, "type", device)) == "cpu":
+        raise ValueError(
+            "model.dtype=float16 on a CPU is no faster than float32 and trains without gradient scaling; use "
+            "model.dtype=bfloat16 (fast on CPUs with AVX512-BF16 or AMX) or float32"
         )

@@ -28,6 +28,7 @@ from lit_rlhf import ppo
 from lit_rlhf import distributed as dist
 from lit_rlhf import rollout as ro
 from lit_rlhf.policy import GenerationSettings, LoraSettings, Policy
+from lit_rlhf.settings import WeightDtype, check_precision
 from lit_rlhf.threads import NumThreads, num_threads_errors, use_num_threads
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
@@ -60,7 +61,8 @@ class SFTModule(L.LightningModule):
         lora: the LoRA adapter's shape (with ``finetune="lora"``).
         init_adapter: start from this peft adapter (merged in) or whole ``save_pretrained`` model folder.
         init_from_scratch: random weights from ``model_name``'s config (needs ``finetune="full"``).
-        dtype: weights' dtype.
+        dtype: dtype of the frozen base weights with ``finetune="lora"`` (the adapter stays float32); a
+            full fine-tune needs float32 weights (use ``trainer.precision=bf16-mixed`` for bf16 speed).
         learning_rate: AdamW's peak learning rate.
         weight_decay: AdamW's decoupled weight decay.
         warmup_steps: optimizer steps of linear warmup from 0.
@@ -83,7 +85,7 @@ class SFTModule(L.LightningModule):
         lora: LoraSettings | None = None,
         init_adapter: str | None = None,
         init_from_scratch: bool = False,
-        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        dtype: WeightDtype = "float32",
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
@@ -112,6 +114,10 @@ class SFTModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         use_num_threads(self.hparams.num_threads, self.policy, self._trainer)  # in every process, after launch
+
+    def on_fit_start(self) -> None:
+        # 16-mixed is fine here: automatic optimization unscales its gradients
+        check_precision(self.trainer.precision, self.hparams.dtype, self.device, gradient_scaler=True)
 
     def sft_loss(self, batch: dict[str, Any]) -> Tensor:
         """Mean negative log-likelihood of the reference summary tokens (teacher forcing). Scalar."""

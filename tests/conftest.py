@@ -54,11 +54,53 @@ def build_tiny_classifier(path: Path, sentences: list[str], max_tokens: int = 51
     return path
 
 
+def perturb_lora(model: torch.nn.Module, seed: int = 0, scale: float = 0.5) -> None:
+    """Give every lora_B (zero at construction) random values, so that the adapter changes the function."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+
+
 class ShortnessReward(Reward):
     """Higher for shorter responses: a signal PPO must learn within a few steps (emit eos early)."""
 
     def compute(self, prompts, responses, references):
         return torch.tensor([-len(r) / 20.0 for r in responses])
+
+
+@pytest.fixture
+def log_ratios(monkeypatch):
+    """Every PPO mini-batch's masked log importance ratio log(pi / pi_old) [b, t], in update order: the first
+    is the one computed before any weight moved."""
+    import lit_rlhf.module as module_lib
+
+    recorded = []
+    original = module_lib.ppo_math.ppo_diagnostics
+
+    def recording_diagnostics(logprobs, old_logprobs, values, old_values, response_mask, *args):
+        recorded.append(((logprobs - old_logprobs) * response_mask).detach().clone())
+        return original(logprobs, old_logprobs, values, old_values, response_mask, *args)
+
+    monkeypatch.setattr(module_lib.ppo_math, "ppo_diagnostics", recording_diagnostics)
+    return recorded
+
+
+def fit_ppo(module, root: Path, batch_size: int = 8, ckpt_path=None, callbacks=(), **trainer_kwargs):
+    """Fit a PPOModule on the bundled DialogSum prompts, on the CPU, without a logger; returns the trainer and
+    a MetricsRecorder of its steps."""
+    from lit_rlhf.data import DialogSumDataModule
+
+    recorder = MetricsRecorder()
+    trainer = L.Trainer(
+        default_root_dir=root, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=[recorder, *callbacks], **trainer_kwargs,
+    )
+    data = DialogSumDataModule(model_name=module.hparams.model_name, batch_size=batch_size, eval_batch_size=8)
+    trainer.fit(module, data, ckpt_path=ckpt_path)
+    return trainer, recorder
 
 
 class MetricsRecorder(L.Callback):

@@ -8,44 +8,20 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-import lit_rlhf.module as module_lib
-from lit_rlhf.data import DialogSumDataModule
 from lit_rlhf.module import PPOModule, PPOSettings
 from lit_rlhf.policy import GenerationSettings, LoraSettings
 from lit_rlhf.rewards import ProfanityReward
 
-from conftest import MetricsRecorder, ShortnessReward
+from conftest import ShortnessReward
+from conftest import fit_ppo as fit
 
 SHORT = GenerationSettings(min_new_tokens=1, max_new_tokens=(4, 12))
 
 
-def make_data(model_name: str, batch_size: int = 8) -> DialogSumDataModule:
-    return DialogSumDataModule(model_name=model_name, batch_size=batch_size, eval_batch_size=8)
-
-
-def fit(module: PPOModule, tmp_path: Path, batch_size: int = 8, ckpt_path=None, callbacks=(), **trainer_kwargs):
-    recorder = MetricsRecorder()
-    trainer = L.Trainer(
-        default_root_dir=tmp_path, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-        callbacks=[recorder, *callbacks], **trainer_kwargs,
-    )
-    trainer.fit(module, make_data(module.hparams.model_name, batch_size), ckpt_path=ckpt_path)
-    return trainer, recorder
-
-
 @pytest.mark.parametrize("model_name", ["embedded:tiny-t5", "embedded:tiny-gpt2"])
-def test_first_step_kl_zero_and_first_ratio_exactly_one(model_name, tmp_path, monkeypatch):
+def test_first_step_kl_zero_and_first_ratio_exactly_one(model_name, tmp_path, log_ratios):
     # Exact mode: LoRA starts at zero, so policy == reference at the first rollout: KL must be exactly 0, and
     # the first mini-batch's importance ratio exactly 1 (same eval-mode computation as the rollout forward).
-    log_ratios = []
-    original = module_lib.ppo_math.ppo_diagnostics
-
-    def recording_diagnostics(logprobs, old_logprobs, values, old_values, response_mask, *args):
-        log_ratios.append(((logprobs - old_logprobs) * response_mask).detach().clone())
-        return original(logprobs, old_logprobs, values, old_values, response_mask, *args)
-
-    monkeypatch.setattr(module_lib.ppo_math, "ppo_diagnostics", recording_diagnostics)
     torch.manual_seed(0)
     module = PPOModule(model_name=model_name, reward=ProfanityReward(), generation=SHORT, ppo_steps=1,
                        rollout_batch_size=8, mini_batch_size=4, learning_rate=1e-2, log_samples_every=0,
@@ -147,17 +123,10 @@ def test_full_kl_estimator_runs_and_is_zero_at_start(tmp_path):
 
 
 @pytest.mark.parametrize("model_name", ["embedded:tiny-t5", "embedded:tiny-gpt2"])
-def test_fast_rollout_scores_while_sampling(model_name, tmp_path, monkeypatch):
+def test_fast_rollout_scores_while_sampling(model_name, tmp_path, monkeypatch, log_ratios):
     # fast_rollout takes the old log-probs and values from the sampling loop: no policy re-forward, and at
     # the first step policy == reference, so KL and the first log-ratio are zero up to float rounding
-    log_ratios, policy_calls = [], []
-    original = module_lib.ppo_math.ppo_diagnostics
-
-    def recording_diagnostics(logprobs, old_logprobs, values, old_values, response_mask, *args):
-        log_ratios.append(((logprobs - old_logprobs) * response_mask).detach().clone())
-        return original(logprobs, old_logprobs, values, old_values, response_mask, *args)
-
-    monkeypatch.setattr(module_lib.ppo_math, "ppo_diagnostics", recording_diagnostics)
+    policy_calls = []
     module = PPOModule(model_name=model_name, reward=ProfanityReward(), generation=SHORT, ppo_steps=2,
                        rollout_batch_size=8, mini_batch_size=4, learning_rate=1e-2, log_samples_every=0,
                        export_adapter=False, fast_rollout=True)

@@ -16,6 +16,8 @@ from torch.testing import assert_close
 from lit_rlhf.policy import GenerationSettings, LoraSettings, Policy, ValueHead, load_causal_or_seq2seq, trim_batch
 from lit_rlhf.tiny import resolve_model_path
 
+from conftest import perturb_lora
+
 T5, GPT2 = "embedded:tiny-t5", "embedded:tiny-gpt2"
 MODELS = pytest.mark.parametrize("name", [T5, GPT2], ids=["t5", "gpt2"])
 
@@ -40,15 +42,6 @@ def encode(policy: Policy, texts=PROMPTS) -> tuple[torch.Tensor, torch.Tensor]:
     tokenizer.padding_side = "right" if policy.is_seq2seq else "left"
     enc = tokenizer(texts, return_tensors="pt", padding=True)
     return enc.input_ids, enc.attention_mask
-
-
-def perturb_lora(model: torch.nn.Module, seed: int = 0, scale: float = 0.5) -> None:
-    """Give every lora_B (zero at construction) random values, so that the adapter changes the function."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * scale)
 
 
 def sample(policy: Policy, query_ids, query_mask, max_new_tokens=(6, 6, 6), seed: int = 0, **settings):

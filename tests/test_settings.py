@@ -72,7 +72,7 @@ def test_float16_precision_is_refused_with_a_pointer_to_bf16(precision):
         check_precision(precision)
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true", "64-true"])
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "64-true"])
 def test_other_precisions_are_accepted(precision):
     check_precision(precision)
 
