@@ -3,17 +3,20 @@
 import os
 from pathlib import Path
 
-import lightning as L
-import pytest
-import torch
-
-from lit_rlhf.rewards import Reward
-
-# Tiny models on 2 cores: one thread avoids oversubscription and is faster for these sizes.
-torch.set_num_threads(1)
+# Offline before huggingface_hub is imported (it reads these once): a hub name fails at once instead of
+# retrying the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import lightning as L  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lit_rlhf.rewards import Reward  # noqa: E402
+
+# Tiny models on 2 cores: one thread avoids oversubscription and is faster for these sizes.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)

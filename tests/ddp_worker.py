@@ -100,6 +100,7 @@ def main(out_dir: str, extra: list[str]) -> None:
         "--model.mini_batch_size", "4", "--model.learning_rate", "1e-2", "--model.log_samples_every", "1",
         # a short horizon so that beta visibly moves in three steps
         "--model.ppo.adaptive_kl", "true", "--model.ppo.kl_horizon", "32",
+        "--model.fast_rollout", "false",  # exact mode: the first step's KL is exactly 0
         *extra,
     ])
     probe = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "Probe")

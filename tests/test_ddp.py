@@ -289,7 +289,8 @@ def test_bf16_overlay_runs_a_ppo_step_on_cpu(tmp_path, monkeypatch):
                "--config", str(ROOT / "configs" / "strategy" / "bf16.yaml"),
                "--trainer.callbacks", "[]", "--trainer.logger", "false", "--trainer.limit_val_batches", "0",
                "--trainer.enable_progress_bar", "false", "--model.export_adapter", "false",
-               "--model.ppo_steps", "1", "--model.generation.max_new_tokens", "[4, 8]", "--data.batch_size", "8"])
+               "--model.ppo_steps", "1", "--model.generation.max_new_tokens", "[4, 8]", "--data.batch_size", "8",
+               "--model.fast_rollout", "false"])  # exact mode: KL exactly 0
     assert cli.trainer.precision == "bf16-mixed" and cli.model.ppo_step == 1
     metrics = cli.trainer.callback_metrics
     assert float(metrics["kl"]) == 0.0 and torch.isfinite(metrics["reward"])
