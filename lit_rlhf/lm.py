@@ -94,8 +94,7 @@ class InPlaceLayer(DynamicLayer):
         self.key_buffer[:, :, self.length:end] = key_states
         self.value_buffer[:, :, self.length:end] = value_states
         self.length = end
-        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
-        return self.keys, self.values
+        return self._expose()
 
     def get_seq_length(self) -> int:
         return self.length
@@ -108,7 +107,12 @@ class InPlaceLayer(DynamicLayer):
             new = old.new_empty((len(indices), *old.shape[1:]))
             new[:, :, : self.length] = old[indices, :, : self.length]
             setattr(self, name, new)
+        self._expose()
+
+    def _expose(self) -> tuple[Tensor, Tensor]:
+        # DynamicLayer's own methods (crop, reorder_cache, ...) read keys/values: the filled prefix's views
         self.keys, self.values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
+        return self.keys, self.values
 
 
 class InPlaceCache(DynamicCache):
