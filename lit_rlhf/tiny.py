@@ -220,8 +220,7 @@ def build_tiny_t5(
     """Build a tiny FLAN-T5-like ``T5ForConditionalGeneration`` and its tokenizer into ``path``; return it.
 
     Same architecture family as FLAN-T5 (gated-GELU feed-forward, relative attention, untied ``lm_head`` by
-    default),
-    with ``num_layers`` encoder and ``num_decoder_layers`` (default: ``num_layers``) decoder blocks.
+    default), with ``num_layers`` encoder and ``num_decoder_layers`` (default: ``num_layers``) decoder blocks.
     ``tie_embeddings=True`` makes ``lm_head`` the shared embedding (T5's original tying, decoder output scaled
     by ``d_model ** -0.5``): a model trained from scratch then gets copying from the dialogue for free, since
     an attended input token's embedding is also its output direction. ``decoder_start_token_id`` = pad = 0,
