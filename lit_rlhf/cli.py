@@ -80,8 +80,8 @@ SUBCOMMAND_USAGE = (
 )
 SUBCOMMAND_DESCRIPTION = (
     "Recipes: --config configs/detox_flan_t5.yaml (FLAN-T5 detoxification), configs/detox_gpt2.yaml,\n"
-    "configs/embedded_gpt2.yaml (a tiny random GPT-2); offline copies\n"
-    "of the recipe's models and data: add --config configs/offline/local_models.yaml. Flags are never abbreviated."
+    "configs/embedded_gpt2.yaml (a tiny random GPT-2); offline copies of the recipe's models and data: add\n"
+    "--config configs/offline/local_models.yaml. Flags are never abbreviated."
 )
 
 
