@@ -4,6 +4,10 @@ The test set is the 500 test dialogues, each against its FIRST reference summary
 baselines are computed on the same rows with the same metric (torchmetrics ROUGEScore, F-measure, mean
 over dialogues): Lead-2 (the first two utterances) and Longest-3 (the three longest utterances).
 
+It also measures whether the model reads the dialogue at all: the reference summaries' loss (teacher
+forcing, nats per token) given each row's own dialogue and given another row's dialogue (the batch rolled by
+one). A model that only learned the summaries' language scores the same on both.
+
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/summarizer_rouge.py --model embedded:summarizer
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/summarizer_rouge.py --model path/to/model --json out.json
 
@@ -17,6 +21,7 @@ import argparse
 import gzip
 import json
 import time
+from collections.abc import Iterator
 from importlib import resources
 
 import torch
@@ -40,20 +45,47 @@ def load_module(model: str, max_new_tokens: int, no_repeat_ngram_size: int, init
     return SFTModule(model, finetune="full", init_adapter=init_adapter, **settings).eval()
 
 
-def model_summaries(module: SFTModule, dialogues: list[str], max_prompt_tokens: int, batch_size: int) -> list[str]:
-    """Greedy summaries of ``dialogues`` by the module's policy."""
+def batches(module: SFTModule, dialogues: list[str], max_prompt_tokens: int, batch_size: int,
+            references: list[str] | None = None) -> Iterator[dict]:
+    """Padded prompt batches of ``dialogues`` as the data module builds them (with the reference summaries
+    as ``summary_ids`` ending in eos, when given)."""
     tokenizer = module.policy.tokenizer
-    side = "right" if module.policy.is_seq2seq else "left"
-    collate = PromptCollator(tokenizer.pad_token_id, side)
-    out: list[str] = []
+    collate = PromptCollator(tokenizer.pad_token_id, "right" if module.policy.is_seq2seq else "left")
     for start in range(0, len(dialogues), batch_size):
         chunk = dialogues[start : start + batch_size]
         prompts = [DEFAULT_PROMPT_TEMPLATE.replace("{dialogue}", d) for d in chunk]
         ids = tokenizer(prompts, truncation=True, max_length=max_prompt_tokens).input_ids
-        batch = collate([{"input_ids": x, "query": "", "summary": "", "id": "", "prompt": ""} for x in ids])
+        rows = [{"input_ids": x, "query": "", "summary": "", "id": "", "prompt": ""} for x in ids]
+        if references is not None:
+            summaries = tokenizer(references[start : start + batch_size], add_special_tokens=False).input_ids
+            for row, summary in zip(rows, summaries):
+                row["summary_ids"] = summary + [tokenizer.eos_token_id]
+        yield collate(rows)
+
+
+def model_summaries(module: SFTModule, dialogues: list[str], max_prompt_tokens: int, batch_size: int) -> list[str]:
+    """Greedy summaries of ``dialogues`` by the module's policy."""
+    out: list[str] = []
+    for batch in batches(module, dialogues, max_prompt_tokens, batch_size):
         with torch.no_grad():
             out += module.generate_summaries(batch)
     return out
+
+
+def dialogue_dependence(module: SFTModule, dialogues: list[str], references: list[str], max_prompt_tokens: int,
+                        batch_size: int) -> dict[str, float]:
+    """Reference loss (nats per summary token, mean over batches) with each row's own dialogue and with the
+    next row's dialogue."""
+    own, other = [], []
+    for batch in batches(module, dialogues, max_prompt_tokens, batch_size, references):
+        with torch.no_grad():
+            own.append(module.sft_loss(batch).item())
+            rolled = {**batch, "input_ids": batch["input_ids"].roll(1, 0),
+                      "attention_mask": batch["attention_mask"].roll(1, 0)}
+            other.append(module.sft_loss(rolled).item())
+    loss_own, loss_other = sum(own) / len(own), sum(other) / len(other)
+    return {"loss_own_dialogue": round(loss_own, 4), "loss_other_dialogue": round(loss_other, 4),
+            "gap": round(loss_other - loss_own, 4)}
 
 
 def main() -> None:
@@ -81,7 +113,9 @@ def main() -> None:
         summaries = model_summaries(module, dialogues, args.max_prompt_tokens, args.batch_size)
         results["model"] = {"name": args.model, "no_repeat_ngram_size": args.no_repeat_ngram_size,
                             **rouge_scores(summaries, references),
-                            "seconds": round(time.perf_counter() - start, 1)}
+                            "seconds": round(time.perf_counter() - start, 1),
+                            "reads_dialogue": dialogue_dependence(module, dialogues, references,
+                                                                  args.max_prompt_tokens, args.batch_size)}
         for i in range(min(args.samples, len(rows))):
             print(f"--- {rows[i]['fname']}\nreference: {references[i]}\ngenerated: {summaries[i]}")
     print(json.dumps(results, indent=2))

@@ -124,7 +124,7 @@ def finished_run(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        run(["fit", *QUICK, "--model.learning_rate", "0.002"])
+        run(["fit", *QUICK, "--model.learning_rate", "0.0025"])
     finally:
         os.chdir(cwd)
     return root / "logs"
@@ -187,8 +187,8 @@ def test_a_given_flag_wins_over_the_checkpoint_and_extends_the_run(workdir, caps
     assert cli.model.ppo_step == 3 and cli.model.hparams.ppo_steps == 3
     # one line per differing setting: the flag given, and a checkpoint value the config does not have
     assert err.count("model.ppo_steps=3 (given) replaces the checkpoint's 2") == 1
-    assert "model.learning_rate=0.002 comes from the checkpoint" in err
-    assert cli.model.hparams.learning_rate == pytest.approx(0.002)
+    assert "model.learning_rate=0.0025 comes from the checkpoint" in err
+    assert cli.model.hparams.learning_rate == pytest.approx(0.0025)
     # the resumed run continues in its own folder: same TensorBoard version, config, report and adapter there
     assert run_folders() == ["version_0"] and Path(cli.trainer.log_dir).resolve() == workdir.parents[1].resolve()
     assert yaml.safe_load((workdir.parents[1] / "config.yaml").read_text())["model"]["ppo_steps"] == 3
