@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics.text.rouge import ROUGEScore
+from transformers.optimization import Adafactor
 
 from lit_rlhf import ppo
 from lit_rlhf import distributed as dist
@@ -63,8 +64,12 @@ class SFTModule(L.LightningModule):
         init_from_scratch: random weights from ``model_name``'s config (needs ``finetune="full"``).
         dtype: dtype of the frozen base weights with ``finetune="lora"`` (the adapter stays float32); a
             full fine-tune needs float32 weights (use ``trainer.precision=bf16-mixed`` for bf16 speed).
-        learning_rate: AdamW's peak learning rate.
-        weight_decay: AdamW's decoupled weight decay.
+        optimizer: ``adamw``, or ``adafactor``: transformers' Adafactor with updates relative to each weight's
+            scale (``scale_parameter``), T5's own optimizer; T5 initialises its attention queries about 8x
+            smaller than its other weights, and AdamW's equal-sized steps swamp them, so a T5 trained from
+            scratch learns far faster with it (learning_rate 1e-2 is T5's pretraining step).
+        learning_rate: the optimizer's peak learning rate.
+        weight_decay: decoupled weight decay.
         warmup_steps: optimizer steps of linear warmup from 0.
         lr_schedule: after warmup: ``constant``, or ``linear``/``cosine`` decay to ``min_lr_ratio`` x peak.
         decay_steps: optimizer step at which the decay ends; None: the trainer's estimate of the run's
@@ -86,6 +91,7 @@ class SFTModule(L.LightningModule):
         init_adapter: str | None = None,
         init_from_scratch: bool = False,
         dtype: WeightDtype = "float32",
+        optimizer: Literal["adamw", "adafactor"] = "adamw",
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
@@ -99,7 +105,7 @@ class SFTModule(L.LightningModule):
     ) -> None:
         super().__init__()
         check_sft_settings(learning_rate, weight_decay, warmup_steps, lr_schedule, decay_steps, min_lr_ratio,
-                           max_new_tokens, num_threads, no_repeat_ngram_size)
+                           max_new_tokens, num_threads, no_repeat_ngram_size, optimizer)
         self.save_hyperparameters()
         # checkpoints of a LoRA run hold only the trainable weights (see on_save_checkpoint)
         self.strict_loading = False
@@ -139,8 +145,13 @@ class SFTModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=hp.learning_rate,
-                                      weight_decay=hp.weight_decay)
+        parameters = self.policy.trainable_parameters()
+        if hp.optimizer == "adafactor":
+            # update = learning_rate x RMS(weight) x normalised gradient; the schedule below scales learning_rate
+            optimizer = Adafactor(parameters, lr=hp.learning_rate, weight_decay=hp.weight_decay,
+                                  scale_parameter=True, relative_step=False, warmup_init=False)
+        else:
+            optimizer = torch.optim.AdamW(parameters, lr=hp.learning_rate, weight_decay=hp.weight_decay)
         decay_steps = hp.decay_steps
         if decay_steps is None and hp.lr_schedule != "constant":
             estimate = self.trainer.estimated_stepping_batches
@@ -230,11 +241,14 @@ class SFTModule(L.LightningModule):
 def check_sft_settings(
     learning_rate: float, weight_decay: float, warmup_steps: int, lr_schedule: str, decay_steps: int | None,
     min_lr_ratio: float, max_new_tokens: int, num_threads: NumThreads, no_repeat_ngram_size: int = 0,
+    optimizer: str = "adamw",
 ) -> None:
     """Check SFTModule's settings before anything is loaded; errors name the flag."""
     errors = []
     if not learning_rate > 0:
         errors.append(f"model.learning_rate must be > 0, got {learning_rate}")
+    if optimizer not in ("adamw", "adafactor"):
+        errors.append(f"model.optimizer must be adamw or adafactor, got {optimizer!r}")
     if weight_decay < 0:
         errors.append(f"model.weight_decay must be >= 0, got {weight_decay}")
     if warmup_steps < 0:

@@ -346,3 +346,32 @@ def test_lit_rlhf_sft_user_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lit-rlhf-sft: error:") and "learning_rate" in err[0], err
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_adafactor_steps_are_relative_to_each_weights_scale(optimizer):
+    """T5 starts its attention queries ~4x (tiny T5) smaller than its keys: Adafactor moves each by the same
+    fraction of its size, AdamW by the same absolute amount (so queries move ~4x more, relatively)."""
+    torch.manual_seed(0)
+    module = SFTModule("embedded:tiny-t5", finetune="full", optimizer=optimizer, learning_rate=1e-2,
+                       warmup_steps=4, lr_schedule="cosine", decay_steps=100)
+    config = module.configure_optimizers()
+    opt, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * lr_factor(0, 4, 100, "cosine", 0.0))
+    attention = module.policy.model.decoder.block[0].layer[1].EncDecAttention
+    before = {name: getattr(attention, name).weight.detach().clone() for name in ("q", "k")}
+    scheduler.step()  # the schedule scales the optimizer's learning rate, Adafactor's included
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * lr_factor(1, 4, 100, "cosine", 0.0))
+    module.sft_loss(batch_of("embedded:tiny-t5")).backward()
+    opt.step()
+    relative = {name: ((getattr(attention, name).weight - w).norm() / w.norm()).item() for name, w in before.items()}
+    if optimizer == "adafactor":
+        assert type(opt).__name__ == "Adafactor"
+        assert 0.5 < relative["q"] / relative["k"] < 2.0, relative
+    else:
+        assert relative["q"] / relative["k"] > 2.5, relative
+
+
+def test_unknown_optimizer_is_refused():
+    with pytest.raises(ValueError, match="model.optimizer must be adamw or adafactor"):
+        SFTModule(optimizer="sgd")
