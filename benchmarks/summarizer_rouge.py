@@ -74,18 +74,15 @@ def model_summaries(module: SFTModule, dialogues: list[str], max_prompt_tokens: 
 
 def dialogue_dependence(module: SFTModule, dialogues: list[str], references: list[str], max_prompt_tokens: int,
                         batch_size: int) -> dict[str, float]:
-    """Reference loss (nats per summary token, mean over batches) with each row's own dialogue and with the
-    next row's dialogue."""
-    own, other = [], []
+    """Reference loss (nats per summary token, mean over batches) with each row's own dialogue, and how much
+    higher it is with the next row's dialogue (``SFTModule.prompt_gap``)."""
+    own, gap = [], []
     for batch in batches(module, dialogues, max_prompt_tokens, batch_size, references):
-        with torch.no_grad():
-            own.append(module.sft_loss(batch).item())
-            rolled = {**batch, "input_ids": batch["input_ids"].roll(1, 0),
-                      "attention_mask": batch["attention_mask"].roll(1, 0)}
-            other.append(module.sft_loss(rolled).item())
-    loss_own, loss_other = sum(own) / len(own), sum(other) / len(other)
-    return {"loss_own_dialogue": round(loss_own, 4), "loss_other_dialogue": round(loss_other, 4),
-            "gap": round(loss_other - loss_own, 4)}
+        if len(batch["input_ids"]) > 1:
+            with torch.no_grad():
+                own.append(module.sft_loss(batch).item())
+                gap.append(module.prompt_gap(batch).item())
+    return {"loss_own_dialogue": round(sum(own) / len(own), 4), "gap": round(sum(gap) / len(gap), 4)}
 
 
 def main() -> None:

@@ -375,3 +375,16 @@ def test_adafactor_steps_are_relative_to_each_weights_scale(optimizer):
 def test_unknown_optimizer_is_refused():
     with pytest.raises(ValueError, match="model.optimizer must be adamw or adafactor"):
         SFTModule(optimizer="sgd")
+
+
+def test_prompt_gap_is_zero_exactly_when_the_decoder_cannot_see_the_prompt(full_sft):
+    module = SFTModule("embedded:tiny-t5", finetune="full").eval()
+    batch = batch_of("embedded:tiny-t5", n=4)
+    with torch.no_grad():
+        assert module.prompt_gap(batch).abs() > 1e-4  # a random model's output depends on its input
+        for block in module.policy.model.decoder.block:  # cut every cross-attention: the prompt is unseen
+            block.layer[1].EncDecAttention.o.weight.zero_()
+        assert module.prompt_gap(batch) == 0
+        assert module.prompt_gap({k: v[:1] for k, v in batch.items()}).isnan()
+    _, recorder, _ = full_sft
+    assert "val/prompt_gap" in recorder.val[-1]  # validation logs it beside the loss
