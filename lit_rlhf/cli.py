@@ -1,13 +1,13 @@
 """The ``lit-rlhf`` command: LightningCLI over PPOModule and DialogSumDataModule.
 
-    lit-rlhf fit                                   # the embedded offline default (tiny T5, bundled DialogSum)
+    lit-rlhf fit                                   # the offline recipe (the embedded summarizer, bundled DialogSum)
     lit-rlhf fit --config configs/detox_flan_t5.yaml
     lit-rlhf fit --print_config                    # the whole run's settings
     lit-rlhf test --config ... --ckpt_path ...     # reward, KL and response length on the held-out split
     lit-rlhf fit --ckpt_path .../last.ckpt --model.ppo_steps 150   # resume (flags given win), in the same run folder
 
-With no ``--config``, ``fit``/``validate``/``test`` start from the packaged embedded default
-(``lit_rlhf/configs/embedded_t5.yaml``); command-line flags still override it.
+With no ``--config``, ``fit``/``validate``/``test`` start from the packaged offline recipe
+(``lit_rlhf/configs/detox_summarizer.yaml``); command-line flags still override it.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ REWARDS = {
     "ClassifierReward": "logit or probability of one label of a Hugging Face sequence classifier (hub or local)",
     "ProfanityReward": "offline: logit of 'not offensive' from the alt-profanity-check model",
     "ReferenceSimilarityReward": "ROUGE of the response against the reference summary, in [0, 1]",
-    "CompositeReward": "weighted sum of rewards (the embedded default: profanity + 10 x ROUGE-1)",
+    "CompositeReward": "weighted sum of rewards (the offline recipe: profanity + 10 x ROUGE-1)",
 }
 """``lit_rlhf.rewards`` classes, one line each for ``--help`` (a test checks that every Reward is listed)."""
 EVALUATORS = {
@@ -66,22 +66,23 @@ def _catalogue() -> str:
 
 DESCRIPTION = (
     "lit-rlhf: RLHF fine-tuning of Hugging Face language models with PPO (LoRA + value head) against a\n"
-    "reward model, as a Lightning module. `lit-rlhf fit` alone runs the embedded offline default\n"
-    "(lit_rlhf/configs/embedded_t5.yaml; print it with `lit-rlhf fit --print_config`);\n"
+    "reward model, as a Lightning module. `lit-rlhf fit` alone runs the offline recipe\n"
+    "(lit_rlhf/configs/detox_summarizer.yaml; print it with `lit-rlhf fit --print_config`);\n"
     "`lit-rlhf fit --config configs/detox_flan_t5.yaml` the FLAN-T5 detoxification recipe;\n"
     "`lit-rlhf fit --help` lists every setting."
 )
 SUBCOMMAND_USAGE = (
     "lit-rlhf {sub} [--config FILE ...] [--SECTION.SETTING VALUE ...]\n\n"
-    "Default config: with no --config, `lit-rlhf {sub}` runs the packaged embedded default\n"
-    "(lit_rlhf/configs/embedded_t5.yaml: tiny T5, bundled DialogSum, 100 PPO steps).\n"
+    "Default config: with no --config, `lit-rlhf {sub}` runs the packaged offline recipe\n"
+    "(lit_rlhf/configs/detox_summarizer.yaml: the embedded summarizer, bundled DialogSum, 100 PPO steps).\n"
     "The defaults listed below are the classes' own; print what a plain `lit-rlhf {sub}` runs:\n"
     "`lit-rlhf {sub} --print_config`."
 )
 SUBCOMMAND_DESCRIPTION = (
     "Recipes: --config configs/detox_flan_t5.yaml (FLAN-T5 detoxification), configs/detox_gpt2.yaml,\n"
-    "configs/embedded_gpt2.yaml (a tiny random GPT-2); offline copies of the recipe's models and data: add\n"
-    "--config configs/offline/local_models.yaml. Flags are never abbreviated."
+    "configs/embedded_t5.yaml, configs/embedded_gpt2.yaml (tiny random models, seconds a run); offline\n"
+    "copies of the recipe's models and data: add --config configs/offline/local_models.yaml.\n"
+    "Flags are never abbreviated."
 )
 
 
@@ -136,7 +137,7 @@ def quiet_harmless_warnings() -> None:
 quiet_harmless_warnings()
 
 
-DEFAULT_CONFIG = "embedded_t5.yaml"
+DEFAULT_CONFIG = "detox_summarizer.yaml"
 """The packaged config ``fit``/``validate``/``test`` use when no ``--config`` is given."""
 
 

@@ -29,8 +29,8 @@ QUICK = ["--config", TINY, *FLAGS]
 def test_configs_exist_and_are_packaged():
     names = {p.name for p in CONFIGS}
     assert {"embedded_t5.yaml", "embedded_gpt2.yaml", "detox_flan_t5.yaml", "detox_gpt2.yaml"} <= names
-    # the packaged default is the repo's configs/embedded_t5.yaml
-    assert DEFAULT_CONFIG == "embedded_t5.yaml"
+    # the packaged default is the repo's configs/detox_summarizer.yaml (the offline recipe)
+    assert DEFAULT_CONFIG == "detox_summarizer.yaml"
     assert Path(config_path()).read_text() == Path(CONFIGS[0].parent, DEFAULT_CONFIG).read_text()
 
 
@@ -337,7 +337,7 @@ def test_help_states_the_default_config_and_lists_rewards_and_evaluators(capsys)
     assert exit_info.value.code in (0, None)
     help_text = capsys.readouterr().out
     top = help_text[:600]
-    assert "embedded_t5.yaml" in top and "lit-rlhf fit --print_config" in top
+    assert "detox_summarizer.yaml" in top and "lit-rlhf fit --print_config" in top
     for module, base in ((rewards, rewards.Reward), (evaluators, evaluators.ToxicityEvaluator)):
         classes = [c for _, c in inspect.getmembers(module, inspect.isclass)
                    if issubclass(c, base) and c is not base and c.__module__ == module.__name__]

@@ -388,3 +388,23 @@ def test_prompt_gap_is_zero_exactly_when_the_decoder_cannot_see_the_prompt(full_
         assert module.prompt_gap({k: v[:1] for k, v in batch.items()}).isnan()
     _, recorder, _ = full_sft
     assert "val/prompt_gap" in recorder.val[-1]  # validation logs it beside the loss
+
+
+def test_the_shipped_summarizer_reads_the_dialogue():
+    """The packaged summarizer (lit_rlhf/assets/summarizer, PROVENANCE.md) is a model that summarizes: its
+    reference-summary loss is clearly worse with another row's dialogue, and its greedy summaries differ by
+    dialogue and name the speakers as DialogSum's references do."""
+    from lit_rlhf.tiny import resolve_model_path
+
+    folder = Path(__file__).parents[1] / "lit_rlhf" / "assets" / "summarizer"
+    assert Path(resolve_model_path("embedded:summarizer")) == folder
+    assert (folder / "model.safetensors").stat().st_size <= 25 * 10**6
+    assert (folder / "PROVENANCE.md").exists()
+    module = SFTModule("embedded:summarizer", finetune="full", max_new_tokens=40, no_repeat_ngram_size=3).eval()
+    batch = batch_of("embedded:summarizer", n=16)
+    with torch.no_grad():
+        gap = module.prompt_gap(batch).item()
+        summaries = module.generate_summaries(batch)
+    assert gap > 0.5, gap  # nats per token; about 0 for a model that ignores the dialogue
+    assert len(set(summaries)) >= 14, summaries
+    assert sum("#Person" in s for s in summaries) >= 12, summaries
