@@ -26,7 +26,7 @@ from importlib import resources
 
 import torch
 
-from lit_rlhf.data import DEFAULT_PROMPT_TEMPLATE, PromptCollator
+from lit_rlhf.data import DEFAULT_PROMPT_TEMPLATE, PromptCollator, _apply_prompt_and_tokenize, _tokenize_summary
 from lit_rlhf.sft import SFTModule, lead_summary, longest_summary, rouge_scores
 
 
@@ -52,14 +52,12 @@ def batches(module: SFTModule, dialogues: list[str], max_prompt_tokens: int, bat
     tokenizer = module.policy.tokenizer
     collate = PromptCollator(tokenizer.pad_token_id, "right" if module.policy.is_seq2seq else "left")
     for start in range(0, len(dialogues), batch_size):
-        chunk = dialogues[start : start + batch_size]
-        prompts = [DEFAULT_PROMPT_TEMPLATE.replace("{dialogue}", d) for d in chunk]
-        ids = tokenizer(prompts, truncation=True, max_length=max_prompt_tokens).input_ids
-        rows = [{"input_ids": x, "query": "", "summary": "", "id": "", "prompt": ""} for x in ids]
+        chunk = {"dialogue": dialogues[start : start + batch_size]}
+        columns = _apply_prompt_and_tokenize(chunk, tokenizer, DEFAULT_PROMPT_TEMPLATE, max_prompt_tokens)
         if references is not None:
-            summaries = tokenizer(references[start : start + batch_size], add_special_tokens=False).input_ids
-            for row, summary in zip(rows, summaries):
-                row["summary_ids"] = summary + [tokenizer.eos_token_id]
+            chunk["summary"] = references[start : start + batch_size]
+            columns |= _tokenize_summary(chunk, tokenizer, max_summary_tokens=None)
+        rows = [{"id": "", **dict(zip(columns, row))} for row in zip(*columns.values())]
         yield collate(rows)
 
 
@@ -80,8 +78,9 @@ def dialogue_dependence(module: SFTModule, dialogues: list[str], references: lis
     for batch in batches(module, dialogues, max_prompt_tokens, batch_size, references):
         if len(batch["input_ids"]) > 1:
             with torch.no_grad():
-                own.append(module.sft_loss(batch).item())
-                gap.append(module.prompt_gap(batch).item())
+                loss = module.sft_loss(batch)
+                own.append(loss.item())
+                gap.append(module.prompt_gap(batch, loss).item())
     return {"loss_own_dialogue": round(sum(own) / len(own), 4), "gap": round(sum(gap) / len(gap), 4)}
 
 

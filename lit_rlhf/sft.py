@@ -137,15 +137,16 @@ class SFTModule(L.LightningModule):
         )
         return -ppo.masked_mean(out.logprobs, batch["summary_mask"])
 
-    def prompt_gap(self, batch: dict[str, Any]) -> Tensor:
+    def prompt_gap(self, batch: dict[str, Any], own_loss: Tensor | None = None) -> Tensor:
         """How much the model reads its prompt: the summary loss with each row's prompt replaced by the next
-        row's (the batch rolled by one) minus the loss with its own. About 0 for a model that only learned
-        the summaries' language; NaN for a batch of one row. Scalar (nats per summary token)."""
+        row's (the batch rolled by one) minus the loss with its own (``own_loss``, when already computed).
+        About 0 for a model that only learned the summaries' language; NaN for a batch of one row. Scalar
+        (nats per summary token)."""
         if len(batch["input_ids"]) < 2:
             return torch.tensor(float("nan"))
         rolled = {**batch, "input_ids": batch["input_ids"].roll(1, 0),
                   "attention_mask": batch["attention_mask"].roll(1, 0)}
-        return self.sft_loss(rolled) - self.sft_loss(batch)
+        return self.sft_loss(rolled) - (self.sft_loss(batch) if own_loss is None else own_loss)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss = self.sft_loss(batch)
@@ -193,9 +194,11 @@ class SFTModule(L.LightningModule):
     def _evaluate_batch(self, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
         batch_size = len(batch["input_ids"])
         if "summary_ids" in batch:
-            self.log(f"{stage}/loss", self.sft_loss(batch), batch_size=batch_size, sync_dist=True)
+            loss = self.sft_loss(batch)
+            self.log(f"{stage}/loss", loss, batch_size=batch_size, sync_dist=True)
             if batch_size > 1:
-                self.log(f"{stage}/prompt_gap", self.prompt_gap(batch), batch_size=batch_size, sync_dist=True)
+                self.log(f"{stage}/prompt_gap", self.prompt_gap(batch, loss), batch_size=batch_size,
+                         sync_dist=True)
         summaries = self.generate_summaries(batch)
         self.rouge.update(summaries, batch["reference"])
         if batch_idx == 0:
