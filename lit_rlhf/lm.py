@@ -16,8 +16,9 @@ Shapes: B batch, P query tokens, T response tokens, V vocabulary, H hidden size;
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 import torch
@@ -133,6 +134,19 @@ class DecodeState:
     context: Tensor  # seq2seq: encoder states [b, P, H]; causal: position ids of step_input [b, *]
 
 
+@cache
+def _cache_argument(model_class: type) -> str:
+    """The name a model's ``forward`` takes its KV cache by: ``cache`` from transformers 5.2x (the old name
+    still works there, with a deprecation warning every run), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def _cached_forward(model: nn.Module, state: DecodeState, **inputs: Any) -> Any:
+    """One forward that reads and extends ``state.cache`` (the cache object is updated in place and kept)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: its wrapped model
+    return model(**inputs, **{_cache_argument(type(base)): state.cache}, use_cache=True, output_hidden_states=True)
+
+
 class Seq2SeqLM:
     """Encoder-decoder models (T5)."""
 
@@ -172,9 +186,8 @@ class Seq2SeqLM:
 
     def step(self, model: nn.Module, state: DecodeState) -> tuple[Tensor, Tensor]:
         """One decoder step for the running rows: logits [b, V] and last hidden state [b, H] of the newest position."""
-        out = model(encoder_outputs=(state.context,), attention_mask=state.attention, decoder_input_ids=state.step_input,
-                    past_key_values=state.cache, use_cache=True, output_hidden_states=True)
-        state.cache = out.past_key_values
+        out = _cached_forward(model, state, encoder_outputs=(state.context,), attention_mask=state.attention,
+                              decoder_input_ids=state.step_input)
         return out.logits[:, -1], out.decoder_hidden_states[-1][:, -1]
 
     def advance(self, state: DecodeState, token: Tensor) -> None:
@@ -220,9 +233,8 @@ class CausalLM:
         return DecodeState(cache, query_ids, query_mask, _positions(query_mask))
 
     def step(self, model: nn.Module, state: DecodeState) -> tuple[Tensor, Tensor]:
-        out = model(input_ids=state.step_input, attention_mask=state.attention, position_ids=state.context,
-                    past_key_values=state.cache, use_cache=True, output_hidden_states=True, logits_to_keep=1)
-        state.cache = out.past_key_values
+        out = _cached_forward(model, state, input_ids=state.step_input, attention_mask=state.attention,
+                              position_ids=state.context, logits_to_keep=1)
         return out.logits[:, -1], out.hidden_states[-1][:, -1]
 
     def advance(self, state: DecodeState, token: Tensor) -> None:
