@@ -94,12 +94,9 @@ def adapter_weights(workdir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
-    # Uninterrupted reference run: 6 PPO steps.
+    # Uninterrupted reference run of 6 PPO steps, and beside it the same run, SIGKILLed right after the
+    # checkpoint of PPO step 3 (optimizer step 6) appears (separate processes: neither changes the other).
     ref = launch(tmp_path / "straight")
-    out, _ = ref.communicate(timeout=600)
-    assert ref.returncode == 0, out[-3000:]
-
-    # Same run, SIGKILLed right after the checkpoint of PPO step 3 (optimizer step 6) appears.
     victim = launch(tmp_path / "killed")
     ckpt_dir = tmp_path / "killed" / "checkpoints"
     deadline = time.time() + 600
@@ -115,6 +112,8 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     killed_at = ckpt["lit_rlhf"]["ppo_step"]
     assert 2 <= killed_at < 6  # last.ckpt is written just after step=6.ckpt: either step is a complete file
 
+    out, _ = ref.communicate(timeout=600)
+    assert ref.returncode == 0, out[-3000:]
     resumed = launch(tmp_path / "killed", "--ckpt_path", str(ckpt_dir / "last.ckpt"))
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out[-3000:]
