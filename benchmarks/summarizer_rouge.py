@@ -26,7 +26,7 @@ from importlib import resources
 
 import torch
 
-from lit_rlhf.data import DEFAULT_PROMPT_TEMPLATE, PromptCollator, _apply_prompt_and_tokenize, _tokenize_summary
+from lit_rlhf.data import DEFAULT_PROMPT_TEMPLATE, PromptCollator, apply_prompt_and_tokenize, tokenize_summary
 from lit_rlhf.sft import SFTModule, lead_summary, longest_summary, rouge_scores
 
 
@@ -53,10 +53,10 @@ def batches(module: SFTModule, dialogues: list[str], max_prompt_tokens: int, bat
     collate = PromptCollator(tokenizer.pad_token_id, "right" if module.policy.is_seq2seq else "left")
     for start in range(0, len(dialogues), batch_size):
         chunk = {"dialogue": dialogues[start : start + batch_size]}
-        columns = _apply_prompt_and_tokenize(chunk, tokenizer, DEFAULT_PROMPT_TEMPLATE, max_prompt_tokens)
+        columns = apply_prompt_and_tokenize(chunk, tokenizer, DEFAULT_PROMPT_TEMPLATE, max_prompt_tokens)
         if references is not None:
             chunk["summary"] = references[start : start + batch_size]
-            columns |= _tokenize_summary(chunk, tokenizer, max_summary_tokens=None)
+            columns |= tokenize_summary(chunk, tokenizer, max_summary_tokens=None)
         rows = [{"id": "", **dict(zip(columns, row))} for row in zip(*columns.values())]
         yield collate(rows)
 

@@ -109,12 +109,14 @@ def _dialogue_length_in_range(dialogues: list[str], min_chars: int, max_chars: i
     return [min_chars < len(dialogue) <= max_chars for dialogue in dialogues]
 
 
-def _apply_prompt_and_tokenize(
+def apply_prompt_and_tokenize(
     batch: dict[str, list],
     tokenizer: PreTrainedTokenizerBase,
     prompt_template: str,
     max_prompt_tokens: int | None,
 ) -> dict[str, list]:
+    """The prompt (``prompt_template`` around each dialogue), its token ids (truncated to ``max_prompt_tokens``)
+    and the query text decoded from them: the columns training, evaluation and predict read."""
     prompts = [prompt_template.replace("{dialogue}", dialogue) for dialogue in batch["dialogue"]]
     truncate = max_prompt_tokens is not None
     input_ids = tokenizer(prompts, truncation=truncate, max_length=max_prompt_tokens).input_ids
@@ -123,7 +125,7 @@ def _apply_prompt_and_tokenize(
     return {"prompt": prompts, "input_ids": input_ids, "query": tokenizer.batch_decode(input_ids)}
 
 
-def _tokenize_summary(
+def tokenize_summary(
     batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, max_summary_tokens: int | None
 ) -> dict[str, list]:
     """The reference summary as the response the model should produce, ending with eos (supervised labels)."""
@@ -411,7 +413,7 @@ class DialogSumDataModule(L.LightningDataModule):
                 "for training; lower test_size or keep more rows (min_chars/max_chars)"
             )
         prompts = kept.map(
-            _apply_prompt_and_tokenize,
+            apply_prompt_and_tokenize,
             batched=True,
             fn_kwargs={
                 "tokenizer": self.tokenizer,
@@ -421,7 +423,7 @@ class DialogSumDataModule(L.LightningDataModule):
         )
         if self.with_labels:
             prompts = prompts.map(
-                _tokenize_summary, batched=True,
+                tokenize_summary, batched=True,
                 fn_kwargs={"tokenizer": self.tokenizer, "max_summary_tokens": self.max_summary_tokens},
             )
         parts = prompts.train_test_split(
@@ -450,7 +452,7 @@ class DialogSumDataModule(L.LightningDataModule):
     def _build_predict_set(self) -> datasets.Dataset:
         rows = load_predict_rows(self.predict_path)
         return rows.map(
-            _apply_prompt_and_tokenize, batched=True,
+            apply_prompt_and_tokenize, batched=True,
             fn_kwargs={"tokenizer": self.tokenizer, "prompt_template": self.prompt_template,
                        "max_prompt_tokens": self.max_prompt_tokens},
         )

@@ -137,3 +137,16 @@ def test_render_rewrites_the_recorded_results(bench, tmp_path, name):
     text = (tmp_path / name).read_text()
     assert f"| {FAST} |" in text and ", float32: seconds per PPO step" in text
     assert bench.NOTES_MARKER in text
+
+
+def test_reference_rows_benchmark_checks_the_rows_against_the_teacher_forced_reference(tmp_path):
+    """bench_reference_rows.py decodes reference rows (peft's "__base__" adapter per row) beside the policy's;
+    it stops with an error unless their log-probs equal the teacher-forced reference's, then names the faster way."""
+    env = dict(os.environ, LIT_RLHF_CACHE=str(tmp_path / "lit_rlhf"))
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_reference_rows.py"), "--tiny", "--repeats", "1",
+         "--cache-dir", str(tmp_path)], capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "| decode, 16 policy + 16 reference rows |" in done.stdout
+    assert "faster here: " in done.stdout
