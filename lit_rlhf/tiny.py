@@ -161,6 +161,8 @@ def build_tokenizer(vocab_size: int = 2000, kind: Literal["t5", "gpt2"] = "t5") 
         padding_side=padding_side,
         # transformers' clean-up would turn DialogSum's "I ' m" into "I'm": decoding must give the text back.
         clean_up_tokenization_spaces=False,
+        # what the models take (older transformers' default also returns token_type_ids, which generate refuses)
+        model_input_names=["input_ids", "attention_mask"],
         **special,
     )
 

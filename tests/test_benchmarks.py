@@ -150,3 +150,24 @@ def test_reference_rows_benchmark_checks_the_rows_against_the_teacher_forced_ref
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "| decode, 16 policy + 16 reference rows |" in done.stdout
     assert "faster here: " in done.stdout
+
+
+def test_goals_check_each_workload_and_dtype_against_its_own_targets(bench):
+    run = {"workload": "B", "dtype": "float32", "machine": "m", "threads": 1}
+    rows = {"lit_rlhf_fast": {"total": 100.0, "steps_peak_mib": 6.0, "process_peak_mib": 8.0},
+            "trl_batched": {"total": 250.0, "steps_peak_mib": 10.0, "process_peak_mib": 10.0},
+            "trl_loop": {"total": 290.0}, "flop_limit": {"total": 50.0}}
+    lines = bench.goals({"run": run, "rows": rows}, {})
+    assert "  - speed-up vs TRL batched (goal ≥ 2.0): 2.50 — met" in lines
+    assert "  - speed-up vs TRL loop (goal ≥ 3.0): 2.90 — NOT met" in lines
+    assert "  - time ÷ FLOP limit (goal ≤ 1.6): 2.00 — NOT met" in lines
+    assert "  - peak RSS during steps ÷ TRL batched (goal ≤ 0.7): 0.60 — met" in lines
+    assert "  - process peak RSS ÷ TRL batched (goal ≤ 0.7): 0.80 — NOT met" in lines
+    # bf16 on workload A: against TRL in bf16 and TRL batched fp32 of the same machine; no FLOP-limit goal
+    a32 = {"run": {**run, "workload": "A"}, "rows": {"trl_batched": {"total": 300.0}}}
+    a16 = {"run": {**run, "workload": "A", "dtype": "bfloat16"},
+           "rows": {"lit_rlhf_fast": {"total": 100.0}, "trl_batched": {"total": 140.0}}}
+    lines = bench.goals(a16, {"A/float32": a32, "A/bfloat16": a16})
+    assert "  - speed-up vs TRL batched bf16 (goal ≥ 1.5): 1.40 — NOT met" in lines
+    assert "  - speed-up vs TRL batched fp32 (goal ≥ 1.7): 3.00 — met" in lines
+    assert not any("FLOP limit" in line for line in lines)
