@@ -38,7 +38,9 @@ def decode(policy: Policy, ids: torch.Tensor, mask: torch.Tensor, steps: int, be
     rows = ids.shape[0]
     if beside:
         ids, mask = torch.cat([ids, ids]), torch.cat([mask, mask])
-        # peft's mixed-adapter batch: every LoRA layer applies the adapter to the first B rows only
+        # peft's mixed-adapter batch (the hooks behind its public ``adapter_names`` argument of forward and
+        # generate, entered here once so the encoder and every decode step get them): every LoRA layer applies
+        # the adapter to the first B rows only
         adapters = policy.model._enable_peft_forward_hooks(adapter_names=["default"] * rows + ["__base__"] * rows)
     tokens = torch.zeros(rows, steps, dtype=torch.long)
     logprobs = torch.zeros(2 if beside else 1, rows, steps)
@@ -103,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ref_gap = float((ref_lp - forward.logprobs.float()).abs().max())
     adapter_gap = float((ref_lp - policy_lp).abs().max())
     assert ref_gap <= tol, f"reference rows' log-probs differ from the teacher-forced reference's by {ref_gap:.2e}"
+    assert policy_gap <= tol, f"policy rows decoded beside reference rows differ from alone by {policy_gap:.2e}"
     assert adapter_gap > 10 * ref_gap, "the adapter changes nothing: the check above would not tell the two apart"
 
     rows, prompt = ids.shape[0], int(mask.sum(1).max())

@@ -96,8 +96,15 @@ def adapter_weights(workdir: Path) -> dict[str, torch.Tensor]:
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     # Uninterrupted reference run of 6 PPO steps, and beside it the same run, SIGKILLed right after the
     # checkpoint of PPO step 3 (optimizer step 6) appears (separate processes: neither changes the other).
-    ref = launch(tmp_path / "straight")
-    victim = launch(tmp_path / "killed")
+    ref, victim = launch(tmp_path / "straight"), launch(tmp_path / "killed")
+    try:
+        check_killed_and_resumed(tmp_path, ref, victim)
+    finally:
+        for proc in (ref, victim):
+            proc.kill()  # a no-op for a process that has ended; stops one a failed check left running
+
+
+def check_killed_and_resumed(tmp_path: Path, ref: subprocess.Popen, victim: subprocess.Popen) -> None:
     ckpt_dir = tmp_path / "killed" / "checkpoints"
     deadline = time.time() + 600
     while not (ckpt_dir / "step=6.ckpt").exists():
