@@ -92,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     (tokens, policy_lp, _), alone_s = timed(lambda: decode(policy, ids, mask, steps, beside=False), args.repeats)
     # the same tokens (in bf16 a batch of 2B rows rounds differently, and greedy choices could flip)
     (_, policy_lp2, ref_lp), beside_s = timed(lambda: decode(policy, ids, mask, steps, True, tokens), args.repeats)
+    # control: 2B rows that all use the adapter, no per-row selection (what 2B rows cost without peft's hooks)
+    doubled = torch.cat([tokens, tokens])
+    _, doubled_s = timed(lambda: decode(policy, torch.cat([ids, ids]), torch.cat([mask, mask]), steps, False, doubled),
+                         args.repeats)
     response_mask = torch.ones_like(tokens)
     forward, forward_s = timed(lambda: policy.reference_forward(ids, mask, tokens, response_mask), args.repeats)
 
@@ -116,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| decode, {rows} policy rows | {alone_s:.3f} | {1000 * alone_s / steps:.1f} |")
     print(f"| decode, {rows} policy + {rows} reference rows | {beside_s:.3f} | {1000 * beside_s / steps:.1f} |")
     print(f"| extra for the reference rows | {extra:.3f} | {1000 * extra / steps:.1f} |")
+    print(f"| control: decode, {2 * rows} policy rows (no per-row adapters) | {doubled_s:.3f} | "
+          f"{1000 * doubled_s / steps:.1f} |")
     print(f"| reference teacher-forced pass, {rows} rows | {forward_s:.3f} | – |")
     print(f"checks (max |d log p|): reference rows vs the teacher-forced reference {ref_gap:.2e} (tolerance "
           f"{tol:.1e}: 2x the policy's decode vs its teacher-forced forward, {own_gap:.2e}); policy rows alone vs "
