@@ -42,8 +42,8 @@ def decode(policy: Policy, ids: torch.Tensor, mask: torch.Tensor, steps: int, be
         # generate, entered here once so the encoder and every decode step get them): every LoRA layer applies
         # the adapter to the first B rows only
         adapters = policy.model._enable_peft_forward_hooks(adapter_names=["default"] * rows + ["__base__"] * rows)
-    tokens = torch.zeros(rows, steps, dtype=torch.long)
-    logprobs = torch.zeros(2 if beside else 1, rows, steps)
+    tokens = torch.zeros(rows, steps, dtype=torch.long, device=ids.device)
+    logprobs = torch.zeros(2 if beside else 1, rows, steps, device=ids.device)
     with torch.no_grad(), adapters if beside else nullcontext():
         state = policy.lm.start(policy.model, ids, mask, horizon=steps)
         for t in range(steps):
@@ -56,12 +56,20 @@ def decode(policy: Policy, ids: torch.Tensor, mask: torch.Tensor, steps: int, be
     return tokens, logprobs[0], logprobs[1] if beside else None
 
 
+def synchronize() -> None:
+    """Wait for queued GPU work, so that a timing measures it (nothing to wait for on CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeats: int):
     """The function's result and its median seconds over ``repeats`` calls (after one unmeasured call)."""
     result, seconds = fn(), []
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         fn()
+        synchronize()
         seconds.append(time.perf_counter() - start)
     return result, statistics.median(seconds)
 
@@ -73,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as the PPO benchmark)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the frozen weights' dtype")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls of each way (median; default 3)")
+    parser.add_argument("--device", default="cpu", help="torch device to run on (cpu, cuda, ...)")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the benchmark model is built")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -80,11 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     model_dir = build_model_dir(args.cache_dir, args.tiny)
     batch = workload_prompts("A" if not args.tiny else "B", model_dir, 1)[0][0]
-    ids, mask = batch["input_ids"], batch["attention_mask"]
+    ids, mask = batch["input_ids"].to(args.device), batch["attention_mask"].to(args.device)
 
     torch.manual_seed(0)
     lora = LoraSettings(r=PPO.lora_r, alpha=PPO.lora_alpha, dropout=PPO.lora_dropout, target_modules=list(PPO.lora_targets))
-    policy = Policy(str(model_dir), lora=lora, dtype=args.dtype).eval()
+    policy = Policy(str(model_dir), lora=lora, dtype=args.dtype).eval().to(args.device)
     for name, p in policy.named_parameters():  # a trained-looking adapter: policy and reference differ
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
@@ -115,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, prompt = ids.shape[0], int(mask.sum(1).max())
     extra = beside_s - alone_s
     print(f"lit_rlhf reference rows benchmark: {rows} rows, prompts up to {prompt} tokens, {steps} new tokens, "
-          f"{args.dtype}, {args.threads} thread(s), median of {args.repeats}")
+          f"{args.dtype}, {args.device}, {args.threads} thread(s), median of {args.repeats}")
     print(f"| way | seconds | per decode step (ms) |\n|---|---:|---:|")
     print(f"| decode, {rows} policy rows | {alone_s:.3f} | {1000 * alone_s / steps:.1f} |")
     print(f"| decode, {rows} policy + {rows} reference rows | {beside_s:.3f} | {1000 * beside_s / steps:.1f} |")
