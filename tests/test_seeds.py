@@ -1,0 +1,64 @@
+"""benchmarks/seeds.py: the headline figures of a report and their summary over seeds, on hand-made reports."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "seeds.py"
+
+
+@pytest.fixture(scope="module")
+def seeds():
+    spec = importlib.util.spec_from_file_location("bench_seeds", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def report(tox_before, tox_after, reward_before, reward_after, rouge_before, rouge_after, length_after=20.0):
+    side = lambda tox, reward, rouge, length: {"toxicity_mean": tox, "reward_mean": reward, "rouge1": rouge,
+                                               "response_length_mean": length}
+    return {"before": side(tox_before, reward_before, rouge_before, 25.0),
+            "after": side(tox_after, reward_after, rouge_after, length_after),
+            "toxicity": {"p_value": 0.01}, "reward": {"p_value": 0.2}}
+
+
+def test_headline_figures_of_one_report(seeds):
+    figures = seeds.headline_figures(report(0.05, 0.04, 6.0, 6.5, 0.30, 0.27))
+    assert figures["toxicity_decrease_pct"] == pytest.approx(20.0)
+    assert figures["reward_gain"] == pytest.approx(0.5)
+    assert figures["rouge1_retained_pct"] == pytest.approx(90.0)
+    assert figures["toxicity_p"] == 0.01 and figures["length_after"] == 20.0
+
+
+def test_a_report_without_references_has_no_rouge_row(seeds):
+    figures = seeds.headline_figures(report(0.05, 0.04, 6.0, 6.5, None, None))
+    assert "rouge1_retained_pct" not in figures
+
+
+def test_summary_over_seeds_and_its_table(seeds, tmp_path):
+    per_seed = {0: seeds.headline_figures(report(0.05, 0.04, 6.0, 6.5, 0.30, 0.27)),
+                1: seeds.headline_figures(report(0.05, 0.03, 6.0, 6.1, 0.30, 0.30))}
+    summary = seeds.summarise(per_seed)
+    assert summary["toxicity_decrease_pct"]["mean"] == pytest.approx(30.0)  # 20 % and 40 %
+    assert summary["toxicity_decrease_pct"]["std"] == pytest.approx(14.142135, rel=1e-6)  # sample std of 20, 40
+    assert summary["reward_gain"]["min"] == pytest.approx(0.1) and summary["reward_gain"]["max"] == pytest.approx(0.5)
+    text = seeds.render(per_seed, summary, "lit-rlhf fit --seed_everything N")
+    row = next(line for line in text.splitlines() if line.startswith("| toxicity decrease (%)"))
+    assert row == "| toxicity decrease (%) | +20.0 | +40.0 | +30.0 | +14.1 | +20.0 | +40.0 |"
+
+
+def test_no_run_summarises_the_runs_in_the_workdir(seeds, tmp_path):
+    for seed, after in ((0, 0.04), (1, 0.03)):
+        folder = tmp_path / f"seed_{seed}" / "logs" / "lightning_logs" / "version_0"
+        folder.mkdir(parents=True)
+        (folder / "report.json").write_text(json.dumps(report(0.05, after, 6.0, 6.5, 0.30, 0.27)))
+    results = tmp_path / "R.md"
+    seeds.main(["--seeds", "0", "1", "--no-run", "--workdir", str(tmp_path), "--results", str(results)])
+    saved = json.loads(results.with_suffix(".json").read_text())
+    assert saved["summary"]["toxicity_after"]["mean"] == pytest.approx(0.035)
+    assert "| mean toxicity after | 0.0400 | 0.0300 |" in results.read_text()
