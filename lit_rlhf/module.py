@@ -355,7 +355,7 @@ class PPOModule(L.LightningModule):
         loss, stats = ppo_math.ppo_objective(
             out.logprobs, old_logprobs, out.values, rollout.values[idx, :t], advantages[idx, :t], returns[idx, :t], rm,
             p.cliprange, p.cliprange_value, p.vf_coef, p.loss_aggregation, self.generation.max_new_tokens[1] - 1,
-            ref, self.kl_ctl.value if p.kl_in_loss else 0.0)
+            ref, self.kl_ctl.value if p.kl_in_loss else 0.0, reduce_fn=self._reduce)  # global token counts
         # every rank must take the same decision, or DDP's gradient all-reduce would hang
         ratio = float(stats["policy/ratio_mean"])
         for unsafe, reason in ((not bool(torch.isfinite(loss)), "the PPO loss was not finite"),
