@@ -273,10 +273,8 @@ class PPOModule(L.LightningModule):
             return
         # log_dir broadcasts from rank zero, and gathering sharded weights is a collective: every rank takes part
         target = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter"
-        with dist.full_weights(self.trainer, self.policy) as state_dict:
-            if self.trainer.is_global_zero:
-                self.policy.export(target, state_dict)
-                rank_zero_info(f"Adapter exported to {target}")
+        dist.export_policy(self.trainer, self.policy, target)
+        rank_zero_info(f"Adapter exported to {target}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = dist.trainable_state(self, checkpoint["state_dict"])

@@ -254,10 +254,10 @@ class SFTModule(L.LightningModule):
         return Path(self.trainer.log_dir or self.trainer.default_root_dir) / name
 
     def on_fit_end(self) -> None:
-        if self.trainer.is_global_zero:
-            target = self.export_path()
-            self.policy.export(target)
-            rank_zero_info(f"SFT result exported to {target} (give it to PPO as --model.init_adapter {target})")
+        # every rank: log_dir broadcasts from rank zero, and gathering sharded weights is a collective
+        target = self.export_path()
+        dist.export_policy(self.trainer, self.policy, target)
+        rank_zero_info(f"SFT result exported to {target} (give it to PPO as --model.init_adapter {target})")
 
 
 def check_sft_settings(
