@@ -47,6 +47,9 @@ from lit_rlhf.tiny import resolve_model_path
 
 log = logging.getLogger(__name__)
 
+EXACT_SCORE_ROWS = 8
+"""Rows per scoring forward when ``Policy.sample`` falls back to exact mode."""
+
 
 class PerRowMaxLength(StoppingCriteria):
     """Stops each row of a batched ``generate`` at its own maximum number of new tokens."""
@@ -374,11 +377,13 @@ class Policy(nn.Module):
         self, input_ids: Tensor, attention_mask: Tensor, settings: GenerationSettings, max_new_tokens: Tensor,
         repeats: int,
     ) -> SampledRollout:
-        """``sample``'s result from ``generate`` and one teacher-forced scoring pass over all rows."""
+        """``sample``'s result from ``generate`` and the teacher-forced scoring pass (``EXACT_SCORE_ROWS`` rows a
+        forward, bounding the [rows, T, V] logits)."""
         input_ids, attention_mask = (t.repeat_interleave(repeats, 0) for t in (input_ids, attention_mask))
         response_ids, response_mask = self.generate(input_ids, attention_mask, settings, max_new_tokens=max_new_tokens)
         rows = ResponseBatch(input_ids, attention_mask, response_ids, response_mask)
-        scores = self.score(rows, [torch.arange(len(response_ids))], values=self.has_value_head, reference=False)
+        groups = list(torch.arange(len(response_ids)).split(EXACT_SCORE_ROWS))
+        scores = self.score(rows, groups, values=self.has_value_head, reference=False)
         values = scores.values if scores.values is not None else torch.zeros_like(scores.logprobs)
         return SampledRollout(response_ids, response_mask, scores.logprobs, values)
 
