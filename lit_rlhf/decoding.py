@@ -31,6 +31,36 @@ from lit_rlhf.lm import CausalLM, Seq2SeqLM
 from lit_rlhf.settings import GenerationSettings
 
 
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The token rules of a model's own ``generation_config`` that both rollout modes follow.
+
+    ``eos``: every end-of-sequence id (chat models list several: ``<|eot_id|>``, ``<|im_end|>``, ...); a
+    response ends at the first of any. ``pad``: fills each response after its end. ``forced_bos``: the first
+    response token of a seq2seq model (mBART's target-language code), as ``generate``'s
+    ``ForcedBOSTokenLogitsProcessor`` forces it. ``forced_eos``: the token a response that reaches its own
+    length limit ends with (BART's ``</s>``). A forced token is scored like any other response token: its
+    log-probability is the model's own, as the teacher-forced forward computes it."""
+
+    eos: tuple[int, ...]
+    pad: int
+    forced_bos: int | None = None
+    forced_eos: int | None = None
+
+    def is_eos(self, tokens: Tensor) -> Tensor:
+        """True where ``tokens`` is any end-of-sequence id (all False without one). Any shape -> same shape."""
+        return torch.isin(tokens, torch.tensor(self.eos, dtype=tokens.dtype, device=tokens.device))
+
+    def force(self, token: Tensor, t: int, last: Tensor) -> Tensor:
+        """``token`` [b] with the forced tokens in place: ``forced_bos`` at step 0, ``forced_eos`` where
+        ``last`` [b] marks a row's final step (its own limit)."""
+        if self.forced_bos is not None and t == 0:
+            token = torch.full_like(token, self.forced_bos)
+        if self.forced_eos is not None:
+            token = torch.where(last, self.forced_eos, token)
+        return token
+
+
 @dataclass
 class SampledRollout:
     response_ids: Tensor  # [B, T], pad after each row's end
@@ -67,12 +97,12 @@ def inverse_cdf_sample(probs: Tensor) -> Tensor:
     return torch.minimum(token, last)
 
 
-def next_token(logits: Tensor, warp: LogitsProcessorList, do_sample: bool, blocked: int | None) -> Tensor:
-    """The next token of each row, as ``generate`` picks it: ``blocked`` (eos before min_new_tokens) gets
-    probability 0, the warpers apply, then a draw from the softmax (or the argmax). logits: [b, V] -> [b]."""
+def next_token(logits: Tensor, warp: LogitsProcessorList, do_sample: bool, blocked: tuple[int, ...] = ()) -> Tensor:
+    """The next token of each row, as ``generate`` picks it: ``blocked`` (every eos id before min_new_tokens)
+    gets probability 0, the warpers apply, then a draw from the softmax (or the argmax). logits: [b, V] -> [b]."""
     scores = logits.clone()
-    if blocked is not None:
-        scores[:, blocked] = float("-inf")
+    if blocked:
+        scores[:, list(blocked)] = float("-inf")
     scores = warp(None, scores)
     if do_sample:
         return inverse_cdf_sample(torch.softmax(scores, dim=-1))
@@ -82,13 +112,14 @@ def next_token(logits: Tensor, warp: LogitsProcessorList, do_sample: bool, block
 @torch.no_grad()
 def sample_with_cache(
     model: nn.Module, lm: Seq2SeqLM | CausalLM, value_head: Callable[[Tensor], Tensor] | None, query_ids: Tensor,
-    query_mask: Tensor, max_new_tokens: Tensor, settings: GenerationSettings, eos_token_id: int | None,
-    pad_token_id: int, repeats: int = 1,
+    query_mask: Tensor, max_new_tokens: Tensor, settings: GenerationSettings, tokens: SpecialTokens,
+    repeats: int = 1,
 ) -> SampledRollout:
-    """Sample one response per query; rows leave the batch when they emit eos or reach their own limit.
+    """Sample one response per query; rows leave the batch when they emit any eos id or reach their own limit.
 
     query_ids, query_mask: [Q, P] (padded on ``lm.query_padding_side``), each query sampled ``repeats`` times
     (rows of one query contiguous: B = Q x repeats; a seq2seq encoder runs once per query); max_new_tokens: [B].
+    ``tokens``: the model's eos/pad/forced-token rules (``SpecialTokens``).
     The model must be in eval mode. ``value_head``: None for a policy without one (values come back as 0).
     Sampling draws from torch's global RNG, one uniform number per running row per step.
     """
@@ -98,7 +129,7 @@ def sample_with_cache(
     batch = query_ids.shape[0] * repeats
     limits = max_new_tokens.to(device)
     horizon = int(limits.max())
-    response = torch.full((batch, horizon), pad_token_id, dtype=torch.long, device=device)
+    response = torch.full((batch, horizon), tokens.pad, dtype=torch.long, device=device)
     logprobs = torch.zeros(batch, horizon, device=device)
     values = torch.zeros(batch, horizon, device=device)
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
@@ -111,8 +142,11 @@ def sample_with_cache(
         logits, hidden = lm.step(model, state)  # [b, V], [b, H]
         logits = logits.float()
 
-        # 2) sample as generate() does: eos blocked before min_new_tokens, then the warpers
-        token = next_token(logits, warp, settings.do_sample, eos_token_id if t < settings.min_new_tokens else None)
+        # 2) sample as generate() does: eos blocked before min_new_tokens, then the warpers; forced tokens
+        # replace the draw (the draw still happens, so the random stream matches generate's)
+        last = (t + 1) >= limits[rows]
+        token = next_token(logits, warp, settings.do_sample, tokens.eos if t < settings.min_new_tokens else ())
+        token = tokens.force(token, t, last)
         # PPO's log-probability is that of the temperature-1 policy, as the scoring forward computes it
         token_logprob = torch.log_softmax(logits, -1).gather(1, token[:, None]).squeeze(1)
 
@@ -123,8 +157,7 @@ def sample_with_cache(
         lengths[rows] = t + 1
 
         # 3) drop rows whose response is complete (eos, or their own limit)
-        done = torch.zeros_like(token, dtype=torch.bool) if eos_token_id is None else token == eos_token_id
-        done |= (t + 1) >= limits[rows]
+        done = tokens.is_eos(token) | last
         if done.all():
             break
         if done.any():

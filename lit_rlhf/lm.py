@@ -153,8 +153,8 @@ class Seq2SeqLM:
     is_seq2seq = True
     query_padding_side = "right"
 
-    def __init__(self, config: Any) -> None:
-        self.decoder_start_token_id = config.decoder_start_token_id
+    def __init__(self, config: Any, generation_config: Any = None) -> None:
+        self.decoder_start_token_id = decoder_start_token_id(config, generation_config)
 
     def teacher_forced(
         self, model: nn.Module, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor
@@ -205,7 +205,7 @@ class CausalLM:
     is_seq2seq = False
     query_padding_side = "left"
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, generation_config: Any = None) -> None:
         self.config = config
 
     def teacher_forced(
@@ -255,6 +255,49 @@ def _positions(attention_mask: Tensor) -> Tensor:
     return (attention_mask.cumsum(1) - 1).clamp(min=0)
 
 
-def lm_kind(config: Any) -> Seq2SeqLM | CausalLM:
-    """The adapter for a Hugging Face model config."""
-    return Seq2SeqLM(config) if getattr(config, "is_encoder_decoder", False) else CausalLM(config)
+CACHED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+"""Layer types whose KV cache :class:`InPlaceLayer` holds exactly: attention layers (a sliding or chunked window
+differs only in the mask, which the model computes from the positions; the cache keeps every position)."""
+
+
+def cached_decode_blocker(model: nn.Module) -> str | None:
+    """Why the cached decode loop cannot serve ``model`` (None when it can): a model whose ``generate`` does not
+    use transformers' default cache (its own cache class), or one with layers that are not attention (state
+    space, linear attention, convolution, shared KV), whose state an :class:`InPlaceCache` cannot hold."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    supports = getattr(base, "_supports_default_dynamic_cache", None)
+    if supports is not None and not supports():
+        return f"{type(base).__name__} keeps its own kind of cache"
+    try:
+        layer_types, _ = get_layer_types_and_kwargs(base.config.get_text_config(decoder=True))
+    except (AttributeError, TypeError, ValueError) as err:
+        return f"the layer types of {type(base).__name__} are unknown ({err})"
+    other = sorted(set(layer_types) - set(CACHED_LAYER_TYPES))
+    if other:
+        return f"{type(base).__name__} has {', '.join(other)} layers, not only attention"
+    return None
+
+
+def decoder_start_token_id(config: Any, generation_config: Any = None) -> int:
+    """The token a seq2seq decoder starts from, as ``generate`` picks it: the generation config's
+    ``decoder_start_token_id``, else the model config's, else the ``bos_token_id`` (``generate``'s fallback,
+    which models without a decoder start token in their config, such as mBART-style ones, rely on)."""
+    for source in (generation_config, config):
+        value = getattr(source, "decoder_start_token_id", None) if source is not None else None
+        if value is not None:
+            return int(value)
+    for source in (generation_config, config):
+        value = getattr(source, "bos_token_id", None) if source is not None else None
+        if value is not None:
+            return int(value)
+    raise ValueError(f"The seq2seq model {type(config).__name__} declares neither a decoder_start_token_id nor a "
+                     "bos_token_id: set one in its config.json or generation_config.json")
+
+
+def lm_kind(config: Any, generation_config: Any = None) -> Seq2SeqLM | CausalLM:
+    """The adapter for a Hugging Face model config (and its ``generation_config``, which may name the decoder
+    start token where the config does not)."""
+    kind = Seq2SeqLM if getattr(config, "is_encoder_decoder", False) else CausalLM
+    return kind(config, generation_config)

@@ -32,18 +32,23 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
     GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
     PreTrainedModel,
     StoppingCriteria,
     StoppingCriteriaList,
 )
 
-from lit_rlhf.decoding import SampledRollout, sample_with_cache
+from lit_rlhf.decoding import SampledRollout, SpecialTokens, sample_with_cache
 from lit_rlhf.io import atomic_directory
-from lit_rlhf.lm import lm_kind, logprobs_from_logits, trim_batch
+from lit_rlhf.lm import cached_decode_blocker, lm_kind, logprobs_from_logits, trim_batch
 from lit_rlhf.settings import GenerationSettings, LoraSettings, WeightDtype, check, dtype_errors
 from lit_rlhf.tiny import resolve_model_path
 
 log = logging.getLogger(__name__)
+
+EXACT_SCORE_ROWS = 8
+"""Rows per scoring forward when ``Policy.sample`` falls back to exact mode."""
 
 
 class PerRowMaxLength(StoppingCriteria):
@@ -56,6 +61,20 @@ class PerRowMaxLength(StoppingCriteria):
     def __call__(self, input_ids: Tensor, scores: Tensor | None = None, **kwargs) -> Tensor:
         generated = input_ids.shape[1] - self.start_length
         return generated >= self.max_new_tokens.to(input_ids.device)  # [B] bool
+
+
+class ForcedEOSAtRowLimit(LogitsProcessor):
+    """A model's ``forced_eos_token_id`` at each row's own last step of a batched ``generate`` (transformers'
+    ``ForcedEOSTokenLogitsProcessor`` knows only the batch's longest limit), as the cached loop forces it."""
+
+    def __init__(self, start_length: int, max_new_tokens: Tensor, eos_token_id: int) -> None:
+        self.start_length, self.max_new_tokens, self.eos_token_id = start_length, max_new_tokens, eos_token_id
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        last = (input_ids.shape[1] - self.start_length + 1) >= self.max_new_tokens.to(scores.device)  # [B]
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.eos_token_id] = 0.0
+        return torch.where(last[:, None], forced, scores)
 
 
 class ValueHead(nn.Module):
@@ -188,7 +207,7 @@ class Policy(nn.Module):
         check(dtype_errors(dtype, finetune, lora.bias))
         torch_dtype = getattr(torch, dtype)
         base, path = load_base_model(model_name, init_adapter, torch_dtype, init_from_scratch)
-        self.lm = lm_kind(base.config)  # the seq2seq/causal difference
+        self.lm = lm_kind(base.config, base.generation_config)  # the seq2seq/causal difference
         self.is_seq2seq = self.lm.is_seq2seq
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token_id is None:
@@ -203,7 +222,7 @@ class Policy(nn.Module):
             r=lora.r,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
-            target_modules=lora.target_modules,
+            target_modules=lora_target_modules(base, lora.target_modules) if finetune == "lora" else None,
             bias=lora.bias,
             task_type="SEQ_2_SEQ_LM" if self.is_seq2seq else "CAUSAL_LM",
         )
@@ -225,6 +244,9 @@ class Policy(nn.Module):
         self.init_adapter = init_adapter
         self.pad_token_id = self.tokenizer.pad_token_id
         self.eos_token_id = self.tokenizer.eos_token_id
+        # every eos id, the pad and the forced tokens of the model's own generation_config, for both rollout modes
+        self.special_tokens = special_tokens(base.generation_config, self.tokenizer, self.is_seq2seq)
+        self.eos_token_ids = self.special_tokens.eos
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -307,33 +329,21 @@ class Policy(nn.Module):
             low, high = settings.max_new_tokens
             max_new_tokens = torch.randint(low, high, (batch,), generator=generator)
         max_new_tokens = max_new_tokens.to(input_ids.device)
-        config = GenerationConfig(
-            do_sample=settings.do_sample,
-            top_k=settings.top_k if settings.do_sample else None,
-            top_p=settings.top_p if settings.do_sample else None,
-            temperature=settings.temperature if settings.do_sample else None,
-            max_new_tokens=int(max_new_tokens.max()),
-            # Capped by the longest limit only: a row whose own limit is shorter simply stops there, and
-            # must not lift the eos block for the other rows.
-            min_new_tokens=min(settings.min_new_tokens, int(max_new_tokens.max())),
-            pad_token_id=self.pad_token_id,
-            eos_token_id=self.eos_token_id,
-            decoder_start_token_id=getattr(self.model.config, "decoder_start_token_id", None),
-            use_cache=True,
-            # NaN/inf logits would crash sampling; generate anyway and let the rollout's finiteness check skip
-            # the step with a clear count instead
-            remove_invalid_values=True,
-            no_repeat_ngram_size=settings.no_repeat_ngram_size or None,
-        )
+        config = run_generation_config(settings, self.special_tokens, int(max_new_tokens.max()),
+                                       getattr(self.lm, "decoder_start_token_id", None))
         # seq2seq output starts with the decoder start token; causal output starts with the query.
         start = 1 if self.is_seq2seq else input_ids.shape[1]
         stopping = StoppingCriteriaList([PerRowMaxLength(start, max_new_tokens)])
-        with self.mode(dropout=False):
+        forced_eos = self.special_tokens.forced_eos
+        processors = LogitsProcessorList(
+            [ForcedEOSAtRowLimit(start, max_new_tokens, forced_eos)] if forced_eos is not None else [])
+        with self.mode(dropout=False), only_generation_config(self.model, config):
             out = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 generation_config=config,
                 stopping_criteria=stopping,
+                logits_processor=processors,
                 synced_gpus=synced_gpus,
             )
         response = out[:, start:]  # [B, T]
@@ -345,13 +355,37 @@ class Policy(nn.Module):
         repeats: int = 1,
     ) -> SampledRollout:
         """Like ``generate``, with lit_rlhf's cached loop: finished rows leave the batch, and the log-probs and
-        values of the sampled tokens come back with them (``lit_rlhf.decoding``). Eval mode, KV cache."""
+        values of the sampled tokens come back with them (``lit_rlhf.decoding``). Eval mode, KV cache.
+
+        Where the loop cannot serve the model (``lit_rlhf.lm.cached_decode_blocker``: its own cache class,
+        layers that are not attention), this falls back to exact mode, with one notice: ``generate``, then the
+        teacher-forced scoring pass for the log-probs and values."""
+        blocker = cached_decode_blocker(self.model)
+        if blocker is not None:
+            if not getattr(self, "_noted_exact_rollout", False):
+                log.warning("model.fast_rollout: the cached decode loop cannot serve this model (%s); rollouts use "
+                            "exact mode (generate, then a scoring pass)", blocker)
+                self._noted_exact_rollout = True
+            return self._sample_exact(input_ids, attention_mask, settings, max_new_tokens, repeats)
         with self.mode(dropout=False):
             return sample_with_cache(
                 self.model, self.lm, self.value_head if self.has_value_head else None, input_ids, attention_mask,
-                max_new_tokens, settings, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
-                repeats=repeats,
+                max_new_tokens, settings, self.special_tokens, repeats=repeats,
             )
+
+    def _sample_exact(
+        self, input_ids: Tensor, attention_mask: Tensor, settings: GenerationSettings, max_new_tokens: Tensor,
+        repeats: int,
+    ) -> SampledRollout:
+        """``sample``'s result from ``generate`` and the teacher-forced scoring pass (``EXACT_SCORE_ROWS`` rows a
+        forward, bounding the [rows, T, V] logits)."""
+        input_ids, attention_mask = (t.repeat_interleave(repeats, 0) for t in (input_ids, attention_mask))
+        response_ids, response_mask = self.generate(input_ids, attention_mask, settings, max_new_tokens=max_new_tokens)
+        rows = ResponseBatch(input_ids, attention_mask, response_ids, response_mask)
+        groups = list(torch.arange(len(response_ids)).split(EXACT_SCORE_ROWS))
+        scores = self.score(rows, groups, values=self.has_value_head, reference=False)
+        values = scores.values if scores.values is not None else torch.zeros_like(scores.logprobs)
+        return SampledRollout(response_ids, response_mask, scores.logprobs, values)
 
     def decode(self, response_ids: Tensor, response_mask: Tensor) -> list[str]:
         """Response texts: each row's masked-in tokens, special tokens dropped. [B, T] -> B strings."""
@@ -361,13 +395,11 @@ class Policy(nn.Module):
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     def response_mask(self, response: Tensor, max_new_tokens: Tensor | None = None) -> Tensor:
-        """1 for tokens up to and including the first eos, within each row's limit. response: [B, T]."""
-        if self.eos_token_id is None:
-            mask = torch.ones_like(response)
-        else:
-            is_eos = (response == self.eos_token_id).long()
-            # tokens before the first eos have no eos to their left (exclusive cumulative sum == 0)
-            mask = ((is_eos.cumsum(1) - is_eos) == 0).long()
+        """1 for tokens up to and including the first eos (any of the model's eos ids), within each row's limit.
+        response: [B, T]."""
+        is_eos = self.special_tokens.is_eos(response).long()
+        # tokens before the first eos have no eos to their left (exclusive cumulative sum == 0)
+        mask = ((is_eos.cumsum(1) - is_eos) == 0).long()
         if max_new_tokens is not None:
             positions = torch.arange(response.shape[1], device=response.device)
             mask = mask * (positions[None] < max_new_tokens[:, None]).long()
@@ -598,3 +630,116 @@ def load_base_model(
         base = PeftModel.from_pretrained(base, adapter_path).merge_and_unload()
     return base, path
 
+
+
+# ---------------------------------------------------------------------- the model's generation config
+
+TOKEN_FIELDS = ("eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id", "forced_bos_token_id",
+                "forced_eos_token_id")
+"""The fields of a model's ``generation_config`` that PPO keeps: which tokens end, pad and start a response."""
+
+
+def _ids(value: int | Sequence[int] | None) -> list[int]:
+    """A generation config's token id field (an int, a list or None) as a list."""
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def special_tokens(generation_config: GenerationConfig | None, tokenizer, is_seq2seq: bool) -> SpecialTokens:
+    """The token rules both rollout modes follow, from the model's own ``generation_config``: every eos id it
+    lists (chat models end turns with ``<|eot_id|>``, ``<|im_end|>``, ... beside the tokenizer's eos, which is
+    added when missing), the tokenizer's pad (the collator pads with it), ``forced_bos_token_id`` (seq2seq
+    only, as ``generate`` forces it at the decoder's first step) and ``forced_eos_token_id``.
+
+    Its sampling settings (temperature, top-p, repetition penalty, ...) are not kept: PPO samples with the
+    run's ``model.generation`` settings, the same in both rollout modes; a log line names what was replaced."""
+    config = generation_config if generation_config is not None else GenerationConfig()
+    eos = list(dict.fromkeys(_ids(config.eos_token_id) + _ids(tokenizer.eos_token_id)))
+    replaced = {k: v for k, v in config.to_diff_dict().items()
+                if k not in TOKEN_FIELDS and not k.startswith("_") and k != "transformers_version"}
+    if replaced:
+        log.info("The model's generation_config settings %s are not used: PPO samples with model.generation.*",
+                 replaced)
+    return SpecialTokens(
+        eos=tuple(eos), pad=tokenizer.pad_token_id,
+        forced_bos=config.forced_bos_token_id if is_seq2seq else None, forced_eos=config.forced_eos_token_id,
+    )
+
+
+def run_generation_config(
+    settings: GenerationSettings, tokens: SpecialTokens, max_new_tokens: int, decoder_start_token_id: int | None,
+) -> GenerationConfig:
+    """``generate``'s configuration for one rollout: the model's token rules (``tokens``) with the run's
+    sampling settings on top. ``forced_eos`` is left out: ``ForcedEOSAtRowLimit`` forces it at each row's
+    own limit. Use it under :func:`only_generation_config`, so that transformers does not fill the fields
+    left unset here from the model's own sampling settings."""
+    return GenerationConfig(
+        do_sample=settings.do_sample,
+        top_k=settings.top_k if settings.do_sample else None,
+        top_p=settings.top_p if settings.do_sample else None,
+        temperature=settings.temperature if settings.do_sample else None,
+        max_new_tokens=max_new_tokens,
+        # Capped by the longest limit only: a row whose own limit is shorter simply stops there, and
+        # must not lift the eos block for the other rows.
+        min_new_tokens=min(settings.min_new_tokens, max_new_tokens),
+        pad_token_id=tokens.pad,
+        eos_token_id=list(tokens.eos) or None,
+        decoder_start_token_id=decoder_start_token_id,
+        forced_bos_token_id=tokens.forced_bos,
+        use_cache=True,
+        # NaN/inf logits would crash sampling; generate anyway and let the rollout's finiteness check skip
+        # the step with a clear count instead
+        remove_invalid_values=True,
+        no_repeat_ngram_size=settings.no_repeat_ngram_size or None,
+    )
+
+
+@contextmanager
+def only_generation_config(model: nn.Module, config: GenerationConfig) -> Iterator[None]:
+    """Within, the model's ``generation_config`` is ``config``: ``generate`` fills every field its
+    ``generation_config`` argument leaves unset from the model's own (a chat model's temperature 0.7 or
+    repetition penalty 1.05), which PPO must not sample with; transformers' neutral defaults fill them instead."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = base.generation_config
+    base.generation_config = config
+    try:
+        yield
+    finally:
+        base.generation_config = saved
+
+
+# ---------------------------------------------------------------------- LoRA target modules
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """The distinct last names of the model's linear layers (``nn.Linear``, GPT-2's ``Conv1D``): what
+    ``model.lora.target_modules`` can list."""
+    from transformers.pytorch_utils import Conv1D
+
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, (nn.Linear, Conv1D))})
+
+
+def lora_target_modules(model: PreTrainedModel, target_modules: list[str] | str | None) -> list[str] | str | None:
+    """``target_modules`` checked against the model: each listed name must match a module (peft's rule: the
+    module's name, or a ``.``-separated suffix of it), since peft refuses only a list of which *none* matches
+    and would otherwise adapt, say, ``lm_head`` alone. None needs peft's default for the architecture.
+    ``all-linear`` passes as is. Errors name ``model.lora.target_modules`` and the model's linear layers."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_defaults
+
+    if target_modules == "all-linear":
+        return target_modules
+    model_type = getattr(model.config, "model_type", None)
+    choices = f"its linear layers are {linear_layer_names(model)}; list some of them, or set all-linear"
+    if target_modules is None:
+        if model_type in peft_defaults:
+            return None
+        raise ValueError(f"peft has no default LoRA target modules for model type {model_type!r}: set "
+                         f"model.lora.target_modules ({choices})")
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise ValueError(f"model.lora.target_modules {missing} match no module of this {type(model).__name__} "
+                         f"(model type {model_type!r}): {choices}")
+    return list(target_modules)

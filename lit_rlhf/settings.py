@@ -32,9 +32,12 @@ class LoraSettings:
     """LoRA scaling numerator: the update is scaled by alpha / r."""
     dropout: float = 0.05
     """Dropout on the LoRA input (active only when dropout is on in the PPO update, see ``train_dropout``)."""
-    target_modules: list[str] | None = None
-    """Module names that get an adapter. None: peft's default for the architecture (T5: q, v; GPT-2:
-    c_attn; Llama: q_proj, v_proj)."""
+    target_modules: list[str] | Literal["all-linear"] | None = None
+    """Module names that get an adapter: each must name modules of the model (the last part of their names,
+    or a dotted suffix; lm_head included), else the error lists the model's linear layers. ``all-linear``:
+    every linear layer but the output one (peft's shortcut). None: peft's default for the architecture (T5:
+    q, v; GPT-2: c_attn; Llama, Qwen, Mistral: q_proj, v_proj); architectures peft has none for (Phi-3,
+    Pegasus, mBART) need a list or ``all-linear``."""
     bias: LoraBias = "none"
     """Which biases are trained with the adapter."""
 
@@ -45,6 +48,9 @@ class LoraSettings:
         if not 0.0 <= self.dropout < 1.0:
             errors.append(f"{prefix}.dropout must lie in [0, 1), got {self.dropout}")
         errors += _choice(self.bias, f"{prefix}.bias", LoraBias)
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            errors.append(f"{prefix}.target_modules must be a list of module names, all-linear or null, "
+                          f"got {self.target_modules!r}")
         return errors
 
 

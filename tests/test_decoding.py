@@ -33,7 +33,7 @@ def sample(policy, limits, min_new_tokens=1, **kwargs):
     ids, mask = encode(policy)
     settings = GenerationSettings(min_new_tokens=min_new_tokens, **kwargs)
     return sample_with_cache(policy.model, policy.lm, policy.value_head, ids, mask, torch.tensor(limits), settings,
-                             policy.eos_token_id, policy.pad_token_id)
+                             policy.special_tokens)
 
 
 def test_logprobs_and_values_equal_the_teacher_forced_forward(policy):
