@@ -34,9 +34,11 @@ class LoraSettings:
     """Dropout on the LoRA input (active only when dropout is on in the PPO update, see ``train_dropout``)."""
     target_modules: list[str] | None = None
     """Module names that get an adapter. None: peft's default for the architecture (T5: q, v; GPT-2:
-    c_attn; Llama: q_proj, v_proj)."""
+    c_attn; Llama: q_proj, v_proj). A targeted lm_head that is tied to the input embedding gets its own copy of
+    the weight first, so that the adapter changes the output layer only (also once merged)."""
     bias: LoraBias = "none"
-    """Which biases are trained with the adapter."""
+    """Which biases are trained with the adapter: none, all, or lora_only (those of the adapted layers). Trained
+    biases change the base model in place; the KL reference puts their initial values back."""
 
     def errors(self, prefix: str = "model.lora") -> list[str]:
         errors = []
