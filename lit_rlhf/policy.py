@@ -10,7 +10,12 @@ response token, doing the group loop, the trimming of shared padding and eval mo
 is the same forward for one group with gradients (the PPO update).
 
 Reference log-probabilities come from the same weights with the adapter disabled: no second copy of the
-model in memory. A separately loaded frozen reference stays possible (``reference_model``).
+model in memory (base biases that ``lora.bias`` trains are put back to their initial values for that pass). A
+separately loaded frozen reference stays possible (``reference_model``).
+
+LoRA targets are fitted to the model before peft wraps them (:func:`lora_wrapping`): ``fan_in_fan_out`` for
+GPT-2's Conv1D layers, and an ``lm_head`` tied to the input embedding gets its own weight, so that the adapter
+changes the output layer only, also once merged (:func:`merge_adapter`, the way to merge an export).
 """
 
 from __future__ import annotations
@@ -270,25 +275,20 @@ class Policy(nn.Module):
     # ------------------------------------------------------------------ bookkeeping
 
     def parameter_counts(self) -> dict[str, int | float]:
-        """Trainable / all parameters of the policy, and with its value head as the recipe reports (those entries
-        only when it has one: a critic-free policy has none)."""
+        """Trainable / all parameters of the policy, without and with the value head (as the recipe reports)."""
         def count(params, trainable_only):
             return sum(p.numel() for p in params if p.requires_grad or not trainable_only)
 
         lm_all, lm_trainable = count(self.model.parameters(), False), count(self.model.parameters(), True)
-        counts = {
+        vh = count(self.value_head.parameters(), False)  # 0 without a value head
+        return {
             "trainable model parameters": lm_trainable,
             "all model parameters": lm_all,
             "percentage of trainable model parameters": 100.0 * lm_trainable / lm_all,
+            "trainable parameters with value head": lm_trainable + vh,
+            "all parameters with value head": lm_all + vh,
+            "percentage with value head": 100.0 * (lm_trainable + vh) / (lm_all + vh),
         }
-        if self.has_value_head:
-            vh = count(self.value_head.parameters(), False)
-            counts.update({
-                "trainable parameters with value head": lm_trainable + vh,
-                "all parameters with value head": lm_all + vh,
-                "percentage with value head": 100.0 * (lm_trainable + vh) / (lm_all + vh),
-            })
-        return counts
 
     @property
     def has_value_head(self) -> bool:

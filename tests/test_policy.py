@@ -539,8 +539,3 @@ def test_gpt2_conv1d_targets_build_without_peft_notices(targets):
     if targets and "lm_head" in targets:
         assert not policy.model.get_base_model().lm_head.fan_in_fan_out  # a Linear: out x in
 
-
-def test_a_policy_without_value_head_reports_no_value_head_counts():
-    counts = make_policy(GPT2, value_head=False).parameter_counts()
-    assert not any("value head" in key for key in counts)
-    assert counts["trainable model parameters"] == 2048  # c_attn's LoRA, as in test_parameter_counts
