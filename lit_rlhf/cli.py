@@ -110,8 +110,6 @@ set_parsing_settings(docstring_parse_attribute_docstrings=True)
 HARMLESS_WARNINGS = (
     # PPOModule steps the optimizer on purpose inside training_step, so a checkpoint after the step is wanted.
     "Using ModelCheckpoint with manual optimization",
-    # peft, when a LoRA target (the embedded configs' lm_head) is tied to the input embedding: intended
-    r"Model has `tie_word_embeddings=True` and a tied layer is part of the adapter",
     # transformers' deprecation, hit inside peft
     r"`is_gradient_checkpointing` is deprecated",
     # torch's deprecation, hit inside Lightning's own _pytree helper

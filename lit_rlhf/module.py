@@ -148,6 +148,8 @@ class PPOModule(L.LightningModule):
                              "weights (FSDP, DeepSpeed ZeRO-3) do not allow; set model.fast_rollout=false")
         self.reward.to(self.device)
         counts = self.policy.parameter_counts()
+        if not self.policy.has_value_head:  # critic-free: the "with value head" counts would repeat the others
+            counts = {k: v for k, v in counts.items() if "value head" not in k}
         rank_zero_info(f"Policy {self.hparams.model_name}: " + ", ".join(f"{k}: {v:,.6g}" for k, v in counts.items()))
         if self.logger is not None:
             self.logger.log_hyperparams({f"params/{k}": v for k, v in counts.items()})

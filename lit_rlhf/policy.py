@@ -10,19 +10,26 @@ response token, doing the group loop, the trimming of shared padding and eval mo
 is the same forward for one group with gradients (the PPO update).
 
 Reference log-probabilities come from the same weights with the adapter disabled: no second copy of the
-model in memory. A separately loaded frozen reference stays possible (``reference_model``).
+model in memory (base biases that ``lora.bias`` trains are put back to their initial values for that pass). A
+separately loaded frozen reference stays possible (``reference_model``).
+
+LoRA targets are fitted to the model before peft wraps them (:func:`lora_wrapping`): ``fan_in_fan_out`` for
+GPT-2's Conv1D layers, and an ``lm_head`` tied to the input embedding gets its own weight, so that the adapter
+changes the output layer only, also once merged (:func:`merge_adapter`, the way to merge an export).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
+import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +42,7 @@ from transformers import (
     LogitsProcessor,
     LogitsProcessorList,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
     StoppingCriteria,
     StoppingCriteriaList,
 )
@@ -44,6 +52,9 @@ from lit_rlhf.io import atomic_directory
 from lit_rlhf.lm import cached_decode_blocker, lm_kind, logprobs_from_logits, trim_batch
 from lit_rlhf.settings import GenerationSettings, LoraSettings, WeightDtype, check, dtype_errors
 from lit_rlhf.tiny import resolve_model_path
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 log = logging.getLogger(__name__)
 
@@ -157,17 +168,63 @@ def load_causal_or_seq2seq(path: str, dtype: torch.dtype | None = None, from_scr
     return fuse_tanh_gelu(model)
 
 
+class InitialWeights(nn.Module):
+    """Frozen copies of the base weights that training changes in place, put back for the reference pass.
+
+    With ``lora.bias`` "all" or "lora_only", peft trains the base model's biases themselves (all of them, or
+    those of the adapted layers): disabling the adapter leaves the trained biases, so the policy with its adapter
+    disabled would drift away from the initial model. The copies are non-persistent buffers: they follow the
+    policy's device and stay out of checkpoints (a resumed run takes them from the base model again).
+    """
+
+    def __init__(self, model: nn.Module, bias: str) -> None:
+        super().__init__()
+        self.bias = bias
+        # what peft made trainable besides the adapter's own matrices: the base biases
+        self.names = [name for name, p in model.named_parameters() if p.requires_grad and "lora_" not in name]
+        params = dict(model.named_parameters())
+        for i, name in enumerate(self.names):
+            self.register_buffer(f"initial_{i}", params[name].detach().clone(), persistent=False)
+
+    @contextmanager
+    def put_back(self, model: nn.Module) -> Iterator[None]:
+        """The initial values in ``model``'s parameters for the duration (no gradients), the trained ones after.
+        peft's notice that disabling the adapter keeps the trained biases is silenced meanwhile: they are put back."""
+        params, trained = dict(model.named_parameters()), {}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Careful, disabling adapter layers with bias configured")
+            try:
+                for i, name in enumerate(self.names):
+                    param, initial = params.get(name), getattr(self, f"initial_{i}")
+                    if param is None or param.shape != initial.shape:
+                        raise ValueError(
+                            f"model.lora.bias={self.bias} trains the base model's biases, and this process cannot "
+                            f"put their initial values back for the reference (its weights are sharded, {name!r}): "
+                            "set model.reference_model to a separate frozen copy, or model.lora.bias=none"
+                        )
+                    trained[name] = param.data
+                    param.data = initial
+                yield
+            finally:
+                for name, data in trained.items():
+                    params[name].data = data
+
+
 class Policy(nn.Module):
     """A language model with a trainable LoRA adapter and a value head, behind one seq2seq/causal interface.
 
     Args:
         model_name: hub name, local path, or an embedded model (``embedded:tiny-t5``, ``embedded:tiny-gpt2``).
-        lora: the adapter trained by PPO.
+        lora: the adapter trained by PPO. A targeted ``lm_head`` that is tied to the input embedding gets its own
+            copy of the weight first (same values, same forward pass), so that the adapter never reaches the input
+            embedding, in training or when merged (:func:`untie_output_embedding`).
         init_adapter: path or hub name of an existing PEFT adapter (e.g. a supervised fine-tuning
             checkpoint). It is merged into the base weights, which stay frozen, and a fresh LoRA is trained on
             top: the reference policy is then the fine-tuned model, not the raw base model.
         reference_model: load a separate frozen reference model instead of disabling the adapter (costs a
-            second copy of the weights; useful when the reference differs from the base).
+            second copy of the weights; useful when the reference differs from the base). Without it, a
+            ``lora.bias`` that trains base biases keeps frozen copies of them for the reference pass
+            (:class:`InitialWeights`).
         value_head_dropout: dropout before the value head's linear layer.
         dtype: dtype of the frozen base weights (and of a separate ``reference_model``): "float32", "bfloat16"
             or "float16". The trained weights stay float32 whatever it is: peft upcasts the LoRA adapter (its
@@ -197,7 +254,7 @@ class Policy(nn.Module):
         init_from_scratch: bool = False,
     ) -> None:
         super().__init__()
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
         lora = lora or LoraSettings()
         if finetune not in ("lora", "full"):
@@ -206,32 +263,19 @@ class Policy(nn.Module):
             raise ValueError("init_from_scratch=True trains a model from random weights: it needs finetune='full'")
         check(dtype_errors(dtype, finetune, lora.bias))
         torch_dtype = getattr(torch, dtype)
-        base, path = load_base_model(model_name, init_adapter, torch_dtype, init_from_scratch)
+        base, path, setting = load_base_model(model_name, init_adapter, torch_dtype, init_from_scratch)
         self.lm = lm_kind(base.config, base.generation_config)  # the seq2seq/causal difference
         self.is_seq2seq = self.lm.is_seq2seq
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        if self.tokenizer.pad_token_id is None:
-            if self.tokenizer.eos_token_id is None:
-                raise ValueError(
-                    f"The tokenizer of model_name={model_name!r} has neither a pad nor an eos token; "
-                    "use a tokenizer that defines one of them"
-                )
-            log.info("Tokenizer has no pad token: using eos (%r) as pad", self.tokenizer.eos_token)
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        peft_config = LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=lora_target_modules(base, lora.target_modules) if finetune == "lora" else None,
-            bias=lora.bias,
-            task_type="SEQ_2_SEQ_LM" if self.is_seq2seq else "CAUSAL_LM",
-        )
+        self.tokenizer = load_tokenizer(path, setting)
         self.finetune = finetune
         if finetune == "full":
             self.model = base.requires_grad_(True)
         else:
+            peft_config = lora_config(lora, self.is_seq2seq)
+            peft_config.target_modules = lora_target_modules(base, lora.target_modules)
             try:
-                self.model = get_peft_model(base, peft_config)
+                with lora_wrapping(base, peft_config):
+                    self.model = get_peft_model(base, peft_config)
             except ValueError as err:
                 raise ValueError(f"Could not add the LoRA adapter (check lora.target_modules): {err}") from err
         self.value_head = ValueHead(base.config.hidden_size, value_head_dropout) if value_head else NoValueHead()
@@ -240,6 +284,9 @@ class Policy(nn.Module):
             ref = load_causal_or_seq2seq(resolve_model_path(reference_model), torch_dtype)
             ref.requires_grad_(False).eval()
             self.reference = ref
+        # lora.bias all/lora_only trains base biases in place, which disabling the adapter does not undo
+        needs_initial = finetune == "lora" and self.reference is None and lora.bias != "none"
+        self.initial_biases = InitialWeights(self.model, lora.bias) if needs_initial else None
         self.model_name = model_name
         self.init_adapter = init_adapter
         self.pad_token_id = self.tokenizer.pad_token_id
@@ -443,8 +490,8 @@ class Policy(nn.Module):
         self, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
         return_logits: bool = False,
     ) -> PolicyOutput:
-        """Log-probabilities of the response tokens under the reference (adapter disabled, or the separate
-        reference model). Shapes as in ``forward``."""
+        """Log-probabilities of the response tokens under the reference (adapter disabled, with the initial base
+        biases put back where ``lora.bias`` trains them, or the separate reference model). Shapes as in ``forward``."""
         if self.reference is None and self.finetune == "full":
             raise ValueError("A policy that trains all its weights (finetune='full') has no adapter to disable: "
                              "give a separate reference_model to compare with")
@@ -452,7 +499,8 @@ class Policy(nn.Module):
             if self.reference is not None:
                 logits, _ = self.lm.teacher_forced(self.reference, query_ids, query_mask, response_ids, response_mask)
             else:
-                with self.model.disable_adapter():
+                initial = self.initial_biases.put_back(self.model) if self.initial_biases is not None else nullcontext()
+                with initial, self.model.disable_adapter():  # initial biases first: peft warns on entry
                     logits, _ = self.lm.teacher_forced(self.model, query_ids, query_mask, response_ids, response_mask)
         logprobs = logprobs_from_logits(logits, response_ids)
         return PolicyOutput(logprobs, None, logits if return_logits else None)
@@ -524,7 +572,9 @@ class Policy(nn.Module):
     def save_adapter(self, directory: str | os.PathLike, state_dict: dict[str, Tensor] | None = None) -> Path:
         """Write the adapter (peft ``save_pretrained``), the tokenizer and the value head into ``directory``.
 
-        The result loads with plain peft: ``PeftModel.from_pretrained(base_model, directory)``.
+        The result loads with plain peft: ``PeftModel.from_pretrained(base_model, directory)``. To merge it into
+        the base weights, use :func:`merge_adapter` (a bare ``merge_and_unload`` on a base whose ``lm_head`` is
+        tied to its input embedding would change the embedding too).
         ``state_dict``: this policy's full weights, keyed as ``self.state_dict()``, to write instead of the
         parameters held here: under a strategy that shards the weights (FSDP), this process holds only a shard.
         """
@@ -541,7 +591,9 @@ class Policy(nn.Module):
                     "save_adapter: the given state_dict has no 'model.*' or no 'value_head.*' weights; "
                     f"got keys like {sorted(state_dict)[:3]}"
                 )
-        self.model.save_pretrained(directory, state_dict=model_state)
+        # save_embedding_layers=False: a LoRA on lm_head leaves its base weight as the base model has it (nothing
+        # here resizes or trains embeddings), so the file holds the adapter only, as without lm_head
+        self.model.save_pretrained(directory, state_dict=model_state, save_embedding_layers=False)
         self.tokenizer.save_pretrained(directory)
         if self.has_value_head:
             torch.save(self.value_head.state_dict() if value_head_state is None else value_head_state,
@@ -553,8 +605,13 @@ class Policy(nn.Module):
             "init_adapter": self.init_adapter,
             "value_head": "value_head.pt" if self.has_value_head else None,
             "load": (
-                "PeftModel.from_pretrained(PeftModel.from_pretrained(base, init_adapter).merge_and_unload(), this_dir)"
+                "PeftModel.from_pretrained(lit_rlhf.policy.merge_adapter(base, init_adapter), this_dir)"
                 if self.init_adapter else "PeftModel.from_pretrained(base, this_dir)"
+            ),
+            # merge_and_unload on a base whose lm_head is tied to its input embedding would change both
+            "merge": (
+                "lit_rlhf.policy.merge_adapter(lit_rlhf.policy.merge_adapter(base, init_adapter), this_dir)"
+                if self.init_adapter else "lit_rlhf.policy.merge_adapter(base, this_dir)"
             ),
         }
         (directory / "lit_rlhf_adapter.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -599,25 +656,25 @@ def is_full_model_folder(path: str) -> bool:
 
 def load_base_model(
     model_name: str, init_adapter: str | None, dtype: torch.dtype, init_from_scratch: bool = False
-) -> tuple[PreTrainedModel, str]:
-    """The base model and the path its tokenizer loads from.
+) -> tuple[PreTrainedModel, str, str]:
+    """The base model, the folder (or hub name) its tokenizer loads from, and the setting that names that folder
+    (``model.model_name`` or ``model.init_adapter``).
 
-    ``init_adapter`` may be a peft adapter folder (merged into the base) or a whole ``save_pretrained``
-    model folder, e.g. the export of a full supervised fine-tuning run: that model then replaces the base.
-    ``init_from_scratch``: build from the config with fresh weights (the folder may hold no weights).
+    ``init_adapter`` may be a peft adapter folder (merged into the base with :func:`merge_adapter`) or a whole
+    ``save_pretrained`` model folder, e.g. the export of a full supervised fine-tuning run: that model then
+    replaces the base. ``init_from_scratch``: build from the config with fresh weights (the folder may hold no
+    weights).
     """
-    from peft import PeftModel
-
     resolved = {}
     for setting, name in (("model_name", model_name), ("init_adapter", init_adapter)):
         try:
             resolved[setting] = resolve_model_path(name) if name is not None else None
         except ValueError as err:
             raise ValueError(f"Could not load {setting}={name!r}: {err}") from err
-    path, adapter_path = resolved["model_name"], resolved["init_adapter"]
+    path, adapter_path, setting = resolved["model_name"], resolved["init_adapter"], "model.model_name"
     if adapter_path is not None and is_full_model_folder(adapter_path):
         log.info("init_adapter=%r is a whole model: it replaces model_name=%r", init_adapter, model_name)
-        path, adapter_path = adapter_path, None
+        path, adapter_path, setting = adapter_path, None, "model.init_adapter"
     try:
         base = load_causal_or_seq2seq(path, dtype, from_scratch=init_from_scratch)
     except OSError as err:
@@ -627,8 +684,8 @@ def load_base_model(
         ) from err
     if adapter_path is not None:
         # Merge the fine-tuned adapter into the frozen base; PPO trains a new adapter on top.
-        base = PeftModel.from_pretrained(base, adapter_path).merge_and_unload()
-    return base, path
+        base = merge_adapter(base, adapter_path)
+    return base, path, setting
 
 
 
@@ -743,3 +800,112 @@ def lora_target_modules(model: PreTrainedModel, target_modules: list[str] | str 
         raise ValueError(f"model.lora.target_modules {missing} match no module of this {type(model).__name__} "
                          f"(model type {model_type!r}): {choices}")
     return list(target_modules)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt", "sentencepiece.bpe.model")
+"""Files of which a model folder holds at least one when a tokenizer was saved with it."""
+
+
+def load_tokenizer(path: str, setting: str) -> PreTrainedTokenizerBase:
+    """The tokenizer saved beside the model in ``path`` (a folder or hub name), with a pad token (eos when it has
+    none). ``setting`` names the flag that gave ``path``, for the error messages.
+
+    A local folder without tokenizer files is refused: transformers would build an empty tokenizer from the
+    model's config, and generation would fail far from the cause."""
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise ValueError(f"{setting}={path!r} holds no tokenizer (none of {', '.join(TOKENIZER_FILES[:2])}, ...): "
+                         "save the model's tokenizer into the same folder (tokenizer.save_pretrained(folder))")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"The tokenizer of {setting}={path!r} has neither a pad nor an eos token; use a "
+                             "tokenizer that defines one of them")
+        log.info("Tokenizer has no pad token: using eos (%r) as pad", tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# ---------------------------------------------------------------------- LoRA on the model's layers
+
+
+def lora_config(lora: LoraSettings, is_seq2seq: bool) -> LoraConfig:
+    """peft's ``LoraConfig`` for the adapter ``lora`` describes (``fan_in_fan_out`` is set by :func:`lora_wrapping`)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+        bias=lora.bias, task_type="SEQ_2_SEQ_LM" if is_seq2seq else "CAUSAL_LM",
+    )
+
+
+def lora_targets(model: PreTrainedModel, config: LoraConfig) -> dict[str, nn.Module]:
+    """The modules of ``model`` that peft wraps for ``config``, by peft's own name matching; with no
+    ``target_modules``, peft's default targets for the architecture (none known: empty, peft then raises)."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
+
+    if config.target_modules is None:
+        defaults = DEFAULT_TARGETS.get(getattr(model.config, "model_type", None))
+        if defaults is None:
+            return {}
+        config = copy.copy(config)
+        config.target_modules = set(defaults)
+    return {name: module for name, module in model.named_modules()
+            if name and check_target_module_exists(config, name)}
+
+
+def untie_output_embedding(model: PreTrainedModel) -> None:
+    """Give the output embedding (``lm_head``) its own copy of a weight it shares with the input embedding.
+
+    A LoRA on a tied ``lm_head`` is applied to the output only, but ``merge_and_unload`` adds its update to the
+    shared matrix, so the merged model's input embeddings change too. The copy holds the same values: the forward
+    pass is unchanged. It costs one vocabulary x hidden matrix. The config says so too, so that transformers does
+    not tie them again and peft does not take them as tied (T5 keeps its decoder scaling in
+    ``scale_decoder_outputs``; a saved T5 with different ``lm_head`` and embedding weights loads untied)."""
+    output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if output is not None and embedding is not None and output.weight is embedding.weight:
+        output.weight = nn.Parameter(output.weight.detach().clone(), requires_grad=output.weight.requires_grad)
+    model.config.tie_word_embeddings = False
+
+
+@contextmanager
+def lora_wrapping(model: PreTrainedModel, config: LoraConfig) -> Iterator[None]:
+    """Around peft wrapping ``config``'s targets in ``model`` (``get_peft_model``, ``PeftModel.from_pretrained``):
+    fit the two to each other first.
+
+    * ``fan_in_fan_out`` is True for GPT-2's ``Conv1D`` layers (weights stored in x out). peft has one value
+      per adapter: where Conv1D and Linear targets mix (GPT-2's ``c_attn`` and ``lm_head``), it sets it right
+      per layer and warns at the switch, a notice silenced here as it asks nothing of anyone.
+    * a targeted ``lm_head``, or a targeted embedding whose weight ``lm_head`` shares, makes ``lm_head`` take its
+      own copy of the weight (:func:`untie_output_embedding`): the adapter then changes one of them only."""
+    from transformers.pytorch_utils import Conv1D
+
+    targets = lora_targets(model, config)
+    conv1d = [isinstance(module, Conv1D) for module in targets.values()]
+    config.fan_in_fan_out = any(conv1d)
+    output = model.get_output_embeddings()
+    if output is not None and any(module is output or getattr(module, "weight", None) is output.weight
+                                  for module in targets.values()):
+        untie_output_embedding(model)
+    with warnings.catch_warnings():
+        if any(conv1d) and not all(conv1d):
+            warnings.filterwarnings(
+                "ignore", message="fan_in_fan_out is set to True but the target module is `torch.nn.Linear`")
+        yield
+
+
+def merge_adapter(model: PreTrainedModel, adapter: str) -> PreTrainedModel:
+    """``model`` with the peft adapter in ``adapter`` (a folder or hub name) merged into its weights.
+
+    The way to merge a lit_rlhf export for deployment: unlike a bare ``PeftModel.from_pretrained(model,
+    adapter).merge_and_unload()``, it first gives a targeted ``lm_head`` that is tied to the input embedding its
+    own weight (:func:`lora_wrapping`), so the merge changes the output layer only, as training did."""
+    from peft import LoraConfig, PeftConfig, PeftModel
+
+    config = PeftConfig.from_pretrained(adapter)
+    if not isinstance(config, LoraConfig):
+        return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    with lora_wrapping(model, config):
+        wrapped = PeftModel.from_pretrained(model, adapter, config=config)
+    return wrapped.merge_and_unload()

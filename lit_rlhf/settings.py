@@ -37,9 +37,11 @@ class LoraSettings:
     or a dotted suffix; lm_head included), else the error lists the model's linear layers. ``all-linear``:
     every linear layer but the output one (peft's shortcut). None: peft's default for the architecture (T5:
     q, v; GPT-2: c_attn; Llama, Qwen, Mistral: q_proj, v_proj); architectures peft has none for (Phi-3,
-    Pegasus, mBART) need a list or ``all-linear``."""
+    Pegasus, mBART) need a list or ``all-linear``. A targeted lm_head that is tied to the input embedding gets
+    its own copy of the weight first, so that the adapter changes the output layer only (also once merged)."""
     bias: LoraBias = "none"
-    """Which biases are trained with the adapter."""
+    """Which biases are trained with the adapter: none, all, or lora_only (those of the adapted layers). Trained
+    biases change the base model in place; the KL reference puts their initial values back."""
 
     def errors(self, prefix: str = "model.lora") -> list[str]:
         errors = []

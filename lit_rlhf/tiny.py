@@ -207,6 +207,42 @@ def _build_atomically(path: str, build: dict[str, Any], write: Callable[[str], N
     return path
 
 
+def _tiny_t5_model(
+    tokenizer: PreTrainedTokenizerFast, d_model: int, d_ff: int, num_layers: int, decoder_layers: int,
+    num_heads: int, d_kv: int, seed: int, tie_embeddings: bool,
+) -> T5ForConditionalGeneration:
+    """The random T5 of :func:`build_tiny_t5`, its weights fixed by ``seed`` alone."""
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_ff=d_ff,
+        d_kv=d_kv,
+        num_layers=num_layers,
+        num_decoder_layers=decoder_layers,
+        num_heads=num_heads,
+        feed_forward_proj="gated-gelu",
+        # FLAN-T5's configs say False; transformers 5 reads it as "do not scale decoder outputs".
+        tie_word_embeddings=tie_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    # fork_rng: the seed fixes these weights without changing the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = T5ForConditionalGeneration(config)
+        if not tie_embeddings:
+            # A T5 built from a config ties lm_head to the embedding; FLAN-T5 has its own. std d_model^-0.5
+            # keeps the untrained logits of unit scale, so sampling is not close to greedy from the start.
+            model.lm_head.weight = torch.nn.Parameter(torch.randn(len(tokenizer), d_model) * d_model**-0.5)
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return model
+
+
 def build_tiny_t5(
     path: str,
     vocab_size: int = 2000,
@@ -240,34 +276,8 @@ def build_tiny_t5(
 
     def write(folder: str) -> None:
         tokenizer = build_tokenizer(vocab_size, kind="t5")
-        config = T5Config(
-            vocab_size=len(tokenizer),
-            d_model=d_model,
-            d_ff=d_ff,
-            d_kv=d_kv,
-            num_layers=num_layers,
-            num_decoder_layers=decoder_layers,
-            num_heads=num_heads,
-            feed_forward_proj="gated-gelu",
-            # FLAN-T5's configs say False; transformers 5 reads it as "do not scale decoder outputs".
-            tie_word_embeddings=tie_embeddings,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            decoder_start_token_id=tokenizer.pad_token_id,
-        )
-        # fork_rng: the seed fixes these weights without changing the caller's random stream.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = T5ForConditionalGeneration(config)
-            if not tie_embeddings:
-                # A T5 built from a config ties lm_head to the embedding; FLAN-T5 has its own. std d_model^-0.5
-                # keeps the untrained logits of unit scale, so sampling is not close to greedy from the start.
-                model.lm_head.weight = torch.nn.Parameter(torch.randn(len(tokenizer), d_model) * d_model**-0.5)
-        model.generation_config = GenerationConfig(
-            decoder_start_token_id=tokenizer.pad_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
+        model = _tiny_t5_model(tokenizer, d_model, d_ff, num_layers, decoder_layers, num_heads, d_kv, seed,
+                               tie_embeddings)
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 

@@ -379,7 +379,6 @@ def test_only_the_known_harmless_warnings_are_filtered(caplog):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         quiet_harmless_warnings()  # catch_warnings resets the filters it finds; install them inside
-        warnings.warn("Model has `tie_word_embeddings=True` and a tied layer is part of the adapter, but ...")
         warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
         warnings.warn("Model has something else to say")

@@ -112,3 +112,12 @@ def test_checkpoint_and_export_say_there_is_no_value_head(tmp_path):
     adapter = Path(trainer.log_dir or tmp_path) / "adapter"
     manifest = json.loads((adapter / "lit_rlhf_adapter.json").read_text())
     assert manifest["value_head"] is None and not (adapter / "value_head.pt").exists()
+
+
+def test_a_critic_free_run_reports_no_value_head_parameters(caplog):
+    m = module("grpo", model_name="embedded:tiny-gpt2")
+    m.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    with caplog.at_level("INFO"):
+        m.on_fit_start()
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Policy ")]
+    assert "trainable model parameters" in line and "value head" not in line

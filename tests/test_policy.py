@@ -6,6 +6,7 @@ plain Hugging Face model, with no padding at all (so default position ids), and 
 """
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -481,3 +482,60 @@ def test_tanh_gelu_is_fused_and_computes_the_same(name):
         ours = policy.model(input_ids=ids, labels=ids).logits
     theirs = original(input_ids=ids, labels=ids).logits
     assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- 11. trained base biases
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_reference_stays_the_initial_model_when_lora_trains_biases(bias):
+    policy = make_policy(GPT2, lora=LoraSettings(r=4, alpha=4, bias=bias))
+    q, qm = encode(policy)
+    r, rm = sample(policy, q, qm, max_new_tokens=(4, 6, 3))
+    biases = {n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert biases  # peft trains base biases with this setting
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2)
+    for _ in range(3):  # a few updates that raise the sampled responses' likelihood
+        loss = -(policy(q, qm, r, rm, with_values=False).logprobs * rm).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    params = dict(policy.model.named_parameters())
+    assert all(not torch.equal(params[n], b) for n, b in biases.items())  # the biases were trained
+
+    ref = policy.reference_forward(q, qm, r, rm).logprobs
+    initial, _ = score_alone(base_model(GPT2), False, q, qm, r, rm)
+    assert_rows_close(ref, initial, rm, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(policy(q, qm, r, rm).logprobs[rm.bool()], ref[rm.bool()], atol=1e-3)
+    # the trained biases are back after the reference pass; the frozen copies are not saved in checkpoints
+    assert all(torch.equal(params[n], p) for n, p in policy.model.named_parameters() if n in biases)
+    assert not any("initial" in key for key in policy.state_dict())
+
+
+# ---------------------------------------------------------------------------------- 12. loading and output noise
+
+
+@MODELS
+def test_a_model_folder_without_a_tokenizer_is_one_clear_error(name, tmp_path):
+    base_model(name).save_pretrained(tmp_path / "weights_only")
+    with pytest.raises(ValueError) as err:
+        Policy(str(tmp_path / "weights_only"))
+    message = str(err.value)
+    assert "model.model_name" in message and str(tmp_path / "weights_only") in message and "tokenizer" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("targets", [None, ["c_attn"], ["c_attn", "lm_head"]],
+                         ids=["default", "c_attn", "c_attn+lm_head"])
+def test_gpt2_conv1d_targets_build_without_peft_notices(targets):
+    lora = LoraSettings(r=4, alpha=4, target_modules=targets)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):  # a fresh run, then the same policy built again (a resume)
+            policy = make_policy(GPT2, lora=lora)
+    assert [str(w.message) for w in caught if "fan_in_fan_out" in str(w.message)] == []
+    c_attn = policy.model.get_base_model().transformer.h[0].attn.c_attn
+    assert c_attn.fan_in_fan_out  # Conv1D stores its weight in x out
+    if targets and "lm_head" in targets:
+        assert not policy.model.get_base_model().lm_head.fan_in_fan_out  # a Linear: out x in
+
