@@ -326,10 +326,9 @@ class ToxicityCallback(L.Callback):
         if differing:
             settings = ", ".join("held-out prompts" if key == "prompt_ids" else key for key in differing)
             again = "it is measured again now, on this model" if purpose == "resuming" else "the report has no 'before'"
-            rank_zero_warn(
-                f"ToxicityCallback: the checkpoint's 'before' measurement (PPO step {state['before']['ppo_step']}) used "
-                f"other {settings}, so it is not used when {purpose}: {again}"
-            )
+            step = state["before"]["ppo_step"]
+            rank_zero_warn(f"ToxicityCallback: the checkpoint's 'before' measurement (PPO step {step}) used other "
+                           f"{settings}, so it is not used when {purpose}: {again}")
             return None
         rank_zero_info(f"ToxicityCallback: using the 'before' measurement stored in the checkpoint ({purpose})")
         return Measurement(**state["before"])

@@ -82,7 +82,8 @@ SUBCOMMAND_USAGE = (
     "every subcommand starts from that run's RUN_DIR/config.yaml instead."
 )
 PREDICT_USAGE = (
-    "lit-rlhf predict --ckpt_path RUN_DIR/checkpoints/FILE.ckpt --data.predict_path FILE [--SECTION.SETTING VALUE ...]\n\n"
+    "lit-rlhf predict --ckpt_path RUN_DIR/checkpoints/FILE.ckpt --data.predict_path FILE\n"
+    "                 [--config FILE ...] [--SECTION.SETTING VALUE ...]\n\n"
     "Starts from RUN_DIR/config.yaml (or --config FILE ...) and writes RUN_DIR/predictions.jsonl; with a checkpoint\n"
     "outside a run folder, or none, trainer.default_root_dir/predictions.jsonl (logs/; no run folder is made)."
 )

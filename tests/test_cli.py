@@ -65,7 +65,8 @@ def test_only_a_checkpoint_means_its_runs_config(tmp_path, monkeypatch):
     for sub in ("fit", "validate", "test", "predict"):  # every subcommand, with the flags given after it
         assert with_default_config([sub, "--ckpt_path", ckpt, "--model.ppo_steps", "9"]) == [
             sub, "--config", run_config, "--ckpt_path", ckpt, "--model.ppo_steps", "9"]
-    assert with_default_config(["test", f"--ckpt_path={ckpt}"]) == ["test", "--config", run_config, f"--ckpt_path={ckpt}"]
+    assert with_default_config(["test", f"--ckpt_path={ckpt}"]) == [
+        "test", "--config", run_config, f"--ckpt_path={ckpt}"]
     # a config given is used as it is; a checkpoint outside a run folder needs one
     assert with_default_config(["fit", "--config", "x.yaml", "--ckpt_path", ckpt])[:3] == ["fit", "--config", "x.yaml"]
     Path("elsewhere.ckpt").write_bytes(b"")

@@ -69,7 +69,8 @@ def gpt2_runs(tmp_path_factory):
     data = small_dialogsum(root / "dialogsum")
     # a second ModelCheckpoint keeps every PPO step: 2 optimizer steps per PPO step (8 prompts, mini-batches of 4)
     flags = ["--model.generation.max_new_tokens", "[4, 8]", "--data.batch_size", "8", "--data.dataset", str(data),
-             "--trainer.enable_progress_bar", "false", "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+             "--trainer.enable_progress_bar", "false",
+             "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
              "--trainer.callbacks.every_n_train_steps=2", "--trainer.callbacks.save_top_k=-1"]
     cwd = os.getcwd()
     os.chdir(root)
