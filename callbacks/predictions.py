@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
 
 from lit_rlhf.io import atomic_write
 
@@ -16,10 +17,12 @@ class PredictionWriter(BasePredictionWriter):
     """Collects the records of ``predict_step`` (a list of dicts per batch: ``id``, ``dialogue``,
     ``summary`` and, where a reward/evaluator is configured, ``score``) and writes them once, at the end, as
     one JSON object per line into ``<output_dir>/predictions.jsonl`` (a temporary sibling, then renamed, so a
-    reader never sees half a file). With several processes each writes ``predictions.rank<r>.jsonl``.
+    reader never sees half a file), and says where in one line. With several processes each writes
+    ``predictions.rank<r>.jsonl``.
 
     Args:
-        output_dir: folder of the file; None: the trainer's log directory.
+        output_dir: folder of the file; None: the trainer's log directory (the run folder of a run's checkpoint;
+            without one, lit-rlhf's ``trainer.default_root_dir``).
         filename: the file's name.
     """
 
@@ -35,9 +38,12 @@ class PredictionWriter(BasePredictionWriter):
             batches = [batch for loader in batches for batch in loader]
         records = [record for batch in batches for record in batch]
         folder = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
-        name = self.filename
+        name, stem, ext = self.filename, *os.path.splitext(self.filename)
         if trainer.world_size > 1:
-            stem, ext = os.path.splitext(name)
             name = f"{stem}.rank{trainer.global_rank}{ext}"
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         self.path = atomic_write(folder / name, text)
+        if trainer.world_size > 1:
+            rank_zero_info(f"Predictions written to {folder / f'{stem}.rank*{ext}'} (one file per process)")
+        else:
+            rank_zero_info(f"Predictions written to {self.path} ({len(records)} row{'' if len(records) == 1 else 's'})")

@@ -260,7 +260,7 @@ def table(report: dict[str, Any]) -> str:
     rows = [["", *(header for _, header in COLUMNS)]]
     for stage in ("before", "after", "test"):
         if stage in report:
-            rows.append([stage, *(_fmt(report[stage][key]) for key, _ in COLUMNS)])
+            rows.append([_stage_label(report, stage), *(_fmt(report[stage][key]) for key, _ in COLUMNS)])
     if "toxicity" in report:
         tox = report["toxicity"]
         # relative decreases (positive: lower after); the second is the spread's, not a toxicity improvement
@@ -274,6 +274,12 @@ def table(report: dict[str, Any]) -> str:
     return _aligned(rows)
 
 
+def _stage_label(report: dict[str, Any], stage: str) -> str:
+    """The row's name; a 'before' not measured before training says at which PPO step it was measured."""
+    step = report[stage].get("ppo_step", 0)
+    return f"before (PPO step {step})" if stage == "before" and step else stage
+
+
 def _retained(before: float | None, after: float | None) -> str:
     """after / before in percent ("" when before is 0 or missing)."""
     if not before or after is None or before != before or after != after:
@@ -281,10 +287,11 @@ def _retained(before: float | None, after: float | None) -> str:
     return f"{100.0 * after / before:.1f}%"
 
 
-def summary_lines(report: dict[str, Any]) -> list[str]:
-    """The statistics under the table: paired differences, CIs, tests, counts, the evaluator warning."""
+def summary_lines(report: dict[str, Any], with_warning: bool = True) -> list[str]:
+    """The statistics under the table: paired differences, CIs, tests, counts, and (``with_warning``) the
+    evaluator warning."""
     out = []
-    if report.get("warning"):
+    if with_warning and report.get("warning"):
         out.append(f"**WARNING:** {report['warning']}")
     settings = report["settings"]
     out.append(

@@ -314,15 +314,21 @@ class ToxicityCallback(L.Callback):
         return self._before_from_state(restored, "resuming")
 
     def _before_from_state(self, state: dict[str, Any] | None, purpose: str) -> Measurement | None:
-        """The 'before' measurement saved in a checkpoint, if it was made on the same prompts and settings."""
+        """The 'before' measurement saved in a checkpoint, if it was made on the same prompts and settings.
+
+        A run keeps its first 'before' through every resume: the checkpoint holds it, and the report compares it
+        with the end. When the prompts or settings differ it cannot be compared; the warning names them."""
         if not state or "before" not in state:
             return None
         # tuples may come back from a checkpoint as lists: compare plain values
-        if plain_values(state.get("signature")) != plain_values(self._signature()):
-            rank_zero_warn(
-                f"ToxicityCallback: the checkpoint's 'before' measurement used other prompts or settings, so it is "
-                f"not used when {purpose}"
-            )
+        stored, mine = plain_values(state.get("signature") or {}), plain_values(self._signature())
+        differing = [key for key in mine if stored.get(key) != mine[key]]
+        if differing:
+            settings = ", ".join("held-out prompts" if key == "prompt_ids" else key for key in differing)
+            again = "it is measured again now, on this model" if purpose == "resuming" else "the report has no 'before'"
+            step = state["before"]["ppo_step"]
+            rank_zero_warn(f"ToxicityCallback: the checkpoint's 'before' measurement (PPO step {step}) used other "
+                           f"{settings}, so it is not used when {purpose}: {again}")
             return None
         rank_zero_info(f"ToxicityCallback: using the 'before' measurement stored in the checkpoint ({purpose})")
         return Measurement(**state["before"])
@@ -337,7 +343,10 @@ class ToxicityCallback(L.Callback):
             atomic_write(log_dir / f"{name}.json", rep.to_json(self.report)),
             atomic_write(log_dir / f"{name}.md", markdown),
         ]
-        text = "\n".join([rep.table(self.report), *rep.summary_lines(self.report), f"Report: {self.report_paths[1]}"])
+        # the same-model warning was given when the callback started (_prepare): the file keeps it, the console
+        # does not repeat it
+        lines = rep.summary_lines(self.report, with_warning=False)
+        text = "\n".join([rep.table(self.report), *lines, f"Report: {self.report_paths[1]}"])
         print("\n" + text + "\n", flush=True)
         for tb in _tensorboard(trainer):
             tb.experiment.add_text(f"tox/{name}", markdown, getattr(trainer.lightning_module, "ppo_step", 0))

@@ -4,6 +4,9 @@ Lightning's default writer saves into a temporary file elsewhere and then moves 
 the move is a copy, so a process killed during the copy leaves a truncated checkpoint under the final name.
 ``AtomicCheckpointIO`` writes next to the target, flushes to disk, then renames: on POSIX the rename is atomic,
 so ``last.ckpt`` is always the last *complete* checkpoint.
+
+``load_checkpoint`` reads one for the command line: a file torch cannot read (cut short by a full disk or a copy,
+not a checkpoint at all) is one error naming ``--ckpt_path``, not torch's traceback.
 """
 
 from __future__ import annotations
@@ -11,10 +14,30 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lit_rlhf.io import atomic_torch_save
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint at ``path`` (``--ckpt_path``), loaded on the CPU the safe way (``weights_only=True``).
+
+    Raises a ValueError naming the file when torch cannot read it: a truncated file ends in
+    ``PytorchStreamReader failed reading zip archive``, other bytes in a pickle error of some kind."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # whatever torch.load raises, the file is not a checkpoint it can read
+        raise unreadable_checkpoint(path, err) from err
+
+
+def unreadable_checkpoint(path: str | Path, err: BaseException) -> ValueError:
+    """The error for a ``--ckpt_path`` that torch could not load: the file, torch's reason in one sentence."""
+    lines = str(err).strip().splitlines()
+    reason = f"{type(err).__name__}: {lines[0].split('. ')[0]}" if lines else type(err).__name__
+    return ValueError(f"--ckpt_path {path} is not a readable checkpoint ({reason}): a file cut short or not written "
+                      f"by torch.save; give another checkpoint of the run (its checkpoints/ folder)")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

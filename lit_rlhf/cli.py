@@ -7,7 +7,8 @@
     lit-rlhf fit --ckpt_path .../last.ckpt --model.ppo_steps 150   # resume (flags given win), in the same run folder
 
 With no ``--config``, ``fit``/``validate``/``test`` start from the packaged offline recipe
-(``lit_rlhf/configs/detox_summarizer.yaml``); command-line flags still override it.
+(``lit_rlhf/configs/detox_summarizer.yaml``); with ``--ckpt_path`` of a run's checkpoint and no ``--config``, every
+subcommand starts from that run's own ``config.yaml``. Command-line flags override either.
 """
 
 from __future__ import annotations
@@ -20,24 +21,25 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from jsonargparse import DefaultHelpFormatter, set_parsing_settings
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from lit_rlhf.checkpoint import AtomicCheckpointIO, InterruptCheckpoint
+from lit_rlhf.checkpoint import AtomicCheckpointIO, InterruptCheckpoint, load_checkpoint
 from lit_rlhf.data import DialogSumDataModule
 from lit_rlhf.module import PPOModule
-from lit_rlhf.progress import PPOProgressBar
+from lit_rlhf.progress import ModelSummaryWithoutFlops, PPOProgressBar
 from lit_rlhf.runs import (
     RunFolder, combine_with_checkpoint, given_model_keys, remove_if_only_start_files, run_folder_of,
 )
 
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
 SUBCOMMANDS_WITH_DEFAULT = ("fit", "validate", "test")
+"""The subcommands that run the packaged default config when given neither ``--config`` nor ``--ckpt_path``."""
 
 REWARDS = {
     "ClassifierReward": "logit or probability of one label of a Hugging Face sequence classifier (hub or local)",
@@ -76,7 +78,14 @@ SUBCOMMAND_USAGE = (
     "Default config: with no --config, `lit-rlhf {sub}` runs the packaged offline recipe\n"
     "(lit_rlhf/configs/detox_summarizer.yaml: the embedded summarizer, bundled DialogSum, 100 PPO steps).\n"
     "The defaults listed below are the classes' own; print what a plain `lit-rlhf {sub}` runs:\n"
-    "`lit-rlhf {sub} --print_config`."
+    "`lit-rlhf {sub} --print_config`. With --ckpt_path RUN_DIR/checkpoints/FILE.ckpt and no --config,\n"
+    "every subcommand starts from that run's RUN_DIR/config.yaml instead."
+)
+PREDICT_USAGE = (
+    "lit-rlhf predict --ckpt_path RUN_DIR/checkpoints/FILE.ckpt --data.predict_path FILE\n"
+    "                 [--config FILE ...] [--SECTION.SETTING VALUE ...]\n\n"
+    "Starts from RUN_DIR/config.yaml (or --config FILE ...) and writes RUN_DIR/predictions.jsonl; with a checkpoint\n"
+    "outside a run folder, or none, trainer.default_root_dir/predictions.jsonl (logs/; no run folder is made)."
 )
 SUBCOMMAND_DESCRIPTION = (
     "Recipes: --config configs/detox_flan_t5.yaml (FLAN-T5 detoxification), configs/detox_gpt2.yaml,\n"
@@ -97,9 +106,9 @@ def parser_kwargs() -> dict:
     """Main and per-subcommand parser settings: the default config stated at the top, no abbreviated flags."""
     common = {"allow_abbrev": False, "formatter_class": HelpFormatter}
     kwargs = {"description": DESCRIPTION + _catalogue(), "prog": "lit-rlhf", **common}
-    for sub in ("fit", "validate", "test", "predict"):
-        kwargs[sub] = {"usage": SUBCOMMAND_USAGE.format(sub=sub), "description": SUBCOMMAND_DESCRIPTION + _catalogue(),
-                       **common}
+    for sub in SUBCOMMANDS:
+        usage = PREDICT_USAGE if sub == "predict" else SUBCOMMAND_USAGE.format(sub=sub)
+        kwargs[sub] = {"usage": usage, "description": SUBCOMMAND_DESCRIPTION + _catalogue(), **common}
     return kwargs
 
 
@@ -118,18 +127,25 @@ HARMLESS_WARNINGS = (
 """Third-party warnings that say nothing a lit-rlhf user can act on, matched by message only."""
 HARMLESS_LOG_LINES = {
     # FLAN-T5 stores its own lm_head, which transformers 5's T5 config declares tied: it loads untied, correctly
-    "transformers.modeling_utils": "The tied weights mapping and config for this model specifies to tie",
-    "lightning.pytorch.utilities.rank_zero": "💡 Tip: For seamless cloud logging",
+    "transformers.modeling_utils": ("The tied weights mapping and config for this model specifies to tie",),
+    "lightning.pytorch.utilities.rank_zero": (
+        # the litlogger and litmodels advertisements
+        "💡 Tip: For seamless cloud",
+        # the --ckpt_path the user gave, echoed (twice for validate, test and predict); a resumed fit still
+        # says "Restored all states from the checkpoint at ..."
+        "Restoring states from the checkpoint path at ",
+        "Loaded model weights from the checkpoint at ",
+    ),
 }
-"""Log records (logger name: message start) of the same kind."""
+"""Log records (logger name: message starts) of the same kind."""
 
 
 def quiet_harmless_warnings() -> None:
     """Filter HARMLESS_WARNINGS and HARMLESS_LOG_LINES, and nothing else."""
     for message in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
-    for name, start in HARMLESS_LOG_LINES.items():
-        logging.getLogger(name).addFilter(lambda record, start=start: not record.getMessage().startswith(start))
+    for name, starts in HARMLESS_LOG_LINES.items():
+        logging.getLogger(name).addFilter(lambda record, starts=starts: not record.getMessage().startswith(starts))
 
 
 quiet_harmless_warnings()
@@ -144,15 +160,87 @@ def config_path(name: str = DEFAULT_CONFIG) -> str:
     return str(resources.files("lit_rlhf.configs").joinpath(name))
 
 
-class LitRLHFCLI(LightningCLI):
-    """LightningCLI with the values two parts share given once and linked, atomic checkpoint files, start-up
-    checks that run before anything is written, and resume semantics: the checkpoint's run folder and model
-    settings, except the flags the user gives."""
+PPO_CHECKPOINT_FILENAME = "{ppo_step:.0f}"
+"""The periodic checkpoints' file name where the config gives none: ``ppo_step=100.ckpt``. Lightning's default,
+``epoch=0-step=400.ckpt``, counts optimizer steps (several per PPO step); ``ppo_step`` is what PPOModule logs."""
 
-    checkpoint_ppo_step: int | None = None
-    """PPO steps done by the run in ``--ckpt_path`` (None without one)."""
+
+class CommonCLI(LightningCLI):
+    """LightningCLI with what ``lit-rlhf`` and ``lit-rlhf-sft`` share: atomic checkpoint files; Lightning's default
+    TensorBoard logger without its placeholder ``hp_metric`` of -1, in the run folder of ``--ckpt_path`` for the
+    subcommands in :attr:`run_folder_subcommands`, and none for a ``predict`` outside a run folder (it makes no
+    empty ``version_N``); ``<subcommand>_config.yaml`` beside a fit's ``config.yaml``, not over it; a model summary
+    without Lightning's FLOPs (always 0 here); one line for a ``--ckpt_path`` torch cannot read; and ``predict``'s
+    ``predictions.jsonl``."""
+
+    run_folder_subcommands: tuple[str, ...] = ("predict",)
+    """Subcommands whose default logger writes into the run folder of ``--ckpt_path`` (when it is inside one)."""
     checkpoint_dirs: list[str] = []
     """The folders of the ModelCheckpoint callbacks that wrote ``--ckpt_path``, as they spelled them."""
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning's (the checkpoint's model settings over the parsed ones), reading the file with load_checkpoint
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        stored = load_checkpoint(ckpt_path).get("hyper_parameters", {})
+        hparams = {k: v for k, v in stored.items() if k != "_instantiator"}
+        if hparams:
+            self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
+
+    def instantiate_trainer(self, **kwargs):
+        if self.subcommand not in ("fit", None):
+            # beside a fit run's config.yaml, not over it
+            self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"{self.subcommand}_config.yaml"}
+        settings = self._get(self.config_init, "trainer", default={})
+        if "logger" not in kwargs and settings.get("logger") in (None, True) and not settings.get("barebones"):
+            kwargs["logger"] = self._default_logger(settings.get("default_root_dir") or os.getcwd())
+        trainer = super().instantiate_trainer(**kwargs)
+        # a killed run must never leave a truncated last.ckpt behind (see lit_rlhf.checkpoint)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+    def _default_logger(self, root_dir: str) -> TensorBoardLogger | bool:
+        """The logger when the config leaves Lightning's default: TensorBoard, as Lightning's, without the
+        ``hp_metric`` placeholder; in the run folder of ``--ckpt_path`` when there is one for this subcommand;
+        none for ``predict`` otherwise (``predictions.jsonl`` and ``predict_config.yaml`` then go to
+        ``trainer.default_root_dir``)."""
+        folder = self._checkpoint_run_folder()
+        if folder is not None:
+            return TensorBoardLogger(folder.save_dir, name=folder.name, version=folder.version, default_hp_metric=False)
+        if self.subcommand == "predict":
+            return False
+        return TensorBoardLogger(root_dir, default_hp_metric=False)
+
+    def _checkpoint_run_folder(self) -> RunFolder | None:
+        """The run folder of ``--ckpt_path`` for the subcommands in :attr:`run_folder_subcommands`; else None."""
+        if self.subcommand not in self.run_folder_subcommands:  # None too (run=False: the caller runs the trainer)
+            return None
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        return run_folder_of(ckpt_path, self.checkpoint_dirs) if ckpt_path else None
+
+    def _instantiate_trainer(self, config, callbacks):
+        configured = configured_callbacks(config, callbacks)
+        summary = config.get("enable_model_summary") is not False and not config.get("barebones")
+        if summary and not any(isinstance(c, ModelSummary) for c in configured):
+            callbacks.append(ModelSummaryWithoutFlops())
+            config["enable_model_summary"] = False  # Lightning's own summary, which it adds beside ours otherwise
+        return super()._instantiate_trainer(config, callbacks)
+
+    def before_predict(self) -> None:
+        add_prediction_writer(self.trainer)
+
+
+class LitRLHFCLI(CommonCLI):
+    """The ``lit-rlhf`` command: the values two parts share given once and linked, periodic checkpoints named by
+    PPO step, start-up checks that run before anything is written, and resume semantics: the checkpoint's run
+    folder and model settings, except the flags the user gives."""
+
+    run_folder_subcommands = ("fit", "validate", "test", "predict")
+    checkpoint_ppo_step: int | None = None
+    """PPO steps done by the run in ``--ckpt_path`` (None without one)."""
 
     def parse_arguments(self, parser, args) -> None:
         self.given_args = [str(a) for a in args] if isinstance(args, (list, tuple)) else sys.argv[1:]
@@ -167,7 +255,7 @@ class LitRLHFCLI(LightningCLI):
             return
         if not Path(ckpt_path).is_file():
             raise ValueError(f"--ckpt_path {ckpt_path}: no such file")
-        checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        checkpoint = load_checkpoint(ckpt_path)
         if "lit_rlhf" not in checkpoint:
             raise ValueError(f"--ckpt_path {ckpt_path} was not written by lit_rlhf's PPOModule (no 'lit_rlhf' state)")
         self.checkpoint_ppo_step = int(checkpoint["lit_rlhf"]["ppo_step"])
@@ -189,22 +277,8 @@ class LitRLHFCLI(LightningCLI):
             notice("validate: trainer.limit_val_batches=0 (no validation during fit) replaced by 1.0: "
                    "measuring every held-out prompt (give --trainer.limit_val_batches to measure fewer)")
 
-    def instantiate_trainer(self, **kwargs):
-        folder = self._checkpoint_run_folder()
-        if folder is not None and "logger" not in kwargs:
-            kwargs["logger"] = TensorBoardLogger(folder.save_dir, name=folder.name, version=folder.version)
-        if self.subcommand != "fit":
-            # beside a fit run's config.yaml, not over it
-            self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"{self.subcommand}_config.yaml"}
-        trainer = super().instantiate_trainer(**kwargs)
-        # a killed run must never leave a truncated last.ckpt behind (see lit_rlhf.checkpoint)
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        return trainer
-
     def _instantiate_trainer(self, config, callbacks):
-        configured = config.get("callbacks") or []
-        configured = [*(configured if isinstance(configured, list) else [configured]), *callbacks]
+        configured = configured_callbacks(config, callbacks)
         if self.subcommand == "fit" and config.get("enable_checkpointing") is not False:
             if not any(isinstance(c, ModelCheckpoint) for c in configured):
                 # Lightning adds this default only when no Checkpoint callback is given; InterruptCheckpoint is one
@@ -212,17 +286,10 @@ class LitRLHFCLI(LightningCLI):
             callbacks.append(InterruptCheckpoint())
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in configured):
             callbacks.append(PPOProgressBar())
+        for callback in [*configured, *callbacks]:
+            if isinstance(callback, ModelCheckpoint) and callback.filename is None:
+                callback.filename = PPO_CHECKPOINT_FILENAME
         return super()._instantiate_trainer(config, callbacks)
-
-    def _checkpoint_run_folder(self) -> RunFolder | None:
-        """The run folder of ``--ckpt_path`` when this command keeps the default logger; else None."""
-        if self.subcommand is None:  # run=False: the caller runs the trainer
-            return None
-        ckpt_path = self.config[self.subcommand].get("ckpt_path")
-        logger = self.config[self.subcommand].trainer.get("logger")
-        if not ckpt_path or logger not in (None, True):
-            return None
-        return run_folder_of(ckpt_path, self.checkpoint_dirs)
 
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand == "fit" and self._finished():
@@ -230,7 +297,10 @@ class LitRLHFCLI(LightningCLI):
         log_dir = self.trainer.log_dir if self.trainer.logger is not None else None
         new_folder = Path(log_dir) if log_dir and not Path(log_dir).exists() else None
         try:
-            super()._run_subcommand(subcommand)
+            with warnings.catch_warnings():
+                if self.checkpoint_ppo_step is not None:  # resuming: the run's own checkpoints/ folder has files
+                    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+                super()._run_subcommand(subcommand)
         except BaseException:
             # a failed start leaves no folder behind (a run that has stepped keeps its folder and checkpoint)
             if new_folder is not None and self.trainer.global_step == 0 and self.trainer.is_global_zero:
@@ -268,8 +338,15 @@ class LitRLHFCLI(LightningCLI):
         parser.link_arguments("data.batch_size", "model.rollout_batch_size")
 
 
+def configured_callbacks(config: dict[str, Any], callbacks: list) -> list:
+    """The trainer config's callbacks (a list, one, or None) and the extra ``callbacks``, in one list."""
+    configured = config.get("callbacks") or []
+    return [*(configured if isinstance(configured, list) else [configured]), *callbacks]
+
+
 def add_prediction_writer(trainer) -> None:
-    """``predict`` writes ``predictions.jsonl`` into the run's log directory unless a writer is configured."""
+    """``predict`` writes ``predictions.jsonl`` into the trainer's log directory unless a writer is configured:
+    the run folder of a run's ``--ckpt_path``, else ``trainer.default_root_dir`` (see CommonCLI)."""
     from lightning.pytorch.callbacks import BasePredictionWriter
 
     from lit_rlhf.callbacks import PredictionWriter
@@ -308,12 +385,42 @@ def check_trainer_settings(trainer) -> None:
 
 
 def with_default_config(args: list[str]) -> list[str]:
-    """Insert the default config (:data:`DEFAULT_CONFIG`) after the subcommand when the user gave no config."""
-    if not args or args[0] not in SUBCOMMANDS_WITH_DEFAULT:
+    """Insert a config after the subcommand when the user gave none: with ``--ckpt_path`` of a file, the run's
+    own ``config.yaml`` (:func:`run_config_of`), for every subcommand; otherwise :data:`DEFAULT_CONFIG` for
+    ``fit``, ``validate`` and ``test``. The flags given still override it."""
+    if not args or any(a in ("-c", "--config") or a.startswith("--config=") for a in args):
         return args
-    if any(a in ("-c", "--config") or a.startswith("--config=") for a in args):
+    ckpt_path = flag_value(args, "--ckpt_path")
+    if ckpt_path is not None and ckpt_path not in ("last", "best", "hpc", "registry") and args[0] in SUBCOMMANDS:
+        return [args[0], "--config", str(run_config_of(ckpt_path)), *args[1:]]
+    if args[0] not in SUBCOMMANDS_WITH_DEFAULT:
         return args
     return [args[0], "--config", config_path(), *args[1:]]
+
+
+def flag_value(args: list[str], flag: str) -> str | None:
+    """The value of the last ``flag VALUE`` or ``flag=VALUE`` in ``args`` (None when absent)."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg[len(flag) + 1:]
+    return value
+
+
+def run_config_of(ckpt_path: str) -> Path:
+    """The ``config.yaml`` of the run that wrote ``ckpt_path`` (``<run dir>/checkpoints/<file>.ckpt``), which
+    a command given only ``--ckpt_path`` starts from; a ValueError asking for ``--config`` when there is none."""
+    if not Path(ckpt_path).is_file():
+        raise ValueError(f"--ckpt_path {ckpt_path}: no such file")
+    folder = run_folder_of(ckpt_path)
+    config = folder.path / "config.yaml" if folder is not None else None
+    if config is None or not config.is_file():
+        where = f"no {config}" if config is not None else "it is not in a run folder (<run dir>/checkpoints/)"
+        raise ValueError(f"--ckpt_path {ckpt_path}: {where}, the run's settings to start from; give them with "
+                         f"--config FILE")
+    return config
 
 
 def run(args: list[str] | None = None) -> LitRLHFCLI:
@@ -397,21 +504,12 @@ SFT_DESCRIPTION = (
 )
 
 
-class SFTCLI(LightningCLI):
-    """LightningCLI for SFTModule: the data module serves reference summaries, atomic checkpoint files."""
-
-    def instantiate_trainer(self, **kwargs):
-        trainer = super().instantiate_trainer(**kwargs)
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        return trainer
+class SFTCLI(CommonCLI):
+    """The ``lit-rlhf-sft`` command: SFTModule, with the data module serving reference summaries."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model_name", "data.model_name")
         parser.set_defaults({"data.with_labels": True})
-
-    def before_predict(self) -> None:
-        add_prediction_writer(self.trainer)
 
 
 def run_sft(args: list[str] | None = None) -> SFTCLI:

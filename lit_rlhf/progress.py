@@ -1,4 +1,4 @@
-"""The command line's progress bar: PPO steps of the run, not batches of an epoch.
+"""What the command line shows while a run goes: a progress bar of PPO steps, and the model summary.
 
 A PPO run stops after ``model.ppo_steps`` steps, usually long before the prompt stream's epoch ends, and
 ``max_epochs`` is -1: Lightning's bars showed ``Epoch 0/-2 ... 100/501`` and an ETA for the 501 batches.
@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ModelSummary, TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
 
 
 class PPOProgressBar(TQDMProgressBar):
@@ -46,3 +48,21 @@ class PPOProgressBar(TQDMProgressBar):
         metrics.pop("v_num", None)  # the run folder's version number, not a measurement
         metrics.pop("ppo_step", None)  # the bar's own count
         return metrics
+
+
+class ModelSummaryWithoutFlops(ModelSummary):
+    """Lightning's model summary (layers, parameters, size) without its FLOPs column and total.
+
+    Lightning counts FLOPs only by running the module's ``example_input_array``, which lit_rlhf's modules do
+    not have (a policy's input is a generation), so both always read 0."""
+
+    @staticmethod
+    def summarize(
+        summary_data: list[tuple[str, list[str]]], total_parameters: int, trainable_parameters: int,
+        model_size: float, total_training_modes: dict[str, int], total_flops: int, **summarize_kwargs: Any,
+    ) -> None:
+        columns = [(name, values) for name, values in summary_data if name != "FLOPs"]
+        table = _format_summary_table(total_parameters, trainable_parameters, model_size, total_training_modes,
+                                      total_flops, *columns)
+        lines = [line for line in table.splitlines() if not line.endswith("Total Flops")]
+        rank_zero_info("\n" + "\n".join(lines))

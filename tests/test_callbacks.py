@@ -304,6 +304,18 @@ def test_resumed_fit_keeps_the_original_before(fitted, tmp_path):
     assert resumed.report["before"]["ppo_step"] == 0 and resumed.report["after"]["ppo_step"] == 3
 
 
+def test_a_before_of_other_settings_is_measured_again_and_labelled(fitted, tmp_path):
+    trainer, module, callback = fitted
+    checkpoint = next((Path(trainer.log_dir) / "checkpoints").glob("*.ckpt"))
+    resumed = ToxicityCallback(evaluator=ProfanityToxicity(), num_prompts=NUM_PROMPTS, batch_size=4, progress=False,
+                               seed=1)
+    with pytest.warns(UserWarning, match=r"'before' measurement \(PPO step 0\) used other seed, so it is not used when "
+                                         r"resuming: it is measured again now"):
+        make_trainer(tmp_path, resumed, logger=False).fit(make_module(ppo_steps=3), make_data(), ckpt_path=checkpoint)
+    assert resumed.report["before"]["ppo_step"] == 2  # measured on the trained weights: the table says so
+    assert "| before (PPO step 2) |" in (tmp_path / "report.md").read_text()
+
+
 def test_embedded_config_adds_the_callback():
     from lit_rlhf.cli import LitRLHFCLI, config_path
 

@@ -52,6 +52,30 @@ def test_no_config_means_the_embedded_default():
     assert with_default_config(["--help"]) == ["--help"]
 
 
+def test_only_a_checkpoint_means_its_runs_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_dir = Path("logs/lightning_logs/version_2")
+    (run_dir / "checkpoints").mkdir(parents=True)
+    ckpt = str(run_dir / "checkpoints" / "last.ckpt")
+    Path(ckpt).write_bytes(b"")  # read later, by the command
+    with pytest.raises(ValueError, match=rf"--ckpt_path {ckpt}: no .*config.yaml, the run's settings .*--config FILE"):
+        with_default_config(["fit", "--ckpt_path", ckpt])
+    (run_dir / "config.yaml").write_text("seed_everything: 0\n")
+    run_config = str((run_dir / "config.yaml").absolute())
+    for sub in ("fit", "validate", "test", "predict"):  # every subcommand, with the flags given after it
+        assert with_default_config([sub, "--ckpt_path", ckpt, "--model.ppo_steps", "9"]) == [
+            sub, "--config", run_config, "--ckpt_path", ckpt, "--model.ppo_steps", "9"]
+    assert with_default_config(["test", f"--ckpt_path={ckpt}"]) == [
+        "test", "--config", run_config, f"--ckpt_path={ckpt}"]
+    # a config given is used as it is; a checkpoint outside a run folder needs one
+    assert with_default_config(["fit", "--config", "x.yaml", "--ckpt_path", ckpt])[:3] == ["fit", "--config", "x.yaml"]
+    Path("elsewhere.ckpt").write_bytes(b"")
+    with pytest.raises(ValueError, match="it is not in a run folder.*--config FILE"):
+        with_default_config(["fit", "--ckpt_path", "elsewhere.ckpt"])
+    with pytest.raises(ValueError, match="--ckpt_path missing.ckpt: no such file"):
+        with_default_config(["test", "--ckpt_path", "missing.ckpt"])
+
+
 def test_bad_setting_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="mini_batch_size=3 must divide"):

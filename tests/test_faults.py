@@ -321,6 +321,27 @@ def test_bad_settings_fail_before_the_run_directory_is_written(flags, message, t
     assert written == [], written
 
 
+@pytest.mark.parametrize("command", ["lit-rlhf", "lit-rlhf-sft"])
+def test_a_truncated_checkpoint_is_one_line_naming_the_file(command, tmp_path, monkeypatch, capsys):
+    from lit_rlhf.cli import config_path, main, main_sft
+
+    monkeypatch.chdir(tmp_path)
+    torch.save({"lit_rlhf": {"ppo_step": 1}, "state_dict": {"w": torch.ones(1000)}}, "whole.ckpt")
+    Path("cut.ckpt").write_bytes(Path("whole.ckpt").read_bytes()[:2000])  # a copy that stopped half way
+    entry, args = {"lit-rlhf": (main, ["fit", "--config", config_path("embedded_t5.yaml")]),
+                   "lit-rlhf-sft": (main_sft, ["predict"])}[command]
+    monkeypatch.setattr("sys.argv", [command, *args, "--ckpt_path", "cut.ckpt"])
+    monkeypatch.delenv("LIT_RLHF_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        entry()
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"{command}: error: --ckpt_path cut.ckpt is not a readable checkpoint (RuntimeError: "
+                             "PytorchStreamReader failed reading zip archive"), err[0]
+    assert not Path("logs").exists()
+
+
 def test_unknown_reward_label_lists_the_labels(tmp_path):
     classifier = build_tiny_classifier(tmp_path / "clf", ["hello world"])
     from lit_rlhf.rewards import ClassifierReward
