@@ -262,7 +262,7 @@ def table(report: dict[str, Any]) -> str:
     """The before/after table in Markdown (also what is printed at the end of fit); ROUGE columns only when the
     prompts have references."""
     stages = [stage for stage in ("before", "after", "test") if stage in report]
-    columns = [(key, header) for key, header in COLUMNS if key in report[stages[0]]]
+    columns = [(key, header) for key, header in COLUMNS if not stages or key in report[stages[0]]]
     rows = [["", *(header for _, header in columns)]]
     for stage in stages:
         rows.append([stage, *(_fmt(report[stage][key]) for key, _ in columns)])
@@ -298,7 +298,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"toxicity = {settings['evaluator']} on the {settings['text']}; "
         f"reward = {settings['reward']}."
     )
-    if not any("rouge1" in report[stage] for stage in ("before", "after", "test") if stage in report):
+    stages = [report[stage] for stage in ("before", "after", "test") if stage in report]
+    if stages and not any("rouge1" in stage for stage in stages):
         out.append("No ROUGE: the held-out prompts have no references (set data.reference_column to score them).")
     for name, label in (("toxicity", "Toxicity decrease"), ("reward", "Reward increase")):
         if name not in report:

@@ -515,8 +515,10 @@ class PromptDataModule(L.LightningDataModule):
         return kept
 
     def _encode(self, rows: datasets.Dataset) -> datasets.Dataset:
-        encoded = rows.map(encode_prompts, batched=True,
-                           fn_kwargs={"tokenizer": self.tokenizer, "fmt": self.prompt_format()})
+        fmt = self.prompt_format()
+        if self.drop_long_prompts:  # whole prompts, then the long ones go
+            fmt = PromptFormat(**{**fmt.__dict__, "max_prompt_tokens": None})
+        encoded = rows.map(encode_prompts, batched=True, fn_kwargs={"tokenizer": self.tokenizer, "fmt": fmt})
         if self.drop_long_prompts:
             encoded = encoded.filter(_fits, input_columns="input_ids", batched=True,
                                      fn_kwargs={"max_tokens": self.max_prompt_tokens})
