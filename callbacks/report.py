@@ -64,9 +64,12 @@ class Measurement:
 
 def rouge_per_prompt(responses: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, list[float]]:
     """ROUGE-1/2/L F of each response against all references of its dialogue (the best-matching one counts,
-    as ``rouge_score``'s ``accumulate="best"``). torchmetrics' default tokenisation, no stemming."""
+    as ``rouge_score``'s ``accumulate="best"``). torchmetrics' default tokenisation, no stemming. Empty when a
+    prompt has no reference (the data has no reference column): no ROUGE then."""
     from torchmetrics.functional.text.rouge import rouge_score
 
+    if not all(references):
+        return {}
     out: dict[str, list[float]] = {key: [] for key in ROUGE_KEYS}
     for response, refs in zip(responses, references):
         # rouge_score averages over a batch, so each response is scored on its own
@@ -89,7 +92,7 @@ def pass_aggregates(
         "toxicity_std": tox_std,
         "reward_mean": reward_mean,
         "reward_std": reward_std,
-        **{key: stats.mean_std(torch.tensor(rouge[key], dtype=torch.float64))[0] for key in ROUGE_KEYS},
+        **{key: stats.mean_std(torch.tensor(rouge[key], dtype=torch.float64))[0] for key in ROUGE_KEYS if key in rouge},
         "response_length_mean": stats.mean_std(torch.tensor(length, dtype=torch.float64))[0],
         "distinct_1": stats.distinct_n(tokens, 1),
         "distinct_2": stats.distinct_n(tokens, 2),
@@ -256,21 +259,23 @@ def _aligned(rows: list[list[str]]) -> str:
 
 
 def table(report: dict[str, Any]) -> str:
-    """The before/after table in Markdown (also what is printed at the end of fit)."""
-    rows = [["", *(header for _, header in COLUMNS)]]
-    for stage in ("before", "after", "test"):
-        if stage in report:
-            rows.append([_stage_label(report, stage), *(_fmt(report[stage][key]) for key, _ in COLUMNS)])
+    """The before/after table in Markdown (also what is printed at the end of fit); ROUGE columns only when the
+    prompts have references."""
+    stages = [stage for stage in ("before", "after", "test") if stage in report]
+    columns = [(key, header) for key, header in COLUMNS if not stages or key in report[stages[0]]]
+    rows = [["", *(header for _, header in columns)]]
+    for stage in stages:
+        rows.append([_stage_label(report, stage), *(_fmt(report[stage][key]) for key, _ in columns)])
     if "toxicity" in report:
         tox = report["toxicity"]
         # relative decreases (positive: lower after); the second is the spread's, not a toxicity improvement
         cells = [_pct(tox["improvement_mean_percent"]), f"{_pct(tox['improvement_std_percent'])} of the std"]
-        rows.append(["decrease %", *cells, *[""] * (len(COLUMNS) - 2)])
+        rows.append(["decrease %", *cells, *[""] * (len(columns) - 2)])
     after = "after" if "after" in report else "test"
-    if "before" in report and after in report:
+    if "before" in report and after in report and "rouge1" in report["before"]:
         # how much of the summaries' overlap with the references is kept (100%: summary quality unchanged)
         rows.append(["retained %", *(_retained(report["before"][key], report[after][key]) if key.startswith("rouge")
-                                     else "" for key, _ in COLUMNS)])
+                                     else "" for key, _ in columns)])
     return _aligned(rows)
 
 
@@ -300,6 +305,9 @@ def summary_lines(report: dict[str, Any], with_warning: bool = True) -> list[str
         f"toxicity = {settings['evaluator']} on the {settings['text']}; "
         f"reward = {settings['reward']}."
     )
+    stages = [report[stage] for stage in ("before", "after", "test") if stage in report]
+    if stages and not any("rouge1" in stage for stage in stages):
+        out.append("No ROUGE: the held-out prompts have no references (set data.reference_column to score them).")
     for name, label in (("toxicity", "Toxicity decrease"), ("reward", "Reward increase")):
         if name not in report:
             continue

@@ -266,7 +266,8 @@ class ToxicityCallback(L.Callback):
                 "ToxicityCallback reads its held-out prompts from the data module's `test_set` (DialogSumDataModule): "
                 "pass a datamodule to trainer.fit / trainer.test"
             )
-        self.prompts = select_prompts(datamodule.test_set, self.num_prompts)
+        self.prompts = select_prompts(datamodule.test_set, self.num_prompts,
+                                      getattr(datamodule, "reference_column", "summary"))
         self.generation_used = self.generation or pl_module.generation
         self.evaluator.to(pl_module.device)
         pl_module.reward.to(pl_module.device)
@@ -382,7 +383,7 @@ class ToxicityCallback(L.Callback):
             "tox/reward_diff_mean": r["reward"]["difference_mean"],
             "tox/reward_p_value": r["reward"]["p_value"],
             **{f"tox/{key}_{stage}": r[stage][key] for stage in ("before", "after")
-               for key in ("rouge1", "rouge2", "rougeL", "distinct_1", "distinct_2")},
+               for key in ("rouge1", "rouge2", "rougeL", "distinct_1", "distinct_2") if key in r[stage]},
         }
         scalars = {k: v for k, v in scalars.items() if v is not None and v == v}  # drop NaN
         step = int(getattr(pl_module, "ppo_step", 0))
@@ -430,8 +431,9 @@ def same_model_warning(evaluator: ToxicityEvaluator, reward: Reward) -> str | No
     )
 
 
-def select_prompts(test_set: Any, num_prompts: int | None) -> list[HeldOutPrompt]:
-    """The first ``num_prompts`` distinct dialogues of the held-out rows, each with all its references.
+def select_prompts(test_set: Any, num_prompts: int | None, reference_column: str | None = "summary") -> list[HeldOutPrompt]:
+    """The first ``num_prompts`` distinct dialogues of the held-out rows, each with all its references (the
+    values of ``reference_column``; none when it is None or absent).
 
     DialogSum's test split lists each dialogue once per reference summary (ids ``test_{n}_{k}``); grouping by
     dialogue text measures each dialogue once and scores ROUGE against all of its references.
@@ -439,13 +441,15 @@ def select_prompts(test_set: Any, num_prompts: int | None) -> list[HeldOutPrompt
     columns = test_set.column_names
     key_column = "dialogue" if "dialogue" in columns else "query"
     keys = test_set[key_column]
-    summaries = test_set["summary"] if "summary" in columns else [""] * len(keys)
+    has_references = reference_column is not None and reference_column in columns
+    summaries = test_set[reference_column] if has_references else [None] * len(keys)
     ids, queries = test_set["id"], test_set["query"]
     groups: dict[str, HeldOutPrompt] = {}
     for row, key in enumerate(keys):
         if key not in groups:
             groups[key] = HeldOutPrompt(row=row, id=str(ids[row]), query=queries[row], references=[])
-        groups[key].references.append(summaries[row])
+        if summaries[row] is not None:
+            groups[key].references.append(summaries[row])
     prompts = list(groups.values())
     if num_prompts is not None:
         prompts = prompts[:num_prompts]

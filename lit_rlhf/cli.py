@@ -1,4 +1,4 @@
-"""The ``lit-rlhf`` command: LightningCLI over PPOModule and DialogSumDataModule.
+"""The ``lit-rlhf`` command: LightningCLI over PPOModule and any prompt data module (DialogSumDataModule by default).
 
     lit-rlhf fit                                   # the offline recipe (the embedded summarizer, bundled DialogSum)
     lit-rlhf fit --config configs/detox_flan_t5.yaml
@@ -31,6 +31,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lit_rlhf.checkpoint import AtomicCheckpointIO, InterruptCheckpoint, load_checkpoint
 from lit_rlhf.data import DialogSumDataModule
+from lit_rlhf.prompts import PromptDataModule
 from lit_rlhf.module import PPOModule
 from lit_rlhf.progress import ModelSummaryWithoutFlops, PPOProgressBar
 from lit_rlhf.runs import (
@@ -46,6 +47,7 @@ REWARDS = {
     "ProfanityReward": "offline: logit of 'not offensive' from the alt-profanity-check model",
     "ReferenceSimilarityReward": "ROUGE of the response against the reference summary, in [0, 1]",
     "CompositeReward": "weighted sum of rewards (the offline recipe: profanity + 10 x ROUGE-1)",
+    "FunctionReward": "a Python function fn(prompts, responses, **columns) -> list[float], by import path",
 }
 """``lit_rlhf.rewards`` classes, one line each for ``--help`` (a test checks that every Reward is listed)."""
 EVALUATORS = {
@@ -59,11 +61,24 @@ EVALUATORS = {
 def _catalogue() -> str:
     rewards = "".join(f"\n  {name:<27} {line}" for name, line in REWARDS.items())
     evaluators = "".join(f"\n  {name:<27} {line}" for name, line in EVALUATORS.items())
-    return (
+    return _data_catalogue() + (
         f"\n\nRewards (--model.reward lit_rlhf.rewards.CLASS; options: --model.reward.help CLASS):{rewards}"
         f"\n\nToxicity evaluators (lit_rlhf.callbacks.ToxicityCallback's init_args.evaluator: "
         f"lit_rlhf.callbacks.CLASS):{evaluators}"
     )
+
+
+DATA_MODULES = {
+    "DialogSumDataModule": "the default: DialogSum (bundled or hub) with the recipe's filter, prompt and split",
+    "PromptDataModule": "any prompts: a jsonl/csv/parquet file or folder, hub dataset; column, template or chat",
+}
+"""``lit_rlhf.data`` / ``lit_rlhf.prompts`` data modules, one line each for ``--help``."""
+DATA_MODULE_PATHS = {"DialogSumDataModule": "lit_rlhf.data", "PromptDataModule": "lit_rlhf.prompts"}
+
+
+def _data_catalogue() -> str:
+    lines = "".join(f"\n  {DATA_MODULE_PATHS[name]}.{name:<22} {line}" for name, line in DATA_MODULES.items())
+    return f"\n\nData modules (--data CLASS; options: --data.help CLASS):{lines}"
 
 
 DESCRIPTION = (
@@ -332,10 +347,22 @@ class LitRLHFCLI(CommonCLI):
         add_prediction_writer(self.trainer)
 
     def add_arguments_to_parser(self, parser) -> None:
+        data = data_prefix(self, parser)
         # the policy model also picks the data module's tokenizer and padding side
-        parser.link_arguments("model.model_name", "data.model_name")
+        parser.link_arguments("model.model_name", f"{data}model_name")
         # the module checks its mini-batch against the rollout batch the data module produces
-        parser.link_arguments("data.batch_size", "model.rollout_batch_size")
+        parser.link_arguments(f"{data}batch_size", "model.rollout_batch_size")
+
+
+def data_prefix(cli: LightningCLI, parser, **defaults: Any) -> str:
+    """Where the data module's settings live: ``data.init_args.`` when any data module can be chosen (its
+    default then DialogSumDataModule, with ``defaults``), ``data.`` for one fixed class."""
+    if not cli.subclass_mode_data:
+        parser.set_defaults({f"data.{k}": v for k, v in defaults.items()})
+        return "data."
+    default = {"class_path": f"{DialogSumDataModule.__module__}.{DialogSumDataModule.__name__}"}
+    parser.set_defaults({"data": {**default, "init_args": defaults} if defaults else default})
+    return "data.init_args."
 
 
 def configured_callbacks(config: dict[str, Any], callbacks: list) -> list:
@@ -432,9 +459,10 @@ def run(args: list[str] | None = None) -> LitRLHFCLI:
         args = with_default_config(list(args))
     cli = LitRLHFCLI(
         PPOModule,
-        DialogSumDataModule,
+        PromptDataModule,
         args=args,
         parser_kwargs=parser_kwargs(),
+        subclass_mode_data=True,  # any prompt module; DialogSumDataModule unless the config names another
         **COMMON_CLI_SETTINGS,
     )
     destroy_process_group()
@@ -501,6 +529,7 @@ SFT_DESCRIPTION = (
     "DialogSum, with a LoRA adapter or all weights; exports what `lit-rlhf fit --model.init_adapter` takes. "
     "`lit-rlhf-sft fit --config configs/sft_flan_t5.yaml` runs the FLAN-T5 recipe's SFT stage; "
     "`lit-rlhf-sft fit --config configs/sft_embedded.yaml` trains the embedded summarizer from scratch."
+    + _data_catalogue()
 )
 
 
@@ -508,8 +537,8 @@ class SFTCLI(CommonCLI):
     """The ``lit-rlhf-sft`` command: SFTModule, with the data module serving reference summaries."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("model.model_name", "data.model_name")
-        parser.set_defaults({"data.with_labels": True})
+        data = data_prefix(self, parser, with_labels=True)
+        parser.link_arguments("model.model_name", f"{data}model_name")
 
 
 def run_sft(args: list[str] | None = None) -> SFTCLI:
@@ -518,7 +547,8 @@ def run_sft(args: list[str] | None = None) -> SFTCLI:
 
     cli = SFTCLI(
         SFTModule,
-        DialogSumDataModule,
+        PromptDataModule,
+        subclass_mode_data=True,
         args=args,
         parser_kwargs={"description": SFT_DESCRIPTION, "prog": "lit-rlhf-sft"},
         **COMMON_CLI_SETTINGS,

@@ -27,7 +27,7 @@ from lit_rlhf.guards import SkipGuard
 from lit_rlhf.health import DegenerateWatch
 from lit_rlhf.io import rng_state, set_rng_state
 from lit_rlhf.policy import Policy
-from lit_rlhf.rewards import ProfanityReward, Reward
+from lit_rlhf.rewards import ProfanityReward, Reward, check_reward_inputs
 from lit_rlhf.rollout import Rollout
 from lit_rlhf.settings import GenerationSettings, LoraSettings, PPOSettings, as_settings, check, check_precision, plain
 from lit_rlhf.settings import WeightDtype, run_errors
@@ -129,6 +129,10 @@ class PPOModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         use_num_threads(self.hparams.num_threads, self.policy, self._trainer)  # in every process, after launch
+        # after the data module's setup: a column or references the reward reads and the data lacks fail here
+        reward_inputs = getattr(self._trainer.datamodule, "reward_inputs", None) if self._trainer else None
+        if reward_inputs is not None:
+            check_reward_inputs(self.reward, *reward_inputs(stage))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams

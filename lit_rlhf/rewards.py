@@ -6,8 +6,9 @@ Every reward is a subclass of :class:`Reward`, and every toxicity evaluator (``l
 ``LightningModule`` is not registered as a submodule: its weights stay out of the optimizer, out of the
 checkpoint and out of DDP's gradient sync.
 
-Contract: ``reward(prompts, responses, references=None) -> Tensor[B]``, float32, finite, on the
-device given to :meth:`Reward.to` (CPU by default). Subclasses implement :meth:`Reward.compute`; the base class
+Contract: ``reward(prompts, responses, references=None, columns=None) -> Tensor[B]``, float32, finite, on the
+device given to :meth:`Reward.to` (CPU by default). ``columns`` holds the batch's source columns by name (one
+value per response) for rewards that read them (``FunctionReward``); the others ignore it. Subclasses implement :meth:`Reward.compute`; the base class
 checks inputs and output in one place and runs ``compute`` under ``torch.inference_mode()``.
 
 Implementations:
@@ -17,11 +18,17 @@ Implementations:
 - :class:`ProfanityReward`: offline toxicity reward from the ``alt-profanity-check`` scikit-learn model.
 - :class:`ReferenceSimilarityReward`: ROUGE of the response against the reference summary.
 - :class:`CompositeReward`: weighted sum of rewards, keeping each part for logging.
+- :class:`FunctionReward`: a plain Python function given by its import path, as TRL's ``reward_funcs``.
 """
 
+import importlib
+import importlib.util
+import inspect
 import math
+import os
+import sys
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -48,10 +55,15 @@ def _check_choice(value: Any, argument: str, choices: Sequence[Any]) -> None:
 
 
 def check_inputs(
-    reward: "Reward", prompts: Sequence[str], responses: Sequence[str], references: Sequence[str] | None
+    reward: "Reward", prompts: Sequence[str], responses: Sequence[str], references: Sequence[str] | None,
+    columns: Mapping[str, Sequence[Any]] | None = None,
 ) -> None:
-    """Raise a ValueError unless prompts, responses (and references, when given) are equally long lists."""
+    """Raise a ValueError unless prompts, responses (and references and each column, when given) are equally
+    long lists."""
     name = type(reward).__name__
+    for column, values in (columns or {}).items():
+        if len(values) != len(responses):
+            raise ValueError(f"{name}: column {column!r} has {len(values)} values for {len(responses)} responses.")
     for argument, values in (("prompts", prompts), ("responses", responses), ("references", references)):
         if values is not None and (isinstance(values, str) or not isinstance(values, Sequence)):
             raise ValueError(f"{name}: `{argument}` must be a list of strings, got {type(values).__name__}.")
@@ -121,6 +133,9 @@ class Reward(Scorer):
     Subclasses implement :meth:`compute`, and :meth:`setup` when they load something (a model).
     """
 
+    takes_columns: bool = False
+    """Whether :meth:`compute` takes the batch's columns (``columns=``, a dict of lists by column name)."""
+
     last_components: dict[str, torch.Tensor] = {}
     """The parts of the last call's scores by name, for a reward made of several (``CompositeReward``); the
     PPO module logs each part's mean as ``env/reward/<name>_mean``. Empty for a single reward."""
@@ -137,18 +152,29 @@ class Reward(Scorer):
         """Whether ``model_id`` is (one of) the model(s) behind this reward."""
         return model_id is not None and model_id == self.model_id
 
+    def required_columns(self) -> list[str]:
+        """Data columns this reward reads (checked against the data before the first step)."""
+        return []
+
+    def needs_references(self) -> bool:
+        """Whether this reward compares responses with references (the data must have a reference column)."""
+        return False
+
     def __call__(
-        self, prompts: Sequence[str], responses: Sequence[str], references: Sequence[str] | None = None
+        self, prompts: Sequence[str], responses: Sequence[str], references: Sequence[str] | None = None,
+        columns: Mapping[str, Sequence[Any]] | None = None,
     ) -> torch.Tensor:
         """One score per response: float32 tensor of shape [len(responses)] on ``self.device``.
 
-        ``references`` (e.g. the reference summaries) is passed on to rewards that compare against it and
-        ignored by the others.
+        ``references`` (e.g. the reference summaries) is passed on to rewards that compare against it, and
+        ``columns`` (the batch's source columns by name) to rewards that read them; the others ignore them.
         """
-        check_inputs(self, prompts, responses, references)
+        check_inputs(self, prompts, responses, references, columns)
         self.setup()
+        refs = None if references is None else list(references)
+        extra = {"columns": {k: list(v) for k, v in (columns or {}).items()}} if self.takes_columns else {}
         with torch.inference_mode():
-            scores = self.compute(list(prompts), list(responses), None if references is None else list(references))
+            scores = self.compute(list(prompts), list(responses), refs, **extra)
         scores = check_scores(self, scores, len(responses)).to(self.device)
         # Clone outside inference mode: inference tensors cannot be modified in place or saved for backward
         # later, which the PPO step may do with the scores.
@@ -448,13 +474,17 @@ class ReferenceSimilarityReward(Reward):
     def name(self) -> str:
         return f"{self.rouge_key}_{self.measure}"
 
+    def needs_references(self) -> bool:
+        return True
+
     def describe(self) -> str:
         return f"{self.rouge_key} {self.measure} of the response against the reference"
 
     def compute(self, prompts: list[str], responses: list[str], references: list[str] | None) -> torch.Tensor:
-        if references is None:
+        if references is None or any(r is None for r in references):
             raise ValueError(
-                f"{type(self).__name__} compares responses with references; call it with `references=`."
+                f"{type(self).__name__} compares responses with references, and these prompts have none: set "
+                "data.reference_column (or call it with `references=`)."
             )
         from torchmetrics.functional.text.rouge import rouge_score
 
@@ -495,8 +525,16 @@ class CompositeReward(Reward):
     def describe(self) -> str:
         return " + ".join(f"{w:g} × [{r.describe()}]" for w, r in zip(self.weights, self.rewards))
 
+    takes_columns = True
+
     def uses_model(self, model_id: str | None) -> bool:
         return any(r.uses_model(model_id) for r in self.rewards)
+
+    def required_columns(self) -> list[str]:
+        return list(dict.fromkeys(c for r in self.rewards for c in r.required_columns()))
+
+    def needs_references(self) -> bool:
+        return any(r.needs_references() for r in self.rewards)
 
     def setup(self) -> None:
         for reward in self.rewards:
@@ -508,16 +546,21 @@ class CompositeReward(Reward):
         return super().to(device)
 
     def __call__(
-        self, prompts: Sequence[str], responses: Sequence[str], references: Sequence[str] | None = None
+        self, prompts: Sequence[str], responses: Sequence[str], references: Sequence[str] | None = None,
+        columns: Mapping[str, Sequence[Any]] | None = None,
     ) -> torch.Tensor:
-        total = super().__call__(prompts, responses, references)
+        total = super().__call__(prompts, responses, references, columns)
         # The parts were made inside inference mode; plain copies can be used freely by loggers.
         self.last_components = {name: part.clone() for name, part in self.last_components.items()}
         return total
 
-    def compute(self, prompts: list[str], responses: list[str], references: list[str] | None) -> torch.Tensor:
+    def compute(
+        self, prompts: list[str], responses: list[str], references: list[str] | None,
+        columns: dict[str, list[Any]] | None = None,
+    ) -> torch.Tensor:
         # Each part goes through its own __call__, so its output is checked (and blamed) on its own.
-        parts = [reward(prompts, responses, references=references).to(self.device) for reward in self.rewards]
+        parts = [reward(prompts, responses, references=references, columns=columns).to(self.device)
+                 for reward in self.rewards]
         self.last_components = dict(zip(self.names, parts))
         return sum(w * part for w, part in zip(self.weights, parts))
 
@@ -530,3 +573,157 @@ def _unique_names(names: list[str]) -> list[str]:
         out.append(name if name not in seen else f"{name}_{i}")
         seen[name] = i
     return out
+
+
+def check_reward_inputs(reward: Reward, columns: Sequence[str], has_references: bool) -> None:
+    """Raise a ValueError, naming the reward and what is missing, when the data lacks a column the reward reads
+    or references the reward compares with."""
+    missing = [c for c in reward.required_columns() if c not in columns]
+    if missing:
+        raise ValueError(
+            f"model.reward {reward.describe()} reads the column(s) {missing}, which the data lacks (its columns: "
+            f"{list(columns)}); add them to the data (data.dataset, data.predict_path) or change the reward"
+        )
+    if reward.needs_references() and not has_references:
+        raise ValueError(
+            f"model.reward {reward.describe()} compares responses with references, and the data has none: set "
+            f"data.reference_column to one of the data's columns {list(columns)}, or change the reward"
+        )
+
+
+def import_function(path: str, setting: str = "function") -> Callable[..., Any]:
+    """The function named by ``module:function`` (a module on the Python path or in the current directory) or
+    ``path/to/file.py:function``; errors name ``setting`` and what is wrong, in one line."""
+    module_name, _, attribute = path.rpartition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"{setting}={path!r} must be 'module:function' (as my_rewards:exact_answer) or "
+                         "'path/to/file.py:function'")
+    try:
+        module = _import_module(module_name)
+    except ModuleNotFoundError as err:
+        raise ValueError(f"{setting}={path!r}: no module named {err.name!r} on the Python path or in the current "
+                         f"directory {os.getcwd()} (or give 'path/to/file.py:function')") from err
+    except FileNotFoundError as err:
+        raise ValueError(f"{setting}={path!r}: no such file {module_name!r}") from err
+    except Exception as err:  # the user's module failed while importing
+        raise ValueError(f"{setting}={path!r}: importing {module_name!r} failed: {type(err).__name__}: {err}") from err
+    function = getattr(module, attribute, None)
+    if function is None or not callable(function):
+        what = "has no attribute" if function is None else "has a non-callable"
+        raise ValueError(f"{setting}={path!r}: module {module_name!r} {what} {attribute!r}")
+    return function
+
+
+def _import_module(name: str) -> Any:
+    if name.endswith(".py"):
+        file = os.path.abspath(os.path.expanduser(name))
+        if not os.path.isfile(file):
+            raise FileNotFoundError(file)
+        module_name = f"lit_rlhf_user_rewards.{os.path.splitext(os.path.basename(file))[0]}"
+        spec = importlib.util.spec_from_file_location(module_name, file)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # so that its functions pickle by reference
+        spec.loader.exec_module(module)
+        return module
+    # A console script's path does not hold the current directory (python -m does): add it, last, so that a
+    # user's my_rewards.py beside the config imports and never shadows an installed package.
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    return importlib.import_module(name)
+
+
+class FunctionReward(Reward):
+    """A plain Python function as the reward, as TRL's ``reward_funcs``:
+    ``fn(prompts, responses, **columns) -> list[float]``, one float per response.
+
+    ``columns`` are the batch's source columns by name (one value per response: e.g. ``answer``); a function with
+    ``**kwargs`` gets them all, one without gets those it names. A rule-based reward in a few lines::
+
+        def exact_answer(prompts, responses, answer, **kwargs):
+            return [1.0 if r.strip().startswith(str(a)) else 0.0 for r, a in zip(responses, answer)]
+
+    used as ``reward: {class_path: lit_rlhf.rewards.FunctionReward, init_args: {function: my_rewards:exact_answer}}``,
+    alone or inside ``CompositeReward``.
+    """
+
+    takes_columns = True
+
+    def __init__(self, function: str, columns: list[str] | None = None, name: str | None = None) -> None:
+        """
+        Args:
+            function: Import path of the function: ``module:function`` (a module on the Python path or in the
+                current directory, e.g. ``my_rewards:exact_answer``) or ``path/to/file.py:function``.
+            columns: The data columns the function needs, checked against the data before the first step.
+                None: the keyword parameters it declares without a default (after ``prompts, responses``).
+            name: The reward's name in metrics (``env/reward/<name>_mean`` inside a ``CompositeReward``); None:
+                the function's name.
+        """
+        super().__init__()
+        self.function = function
+        self.fn = import_function(function, "FunctionReward: function")
+        self._signature = _function_parameters(self.fn, function)
+        self.columns = list(columns) if columns is not None else self._signature[1]
+        self._name = name
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the function travels by its import path (a file-loaded module is not importable by name elsewhere)
+        return {k: v for k, v in self.__dict__.items() if k != "fn"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.fn = import_function(self.function, "FunctionReward: function")
+
+    @property
+    def name(self) -> str:
+        return self._name or getattr(self.fn, "__name__", "function")
+
+    def describe(self) -> str:
+        return f"FunctionReward({self.function})"
+
+    def required_columns(self) -> list[str]:
+        return list(self.columns)
+
+    def compute(
+        self, prompts: list[str], responses: list[str], references: list[str] | None,
+        columns: dict[str, list[Any]] | None = None,
+    ) -> torch.Tensor:
+        columns = columns or {}
+        missing = [c for c in self.columns if c not in columns]
+        if missing:
+            raise ValueError(f"{self.describe()} reads the column(s) {missing}, which the batch lacks (its columns: "
+                             f"{sorted(columns)}); add them to the data or change the reward")
+        takes_all, named = self._signature[0], self._signature[2]
+        kwargs = columns if takes_all else {k: v for k, v in columns.items() if k in named}
+        return self._as_scores(self.fn(prompts, responses, **kwargs), len(responses))
+
+    def _as_scores(self, out: Any, n: int) -> torch.Tensor:
+        """The function's return value as float64 [n]; a clear error otherwise."""
+        if isinstance(out, (str, bytes, Mapping)) or not hasattr(out, "__len__"):
+            raise TypeError(f"{self.describe()} returned {type(out).__name__}; return a list of floats, one per response")
+        if len(out) != n:
+            raise ValueError(f"{self.describe()} returned {len(out)} scores for {n} responses; return one per response")
+        try:
+            scores = torch.as_tensor([float(x) for x in out], dtype=torch.float64)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"{self.describe()} returned a value that is not a number ({err})") from err
+        bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+        if bad:
+            raise NonFiniteRewardError(f"{self.describe()} returned non-finite scores at positions {bad}: "
+                                       f"{[float(scores[i]) for i in bad[:10]]}")
+        return scores
+
+
+def _function_parameters(fn: Callable[..., Any], path: str) -> tuple[bool, list[str], set[str]]:
+    """(takes ``**kwargs``, the columns it needs (keyword parameters without default), every parameter name)."""
+    try:
+        parameters = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return True, [], set()
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < 2 and not any(p.kind == p.VAR_POSITIONAL for p in parameters):
+        raise ValueError(f"FunctionReward: function={path!r} must take (prompts, responses, **columns); its "
+                         f"signature is {inspect.signature(fn)}")
+    rest = [p for p in parameters[2:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    takes_all = any(p.kind == p.VAR_KEYWORD for p in parameters)
+    needed = [p.name for p in rest if p.default is p.empty]
+    return takes_all, needed, {p.name for p in rest}

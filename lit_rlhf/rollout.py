@@ -48,7 +48,8 @@ class Generated:
     texts: list[str]  # decoded responses
     prompts: list[str]
     references: list[Any] | None
-    sampled: SampledRollout | None = None  # fast rollout: log-probs and values kept while sampling
+    sampled: SampledRollout | None = None
+    columns: dict[str, list[Any]] = field(default_factory=dict)  # the batch's source columns, per response  # fast rollout: log-probs and values kept while sampling
     scores: Tensor | None = None  # [B] the reward's raw scores
     reward_error: str | None = None  # why the scores are unusable (non-finite), if they are
 
@@ -75,7 +76,7 @@ def generate_responses(
     synced_gpus: bool | None = None, repeats: int = 1,
 ) -> Generated:
     """Sample one response per prompt of a collated batch (``input_ids``, ``attention_mask`` on the policy's
-    device, ``query``, and optionally ``reference``), each within its own length limit ``limits`` [B], and decode them.
+    device, ``query``, and optionally ``reference`` and ``columns``), each within its own length limit ``limits`` [B], and decode them.
 
     A decoder-only model's prompts are first cut to fit its context with the longest response. ``fast``: the
     cached loop that keeps the sampled tokens' log-probs and values (not with sharded weights). ``synced_gpus``:
@@ -94,16 +95,22 @@ def generate_responses(
         )
     rows = ResponseBatch(query_ids, query_mask, response_ids, response_mask)
     texts = policy.decode(response_ids, response_mask)
-    prompts, references = ([x for x in column for _ in range(repeats)] if column is not None else None
-                           for column in (batch["query"], batch.get("reference")))
-    return Generated(rows, texts, prompts, references, sampled)
+    prompts, references = (_repeat(column, repeats) for column in (batch["query"], batch.get("reference")))
+    columns = {name: _repeat(values, repeats) for name, values in (batch.get("columns") or {}).items()}
+    return Generated(rows, texts, prompts, references, sampled, columns)
+
+
+def _repeat(values: list[Any] | None, repeats: int) -> list[Any] | None:
+    """Each value ``repeats`` times in a row (the k responses of one prompt are contiguous)."""
+    return None if values is None else [x for x in values for _ in range(repeats)]
 
 
 def score_responses(reward: Reward, generated: Generated) -> Generated:
     """Score the responses; non-finite scores are recorded as ``reward_error`` (the caller decides to skip).
     Wrong shapes or counts still raise: they are bugs that no retry fixes."""
     try:
-        generated.scores = reward(generated.prompts, generated.texts, references=generated.references)
+        generated.scores = reward(generated.prompts, generated.texts, references=generated.references,
+                                  columns=generated.columns)
     except NonFiniteRewardError as err:
         generated.scores, generated.reward_error = None, str(err)
     return generated
@@ -175,10 +182,13 @@ def log_samples(logger: Any, rollout: Rollout, n: int, step: int) -> None:
 
 
 def predict_records(generated: Generated, batch: dict[str, Any], scorer_name: str | None) -> list[dict[str, Any]]:
-    """One record per response for a prediction file: ``id``, ``dialogue`` (when the batch has it),
-    ``summary`` and, when the responses were scored, ``score`` (named by ``scorer_name``)."""
-    ids, dialogues = batch.get("id", [None] * len(generated.texts)), batch.get("dialogue") or [None] * len(generated.texts)
-    records = [{"id": i, "dialogue": d, "summary": t.strip()} for i, d, t in zip(ids, dialogues, generated.texts)]
+    """One record per response for a prediction file: ``id``, the input and the response under the batch's
+    ``record_names`` (``dialogue`` and ``summary`` for DialogSum, ``prompt`` and ``response`` otherwise) and,
+    when the responses were scored, ``score`` (named by ``scorer_name``)."""
+    n = len(generated.texts)
+    source, output = batch.get("record_names", ("dialogue", "summary"))
+    ids, inputs = batch.get("id", [None] * n), batch.get(source) or [None] * n
+    records = [{"id": i, source: x, output: t.strip()} for i, x, t in zip(ids, inputs, generated.texts)]
     if generated.scores is not None:
         for record, score in zip(records, generated.scores.tolist()):
             record.update(score=score, scorer=scorer_name)

@@ -187,7 +187,9 @@ def test_sft_configs_parse(config, capsys):
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["model_name"] == yaml.safe_load(config.read_text())["model"]["model_name"]
-    assert printed["data"]["with_labels"] is True
+    # any prompt data module can be chosen, so its settings print under class_path/init_args
+    assert printed["data"]["class_path"] == "lit_rlhf.data.DialogSumDataModule"
+    assert printed["data"]["init_args"]["with_labels"] is True
 
 
 def test_bad_settings_and_inputs_fail_clearly():

@@ -1,0 +1,704 @@
+"""Prompts for PPO from any source: a column of text, a template over columns, or chat messages.
+
+    PromptFormat         how a row becomes a prompt (column, template, messages, chat template, labels)
+    encode_prompts       rows -> prompt text, its token ids, the query decoded from them (datasets.map)
+    PromptCollator       rows -> a padded batch (tensors for the model, lists for rewards and logs)
+    PromptStreamSampler  the seeded stream of rollout batches, resumable, one slice per process
+    PromptDataModule     load, filter, format, split and batch; its stream position is its own state_dict
+
+``lit_rlhf.data.DialogSumDataModule`` is this module with the DialogSum recipe's settings. Batches hold
+``input_ids``/``attention_mask`` (LongTensor [B, P], right-padded for encoder-decoder models, left-padded for
+decoder-only ones), lists ``query`` (the decoded prompt ids), ``prompt``, ``id``, ``reference`` (None when the
+data has no references) and ``columns`` (every source column by name: what ``FunctionReward`` receives).
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+from math import ceil
+from typing import Any, Callable, Iterator, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, DistributedSampler
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+
+from lit_rlhf.sources import load_source, read_data_files
+from lit_rlhf.tiny import resolve_model_path
+
+ChatTemplate = bool | Literal["auto"]
+
+DERIVED_COLUMNS = ("prompt", "input_ids", "query", "summary_ids", "completion")
+"""Columns the module adds to each row (never carried to rewards as source columns)."""
+
+
+# ---------------------------------------------------------------------------------------------- formatting
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a row becomes a prompt, resolved from the data module's settings (see ``PromptDataModule``)."""
+
+    prompt_column: str | None = None
+    template: str | None = None
+    messages_column: str | None = None
+    chat: bool = False
+    """Apply the tokenizer's chat template (with the generation prompt)."""
+    system_prompt: str | None = None
+    max_prompt_tokens: int | None = None
+    completion_column: str | None = None
+    with_labels: bool = False
+    max_completion_tokens: int | None = None
+
+    def needed_columns(self) -> list[str]:
+        """The source columns this format reads."""
+        if self.messages_column is not None:
+            names = [self.messages_column]
+        elif self.template is not None:
+            names = template_fields(self.template)
+        else:
+            names = [self.prompt_column]
+        if self.with_labels and self.completion_column is not None:
+            names.append(self.completion_column)
+        return list(dict.fromkeys(n for n in names if n is not None))
+
+
+def template_fields(template: str) -> list[str]:
+    """The column names a template's ``{placeholders}`` use, in order (``{{``/``}}`` are literal braces)."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise ValueError(f"data.template={template!r} is not a valid template ({err}); write literal braces as "
+                         "{{ and }}") from err
+    fields = [name for _, name, _, _ in parsed if name is not None]
+    if any(not name or not name.isidentifier() for name in fields):
+        raise ValueError(f"data.template={template!r}: placeholders must name a column, as in '{{dialogue}}'")
+    return list(dict.fromkeys(fields))
+
+
+def _plain_text(messages: list[dict[str, Any]]) -> str:
+    """Messages without a chat template: their contents, one per line."""
+    return "\n".join(str(m["content"]) for m in messages)
+
+
+def _rows(batch: dict[str, list]) -> list[dict[str, Any]]:
+    n = len(next(iter(batch.values()))) if batch else 0
+    return [{k: v[i] for k, v in batch.items()} for i in range(n)]
+
+
+def _split_completion(messages: list[dict[str, Any]], column: str) -> tuple[list[dict[str, Any]], str]:
+    """(the prompt's messages, the last assistant turn's content): an SFT pair from a conversation."""
+    if not messages or messages[-1].get("role") != "assistant":
+        raise ValueError(f"data.with_labels: a conversation in data.messages_column={column!r} does not end with an "
+                         "assistant turn (the completion); give data.completion_column instead")
+    return messages[:-1], str(messages[-1]["content"])
+
+
+def encode_prompts(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat) -> dict[str, list]:
+    """The prompt text, its token ids (cut to ``max_prompt_tokens`` on the tokenizer's truncation side) and the
+    query decoded from them; with labels, the completion's ids ending in eos (``summary_ids``) and its text."""
+    rows = _rows(batch)
+    labelled = fmt.with_labels and fmt.completion_column is not None
+    completions = [str(row[fmt.completion_column]) for row in rows] if labelled else None
+    if fmt.messages_column is not None:
+        conversations = [list(row[fmt.messages_column]) for row in rows]
+        if fmt.with_labels and completions is None:
+            pairs = [_split_completion(c, fmt.messages_column) for c in conversations]
+            conversations, completions = [p[0] for p in pairs], [p[1] for p in pairs]
+    else:
+        texts = [fmt.template.format_map(row) if fmt.template is not None else str(row[fmt.prompt_column])
+                 for row in rows]
+        conversations = [[{"role": "user", "content": t}] for t in texts]
+    system = [{"role": "system", "content": fmt.system_prompt}] if fmt.system_prompt else []
+    limit = fmt.max_prompt_tokens
+    if fmt.chat:
+        prompts = [tokenizer.apply_chat_template(system + c, add_generation_prompt=True, tokenize=False)
+                   for c in conversations]
+        # the template already holds the special tokens the model expects
+        input_ids = tokenizer(prompts, add_special_tokens=False).input_ids
+        if limit is not None:
+            right = tokenizer.truncation_side == "right"
+            input_ids = [ids[:limit] if right else ids[-limit:] for ids in input_ids]
+    else:
+        prompts = [_plain_text(system + c) for c in conversations] if system or fmt.messages_column else texts
+        input_ids = tokenizer(prompts, truncation=limit is not None, max_length=limit).input_ids
+    # As in the recipe, the query is the decoded prompt ids (special tokens such as T5's </s> included): the
+    # prompt as the model sees it, after any truncation and the tokenizer's normalisation.
+    out = {"prompt": prompts, "input_ids": input_ids, "query": tokenizer.batch_decode(input_ids)}
+    if fmt.with_labels:
+        out["summary_ids"] = tokenize_completions(completions, tokenizer, fmt.max_completion_tokens)
+        out["completion"] = completions
+    return out
+
+
+def tokenize_completions(
+    texts: list[str], tokenizer: PreTrainedTokenizerBase, max_tokens: int | None
+) -> list[list[int]]:
+    """The responses the model should produce (supervised labels), each cut to ``max_tokens`` with eos last."""
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(texts, add_special_tokens=False).input_ids
+    if max_tokens is not None:
+        ids = [row[: max_tokens - 1] for row in ids]
+    return [row + [eos] for row in ids]
+
+
+# ---------------------------------------------------------------------------------------------- batching
+
+
+def _pad(rows: list[list[int]], pad_token_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token-id lists into ids and mask, LongTensor [B, L], on the given side."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        cols = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[i, cols] = torch.tensor(row, dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
+
+
+@dataclass(frozen=True)
+class PromptCollator:
+    """Pads a list of rows into a batch: tensors for the model, lists of strings for rewards and logs.
+
+    ``padding_side`` comes from the model kind: ``"right"`` for encoder-decoder models (as T5 tokenizers pad;
+    the encoder masks padding wherever it is), ``"left"`` for decoder-only models, so that generation
+    continues right after each prompt's last token rather than after padding. ``reference_column``: the row
+    value that becomes ``reference`` (None: the batch has no references). ``columns``: source columns carried
+    under ``batch["columns"]`` for rewards. ``record_names``: the input and output names of a prediction record
+    (``predict`` writes the row's ``record_names[0]`` and the response under ``record_names[1]``).
+    """
+
+    pad_token_id: int
+    padding_side: Literal["left", "right"]
+    reference_column: str | None = None
+    columns: tuple[str, ...] = ()
+    record_names: tuple[str, str] = ("prompt", "response")
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        input_ids, attention_mask = _pad([row["input_ids"] for row in rows], self.pad_token_id, self.padding_side)
+        labels = {}
+        if "summary_ids" in rows[0]:
+            # supervised fine-tuning: the completion is the response, right-padded as generate returns it
+            summary_ids, summary_mask = _pad([row["summary_ids"] for row in rows], self.pad_token_id, "right")
+            labels = {"summary_ids": summary_ids, "summary_mask": summary_mask}
+        source = self.record_names[0]
+        return {
+            **labels,
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "query": [row["query"] for row in rows],
+            "reference": None if self.reference_column is None else [row.get(self.reference_column) for row in rows],
+            source: [row.get(source) for row in rows],
+            "id": [row["id"] for row in rows],
+            "prompt": [row["prompt"] for row in rows],
+            "columns": {name: [row.get(name) for row in rows] for name in self.columns},
+            "record_names": self.record_names,
+        }
+
+
+class PromptStreamSampler(DistributedSampler):
+    """This process's share of a seeded stream of rollout batches, starting where training left off.
+
+    The stream is epoch after epoch of a permutation of the training prompts (seed + epoch; no shuffle: file
+    order). Stream batch ``k`` holds ``num_replicas x batch_size`` prompts, and process ``rank`` takes its
+    ``batch_size`` slice. Iteration starts at batch ``position_fn()`` (the module's PPO step), so a resumed run
+    sees exactly the prompts an uninterrupted one would, with any number of processes. A DistributedSampler
+    subclass, so Lightning keeps it under DDP instead of swapping in its own.
+    """
+
+    def __init__(
+        self, dataset_size: int, batch_size: int, num_replicas: int, rank: int, seed: int, shuffle: bool,
+        position_fn: Callable[[], int],
+    ) -> None:
+        super().__init__(range(dataset_size), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=True)
+        self.dataset_size = dataset_size
+        self.batch_size = batch_size
+        self.position_fn = position_fn
+        self.batches_per_epoch = dataset_size // (batch_size * num_replicas)
+
+    def _start(self) -> tuple[int, int]:
+        return divmod(self.position_fn(), self.batches_per_epoch)  # (stream epoch, batch within it)
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, start = self._start()
+        if self.shuffle:
+            order = torch.randperm(self.dataset_size, generator=torch.Generator().manual_seed(self.seed + epoch))
+        else:
+            order = torch.arange(self.dataset_size)
+        per_step = self.batch_size * self.num_replicas
+        for k in range(start, self.batches_per_epoch):
+            first = k * per_step + self.rank * self.batch_size
+            yield from order[first : first + self.batch_size].tolist()
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self._start()[1]) * self.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        """Ignored: the stream position, not Lightning's epoch counter, picks the permutation."""
+
+
+class LengthGroupedBatchSampler:
+    """Batches of similar-length rows: shuffle, cut into chunks of ``chunk`` batches, sort each chunk by
+    length, and shuffle the order of the resulting batches. A new shuffle each epoch (one seeded generator).
+    The last incomplete batch is dropped."""
+
+    def __init__(self, lengths: list[int], batch_size: int, generator: torch.Generator, chunk: int = 50) -> None:
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.generator = generator
+        self.chunk = chunk
+
+    def __len__(self) -> int:
+        return len(self.lengths) // self.batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        order = order[: len(self) * self.batch_size]
+        span = self.chunk * self.batch_size
+        batches = []
+        for start in range(0, len(order), span):
+            group = sorted(order[start : start + span], key=lambda i: self.lengths[i])
+            batches += [group[k : k + self.batch_size] for k in range(0, len(group), self.batch_size)]
+        for b in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield batches[b]
+
+
+# ---------------------------------------------------------------------------------------------- settings
+
+
+def check_prompt_settings(s: dict[str, Any]) -> None:
+    """Raise a ValueError naming the ``data.*`` setting that cannot work (``s``: the data module's arguments)."""
+    if s["messages_column"] is not None and s["template"] is not None:
+        raise ValueError("data.messages_column and data.template both say where prompts come from; give one")
+    if s["messages_column"] is None and s["template"] is None and s["prompt_column"] is None:
+        raise ValueError("no prompts: give data.prompt_column, data.template or data.messages_column")
+    if s["template"] is not None:
+        template_fields(s["template"])
+    if s["chat_template"] not in (True, False, "auto"):
+        raise ValueError(f"data.chat_template must be auto, true or false, got {s['chat_template']!r}")
+    if s["with_labels"] and s["completion_column"] is None and s["messages_column"] is None:
+        raise ValueError("data.with_labels needs the responses to learn: give data.completion_column, or "
+                         "data.messages_column (its last assistant turn)")
+    if s["min_chars"] < 0 or (s["max_chars"] is not None and s["max_chars"] <= s["min_chars"]):
+        raise ValueError(f"data.min_chars={s['min_chars']}, data.max_chars={s['max_chars']}: need 0 <= min_chars < "
+                         "max_chars (rows with min_chars < length <= max_chars are kept)")
+    if s["max_prompt_tokens"] is not None and s["max_prompt_tokens"] < 1:
+        raise ValueError(f"data.max_prompt_tokens must be None or a positive number of tokens, got {s['max_prompt_tokens']}")
+    if s["drop_long_prompts"] and s["max_prompt_tokens"] is None:
+        raise ValueError("data.drop_long_prompts needs data.max_prompt_tokens (the longest prompt kept)")
+    if s["eval_split"] is None and not 0.0 < s["test_size"] < 1.0:
+        raise ValueError(f"data.test_size must be a fraction strictly between 0 and 1, got {s['test_size']}")
+    for name in ("batch_size", "eval_batch_size"):
+        if s[name] < 1:
+            raise ValueError(f"data.{name} must be at least 1, got {s[name]}")
+    if s["num_workers"] < 0:
+        raise ValueError(f"data.num_workers must be 0 or more, got {s['num_workers']}")
+    if s["max_completion_tokens"] is not None and s["max_completion_tokens"] < 2:
+        raise ValueError("data.max_completion_tokens must be None or at least 2 (one token and eos), got "
+                         f"{s['max_completion_tokens']}")
+
+
+def _length_in_range(values: list[Any], min_chars: int, max_chars: int | None) -> list[bool]:
+    return [min_chars < len(str(v)) <= (max_chars if max_chars is not None else float("inf")) for v in values]
+
+
+def _fits(input_ids: list[list[int]], max_tokens: int) -> list[bool]:
+    return [len(ids) <= max_tokens for ids in input_ids]
+
+
+# ---------------------------------------------------------------------------------------------- the data module
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Prompts for PPO rollouts (and SFT pairs) from any dataset: a text column, a template over columns, or
+    chat messages, with optional references and every other column carried to the rewards.
+
+    ``prepare_data`` loads, filters and tokenizes once (datasets caches each step on disk); ``setup`` reads
+    the cached result on every process. The training loader is a seeded stream of full rollout batches whose
+    position is this module's ``state_dict`` (a resumed run sees the prompts an uninterrupted one would), one
+    slice per process under DDP. Validation and test read the held-out part in order.
+
+    Args:
+        model_name: Model whose tokenizer encodes the prompts: a hub name, a local folder saved with
+            ``save_pretrained``, or an embedded model (``embedded:tiny-gpt2``). Its config says whether it is an
+            encoder-decoder (right padding, never a chat template) or decoder-only model (left padding). Linked
+            from ``model.model_name``.
+        dataset: Where the rows come from: a local ``.jsonl``/``.json``/``.csv``/``.parquet`` file (one split,
+            ``train``), a directory of such files named by split (``train*``, ``validation*`` or ``dev*``,
+            ``test*``), ``bundled:<name>`` (a copy shipped with lit_rlhf: ``bundled:dialogsum``), or a Hugging
+            Face hub dataset name.
+        split: Source split of the training prompts.
+        eval_split: Source split of the held-out prompts (validation, test, the toxicity report). None: hold out
+            ``test_size`` of ``split`` instead.
+        prompt_column: Column holding each prompt's text (used when neither ``template`` nor
+            ``messages_column`` is given).
+        template: Prompt text with ``{column}`` placeholders filled from the row, e.g.
+            ``"Summarize: {dialogue}"`` (any columns; ``{{``/``}}`` for literal braces).
+        messages_column: Column holding a conversation, a list of ``{role, content}`` dicts; the prompt is the
+            conversation rendered by the tokenizer's chat template (see ``chat_template``), or, without one, the
+            contents one per line.
+        chat_template: ``auto``: apply the tokenizer's chat template (with the generation prompt) when it has
+            one and the model is decoder-only; ``true``: always (an error when the tokenizer has none or the
+            model is an encoder-decoder); ``false``: never (plain text prompts).
+        system_prompt: A system message put before each prompt (as a system turn with a chat template; as the
+            first line without).
+        reference_column: Column of reference texts (ROUGE in the report, reference-based rewards such as
+            ``ReferenceSimilarityReward``). None: the data has no references.
+        completion_column: With ``with_labels``: the column of responses to learn. None with
+            ``messages_column``: each conversation's last assistant turn.
+        filter_column: Keep only rows whose value in this column is ``min_chars < length <= max_chars``
+            characters long. None: no length filter.
+        min_chars: See ``filter_column``.
+        max_chars: See ``filter_column``; None: no upper bound.
+        max_prompt_tokens: Prompts longer than this many tokens are cut on the tokenizer's truncation side (or
+            dropped, with ``drop_long_prompts``). None: whole prompts.
+        drop_long_prompts: Drop prompts longer than ``max_prompt_tokens`` instead of cutting them.
+        test_size: With no ``eval_split``: the fraction of ``split`` held out (rounded up, as datasets'
+            ``train_test_split``).
+        split_seed: Seed of the held-out draw (with ``shuffle_split``).
+        shuffle_split: Draw the held-out rows at random (seeded); False: the last ``test_size`` of the rows.
+        batch_size: Prompts per training batch, i.e. the rollout batch of one PPO step (full batches only).
+        eval_batch_size: Prompts per validation/test/predict batch.
+        num_workers: DataLoader worker processes (0: load in the main process).
+        shuffle: Shuffle the training prompts each pass over them.
+        seed: Seed of the training-prompt shuffle.
+        with_labels: Supervised fine-tuning: batches also hold ``summary_ids``/``summary_mask`` (the
+            completion tokenized, eos last, right-padded), and the training loader is a shuffled epoch loader.
+            Without a ``reference_column`` the completion is the reference.
+        max_completion_tokens: With ``with_labels``: cut completions to this many tokens (eos included).
+        group_by_length: With ``with_labels``, in one process: batch prompts of similar length together.
+        predict_path: Rows to answer in ``predict``: a .jsonl/.json(.gz), .csv or .parquet file or a folder of
+            them, with the columns the prompt needs (``id`` optional: row numbers otherwise). No length filter.
+    """
+
+    record_names: tuple[str, str] = ("prompt", "response")
+    """A prediction record's input and output field names."""
+
+    def __init__(
+        self,
+        model_name: str = "embedded:tiny-gpt2",
+        dataset: str = "prompts.jsonl",
+        split: str = "train",
+        eval_split: str | None = None,
+        prompt_column: str | None = "prompt",
+        template: str | None = None,
+        messages_column: str | None = None,
+        chat_template: ChatTemplate = "auto",
+        system_prompt: str | None = None,
+        reference_column: str | None = None,
+        completion_column: str | None = None,
+        filter_column: str | None = None,
+        min_chars: int = 0,
+        max_chars: int | None = None,
+        max_prompt_tokens: int | None = None,
+        drop_long_prompts: bool = False,
+        test_size: float = 0.2,
+        split_seed: int = 42,
+        shuffle_split: bool = True,
+        batch_size: int = 16,
+        eval_batch_size: int = 16,
+        num_workers: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        with_labels: bool = False,
+        max_completion_tokens: int | None = None,
+        group_by_length: bool = False,
+        predict_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        settings = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        check_prompt_settings(settings)
+        if type(self) is PromptDataModule:  # a preset saves its own arguments
+            self.save_hyperparameters()
+        for name, value in settings.items():  # every argument is also an attribute of the same name
+            setattr(self, name, value)
+        self.consumed_batches = 0  # rollout batches training has taken from the prompt stream (state_dict)
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.is_encoder_decoder: bool | None = None
+        self.train_set: datasets.Dataset | None = None
+        """Prompts for PPO rollouts."""
+        self.test_set: datasets.Dataset | None = None
+        """Held-out prompts, served by both ``val_dataloader`` and ``test_dataloader``."""
+        self.predict_set: datasets.Dataset | None = None
+        self.source_columns: tuple[str, ...] = ()
+        """The source's columns (carried to rewards under ``batch["columns"]``), known after setup."""
+        self._sizes: dict[str, int] = {}
+
+    # -- loading ------------------------------------------------------------------------------------------
+
+    def _load_tokenizer(self) -> None:
+        if self.tokenizer is not None:
+            return
+        path = resolve_model_path(self.model_name)
+        self.is_encoder_decoder = bool(AutoConfig.from_pretrained(path).is_encoder_decoder)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer.pad_token is None:
+            if tokenizer.eos_token is None:
+                raise ValueError(
+                    f"The tokenizer of model_name={self.model_name!r} has neither a pad nor an eos token, so "
+                    "batches cannot be padded: save the tokenizer with a pad token set "
+                    "(tokenizer.add_special_tokens({'pad_token': ...}); save_pretrained) and give that folder"
+                )
+            # Decoder-only tokenizers (GPT-2, many others) ship without a pad token; eos is the usual stand-in,
+            # and the attention mask keeps the padding out of the model's view.
+            tokenizer.pad_token = tokenizer.eos_token
+            rank_zero_info(
+                f"The tokenizer of {self.model_name!r} has no pad token: using its eos token "
+                f"{tokenizer.eos_token!r} (id {tokenizer.eos_token_id}) for padding."
+            )
+        self.tokenizer = tokenizer
+
+    def _use_chat_template(self) -> bool:
+        """Whether prompts go through the tokenizer's chat template (``chat_template`` resolved)."""
+        has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        if self.is_encoder_decoder:
+            if self.chat_template is True:
+                raise ValueError(f"data.chat_template=true: model_name={self.model_name!r} is an encoder-decoder "
+                                 "model, which takes plain prompts; set data.chat_template to auto or false")
+            return False
+        if self.chat_template is True and not has_template:
+            raise ValueError(f"data.chat_template=true: the tokenizer of model_name={self.model_name!r} has no chat "
+                             "template; set data.chat_template to auto or false, or save a tokenizer with one")
+        return has_template if self.chat_template == "auto" else bool(self.chat_template)
+
+    def prompt_format(self) -> PromptFormat:
+        """How rows become prompts, with the chat template resolved against the tokenizer (after loading it)."""
+        self._load_tokenizer()
+        return PromptFormat(
+            prompt_column=self.prompt_column, template=self.template, messages_column=self.messages_column,
+            chat=self._use_chat_template(), system_prompt=self.system_prompt, max_prompt_tokens=self.max_prompt_tokens,
+            completion_column=self.completion_column, with_labels=self.with_labels,
+            max_completion_tokens=self.max_completion_tokens,
+        )
+
+    def required_columns(self) -> list[str]:
+        """The source columns the settings name (prompt, template fields, messages, reference, filter)."""
+        names = [*self.prompt_format().needed_columns(), self.reference_column, self.filter_column]
+        return list(dict.fromkeys(n for n in names if n is not None))
+
+    def _source_split(self, source: datasets.DatasetDict, split: str, setting: str) -> datasets.Dataset:
+        if split not in source:
+            raise ValueError(f"{setting}={split!r} is not in dataset={self.dataset!r}; it has {sorted(source)}")
+        rows = source[split]
+        if len(rows) == 0:
+            raise ValueError(f"dataset={self.dataset!r} {setting}={split!r} has no rows")
+        self._check_columns(rows.column_names, f"dataset={self.dataset!r} {setting}={split!r}")
+        if "id" not in rows.column_names:
+            rows = rows.add_column("id", [str(i) for i in range(len(rows))])
+        return rows
+
+    def _check_columns(self, columns: list[str], where: str) -> None:
+        required = self.required_columns()
+        missing = [c for c in required if c not in columns]
+        if missing:
+            raise ValueError(
+                f"{where} lacks the column(s) {missing}: it has {columns}, and {required} are needed (named by "
+                "data.prompt_column/template/messages_column/reference_column/completion_column/filter_column)"
+            )
+
+    def _filter(self, rows: datasets.Dataset, split: str) -> datasets.Dataset:
+        if self.filter_column is None:
+            return rows
+        kept = rows.filter(_length_in_range, input_columns=self.filter_column, batched=True,
+                           fn_kwargs={"min_chars": self.min_chars, "max_chars": self.max_chars})
+        if len(kept) == 0:
+            lengths = [len(str(v)) for v in rows[self.filter_column]] or [0]
+            raise ValueError(
+                f"min_chars={self.min_chars}, max_chars={self.max_chars} keep none of the {len(rows)} rows of "
+                f"dataset={self.dataset!r} split={split!r}, whose {self.filter_column!r} lengths range from "
+                f"{min(lengths)} to {max(lengths)} characters; widen min_chars/max_chars"
+            )
+        return kept
+
+    def _encode(self, rows: datasets.Dataset) -> datasets.Dataset:
+        fmt = self.prompt_format()
+        if self.drop_long_prompts:  # whole prompts, then the long ones go
+            fmt = PromptFormat(**{**fmt.__dict__, "max_prompt_tokens": None})
+        encoded = rows.map(encode_prompts, batched=True, fn_kwargs={"tokenizer": self.tokenizer, "fmt": fmt})
+        if self.drop_long_prompts:
+            encoded = encoded.filter(_fits, input_columns="input_ids", batched=True,
+                                     fn_kwargs={"max_tokens": self.max_prompt_tokens})
+        return encoded
+
+    def _build(self) -> tuple[datasets.Dataset, datasets.Dataset]:
+        """Filter, prompt, tokenize and split; every step is cached by datasets, so a second call reads it."""
+        self._load_tokenizer()
+        source = load_source(self.dataset)
+        rows = self._source_split(source, self.split, "split")
+        self.source_columns = tuple(c for c in rows.column_names if c not in DERIVED_COLUMNS)
+        kept = self._filter(rows, self.split)
+        if self.eval_split is not None:
+            held_out = self._filter(self._source_split(source, self.eval_split, "eval_split"), self.eval_split)
+            train, test = self._encode(kept), self._encode(held_out)
+        else:
+            n_test = ceil(self.test_size * len(kept))  # datasets' rounding: the held-out part rounds up
+            if n_test >= len(kept):
+                raise ValueError(
+                    f"test_size={self.test_size} holds out {n_test} of the {len(kept)} filtered rows, leaving none "
+                    "for training; lower test_size or keep more rows (min_chars/max_chars)"
+                )
+            parts = self._encode(kept).train_test_split(
+                test_size=self.test_size, shuffle=self.shuffle_split, seed=self.split_seed)
+            train, test = parts["train"], parts["test"]
+        for name, part in (("training", train), ("held-out", test)):
+            if len(part) == 0:
+                raise ValueError(f"no {name} prompts are left after data.max_prompt_tokens={self.max_prompt_tokens} "
+                                 "with data.drop_long_prompts; raise max_prompt_tokens")
+        self._sizes = {"source": len(rows), "kept": len(kept), "train": len(train), "test": len(test)}
+        return train, test
+
+    # -- Lightning hooks ----------------------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        # Runs on one process per node: downloads and tokenizes, leaving datasets' cache files for setup().
+        self._build()
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage == "predict":
+            self._load_tokenizer()
+            if self.predict_set is None:
+                self.predict_set = self._encode_predict_rows(self._load_predict_rows())
+            return
+        if self.train_set is None:
+            self.train_set, self.test_set = self._build()
+
+    def _load_predict_rows(self) -> datasets.Dataset:
+        """The rows of ``predict_path``, with string ids (row numbers where absent)."""
+        rows = read_data_files(self.predict_path, "data.predict_path")
+        needed = [c for c in self.prompt_format().needed_columns() if c != self.completion_column]
+        missing = [c for c in needed if c not in rows.column_names]
+        if missing:
+            raise ValueError(f"data.predict_path={self.predict_path!r} lacks the column(s) {missing} the prompt "
+                             f"needs (its columns: {rows.column_names})")
+        if "id" not in rows.column_names:
+            rows = rows.add_column("id", [None] * len(rows))
+        return rows.map(lambda r, i: {"id": str(i) if r["id"] is None else str(r["id"])}, with_indices=True)
+
+    def _encode_predict_rows(self, rows: datasets.Dataset) -> datasets.Dataset:
+        fmt = self.prompt_format()
+        fmt = PromptFormat(**{**fmt.__dict__, "with_labels": False})  # predict has no labels to learn
+        return rows.map(encode_prompts, batched=True, fn_kwargs={"tokenizer": self.tokenizer, "fmt": fmt})
+
+    def _collator(self, columns: tuple[str, ...], labels: bool) -> PromptCollator:
+        side = "right" if self.is_encoder_decoder else "left"
+        reference = self.reference_column or ("completion" if labels else None)
+        return PromptCollator(pad_token_id=self.tokenizer.pad_token_id, padding_side=side,
+                              reference_column=reference, columns=columns, record_names=self.record_names)
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.predict_set is None:
+            raise RuntimeError("call setup('predict') before asking for the predict data loader")
+        columns = tuple(c for c in self.predict_set.column_names if c not in DERIVED_COLUMNS)
+        return DataLoader(self.predict_set, batch_size=self.eval_batch_size, shuffle=False,
+                          collate_fn=self._collator(columns, labels=False), num_workers=self.num_workers)
+
+    def reward_inputs(self, stage: str) -> tuple[list[str], bool]:
+        """What a reward can read in ``stage`` (after ``setup``): the source columns, and whether there are
+        references. ``PPOModule`` checks its reward against these before the first step."""
+        if stage == "predict":
+            columns = [c for c in self.predict_set.column_names if c not in DERIVED_COLUMNS]
+            return columns, self.reference_column is not None and self.reference_column in columns
+        return list(self.source_columns), self.reference_column is not None
+
+    def summary(self) -> dict[str, int]:
+        """Row counts after ``setup``: ``source`` (the source split), ``kept`` (after the length filter),
+        ``train`` and ``test`` (the two parts of the split)."""
+        if not self._sizes:
+            raise RuntimeError("call setup() before summary()")
+        return dict(self._sizes)
+
+    @property
+    def collator(self) -> PromptCollator:
+        """The collator of the training and held-out batches."""
+        if self.tokenizer is None or self.train_set is None:
+            raise RuntimeError("call setup() before asking for data loaders")
+        return self._collator(self.source_columns, labels=self.with_labels)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.with_labels:
+            return self._supervised_dataloader()
+        collate = self.collator
+        if len(self.train_set) < self.batch_size:
+            # drop_last would leave no batch at all, and training would silently do nothing.
+            raise ValueError(
+                f"batch_size={self.batch_size} is larger than the {len(self.train_set)} training prompts; "
+                "lower batch_size or keep more rows (min_chars/max_chars, test_size)"
+            )
+        trainer = self.trainer
+        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        if len(self.train_set) < self.batch_size * world_size:
+            raise ValueError(
+                f"batch_size={self.batch_size} x {world_size} processes is more than the {len(self.train_set)} "
+                "training prompts; lower batch_size"
+            )
+        sampler = PromptStreamSampler(
+            len(self.train_set), self.batch_size, num_replicas=world_size, rank=rank, seed=self.seed,
+            shuffle=self.shuffle, position_fn=self._consumed_batches,
+        )
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            # its own generator: creating an iterator otherwise draws from the global RNG, which would shift
+            # the sampling of a resumed run away from that of an uninterrupted one
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def _supervised_dataloader(self) -> DataLoader:
+        """Shuffled epochs of (prompt, completion) pairs; Lightning distributes them under DDP."""
+        generator = torch.Generator().manual_seed(self.seed)
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        if self.group_by_length and world_size == 1:
+            lengths = [len(ids) for ids in self.train_set["input_ids"]]
+            batches = LengthGroupedBatchSampler(lengths, self.batch_size, generator)
+            return DataLoader(self.train_set, batch_sampler=batches, collate_fn=self.collator,
+                              num_workers=self.num_workers)
+        return DataLoader(
+            self.train_set, batch_size=self.batch_size, shuffle=self.shuffle, drop_last=True,
+            collate_fn=self.collator, num_workers=self.num_workers, generator=generator,
+        )
+
+    def _consumed_batches(self) -> int:
+        """Rollout batches training has already used: counted as they are handed to ``training_step`` and
+        restored from a checkpoint through this data module's own ``state_dict``."""
+        return self.consumed_batches
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Lightning calls this for each batch right before its step (after any prefetching), so the count is
+        # of batches training really took, whatever the loader read ahead.
+        if self.trainer is not None and self.trainer.training:
+            self.consumed_batches += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position in the prompt stream (Lightning stores it in checkpoints): a resumed run continues with
+        the prompts an uninterrupted run would have seen."""
+        return {"consumed_batches": self.consumed_batches}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.consumed_batches = int(state_dict.get("consumed_batches", 0))
+
+    def _held_out_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.test_set,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            collate_fn=self.collator,
+            num_workers=self.num_workers,
+            # its own generator: each new iterator (every validation pass) would otherwise draw its base seed
+            # from the global RNG and shift the training run's sampling
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._held_out_dataloader()
+
+    def test_dataloader(self) -> DataLoader:
+        return self._held_out_dataloader()

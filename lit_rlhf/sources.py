@@ -1,0 +1,130 @@
+"""Where prompt data comes from: a hub dataset, a local file or folder, or a copy bundled with lit_rlhf.
+
+    load_source          ``dataset`` setting -> ``datasets.DatasetDict`` (splits by name)
+    read_data_files      one file or a folder of files of one format -> one ``datasets.Dataset`` (predict inputs)
+    load_local_directory files named by split (``train*``, ``validation*``/``dev*``, ``test*``) -> splits
+
+Every error a user can cause (no such path, an empty file, a file datasets cannot parse, mixed formats) is one
+line naming the setting and the file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+from lit_rlhf.tiny import looks_like_local_path
+
+# `datasets` is imported where it is used: it takes ~1.5 s to import, which `lit-rlhf fit --help` need not pay.
+# Annotations naming `datasets.Dataset`/`DatasetDict` are text only (postponed annotations).
+
+FILE_FORMATS = {
+    ".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json", ".csv": "csv", ".csv.gz": "csv",
+    ".parquet": "parquet",
+}
+"""File endings datasets reads, and the datasets builder of each."""
+
+SPLIT_PREFIXES = {"train": ("train",), "validation": ("validation", "valid", "dev"), "test": ("test",)}
+"""Local-directory sources: a file belongs to the split its name starts with."""
+
+BUNDLED = {"dialogsum": "lit_rlhf.data:load_bundled_dialogsum"}
+"""``bundled:<name>`` sources: the function (``module:function``) returning the copy shipped with lit_rlhf."""
+
+
+def file_format(name: str) -> str | None:
+    """The datasets builder for a file name (``json``, ``csv``, ``parquet``), or None when it is none of them."""
+    return next((fmt for ext, fmt in FILE_FORMATS.items() if name.endswith(ext)), None)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _load(fmt: str, data_files: dict[str, list[str]] | list[str], setting: str) -> datasets.DatasetDict:
+    """datasets' builder over the files, after checking none is empty; a parse error becomes one line."""
+    import datasets
+
+    files = [f for group in (data_files.values() if isinstance(data_files, dict) else [data_files]) for f in group]
+    empty = [f for f in files if os.path.getsize(f) == 0]
+    if empty:
+        raise ValueError(f"{setting}: {empty[0]} is empty")
+    try:
+        return datasets.load_dataset(fmt, data_files=data_files)
+    except Exception as err:  # datasets raises many types for a malformed file
+        raise ValueError(f"{setting}: {', '.join(files)} could not be read: {_first_line(err)}") from err
+
+
+def load_local_directory(directory: str, setting: str = "dataset") -> datasets.DatasetDict:
+    """Files named by split (``train*``, ``validation*``/``valid*``/``dev*``, ``test*``), all of one format."""
+    data_files: dict[str, list[str]] = {}
+    formats: set[str] = set()
+    for name in sorted(os.listdir(directory)):
+        fmt = file_format(name)
+        split = next((s for s, prefixes in SPLIT_PREFIXES.items() if name.startswith(prefixes)), None)
+        if fmt is not None and split is not None:
+            data_files.setdefault(split, []).append(os.path.join(directory, name))
+            formats.add(fmt)
+    if not data_files:
+        raise ValueError(
+            f"{setting}={directory!r} has no data files: expected files named train*, validation* (or dev*) "
+            f"and test* ending in {', '.join(FILE_FORMATS)}; found {sorted(os.listdir(directory))}"
+        )
+    if len(formats) > 1:
+        raise ValueError(f"{setting}={directory!r} mixes file formats {sorted(formats)}; keep one format per directory")
+    return _load(formats.pop(), data_files, f"{setting}={directory!r}")
+
+
+def load_bundled(name: str) -> datasets.DatasetDict:
+    """The dataset shipped with lit_rlhf under ``name`` (``bundled:dialogsum``)."""
+    if name not in BUNDLED:
+        raise ValueError(f"dataset='bundled:{name}' is not bundled with lit_rlhf; bundled: "
+                         f"{', '.join('bundled:' + n for n in BUNDLED)}")
+    module, function = BUNDLED[name].split(":")
+    return getattr(importlib.import_module(module), function)()
+
+
+def load_source(dataset: str) -> datasets.DatasetDict:
+    """The ``dataset`` setting's splits: ``bundled:<name>``, a local folder (files named by split), a local
+    file (one split, ``train``) or a hub dataset name."""
+    if dataset.startswith("bundled:"):
+        return load_bundled(dataset.removeprefix("bundled:"))
+    local = os.path.expanduser(dataset)
+    if os.path.isdir(local):
+        return load_local_directory(local)
+    if os.path.isfile(local):
+        fmt = file_format(local)
+        if fmt is None:
+            raise ValueError(f"dataset={dataset!r}: expected a {', '.join(FILE_FORMATS)} file")
+        return _load(fmt, {"train": [local]}, f"dataset={dataset!r}")
+    if looks_like_local_path(dataset) or file_format(dataset) is not None:
+        raise ValueError(
+            f"dataset={dataset!r} is not a directory or a data file here: give a jsonl/json/csv/parquet file, a "
+            "directory of train*/validation*/test* files, 'bundled:dialogsum', or a hub dataset name"
+        )
+    import datasets
+
+    return datasets.load_dataset(dataset)
+
+
+def read_data_files(path: str | None, setting: str) -> datasets.Dataset:
+    """Rows of one file, or of a folder of files of one format (the others in it are ignored), as one Dataset.
+    Errors name ``setting`` and the file, in one line."""
+    if path is None:
+        raise ValueError(f"give --{setting} (a jsonl, csv or parquet file or folder)")
+    local = os.path.expanduser(path)
+    if not os.path.exists(local):
+        raise ValueError(f"{setting}={path!r} does not exist")
+    files = [os.path.join(local, n) for n in sorted(os.listdir(local))] if os.path.isdir(local) else [local]
+    typed = [(f, file_format(f)) for f in files]
+    if os.path.isdir(local):
+        typed = [(f, fmt) for f, fmt in typed if fmt is not None]
+    formats = {fmt for _, fmt in typed}
+    if not typed or None in formats:
+        raise ValueError(f"{setting}={path!r}: expected a {', '.join(FILE_FORMATS)} file or a folder of them")
+    if len(formats) > 1:
+        raise ValueError(f"{setting}={path!r} mixes file formats {sorted(formats)}; keep one format")
+    rows = _load(formats.pop(), [f for f, _ in typed], f"{setting}={path!r}")["train"]
+    if len(rows) == 0:
+        raise ValueError(f"{setting}={path!r} has no rows")
+    return rows

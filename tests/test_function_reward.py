@@ -1,0 +1,150 @@
+"""FunctionReward: a Python function as the reward, the batch's columns passed by name, clear errors; GRPO learns
+a rule-based reward over arithmetic prompts."""
+
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from lit_rlhf.module import PPOModule, PPOSettings
+from lit_rlhf.prompts import PromptDataModule
+from lit_rlhf.rewards import (
+    CompositeReward, FunctionReward, NonFiniteRewardError, ReferenceSimilarityReward, check_reward_inputs,
+)
+from lit_rlhf.settings import GenerationSettings, LoraSettings
+
+from conftest import MetricsRecorder
+
+REWARDS_SOURCE = '''
+def exact_answer(prompts, responses, answer):
+    return [1.0 if r.strip().startswith(str(a)) else 0.0 for r, a in zip(responses, answer)]
+
+
+def brief_answer(prompts, responses, **columns):
+    """Rule-based: 1 for the right answer, less 0.05 per character (the answer and nothing else)."""
+    return [(1.0 if str(a) in r.split() else 0.0) - len(r) / 20.0 for r, a in zip(responses, columns["answer"])]
+
+
+def seen(prompts, responses, **columns):
+    global last_columns
+    last_columns = columns
+    return [0.0] * len(responses)
+
+
+def too_few(prompts, responses, **columns):
+    return [0.0] * (len(responses) - 1)
+
+
+def not_a_number(prompts, responses, **columns):
+    return [float("nan")] + [0.0] * (len(responses) - 1)
+
+
+def text(prompts, responses, **columns):
+    return "1.0"
+
+
+def one_argument(responses):
+    return [0.0] * len(responses)
+
+
+value = 3
+'''
+
+
+@pytest.fixture
+def rewards_file(tmp_path, monkeypatch) -> Path:
+    """``my_rewards.py`` in the current directory (a fresh one per test)."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "my_rewards.py"
+    path.write_text(REWARDS_SOURCE)
+    monkeypatch.delitem(__import__("sys").modules, "my_rewards", raising=False)
+    return path
+
+
+def test_columns_reach_the_function_by_name(rewards_file):
+    reward = FunctionReward("my_rewards:exact_answer")
+    assert reward.required_columns() == ["answer"] and reward.name == "exact_answer"
+    scores = reward(["1+1=", "2+2="], [" 2 apples", "5"], columns={"answer": [2, 4], "id": ["a", "b"]})
+    torch.testing.assert_close(scores, torch.tensor([1.0, 0.0]))
+    # **columns gets every column; a file path works as well as a module name
+    reward = FunctionReward(f"{rewards_file}:seen")
+    reward(["p"], ["r"], columns={"answer": [1], "id": ["x"]})
+    assert reward.fn.__globals__["last_columns"] == {"answer": [1], "id": ["x"]}
+    assert reward.required_columns() == []
+
+
+def test_inside_a_composite_reward(rewards_file):
+    composite = CompositeReward([FunctionReward("my_rewards:exact_answer"), ReferenceSimilarityReward()], [2.0, 1.0])
+    assert composite.required_columns() == ["answer"] and composite.needs_references()
+    scores = composite(["1+1="], ["2"], references=["2"], columns={"answer": ["2"]})
+    torch.testing.assert_close(scores, torch.tensor([3.0]))
+    assert set(composite.last_components) == {"exact_answer", "rouge1_fmeasure"}
+
+
+@pytest.mark.parametrize("path, message", [
+    ("my_rewards", "must be 'module:function'"),
+    ("no_such_module:f", "no module named 'no_such_module'"),
+    ("my_rewards:missing", "has no attribute 'missing'"),
+    ("my_rewards:value", "has a non-callable 'value'"),
+    ("missing_file.py:f", "no such file"),
+    ("broken:f", "importing 'broken' failed: ZeroDivisionError"),
+    ("my_rewards:one_argument", "must take \\(prompts, responses, \\*\\*columns\\)"),
+])
+def test_import_errors_are_one_clear_line(rewards_file, path, message):
+    (rewards_file.parent / "broken.py").write_text("1 / 0\n")
+    with pytest.raises(ValueError, match=message) as info:
+        FunctionReward(path)
+    assert "\n" not in str(info.value) and "function=" in str(info.value)
+
+
+@pytest.mark.parametrize("function, error, message", [
+    ("too_few", ValueError, "returned 1 scores for 2 responses"),
+    ("not_a_number", NonFiniteRewardError, r"returned non-finite scores at positions \[0\]"),
+    ("text", TypeError, "returned str"),
+])
+def test_bad_return_values_are_clear_errors(rewards_file, function, error, message):
+    with pytest.raises(error, match=f"FunctionReward\\(my_rewards:{function}\\) {message}"):
+        FunctionReward(f"my_rewards:{function}")(["a", "b"], ["c", "d"], columns={"answer": [1, 2]})
+
+
+def test_a_missing_column_or_reference_names_the_reward_and_what_is_missing(rewards_file):
+    reward = FunctionReward("my_rewards:exact_answer")
+    with pytest.raises(ValueError, match=r"FunctionReward\(my_rewards:exact_answer\) reads the column\(s\) \['answer'\]"
+                                         r".*its columns: \['id', 'prompt'\]"):
+        check_reward_inputs(reward, ["id", "prompt"], has_references=True)
+    with pytest.raises(ValueError, match=r"FunctionReward\(my_rewards:exact_answer\) reads .*\['answer'\].*batch lacks"):
+        reward(["p"], ["r"], columns={"id": ["x"]})
+    with pytest.raises(ValueError, match="rouge1 fmeasure .* compares responses with references.*data.reference_column"):
+        check_reward_inputs(ReferenceSimilarityReward(), ["id", "prompt"], has_references=False)
+    check_reward_inputs(CompositeReward([reward]), ["answer"], has_references=False)  # nothing missing
+
+
+def arithmetic_rows(n: int) -> list[dict]:
+    return [{"prompt": f"{a} + {b} =", "answer": a + b} for a in range(n) for b in range(2)]
+
+
+def test_grpo_learns_a_rule_based_function_reward(rewards_file, tmp_path):
+    torch.manual_seed(0)
+    data_file = tmp_path / "arithmetic.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in arithmetic_rows(20)))
+    data = PromptDataModule(model_name="embedded:tiny-gpt2", dataset=str(data_file), batch_size=4,
+                            eval_batch_size=4)
+    ppo = PPOSettings(advantage_estimator="grpo", init_kl_coef=0.01, ppo_epochs=2)
+    module = PPOModule(
+        model_name="embedded:tiny-gpt2", reward=FunctionReward("my_rewards:brief_answer"), ppo=ppo, samples_per_prompt=4,
+        generation=GenerationSettings(min_new_tokens=1, max_new_tokens=(6, 8)), rollout_batch_size=4,
+        mini_batch_size=4, learning_rate=1e-2, lora=LoraSettings(target_modules=["c_attn", "lm_head"]),
+        log_samples_every=0, export_adapter=False, ppo_steps=9,
+    )
+    history = MetricsRecorder()
+    trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[history])
+    trainer.fit(module, data)
+    rewards = [s["reward"] for s in history.history]
+    assert abs(history.history[0]["kl"]) < 1e-5  # LoRA starts at zero: the policy is the reference
+    assert all(math.isfinite(r) for r in rewards)
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3, rewards  # the reward of the last third rose

@@ -1,0 +1,230 @@
+"""PromptDataModule: prompts from a JSONL/CSV file (a column, a template over columns, chat messages), chat
+templates, clear errors; DialogSumDataModule as its preset; the whole CLI on prompts without references."""
+
+import json
+import shutil
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from transformers import AutoTokenizer, Qwen2Config
+
+from lit_rlhf.cli import config_path, run
+from lit_rlhf.data import DEFAULT_PROMPT_TEMPLATE, DialogSumDataModule, load_bundled_dialogsum
+from lit_rlhf.prompts import PromptDataModule
+from lit_rlhf.tiny import resolve_model_path
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+MY_REWARDS = '''
+def exact_answer(prompts, responses, answer):
+    return [1.0 if r.strip().startswith(str(a)) else 0.0 for r, a in zip(responses, answer)]
+'''
+
+
+@pytest.fixture(autouse=True)
+def datasets_cache(monkeypatch, tmp_path):
+    # small files are converted into this test's folder, not the user's datasets cache
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def arithmetic(n: int) -> list[dict]:
+    return [{"prompt": f"{a} + {b} =", "answer": a + b} for a in range(n) for b in range(2)]
+
+
+def ready(**kwargs) -> PromptDataModule:
+    dm = PromptDataModule(**{"batch_size": 2, "eval_batch_size": 2, **kwargs})
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+@pytest.fixture
+def qwen_with_chat_template(tmp_path) -> Path:
+    """A tiny Qwen2-shaped model folder (config only: the data module reads no weights) whose tokenizer, the
+    embedded GPT-2 one, has a chat template."""
+    folder = tmp_path / "tiny-qwen"
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("embedded:tiny-gpt2"))
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    Qwen2Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1).save_pretrained(folder)
+    return folder
+
+
+# -- sources, columns, templates ------------------------------------------------------------------------------
+
+
+def test_jsonl_prompt_column_batches_carry_every_column(tmp_path):
+    source = write_jsonl(tmp_path / "prompts.jsonl", arithmetic(10))
+    dm = ready(dataset=str(source))
+    assert dm.summary() == {"source": 20, "kept": 20, "train": 16, "test": 4}
+    tokenizer = dm.tokenizer
+    batch = next(iter(dm.val_dataloader()))
+    rows = dm.test_set.select(range(2))
+    assert batch["prompt"] == rows["prompt"] and batch["reference"] is None
+    assert batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist() == tokenizer(rows[0]["prompt"]).input_ids
+    assert batch["columns"]["answer"] == rows["answer"] and batch["id"] == rows["id"]  # ids: row numbers
+    assert set(batch["columns"]) == {"answer", "id"}  # the prompt itself comes as the reward's first argument
+    # the held-out draw is seeded: the same seed, the same split; another seed, another one
+    assert ready(dataset=str(source)).test_set["id"] == dm.test_set["id"]
+    assert ready(dataset=str(source), split_seed=1).test_set["id"] != dm.test_set["id"]
+
+
+def test_csv_template_over_two_columns_and_an_eval_split(tmp_path):
+    folder = tmp_path / "qa"
+    folder.mkdir()
+    (folder / "train.csv").write_text("question,context,gold\n" + "".join(f"q{i},c{i},g{i}\n" for i in range(6)))
+    (folder / "test.csv").write_text("question,context,gold\nqt,ct,gt\n")
+    dm = ready(dataset=str(folder), template="Context: {context}\nQ: {question} {{A}}:", eval_split="test",
+               reference_column="gold", filter_column="question", max_chars=2)
+    assert dm.summary() == {"source": 6, "kept": 6, "train": 6, "test": 1}
+    assert dm.train_set[0]["prompt"] == "Context: c0\nQ: q0 {A}:"
+    batch = next(iter(dm.test_dataloader()))
+    assert batch["prompt"] == ["Context: ct\nQ: qt {A}:"] and batch["reference"] == ["gt"]
+
+
+def test_messages_go_through_the_chat_template(tmp_path, qwen_with_chat_template):
+    conversations = [[{"role": "user", "content": f"What is {i} + 1?"}, {"role": "assistant", "content": str(i + 1)}]
+                     for i in range(6)]
+    source = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in conversations])
+    tokenizer = AutoTokenizer.from_pretrained(qwen_with_chat_template)
+    dm = ready(model_name=str(qwen_with_chat_template), dataset=str(source), messages_column="messages",
+               system_prompt="Be brief.", shuffle_split=False)
+    for row, conversation in zip(dm.train_set, conversations):
+        messages = [{"role": "system", "content": "Be brief."}, *conversation]
+        expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+        assert row["input_ids"] == expected
+        assert row["prompt"].startswith("<|system|>Be brief.\n<|user|>What is") and row["prompt"].endswith("<|assistant|>")
+    # SFT pairs: the last assistant turn is the completion, the turns before it the prompt
+    sft = ready(model_name=str(qwen_with_chat_template), dataset=str(source), messages_column="messages",
+                with_labels=True, shuffle_split=False)
+    first = sft.train_set[0]
+    assert first["input_ids"] == tokenizer.apply_chat_template(conversations[0][:1], add_generation_prompt=True)["input_ids"]
+    assert first["summary_ids"] == tokenizer("1", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    assert next(iter(sft.val_dataloader()))["reference"] == list(sft.test_set["completion"])[:2]
+
+
+def test_a_seq2seq_model_never_gets_a_chat_template(tmp_path):
+    source = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": f"Hi {i}"}]}
+                                                    for i in range(5)])
+    folder = tmp_path / "t5-with-template"
+    shutil.copytree(resolve_model_path("embedded:tiny-t5"), folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    dm = ready(model_name=str(folder), dataset=str(source), messages_column="messages", shuffle_split=False)
+    assert dm.train_set[0]["prompt"] == "Hi 0"  # the contents, no template
+    with pytest.raises(ValueError, match="data.chat_template=true: .* encoder-decoder"):
+        ready(model_name=str(folder), dataset=str(source), messages_column="messages", chat_template=True)
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda d: write_jsonl(d / "p.jsonl", [{"text": "x"}] * 5), r"lacks the column\(s\) \['prompt'\]: it has \['text'\]"),
+    (lambda d: d / "p.jsonl", "p.jsonl is empty"),  # the test writes it empty
+    (lambda d: write_jsonl(d / "p.jsonl", [{"prompt": "x"}] * 5), r"lacks the column\(s\) \['topic'\]"),
+])
+def test_data_errors_are_one_line_and_leave_nothing_behind(tmp_path, monkeypatch, setup, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_rewards.py").write_text(MY_REWARDS)
+    source = setup(tmp_path)
+    if not source.exists():
+        source.write_text("")
+    template = ["--data.template", "About {topic}:"] if "topic" in message else []
+    with pytest.raises(ValueError, match=message) as info:
+        run(["fit", "--config", config_path("prompts_jsonl.yaml"), "--data.dataset", str(source), *template,
+             "--model.reward.function", "my_rewards:exact_answer", "--trainer.enable_progress_bar", "false"])
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "logs").exists() or not [p for p in (tmp_path / "logs").rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("kwargs, flag", [
+    ({"template": "{a}", "messages_column": "m"}, "messages_column and data.template"),
+    ({"template": "{0}"}, "data.template"),
+    ({"chat_template": "sometimes"}, "data.chat_template"),
+    ({"with_labels": True}, "data.with_labels"),
+    ({"drop_long_prompts": True}, "data.drop_long_prompts"),
+])
+def test_bad_settings_name_the_flag(kwargs, flag):
+    with pytest.raises(ValueError, match=flag):
+        PromptDataModule(**kwargs)
+
+
+def test_long_prompts_are_cut_or_dropped(tmp_path):
+    rows = [{"prompt": "word " * (i + 1)} for i in range(10)]
+    source = write_jsonl(tmp_path / "p.jsonl", rows)
+    cut = ready(dataset=str(source), max_prompt_tokens=4)
+    assert max(len(ids) for ids in cut.train_set["input_ids"]) == 4 and cut.summary()["train"] == 8
+    dropped = ready(dataset=str(source), max_prompt_tokens=4, drop_long_prompts=True, test_size=0.25)
+    lengths = [len(ids) for part in (dropped.train_set, dropped.test_set) for ids in part["input_ids"]]
+    assert max(lengths) <= 4 and len(lengths) < 10
+
+
+# -- the DialogSum preset -------------------------------------------------------------------------------------
+
+
+def test_dialogsum_preset_first_batches_are_the_recipes():
+    # computed here from the bundled rows, the recipe's filter and template, and the stream's seeded permutation
+    dm = DialogSumDataModule(batch_size=8, eval_batch_size=8)
+    dm.prepare_data()
+    dm.setup("fit")
+    kept = [r for r in load_bundled_dialogsum()["train"] if 200 < len(r["dialogue"]) <= 1000]
+    assert dm.summary() == {"source": 12460, "kept": len(kept), "train": 8017, "test": 2005}
+    order = torch.randperm(8017, generator=torch.Generator().manual_seed(0)).tolist()
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("embedded:tiny-t5"))
+    loader = iter(dm.train_dataloader())
+    for step in range(2):
+        batch = next(loader)
+        rows = [kept[i] for i in order[8 * step : 8 * step + 8]]
+        assert batch["id"] == [r["id"] for r in rows] and batch["reference"] == [r["summary"] for r in rows]
+        prompts = [DEFAULT_PROMPT_TEMPLATE.replace("{dialogue}", r["dialogue"]) for r in rows]
+        expected = tokenizer(prompts, padding=True, return_tensors="pt")  # T5: right padding, </s> last
+        assert torch.equal(batch["input_ids"], expected.input_ids)
+        assert torch.equal(batch["attention_mask"], expected.attention_mask)
+    held_out = next(iter(dm.val_dataloader()))
+    assert held_out["id"] == [r["id"] for r in kept[8017:8025]]
+
+
+def test_the_cli_runs_the_dialogsum_preset_unless_told_otherwise(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        run(["fit", "--print_config"])
+    printed = capsys.readouterr().out
+    assert "class_path: lit_rlhf.data.DialogSumDataModule" in printed and "prompt_template" in printed
+
+
+# -- the whole command on prompts without references -------------------------------------------------------
+
+
+def test_jsonl_prompts_without_references_fit_validate_test_predict(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "prompts.jsonl", arithmetic(10))
+    (tmp_path / "my_rewards.py").write_text(MY_REWARDS)
+    quick = ["--config", config_path("prompts_jsonl.yaml"), "--model.ppo_steps", "2", "--trainer.enable_progress_bar",
+             "false", "--model.generation.max_new_tokens", "[3, 5]"]
+    fit = run(["fit", *quick])
+    assert type(fit.datamodule) is PromptDataModule and fit.model.ppo_step == 2
+    run_dir = Path(fit.trainer.log_dir)
+    report = json.loads((run_dir / "report.json").read_text())
+    assert "rouge1" not in report["before"] and "rouge1_before" not in report["per_prompt"]
+    markdown = (run_dir / "report.md").read_text()
+    assert "ROUGE" not in markdown.split("\n\n")[1] and "No ROUGE: the held-out prompts have no references" in markdown
+    last = next(run_dir.rglob("last.ckpt"))
+    validate = run(["validate", "--ckpt_path", str(last), *quick])
+    assert torch.isfinite(validate.trainer.callback_metrics["val/reward_mean"])
+    test = run(["test", "--ckpt_path", str(last), *quick])
+    assert torch.isfinite(test.trainer.callback_metrics["test/reward_mean"])
+    new = write_jsonl(tmp_path / "new.jsonl", [{"prompt": "7 + 1 =", "answer": 8}, {"prompt": "2 + 2 =", "answer": 4}])
+    predict = run(["predict", "--config", config_path("prompts_jsonl.yaml"), "--ckpt_path", str(last),
+                   "--data.predict_path", str(new), "--trainer.enable_progress_bar", "false"])
+    records = [json.loads(line) for line in Path(predict.trainer.log_dir, "predictions.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["prompt"]) for r in records] == [("0", "7 + 1 ="), ("1", "2 + 2 =")]
+    assert all(isinstance(r["response"], str) and r["score"] in (0.0, 1.0) for r in records)
