@@ -27,6 +27,18 @@ def embedded_cache(tmp_path_factory):
     return os.environ["LIT_RLHF_CACHE"]
 
 
+@pytest.fixture(autouse=True)
+def user_reward_modules(monkeypatch):
+    """FunctionReward appends the current directory to sys.path and imports the user's module: tests that
+    chdir to their own folder and write a ``my_rewards.py`` there get a fresh import each, not an earlier test's."""
+    import sys
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "my_rewards", raising=False)
+    yield
+    sys.modules.pop("my_rewards", None)
+
+
 def build_tiny_classifier(path: Path, sentences: list[str], max_tokens: int = 512) -> Path:
     """A tiny RoBERTa sequence classifier (labels nothate / hate) and its word-level tokenizer, saved with
     ``save_pretrained`` like a hub model, standing in for the recipe's hate-speech classifier."""
