@@ -42,6 +42,27 @@ _SPLIT_PREFIXES = {"train": ("train",), "validation": ("validation", "valid", "d
 _FILE_FORMATS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json", ".parquet": "parquet"}
 
 
+@contextlib.contextmanager
+def quiet_datasets_progress() -> Iterator[None]:
+    """datasets' progress bars off inside the block, back to the user's setting after.
+
+    For lit_rlhf's own ``map``/``filter`` calls: each is a second or less, and their bars were a tenth of a run's
+    log. ``HF_DATASETS_DISABLE_PROGRESS_BARS``, when set, decides as in datasets itself. The switch is datasets'
+    process-wide one, so a thread that runs datasets inside the block is quiet too.
+    """
+    from datasets import config
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    if config.HF_DATASETS_DISABLE_PROGRESS_BARS is not None or are_progress_bars_disabled():
+        yield
+        return
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        enable_progress_bars()
+
+
 def _expand_test_references(batch: dict[str, list]) -> dict[str, list]:
     """One row per (dialogue, reference summary), ids ``{fname}_{k}``, in file order."""
     out: dict[str, list] = {"id": [], "dialogue": [], "summary": [], "topic": []}
@@ -74,7 +95,8 @@ def load_bundled_dialogsum() -> datasets.DatasetDict:
         test = datasets.load_dataset("json", data_files={"test": local(_BUNDLED_TEST_FILE)})["test"]
     columns = ["id", "dialogue", "summary", "topic"]
     out = {split: ds.rename_column("fname", "id").select_columns(columns) for split, ds in train_dev.items()}
-    expanded = test.map(_expand_test_references, batched=True, remove_columns=test.column_names)
+    with quiet_datasets_progress():
+        expanded = test.map(_expand_test_references, batched=True, remove_columns=test.column_names)
     out["test"] = expanded.select_columns(columns)
     return datasets.DatasetDict(out)
 
@@ -83,8 +105,6 @@ def load_bundled_dialogsum() -> datasets.DatasetDict:
 
 def _load_local_directory(directory: str) -> datasets.DatasetDict:
     """Files named by split (``train*``, ``validation*``/``valid*``/``dev*``, ``test*``), jsonl/json or parquet."""
-    import datasets
-
     data_files: dict[str, list[str]] = {}
     formats: set[str] = set()
     for name in sorted(os.listdir(directory)):
@@ -102,7 +122,24 @@ def _load_local_directory(directory: str) -> datasets.DatasetDict:
         raise ValueError(
             f"dataset={directory!r} mixes file formats {sorted(formats)}; keep one format per directory"
         )
-    return datasets.load_dataset(formats.pop(), data_files=data_files)
+    return load_data_files(f"data.dataset={directory!r}", formats.pop(), data_files)
+
+
+def load_data_files(setting: str, fmt: str, data_files: dict[str, list[str]] | list[str], **kwargs: Any) -> Any:
+    """``datasets.load_dataset(fmt, data_files=data_files, **kwargs)``, with an empty file or one that datasets
+    cannot read reported in one line that starts with ``setting`` (e.g. ``data.dataset='dialogs'``)."""
+    import datasets
+
+    files = [f for group in data_files.values() for f in group] if isinstance(data_files, dict) else data_files
+    empty = [f for f in files if os.path.getsize(f) == 0]
+    if empty:
+        # datasets' json builder ends in a bare StopIteration on an empty file
+        raise ValueError(f"{setting}: {empty[0]} is empty; give it rows or remove it")
+    try:
+        return datasets.load_dataset(fmt, data_files=data_files, **kwargs)
+    except Exception as err:  # datasets raises many types for a malformed file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{setting} could not be read: {first}") from err
 
 
 def _dialogue_length_in_range(dialogues: list[str], min_chars: int, max_chars: int) -> list[bool]:
@@ -393,12 +430,13 @@ class DialogSumDataModule(L.LightningDataModule):
         """Filter, prompt, tokenize and split; every step is cached by datasets, so a second call reads it."""
         self._load_tokenizer()
         rows = self._source_split()
-        kept = rows.filter(
-            _dialogue_length_in_range,
-            input_columns="dialogue",
-            batched=True,
-            fn_kwargs={"min_chars": self.min_chars, "max_chars": self.max_chars},
-        )
+        with quiet_datasets_progress():
+            kept = rows.filter(
+                _dialogue_length_in_range,
+                input_columns="dialogue",
+                batched=True,
+                fn_kwargs={"min_chars": self.min_chars, "max_chars": self.max_chars},
+            )
         if len(kept) == 0:
             lengths = [len(d) for d in rows["dialogue"]] or [0]
             raise ValueError(
@@ -412,20 +450,13 @@ class DialogSumDataModule(L.LightningDataModule):
                 f"test_size={self.test_size} holds out {n_test} of the {len(kept)} filtered rows, leaving none "
                 "for training; lower test_size or keep more rows (min_chars/max_chars)"
             )
-        prompts = kept.map(
-            apply_prompt_and_tokenize,
-            batched=True,
-            fn_kwargs={
-                "tokenizer": self.tokenizer,
-                "prompt_template": self.prompt_template,
-                "max_prompt_tokens": self.max_prompt_tokens,
-            },
-        )
+        prompts = self._tokenize(kept)
         if self.with_labels:
-            prompts = prompts.map(
-                tokenize_summary, batched=True,
-                fn_kwargs={"tokenizer": self.tokenizer, "max_summary_tokens": self.max_summary_tokens},
-            )
+            with quiet_datasets_progress():
+                prompts = prompts.map(
+                    tokenize_summary, batched=True,
+                    fn_kwargs={"tokenizer": self.tokenizer, "max_summary_tokens": self.max_summary_tokens},
+                )
         parts = prompts.train_test_split(
             test_size=self.test_size, shuffle=self.shuffle_split, seed=self.split_seed
         )
@@ -450,12 +481,16 @@ class DialogSumDataModule(L.LightningDataModule):
             self.train_set, self.test_set = self._build()
 
     def _build_predict_set(self) -> datasets.Dataset:
-        rows = load_predict_rows(self.predict_path)
-        return rows.map(
-            apply_prompt_and_tokenize, batched=True,
-            fn_kwargs={"tokenizer": self.tokenizer, "prompt_template": self.prompt_template,
-                       "max_prompt_tokens": self.max_prompt_tokens},
-        )
+        return self._tokenize(load_predict_rows(self.predict_path))
+
+    def _tokenize(self, rows: datasets.Dataset) -> datasets.Dataset:
+        """``rows`` with the prompt applied and tokenized (``apply_prompt_and_tokenize``)."""
+        with quiet_datasets_progress():
+            return rows.map(
+                apply_prompt_and_tokenize, batched=True,
+                fn_kwargs={"tokenizer": self.tokenizer, "prompt_template": self.prompt_template,
+                           "max_prompt_tokens": self.max_prompt_tokens},
+            )
 
     def predict_dataloader(self) -> DataLoader:
         if self.predict_set is None:
@@ -598,8 +633,6 @@ _PREDICT_FORMATS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".js
 def load_predict_rows(path: str | None) -> datasets.Dataset:
     """Rows to summarize from a file or a folder of files (one format), with ``id`` (added as the row number
     when absent) and ``dialogue`` columns. Errors name the file and what is wrong, in one line."""
-    import datasets
-
     if path is None:
         raise ValueError("predict needs dialogues: give --data.predict_path (a jsonl, csv or parquet file or folder)")
     local = os.path.expanduser(path)
@@ -614,13 +647,7 @@ def load_predict_rows(path: str | None) -> datasets.Dataset:
         raise ValueError(f"data.predict_path={path!r}: expected a {', '.join(_PREDICT_FORMATS)} file or a folder of them")
     if len(formats) > 1:
         raise ValueError(f"data.predict_path={path!r} mixes file formats {sorted(formats)}; keep one format")
-    if any(os.path.getsize(f) == 0 for f, _ in typed):
-        raise ValueError(f"data.predict_path={path!r}: {next(f for f, _ in typed if os.path.getsize(f) == 0)} is empty")
-    try:
-        rows = datasets.load_dataset(formats.pop(), data_files=[f for f, _ in typed], split="train")
-    except Exception as err:  # datasets raises many types for a malformed file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"data.predict_path={path!r} could not be read: {first}") from err
+    rows = load_data_files(f"data.predict_path={path!r}", formats.pop(), [f for f, _ in typed], split="train")
     if len(rows) == 0:
         raise ValueError(f"data.predict_path={path!r} has no rows")
     if "dialogue" not in rows.column_names:
@@ -628,7 +655,8 @@ def load_predict_rows(path: str | None) -> datasets.Dataset:
     if "id" not in rows.column_names:
         rows = rows.add_column("id", [None] * len(rows))
     # a row without an id gets its row number; ids become strings whatever the file's type
-    return rows.map(
-        lambda r, i: {"id": str(i) if r["id"] is None else str(r["id"]), "dialogue": str(r["dialogue"] or "")},
-        with_indices=True,
-    )
+    with quiet_datasets_progress():
+        return rows.map(
+            lambda r, i: {"id": str(i) if r["id"] is None else str(r["id"]), "dialogue": str(r["dialogue"] or "")},
+            with_indices=True,
+        )
