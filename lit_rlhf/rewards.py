@@ -320,7 +320,6 @@ class ProfanityReward(Reward):
         self.method = method
         self.eps = eps
         self.model_id = "alt-profanity-check"
-        self._package: ModuleType | None = None
         self._vectorizer: Any = None
         self._model: Any = None
         self._members: list[tuple[Any, float, float]] | None = None
@@ -337,8 +336,8 @@ class ProfanityReward(Reward):
         if self._model is not None:
             return
         # The package loads its model when imported (about a second), so import only when used.
-        self._package = import_profanity_check(type(self).__name__)
-        self._vectorizer, self._model = self._package.vectorizer, self._package.model
+        package = import_profanity_check(type(self).__name__)
+        self._vectorizer, self._model = package.vectorizer, package.model
         if self.method == "exact":
             self._members = sigmoid_calibrated_members(self._model)
             self._check_exact_matches_package()
@@ -348,15 +347,19 @@ class ProfanityReward(Reward):
         self.setup()
         if len(texts) == 0:
             return torch.empty(0)
-        return torch.from_numpy(self._package.predict_prob(list(texts))).float()
+        from profanity_check import predict_prob  # imported by setup()
+
+        return torch.from_numpy(predict_prob(list(texts))).float()
 
     def compute(self, prompts: list[str], responses: list[str], references: list[str] | None) -> torch.Tensor:
         texts = select_text(self.text, prompts, responses)
         if not texts:
             return torch.empty(0)
         if self.method == "clamped":
+            from profanity_check import predict_prob  # imported by setup()
+
             # float64 as the package gives it: in float32, 1 - p loses its digits near p = 1.
-            p = torch.from_numpy(self._package.predict_prob(texts)).clamp(self.eps, 1 - self.eps)
+            p = torch.from_numpy(predict_prob(texts)).clamp(self.eps, 1 - self.eps)
             return torch.log1p(-p) - torch.log(p)
         return self._exact_logit(texts).float()
 
