@@ -7,7 +7,7 @@ because a policy trained against a scorer can lower that scorer's toxicity witho
 - :class:`ClassifierToxicity`: softmax probability of a label of any Hugging Face sequence classifier (hub
   name or local path); the recipe's ``facebook/roberta-hate-speech-dynabench-r4-target``, label ``hate``.
 - :class:`EvaluateToxicity`: the ``evaluate`` library's ``toxicity`` measurement (needs the hub).
-- :class:`ProfanityToxicity`: offline, the ``alt-profanity-check`` model's P(offensive).
+- :class:`ProfanityToxicity`: offline, the ``alt-profanity-check`` model's P(offensive) (the ``offline`` extra).
 
 Like rewards, evaluators are plain classes (buildable from YAML with ``class_path``) that load their model
 lazily, in :meth:`ToxicityEvaluator.setup`.
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lit_rlhf.rewards import ClassifierReward, ProfanityReward, Scorer
+from lit_rlhf.rewards import ClassifierReward, ProfanityReward, Scorer, import_profanity_check
 
 # Probabilities a classifier computes in float32 may stray from [0, 1] by rounding; beyond this, it is a bug.
 _RANGE_TOLERANCE = 1e-5
@@ -171,6 +171,7 @@ class ProfanityToxicity(ToxicityEvaluator):
         return "P(offensive) from alt-profanity-check"
 
     def setup(self) -> None:
+        import_profanity_check(type(self).__name__)  # a missing package is named as this evaluator's need
         self.profanity.setup()
 
     def compute(self, texts: list[str]) -> Tensor:

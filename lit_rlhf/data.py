@@ -19,7 +19,7 @@ from lit_rlhf.prompts import (  # noqa: F401  (the generic pieces, importable fr
     tokenize_completions,
 )
 from lit_rlhf.sources import load_local_directory as _load_local_directory  # noqa: F401
-from lit_rlhf.sources import read_data_files
+from lit_rlhf.sources import quiet_datasets_progress, read_data_files
 
 # `datasets` is imported where it is used: it takes ~1.5 s to import, which `lit-rlhf fit --help` need not pay. Not
 # under TYPE_CHECKING either: jsonargparse runs those blocks when it reads signatures. Annotations below that name
@@ -68,7 +68,8 @@ def load_bundled_dialogsum() -> datasets.DatasetDict:
         test = datasets.load_dataset("json", data_files={"test": local(_BUNDLED_TEST_FILE)})["test"]
     columns = ["id", "dialogue", "summary", "topic"]
     out = {split: ds.rename_column("fname", "id").select_columns(columns) for split, ds in train_dev.items()}
-    expanded = test.map(_expand_test_references, batched=True, remove_columns=test.column_names)
+    with quiet_datasets_progress():
+        expanded = test.map(_expand_test_references, batched=True, remove_columns=test.column_names)
     out["test"] = expanded.select_columns(columns)
     return datasets.DatasetDict(out)
 
@@ -229,7 +230,8 @@ def load_predict_rows(path: str | None) -> datasets.Dataset:
     if "id" not in rows.column_names:
         rows = rows.add_column("id", [None] * len(rows))
     # a row without an id gets its row number; ids become strings whatever the file's type
-    return rows.map(
-        lambda r, i: {"id": str(i) if r["id"] is None else str(r["id"]), "dialogue": str(r["dialogue"] or "")},
-        with_indices=True,
-    )
+    with quiet_datasets_progress():
+        return rows.map(
+            lambda r, i: {"id": str(i) if r["id"] is None else str(r["id"]), "dialogue": str(r["dialogue"] or "")},
+            with_indices=True,
+        )

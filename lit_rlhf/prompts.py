@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
-from lit_rlhf.sources import load_source, read_data_files
+from lit_rlhf.sources import load_source, quiet_datasets_progress, read_data_files
 from lit_rlhf.tiny import resolve_model_path
 
 ChatTemplate = bool | Literal["auto"]
@@ -500,6 +500,7 @@ class PromptDataModule(L.LightningDataModule):
                 "data.prompt_column/template/messages_column/reference_column/completion_column/filter_column)"
             )
 
+    @quiet_datasets_progress()
     def _filter(self, rows: datasets.Dataset, split: str) -> datasets.Dataset:
         if self.filter_column is None:
             return rows
@@ -514,6 +515,7 @@ class PromptDataModule(L.LightningDataModule):
             )
         return kept
 
+    @quiet_datasets_progress()
     def _encode(self, rows: datasets.Dataset) -> datasets.Dataset:
         fmt = self.prompt_format()
         if self.drop_long_prompts:  # whole prompts, then the long ones go
@@ -566,6 +568,7 @@ class PromptDataModule(L.LightningDataModule):
         if self.train_set is None:
             self.train_set, self.test_set = self._build()
 
+    @quiet_datasets_progress()
     def _load_predict_rows(self) -> datasets.Dataset:
         """The rows of ``predict_path``, with string ids (row numbers where absent)."""
         rows = read_data_files(self.predict_path, "data.predict_path")
@@ -578,6 +581,7 @@ class PromptDataModule(L.LightningDataModule):
             rows = rows.add_column("id", [None] * len(rows))
         return rows.map(lambda r, i: {"id": str(i) if r["id"] is None else str(r["id"])}, with_indices=True)
 
+    @quiet_datasets_progress()
     def _encode_predict_rows(self, rows: datasets.Dataset) -> datasets.Dataset:
         fmt = self.prompt_format()
         fmt = PromptFormat(**{**fmt.__dict__, "with_labels": False})  # predict has no labels to learn

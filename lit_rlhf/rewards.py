@@ -15,7 +15,8 @@ Implementations:
 
 - :class:`ClassifierReward`: logit or probability of a named label from any Hugging Face sequence classifier
   (the seed recipe: ``facebook/roberta-hate-speech-dynabench-r4-target``, label ``nothate``).
-- :class:`ProfanityReward`: offline toxicity reward from the ``alt-profanity-check`` scikit-learn model.
+- :class:`ProfanityReward`: offline toxicity reward from the ``alt-profanity-check`` scikit-learn model (the
+  ``offline`` extra: ``pip install 'lit-rlhf[offline]'``).
 - :class:`ReferenceSimilarityReward`: ROUGE of the response against the reference summary.
 - :class:`CompositeReward`: weighted sum of rewards, keeping each part for logging.
 - :class:`FunctionReward`: a plain Python function given by its import path, as TRL's ``reward_funcs``.
@@ -29,6 +30,7 @@ import os
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from types import ModuleType
 from typing import Any, Literal
 
 import torch
@@ -360,9 +362,8 @@ class ProfanityReward(Reward):
         if self._model is not None:
             return
         # The package loads its model when imported (about a second), so import only when used.
-        from profanity_check import profanity_check
-
-        self._vectorizer, self._model = profanity_check.vectorizer, profanity_check.model
+        package = import_profanity_check(type(self).__name__)
+        self._vectorizer, self._model = package.vectorizer, package.model
         if self.method == "exact":
             self._members = sigmoid_calibrated_members(self._model)
             self._check_exact_matches_package()
@@ -372,7 +373,7 @@ class ProfanityReward(Reward):
         self.setup()
         if len(texts) == 0:
             return torch.empty(0)
-        from profanity_check import predict_prob
+        from profanity_check import predict_prob  # imported by setup()
 
         return torch.from_numpy(predict_prob(list(texts))).float()
 
@@ -381,7 +382,7 @@ class ProfanityReward(Reward):
         if not texts:
             return torch.empty(0)
         if self.method == "clamped":
-            from profanity_check import predict_prob
+            from profanity_check import predict_prob  # imported by setup()
 
             # float64 as the package gives it: in float32, 1 - p loses its digits near p = 1.
             p = torch.from_numpy(predict_prob(texts)).clamp(self.eps, 1 - self.eps)
@@ -408,6 +409,23 @@ class ProfanityReward(Reward):
                 "ProfanityReward(method='exact') does not reproduce alt-profanity-check's probabilities with this "
                 "version of the package or scikit-learn; use `method='clamped'`."
             )
+
+
+OFFLINE_EXTRA = "pip install 'lit-rlhf[offline]'"
+"""How to install the offline profanity scorer: an extra, because ``alt-profanity-check`` pins scikit-learn
+and joblib to exact versions, which a core dependency would force on every environment lit_rlhf goes into."""
+
+
+def import_profanity_check(scorer: str) -> ModuleType:
+    """The ``profanity_check`` module of ``alt-profanity-check`` (its model loaded), or a ValueError that names
+    ``scorer`` (the class that needs it) and the extra that installs it."""
+    try:
+        from profanity_check import profanity_check
+    except ImportError as err:  # not installed, or its pinned scikit-learn/joblib missing underneath
+        raise ValueError(
+            f"{scorer} needs the alt-profanity-check package: {OFFLINE_EXTRA} (importing it failed: {err})"
+        ) from err
+    return profanity_check
 
 
 def sigmoid_calibrated_members(model: Any) -> list[tuple[Any, float, float]]:

@@ -289,6 +289,15 @@ def test_unknown_dataset_path_and_split(tmp_path, local_dir):
         DialogSumDataModule(dataset=str(local_dir), split="test").setup()
 
 
+def test_an_empty_training_file_is_one_line_naming_the_setting_and_the_file(tmp_path, datasets_cache):
+    folder = tmp_path / "dialogs"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"^data\.dataset='.*dialogs': .*/dialogs/train\.jsonl is empty") as info:
+        DialogSumDataModule(dataset=str(folder)).setup()
+    assert "\n" not in str(info.value)
+
+
 def test_too_few_rows_for_the_split_or_the_batch(local_dir):
     with pytest.raises(ValueError, match="test_size"):
         DialogSumDataModule(dataset=str(local_dir), split="validation", min_chars=0, max_chars=10_000,
@@ -348,3 +357,30 @@ def test_stream_position_is_the_data_modules_own_state():
     resumed.setup("fit")
     resumed.load_state_dict(data.state_dict())
     assert next(iter(resumed.train_dataloader()))["id"] == fresh[3]
+
+
+# -- output -------------------------------------------------------------------------------------------------
+
+
+def test_setup_prints_no_map_or_filter_progress_bar_and_keeps_the_users_setting(local_dir, tmp_path, capfd,
+                                                                                  monkeypatch):
+    import importlib
+
+    # datasets' own default: bars on, no environment override
+    for module in (datasets.config, importlib.import_module("datasets.utils.tqdm")):
+        monkeypatch.setattr(module, "HF_DATASETS_DISABLE_PROGRESS_BARS", None)
+    datasets.utils.enable_progress_bars()
+    predict_file = tmp_path / "dialogues.jsonl"
+    _write_jsonl(predict_file, [{"dialogue": r["dialogue"]} for r in _hub_like_rows(3)])
+    capfd.readouterr()
+    dm = DialogSumDataModule(dataset=str(local_dir), min_chars=0, max_chars=10_000, with_labels=True,
+                             predict_path=str(predict_file))
+    dm.setup("fit")
+    dm.setup("predict")
+    quiet = capfd.readouterr()
+    assert len(dm.train_set) > 0 and len(dm.predict_set) == 3
+    assert not any(bar in quiet.err + quiet.out for bar in ("Map", "Filter")), quiet.err
+    # the user's setting is back: a map of their own still shows its bar (and capfd sees bars)
+    assert not datasets.utils.are_progress_bars_disabled()
+    datasets.Dataset.from_dict({"x": [1, 2]}).map(lambda row: row)
+    assert "Map" in capfd.readouterr().err
