@@ -17,7 +17,7 @@ from typing import Any
 import lightning as L
 import torch
 from jsonargparse import lazy_instance
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lit_rlhf import distributed as dist
@@ -131,8 +131,16 @@ class PPOModule(L.LightningModule):
         use_num_threads(self.hparams.num_threads, self.policy, self._trainer)  # in every process, after launch
         # after the data module's setup: a column or references the reward reads and the data lacks fail here
         reward_inputs = getattr(self._trainer.datamodule, "reward_inputs", None) if self._trainer else None
+        self.score_predictions = True
         if reward_inputs is not None:
-            check_reward_inputs(self.reward, *reward_inputs(stage))
+            try:
+                check_reward_inputs(self.reward, *reward_inputs(stage))
+            except ValueError as err:
+                if stage != "predict":
+                    raise
+                # new prompts without references or columns still get responses, only no score
+                self.score_predictions = False
+                rank_zero_warn(f"predict: {err}; the predictions are written without a score")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
@@ -271,7 +279,8 @@ class PPOModule(L.LightningModule):
         settings = GenerationSettings(**{**plain(self.generation), "do_sample": self.hparams.predict_do_sample})
         limits = torch.full((len(batch["input_ids"]),), settings.max_new_tokens[1] - 1)  # the longest allowed
         with ro.evaluation_rng(self.hparams.seed + batch_idx, len(limits), settings):
-            generated = ro.collect(self.policy, self.reward, batch, settings, limits, synced_gpus=dist.synced_gpus(self.trainer))
+            reward = self.reward if getattr(self, "score_predictions", True) else None
+            generated = ro.collect(self.policy, reward, batch, settings, limits, synced_gpus=dist.synced_gpus(self.trainer))
         return ro.predict_records(generated, batch, self.reward.describe())
 
     def on_fit_end(self) -> None:

@@ -117,13 +117,16 @@ def score_responses(reward: Reward, generated: Generated) -> Generated:
 
 
 def collect(
-    policy: Policy, reward: Reward, batch: dict[str, Any], settings: GenerationSettings, limits: Tensor,
+    policy: Policy, reward: Reward | None, batch: dict[str, Any], settings: GenerationSettings, limits: Tensor,
     fast: bool = False, synced_gpus: bool | None = None, timer: Timer | None = None, repeats: int = 1,
 ) -> Generated:
-    """generate -> decode -> score, each phase inside ``timer(name)`` (``time/ppo/generate``, ``.../reward``)."""
+    """generate -> decode -> score, each phase inside ``timer(name)`` (``time/ppo/generate``, ``.../reward``).
+    ``reward`` None: the responses are not scored (``predict`` on prompts the reward cannot read)."""
     timer = timer if timer is not None else (lambda name: nullcontext())  # an empty PhaseTimer is falsy
     with timer("time/ppo/generate"):
         generated = generate_responses(policy, batch, settings, limits, fast, synced_gpus, repeats)
+    if reward is None:
+        return generated
     with timer("time/ppo/reward"):
         return score_responses(reward, generated)
 

@@ -178,6 +178,18 @@ def test_predict_with_only_the_checkpoint_says_where_it_wrote(run_copy):
     assert sorted(p.name for p in Path("logs/lightning_logs").iterdir()) == ["version_0"]
 
 
+def test_predict_on_dialogues_without_references_writes_unscored_responses(run_copy):
+    # the run's reward compares with a reference summary, which new dialogues do not have
+    dialogues = Path("new_dialogues.jsonl")
+    dialogues.write_text("".join(json.dumps({"id": f"n{i}", "dialogue": f"#Person1#: Bye {i}.\n#Person2#: Bye."})
+                                 + "\n" for i in range(2)))
+    _, shown = run_captured(["predict", "--ckpt_path", str(LAST), "--data.predict_path", str(dialogues)])
+    rows = [json.loads(line) for line in (RUN_DIR / "predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["n0", "n1"] and all(r["summary"] for r in rows)
+    assert not any("score" in r for r in rows)
+    assert "the predictions are written without a score" in shown
+
+
 def test_sft_predict_without_a_checkpoint_makes_no_run_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("d.jsonl").write_text(json.dumps({"id": "a", "dialogue": "#Person1#: Hi.\n#Person2#: Hello."}) + "\n")
