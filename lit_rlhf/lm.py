@@ -219,8 +219,9 @@ class CausalLM:
             input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
             output_hidden_states=True, use_cache=False, logits_to_keep=t + 1,
         )
-        # the last query position predicts response token 0; the last response position predicts nothing
-        return out.logits[:, :-1], out.hidden_states[-1][:, -t - 1 : -1]
+        # the last query position predicts response token 0; the last response position predicts nothing (sliced
+        # from the end: a model that ignores logits_to_keep, OPT on transformers 4.x, returns every position)
+        return out.logits[:, -t - 1 : -1], out.hidden_states[-1][:, -t - 1 : -1]
 
     def start(
         self, model: nn.Module, query_ids: Tensor, query_mask: Tensor, repeats: int = 1, horizon: int = 0
@@ -264,20 +265,29 @@ def cached_decode_blocker(model: nn.Module) -> str | None:
     """Why the cached decode loop cannot serve ``model`` (None when it can): a model whose ``generate`` does not
     use transformers' default cache (its own cache class), or one with layers that are not attention (state
     space, linear attention, convolution, shared KV), whose state an :class:`InPlaceCache` cannot hold."""
-    from transformers.cache_utils import get_layer_types_and_kwargs
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     supports = getattr(base, "_supports_default_dynamic_cache", None)
     if supports is not None and not supports():
         return f"{type(base).__name__} keeps its own kind of cache"
     try:
-        layer_types, _ = get_layer_types_and_kwargs(base.config.get_text_config(decoder=True))
+        layer_types = _layer_types(base.config.get_text_config(decoder=True))
     except (AttributeError, TypeError, ValueError) as err:
         return f"the layer types of {type(base).__name__} are unknown ({err})"
     other = sorted(set(layer_types) - set(CACHED_LAYER_TYPES))
     if other:
         return f"{type(base).__name__} has {', '.join(other)} layers, not only attention"
     return None
+
+
+def _layer_types(config: Any) -> list[str]:
+    """The decoder's layer types as transformers' default cache reads them (``full_attention``, ...). transformers
+    4.x has no ``get_layer_types_and_kwargs``: there a config's ``layer_types`` (models with sliding windows list
+    them), else attention in every layer; models of other layers keep their own cache, caught before this."""
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+    except ImportError:  # transformers < 5
+        return list(getattr(config, "layer_types", None) or ["full_attention"])
+    return list(get_layer_types_and_kwargs(config)[0])
 
 
 def decoder_start_token_id(config: Any, generation_config: Any = None) -> int:

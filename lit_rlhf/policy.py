@@ -864,9 +864,28 @@ def untie_output_embedding(model: PreTrainedModel) -> None:
     not tie them again and peft does not take them as tied (T5 keeps its decoder scaling in
     ``scale_decoder_outputs``; a saved T5 with different ``lm_head`` and embedding weights loads untied)."""
     output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    scale = _tied_output_scale(model.config)
     if output is not None and embedding is not None and output.weight is embedding.weight:
-        output.weight = nn.Parameter(output.weight.detach().clone(), requires_grad=output.weight.requires_grad)
+        copy = output.weight.detach().clone() if scale == 1.0 else output.weight.detach() * scale
+        output.weight = nn.Parameter(copy, requires_grad=output.weight.requires_grad)
     model.config.tie_word_embeddings = False
+
+
+T5_FAMILY = ("t5", "mt5", "umt5", "longt5", "switch_transformers")
+"""Model types whose transformers 4.x forward scales the decoder output by ``d_model ** -0.5`` exactly when
+``tie_word_embeddings`` is set (transformers 5 reads ``scale_decoder_outputs`` instead)."""
+
+
+def _tied_output_scale(config) -> float:
+    """The factor an untied copy of the output embedding takes so that the function stays the same: on
+    transformers 4.x a T5's tie flag also turns its decoder-output scaling on, which untying turns off, so the
+    copy carries the scaling instead; 1 elsewhere."""
+    import transformers
+
+    # (a config saved by transformers 5 carries scale_decoder_outputs, which 4.x's forward ignores)
+    if getattr(config, "model_type", None) not in T5_FAMILY or int(transformers.__version__.split(".")[0]) >= 5:
+        return 1.0
+    return float(config.d_model) ** -0.5 if getattr(config, "tie_word_embeddings", False) else 1.0
 
 
 @contextmanager
