@@ -66,6 +66,10 @@ class PPOModule(L.LightningModule):
         samples_per_prompt: responses per prompt (k): a step has data.batch_size x k of them (grpo, rloo: k >= 2).
         predict_do_sample: sample in ``predict`` (default: greedy decoding).
         num_threads: torch's intra-op CPU threads; auto: 1 for a small policy, else all cores (``lit_rlhf.threads``).
+        gradient_checkpointing: recompute each transformer block's activations in the update's backward pass
+            instead of keeping them: activation memory of one block instead of all, for about one more forward.
+        attn_implementation: the attention kernel ``from_pretrained`` builds (sdpa, eager, flash_attention_2, ...);
+            null: transformers' own choice.
     """
 
     def __init__(
@@ -94,6 +98,8 @@ class PPOModule(L.LightningModule):
         samples_per_prompt: int = 1,
         predict_do_sample: bool = False,
         num_threads: NumThreads = "auto",
+        gradient_checkpointing: bool = False,
+        attn_implementation: str | None = None,
     ) -> None:
         super().__init__()
         # Settings groups come back as plain dicts from a checkpoint's hyperparameters.
@@ -111,6 +117,7 @@ class PPOModule(L.LightningModule):
         self.policy = Policy(
             model_name, lora=lora, init_adapter=init_adapter, reference_model=reference_model,
             value_head_dropout=value_head_dropout, dtype=dtype, value_head=not ppo.critic_free,
+            gradient_checkpointing=gradient_checkpointing, attn_implementation=attn_implementation,
         )
         # The policy sets eval/train mode itself around each pass (dropout is off unless train_dropout);
         # train() here only keeps Lightning from warning about modules left in eval mode by from_pretrained.

@@ -15,11 +15,12 @@ model in memory. A separately loaded frozen reference stays possible (``referenc
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -128,14 +129,100 @@ def fuse_tanh_gelu(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_causal_or_seq2seq(path: str, dtype: torch.dtype | None = None, from_scratch: bool = False) -> PreTrainedModel:
+def load_causal_or_seq2seq(
+    path: str, dtype: torch.dtype | None = None, from_scratch: bool = False, attn_implementation: str | None = None
+) -> PreTrainedModel:
     """Load a model by hub name or local path, picking the seq2seq or causal class from its config
-    (``from_scratch``: its architecture with fresh weights), with :func:`fuse_tanh_gelu` applied."""
+    (``from_scratch``: its architecture with fresh weights), with :func:`fuse_tanh_gelu` applied.
+    ``attn_implementation``: ``from_pretrained``'s (``"eager"``, ``"sdpa"``, ``"flash_attention_2"``, ...);
+    None: transformers' own choice."""
     config = AutoConfig.from_pretrained(path)
     cls = AutoModelForSeq2SeqLM if _is_seq2seq(config) else AutoModelForCausalLM
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    model = cls.from_config(config, **kwargs) if from_scratch else cls.from_pretrained(path, **kwargs)
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = cls.from_config(config, **kwargs) if from_scratch else cls.from_pretrained(path, **kwargs)
+    except (ValueError, ImportError) as err:
+        if attn_implementation is None:
+            raise
+        raise ValueError(f"model.attn_implementation={attn_implementation!r} is not available for {path!r}: "
+                         f"{err}\nChoose another one (e.g. sdpa or eager) or null (transformers' choice)") from err
     return fuse_tanh_gelu(model)
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each transformer block's activations in the backward pass instead of keeping them
+    (transformers' activation checkpointing, non-reentrant: works with a frozen base and a LoRA adapter, whose
+    inputs need no gradient). The recompute runs with the train/eval modes and dropout rates the block had in
+    the forward (:func:`checkpoint_with_forward_modes`): the policy restores its own mode after each pass,
+    before the backward. Raises an error naming ``model.gradient_checkpointing`` for a model without support."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing; set "
+                         "model.gradient_checkpointing=false")
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # transformers before activation_checkpointing_enable
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for layer in model.modules():
+        if isinstance(layer, GradientCheckpointingLayer) and layer.gradient_checkpointing:
+            layer._gradient_checkpointing_func = functools.partial(checkpoint_with_forward_modes, layer)
+
+
+def _modes(modules: Iterable[nn.Module]) -> list[tuple[nn.Module, bool, dict[str, float]]]:
+    """Each module with its train flag and the dropout rates it holds as plain floats (BART's ``self.dropout``)."""
+    return [(m, m.training, {k: v for k, v in vars(m).items() if "dropout" in k and isinstance(v, float)})
+            for m in modules]
+
+
+@contextmanager
+def _replayed(modes: list[tuple[nn.Module, bool, dict[str, float]]]) -> Iterator[None]:
+    now = _modes(m for m, _, _ in modes)
+    _apply(modes)
+    try:
+        yield
+    finally:
+        _apply(now)
+
+
+def _apply(modes: list[tuple[nn.Module, bool, dict[str, float]]]) -> None:
+    for module, training, rates in modes:
+        module.training = training
+        for name, rate in rates.items():
+            setattr(module, name, rate)
+
+
+def checkpoint_with_forward_modes(block: nn.Module, function, *args, **kwargs):
+    """``torch.utils.checkpoint`` of one block whose recompute (in the backward pass) sees the train/eval modes
+    and dropout rates the block's modules had in the forward, whatever they are by then. Without this, a pass
+    in eval mode whose backward runs after the policy went back to train mode would recompute with dropout."""
+    from torch.utils.checkpoint import checkpoint
+
+    modes = _modes(block.modules())
+    return checkpoint(function, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), _replayed(modes)),
+                      **kwargs)
+
+
+@contextmanager
+def checkpointing_without_dropout(model: nn.Module) -> Iterator[None]:
+    """Gradient checkpointing in a pass with dropout off (the policy's eval mode).
+
+    transformers checkpoints a block only while the block is in train mode (``GradientCheckpointingLayer``), and
+    eval mode is how lit_rlhf turns dropout off. Inside, the checkpointing blocks themselves are in train mode
+    while every module under them stays in eval mode; the dropout rates a block reads itself (BART's
+    ``dropout(h, p=self.dropout, training=self.training)``) are 0 meanwhile. Everything is restored after."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    saved = _modes(blocks)
+    _apply([(block, True, {name: 0.0 for name in rates}) for block, _, rates in saved])
+    try:
+        yield
+    finally:
+        _apply(saved)
 
 
 class Policy(nn.Module):
@@ -163,6 +250,11 @@ class Policy(nn.Module):
         init_from_scratch: build the model from ``model_name``'s config with freshly initialised weights
             instead of loading its weights (the folder then needs only config and tokenizer files). Needs
             ``finetune="full"``.
+        gradient_checkpointing: recompute each block's activations in the backward pass instead of keeping them
+            (less activation memory, about one more forward per update); the update's pass checkpoints with
+            dropout off too (:func:`checkpointing_without_dropout`).
+        attn_implementation: ``from_pretrained``'s attention kernel (``"sdpa"``, ``"eager"``,
+            ``"flash_attention_2"``, ...); None: transformers' own choice.
     """
 
     def __init__(
@@ -176,6 +268,8 @@ class Policy(nn.Module):
         value_head: bool = True,
         finetune: Literal["lora", "full"] = "lora",
         init_from_scratch: bool = False,
+        gradient_checkpointing: bool = False,
+        attn_implementation: str | None = None,
     ) -> None:
         super().__init__()
         from peft import LoraConfig, get_peft_model
@@ -187,7 +281,10 @@ class Policy(nn.Module):
             raise ValueError("init_from_scratch=True trains a model from random weights: it needs finetune='full'")
         check(dtype_errors(dtype, finetune, lora.bias))
         torch_dtype = getattr(torch, dtype)
-        base, path = load_base_model(model_name, init_adapter, torch_dtype, init_from_scratch)
+        base, path = load_base_model(model_name, init_adapter, torch_dtype, init_from_scratch, attn_implementation)
+        self.gradient_checkpointing = gradient_checkpointing
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(base)
         self.lm = lm_kind(base.config)  # the seq2seq/causal difference
         self.is_seq2seq = self.lm.is_seq2seq
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -218,7 +315,8 @@ class Policy(nn.Module):
         self.value_head = ValueHead(base.config.hidden_size, value_head_dropout) if value_head else NoValueHead()
         self.reference: PreTrainedModel | None = None
         if reference_model is not None:
-            ref = load_causal_or_seq2seq(resolve_model_path(reference_model), torch_dtype)
+            ref = load_causal_or_seq2seq(resolve_model_path(reference_model), torch_dtype,
+                                         attn_implementation=attn_implementation)
             ref.requires_grad_(False).eval()
             self.reference = ref
         self.model_name = model_name
@@ -442,7 +540,10 @@ class Policy(nn.Module):
         """``forward`` on the rows ``idx`` of ``batch`` (trimmed, with gradients): the PPO update's pass.
         Returns the output ([b, t] fields), the trimmed rows and ``idx`` on the batch's device."""
         rows, idx = self.rows(batch, idx)
-        with self.mode(dropout):
+        # transformers checkpoints only in train mode: with dropout off, the blocks still checkpoint
+        checkpointing = checkpointing_without_dropout(self.model) if self.gradient_checkpointing and not dropout \
+            else nullcontext()
+        with self.mode(dropout), checkpointing:
             out = self(*rows.tensors(), with_values=with_values, with_entropy=with_entropy)
         return out, rows, idx
 
@@ -566,7 +667,8 @@ def is_full_model_folder(path: str) -> bool:
 
 
 def load_base_model(
-    model_name: str, init_adapter: str | None, dtype: torch.dtype, init_from_scratch: bool = False
+    model_name: str, init_adapter: str | None, dtype: torch.dtype, init_from_scratch: bool = False,
+    attn_implementation: str | None = None,
 ) -> tuple[PreTrainedModel, str]:
     """The base model and the path its tokenizer loads from.
 
@@ -587,7 +689,8 @@ def load_base_model(
         log.info("init_adapter=%r is a whole model: it replaces model_name=%r", init_adapter, model_name)
         path, adapter_path = adapter_path, None
     try:
-        base = load_causal_or_seq2seq(path, dtype, from_scratch=init_from_scratch)
+        base = load_causal_or_seq2seq(path, dtype, from_scratch=init_from_scratch,
+                                      attn_implementation=attn_implementation)
     except OSError as err:
         raise ValueError(
             f"Could not load model_name={model_name!r}: {err}\nGive a hub name (needs the network), a local "

@@ -81,6 +81,10 @@ class SFTModule(L.LightningModule):
             ``<log_dir>/model`` (full).
         num_threads: torch's intra-op CPU threads; auto: 1 for a small model, else torch's default
             (``lit_rlhf.threads``); None leaves torch's setting.
+        gradient_checkpointing: recompute each transformer block's activations in the backward pass instead of
+            keeping them (less activation memory, about one more forward per step).
+        attn_implementation: the attention kernel ``from_pretrained`` builds (sdpa, eager, flash_attention_2, ...);
+            null: transformers' own choice.
     """
 
     def __init__(
@@ -102,6 +106,8 @@ class SFTModule(L.LightningModule):
         no_repeat_ngram_size: int = 0,
         export_dir: str | None = None,
         num_threads: NumThreads = "auto",
+        gradient_checkpointing: bool = False,
+        attn_implementation: str | None = None,
     ) -> None:
         super().__init__()
         check_sft_settings(learning_rate, weight_decay, warmup_steps, lr_schedule, decay_steps, min_lr_ratio,
@@ -111,7 +117,8 @@ class SFTModule(L.LightningModule):
         self.strict_loading = False
         self.policy = Policy(
             model_name, lora=lora, init_adapter=init_adapter, dtype=dtype, value_head=False,
-            finetune=finetune, init_from_scratch=init_from_scratch,
+            finetune=finetune, init_from_scratch=init_from_scratch, gradient_checkpointing=gradient_checkpointing,
+            attn_implementation=attn_implementation,
         )
         self.policy.train()
         self.rouge = ROUGEScore(rouge_keys=ROUGE_KEYS)

@@ -1,0 +1,142 @@
+"""Memory levers: gradient checkpointing, the attention kernel, micro-batches, rollout chunks, the weight dtype,
+building the models in ``configure_model``, and FSDP's wrapped blocks.
+
+Each lever must leave the computation as it was (same loss, same gradient, same samples) up to float rounding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+from torch.testing import assert_close
+from transformers import AutoTokenizer, GenerationConfig
+
+from lit_rlhf.policy import LoraSettings, Policy, ResponseBatch
+from lit_rlhf.tiny import resolve_model_path
+
+from conftest import perturb_lora
+
+T5, GPT2 = "embedded:tiny-t5", "embedded:tiny-gpt2"
+SMALL_LORA = LoraSettings(r=4, alpha=4)
+PROMPTS = ["#Person1#: Hello there, how are you today? #Person2#: Fine, thanks.", "Hi",
+           "#Person2#: I would like a cup of tea, please."]
+
+DECODER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "max_position_embeddings": 512}
+TINY_CONFIGS = {
+    "llama": lambda vocab, eos: tf.LlamaConfig(**DECODER, vocab_size=vocab, bos_token_id=eos, eos_token_id=eos,
+                                               pad_token_id=eos),
+    "qwen2": lambda vocab, eos: tf.Qwen2Config(**DECODER, vocab_size=vocab, bos_token_id=eos, eos_token_id=eos,
+                                               pad_token_id=eos),
+    # dropout 0.1 at every level (attention, activation, the layer's own functional dropout)
+    "bart": lambda vocab, eos: tf.BartConfig(
+        d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=512, vocab_size=vocab, pad_token_id=0,
+        eos_token_id=eos, forced_eos_token_id=eos, decoder_start_token_id=1, bos_token_id=0, dropout=0.1,
+        attention_dropout=0.1, activation_dropout=0.1),
+}
+
+
+def build_tiny(kind: str, path: Path) -> str:
+    """A tiny random ``kind`` model (a key of TINY_CONFIGS) with an embedded tokenizer, saved like a hub model."""
+    seq2seq = kind == "bart"
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(T5 if seq2seq else GPT2))
+    config = TINY_CONFIGS[kind](len(tokenizer), tokenizer.eos_token_id)
+    cls = tf.AutoModelForSeq2SeqLM if seq2seq else tf.AutoModelForCausalLM
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = cls.from_config(config)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=config.pad_token_id)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {T5: T5, GPT2: GPT2, **{kind: build_tiny(kind, root / kind) for kind in TINY_CONFIGS}}
+
+
+def make_policy(name: str, **kwargs) -> Policy:
+    torch.manual_seed(0)  # the same LoRA initialisation in every policy built here
+    policy = Policy(name, lora=SMALL_LORA, **kwargs)
+    perturb_lora(policy.model)  # lora_B != 0: the adapter changes the function and lora_A gets a gradient
+    return policy
+
+
+def response_batch(policy: Policy, seed: int = 0, response_tokens: int = 5) -> ResponseBatch:
+    """The three prompts, padded as the model kind needs, with random responses of different lengths."""
+    policy.tokenizer.padding_side = policy.lm.query_padding_side
+    enc = policy.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    generator = torch.Generator().manual_seed(seed)
+    response = torch.randint(3, 200, (len(PROMPTS), response_tokens), generator=generator)
+    mask = (torch.arange(response_tokens)[None] < torch.tensor([[5], [2], [4]])).long()
+    return ResponseBatch(enc.input_ids, enc.attention_mask, response, mask)
+
+
+def count_calls(module: torch.nn.Module) -> list[int]:
+    calls = [0]
+    module.register_forward_hook(lambda *args: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def first_block_child(policy: Policy) -> torch.nn.Module:
+    """A module inside the first checkpointed block: it runs again when the block is recomputed (hooks on the
+    block itself stay outside transformers' checkpoint)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    block = next(m for m in policy.model.modules() if isinstance(m, GradientCheckpointingLayer))
+    return next(m for m in block.modules() if isinstance(m, torch.nn.Linear))
+
+
+def update_pass(policy: Policy, batch: ResponseBatch, dropout: bool = False) -> tuple[torch.Tensor, dict]:
+    """The PPO update's forward (``forward_rows``) and a backward of a loss using log-probs and values."""
+    policy.zero_grad()
+    out, rows, _ = policy.forward_rows(batch, torch.arange(len(PROMPTS)), dropout=dropout)
+    mask = rows.response_mask
+    loss = -(out.logprobs * mask).sum() / mask.sum() + (out.values * mask).square().sum() / mask.sum()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
+
+
+# ---------------------------------------------------------------------------------- gradient checkpointing
+
+
+@pytest.mark.parametrize("kind", [T5, GPT2, "qwen2", "bart"])
+def test_gradient_checkpointing_recomputes_blocks_with_the_same_loss_and_gradient(kind, tiny_models):
+    plain, checkpointed = (make_policy(tiny_models[kind], gradient_checkpointing=on) for on in (False, True))
+    batch = response_batch(plain)
+    plain_calls, checkpointed_calls = count_calls(first_block_child(plain)), count_calls(first_block_child(checkpointed))
+    loss, grads = update_pass(plain, batch)
+    loss_ckpt, grads_ckpt = update_pass(checkpointed, batch)
+    # the update's pass (dropout off, i.e. eval mode) really checkpoints: the block ran again in backward
+    assert plain_calls[0] == 1 and checkpointed_calls[0] == 2
+    assert_close(loss_ckpt, loss, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == grads_ckpt.keys() and grads
+    for name in grads:
+        assert_close(grads_ckpt[name], grads[name], atol=1e-5, rtol=1e-5, msg=name)
+    # and every module is back in the mode the pass leaves without checkpointing, with its own dropout rates
+    assert [m.training for m in checkpointed.modules()] == [m.training for m in plain.modules()]
+    if kind == "bart":
+        assert all(layer.dropout == 0.1 for layer in checkpointed.model.base_model.model.model.encoder.layers)
+
+
+def test_gradient_checkpointing_with_dropout_on_checkpoints_in_train_mode():
+    policy = make_policy(GPT2, gradient_checkpointing=True)
+    calls = count_calls(first_block_child(policy))
+    update_pass(policy, response_batch(policy), dropout=True)
+    assert calls[0] == 2
+
+
+# ---------------------------------------------------------------------------------- attention kernel
+
+
+def test_attn_implementation_reaches_the_model_and_a_bad_one_names_the_flag(tiny_models):
+    policy = Policy(tiny_models["qwen2"], lora=SMALL_LORA, attn_implementation="eager")
+    assert policy.model.config._attn_implementation == "eager"
+    with pytest.raises(ValueError, match="model.attn_implementation='no_such_kernel'"):
+        Policy(tiny_models["qwen2"], lora=SMALL_LORA, attn_implementation="no_such_kernel")
