@@ -30,7 +30,7 @@ from lit_rlhf.policy import Policy
 from lit_rlhf.rewards import ProfanityReward, Reward
 from lit_rlhf.rollout import Rollout
 from lit_rlhf.settings import GenerationSettings, LoraSettings, PPOSettings, as_settings, check, check_precision, plain
-from lit_rlhf.settings import WeightDtype, run_errors
+from lit_rlhf.settings import WeightDtype, memory_errors, run_errors
 from lit_rlhf.threads import NumThreads, num_threads_errors, use_num_threads
 
 __all__ = ["PPOModule", "PPOSettings", "Rollout"]
@@ -107,7 +107,8 @@ class PPOModule(L.LightningModule):
                                  ((LoraSettings, lora), (GenerationSettings, generation), (PPOSettings, ppo)))
         check(lora.errors() + generation.errors() + ppo.errors() + run_errors(
             ppo_steps, learning_rate, rollout_batch_size, mini_batch_size, max_consecutive_skips, samples_per_prompt,
-            ppo.advantage_estimator) + num_threads_errors(num_threads))
+            ppo.advantage_estimator) + num_threads_errors(num_threads)
+            + memory_errors(generation.batch_size, samples_per_prompt, mini_batch_size))
         # Plain dicts keep checkpoints loadable with torch.load(weights_only=True), which resuming uses.
         self.save_hyperparameters(ignore=["reward", "lora", "generation", "ppo"])
         self.hparams.update(lora=plain(lora), generation=plain(generation), ppo=plain(ppo))

@@ -440,15 +440,16 @@ class Policy(nn.Module):
     @torch.no_grad()
     def sample(
         self, input_ids: Tensor, attention_mask: Tensor, settings: GenerationSettings, max_new_tokens: Tensor,
-        repeats: int = 1,
+        repeats: int = 1, uniforms: Tensor | None = None,
     ) -> SampledRollout:
         """Like ``generate``, with lit_rlhf's cached loop: finished rows leave the batch, and the log-probs and
-        values of the sampled tokens come back with them (``lit_rlhf.decoding``). Eval mode, KV cache."""
+        values of the sampled tokens come back with them (``lit_rlhf.decoding``). Eval mode, KV cache.
+        ``uniforms``: each row's own random numbers [B, T] (see ``sample_with_cache``)."""
         with self.mode(dropout=False):
             return sample_with_cache(
                 self.model, self.lm, self.value_head if self.has_value_head else None, input_ids, attention_mask,
                 max_new_tokens, settings, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
-                repeats=repeats,
+                repeats=repeats, uniforms=uniforms,
             )
 
     def decode(self, response_ids: Tensor, response_mask: Tensor) -> list[str]:

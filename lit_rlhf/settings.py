@@ -71,6 +71,12 @@ class GenerationSettings:
     """Forbid repeating any n-gram of this size within a response (``generate``'s option); 0 disables it.
     For greedy evaluation summaries of small models, which otherwise loop; it makes a PPO rollout off-policy
     and is not available with fast_rollout."""
+    batch_size: int | None = None
+    """Rows decoded at once (prompts x samples per prompt); the rollout decodes its rows in chunks of this many,
+    which bounds the KV cache. None: all rows at once. With fast_rollout each row samples from its own stream of
+    random numbers, so the tokens do not depend on the chunk size; generate (fast_rollout=false) draws for the
+    whole chunk, so there the same chunk size and seed give the same tokens. A multiple of
+    model.samples_per_prompt."""
 
     def __post_init__(self) -> None:
         self.max_new_tokens = tuple(self.max_new_tokens)  # a YAML list or a checkpoint's list
@@ -91,6 +97,8 @@ class GenerationSettings:
             errors.append(f"{prefix}.temperature must be > 0, got {self.temperature}")
         if self.no_repeat_ngram_size < 0:
             errors.append(f"{prefix}.no_repeat_ngram_size must be >= 0 (0: off), got {self.no_repeat_ngram_size}")
+        if self.batch_size is not None and self.batch_size < 1:
+            errors.append(f"{prefix}.batch_size must be >= 1 (or null: all rows at once), got {self.batch_size}")
         return errors
 
 
@@ -221,6 +229,19 @@ def run_errors(
         errors.append(f"model.learning_rate must be a positive number, got {learning_rate}")
     if max_consecutive_skips < 1:
         errors.append(f"model.max_consecutive_skips must be >= 1, got {max_consecutive_skips}")
+    return errors
+
+
+def memory_errors(generation_batch_size: int | None, samples_per_prompt: int, mini_batch_size: int,
+                  micro_batch_size: int | None = None) -> list[str]:
+    """Problems with the memory settings that depend on others (rollout chunk, micro-batch); messages name the flag."""
+    errors = []
+    if generation_batch_size is not None and samples_per_prompt >= 1 and generation_batch_size % samples_per_prompt:
+        errors.append(f"model.generation.batch_size={generation_batch_size} must be a multiple of "
+                      f"model.samples_per_prompt={samples_per_prompt} (a prompt's samples are decoded together)")
+    if micro_batch_size is not None and (micro_batch_size < 1 or mini_batch_size % micro_batch_size):
+        errors.append(f"model.micro_batch_size={micro_batch_size} must be >= 1 and divide "
+                      f"model.mini_batch_size={mini_batch_size} (or be null: one pass per mini-batch)")
     return errors
 
 
