@@ -7,6 +7,7 @@ over all processes equals the one a single process would compute over the whole 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -141,3 +142,13 @@ def full_weights(trainer: Any, module: nn.Module, prefix: str = "policy.") -> It
         with FSDP.state_dict_type(strategy.model, StateDictType.FULL_STATE_DICT, config):
             state = strategy.model.state_dict()  # keys as the LightningModule's: "policy.model...."
         yield {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def export_policy(trainer: Any, policy: nn.Module, target: str | os.PathLike) -> None:
+    """Export the LightningModule's ``policy`` (``Policy.export``: an adapter, or a whole model) to ``target``,
+    from its complete weights, written once by rank zero. The one export path of PPO and SFT.
+
+    A collective under sharded weights (see ``full_weights``): every rank must call it."""
+    with full_weights(trainer, policy) as state_dict:
+        if trainer.is_global_zero:
+            policy.export(target, state_dict)

@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 
 def current_umask() -> int:
@@ -112,16 +113,22 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what :func:`rng_state` returned. A CUDA state is restored when this process has CUDA (a GPU
-    checkpoint resumed on the CPU keeps its CPU stream and ignores the CUDA one)."""
+    checkpoint resumed on the CPU keeps its CPU stream and ignores the CUDA one).
+
+    A checkpoint from another number of CUDA devices (8 GPUs resumed on 4) restores the devices both have,
+    0 .. min - 1, and warns (on rank zero) that the resumed run samples differently from an uninterrupted one."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available():
-        if len(cuda) != torch.cuda.device_count():
-            raise ValueError(
-                f"The checkpoint holds CUDA random states of {len(cuda)} devices, this process sees "
-                f"{torch.cuda.device_count()}; resume with the same CUDA_VISIBLE_DEVICES for an exact resume"
+        here = torch.cuda.device_count()
+        if len(cuda) != here:
+            rank_zero_warn(
+                f"The checkpoint holds the CUDA random states of {len(cuda)} devices, this process sees {here}: "
+                f"restoring those of devices 0-{min(len(cuda), here) - 1} only, so the resumed run is not bit-exact "
+                "(it samples differently from an uninterrupted one). Resume with as many visible GPUs "
+                "(CUDA_VISIBLE_DEVICES) as the run that saved it for an exact resume."
             )
-        torch.cuda.set_rng_state_all(cuda)
+        torch.cuda.set_rng_state_all(cuda[:here])

@@ -281,10 +281,8 @@ class PPOModule(L.LightningModule):
             return
         # log_dir broadcasts from rank zero, and gathering sharded weights is a collective: every rank takes part
         target = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter"
-        with dist.full_weights(self.trainer, self.policy) as state_dict:
-            if self.trainer.is_global_zero:
-                self.policy.export(target, state_dict)
-                rank_zero_info(f"Adapter exported to {target}")
+        dist.export_policy(self.trainer, self.policy, target)
+        rank_zero_info(f"Adapter exported to {target}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = dist.trainable_state(self, checkpoint["state_dict"])
@@ -363,7 +361,7 @@ class PPOModule(L.LightningModule):
         loss, stats = ppo_math.ppo_objective(
             out.logprobs, old_logprobs, out.values, rollout.values[idx, :t], advantages[idx, :t], returns[idx, :t], rm,
             p.cliprange, p.cliprange_value, p.vf_coef, p.loss_aggregation, self.generation.max_new_tokens[1] - 1,
-            ref, self.kl_ctl.value if p.kl_in_loss else 0.0)
+            ref, self.kl_ctl.value if p.kl_in_loss else 0.0, reduce_fn=self._reduce)  # global token counts
         # every rank must take the same decision, or DDP's gradient all-reduce would hang
         ratio = float(stats["policy/ratio_mean"])
         for unsafe, reason in ((not bool(torch.isfinite(loss)), "the PPO loss was not finite"),

@@ -246,30 +246,41 @@ def compute_gae(
 
 
 def policy_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, response_mask: Tensor, clip_range: float
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, response_mask: Tensor, clip_range: float,
+    reduce_fn: ReduceFn = _identity,
 ) -> Tensor:
     """PPO clipped surrogate loss (arXiv:1707.06347 eq. 7), as a loss to minimise.
 
     logprobs (with grad), old_logprobs, advantages, response_mask: [B, T] -> scalar.
         ratio = exp(logp - logp_old)
         L = mean_t max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))
+    The mean is over every response token of every process with ``reduce_fn`` (see ``aggregate``).
     """
-    return aggregate(policy_loss_per_token(logprobs, old_logprobs, advantages, clip_range), response_mask)
+    per_token = policy_loss_per_token(logprobs, old_logprobs, advantages, clip_range)
+    return aggregate(per_token, response_mask, reduce_fn=reduce_fn)
 
 
 def value_loss(
-    values: Tensor, old_values: Tensor, returns: Tensor, response_mask: Tensor, clip_range_value: float
+    values: Tensor, old_values: Tensor, returns: Tensor, response_mask: Tensor, clip_range_value: float,
+    reduce_fn: ReduceFn = _identity,
 ) -> Tensor:
     """Clipped value loss (as in OpenAI baselines' PPO2), as a loss to minimise.
 
     values (with grad), old_values, returns, response_mask: [B, T] -> scalar.
         V_clip = V_old + clip(V - V_old, -eps_v, eps_v)
         L = 0.5 * mean_t max((V - R)^2, (V_clip - R)^2)
+    The mean is over every response token of every process with ``reduce_fn`` (see ``aggregate``).
     """
+    per_token = value_loss_per_token(values, old_values, returns, clip_range_value)
+    return aggregate(per_token, response_mask, "token_mean", reduce_fn=reduce_fn)
+
+
+def value_loss_per_token(values: Tensor, old_values: Tensor, returns: Tensor, clip_range_value: float) -> Tensor:
+    """``0.5 * max((V - R)^2, (V_clip - R)^2)`` per token (see ``value_loss``). [B, T] each -> [B, T]."""
     values_clipped = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
     vf_loss1 = (values - returns).square()
     vf_loss2 = (values_clipped - returns).square()
-    return 0.5 * masked_mean(torch.max(vf_loss1, vf_loss2), response_mask)
+    return 0.5 * torch.max(vf_loss1, vf_loss2)
 
 
 @torch.no_grad()
@@ -308,20 +319,26 @@ def ppo_objective(
     logprobs: Tensor, old_logprobs: Tensor, values: Tensor | None, old_values: Tensor, advantages: Tensor,
     returns: Tensor, response_mask: Tensor, clip_range: float, clip_range_value: float, vf_coef: float,
     aggregation: str = "token_mean", norm_constant: float | None = None, ref_logprobs: Tensor | None = None,
-    kl_coef: float = 0.0,
+    kl_coef: float = 0.0, reduce_fn: ReduceFn = _identity,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One mini-batch's loss to minimise and its diagnostics, all [B, T] inputs with the response mask.
 
     loss = aggregate(clipped surrogate [+ kl_coef * k3 KL to ``ref_logprobs``]) + vf_coef * clipped value loss
     (PPO arXiv:1707.06347 eq. 9; the value term only with ``values``, i.e. a value head). ``aggregation``
-    "token_mean" without a KL term is exactly ``policy_loss``. Diagnostics: ``loss/...``, ``val/...`` and
-    :func:`ppo_diagnostics`.
+    "token_mean" without a KL term is exactly ``policy_loss``. Both terms' denominators are global through
+    ``reduce_fn`` (one reduction for the two; see ``aggregate``): under DDP's gradient averaging, the gradient
+    is that of the processes' mini-batches put together. Diagnostics (per process): ``loss/...``, ``val/...``
+    and :func:`ppo_diagnostics`.
     """
     per_token = policy_loss_per_token(logprobs, old_logprobs, advantages, clip_range, ref_logprobs, kl_coef)
-    pg_loss = aggregate(per_token, response_mask, aggregation, norm_constant)
+    terms = [aggregate_terms(per_token, response_mask, aggregation, norm_constant)]
+    if values is not None:
+        per_token_vf = value_loss_per_token(values, old_values, returns, clip_range_value)
+        terms.append(aggregate_terms(per_token_vf, response_mask, "token_mean"))
+    pg_loss, *vf = global_means(terms, reduce_fn)
     loss, stats = pg_loss, {"loss/policy": pg_loss.detach()}
     if values is not None:
-        vf_loss = value_loss(values, old_values, returns, response_mask, clip_range_value)
+        vf_loss = vf[0]
         loss = pg_loss + vf_coef * vf_loss
         with torch.no_grad():
             stats.update({"loss/value": vf_loss.detach(), "val/vpred": masked_mean(values, response_mask),
@@ -590,24 +607,39 @@ def aggregate(
     OpenRLHF's ``aggregate_loss`` (``* dp_size``). ``reduce_fn`` is then a collective: every process must
     call it for every mini-batch.
     """
+    return global_means([aggregate_terms(per_token, response_mask, mode, norm_constant)], reduce_fn)[0]
+
+
+def aggregate_terms(
+    per_token: Tensor, response_mask: Tensor, mode: LossAggregation = "token_mean", norm_constant: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """This process's numerator and denominator of ``aggregate``: (total, count), scalars."""
     mask = response_mask.bool()
     # where, not a product: a non-finite value on a masked position (inf * 0 = nan) must not leak
     loss = torch.where(mask, per_token, torch.zeros_like(per_token))
     lengths = mask.sum(1)  # [B]
     if mode == "token_mean":
-        total, count = loss.sum(), lengths.sum()
-    elif mode == "sequence_mean":
-        total, count = (loss.sum(1) / lengths.clamp(min=1)).sum(), (lengths > 0).sum()
-    elif mode == "token_sum_norm":
+        return loss.sum(), lengths.sum()
+    if mode == "sequence_mean":
+        return (loss.sum(1) / lengths.clamp(min=1)).sum(), (lengths > 0).sum()
+    if mode == "token_sum_norm":
         if norm_constant is None or norm_constant <= 0:
             raise ValueError(f"loss_aggregation='token_sum_norm' needs norm_constant > 0, got {norm_constant}")
-        total, count = loss.sum() / norm_constant, torch.tensor(loss.shape[0], device=loss.device)
-    else:
-        raise ValueError(f"model.ppo.loss_aggregation={mode!r}: choose one of {LOSS_AGGREGATIONS}")
-    # [count, 1] summed over processes = [global count, P]
-    count, processes = reduce_fn(torch.stack([count.double(), torch.ones_like(count, dtype=torch.float64)])).unbind()
+        return loss.sum() / norm_constant, torch.tensor(loss.shape[0], device=loss.device)
+    raise ValueError(f"model.ppo.loss_aggregation={mode!r}: choose one of {LOSS_AGGREGATIONS}")
+
+
+def global_means(terms: list[tuple[Tensor, Tensor]], reduce_fn: ReduceFn = _identity) -> list[Tensor]:
+    """``total * P / global count`` of each (total, count) of ``aggregate_terms``, with ONE reduction.
+
+    S terms -> S scalars. The S counts and a 1 per process are stacked into one [S + 1] tensor for
+    ``reduce_fn``: summed over processes, [global count_1 .. global count_S, P].
+    """
+    counts = torch.stack([*(count.double() for _, count in terms), torch.ones_like(terms[0][1], dtype=torch.float64)])
+    *global_counts, processes = reduce_fn(counts).unbind()
     # (total * P) / count: in one process exactly masked_mean's ``sum / count`` (bit for bit, as policy_loss)
-    return total * processes.to(loss.dtype) / count.clamp(min=1.0).to(loss.dtype)
+    return [total * processes.to(total.dtype) / count.clamp(min=1.0).to(total.dtype)
+            for (total, _), count in zip(terms, global_counts)]
 
 
 @torch.no_grad()

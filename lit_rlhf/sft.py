@@ -132,8 +132,12 @@ class SFTModule(L.LightningModule):
         # 16-mixed is fine here: automatic optimization unscales its gradients
         check_precision(self.trainer.precision, self.hparams.dtype, self.device, gradient_scaler=True)
 
-    def sft_loss(self, batch: dict[str, Any]) -> Tensor:
-        """Mean negative log-likelihood of the reference summary tokens (teacher forcing). Scalar."""
+    def sft_loss(self, batch: dict[str, Any], reduce_fn: ppo.ReduceFn | None = None) -> Tensor:
+        """Mean negative log-likelihood of the reference summary tokens (teacher forcing). Scalar.
+
+        ``reduce_fn`` (a sum over processes, as training passes): the mean is over every process's summary
+        tokens (``ppo.aggregate``), so that DDP's averaged gradient is that of the global batch; without it,
+        the mean over this process's tokens."""
         if "summary_ids" not in batch:
             raise ValueError(
                 "The batch has no reference summaries ('summary_ids'): SFT needs data.with_labels=true"
@@ -142,7 +146,9 @@ class SFTModule(L.LightningModule):
             batch["input_ids"], batch["attention_mask"], batch["summary_ids"], batch["summary_mask"],
             with_values=False,
         )
-        return -ppo.masked_mean(out.logprobs, batch["summary_mask"])
+        if reduce_fn is None:
+            return -ppo.masked_mean(out.logprobs, batch["summary_mask"])
+        return ppo.aggregate(-out.logprobs, batch["summary_mask"], "token_mean", reduce_fn=reduce_fn)
 
     def prompt_gap(self, batch: dict[str, Any], own_loss: Tensor | None = None) -> Tensor:
         """How much the model reads its prompt: the summary loss with each row's prompt replaced by the next
@@ -156,8 +162,9 @@ class SFTModule(L.LightningModule):
         return self.sft_loss(rolled) - (self.sft_loss(batch) if own_loss is None else own_loss)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss = self.sft_loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
+        loss = self.sft_loss(batch, reduce_fn=partial(dist.all_reduce_sum, self._trainer))
+        # each process's loss is its share of the global mean (local sum x P / global count): their mean is it
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]), sync_dist=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=len(batch["input_ids"]))
         return loss
 
@@ -254,10 +261,10 @@ class SFTModule(L.LightningModule):
         return Path(self.trainer.log_dir or self.trainer.default_root_dir) / name
 
     def on_fit_end(self) -> None:
-        if self.trainer.is_global_zero:
-            target = self.export_path()
-            self.policy.export(target)
-            rank_zero_info(f"SFT result exported to {target} (give it to PPO as --model.init_adapter {target})")
+        # every rank: log_dir broadcasts from rank zero, and gathering sharded weights is a collective
+        target = self.export_path()
+        dist.export_policy(self.trainer, self.policy, target)
+        rank_zero_info(f"SFT result exported to {target} (give it to PPO as --model.init_adapter {target})")
 
 
 def check_sft_settings(

@@ -6,7 +6,7 @@ Run it as a script, not inside pytest: Lightning's ``ddp`` launcher starts rank 
 command line. The fit runs in the current directory (``logs/`` is written there). Each rank writes
 ``OUT_DIR/rank{r}.pt`` with what the test compares across ranks: the trainable weights before and after,
 beta before and after, the PPO step, the ids of the prompts it saw, the reward and KL it logged per step,
-the module's reduction helpers applied to data that differs per rank, and whether the process group was
+over how many processes each mini-batch's loss was normalised, the module's reduction helpers applied to data that differs per rank, and whether the process group was
 still up when ``run()`` returned.
 """
 
@@ -22,6 +22,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import inspect  # noqa: E402
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -72,8 +73,20 @@ class Probe(L.Callback):
             return stats
 
         pl_module._step_stats = recording
+        self.loss_processes: list[float] = []
+        self.objective = ppo_math.ppo_objective
+        ppo_math.ppo_objective = self.recording_objective
+
+    def recording_objective(self, *args, **kwargs):
+        """ppo_objective, recording over how many processes its reduce function sums (1.0: the loss would be
+        normalised per process). Every rank calls the objective for every mini-batch: the probe's reduction
+        is a collective taken in step."""
+        reduce_fn = inspect.signature(self.objective).bind(*args, **kwargs).arguments.get("reduce_fn", lambda t: t)
+        self.loss_processes.append(float(reduce_fn(torch.ones(1))))
+        return self.objective(*args, **kwargs)
 
     def on_train_end(self, trainer, pl_module):
+        ppo_math.ppo_objective = self.objective
         x, mask = reduction_probe_data(trainer.global_rank)
         # two statistics through one stacked reduction: per-row first column, and the masked entries
         mean, var, n = ppo_math.masked_moments_many([(x[:, 0], torch.ones_like(x[:, 0])), (x, mask)], pl_module._reduce)
@@ -117,6 +130,7 @@ def main(out_dir: str, extra: list[str]) -> None:
         "prompt_ids": probe.prompt_ids,
         "logged": probe.logged,
         "step_stats": probe.step_stats,
+        "loss_processes": probe.loss_processes,
         "probe_input": reduction_probe_data(cli.trainer.global_rank),
         "reduced": probe.reduced,
         "log_dir": cli.trainer.log_dir,

@@ -113,6 +113,14 @@ def test_ddp_statistics_and_beta_are_global(ddp_run):
     assert rank0["beta"] == pytest.approx(rank0["initial_beta"] * 0.9**PPO_STEPS)
 
 
+def test_ddp_loss_is_normalised_over_every_process(ddp_run):
+    # each mini-batch's loss divides by the token count of both ranks (test_ppo_loss_gradient_under_ddp_...
+    # shows that this makes DDP's averaged gradient the gradient of the global mini-batch)
+    rank0, rank1 = (record["loss_processes"] for record in ddp_run.ranks)
+    assert len(rank0) == len(rank1) >= PPO_STEPS * 2  # 8 samples per step, mini-batches of 4
+    assert set(rank0) == set(rank1) == {float(WORLD)}
+
+
 def test_reduction_helpers_equal_statistics_of_the_concatenated_data(ddp_run):
     inputs = [r["probe_input"] for r in ddp_run.ranks]  # ranks hold 3 and 5 rows of different values
     x = torch.cat([x for x, _ in inputs])
@@ -197,6 +205,49 @@ def test_response_length_limits_are_one_draw_over_the_global_batch():
     # two ranks take the two halves of one draw of 16: different limits, generators in step
     together = torch.randint(4, 100, (16,), generator=torch.Generator().manual_seed(3))
     assert torch.equal(torch.cat([limits(2, 0), limits(2, 1)]), together)
+
+
+# ------------------------------------------------------------------ the PPO loss on 2 processes (no fit)
+
+
+def pad_and_concatenate(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The processes' mini-batches as one: rows concatenated, each padded (mask 0) to the widest."""
+    width = max(b["response_mask"].shape[1] for b in batches)
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        extra = width - t.shape[1]
+        return torch.nn.functional.pad(t, (0, 0, 0, extra) if t.dim() == 3 else (0, extra))
+
+    return {k: torch.cat([pad(b[k]) for b in batches]) for k in batches[0]}
+
+
+def test_ppo_loss_gradient_under_ddp_equals_the_gradient_of_the_concatenated_minibatch(tmp_path):
+    # 2 gloo processes hold 2 rows (8 tokens) and 3 rows (7 tokens) of different widths; DDP averages their
+    # gradients. With the loss's denominators reduced over processes, that average is the gradient one process
+    # gets from the 5 rows together, whatever the aggregation. Covers the surrogate, the KL term and the value loss.
+    import ddp_loss_worker as worker
+
+    modes = list(ppo_math.LOSS_AGGREGATIONS)
+    torch.multiprocessing.spawn(worker.run, args=(str(tmp_path / "init"), str(tmp_path), modes),
+                                nprocs=worker.WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(worker.WORLD)]
+    per_process = [worker.minibatch(r) for r in range(worker.WORLD)]
+    for mode in modes:
+        expected = gradients(worker, [pad_and_concatenate(per_process)], mode)
+        for name, grad in expected.items():
+            assert torch.equal(ranks[0][mode][name], ranks[1][mode][name]), name  # DDP: the same on both ranks
+            assert_close(ranks[0][mode][name], grad, msg=lambda m: f"{mode}, {name}: {m}")
+        # what each process normalising by its own counts gives, averaged as DDP does: another gradient
+        local = gradients(worker, per_process, mode)
+        assert all((local[name] - grad).abs().max() > 1e-3 for name, grad in expected.items()), mode
+
+
+def gradients(worker, batches: list[dict[str, torch.Tensor]], mode: str) -> dict[str, torch.Tensor]:
+    """The mean over ``batches`` of the gradient of each one's loss, each normalised on its own."""
+    model = worker.TinyPolicy()
+    for batch in batches:
+        (worker.objective(model, batch, mode, lambda t: t) / len(batches)).backward()
+    return {name: param.grad for name, param in model.named_parameters()}
 
 
 # ------------------------------------------------------------------ strategy overlays (GPU strategies: parse only)

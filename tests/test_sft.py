@@ -1,7 +1,10 @@
 """SFTModule: the loss is the summary tokens' NLL, a short fit learns, exports load into PPO, bad input fails."""
 
 import json
+import sys
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -10,6 +13,7 @@ import yaml
 from torch.testing import assert_close
 from transformers import T5ForConditionalGeneration
 
+from conftest import perturb_lora
 from lit_rlhf.cli import run_sft
 from lit_rlhf.data import DialogSumDataModule
 from lit_rlhf.module import PPOModule
@@ -408,3 +412,84 @@ def test_the_shipped_summarizer_reads_the_dialogue():
     assert gap > 0.5, gap  # nats per token; about 0 for a model that ignores the dialogue
     assert len(set(summaries)) >= 14, summaries
     assert sum("#Person" in s for s in summaries) >= 12, summaries
+
+
+# ------------------------------------------------------------------ several processes
+
+
+def test_sft_training_loss_divides_by_every_process_token_count():
+    # Under DDP the gradients are averaged over processes: each process's loss must be its share of the global
+    # token mean (local sum x P / global count), not its own mean. Another process is faked holding 7 tokens.
+    torch.manual_seed(0)
+    module = SFTModule("embedded:tiny-t5").eval()
+    batch = batch_of("embedded:tiny-t5")
+    other_tokens = 7.0
+    module.trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(
+        reduce=lambda t, reduce_op: t + torch.tensor([other_tokens, 1.0], dtype=t.dtype)))  # [tokens, processes]
+    module.log = lambda *args, **kwargs: None
+    module.optimizers = lambda: SimpleNamespace(param_groups=[{"lr": 1e-3}])
+    with torch.no_grad():
+        loss = module.training_step(batch, 0)
+        local_mean = module.sft_loss(batch)
+    n = batch["summary_mask"].sum().float()
+    assert_close(loss, local_mean * n * 2 / (n + other_tokens))
+
+
+def hf_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """The seq2seq model's teacher-forced logits on the batch's summaries: [B, S, V]."""
+    labels = batch["summary_ids"].masked_fill(batch["summary_mask"] == 0, -100)
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).logits
+
+
+@pytest.mark.parametrize("sharding, finetune", [("deepspeed_zero3", "lora"), ("fsdp", "full")])
+def test_sft_export_writes_the_gathered_weights_when_they_are_sharded(sharding, finetune, tmp_path, monkeypatch):
+    # Under ZeRO-3 or FSDP a process holds a shard of each weight; the export must gather them
+    # (``distributed.full_weights``, PPO's export path too). Faked: the live weights are zeros except inside
+    # the strategy's gathering, which puts the trained weights back.
+    from peft import PeftModel
+
+    from lit_rlhf.policy import load_causal_or_seq2seq
+    from lit_rlhf.tiny import resolve_model_path
+
+    torch.manual_seed(0)
+    module = SFTModule("embedded:tiny-t5", finetune=finetune, export_dir=str(tmp_path / "export")).eval()
+    if finetune == "lora":
+        perturb_lora(module.policy.model)  # an adapter that changes the outputs
+    batch = batch_of("embedded:tiny-t5")
+    expected = hf_logits(module.policy.model, batch)
+    trained = [p for p in module.parameters() if p.requires_grad]
+    full = [p.detach().clone() for p in trained]
+
+    def put(values):
+        with torch.no_grad():
+            for param, value in zip(trained, values):
+                param.copy_(value)
+
+    @contextmanager
+    def gathering(*args, **kwargs):
+        put(full)
+        try:
+            yield
+        finally:
+            put([torch.zeros_like(p) for p in trained])
+
+    put([torch.zeros_like(p) for p in trained])  # this process's shard: not the trained weights
+    if sharding == "deepspeed_zero3":
+        strategy = SimpleNamespace(zero_stage_3=True)
+        monkeypatch.setitem(sys.modules, "deepspeed", SimpleNamespace(zero=SimpleNamespace(GatheredParameters=gathering)))
+    else:
+        from lightning.pytorch.strategies import FSDPStrategy
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        strategy = FSDPStrategy()
+        # the full state dict FSDP gathers: copies on the CPU (offload_to_cpu), keyed as the LightningModule's
+        strategy.model = SimpleNamespace(state_dict=lambda: {k: v.clone() for k, v in module.state_dict().items()})
+        monkeypatch.setattr(FullyShardedDataParallel, "state_dict_type", gathering)
+    module.trainer = SimpleNamespace(world_size=2, is_global_zero=True, strategy=strategy)
+    module.on_fit_end()
+
+    export = tmp_path / "export"
+    base = load_causal_or_seq2seq(resolve_model_path("embedded:tiny-t5"))
+    loaded = PeftModel.from_pretrained(base, export) if finetune == "lora" else load_causal_or_seq2seq(str(export))
+    assert_close(hf_logits(loaded.eval(), batch), expected)
