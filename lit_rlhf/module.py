@@ -49,7 +49,7 @@ class PPOModule(L.LightningModule):
         learning_rate: AdamW learning rate of the trainable parameters (adapter + value head).
         weight_decay: AdamW weight decay (0: Adam, as the recipe).
         rollout_batch_size: prompts per PPO step per process (linked from data.batch_size).
-        mini_batch_size: samples per gradient step; must divide rollout_batch_size.
+        mini_batch_size: samples per optimizer step; must divide rollout_batch_size (see micro_batch_size).
         train_dropout: dropout in the update's forward (off: the first importance ratio is exactly 1).
         init_adapter: start from a PEFT adapter, merged into the frozen base (see ``Policy``).
         reference_model: a separate frozen reference model instead of the adapter-disabled policy.
@@ -70,6 +70,9 @@ class PPOModule(L.LightningModule):
             instead of keeping them: activation memory of one block instead of all, for about one more forward.
         attn_implementation: the attention kernel ``from_pretrained`` builds (sdpa, eager, flash_attention_2, ...);
             null: transformers' own choice.
+        micro_batch_size: rows per forward/backward in the update; their gradients are accumulated into one
+            optimizer step of mini_batch_size rows (the same gradient as one pass: each micro-batch's loss divides
+            by the mini-batch's token count). Must divide mini_batch_size; null: one pass per mini-batch.
     """
 
     def __init__(
@@ -100,6 +103,7 @@ class PPOModule(L.LightningModule):
         num_threads: NumThreads = "auto",
         gradient_checkpointing: bool = False,
         attn_implementation: str | None = None,
+        micro_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         # Settings groups come back as plain dicts from a checkpoint's hyperparameters.
@@ -108,7 +112,7 @@ class PPOModule(L.LightningModule):
         check(lora.errors() + generation.errors() + ppo.errors() + run_errors(
             ppo_steps, learning_rate, rollout_batch_size, mini_batch_size, max_consecutive_skips, samples_per_prompt,
             ppo.advantage_estimator) + num_threads_errors(num_threads)
-            + memory_errors(generation.batch_size, samples_per_prompt, mini_batch_size))
+            + memory_errors(generation.batch_size, samples_per_prompt, mini_batch_size, micro_batch_size))
         # Plain dicts keep checkpoints loadable with torch.load(weights_only=True), which resuming uses.
         self.save_hyperparameters(ignore=["reward", "lora", "generation", "ppo"])
         self.hparams.update(lora=plain(lora), generation=plain(generation), ppo=plain(ppo))
@@ -352,24 +356,16 @@ class PPOModule(L.LightningModule):
     def _minibatch_step(
         self, opt, rollout: Rollout, advantages: Tensor, returns: Tensor, idx: Tensor
     ) -> dict[str, Tensor] | None:
-        """One clipped PPO gradient step on the rows ``idx``; None if it was skipped as unsafe."""
-        p, critic = self.ppo, self.policy.has_value_head
-        out, rows, idx = self.policy.forward_rows(rollout.rows, idx, dropout=self.hparams.train_dropout,
-                                                  with_values=critic, with_entropy=True)
-        t, rm = rows.response_ids.shape[1], rows.response_mask
-        old_logprobs, ref = rollout.logprobs[idx, :t], rollout.ref_logprobs[idx, :t] if p.kl_in_loss else None
-        loss, stats = ppo_math.ppo_objective(
-            out.logprobs, old_logprobs, out.values, rollout.values[idx, :t], advantages[idx, :t], returns[idx, :t], rm,
-            p.cliprange, p.cliprange_value, p.vf_coef, p.loss_aggregation, self.generation.max_new_tokens[1] - 1,
-            ref, self.kl_ctl.value if p.kl_in_loss else 0.0, reduce_fn=self._reduce)  # global token counts
+        """One clipped PPO gradient step on the rows ``idx`` (its micro-batches' gradients accumulated); None if
+        it was skipped as unsafe. One decision per mini-batch, taken after every micro-batch's backward."""
+        loss_finite, stats = self._accumulate_gradients(rollout, advantages, returns, idx)
         # every rank must take the same decision, or DDP's gradient all-reduce would hang
-        ratio = float(stats["policy/ratio_mean"])
-        for unsafe, reason in ((not bool(torch.isfinite(loss)), "the PPO loss was not finite"),
+        ratio = float(stats["ppo/policy/ratio_mean"])
+        for unsafe, reason in ((not loss_finite, "the PPO loss was not finite"),
                                (ratio > self.ppo.ratio_threshold, f"the mean importance ratio {ratio:.3g} exceeded "
                                                                    f"model.ppo.ratio_threshold={self.ppo.ratio_threshold}")):
             if self._any_rank(unsafe):
                 return self._skip_update(reason, opt)
-        self.manual_backward(loss)
         grad_norm = dist.grad_norm(self.policy.trainable_parameters(), self.device)
         if self._any_rank(not bool(torch.isfinite(grad_norm))):
             return self._skip_update("the gradient was not finite", opt)
@@ -378,8 +374,34 @@ class PPOModule(L.LightningModule):
         opt.step()
         opt.zero_grad()
         self.skips.passed()
-        stats["policy/entropy"] = ppo_math.masked_mean(out.entropy, rm)
-        return {"ppo/grad_norm": grad_norm, **{f"ppo/{k}": v for k, v in stats.items()}}
+        return {"ppo/grad_norm": grad_norm, **stats}
+
+    def _accumulate_gradients(
+        self, rollout: Rollout, advantages: Tensor, returns: Tensor, idx: Tensor
+    ) -> tuple[bool, dict[str, Tensor]]:
+        """Forward and backward of the mini-batch ``idx``, ``model.micro_batch_size`` rows at a time. Every
+        micro-batch's loss divides by the whole mini-batch's denominators (global over processes), so the
+        accumulated gradient is the gradient of the mini-batch's loss. Returns whether every micro-batch's loss
+        was finite, and the mini-batch's statistics (``ppo/...``)."""
+        p, critic = self.ppo, self.policy.has_value_head
+        counts = ppo_math.loss_counts(rollout.rows.response_mask[idx.to(rollout.rows.response_mask.device)],
+                                      p.loss_aggregation, critic)
+        parts, finite = [], True
+        for micro in idx.split(self.hparams.micro_batch_size or len(idx)):
+            out, rows, micro = self.policy.forward_rows(rollout.rows, micro, dropout=self.hparams.train_dropout,
+                                                        with_values=critic, with_entropy=True)
+            t, rm = rows.response_ids.shape[1], rows.response_mask
+            old_logprobs, ref = rollout.logprobs[micro, :t], rollout.ref_logprobs[micro, :t] if p.kl_in_loss else None
+            loss, stats = ppo_math.ppo_objective(
+                out.logprobs, old_logprobs, out.values, rollout.values[micro, :t], advantages[micro, :t],
+                returns[micro, :t], rm, p.cliprange, p.cliprange_value, p.vf_coef, p.loss_aggregation,
+                self.generation.max_new_tokens[1] - 1, ref, self.kl_ctl.value if p.kl_in_loss else 0.0,
+                reduce_fn=self._reduce, counts=counts)  # the mini-batch's global denominators
+            stats["policy/entropy"] = ppo_math.masked_mean(out.entropy, rm)
+            finite = finite and bool(torch.isfinite(loss))
+            self.manual_backward(loss)  # a non-finite loss's gradient is discarded with the skipped update
+            parts.append((stats, int(rm.sum())))
+        return finite, {f"ppo/{k}": v for k, v in ppo_math.combine_micro_batches(parts).items()}
 
     @torch.no_grad()
     def _step_stats(self, rollout: Rollout, kl_per_sample: Tensor, non_score: Tensor,

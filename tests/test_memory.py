@@ -194,3 +194,64 @@ def test_chunk_and_micro_batch_settings_name_their_flags():
         PPOModule(GPT2, generation=GenerationSettings(batch_size=3), samples_per_prompt=2, rollout_batch_size=2)
     with pytest.raises(ValueError, match=r"model.generation.batch_size must be >= 1"):
         PPOModule(GPT2, generation=GenerationSettings(batch_size=0))
+    with pytest.raises(ValueError, match=r"model.micro_batch_size=3 must be >= 1 and divide model.mini_batch_size=4"):
+        PPOModule(GPT2, mini_batch_size=4, micro_batch_size=3)
+
+
+# ---------------------------------------------------------------------------------- micro-batches
+
+
+def ppo_module(micro: int | None, aggregation: str, estimator: str):
+    from lit_rlhf.module import PPOModule
+    from lit_rlhf.settings import PPOSettings
+
+    critic_free = estimator != "gae"
+    torch.manual_seed(0)
+    module = PPOModule(GPT2, lora=SMALL_LORA, rollout_batch_size=2 if critic_free else 4, mini_batch_size=4,
+                       samples_per_prompt=2 if critic_free else 1, micro_batch_size=micro,
+                       ppo=PPOSettings(loss_aggregation=aggregation, advantage_estimator=estimator,
+                                       kl_in_loss=critic_free, adaptive_kl=False, init_kl_coef=0.3))
+    perturb_lora(module.policy.model)
+    module.manual_backward = lambda loss: loss.backward()  # no trainer here
+    return module
+
+
+def synthetic_rollout(policy: Policy):
+    """Four rows of different response lengths, old log-probs off the current ones (ratios != 1, some clipped),
+    random advantages and returns."""
+    from lit_rlhf.rollout import Rollout
+
+    policy.tokenizer.padding_side = policy.lm.query_padding_side
+    enc = policy.tokenizer([*PROMPTS, "Bye"], return_tensors="pt", padding=True)
+    g = torch.Generator().manual_seed(1)
+    response = torch.randint(3, 200, (4, 6), generator=g)
+    mask = (torch.arange(6)[None] < torch.tensor([[6], [1], [4], [3]])).long()
+    rows = ResponseBatch(enc.input_ids, enc.attention_mask, response, mask)
+    groups = [torch.arange(4)]
+    scores = policy.score(rows, groups, values=policy.has_value_head)
+    noisy = lambda t: (t + 0.3 * torch.randn(t.shape, generator=g)) * mask  # noqa: E731
+    values = scores.values if scores.values is not None else torch.zeros(4, 6)
+    rollout = Rollout(rows, torch.zeros(4), noisy(scores.logprobs), noisy(values), noisy(scores.ref_logprobs), groups)
+    return rollout, torch.randn(4, 6, generator=g) * mask, torch.randn(4, 6, generator=g) * mask
+
+
+@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean", "token_sum_norm"])
+def test_micro_batches_accumulate_the_mini_batch_gradient(aggregation, estimator):
+    results = {}
+    for micro in (None, 1, 2):
+        module = ppo_module(micro, aggregation, estimator)
+        rollout, advantages, returns = synthetic_rollout(module.policy)
+        finite, stats = module._accumulate_gradients(rollout, advantages, returns, torch.tensor([2, 0, 3, 1]))
+        assert finite
+        grads = {n: p.grad.clone() for n, p in module.policy.named_parameters() if p.requires_grad}
+        results[micro] = stats, grads
+    one_shot_stats, one_shot = results[None]
+    assert 0 < float(one_shot_stats["ppo/policy/clipfrac"]) < 1  # the clipped branch takes part
+    for micro in (1, 2):
+        stats, grads = results[micro]
+        for name in one_shot:
+            assert_close(grads[name], one_shot[name], atol=1e-6, rtol=1e-5, msg=f"micro {micro}: {name}")
+        for name in ("ppo/loss/total", "ppo/loss/policy", "ppo/policy/ratio_mean", "ppo/policy/ratio_max",
+                     "ppo/policy/approxkl", "ppo/policy/entropy"):
+            assert_close(stats[name].float(), one_shot_stats[name].float().cpu(), atol=1e-6, rtol=1e-5, msg=name)
