@@ -26,11 +26,11 @@ from lit_rlhf import rollout as ro
 from lit_rlhf.guards import SkipGuard
 from lit_rlhf.health import DegenerateWatch
 from lit_rlhf.io import rng_state, set_rng_state
-from lit_rlhf.policy import Policy
+from lit_rlhf.policy import Policy, build_policy, model_source_errors
 from lit_rlhf.rewards import ProfanityReward, Reward
 from lit_rlhf.rollout import Rollout
 from lit_rlhf.settings import GenerationSettings, LoraSettings, PPOSettings, as_settings, check, check_precision, plain
-from lit_rlhf.settings import WeightDtype, memory_errors, run_errors
+from lit_rlhf.settings import WeightDtype, dtype_errors, memory_errors, run_errors
 from lit_rlhf.threads import NumThreads, num_threads_errors, use_num_threads
 
 __all__ = ["PPOModule", "PPOSettings", "Rollout"]
@@ -55,6 +55,7 @@ class PPOModule(L.LightningModule):
         reference_model: a separate frozen reference model instead of the adapter-disabled policy.
         value_head_dropout: dropout before the value head (active only with train_dropout).
         dtype: dtype of the frozen base (bfloat16: half the memory; adapter, value head, optimizer stay float32).
+            auto: bfloat16 on a CUDA device with bfloat16, float32 elsewhere (a CPU); the run logs its choice.
         seed: seed of the per-sample response-length draws and of validation/test sampling.
         log_samples_every: write a prompt / response / reward table every N PPO steps (0: never).
         num_log_samples: rows in that table.
@@ -91,7 +92,7 @@ class PPOModule(L.LightningModule):
         init_adapter: str | None = None,
         reference_model: str | None = None,
         value_head_dropout: float = 0.1,
-        dtype: WeightDtype = "float32",
+        dtype: WeightDtype = "auto",
         seed: int = 0,
         log_samples_every: int = 10,
         num_log_samples: int = 4,
@@ -119,14 +120,16 @@ class PPOModule(L.LightningModule):
         self.automatic_optimization = False
         # Checkpoints hold only the trainable weights; the frozen base comes back from model_name.
         self.strict_loading = False
-        self.policy = Policy(
-            model_name, lora=lora, init_adapter=init_adapter, reference_model=reference_model,
-            value_head_dropout=value_head_dropout, dtype=dtype, value_head=not ppo.critic_free,
+        # The policy (with a separate reference) is built in configure_model, where a strategy places or shards
+        # it; what can fail cheaply is checked now, before a run folder is written.
+        check(dtype_errors(dtype, lora_bias=lora.bias) + model_source_errors(
+            {"model.model_name": model_name, "model.init_adapter": init_adapter, "model.reference_model": reference_model}))
+        self.policy_kwargs = dict(
+            model_name=model_name, lora=lora, init_adapter=init_adapter, reference_model=reference_model,
+            value_head_dropout=value_head_dropout, value_head=not ppo.critic_free,
             gradient_checkpointing=gradient_checkpointing, attn_implementation=attn_implementation,
         )
-        # The policy sets eval/train mode itself around each pass (dropout is off unless train_dropout);
-        # train() here only keeps Lightning from warning about modules left in eval mode by from_pretrained.
-        self.policy.train()
+        self.weight_dtype = "float32"  # model.dtype as resolved on the run's device (configure_model)
         self.reward = reward
         # Load and validate the reward now (unknown label, missing model), before a run directory is written.
         self.reward.setup()
@@ -139,8 +142,35 @@ class PPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------ Lightning hooks
 
-    def setup(self, stage: str) -> None:
-        use_num_threads(self.hparams.num_threads, self.policy, self._trainer)  # in every process, after launch
+    def configure_model(self) -> None:
+        """Build the policy (and a separate reference model) once per process, in the base dtype ``model.dtype``
+        resolves to on the run's device. Lightning calls this in every process after launch, inside the
+        strategy's init context (where FSDP and DeepSpeed ZeRO-3 create sharded or meta-device weights), once per
+        fit/validate/test/predict and before a checkpoint's weights are loaded: a second call builds nothing.
+        Each call also sets torch's CPU threads for the policy's size (``model.num_threads``)."""
+        if "policy" not in self._modules:
+            self._build_policy()
+        # in every process, after launch; also when the policy was built earlier
+        use_num_threads(self.hparams.num_threads, self.policy, self._trainer)
+
+    def _build_policy(self) -> None:
+        """The policy, in the base dtype ``model.dtype`` resolves to on the run's device; a classifier reward
+        without a dtype of its own follows that dtype."""
+        device = getattr(getattr(self._trainer, "strategy", None), "root_device", None)  # None: no trainer yet
+        self.policy, self.weight_dtype = build_policy(self.policy_kwargs, self.hparams.dtype, device)
+        # The policy sets eval/train mode itself around each pass (dropout is off unless train_dropout);
+        # train() here only keeps Lightning from warning about modules left in eval mode by from_pretrained.
+        self.policy.train(self.training)  # the module's mode, also when it was set before the build
+        follow = getattr(self.reward, "follow_dtype", None)
+        if follow is not None:  # a classifier reward without its own dtype runs in the base dtype
+            follow(self.weight_dtype)
+
+    def __getattr__(self, name: str) -> Any:
+        # Code that uses the policy outside a Trainer (scripts, tests, a module built by hand) gets it built on
+        # first use; a Trainer builds it in configure_model first.
+        if name == "policy" and "policy" not in self.__dict__.get("_modules", {}) and "policy_kwargs" in self.__dict__:
+            self._build_policy()
+        return super().__getattr__(name)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
@@ -154,7 +184,7 @@ class PPOModule(L.LightningModule):
     on_test_start = on_predict_start = on_validation_start
 
     def on_fit_start(self) -> None:
-        check_precision(self.trainer.precision, self.hparams.dtype, self.device)
+        check_precision(self.trainer.precision, self.weight_dtype, self.device)
         if self.hparams.fast_rollout and dist.weights_sharded(self.trainer):
             raise ValueError("model.fast_rollout=true samples outside the strategy's wrapped forward, which sharded "
                              "weights (FSDP, DeepSpeed ZeRO-3) do not allow; set model.fast_rollout=false")

@@ -702,3 +702,36 @@ def load_base_model(
         base = PeftModel.from_pretrained(base, adapter_path).merge_and_unload()
     return base, path
 
+
+
+def model_source_errors(sources: dict[str, str | None]) -> list[str]:
+    """Cheap checks of the models a run will load, before anything is built or written: each name resolves
+    (an embedded model is built, a local path exists) and a model name's config loads. ``sources``: flag -> name
+    (None: not used). Messages name the flag."""
+    errors = []
+    for flag, name in sources.items():
+        if name is None:
+            continue
+        try:
+            path = resolve_model_path(name)
+            if flag.endswith("model_name") or flag.endswith("reference_model"):
+                AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            errors.append(f"Could not load {flag.split('.')[-1]}={name!r} ({flag}): {err}\nGive a hub name (needs the network), a local folder "
+                          "written by save_pretrained, or an embedded model (embedded:tiny-t5, embedded:tiny-gpt2).")
+    return errors
+
+
+def build_policy(kwargs: dict, dtype: str, device: torch.device | None = None) -> tuple[Policy, str]:
+    """A :class:`Policy` of ``kwargs`` with its base in ``dtype`` as resolved on ``device``
+    (``settings.resolve_dtype``: ``auto`` is bfloat16 on a CUDA device with bfloat16, float32 elsewhere), and that
+    dtype. Logs the choice once (rank zero)."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from lit_rlhf.settings import resolve_dtype
+
+    lora = kwargs.get("lora") or LoraSettings()
+    trains_base = kwargs.get("finetune", "lora") == "full" or lora.bias != "none"
+    resolved, reason = resolve_dtype(dtype, device, trains_base)
+    rank_zero_info(f"Frozen base weights in {resolved} ({reason})")
+    return Policy(**kwargs, dtype=resolved), resolved

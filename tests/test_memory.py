@@ -255,3 +255,103 @@ def test_micro_batches_accumulate_the_mini_batch_gradient(aggregation, estimator
         for name in ("ppo/loss/total", "ppo/loss/policy", "ppo/policy/ratio_mean", "ppo/policy/ratio_max",
                      "ppo/policy/approxkl", "ppo/policy/entropy"):
             assert_close(stats[name].float(), one_shot_stats[name].float().cpu(), atol=1e-6, rtol=1e-5, msg=name)
+
+
+# ---------------------------------------------------------------------------------- weight dtype
+
+
+def test_auto_dtype_resolves_as_documented(monkeypatch):
+    from lit_rlhf.settings import resolve_dtype
+
+    assert resolve_dtype("auto", None)[0] == "float32"
+    assert resolve_dtype("auto", torch.device("cpu"))[0] == "float32"
+    assert resolve_dtype("bfloat16", "cpu") == ("bfloat16", "model.dtype=bfloat16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_dtype("auto", torch.device("cuda", 1))[0] == "bfloat16"
+    assert resolve_dtype("auto", "cuda", trains_base=True)[0] == "float32"  # a full fine-tune trains the base
+    assert resolve_dtype("float32", "cuda")[0] == "float32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a V100
+    assert resolve_dtype("auto", "cuda")[0] == "float32"
+
+
+def test_module_default_base_is_float32_on_a_cpu_and_the_choice_is_logged(caplog):
+    import logging
+
+    from lit_rlhf.module import PPOModule
+
+    module = PPOModule(GPT2, lora=SMALL_LORA)
+    assert module.hparams.dtype == "auto"
+    with caplog.at_level(logging.INFO):
+        module.configure_model()
+    assert module.weight_dtype == "float32"
+    assert {p.dtype for p in module.policy.parameters()} == {torch.float32}
+    assert "Frozen base weights in float32 (model.dtype=auto: float32 on cpu" in caplog.text
+
+
+def test_classifier_follows_the_module_dtype_unless_given_its_own(tmp_path):
+    from conftest import build_tiny_classifier
+    from lit_rlhf.callbacks.evaluators import ClassifierToxicity
+    from lit_rlhf.rewards import ClassifierReward
+
+    path = str(build_tiny_classifier(tmp_path / "classifier", ["a tiny vocabulary"]))
+    follower, own = ClassifierReward(path), ClassifierReward(path, dtype="float32")
+    for reward in (follower, own):
+        reward.follow_dtype("bfloat16")
+        reward.to("cpu")
+    assert follower.model.dtype == torch.bfloat16 and own.model.dtype == torch.float32
+    assert follower(["p"], ["a tiny vocabulary"]).dtype == torch.float32  # scores stay float32
+    evaluator = ClassifierToxicity(path, label="hate")
+    evaluator.follow_dtype("bfloat16")
+    assert evaluator.to("cpu").classifier.model.dtype == torch.bfloat16
+    assert ClassifierReward(path).to("cpu").model.dtype == torch.float32  # nothing followed: float32
+    with pytest.raises(ValueError, match="dtype"):
+        ClassifierReward(path, dtype="int8")
+
+
+# ---------------------------------------------------------------------------------- configure_model
+
+
+def test_configure_model_builds_the_policy_once(monkeypatch):
+    import lit_rlhf.policy as policy_lib
+    from lit_rlhf.module import PPOModule
+
+    builds = []
+
+    class CountingPolicy(policy_lib.Policy):
+        def __init__(self, *args, **kwargs):
+            builds.append(kwargs.get("dtype"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(policy_lib, "Policy", CountingPolicy)
+    module = PPOModule(GPT2, lora=SMALL_LORA)
+    assert builds == [] and "policy" not in module._modules  # nothing built before the strategy exists
+    module.configure_model()
+    policy = module.policy
+    module.configure_model()  # Lightning calls it again for validate/test/predict
+    assert builds == ["float32"] and module.policy is policy
+
+
+def test_bad_model_name_names_the_flag_before_anything_is_built():
+    from lit_rlhf.module import PPOModule
+
+    with pytest.raises(ValueError, match=r"Could not load model_name='/no/such/model' \(model.model_name\)"):
+        PPOModule("/no/such/model")
+
+
+# ---------------------------------------------------------------------------------- FSDP blocks
+
+
+@pytest.mark.parametrize("kind, blocks, count", [
+    (T5, {"T5Block"}, 4), (GPT2, {"GPT2Block"}, 2), ("llama", {"LlamaDecoderLayer"}, 2),
+    ("qwen2", {"Qwen2DecoderLayer"}, 2), ("bart", {"BartEncoderLayer", "BartDecoderLayer"}, 4),
+])
+def test_fsdp_wraps_the_blocks_the_model_declares(kind, blocks, count, tiny_models):
+    from lit_rlhf.distributed import DeclaredBlocksWrapPolicy, declared_block_classes
+
+    policy = Policy(tiny_models[kind], lora=SMALL_LORA)  # LoRA-wrapped, with a value head, as PPO holds it
+    assert {cls.__name__ for cls in declared_block_classes(policy)} == blocks
+    units = DeclaredBlocksWrapPolicy()._run_policy(policy, set(), {"sharding": "kwargs"})
+    assert len(units) == count and all(type(m).__name__ in blocks for m in units)
+    with pytest.raises(ValueError, match="trainer.strategy.init_args.auto_wrap_policy"):
+        declared_block_classes(torch.nn.Sequential(torch.nn.Linear(2, 2)))
