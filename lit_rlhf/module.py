@@ -76,6 +76,8 @@ class PPOModule(L.LightningModule):
             by the mini-batch's token count). Must divide mini_batch_size; null: one pass per mini-batch.
     """
 
+    policy: Policy  # built in configure_model
+
     def __init__(
         self,
         model_name: str = "embedded:tiny-t5",

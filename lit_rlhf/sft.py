@@ -88,6 +88,8 @@ class SFTModule(L.LightningModule):
             null: transformers' own choice.
     """
 
+    policy: Policy  # built in configure_model
+
     def __init__(
         self,
         model_name: str = "embedded:tiny-t5",
