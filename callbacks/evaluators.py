@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -75,6 +75,7 @@ class ClassifierToxicity(ToxicityEvaluator):
         batch_size: int = 32,
         max_length: int = 512,
         device: str | None = None,
+        dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None,
     ) -> None:
         """
         Args:
@@ -84,13 +85,15 @@ class ClassifierToxicity(ToxicityEvaluator):
             batch_size: Texts per classifier forward pass.
             max_length: Texts are truncated to this many tokens (at most the tokenizer's ``model_max_length``).
             device: Where the classifier runs; None: on the training module's device.
+            dtype: The classifier's weight dtype; None: the training module's ``model.dtype`` (as resolved); see
+                ``ClassifierReward``.
         """
         self.model_name = model_name
         self.label = label
         self.model_id = model_name
         self.classifier = ClassifierReward(
             model_name=model_name, label=label, output="probability", batch_size=batch_size,
-            max_length=max_length, text="response", device=device,
+            max_length=max_length, text="response", device=device, dtype=dtype,
         )
 
     def describe(self) -> str:
@@ -103,6 +106,10 @@ class ClassifierToxicity(ToxicityEvaluator):
         self.device = torch.device(device)
         self.classifier.to(device)
         return self
+
+    def follow_dtype(self, dtype: str) -> None:
+        """The training module's resolved weight dtype, used unless ``dtype`` was given."""
+        self.classifier.follow_dtype(dtype)
 
     def compute(self, texts: list[str]) -> Tensor:
         return self.classifier([""] * len(texts), texts)

@@ -269,6 +269,9 @@ class ToxicityCallback(L.Callback):
         self.prompts = select_prompts(datamodule.test_set, self.num_prompts,
                                       getattr(datamodule, "reference_column", "summary"))
         self.generation_used = self.generation or pl_module.generation
+        follow = getattr(self.evaluator, "follow_dtype", None)
+        if follow is not None:  # a classifier without its own dtype runs in the policy's base dtype
+            follow(getattr(pl_module, "weight_dtype", "float32"))
         self.evaluator.to(pl_module.device)
         pl_module.reward.to(pl_module.device)
         warning = self._warning(pl_module)

@@ -83,29 +83,37 @@ def warpers(settings: GenerationSettings) -> LogitsProcessorList:
     return out
 
 
-def inverse_cdf_sample(probs: Tensor) -> Tensor:
+def inverse_cdf_sample(probs: Tensor, uniforms: Tensor | None = None) -> Tensor:
     """One draw per row from the categorical ``probs`` (unnormalised is fine): the first token whose cumulative
     probability exceeds a uniform draw. One uniform number per row where ``torch.multinomial`` draws an
     exponential for every vocabulary entry (on CPU, 7.8 ms vs 0.4 ms a step at 32k tokens x 16 rows).
-    A token of probability 0 is never drawn: its cumulative sum equals its predecessor's. probs: [b, V] -> [b]."""
+    A token of probability 0 is never drawn: its cumulative sum equals its predecessor's. probs: [b, V] -> [b].
+    ``uniforms``: the rows' numbers in [0, 1) [b]; None: drawn here from torch's global RNG."""
     cdf = probs.cumsum(-1)  # [b, V]
     total = cdf[:, -1:]
-    u = torch.rand(total.shape, dtype=cdf.dtype, device=cdf.device) * total  # [b, 1], in [0, total)
+    if uniforms is None:
+        uniforms = torch.rand(total.shape, dtype=cdf.dtype, device=cdf.device)
+    u = uniforms.reshape(total.shape).to(cdf.dtype) * total  # [b, 1], in [0, total)
     token = torch.searchsorted(cdf, u, right=True).squeeze(1)
     # u * total can round up to total: fall back to the last token with non-zero probability
     last = probs.shape[1] - 1 - (probs > 0).flip(-1).int().argmax(-1)
     return torch.minimum(token, last)
 
 
-def next_token(logits: Tensor, warp: LogitsProcessorList, do_sample: bool, blocked: tuple[int, ...] = ()) -> Tensor:
+def next_token(
+    logits: Tensor, warp: LogitsProcessorList, do_sample: bool, blocked: tuple[int, ...] = (),
+    uniforms: Tensor | None = None,
+) -> Tensor:
     """The next token of each row, as ``generate`` picks it: ``blocked`` (every eos id before min_new_tokens)
-    gets probability 0, the warpers apply, then a draw from the softmax (or the argmax). logits: [b, V] -> [b]."""
+    gets probability 0, the warpers apply, then a draw from the softmax (or the argmax). logits: [b, V] -> [b].
+    ``uniforms``: each row's own random number of this step [b] (None: drawn from the global RNG)."""
     scores = logits.clone()
     if blocked:
         scores[:, list(blocked)] = float("-inf")
     scores = warp(None, scores)
     if do_sample:
-        return inverse_cdf_sample(torch.softmax(scores, dim=-1))
+        probs = torch.softmax(scores, dim=-1)
+        return inverse_cdf_sample(probs) if uniforms is None else inverse_cdf_sample(probs, uniforms)
     return scores.argmax(-1)
 
 
@@ -113,7 +121,7 @@ def next_token(logits: Tensor, warp: LogitsProcessorList, do_sample: bool, block
 def sample_with_cache(
     model: nn.Module, lm: Seq2SeqLM | CausalLM, value_head: Callable[[Tensor], Tensor] | None, query_ids: Tensor,
     query_mask: Tensor, max_new_tokens: Tensor, settings: GenerationSettings, tokens: SpecialTokens,
-    repeats: int = 1,
+    repeats: int = 1, uniforms: Tensor | None = None,
 ) -> SampledRollout:
     """Sample one response per query; rows leave the batch when they emit any eos id or reach their own limit.
 
@@ -121,7 +129,9 @@ def sample_with_cache(
     (rows of one query contiguous: B = Q x repeats; a seq2seq encoder runs once per query); max_new_tokens: [B].
     ``tokens``: the model's eos/pad/forced-token rules (``SpecialTokens``).
     The model must be in eval mode. ``value_head``: None for a policy without one (values come back as 0).
-    Sampling draws from torch's global RNG, one uniform number per running row per step.
+    Sampling draws from torch's global RNG, one uniform number per running row per step; or, with ``uniforms``
+    [B, >= max(max_new_tokens)], row i's token t uses ``uniforms[i, t]``: each row then has its own stream, and
+    its tokens do not depend on which other rows share the batch (see ``lit_rlhf.rollout``'s chunks).
     """
     if settings.no_repeat_ngram_size:
         raise ValueError("generation.no_repeat_ngram_size is not available with model.fast_rollout=true; set one to 0")
@@ -145,7 +155,8 @@ def sample_with_cache(
         # 2) sample as generate() does: eos blocked before min_new_tokens, then the warpers; forced tokens
         # replace the draw (the draw still happens, so the random stream matches generate's)
         last = (t + 1) >= limits[rows]
-        token = next_token(logits, warp, settings.do_sample, tokens.eos if t < settings.min_new_tokens else ())
+        token = next_token(logits, warp, settings.do_sample, tokens.eos if t < settings.min_new_tokens else (),
+                           None if uniforms is None else uniforms[rows, t])
         token = tokens.force(token, t, last)
         # PPO's log-probability is that of the temperature-1 policy, as the scoring forward computes it
         token_logprob = torch.log_softmax(logits, -1).gather(1, token[:, None]).squeeze(1)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 
 def world_size(trainer: Any) -> int:
@@ -152,3 +153,34 @@ def export_policy(trainer: Any, policy: nn.Module, target: str | os.PathLike) ->
     with full_weights(trainer, policy) as state_dict:
         if trainer.is_global_zero:
             policy.export(target, state_dict)
+
+
+def declared_block_classes(root: nn.Module) -> set[type[nn.Module]]:
+    """The block classes that the Hugging Face models inside ``root`` declare must not be split across devices
+    (``_no_split_modules``, which transformers' ``device_map`` and accelerate's FSDP plugin read too): a T5's
+    ``T5Block``, a Qwen2's ``Qwen2DecoderLayer``, a BART's encoder and decoder layers. Raises an error that says
+    what to set when no module of ``root`` declares any."""
+    names = {name for module in root.modules() for name in (getattr(module, "_no_split_modules", None) or ())}
+    classes = {type(module) for module in root.modules() if type(module).__name__ in names}
+    if not classes:
+        raise ValueError(
+            f"No module of {type(root).__name__} declares its transformer blocks (_no_split_modules): give "
+            "trainer.strategy.init_args.auto_wrap_policy the block classes to wrap, e.g. "
+            "[transformers.models.llama.modeling_llama.LlamaDecoderLayer]"
+        )
+    return classes
+
+
+class DeclaredBlocksWrapPolicy(ModuleWrapPolicy):
+    """FSDP's auto-wrap policy for any Hugging Face architecture: each block the model declares
+    (:func:`declared_block_classes`) becomes its own FSDP unit, as torch's ``ModuleWrapPolicy`` does for a
+    hand-written list of classes (``configs/strategy/fsdp.yaml`` names this class, so the same overlay serves
+    T5, GPT-2, Llama, Qwen, Mistral, Gemma, BART, ...)."""
+
+    def __init__(self) -> None:
+        super().__init__(set())
+
+    def _run_policy(self, root_module: nn.Module, ignored_modules: set[nn.Module], root_kwargs: dict[str, Any]):
+        self._module_classes = declared_block_classes(root_module)
+        self._module_classes_str = str(self._module_classes)
+        return super()._run_policy(root_module, ignored_modules, root_kwargs)

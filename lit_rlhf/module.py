@@ -26,11 +26,11 @@ from lit_rlhf import rollout as ro
 from lit_rlhf.guards import SkipGuard
 from lit_rlhf.health import DegenerateWatch
 from lit_rlhf.io import rng_state, set_rng_state
-from lit_rlhf.policy import Policy
+from lit_rlhf.policy import Policy, build_policy, model_source_errors
 from lit_rlhf.rewards import ProfanityReward, Reward, check_reward_inputs
 from lit_rlhf.rollout import Rollout
 from lit_rlhf.settings import GenerationSettings, LoraSettings, PPOSettings, as_settings, check, check_precision, plain
-from lit_rlhf.settings import WeightDtype, run_errors
+from lit_rlhf.settings import WeightDtype, dtype_errors, memory_errors, run_errors
 from lit_rlhf.threads import NumThreads, num_threads_errors, use_num_threads
 
 __all__ = ["PPOModule", "PPOSettings", "Rollout"]
@@ -49,12 +49,13 @@ class PPOModule(L.LightningModule):
         learning_rate: AdamW learning rate of the trainable parameters (adapter + value head).
         weight_decay: AdamW weight decay (0: Adam, as the recipe).
         rollout_batch_size: prompts per PPO step per process (linked from data.batch_size).
-        mini_batch_size: samples per gradient step; must divide rollout_batch_size.
+        mini_batch_size: samples per optimizer step; must divide rollout_batch_size (see micro_batch_size).
         train_dropout: dropout in the update's forward (off: the first importance ratio is exactly 1).
         init_adapter: start from a PEFT adapter, merged into the frozen base (see ``Policy``).
         reference_model: a separate frozen reference model instead of the adapter-disabled policy.
         value_head_dropout: dropout before the value head (active only with train_dropout).
         dtype: dtype of the frozen base (bfloat16: half the memory; adapter, value head, optimizer stay float32).
+            auto: bfloat16 on a CUDA device with bfloat16, float32 elsewhere (a CPU); the run logs its choice.
         seed: seed of the per-sample response-length draws and of validation/test sampling.
         log_samples_every: write a prompt / response / reward table every N PPO steps (0: never).
         num_log_samples: rows in that table.
@@ -66,7 +67,16 @@ class PPOModule(L.LightningModule):
         samples_per_prompt: responses per prompt (k): a step has data.batch_size x k of them (grpo, rloo: k >= 2).
         predict_do_sample: sample in ``predict`` (default: greedy decoding).
         num_threads: torch's intra-op CPU threads; auto: 1 for a small policy, else all cores (``lit_rlhf.threads``).
+        gradient_checkpointing: recompute each transformer block's activations in the update's backward pass
+            instead of keeping them: activation memory of one block instead of all, for about one more forward.
+        attn_implementation: the attention kernel ``from_pretrained`` builds (sdpa, eager, flash_attention_2, ...);
+            null: transformers' own choice.
+        micro_batch_size: rows per forward/backward in the update; their gradients are accumulated into one
+            optimizer step of mini_batch_size rows (the same gradient as one pass: each micro-batch's loss divides
+            by the mini-batch's token count). Must divide mini_batch_size; null: one pass per mini-batch.
     """
+
+    policy: Policy  # built in configure_model
 
     def __init__(
         self,
@@ -84,7 +94,7 @@ class PPOModule(L.LightningModule):
         init_adapter: str | None = None,
         reference_model: str | None = None,
         value_head_dropout: float = 0.1,
-        dtype: WeightDtype = "float32",
+        dtype: WeightDtype = "auto",
         seed: int = 0,
         log_samples_every: int = 10,
         num_log_samples: int = 4,
@@ -94,6 +104,9 @@ class PPOModule(L.LightningModule):
         samples_per_prompt: int = 1,
         predict_do_sample: bool = False,
         num_threads: NumThreads = "auto",
+        gradient_checkpointing: bool = False,
+        attn_implementation: str | None = None,
+        micro_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         # Settings groups come back as plain dicts from a checkpoint's hyperparameters.
@@ -101,20 +114,24 @@ class PPOModule(L.LightningModule):
                                  ((LoraSettings, lora), (GenerationSettings, generation), (PPOSettings, ppo)))
         check(lora.errors() + generation.errors() + ppo.errors() + run_errors(
             ppo_steps, learning_rate, rollout_batch_size, mini_batch_size, max_consecutive_skips, samples_per_prompt,
-            ppo.advantage_estimator) + num_threads_errors(num_threads))
+            ppo.advantage_estimator) + num_threads_errors(num_threads)
+            + memory_errors(generation.batch_size, samples_per_prompt, mini_batch_size, micro_batch_size))
         # Plain dicts keep checkpoints loadable with torch.load(weights_only=True), which resuming uses.
         self.save_hyperparameters(ignore=["reward", "lora", "generation", "ppo"])
         self.hparams.update(lora=plain(lora), generation=plain(generation), ppo=plain(ppo))
         self.automatic_optimization = False
         # Checkpoints hold only the trainable weights; the frozen base comes back from model_name.
         self.strict_loading = False
-        self.policy = Policy(
-            model_name, lora=lora, init_adapter=init_adapter, reference_model=reference_model,
-            value_head_dropout=value_head_dropout, dtype=dtype, value_head=not ppo.critic_free,
+        # The policy (with a separate reference) is built in configure_model, where a strategy places or shards
+        # it; what can fail cheaply is checked now, before a run folder is written.
+        check(dtype_errors(dtype, lora_bias=lora.bias) + model_source_errors(
+            {"model.model_name": model_name, "model.init_adapter": init_adapter, "model.reference_model": reference_model}))
+        self.policy_kwargs = dict(
+            model_name=model_name, lora=lora, init_adapter=init_adapter, reference_model=reference_model,
+            value_head_dropout=value_head_dropout, value_head=not ppo.critic_free,
+            gradient_checkpointing=gradient_checkpointing, attn_implementation=attn_implementation,
         )
-        # The policy sets eval/train mode itself around each pass (dropout is off unless train_dropout);
-        # train() here only keeps Lightning from warning about modules left in eval mode by from_pretrained.
-        self.policy.train()
+        self.weight_dtype = "float32"  # model.dtype as resolved on the run's device (configure_model)
         self.reward = reward
         # Load and validate the reward now (unknown label, missing model), before a run directory is written.
         self.reward.setup()
@@ -128,7 +145,6 @@ class PPOModule(L.LightningModule):
     # ------------------------------------------------------------------ Lightning hooks
 
     def setup(self, stage: str) -> None:
-        use_num_threads(self.hparams.num_threads, self.policy, self._trainer)  # in every process, after launch
         # after the data module's setup: a column or references the reward reads and the data lacks fail here
         reward_inputs = getattr(self._trainer.datamodule, "reward_inputs", None) if self._trainer else None
         self.score_predictions = True
@@ -142,6 +158,36 @@ class PPOModule(L.LightningModule):
                 self.score_predictions = False
                 rank_zero_warn(f"predict: {err}; the predictions are written without a score")
 
+    def configure_model(self) -> None:
+        """Build the policy (and a separate reference model) once per process, in the base dtype ``model.dtype``
+        resolves to on the run's device. Lightning calls this in every process after launch, inside the
+        strategy's init context (where FSDP and DeepSpeed ZeRO-3 create sharded or meta-device weights), once per
+        fit/validate/test/predict and before a checkpoint's weights are loaded: a second call builds nothing.
+        Each call also sets torch's CPU threads for the policy's size (``model.num_threads``)."""
+        if "policy" not in self._modules:
+            self._build_policy()
+        # in every process, after launch; also when the policy was built earlier
+        use_num_threads(self.hparams.num_threads, self.policy, self._trainer)
+
+    def _build_policy(self) -> None:
+        """The policy, in the base dtype ``model.dtype`` resolves to on the run's device; a classifier reward
+        without a dtype of its own follows that dtype."""
+        device = getattr(getattr(self._trainer, "strategy", None), "root_device", None)  # None: no trainer yet
+        self.policy, self.weight_dtype = build_policy(self.policy_kwargs, self.hparams.dtype, device)
+        # The policy sets eval/train mode itself around each pass (dropout is off unless train_dropout);
+        # train() here only keeps Lightning from warning about modules left in eval mode by from_pretrained.
+        self.policy.train(self.training)  # the module's mode, also when it was set before the build
+        follow = getattr(self.reward, "follow_dtype", None)
+        if follow is not None:  # a classifier reward without its own dtype runs in the base dtype
+            follow(self.weight_dtype)
+
+    def __getattr__(self, name: str) -> Any:
+        # Code that uses the policy outside a Trainer (scripts, tests, a module built by hand) gets it built on
+        # first use; a Trainer builds it in configure_model first.
+        if name == "policy" and "policy" not in self.__dict__.get("_modules", {}) and "policy_kwargs" in self.__dict__:
+            self._build_policy()
+        return super().__getattr__(name)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
         return torch.optim.AdamW(self.policy.trainable_parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay)
@@ -154,7 +200,7 @@ class PPOModule(L.LightningModule):
     on_test_start = on_predict_start = on_validation_start
 
     def on_fit_start(self) -> None:
-        check_precision(self.trainer.precision, self.hparams.dtype, self.device)
+        check_precision(self.trainer.precision, self.weight_dtype, self.device)
         if self.hparams.fast_rollout and dist.weights_sharded(self.trainer):
             raise ValueError("model.fast_rollout=true samples outside the strategy's wrapped forward, which sharded "
                              "weights (FSDP, DeepSpeed ZeRO-3) do not allow; set model.fast_rollout=false")
@@ -359,24 +405,16 @@ class PPOModule(L.LightningModule):
     def _minibatch_step(
         self, opt, rollout: Rollout, advantages: Tensor, returns: Tensor, idx: Tensor
     ) -> dict[str, Tensor] | None:
-        """One clipped PPO gradient step on the rows ``idx``; None if it was skipped as unsafe."""
-        p, critic = self.ppo, self.policy.has_value_head
-        out, rows, idx = self.policy.forward_rows(rollout.rows, idx, dropout=self.hparams.train_dropout,
-                                                  with_values=critic, with_entropy=True)
-        t, rm = rows.response_ids.shape[1], rows.response_mask
-        old_logprobs, ref = rollout.logprobs[idx, :t], rollout.ref_logprobs[idx, :t] if p.kl_in_loss else None
-        loss, stats = ppo_math.ppo_objective(
-            out.logprobs, old_logprobs, out.values, rollout.values[idx, :t], advantages[idx, :t], returns[idx, :t], rm,
-            p.cliprange, p.cliprange_value, p.vf_coef, p.loss_aggregation, self.generation.max_new_tokens[1] - 1,
-            ref, self.kl_ctl.value if p.kl_in_loss else 0.0, reduce_fn=self._reduce)  # global token counts
+        """One clipped PPO gradient step on the rows ``idx`` (its micro-batches' gradients accumulated); None if
+        it was skipped as unsafe. One decision per mini-batch, taken after every micro-batch's backward."""
+        loss_finite, stats = self._accumulate_gradients(rollout, advantages, returns, idx)
         # every rank must take the same decision, or DDP's gradient all-reduce would hang
-        ratio = float(stats["policy/ratio_mean"])
-        for unsafe, reason in ((not bool(torch.isfinite(loss)), "the PPO loss was not finite"),
+        ratio = float(stats["ppo/policy/ratio_mean"])
+        for unsafe, reason in ((not loss_finite, "the PPO loss was not finite"),
                                (ratio > self.ppo.ratio_threshold, f"the mean importance ratio {ratio:.3g} exceeded "
                                                                    f"model.ppo.ratio_threshold={self.ppo.ratio_threshold}")):
             if self._any_rank(unsafe):
                 return self._skip_update(reason, opt)
-        self.manual_backward(loss)
         grad_norm = dist.grad_norm(self.policy.trainable_parameters(), self.device)
         if self._any_rank(not bool(torch.isfinite(grad_norm))):
             return self._skip_update("the gradient was not finite", opt)
@@ -385,8 +423,34 @@ class PPOModule(L.LightningModule):
         opt.step()
         opt.zero_grad()
         self.skips.passed()
-        stats["policy/entropy"] = ppo_math.masked_mean(out.entropy, rm)
-        return {"ppo/grad_norm": grad_norm, **{f"ppo/{k}": v for k, v in stats.items()}}
+        return {"ppo/grad_norm": grad_norm, **stats}
+
+    def _accumulate_gradients(
+        self, rollout: Rollout, advantages: Tensor, returns: Tensor, idx: Tensor
+    ) -> tuple[bool, dict[str, Tensor]]:
+        """Forward and backward of the mini-batch ``idx``, ``model.micro_batch_size`` rows at a time. Every
+        micro-batch's loss divides by the whole mini-batch's denominators (global over processes), so the
+        accumulated gradient is the gradient of the mini-batch's loss. Returns whether every micro-batch's loss
+        was finite, and the mini-batch's statistics (``ppo/...``)."""
+        p, critic = self.ppo, self.policy.has_value_head
+        counts = ppo_math.loss_counts(rollout.rows.response_mask[idx.to(rollout.rows.response_mask.device)],
+                                      p.loss_aggregation, critic)
+        parts, finite = [], True
+        for micro in idx.split(self.hparams.micro_batch_size or len(idx)):
+            out, rows, micro = self.policy.forward_rows(rollout.rows, micro, dropout=self.hparams.train_dropout,
+                                                        with_values=critic, with_entropy=True)
+            t, rm = rows.response_ids.shape[1], rows.response_mask
+            old_logprobs, ref = rollout.logprobs[micro, :t], rollout.ref_logprobs[micro, :t] if p.kl_in_loss else None
+            loss, stats = ppo_math.ppo_objective(
+                out.logprobs, old_logprobs, out.values, rollout.values[micro, :t], advantages[micro, :t],
+                returns[micro, :t], rm, p.cliprange, p.cliprange_value, p.vf_coef, p.loss_aggregation,
+                self.generation.max_new_tokens[1] - 1, ref, self.kl_ctl.value if p.kl_in_loss else 0.0,
+                reduce_fn=self._reduce, counts=counts)  # the mini-batch's global denominators
+            stats["policy/entropy"] = ppo_math.masked_mean(out.entropy, rm)
+            finite = finite and bool(torch.isfinite(loss))
+            self.manual_backward(loss)  # a non-finite loss's gradient is discarded with the skipped update
+            parts.append((stats, int(rm.sum())))
+        return finite, {f"ppo/{k}": v for k, v in ppo_math.combine_micro_batches(parts).items()}
 
     @torch.no_grad()
     def _step_stats(self, rollout: Rollout, kl_per_sample: Tensor, non_score: Tensor,

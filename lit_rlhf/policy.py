@@ -21,11 +21,12 @@ changes the output layer only, also once merged (:func:`merge_adapter`, the way 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,13 +159,25 @@ def fuse_tanh_gelu(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_causal_or_seq2seq(path: str, dtype: torch.dtype | None = None, from_scratch: bool = False) -> PreTrainedModel:
+def load_causal_or_seq2seq(
+    path: str, dtype: torch.dtype | None = None, from_scratch: bool = False, attn_implementation: str | None = None
+) -> PreTrainedModel:
     """Load a model by hub name or local path, picking the seq2seq or causal class from its config
-    (``from_scratch``: its architecture with fresh weights), with :func:`fuse_tanh_gelu` applied."""
+    (``from_scratch``: its architecture with fresh weights), with :func:`fuse_tanh_gelu` applied.
+    ``attn_implementation``: ``from_pretrained``'s (``"eager"``, ``"sdpa"``, ``"flash_attention_2"``, ...);
+    None: transformers' own choice."""
     config = AutoConfig.from_pretrained(path)
     cls = AutoModelForSeq2SeqLM if _is_seq2seq(config) else AutoModelForCausalLM
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    model = cls.from_config(config, **kwargs) if from_scratch else cls.from_pretrained(path, **kwargs)
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = cls.from_config(config, **kwargs) if from_scratch else cls.from_pretrained(path, **kwargs)
+    except (ValueError, ImportError) as err:
+        if attn_implementation is None:
+            raise
+        raise ValueError(f"model.attn_implementation={attn_implementation!r} is not available for {path!r}: "
+                         f"{err}\nChoose another one (e.g. sdpa or eager) or null (transformers' choice)") from err
     return fuse_tanh_gelu(model)
 
 
@@ -210,6 +223,80 @@ class InitialWeights(nn.Module):
                     params[name].data = data
 
 
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each transformer block's activations in the backward pass instead of keeping them
+    (transformers' activation checkpointing, non-reentrant: works with a frozen base and a LoRA adapter, whose
+    inputs need no gradient). The recompute runs with the train/eval modes and dropout rates the block had in
+    the forward (:func:`checkpoint_with_forward_modes`): the policy restores its own mode after each pass,
+    before the backward. Raises an error naming ``model.gradient_checkpointing`` for a model without support."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing; set "
+                         "model.gradient_checkpointing=false")
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # transformers before activation_checkpointing_enable
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for layer in model.modules():
+        if isinstance(layer, GradientCheckpointingLayer) and layer.gradient_checkpointing:
+            layer._gradient_checkpointing_func = functools.partial(checkpoint_with_forward_modes, layer)
+
+
+def _modes(modules: Iterable[nn.Module]) -> list[tuple[nn.Module, bool, dict[str, float]]]:
+    """Each module with its train flag and the dropout rates it holds as plain floats (BART's ``self.dropout``)."""
+    return [(m, m.training, {k: v for k, v in vars(m).items() if "dropout" in k and isinstance(v, float)})
+            for m in modules]
+
+
+@contextmanager
+def _replayed(modes: list[tuple[nn.Module, bool, dict[str, float]]]) -> Iterator[None]:
+    now = _modes(m for m, _, _ in modes)
+    _apply(modes)
+    try:
+        yield
+    finally:
+        _apply(now)
+
+
+def _apply(modes: list[tuple[nn.Module, bool, dict[str, float]]]) -> None:
+    for module, training, rates in modes:
+        module.training = training
+        for name, rate in rates.items():
+            setattr(module, name, rate)
+
+
+def checkpoint_with_forward_modes(block: nn.Module, function, *args, **kwargs):
+    """``torch.utils.checkpoint`` of one block whose recompute (in the backward pass) sees the train/eval modes
+    and dropout rates the block's modules had in the forward, whatever they are by then. Without this, a pass
+    in eval mode whose backward runs after the policy went back to train mode would recompute with dropout."""
+    from torch.utils.checkpoint import checkpoint
+
+    modes = _modes(block.modules())
+    return checkpoint(function, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), _replayed(modes)),
+                      **kwargs)
+
+
+@contextmanager
+def checkpointing_without_dropout(model: nn.Module) -> Iterator[None]:
+    """Gradient checkpointing in a pass with dropout off (the policy's eval mode).
+
+    transformers checkpoints a block only while the block is in train mode (``GradientCheckpointingLayer``), and
+    eval mode is how lit_rlhf turns dropout off. Inside, the checkpointing blocks themselves are in train mode
+    while every module under them stays in eval mode; the dropout rates a block reads itself (BART's
+    ``dropout(h, p=self.dropout, training=self.training)``) are 0 meanwhile. Everything is restored after."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    saved = _modes(blocks)
+    _apply([(block, True, {name: 0.0 for name in rates}) for block, _, rates in saved])
+    try:
+        yield
+    finally:
+        _apply(saved)
+
+
 class Policy(nn.Module):
     """A language model with a trainable LoRA adapter and a value head, behind one seq2seq/causal interface.
 
@@ -239,6 +326,11 @@ class Policy(nn.Module):
         init_from_scratch: build the model from ``model_name``'s config with freshly initialised weights
             instead of loading its weights (the folder then needs only config and tokenizer files). Needs
             ``finetune="full"``.
+        gradient_checkpointing: recompute each block's activations in the backward pass instead of keeping them
+            (less activation memory, about one more forward per update); the update's pass checkpoints with
+            dropout off too (:func:`checkpointing_without_dropout`).
+        attn_implementation: ``from_pretrained``'s attention kernel (``"sdpa"``, ``"eager"``,
+            ``"flash_attention_2"``, ...); None: transformers' own choice.
     """
 
     def __init__(
@@ -252,6 +344,8 @@ class Policy(nn.Module):
         value_head: bool = True,
         finetune: Literal["lora", "full"] = "lora",
         init_from_scratch: bool = False,
+        gradient_checkpointing: bool = False,
+        attn_implementation: str | None = None,
     ) -> None:
         super().__init__()
         from peft import get_peft_model
@@ -263,7 +357,11 @@ class Policy(nn.Module):
             raise ValueError("init_from_scratch=True trains a model from random weights: it needs finetune='full'")
         check(dtype_errors(dtype, finetune, lora.bias))
         torch_dtype = getattr(torch, dtype)
-        base, path, setting = load_base_model(model_name, init_adapter, torch_dtype, init_from_scratch)
+        base, path, setting = load_base_model(model_name, init_adapter, torch_dtype, init_from_scratch,
+                                              attn_implementation)
+        self.gradient_checkpointing = gradient_checkpointing
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(base)
         self.lm = lm_kind(base.config, base.generation_config)  # the seq2seq/causal difference
         self.is_seq2seq = self.lm.is_seq2seq
         self.tokenizer = load_tokenizer(path, setting)
@@ -281,7 +379,8 @@ class Policy(nn.Module):
         self.value_head = ValueHead(base.config.hidden_size, value_head_dropout) if value_head else NoValueHead()
         self.reference: PreTrainedModel | None = None
         if reference_model is not None:
-            ref = load_causal_or_seq2seq(resolve_model_path(reference_model), torch_dtype)
+            ref = load_causal_or_seq2seq(resolve_model_path(reference_model), torch_dtype,
+                                         attn_implementation=attn_implementation)
             ref.requires_grad_(False).eval()
             self.reference = ref
         # lora.bias all/lora_only trains base biases in place, which disabling the adapter does not undo
@@ -399,14 +498,15 @@ class Policy(nn.Module):
     @torch.no_grad()
     def sample(
         self, input_ids: Tensor, attention_mask: Tensor, settings: GenerationSettings, max_new_tokens: Tensor,
-        repeats: int = 1,
+        repeats: int = 1, uniforms: Tensor | None = None,
     ) -> SampledRollout:
         """Like ``generate``, with lit_rlhf's cached loop: finished rows leave the batch, and the log-probs and
         values of the sampled tokens come back with them (``lit_rlhf.decoding``). Eval mode, KV cache.
 
         Where the loop cannot serve the model (``lit_rlhf.lm.cached_decode_blocker``: its own cache class,
         layers that are not attention), this falls back to exact mode, with one notice: ``generate``, then the
-        teacher-forced scoring pass for the log-probs and values."""
+        teacher-forced scoring pass for the log-probs and values. ``uniforms``: each row's own random numbers
+        [B, T] (see ``sample_with_cache``)."""
         blocker = cached_decode_blocker(self.model)
         if blocker is not None:
             if not getattr(self, "_noted_exact_rollout", False):
@@ -417,7 +517,7 @@ class Policy(nn.Module):
         with self.mode(dropout=False):
             return sample_with_cache(
                 self.model, self.lm, self.value_head if self.has_value_head else None, input_ids, attention_mask,
-                max_new_tokens, settings, self.special_tokens, repeats=repeats,
+                max_new_tokens, settings, self.special_tokens, repeats=repeats, uniforms=uniforms,
             )
 
     def _sample_exact(
@@ -522,7 +622,10 @@ class Policy(nn.Module):
         """``forward`` on the rows ``idx`` of ``batch`` (trimmed, with gradients): the PPO update's pass.
         Returns the output ([b, t] fields), the trimmed rows and ``idx`` on the batch's device."""
         rows, idx = self.rows(batch, idx)
-        with self.mode(dropout):
+        # transformers checkpoints only in train mode: with dropout off, the blocks still checkpoint
+        checkpointing = checkpointing_without_dropout(self.model) if self.gradient_checkpointing and not dropout \
+            else nullcontext()
+        with self.mode(dropout), checkpointing:
             out = self(*rows.tensors(), with_values=with_values, with_entropy=with_entropy)
         return out, rows, idx
 
@@ -655,7 +758,8 @@ def is_full_model_folder(path: str) -> bool:
 
 
 def load_base_model(
-    model_name: str, init_adapter: str | None, dtype: torch.dtype, init_from_scratch: bool = False
+    model_name: str, init_adapter: str | None, dtype: torch.dtype, init_from_scratch: bool = False,
+    attn_implementation: str | None = None,
 ) -> tuple[PreTrainedModel, str, str]:
     """The base model, the folder (or hub name) its tokenizer loads from, and the setting that names that folder
     (``model.model_name`` or ``model.init_adapter``).
@@ -676,7 +780,8 @@ def load_base_model(
         log.info("init_adapter=%r is a whole model: it replaces model_name=%r", init_adapter, model_name)
         path, adapter_path, setting = adapter_path, None, "model.init_adapter"
     try:
-        base = load_causal_or_seq2seq(path, dtype, from_scratch=init_from_scratch)
+        base = load_causal_or_seq2seq(path, dtype, from_scratch=init_from_scratch,
+                                      attn_implementation=attn_implementation)
     except OSError as err:
         raise ValueError(
             f"Could not load model_name={model_name!r}: {err}\nGive a hub name (needs the network), a local "
@@ -928,3 +1033,36 @@ def merge_adapter(model: PreTrainedModel, adapter: str) -> PreTrainedModel:
     with lora_wrapping(model, config):
         wrapped = PeftModel.from_pretrained(model, adapter, config=config)
     return wrapped.merge_and_unload()
+
+
+def model_source_errors(sources: dict[str, str | None]) -> list[str]:
+    """Cheap checks of the models a run will load, before anything is built or written: each name resolves
+    (an embedded model is built, a local path exists) and a model name's config loads. ``sources``: flag -> name
+    (None: not used). Messages name the flag."""
+    errors = []
+    for flag, name in sources.items():
+        if name is None:
+            continue
+        try:
+            path = resolve_model_path(name)
+            if flag.endswith("model_name") or flag.endswith("reference_model"):
+                AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            errors.append(f"Could not load {flag.split('.')[-1]}={name!r} ({flag}): {err}\nGive a hub name (needs the network), a local folder "
+                          "written by save_pretrained, or an embedded model (embedded:tiny-t5, embedded:tiny-gpt2).")
+    return errors
+
+
+def build_policy(kwargs: dict, dtype: str, device: torch.device | None = None) -> tuple[Policy, str]:
+    """A :class:`Policy` of ``kwargs`` with its base in ``dtype`` as resolved on ``device``
+    (``settings.resolve_dtype``: ``auto`` is bfloat16 on a CUDA device with bfloat16, float32 elsewhere), and that
+    dtype. Logs the choice once (rank zero)."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from lit_rlhf.settings import resolve_dtype
+
+    lora = kwargs.get("lora") or LoraSettings()
+    trains_base = kwargs.get("finetune", "lora") == "full" or lora.bias != "none"
+    resolved, reason = resolve_dtype(dtype, device, trains_base)
+    rank_zero_info(f"Frozen base weights in {resolved} ({reason})")
+    return Policy(**kwargs, dtype=resolved), resolved

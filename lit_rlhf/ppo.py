@@ -319,7 +319,7 @@ def ppo_objective(
     logprobs: Tensor, old_logprobs: Tensor, values: Tensor | None, old_values: Tensor, advantages: Tensor,
     returns: Tensor, response_mask: Tensor, clip_range: float, clip_range_value: float, vf_coef: float,
     aggregation: str = "token_mean", norm_constant: float | None = None, ref_logprobs: Tensor | None = None,
-    kl_coef: float = 0.0, reduce_fn: ReduceFn = _identity,
+    kl_coef: float = 0.0, reduce_fn: ReduceFn = _identity, counts: list[Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One mini-batch's loss to minimise and its diagnostics, all [B, T] inputs with the response mask.
 
@@ -328,13 +328,16 @@ def ppo_objective(
     "token_mean" without a KL term is exactly ``policy_loss``. Both terms' denominators are global through
     ``reduce_fn`` (one reduction for the two; see ``aggregate``): under DDP's gradient averaging, the gradient
     is that of the processes' mini-batches put together. Diagnostics (per process): ``loss/...``, ``val/...``
-    and :func:`ppo_diagnostics`.
+    and :func:`ppo_diagnostics`. ``counts``: when the inputs are a micro-batch of a mini-batch, this process's
+    denominators of the whole mini-batch (:func:`loss_counts`); the loss is then this micro-batch's share.
     """
     per_token = policy_loss_per_token(logprobs, old_logprobs, advantages, clip_range, ref_logprobs, kl_coef)
     terms = [aggregate_terms(per_token, response_mask, aggregation, norm_constant)]
     if values is not None:
         per_token_vf = value_loss_per_token(values, old_values, returns, clip_range_value)
         terms.append(aggregate_terms(per_token_vf, response_mask, "token_mean"))
+    if counts is not None:
+        terms = [(total, count) for (total, _), count in zip(terms, counts, strict=True)]
     pg_loss, *vf = global_means(terms, reduce_fn)
     loss, stats = pg_loss, {"loss/policy": pg_loss.detach()}
     if values is not None:
@@ -618,15 +621,55 @@ def aggregate_terms(
     # where, not a product: a non-finite value on a masked position (inf * 0 = nan) must not leak
     loss = torch.where(mask, per_token, torch.zeros_like(per_token))
     lengths = mask.sum(1)  # [B]
+    count = aggregate_count(response_mask, mode)
     if mode == "token_mean":
-        return loss.sum(), lengths.sum()
+        return loss.sum(), count
     if mode == "sequence_mean":
-        return (loss.sum(1) / lengths.clamp(min=1)).sum(), (lengths > 0).sum()
+        return (loss.sum(1) / lengths.clamp(min=1)).sum(), count
+    if norm_constant is None or norm_constant <= 0:  # token_sum_norm
+        raise ValueError(f"loss_aggregation='token_sum_norm' needs norm_constant > 0, got {norm_constant}")
+    return loss.sum() / norm_constant, count
+
+
+def aggregate_count(response_mask: Tensor, mode: LossAggregation = "token_mean") -> Tensor:
+    """This process's denominator of ``aggregate`` for ``response_mask`` [B, T]: the response tokens
+    (token_mean), the non-empty rows (sequence_mean) or the rows (token_sum_norm). A scalar."""
+    lengths = response_mask.bool().sum(1)  # [B]
+    if mode == "token_mean":
+        return lengths.sum()
+    if mode == "sequence_mean":
+        return (lengths > 0).sum()
     if mode == "token_sum_norm":
-        if norm_constant is None or norm_constant <= 0:
-            raise ValueError(f"loss_aggregation='token_sum_norm' needs norm_constant > 0, got {norm_constant}")
-        return loss.sum() / norm_constant, torch.tensor(loss.shape[0], device=loss.device)
+        return torch.tensor(lengths.shape[0], device=lengths.device)
     raise ValueError(f"model.ppo.loss_aggregation={mode!r}: choose one of {LOSS_AGGREGATIONS}")
+
+
+def loss_counts(response_mask: Tensor, aggregation: LossAggregation, with_values: bool) -> list[Tensor]:
+    """This process's denominators of ``ppo_objective``'s terms for a whole mini-batch [B, T]: the policy term's
+    (``aggregation``) and, ``with_values``, the value term's (its tokens). Pass them as ``ppo_objective``'s
+    ``counts`` for each micro-batch of it: the micro-batches' gradients then add up to the mini-batch's, where a
+    mean per micro-batch would weigh a micro-batch of few tokens like one of many."""
+    counts = [aggregate_count(response_mask, aggregation)]
+    return counts + [aggregate_count(response_mask, "token_mean")] if with_values else counts
+
+
+def combine_micro_batches(parts: list[tuple[dict[str, Tensor], int]]) -> dict[str, Tensor]:
+    """One mini-batch's ``ppo_objective`` statistics from its micro-batches' (stats, response tokens): the loss
+    terms (``loss/...``, partial sums over a shared denominator) add up, ``policy/ratio_max`` is the maximum, and
+    every other statistic (a mean over tokens) is the token-weighted mean. One part: returned as it is."""
+    if len(parts) == 1:
+        return parts[0][0]
+    tokens = torch.tensor([float(n) for _, n in parts])
+    out = {}
+    for name in parts[0][0]:
+        values = torch.stack([stats[name].detach().float().cpu() for stats, _ in parts])
+        if name.startswith("loss/"):
+            out[name] = values.sum()
+        elif name == "policy/ratio_max":
+            out[name] = values.max()
+        else:
+            out[name] = (values * tokens).sum() / tokens.sum().clamp(min=1.0)
+    return out
 
 
 def global_means(terms: list[tuple[Tensor, Tensor]], reduce_fn: ReduceFn = _identity) -> list[Tensor]:

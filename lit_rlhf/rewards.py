@@ -203,6 +203,7 @@ class ClassifierReward(Reward):
         max_length: int = 512,
         text: TextField = "response",
         device: str | None = None,
+        dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None,
     ) -> None:
         """
         Args:
@@ -217,8 +218,12 @@ class ClassifierReward(Reward):
             device: Where the classifier runs. None: on the device the reward is moved to (the training
                 module's). Set e.g. ``cpu`` to keep a large classifier off the accelerator; scores are still
                 returned on the module's device.
+            dtype: The classifier's weight dtype once placed on its device. None: the training module's
+                ``model.dtype`` (as resolved: bfloat16 on a CUDA device with bfloat16 under ``auto``, float32 on a
+                CPU); ``auto``: that rule on the classifier's own device; or a dtype. Scores are float32 either way.
         """
         super().__init__()
+        _check_choice(dtype, "dtype", (None, "auto", "float32", "bfloat16", "float16"))
         _check_choice(output, "output", ("logit", "probability"))
         _check_choice(text, "text", ("response", "prompt+response"))
         if batch_size < 1:
@@ -233,6 +238,7 @@ class ClassifierReward(Reward):
         self.text = text
         self.pinned_device = None if device is None else torch.device(device)
         self.model_id = model_name
+        self.dtype, self.followed_dtype = dtype, "float32"
         self.label_index: int | None = None
         self.tokenizer: Any = None
         self.model: Any = None
@@ -283,8 +289,20 @@ class ClassifierReward(Reward):
 
     def to(self, device: str | torch.device) -> "ClassifierReward":
         super().to(device)
-        self.model.to(self.model_device)
+        self.model.to(self.model_device, dtype=getattr(torch, self.weight_dtype()))
         return self
+
+    def follow_dtype(self, dtype: str) -> None:
+        """The training module's resolved weight dtype, used when ``dtype`` is None (from the next :meth:`to`)."""
+        self.followed_dtype = dtype
+
+    def weight_dtype(self) -> str:
+        """The classifier's weight dtype on its device (``dtype``, resolved; None: the followed one)."""
+        from lit_rlhf.settings import resolve_dtype
+
+        if self.dtype is None:
+            return self.followed_dtype
+        return resolve_dtype(self.dtype, self.model_device, flag=f"{type(self).__name__}.dtype")[0]
 
     def compute(self, prompts: list[str], responses: list[str], references: list[str] | None) -> torch.Tensor:
         texts = select_text(self.text, prompts, responses)

@@ -1,7 +1,8 @@
 """The one generate -> decode -> score path: training, validation/test, prediction and the toxicity callback.
 
-    generate_responses   prompts fitted to the context, one batched sampling call (``generate``, or the
-                         cached loop of ``lit_rlhf.decoding`` with fast rollout), responses decoded
+    generate_responses   prompts fitted to the context, sampled (``generate``, or the cached loop of
+                         ``lit_rlhf.decoding`` with fast rollout) in chunks of generation.batch_size rows
+                         (``decode_in_chunks``), responses decoded
     score_responses      the reward's scores, or the reason they are unusable (non-finite)
     collect              both, timed per phase
     evaluation_rng       seeded sampling for measurements, isolated from the training run's random stream
@@ -82,17 +83,12 @@ def generate_responses(
     cached loop that keeps the sampled tokens' log-probs and values (not with sharded weights). ``synced_gpus``:
     keep decoding until every process is done (needed when every forward is a collective, FSDP/ZeRO-3).
     ``repeats``: k responses per prompt, rows of one prompt contiguous (one batched call with distinct random
-    draws; the cached loop runs a seq2seq encoder once per prompt); ``limits`` then has B x k entries."""
+    draws; the cached loop runs a seq2seq encoder once per prompt); ``limits`` then has B x k entries.
+    The rows are decoded ``settings.batch_size`` at a time (:func:`decode_in_chunks`)."""
     query_ids, query_mask = policy.fit_prompts(batch["input_ids"], batch["attention_mask"], settings.max_new_tokens[1])
-    sampled = None
-    if fast:
-        sampled = policy.sample(query_ids, query_mask, settings, limits, repeats=repeats)
-        response_ids, response_mask = sampled.response_ids, sampled.response_mask
+    response_ids, response_mask, sampled = decode_in_chunks(policy, query_ids, query_mask, settings, limits, fast,
+                                                            synced_gpus, repeats)
     query_ids, query_mask = (t.repeat_interleave(repeats, 0) for t in (query_ids, query_mask))
-    if not fast:
-        response_ids, response_mask = policy.generate(
-            query_ids, query_mask, settings, max_new_tokens=limits, synced_gpus=synced_gpus
-        )
     rows = ResponseBatch(query_ids, query_mask, response_ids, response_mask)
     texts = policy.decode(response_ids, response_mask)
     prompts, references = (_repeat(column, repeats) for column in (batch["query"], batch.get("reference")))
@@ -103,6 +99,46 @@ def generate_responses(
 def _repeat(values: list[Any] | None, repeats: int) -> list[Any] | None:
     """Each value ``repeats`` times in a row (the k responses of one prompt are contiguous)."""
     return None if values is None else [x for x in values for _ in range(repeats)]
+
+
+def decode_in_chunks(
+    policy: Policy, query_ids: Tensor, query_mask: Tensor, settings: GenerationSettings, limits: Tensor,
+    fast: bool, synced_gpus: bool | None, repeats: int,
+) -> tuple[Tensor, Tensor, SampledRollout | None]:
+    """Response ids and mask [B x k, T] (and the fast loop's log-probs and values), decoding at most
+    ``settings.batch_size`` rows at once (whole prompts: ``batch_size`` / k of them; all when None).
+
+    With ``fast``, each row samples from its own random numbers, [B x k, T] drawn at once from torch's global
+    RNG before decoding: row i's t-th token uses number (i, t) whatever the chunk size, and whichever rows
+    finished before it. ``generate`` draws for its whole chunk (``torch.multinomial``): there the tokens depend
+    on the chunk size."""
+    rows_per_chunk = settings.batch_size or len(limits)
+    prompts_per_chunk = max(1, rows_per_chunk // repeats)
+    uniforms = None
+    if fast and settings.do_sample:
+        uniforms = torch.rand(len(limits), int(limits.max()), device=query_ids.device)
+    parts = []
+    for start in range(0, query_ids.shape[0], prompts_per_chunk):
+        prompts, rows = slice(start, start + prompts_per_chunk), slice(start * repeats, (start + prompts_per_chunk) * repeats)
+        q, qm = query_ids[prompts], query_mask[prompts]
+        if fast:
+            parts.append(policy.sample(q, qm, settings, limits[rows], repeats=repeats,
+                                       uniforms=None if uniforms is None else uniforms[rows]))
+        else:
+            q, qm = (t.repeat_interleave(repeats, 0) for t in (q, qm))
+            ids, mask = policy.generate(q, qm, settings, max_new_tokens=limits[rows], synced_gpus=synced_gpus)
+            parts.append(SampledRollout(ids, mask, torch.zeros_like(mask, dtype=torch.float),
+                                        torch.zeros_like(mask, dtype=torch.float)))
+    sampled = parts[0] if len(parts) == 1 else SampledRollout(*(
+        pad_cat([getattr(part, name) for part in parts], policy.pad_token_id if name == "response_ids" else 0)
+        for name in ("response_ids", "response_mask", "logprobs", "values")))
+    return sampled.response_ids, sampled.response_mask, sampled if fast else None
+
+
+def pad_cat(tensors: list[Tensor], pad: float) -> Tensor:
+    """[b_i, T_i] tensors stacked into [sum b_i, max T_i], each right-padded with ``pad``."""
+    width = max(t.shape[1] for t in tensors)
+    return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=pad) for t in tensors])
 
 
 def score_responses(reward: Reward, generated: Generated) -> Generated:

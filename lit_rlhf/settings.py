@@ -11,15 +11,18 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
+import torch
+
 from lit_rlhf.ppo import (
     CRITIC_FREE_ESTIMATORS, GROUP_ESTIMATORS, AdaptiveKLController, AdvantageEstimator, FixedKLController,
     KLEstimator, LossAggregation,
 )
 
 LoraBias = Literal["none", "all", "lora_only"]
-WeightDtype = Literal["float32", "bfloat16", "float16"]
+WeightDtype = Literal["auto", "float32", "bfloat16", "float16"]
 """``model.dtype``: the dtype the frozen base weights are stored and computed in. The trainable weights (LoRA
-adapter, value head) and the optimizer state stay float32 in every case (peft upcasts the adapter)."""
+adapter, value head) and the optimizer state stay float32 in every case (peft upcasts the adapter). ``auto``:
+see :func:`resolve_dtype`."""
 
 
 @dataclass
@@ -79,6 +82,12 @@ class GenerationSettings:
     """Forbid repeating any n-gram of this size within a response (``generate``'s option); 0 disables it.
     For greedy evaluation summaries of small models, which otherwise loop; it makes a PPO rollout off-policy
     and is not available with fast_rollout."""
+    batch_size: int | None = None
+    """Rows decoded at once (prompts x samples per prompt); the rollout decodes its rows in chunks of this many,
+    which bounds the KV cache. None: all rows at once. With fast_rollout each row samples from its own stream of
+    random numbers, so the tokens do not depend on the chunk size; generate (fast_rollout=false) draws for the
+    whole chunk, so there the same chunk size and seed give the same tokens. A multiple of
+    model.samples_per_prompt."""
 
     def __post_init__(self) -> None:
         self.max_new_tokens = tuple(self.max_new_tokens)  # a YAML list or a checkpoint's list
@@ -99,6 +108,8 @@ class GenerationSettings:
             errors.append(f"{prefix}.temperature must be > 0, got {self.temperature}")
         if self.no_repeat_ngram_size < 0:
             errors.append(f"{prefix}.no_repeat_ngram_size must be >= 0 (0: off), got {self.no_repeat_ngram_size}")
+        if self.batch_size is not None and self.batch_size < 1:
+            errors.append(f"{prefix}.batch_size must be >= 1 (or null: all rows at once), got {self.batch_size}")
         return errors
 
 
@@ -232,10 +243,41 @@ def run_errors(
     return errors
 
 
+def memory_errors(generation_batch_size: int | None, samples_per_prompt: int, mini_batch_size: int,
+                  micro_batch_size: int | None = None) -> list[str]:
+    """Problems with the memory settings that depend on others (rollout chunk, micro-batch); messages name the flag."""
+    errors = []
+    if generation_batch_size is not None and samples_per_prompt >= 1 and generation_batch_size % samples_per_prompt:
+        errors.append(f"model.generation.batch_size={generation_batch_size} must be a multiple of "
+                      f"model.samples_per_prompt={samples_per_prompt} (a prompt's samples are decoded together)")
+    if micro_batch_size is not None and (micro_batch_size < 1 or mini_batch_size % micro_batch_size):
+        errors.append(f"model.micro_batch_size={micro_batch_size} must be >= 1 and divide "
+                      f"model.mini_batch_size={mini_batch_size} (or be null: one pass per mini-batch)")
+    return errors
+
+
 def check(errors: list[str]) -> None:
     """Raise one ValueError that lists every problem (none: return)."""
     if errors:
         raise ValueError("Invalid settings:\n  - " + "\n  - ".join(errors))
+
+
+def resolve_dtype(setting: str, device: Any = None, trains_base: bool = False, flag: str = "model.dtype") -> tuple[str, str]:
+    """The weight dtype ``setting`` stands for on ``device`` (a torch device or its name; None: the CPU), and why.
+
+    ``auto``: bfloat16 on a CUDA device that supports it (half the memory of the frozen base, and faster); float32
+    everywhere else. A CPU stays float32: bfloat16 pays there only with AVX512-BF16/AMX and a model of tens of
+    millions of parameters or more (1.5-1.6x per PPO step on a 40M T5; no gain on the embedded tiny models,
+    benchmarks/README.md), and float32 keeps CPU results as they were. ``trains_base`` (a full fine-tune, trained
+    LoRA biases): float32, as :func:`dtype_errors` requires. Any other setting is returned as it is."""
+    if setting != "auto":
+        return setting, f"{flag}={setting}"
+    if trains_base:
+        return "float32", f"{flag}=auto: float32, as the base model's weights are trained"
+    kind = str(getattr(device, "type", device or "cpu")).split(":")[0]
+    if kind == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bfloat16", f"{flag}=auto: bfloat16 on a CUDA device with bfloat16"
+    return "float32", f"{flag}=auto: float32 on {kind} (bfloat16 is chosen only on a CUDA device with bfloat16)"
 
 
 def dtype_errors(dtype: str, finetune: str = "lora", lora_bias: str = "none", prefix: str = "model") -> list[str]:
@@ -244,6 +286,8 @@ def dtype_errors(dtype: str, finetune: str = "lora", lora_bias: str = "none", pr
     Trained weights stored in half precision would make AdamW update half-precision master weights, where an
     update smaller than about 2**-8 of the weight (bfloat16's rounding) is lost."""
     errors = _choice(dtype, f"{prefix}.dtype", WeightDtype)
+    if dtype == "auto":  # resolves to float32 where the base is trained
+        return errors
     if dtype != "float32" and finetune == "full":
         errors.append(f"{prefix}.finetune=full trains every weight, which {prefix}.dtype={dtype} would store (and "
                       f"update) in {dtype}: use {prefix}.dtype=float32 with trainer.precision=bf16-mixed, or "

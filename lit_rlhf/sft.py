@@ -28,8 +28,8 @@ from transformers.optimization import Adafactor
 from lit_rlhf import ppo
 from lit_rlhf import distributed as dist
 from lit_rlhf import rollout as ro
-from lit_rlhf.policy import GenerationSettings, LoraSettings, Policy
-from lit_rlhf.settings import WeightDtype, check_precision
+from lit_rlhf.policy import GenerationSettings, LoraSettings, Policy, build_policy, model_source_errors
+from lit_rlhf.settings import WeightDtype, check, check_precision, dtype_errors
 from lit_rlhf.threads import NumThreads, num_threads_errors, use_num_threads
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
@@ -63,7 +63,8 @@ class SFTModule(L.LightningModule):
         init_adapter: start from this peft adapter (merged in) or whole ``save_pretrained`` model folder.
         init_from_scratch: random weights from ``model_name``'s config (needs ``finetune="full"``).
         dtype: dtype of the frozen base weights with ``finetune="lora"`` (the adapter stays float32); a
-            full fine-tune needs float32 weights (use ``trainer.precision=bf16-mixed`` for bf16 speed).
+            full fine-tune needs float32 weights (use ``trainer.precision=bf16-mixed`` for bf16 speed). auto:
+            bfloat16 for a LoRA run on a CUDA device with bfloat16, float32 otherwise; the run logs its choice.
         optimizer: ``adamw``, or ``adafactor``: transformers' Adafactor with updates relative to each weight's
             scale (``scale_parameter``), T5's own optimizer; T5 initialises its attention queries about 8x
             smaller than its other weights, and AdamW's equal-sized steps swamp them, so a T5 trained from
@@ -81,7 +82,13 @@ class SFTModule(L.LightningModule):
             ``<log_dir>/model`` (full).
         num_threads: torch's intra-op CPU threads; auto: 1 for a small model, else torch's default
             (``lit_rlhf.threads``); None leaves torch's setting.
+        gradient_checkpointing: recompute each transformer block's activations in the backward pass instead of
+            keeping them (less activation memory, about one more forward per step).
+        attn_implementation: the attention kernel ``from_pretrained`` builds (sdpa, eager, flash_attention_2, ...);
+            null: transformers' own choice.
     """
+
+    policy: Policy  # built in configure_model
 
     def __init__(
         self,
@@ -90,7 +97,7 @@ class SFTModule(L.LightningModule):
         lora: LoraSettings | None = None,
         init_adapter: str | None = None,
         init_from_scratch: bool = False,
-        dtype: WeightDtype = "float32",
+        dtype: WeightDtype = "auto",
         optimizer: Literal["adamw", "adafactor"] = "adamw",
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
@@ -102,6 +109,8 @@ class SFTModule(L.LightningModule):
         no_repeat_ngram_size: int = 0,
         export_dir: str | None = None,
         num_threads: NumThreads = "auto",
+        gradient_checkpointing: bool = False,
+        attn_implementation: str | None = None,
     ) -> None:
         super().__init__()
         check_sft_settings(learning_rate, weight_decay, warmup_steps, lr_schedule, decay_steps, min_lr_ratio,
@@ -109,21 +118,46 @@ class SFTModule(L.LightningModule):
         self.save_hyperparameters()
         # checkpoints of a LoRA run hold only the trainable weights (see on_save_checkpoint)
         self.strict_loading = False
-        self.policy = Policy(
-            model_name, lora=lora, init_adapter=init_adapter, dtype=dtype, value_head=False,
-            finetune=finetune, init_from_scratch=init_from_scratch,
+        # the policy is built in configure_model (where a strategy places or shards it); cheap checks now
+        if init_from_scratch and finetune != "full":
+            raise ValueError("model.init_from_scratch=True trains a model from random weights: it needs "
+                             "finetune='full' (model.finetune)")
+        check(dtype_errors(dtype, finetune, (lora or LoraSettings()).bias)
+              + model_source_errors({"model.model_name": model_name, "model.init_adapter": init_adapter}))
+        self.policy_kwargs = dict(
+            model_name=model_name, lora=lora, init_adapter=init_adapter, value_head=False, finetune=finetune,
+            init_from_scratch=init_from_scratch, gradient_checkpointing=gradient_checkpointing,
+            attn_implementation=attn_implementation,
         )
-        self.policy.train()
+        self.weight_dtype = "float32"  # model.dtype as resolved on the run's device (configure_model)
         self.rouge = ROUGEScore(rouge_keys=ROUGE_KEYS)
 
     # ------------------------------------------------------------------ training
 
-    def setup(self, stage: str) -> None:
-        use_num_threads(self.hparams.num_threads, self.policy, self._trainer)  # in every process, after launch
+    def configure_model(self) -> None:
+        """Build the policy once per process, in the base dtype ``model.dtype`` resolves to on the run's device
+        (see ``PPOModule.configure_model``); a second call builds nothing. Each call sets torch's CPU threads
+        (``model.num_threads``)."""
+        if "policy" not in self._modules:
+            self._build_policy()
+        # in every process, after launch; also when the policy was built earlier
+        use_num_threads(self.hparams.num_threads, self.policy, self._trainer)
+
+    def _build_policy(self) -> None:
+        """The policy, in the base dtype ``model.dtype`` resolves to on the run's device."""
+        device = getattr(getattr(self._trainer, "strategy", None), "root_device", None)  # None: no trainer yet
+        self.policy, self.weight_dtype = build_policy(self.policy_kwargs, self.hparams.dtype, device)
+        self.policy.train(self.training)  # the module's mode, also when it was set before the build
+
+    def __getattr__(self, name: str) -> Any:
+        # outside a Trainer (scripts, tests), the policy is built on first use
+        if name == "policy" and "policy" not in self.__dict__.get("_modules", {}) and "policy_kwargs" in self.__dict__:
+            self._build_policy()
+        return super().__getattr__(name)
 
     def on_fit_start(self) -> None:
         # 16-mixed is fine here: automatic optimization unscales its gradients
-        check_precision(self.trainer.precision, self.hparams.dtype, self.device, gradient_scaler=True)
+        check_precision(self.trainer.precision, self.weight_dtype, self.device, gradient_scaler=True)
 
     def sft_loss(self, batch: dict[str, Any], reduce_fn: ppo.ReduceFn | None = None) -> Tensor:
         """Mean negative log-likelihood of the reference summary tokens (teacher forcing). Scalar.

@@ -310,14 +310,10 @@ def test_strategy_overlay_instantiates(overlay):
     if name == "ddp":
         assert type(strategy).__name__ == "DDPStrategy" and strategy._ddp_kwargs["find_unused_parameters"] is False
     elif name == "fsdp":
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-        from transformers.models.gpt2.modeling_gpt2 import GPT2Block
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-        from transformers.models.t5.modeling_t5 import T5Block
+        from lit_rlhf.distributed import DeclaredBlocksWrapPolicy
 
-        policy = strategy.kwargs["auto_wrap_policy"]
-        # the YAML list became real classes: each transformer block is its own FSDP unit
-        assert isinstance(policy, ModuleWrapPolicy) and policy._module_classes == {T5Block, GPT2Block, LlamaDecoderLayer}
+        # each block the model declares (_no_split_modules) is its own FSDP unit (tests/test_memory.py)
+        assert isinstance(strategy.kwargs["auto_wrap_policy"], DeclaredBlocksWrapPolicy)
         # LoRA leaves frozen and trainable weights in one block: FSDP needs use_orig_params for that
         assert strategy.kwargs["use_orig_params"] is True
         assert strategy._state_dict_type == "full"

@@ -94,12 +94,13 @@ def test_use_num_threads_sets_torch_and_logs_the_choice_once(restore_threads, mo
     assert use_num_threads(2, FakePolicy(TINY_T5)) == 2 and torch.get_num_threads() == 2
 
 
-def test_both_modules_apply_the_setting_in_setup(restore_threads, monkeypatch):
+def test_both_modules_apply_the_setting_in_configure_model(restore_threads, monkeypatch):
+    # configure_model: where the policy is built, in every process after launch (Lightning calls it per stage)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     for module in (PPOModule(log_samples_every=0), SFTModule()):
         torch.set_num_threads(2)
-        module.setup("fit")  # auto, embedded tiny T5
+        module.configure_model()  # auto, embedded tiny T5
         assert torch.get_num_threads() == 1
     torch.set_num_threads(1)
-    PPOModule(num_threads=2).setup("validate")
+    PPOModule(num_threads=2).configure_model()
     assert torch.get_num_threads() == 2
