@@ -4,7 +4,9 @@
     python benchmarks/seeds.py --seeds 0 1 2 3 4 --no-run            # only summarise runs that are there
     python benchmarks/seeds.py --seeds 0 1 --extra --config configs/embedded_t5.yaml   # flags after --extra
 
-Each seed runs in its own folder (`<workdir>/seed_N`, `lit-rlhf fit --seed_everything N` plus the extra flags),
+Each seed runs in its own folder (`<workdir>/seed_N`, `lit-rlhf fit --seed_everything N --model.seed N` plus the
+extra flags: the first seeds training's sampling and weights, the second the response-length draws and the
+sampling of the before/after measurement, so "before" varies too),
 one after the other, so the runs do not compete for the cores. The summary, one row per headline figure of the
 report (toxicity before/after and its relative decrease, the reward gain, ROUGE-1 retained, the paired tests'
 p-values) with the mean, the sample standard deviation, the minimum and the maximum over seeds, is printed and
@@ -97,11 +99,16 @@ def run_seed(seed: int, folder: Path, extra: list[str]) -> Path:
     """Run ``lit-rlhf fit --seed_everything seed`` in ``folder``; return its report.json."""
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    command = [sys.executable, "-m", "lit_rlhf.cli", "fit", "--seed_everything", str(seed), *extra]
+    command = [sys.executable, "-m", "lit_rlhf.cli", "fit", *seed_flags(seed), *extra]
     with open(folder / "run.log", "w") as log:
         subprocess.run(command, cwd=folder, stdout=log, stderr=subprocess.STDOUT, check=True)
     print(f"seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
     return find_report(folder)
+
+
+def seed_flags(seed: int) -> list[str]:
+    """The flags that seed one run: Lightning's global seed and the module's own (length draws, measurements)."""
+    return ["--seed_everything", str(seed), "--model.seed", str(seed)]
 
 
 def find_report(folder: Path) -> Path:
@@ -126,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         report = find_report(folder) if args.no_run else run_seed(seed, folder, args.extra)
         per_seed[seed] = headline_figures(json.loads(report.read_text()))
     summary = summarise(per_seed)
-    command = " ".join(["lit-rlhf fit --seed_everything N", *args.extra])
+    command = " ".join(["lit-rlhf fit --seed_everything N --model.seed N", *args.extra])
     text = render(per_seed, summary, command)
     print(text)
     args.results.write_text(text)
