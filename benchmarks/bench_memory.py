@@ -247,9 +247,12 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def per_token_slopes(results: list[dict[str, Any]]) -> dict[tuple[str, str, bool], float]:
     """Bytes per token of one update pass, from the micro-batch 8 vs 1 pairs: (extra_8 - extra_1) / (7 rows x
-    tokens per row), keyed by (size, dtype, checkpointing)."""
-    by = {(r["size"], r["dtype"], r["checkpointing"], r["micro"]): r for r in results
-          if not r["grpo"] and r["chunk"] is None}
+    tokens per row), keyed by (size, dtype, checkpointing). PPO runs only."""
+    by: dict[tuple, dict[str, Any]] = {}
+    for r in results:  # a rollout chunk changes the decode, not the update pass: used where no run without one
+        key = (r["size"], r["dtype"], r["checkpointing"], r["micro"])
+        if not r["grpo"] and (key not in by or r["chunk"] is None):
+            by[key] = r
     tokens = (ROWS - 1) * (PROMPT_TOKENS + RESPONSE_TOKENS)
     return {(size, dtype, ckpt): (by[(size, dtype, ckpt, None)]["step_extra"] - one["step_extra"]) / tokens
             for (size, dtype, ckpt, micro), one in by.items() if micro == 1 and (size, dtype, ckpt, None) in by}
@@ -331,6 +334,8 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         lines += [f"| {p['dtype']} | {p['checkpointing']} | {p['micro_batch']} | {p['rollout_chunk']} | "
                   f"{p['weights_gib']:.1f} | {p['kv_gib']:.1f} | {p['update_gib']:.1f} | {p['peak_gib']:.1f} | "
                   f"{'yes' if p['fits'] else 'no'} |" for p in prediction]
+    lines += ["", "The fit has as many points as sizes measured (two: an exact solve, not a check). What the numbers say, "
+              "and the limits of the 7B prediction: README.md, section \"Bigger models\"."]
     return "\n".join(lines) + "\n"
 
 
