@@ -31,6 +31,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+# /proc/self/status readings, shared with the PPO step benchmark (benchmarks/ is on the path of a script run here)
+from bench_ppo_step import reset_peak_rss as reset_peak
+from bench_ppo_step import vm_kib as rss_kib
+
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache"
 MIB = 2**20
@@ -131,23 +135,6 @@ def build_model_dir(size: str, cache: Path = CACHE) -> Path:
 
 
 # ---------------------------------------------------------------------------------- worker (one configuration)
-
-
-def rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:

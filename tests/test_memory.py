@@ -10,55 +10,29 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers as tf
 from torch.testing import assert_close
-from transformers import AutoTokenizer, GenerationConfig
 
 from lit_rlhf.policy import LoraSettings, Policy, ResponseBatch
-from lit_rlhf.tiny import resolve_model_path
 
 from conftest import perturb_lora
+from tiny_architectures import build_tiny
 
 T5, GPT2 = "embedded:tiny-t5", "embedded:tiny-gpt2"
 SMALL_LORA = LoraSettings(r=4, alpha=4)
 PROMPTS = ["#Person1#: Hello there, how are you today? #Person2#: Fine, thanks.", "Hi",
            "#Person2#: I would like a cup of tea, please."]
 
-DECODER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-           "num_key_value_heads": 2, "max_position_embeddings": 512}
-TINY_CONFIGS = {
-    "llama": lambda vocab, eos: tf.LlamaConfig(**DECODER, vocab_size=vocab, bos_token_id=eos, eos_token_id=eos,
-                                               pad_token_id=eos),
-    "qwen2": lambda vocab, eos: tf.Qwen2Config(**DECODER, vocab_size=vocab, bos_token_id=eos, eos_token_id=eos,
-                                               pad_token_id=eos),
-    # dropout 0.1 at every level (attention, activation, the layer's own functional dropout)
-    "bart": lambda vocab, eos: tf.BartConfig(
-        d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-        encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=512, vocab_size=vocab, pad_token_id=0,
-        eos_token_id=eos, forced_eos_token_id=eos, decoder_start_token_id=1, bos_token_id=0, dropout=0.1,
-        attention_dropout=0.1, activation_dropout=0.1),
-}
-
-
-def build_tiny(kind: str, path: Path) -> str:
-    """A tiny random ``kind`` model (a key of TINY_CONFIGS) with an embedded tokenizer, saved like a hub model."""
-    seq2seq = kind == "bart"
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(T5 if seq2seq else GPT2))
-    config = TINY_CONFIGS[kind](len(tokenizer), tokenizer.eos_token_id)
-    cls = tf.AutoModelForSeq2SeqLM if seq2seq else tf.AutoModelForCausalLM
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = cls.from_config(config)
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=config.pad_token_id)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+TINY_KINDS = {"llama": {}, "qwen2": {},
+              # dropout 0.1 at every level (attention, activation, the layer's own functional dropout)
+              "bart": {"dropout": 0.1, "attention_dropout": 0.1, "activation_dropout": 0.1}}
+"""Tiny config-built models (``tiny_architectures``) and the config fields set over their builders'."""
 
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("tiny_models")
-    return {T5: T5, GPT2: GPT2, **{kind: build_tiny(kind, root / kind) for kind in TINY_CONFIGS}}
+    return {T5: T5, GPT2: GPT2, **{kind: build_tiny(kind, root / kind, config_fields=fields)
+                                   for kind, fields in TINY_KINDS.items()}}
 
 
 def make_policy(name: str, **kwargs) -> Policy:

@@ -67,13 +67,17 @@ CONFIGS: dict[str, Callable[[int, int], Any]] = {
 SEQ2SEQ = ("bart", "mbart", "pegasus", "mt5")
 
 
-def build_tiny(kind: str, path: Path, seed: int = 0, **generation: Any) -> str:
+def build_tiny(kind: str, path: Path, seed: int = 0, config_fields: dict[str, Any] | None = None,
+               **generation: Any) -> str:
     """Write a tiny random ``kind`` model (a key of ``CONFIGS``) and its tokenizer into ``path``; returns it.
-    ``generation``: fields of the saved ``generation_config`` (e.g. several ``eos_token_id``, a
-    ``forced_bos_token_id``) over the ones the config implies."""
+    ``config_fields``: model config fields over the builder's (e.g. dropout rates). ``generation``: fields of the
+    saved ``generation_config`` (e.g. several ``eos_token_id``, a ``forced_bos_token_id``) over the ones the
+    config implies."""
     embedded = "embedded:tiny-t5" if kind in SEQ2SEQ else "embedded:tiny-gpt2"
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(embedded))
     config = CONFIGS[kind](len(tokenizer), tokenizer.eos_token_id)
+    for name, value in (config_fields or {}).items():
+        setattr(config, name, value)
     model_class = tf.AutoModelForSeq2SeqLM if kind in SEQ2SEQ else tf.AutoModelForCausalLM
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
