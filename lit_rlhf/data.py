@@ -208,7 +208,7 @@ class DialogSumDataModule(PromptDataModule):
             num_workers=num_workers, shuffle=shuffle, seed=seed, with_labels=with_labels,
             max_completion_tokens=max_summary_tokens, group_by_length=group_by_length, predict_path=predict_path,
         )
-        self.save_hyperparameters()  # this preset's own arguments, not the generic module's
+        self.save_hyperparameters(logger=False)  # this preset's own arguments (logged: the module's; config.yaml has these)
         self.prompt_template = prompt_template
         self.max_summary_tokens = max_summary_tokens
 

@@ -413,7 +413,7 @@ class PromptDataModule(L.LightningDataModule):
         settings = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         check_prompt_settings(settings)
         if type(self) is PromptDataModule:  # a preset saves its own arguments
-            self.save_hyperparameters()
+            self.save_hyperparameters(logger=False)  # logged settings are the module's; config.yaml has these
         for name, value in settings.items():  # every argument is also an attribute of the same name
             setattr(self, name, value)
         self.consumed_batches = 0  # rollout batches training has taken from the prompt stream (state_dict)

@@ -85,9 +85,11 @@ def test_bad_setting_is_a_clear_error(tmp_path, monkeypatch, capsys):
 
 def test_embedded_default_fit_logs_and_exports(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = run(["fit", *QUICK])
+    # the module's seed and the data module's are separate settings: different values must not clash
+    cli = run(["fit", *QUICK, "--model.seed", "3"])
     run_dir = Path(cli.trainer.log_dir)
     assert cli.model.ppo_step == 2
+    assert (cli.model.hparams.seed, cli.datamodule.hparams.seed) == (3, 0)
     # links: the data module's tokenizer follows the policy, the module sees the rollout batch
     assert cli.datamodule.hparams.model_name == cli.model.hparams.model_name == "embedded:tiny-t5"
     assert cli.model.hparams.rollout_batch_size == cli.datamodule.hparams.batch_size == 8
