@@ -300,8 +300,7 @@ def summary_lines(report: dict[str, Any], with_warning: bool = True) -> list[str
         out.append(f"**WARNING:** {report['warning']}")
     settings = report["settings"]
     out.append(
-        f"{report['num_prompts']} held-out prompts (the recipe's split: the part of the filtered train split that "
-        f"data.test_size, 20%, holds out of PPO rollouts; ids are DialogSum train ids); "
+        f"{report['num_prompts']} held-out prompts ({settings.get('held_out', 'the held-out split')}); "
         f"toxicity = {settings['evaluator']} on the {settings['text']}; "
         f"reward = {settings['reward']}."
     )

@@ -266,6 +266,8 @@ class ToxicityCallback(L.Callback):
                 "ToxicityCallback reads its held-out prompts from the data module's `test_set` (DialogSumDataModule): "
                 "pass a datamodule to trainer.fit / trainer.test"
             )
+        describe = getattr(datamodule, "held_out_description", None)
+        self.held_out = describe() if callable(describe) else "the data module's held-out prompts"
         self.prompts = select_prompts(datamodule.test_set, self.num_prompts,
                                       getattr(datamodule, "reference_column", "summary"))
         self.generation_used = self.generation or pl_module.generation
@@ -300,6 +302,7 @@ class ToxicityCallback(L.Callback):
             "reward": pl_module.reward.describe(),
             "std": "population (ddof=0)",
             "paired_test": self.paired_test,
+            "held_out": self.held_out,
         }
 
     def _signature(self) -> dict[str, Any]:

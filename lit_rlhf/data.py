@@ -212,6 +212,11 @@ class DialogSumDataModule(PromptDataModule):
         self.prompt_template = prompt_template
         self.max_summary_tokens = max_summary_tokens
 
+    def held_out_description(self) -> str:
+        """The recipe's held-out prompts, in words, for the toxicity report."""
+        return (f"the recipe's split: the part of the filtered {self.split} split that data.test_size, "
+                f"{self.test_size:.0%}, holds out of PPO rollouts; ids are DialogSum {self.split} ids")
+
     def required_columns(self) -> list[str]:
         return list(REQUIRED_COLUMNS)
 

@@ -600,6 +600,13 @@ class PromptDataModule(L.LightningDataModule):
         return DataLoader(self.predict_set, batch_size=self.eval_batch_size, shuffle=False,
                           collate_fn=self._collator(columns, labels=False), num_workers=self.num_workers)
 
+    def held_out_description(self) -> str:
+        """Where the held-out prompts come from, in words, for the toxicity report (ids are the source's)."""
+        if self.eval_split is not None:
+            return f"split {self.eval_split!r} of data.dataset={self.dataset!r}; ids are that split's"
+        return (f"the {self.test_size:.0%} of split {self.split!r} of data.dataset={self.dataset!r} that data.test_size "
+                f"holds out of PPO rollouts; ids are that split's")
+
     def reward_inputs(self, stage: str) -> tuple[list[str], bool]:
         """What a reward can read in ``stage`` (after ``setup``): the source columns, and whether there are
         references. ``PPOModule`` checks its reward against these before the first step."""

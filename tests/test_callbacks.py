@@ -189,6 +189,7 @@ def test_report_files_hold_recomputable_aggregates(fitted):
     log_dir = Path(trainer.log_dir)
     report = json.loads((log_dir / "report.json").read_text())
     markdown = (log_dir / "report.md").read_text()
+    assert "ids are DialogSum train ids" in markdown  # the preset describes its held-out prompts
     p = report["per_prompt"]
     tox_b, tox_a = np.array(p["toxicity_before"]), np.array(p["toxicity_after"])
     rew_b, rew_a = np.array(p["reward_before"]), np.array(p["reward_after"])

@@ -217,6 +217,7 @@ def test_jsonl_prompts_without_references_fit_validate_test_predict(tmp_path, mo
     assert "rouge1" not in report["before"] and "rouge1_before" not in report["per_prompt"]
     markdown = (run_dir / "report.md").read_text()
     assert "ROUGE" not in markdown.split("\n\n")[1] and "No ROUGE: the held-out prompts have no references" in markdown
+    assert "DialogSum" not in markdown and "that data.test_size holds out of PPO rollouts" in markdown
     last = next(run_dir.rglob("last.ckpt"))
     validate = run(["validate", "--ckpt_path", str(last), *quick])
     assert torch.isfinite(validate.trainer.callback_metrics["val/reward_mean"])
