@@ -5,8 +5,8 @@
     python benchmarks/seeds.py --seeds 0 1 --extra --config configs/embedded_t5.yaml   # flags after --extra
 
 Each seed runs in its own folder (`<workdir>/seed_N`, `lit-rlhf fit --seed_everything N --model.seed N` plus the
-extra flags: the first seeds training's sampling and weights, the second the response-length draws and the
-sampling of the before/after measurement, so "before" varies too),
+extra flags: the first seeds training's sampling and weights, the second the response-length draws; the
+before/after measurement keeps the toxicity callback's own seed, so "before" is the same in every run),
 one after the other, so the runs do not compete for the cores. The summary, one row per headline figure of the
 report (toxicity before/after and its relative decrease, the reward gain, ROUGE-1 retained, the paired tests'
 p-values) with the mean, the sample standard deviation, the minimum and the maximum over seeds, is printed and
