@@ -343,9 +343,6 @@ class LitRLHFCLI(CommonCLI):
         check_trainer_settings(self.trainer)
         check_callbacks(self.trainer)
 
-    def before_predict(self) -> None:
-        add_prediction_writer(self.trainer)
-
     def add_arguments_to_parser(self, parser) -> None:
         data = data_prefix(self, parser)
         # the policy model also picks the data module's tokenizer and padding side

@@ -511,7 +511,8 @@ class Policy(nn.Module):
         if blocker is not None:
             if not getattr(self, "_noted_exact_rollout", False):
                 log.warning("model.fast_rollout: the cached decode loop cannot serve this model (%s); rollouts use "
-                            "exact mode (generate, then a scoring pass)", blocker)
+                            "exact mode (generate, then a scoring pass; its samples depend on "
+                            "model.generation.batch_size)", blocker)
                 self._noted_exact_rollout = True
             return self._sample_exact(input_ids, attention_mask, settings, max_new_tokens, repeats)
         with self.mode(dropout=False):

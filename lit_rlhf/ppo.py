@@ -659,10 +659,11 @@ def combine_micro_batches(parts: list[tuple[dict[str, Tensor], int]]) -> dict[st
     every other statistic (a mean over tokens) is the token-weighted mean. One part: returned as it is."""
     if len(parts) == 1:
         return parts[0][0]
-    tokens = torch.tensor([float(n) for _, n in parts])
+    device = next(iter(parts[0][0].values())).device  # stays where the statistics are: they are reduced later
+    tokens = torch.tensor([float(n) for _, n in parts], device=device)
     out = {}
     for name in parts[0][0]:
-        values = torch.stack([stats[name].detach().float().cpu() for stats, _ in parts])
+        values = torch.stack([stats[name].detach().float() for stats, _ in parts])
         if name.startswith("loss/"):
             out[name] = values.sum()
         elif name == "policy/ratio_max":

@@ -338,3 +338,11 @@ def test_rollout_statistics_over_processes_equal_those_of_the_concatenated_batch
     assert_close(expected["env/reward_mean"], both["scores"].mean())
     assert_close(expected["ppo/returns/mean"], both["returns"][both["response_mask"].bool()].mean())
     assert {"env/reward/a_mean", "objective/kl", "ppo/val/var_explained", "tokens/responses_len_mean"} <= set(expected)
+
+
+def test_combined_micro_batch_statistics_stay_on_their_device():
+    # reduced across processes afterwards beside the (GPU) gradient norm: no silent move to the CPU
+    parts = [({"loss/policy": torch.ones((), device="meta"), "policy/ratio_max": torch.ones((), device="meta"),
+               "policy/clipfrac": torch.ones((), device="meta")}, n) for n in (3, 5)]
+    out = ppo.combine_micro_batches(parts)
+    assert {v.device.type for v in out.values()} == {"meta"}
