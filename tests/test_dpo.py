@@ -1,0 +1,173 @@
+"""DPO: the losses by hand, log 2 at the start, a short fit raises the margin, the adapter loads with plain peft."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch.testing import assert_close
+
+from conftest import perturb_lora
+from lit_rlhf.dpo import DPOModule, dpo_loss, sequence_logps
+from lit_rlhf.policy import Policy
+
+PROMPTS = ["Summarize: the cat sat on the mat.", "Summarize: a dog ran in the park today.",
+           "Summarize: we met at noon.", "Summarize: rain fell all night long."]
+CHOSEN = "good summary"
+REJECTED = "terrible awful text here"
+
+
+def _pad(rows: list[list[int]], value: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, L] ids and mask of token lists, padded on ``side``."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        cols = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[i, cols], mask[i, cols] = torch.tensor(row), 1
+    return ids, mask
+
+
+def contract_batch(policy: Policy, prompts: list[str], chosen: list[str], rejected: list[str]) -> dict:
+    """A preference batch as the contract describes it, built with the policy's tokenizer."""
+    tok = policy.tokenizer
+    side = policy.lm.query_padding_side  # right for seq2seq, left for decoder-only
+
+    def response(text: str) -> list[int]:  # no prompt, no decoder start; eos last
+        return tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+    prompt_ids, prompt_mask = _pad([tok(p)["input_ids"] for p in prompts], tok.pad_token_id, side)
+    chosen_ids, chosen_mask = _pad([response(t) for t in chosen], tok.pad_token_id, "right")
+    rejected_ids, rejected_mask = _pad([response(t) for t in rejected], tok.pad_token_id, "right")
+    return {"prompt_input_ids": prompt_ids, "prompt_attention_mask": prompt_mask,
+            "chosen_ids": chosen_ids, "chosen_mask": chosen_mask,
+            "rejected_ids": rejected_ids, "rejected_mask": rejected_mask,
+            "prompt": prompts, "chosen": chosen, "rejected": rejected, "id": [str(i) for i in range(len(prompts))]}
+
+
+def fixed_pairs(policy: Policy) -> dict:
+    n = len(PROMPTS)
+    return contract_batch(policy, PROMPTS, [CHOSEN] * n, [REJECTED] * n)
+
+
+def test_losses_match_hand_computed_values():
+    """Formulas compared with TRL's ``DPOTrainer.dpo_loss`` (trl/trainer/dpo_trainer.py: sigmoid with
+    label_smoothing, ipo ``(logits - 1/(2 beta))**2``, rewards ``beta * (policy - reference)`` logps)."""
+    pc, pr = torch.tensor([-1.0, -4.0]), torch.tensor([-3.0, -2.0])
+    rc, rr = torch.tensor([-2.0, -3.0]), torch.tensor([-2.0, -3.0])
+    # h = (pc - rc) - (pr - rr) = [1 - (-1), -1 - 1] = [2, -2]
+    loss, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta=0.5)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    assert_close(loss, torch.tensor([-math.log(sig(1.0)), -math.log(sig(-1.0))]))
+    assert_close(chosen, torch.tensor([0.5, -0.5]))  # 0.5 * (pc - rc)
+    assert_close(rejected, torch.tensor([-0.5, 0.5]))  # 0.5 * (pr - rr)
+    # cDPO, eps = 0.1: -(0.9) log sig(1) - 0.1 log sig(-1) for the first pair
+    smoothed, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.5, label_smoothing=0.1)
+    expected = [-0.9 * math.log(sig(x)) - 0.1 * math.log(sig(-x)) for x in (1.0, -1.0)]
+    assert_close(smoothed, torch.tensor(expected))
+    # IPO, beta = 0.5: (h - 1)^2 = [1, 9]
+    ipo, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.5, loss_type="ipo")
+    assert_close(ipo, torch.tensor([1.0, 9.0]))
+
+
+def test_sequence_logps_sum_or_mean_over_the_response_mask():
+    logprobs = torch.tensor([[-1.0, -2.0, -9.0], [-3.0, -9.0, -9.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert_close(sequence_logps(logprobs, mask), torch.tensor([-3.0, -3.0]))
+    assert_close(sequence_logps(logprobs, mask, average=True), torch.tensor([-1.5, -3.0]))
+
+
+@pytest.mark.parametrize("model_name", ["embedded:tiny-t5", "embedded:tiny-gpt2"])
+def test_at_step_zero_the_loss_is_log_2_and_the_rewards_are_zero(model_name):
+    # a fresh LoRA (B = 0) is the reference: h = 0 for every pair
+    torch.manual_seed(0)
+    module = DPOModule(model_name, dtype="float32")
+    metrics = module.dpo_step(fixed_pairs(module.policy))
+    assert_close(metrics["loss"], torch.tensor(math.log(2.0)))
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert_close(metrics[key], torch.tensor(0.0))
+    assert metrics["logps/chosen"] < 0 and metrics["logps/rejected"] < 0
+
+
+def test_a_separate_reference_model_is_the_reference():
+    torch.manual_seed(0)
+    module = DPOModule("embedded:tiny-gpt2", dtype="float32", reference_model="embedded:tiny-gpt2")
+    assert module.policy.reference is not None
+    perturb_lora(module.policy.model)  # the policy moves; the separate reference does not
+    pairs = fixed_pairs(module.policy)
+    policy_chosen, _, ref_chosen, _ = module.pair_logps(pairs)
+    own = DPOModule("embedded:tiny-gpt2", dtype="float32")
+    _, _, own_ref_chosen, _ = own.pair_logps(pairs)
+    assert_close(ref_chosen, own_ref_chosen)  # the same base weights
+    assert not torch.allclose(policy_chosen, ref_chosen)
+
+
+def test_bad_settings_fail_naming_the_flag():
+    with pytest.raises(ValueError, match="model.beta"):
+        DPOModule(beta=0.0)
+    with pytest.raises(ValueError, match="model.label_smoothing"):
+        DPOModule(loss_type="ipo", label_smoothing=0.1)
+    with pytest.raises(ValueError, match="model.loss_type"):
+        DPOModule(loss_type="hinge")
+
+
+class Recorder(L.Callback):
+    def __init__(self):
+        self.margins: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.margins.append(float(trainer.callback_metrics["train/rewards/margins"]))
+
+
+@pytest.fixture(scope="module", params=["embedded:tiny-t5", "embedded:tiny-gpt2"])
+def fitted(request, tmp_path_factory):
+    """A short DPO fit on a tiny model: chosen is always one phrase, rejected another."""
+    tmp = tmp_path_factory.mktemp("dpo")
+    torch.manual_seed(0)
+    module = DPOModule(request.param, dtype="float32", learning_rate=5e-3, beta=0.5)
+    batch = fixed_pairs(module.policy)
+    loader = torch.utils.data.DataLoader([batch] * 12, batch_size=None)
+    recorder = Recorder()
+    trainer = L.Trainer(default_root_dir=tmp, max_steps=12, accelerator="cpu", devices=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        num_sanity_val_steps=0, callbacks=[recorder])
+    trainer.fit(module, loader, torch.utils.data.DataLoader([batch], batch_size=None))
+    recorder.final = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    return module, recorder, batch, tmp / "adapter"
+
+
+def test_a_short_fit_raises_the_margin(fitted):
+    module, recorder, batch, _ = fitted
+    assert recorder.margins[-1] > recorder.margins[0] + 0.1
+    names = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+             "logps/chosen", "logps/rejected"]  # TRL's DPOTrainer metrics
+    assert {f"{stage}/{name}" for stage in ("train", "val") for name in names} <= set(recorder.final)
+    assert recorder.final["val/rewards/margins"] > 0.1
+    after = module.dpo_step(batch)
+    assert after["loss"] < math.log(2.0) and after["rewards/accuracies"] == 1.0
+
+
+def test_the_export_loads_with_plain_peft_and_as_init_adapter(fitted):
+    from peft import PeftModel
+
+    from lit_rlhf.policy import ResponseBatch, load_causal_or_seq2seq
+    from lit_rlhf.tiny import resolve_model_path
+
+    module, _, batch, export = fitted
+    assert (export / "adapter_config.json").is_file()
+    module.eval()
+    pairs = ResponseBatch(batch["prompt_input_ids"], batch["prompt_attention_mask"], batch["chosen_ids"],
+                          batch["chosen_mask"])
+    rows = [torch.arange(len(batch["chosen_ids"]))]
+    expected = module.policy.score(pairs, rows, policy=True, values=False, reference=False).logprobs
+    # plain peft on the base model: the same logits, hence the same log-probs
+    base = load_causal_or_seq2seq(resolve_model_path(module.policy.model_name))
+    loaded = PeftModel.from_pretrained(base, export).eval()
+    with torch.no_grad():
+        logits, _ = module.policy.lm.teacher_forced(loaded, *pairs.tensors())
+    logprobs = torch.log_softmax(logits.float(), -1).gather(-1, pairs.response_ids.unsqueeze(-1)).squeeze(-1)
+    assert_close(logprobs * pairs.response_mask, expected, atol=1e-5, rtol=1e-5)
+    # PPO's model.init_adapter merges it: its reference is the DPO policy
+    ppo_policy = Policy(module.policy.model_name, init_adapter=str(export), value_head=False).eval()
+    reference = ppo_policy.score(pairs, rows, policy=False, values=False, reference=True).ref_logprobs
+    assert_close(reference, expected, atol=1e-5, rtol=1e-5)
