@@ -35,6 +35,7 @@ from lit_rlhf.threads import NumThreads, num_threads_errors, use_num_threads
 
 DPOLossType = Literal["sigmoid", "ipo"]
 LogpReduction = Literal["auto", "sum", "mean"]
+PAIR_KEYS = ("prompt_input_ids", "prompt_attention_mask", "chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask")
 
 
 # ---------------------------------------------------------------------------------------------- the losses
@@ -95,6 +96,10 @@ def paired_responses(batch: dict[str, Any], pad_token_id: int) -> ResponseBatch:
     """One ResponseBatch of 2B rows from a preference batch: rows [0, B) are (prompt, chosen), rows [B, 2B)
     (prompt, rejected), the responses right-padded to the longer of the two (mask 0 there), so that one
     forward pass scores both."""
+    missing = [key for key in PAIR_KEYS if key not in batch]
+    if missing:
+        raise ValueError(f"The batch has no preference pairs ({', '.join(missing)} missing): DPO trains on a "
+                         "preference data module's batches (data.class_path)")
     chosen, rejected = batch["chosen_ids"], batch["rejected_ids"]
     t = max(chosen.shape[1], rejected.shape[1])
 

@@ -89,6 +89,27 @@ def test_at_step_zero_the_loss_is_log_2_and_the_rewards_are_zero(model_name):
     assert metrics["logps/chosen"] < 0 and metrics["logps/rejected"] < 0
 
 
+def test_ipo_averages_the_log_probs_over_tokens_by_default():
+    # TRL's IPO divides each response's log-prob by its length; logp_reduction=sum keeps DPO's sums
+    torch.manual_seed(0)
+    ipo = DPOModule("embedded:tiny-t5", dtype="float32", loss_type="ipo", beta=0.1)
+    pairs = fixed_pairs(ipo.policy)
+    metrics = ipo.dpo_step(pairs)
+    assert_close(metrics["loss"], torch.tensor(25.0))  # (0 - 1 / (2 * 0.1))^2 at step zero
+    summed = DPOModule("embedded:tiny-t5", dtype="float32", loss_type="ipo", logp_reduction="sum")
+    summed.policy.load_state_dict(ipo.policy.state_dict())
+    chosen_sum = summed.pair_logps(pairs)[0]
+    assert_close(ipo.pair_logps(pairs)[0], chosen_sum / pairs["chosen_mask"].sum(-1))
+
+
+def test_a_batch_without_pairs_is_refused_naming_the_data_module():
+    module = DPOModule("embedded:tiny-t5", dtype="float32")
+    batch = fixed_pairs(module.policy)
+    del batch["rejected_ids"]
+    with pytest.raises(ValueError, match="rejected_ids missing.*data.class_path"):
+        module.dpo_step(batch)
+
+
 def test_a_separate_reference_model_is_the_reference():
     torch.manual_seed(0)
     module = DPOModule("embedded:tiny-gpt2", dtype="float32", reference_model="embedded:tiny-gpt2")
@@ -171,3 +192,14 @@ def test_the_export_loads_with_plain_peft_and_as_init_adapter(fitted):
     ppo_policy = Policy(module.policy.model_name, init_adapter=str(export), value_head=False).eval()
     reference = ppo_policy.score(pairs, rows, policy=False, values=False, reference=True).ref_logprobs
     assert_close(reference, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoints_hold_only_the_adapter(fitted):
+    module = fitted[0]
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["state_dict"] and all("lora_" in key for key in checkpoint["state_dict"])
+    fresh = DPOModule(module.policy.model_name, dtype="float32")
+    fresh.configure_model()  # as a Trainer does before it loads a checkpoint
+    fresh.load_state_dict(checkpoint["state_dict"], strict=False)
+    assert_close(fresh.state_dict(), module.state_dict())
