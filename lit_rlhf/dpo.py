@@ -29,9 +29,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lit_rlhf import distributed as dist
-from lit_rlhf.policy import LoraSettings, Policy, ResponseBatch, build_policy, model_source_errors
+from lit_rlhf.policy import LoraSettings, Policy, ResponseBatch, BuildsPolicy, model_source_errors
 from lit_rlhf.settings import WeightDtype, check, check_precision, dtype_errors
-from lit_rlhf.threads import NumThreads, num_threads_errors, use_num_threads
+from lit_rlhf.threads import NumThreads, num_threads_errors
 
 DPOLossType = Literal["sigmoid", "ipo"]
 LogpReduction = Literal["auto", "sum", "mean"]
@@ -116,7 +116,7 @@ def paired_responses(batch: dict[str, Any], pad_token_id: int) -> ResponseBatch:
 
 # ---------------------------------------------------------------------------------------------- the module
 
-class DPOModule(L.LightningModule):
+class DPOModule(BuildsPolicy, L.LightningModule):
     """DPO or IPO training of a LoRA adapter on preference pairs, for seq2seq and decoder-only models.
 
     Batches follow the preference contract (see the module docstring). Training and validation log, under
@@ -179,23 +179,6 @@ class DPOModule(L.LightningModule):
         self.weight_dtype = "float32"  # model.dtype as resolved on the run's device (configure_model)
 
     # ------------------------------------------------------------------ building the policy
-
-    def configure_model(self) -> None:
-        """Build the policy once per process (see ``SFTModule.configure_model``); set torch's CPU threads."""
-        if "policy" not in self._modules:
-            self._build_policy()
-        use_num_threads(self.hparams.num_threads, self.policy, self._trainer)
-
-    def _build_policy(self) -> None:
-        device = getattr(getattr(self._trainer, "strategy", None), "root_device", None)  # None: no trainer yet
-        self.policy, self.weight_dtype = build_policy(self.policy_kwargs, self.hparams.dtype, device)
-        self.policy.train(self.training)
-
-    def __getattr__(self, name: str) -> Any:
-        # outside a Trainer (scripts, tests), the policy is built on first use
-        if name == "policy" and "policy" not in self.__dict__.get("_modules", {}) and "policy_kwargs" in self.__dict__:
-            self._build_policy()
-        return super().__getattr__(name)
 
     def on_fit_start(self) -> None:
         check_precision(self.trainer.precision, self.weight_dtype, self.device, gradient_scaler=True)

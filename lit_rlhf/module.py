@@ -26,17 +26,17 @@ from lit_rlhf import rollout as ro
 from lit_rlhf.guards import SkipGuard
 from lit_rlhf.health import DegenerateWatch
 from lit_rlhf.io import rng_state, set_rng_state
-from lit_rlhf.policy import Policy, build_policy, model_source_errors
+from lit_rlhf.policy import BuildsPolicy, Policy, model_source_errors
 from lit_rlhf.rewards import ProfanityReward, Reward, check_reward_inputs
 from lit_rlhf.rollout import Rollout
 from lit_rlhf.settings import GenerationSettings, LoraSettings, PPOSettings, as_settings, check, check_precision, plain
 from lit_rlhf.settings import WeightDtype, dtype_errors, memory_errors, run_errors
-from lit_rlhf.threads import NumThreads, num_threads_errors, use_num_threads
+from lit_rlhf.threads import NumThreads, num_threads_errors
 
 __all__ = ["PPOModule", "PPOSettings", "Rollout"]
 
 
-class PPOModule(L.LightningModule):
+class PPOModule(BuildsPolicy, L.LightningModule):
     """RLHF with PPO on a Hugging Face language model with a LoRA adapter and a value head.
 
     Args:
@@ -158,35 +158,14 @@ class PPOModule(L.LightningModule):
                 self.score_predictions = False
                 rank_zero_warn(f"predict: {err}; the predictions are written without a score")
 
-    def configure_model(self) -> None:
-        """Build the policy (and a separate reference model) once per process, in the base dtype ``model.dtype``
-        resolves to on the run's device. Lightning calls this in every process after launch, inside the
-        strategy's init context (where FSDP and DeepSpeed ZeRO-3 create sharded or meta-device weights), once per
-        fit/validate/test/predict and before a checkpoint's weights are loaded: a second call builds nothing.
-        Each call also sets torch's CPU threads for the policy's size (``model.num_threads``)."""
-        if "policy" not in self._modules:
-            self._build_policy()
-        # in every process, after launch; also when the policy was built earlier
-        use_num_threads(self.hparams.num_threads, self.policy, self._trainer)
-
     def _build_policy(self) -> None:
-        """The policy, in the base dtype ``model.dtype`` resolves to on the run's device; a classifier reward
-        without a dtype of its own follows that dtype."""
-        device = getattr(getattr(self._trainer, "strategy", None), "root_device", None)  # None: no trainer yet
-        self.policy, self.weight_dtype = build_policy(self.policy_kwargs, self.hparams.dtype, device)
-        # The policy sets eval/train mode itself around each pass (dropout is off unless train_dropout);
-        # train() here only keeps Lightning from warning about modules left in eval mode by from_pretrained.
-        self.policy.train(self.training)  # the module's mode, also when it was set before the build
+        """The policy (``BuildsPolicy``, built in ``configure_model``); a classifier reward without a dtype of its
+        own follows the base dtype. The policy sets eval/train mode itself around each pass (dropout is off unless
+        train_dropout)."""
+        super()._build_policy()
         follow = getattr(self.reward, "follow_dtype", None)
         if follow is not None:  # a classifier reward without its own dtype runs in the base dtype
             follow(self.weight_dtype)
-
-    def __getattr__(self, name: str) -> Any:
-        # Code that uses the policy outside a Trainer (scripts, tests, a module built by hand) gets it built on
-        # first use; a Trainer builds it in configure_model first.
-        if name == "policy" and "policy" not in self.__dict__.get("_modules", {}) and "policy_kwargs" in self.__dict__:
-            self._build_policy()
-        return super().__getattr__(name)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams

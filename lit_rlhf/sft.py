@@ -28,9 +28,9 @@ from transformers.optimization import Adafactor
 from lit_rlhf import ppo
 from lit_rlhf import distributed as dist
 from lit_rlhf import rollout as ro
-from lit_rlhf.policy import GenerationSettings, LoraSettings, Policy, build_policy, model_source_errors
+from lit_rlhf.policy import BuildsPolicy, GenerationSettings, LoraSettings, Policy, model_source_errors
 from lit_rlhf.settings import WeightDtype, check, check_precision, dtype_errors
-from lit_rlhf.threads import NumThreads, num_threads_errors, use_num_threads
+from lit_rlhf.threads import NumThreads, num_threads_errors
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 
@@ -47,7 +47,7 @@ def lr_factor(step: int, warmup_steps: int, decay_steps: int, schedule: str, min
     return min_ratio + (1.0 - min_ratio) * shape
 
 
-class SFTModule(L.LightningModule):
+class SFTModule(BuildsPolicy, L.LightningModule):
     """Supervised fine-tuning of a seq2seq or decoder-only model on (prompt, reference summary) pairs.
 
     Batches come from ``DialogSumDataModule(with_labels=True)``: ``input_ids``/``attention_mask`` [B, P] (the
@@ -133,27 +133,6 @@ class SFTModule(L.LightningModule):
         self.rouge = ROUGEScore(rouge_keys=ROUGE_KEYS)
 
     # ------------------------------------------------------------------ training
-
-    def configure_model(self) -> None:
-        """Build the policy once per process, in the base dtype ``model.dtype`` resolves to on the run's device
-        (see ``PPOModule.configure_model``); a second call builds nothing. Each call sets torch's CPU threads
-        (``model.num_threads``)."""
-        if "policy" not in self._modules:
-            self._build_policy()
-        # in every process, after launch; also when the policy was built earlier
-        use_num_threads(self.hparams.num_threads, self.policy, self._trainer)
-
-    def _build_policy(self) -> None:
-        """The policy, in the base dtype ``model.dtype`` resolves to on the run's device."""
-        device = getattr(getattr(self._trainer, "strategy", None), "root_device", None)  # None: no trainer yet
-        self.policy, self.weight_dtype = build_policy(self.policy_kwargs, self.hparams.dtype, device)
-        self.policy.train(self.training)  # the module's mode, also when it was set before the build
-
-    def __getattr__(self, name: str) -> Any:
-        # outside a Trainer (scripts, tests), the policy is built on first use
-        if name == "policy" and "policy" not in self.__dict__.get("_modules", {}) and "policy_kwargs" in self.__dict__:
-            self._build_policy()
-        return super().__getattr__(name)
 
     def on_fit_start(self) -> None:
         # 16-mixed is fine here: automatic optimization unscales its gradients
