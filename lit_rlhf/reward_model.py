@@ -26,7 +26,7 @@ from torch import Tensor
 from lit_rlhf import distributed as dist
 from lit_rlhf.io import atomic_directory
 from lit_rlhf.policy import lora_wrapping, model_source_errors
-from lit_rlhf.settings import LoraSettings, check
+from lit_rlhf.settings import LoraSettings, as_settings, check, plain
 from lit_rlhf.tiny import resolve_model_path
 
 
@@ -89,7 +89,7 @@ class RewardModelModule(L.LightningModule):
         export_dir: str | None = None,
     ) -> None:
         super().__init__()
-        lora = lora or LoraSettings()
+        lora = as_settings(LoraSettings, lora or LoraSettings())  # a plain dict from a checkpoint's hyperparameters
         errors = model_source_errors({"model.model_name": model_name})
         if finetune not in ("lora", "full"):
             errors.append(f"model.finetune must be lora or full, got {finetune!r}")
@@ -101,7 +101,10 @@ class RewardModelModule(L.LightningModule):
         if not label:
             errors.append("model.label must name the reward output, e.g. reward")
         check(errors)
-        self.save_hyperparameters()
+        # plain dicts keep checkpoints loadable with torch.load(weights_only=True)
+        self.save_hyperparameters(ignore=["lora"])
+        self.hparams.update(lora=plain(lora))
+        self.lora = lora
         self.strict_loading = finetune == "full"  # a LoRA run's checkpoints hold only its trainable weights
         self.model: torch.nn.Module | None = None
         self.tokenizer: Any = None
@@ -112,7 +115,7 @@ class RewardModelModule(L.LightningModule):
         """Build the classifier once (a second call builds nothing)."""
         if self.model is None:
             self.tokenizer, self.model = build_reward_classifier(
-                self.hparams.model_name, self.hparams.label, self.hparams.finetune, self.hparams.lora)
+                self.hparams.model_name, self.hparams.label, self.hparams.finetune, self.lora)
 
     def rewards(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """The scalar reward of each sequence: the classifier's one logit, float32 [B]."""

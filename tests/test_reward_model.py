@@ -103,3 +103,21 @@ def test_an_encoder_classifier_gets_one_output_and_exports(tmp_path):
     reward.setup()
     assert reward.model.config.id2label == {0: "reward"} and reward.label_index == 0
     assert reward.compute(["a prompt"], ["the cat is good"], None).shape == (1,)
+
+
+def test_lit_rlhf_rm_fits_exports_and_tests_from_the_checkpoint(tmp_path, monkeypatch):
+    from lit_rlhf.cli import run_rm
+
+    monkeypatch.chdir(tmp_path)
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in good_bad_pairs(20)))
+    common = ["--model.model_name", "embedded:tiny-gpt2", "--data.dataset", str(source), "--data.batch_size", "4",
+              "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
+    cli = run_rm(["fit", *common, "--trainer.max_steps", "2", "--model.lora.r", "4"])
+    log_dir = Path(cli.trainer.log_dir)
+    assert (log_dir / "reward_model" / "config.json").is_file() and (log_dir / "config.yaml").is_file()
+    ckpt = next((log_dir / "checkpoints").glob("*.ckpt"))
+    tested = run_rm(["test", *common, "--ckpt_path", str(ckpt)])
+    assert {"test/loss", "test/accuracy", "test/margin"} <= set(tested.trainer.callback_metrics)
+    with pytest.raises(SystemExit):
+        run_rm(["predict", *common])
