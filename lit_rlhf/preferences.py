@@ -58,10 +58,9 @@ def _messages(value: Any, column: str) -> list[dict[str, str]]:
 def _split_conversations(chosen: Any, rejected: Any, cols: PairColumns) -> tuple[list[dict[str, str]], str, str]:
     """(shared prompt turns, chosen reply, rejected reply) from two conversations that differ in the last turn."""
     c, r = _messages(chosen, "chosen_column"), _messages(rejected, "rejected_column")
-    for conv, setting in ((c, "chosen_column"), (r, "rejected_column")):
+    for conv, setting in ((c, f"chosen_column={cols.chosen!r}"), (r, f"rejected_column={cols.rejected!r}")):
         if not conv or conv[-1]["role"] != "assistant":
-            raise ValueError(f"data.{setting}={getattr(cols, setting[:-7])!r}: a conversation does not end with "
-                             "an assistant turn (the response)")
+            raise ValueError(f"data.{setting}: a conversation does not end with an assistant turn (the response)")
     if c[:-1] != r[:-1]:
         raise ValueError(f"data.chosen_column={cols.chosen!r} and data.rejected_column={cols.rejected!r}: a pair's "
                          "conversations differ before their last turn, so they do not share one prompt")
@@ -81,7 +80,7 @@ def pair_texts(batch: dict[str, list], cols: PairColumns, conversations: bool) -
             chosen, rejected = (str(row[c] or "") for c in (cols.chosen, cols.rejected))
         if cols.margin is not None:
             margin = row[cols.margin]
-            if margin is None or not math.isfinite(float(margin)):
+            if not isinstance(margin, (int, float)) or not math.isfinite(margin):
                 raise ValueError(f"data.margin_column={cols.margin!r}: row {row.get('id')!r} has margin {margin!r}; "
                                  "every pair needs a finite number")
         empty = not prompt or not any(m["content"].strip() for m in prompt) or not chosen.strip() or not rejected.strip()

@@ -99,6 +99,10 @@ def test_identical_empty_and_long_pairs_are_skipped_and_counted(tmp_path):
     ({"chosen": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "a"}],
       "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}, "share one prompt"),
     ({"prompt": "p", "chosen": "a", "rejected": "b", "m": None}, "data.margin_column='m'"),
+    ({"prompt": "p", "chosen": "a", "rejected": "b", "m": "big"}, "data.margin_column='m'"),
+    ({"chosen": [{"role": "user", "content": "p"}], "rejected": [{"role": "user", "content": "p"}]}, "assistant turn"),
+    ({"chosen": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "a"}], "rejected": "b"},
+     "data.rejected_column: conversation pairs"),
 ])
 def test_bad_pairs_raise_one_clear_error(tmp_path, row, match):
     source = write_jsonl(tmp_path / "bad.jsonl", [row] * 5)
