@@ -83,7 +83,8 @@ def pair_texts(batch: dict[str, list], cols: PairColumns, conversations: bool) -
             if not isinstance(margin, (int, float)) or not math.isfinite(margin):
                 raise ValueError(f"data.margin_column={cols.margin!r}: row {row.get('id')!r} has margin {margin!r}; "
                                  "every pair needs a finite number")
-        empty = not prompt or not any(m["content"].strip() for m in prompt) or not chosen.strip() or not rejected.strip()
+        texts = [m["content"] for m in prompt] or [""]
+        empty = not any(t.strip() for t in texts) or not chosen.strip() or not rejected.strip()
         out[PROMPT_MESSAGES].append(prompt)
         out["chosen_text"].append(chosen)
         out["rejected_text"].append(rejected)
@@ -211,7 +212,8 @@ class PreferenceDataModule(PromptDataModule):
         if max_response_tokens is not None and max_response_tokens < 1:
             raise ValueError(f"data.max_response_tokens must be None or a positive number of tokens, got "
                              f"{max_response_tokens}")
-        if len({prompt_column, chosen_column, rejected_column, margin_column} - {None}) < 3 + (margin_column is not None):
+        named = [c for c in (prompt_column, chosen_column, rejected_column, margin_column) if c is not None]
+        if len(set(named)) < len(named):
             raise ValueError("data.prompt_column, data.chosen_column, data.rejected_column and data.margin_column "
                              "must name different columns")
         super().__init__(

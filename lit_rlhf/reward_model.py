@@ -181,7 +181,9 @@ class RewardModelModule(L.LightningModule):
                            f"with model_name={target}, label={self.hparams.label}, text=prompt+response)")
 
 
-def build_reward_classifier(model_name: str, label: str, finetune: str, lora: LoraSettings) -> tuple[Any, torch.nn.Module]:
+def build_reward_classifier(
+    model_name: str, label: str, finetune: str, lora: LoraSettings
+) -> tuple[Any, torch.nn.Module]:
     """(tokenizer, classifier with one output named ``label``): LoRA-wrapped (head trained in full) or whole.
 
     A tokenizer without a pad token pads with eos, and the config's ``pad_token_id`` says so too: decoder-only

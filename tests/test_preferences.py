@@ -136,3 +136,10 @@ def test_stream_resumes_from_its_state_and_splits_across_processes(tmp_path):
     assert resumed.state_dict() == {"consumed_batches": 3}
     sampler = dm.train_dataloader().sampler
     assert isinstance(sampler, torch.utils.data.DistributedSampler)
+
+
+def test_settings_naming_one_column_twice_are_refused():
+    with pytest.raises(ValueError, match="must name different columns"):
+        PreferenceDataModule(chosen_column="text", rejected_column="text")
+    with pytest.raises(ValueError, match="data.max_response_tokens"):
+        PreferenceDataModule(max_response_tokens=0)

@@ -49,6 +49,7 @@ def good_bad_pairs(n: int) -> list[dict]:
 
 
 def test_fit_learns_a_rule_and_the_export_loads_as_classifier_reward(tmp_path):
+    L.seed_everything(0)  # the new head's initial weights
     source = tmp_path / "pairs.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in good_bad_pairs(60)))
     dm = PreferenceDataModule(model_name="embedded:tiny-gpt2", dataset=str(source), test_size=0.2, batch_size=8,
@@ -61,8 +62,10 @@ def test_fit_learns_a_rule_and_the_export_loads_as_classifier_reward(tmp_path):
     before = trainer.validate(module, datamodule=dm, verbose=False)[0]
     trainer.fit(module, datamodule=dm)
     after = trainer.validate(module, datamodule=dm, verbose=False)[0]
-    assert after["val/accuracy"] > 0.9 and after["val/accuracy"] > before["val/accuracy"]
-    assert after["val/margin"] > 0 and after["val/loss"] < before["val/loss"]
+    # an untrained head may rank this rule's pairs either way (the last word decides); trained, it must be right
+    # by a clear margin
+    assert after["val/accuracy"] > 0.9 and after["val/margin"] > max(before["val/margin"], 0.0) + 1.0
+    assert after["val/loss"] < before["val/loss"]
 
     reward = ClassifierReward(model_name=str(tmp_path / "reward_model"), label="reward", text="prompt+response")
     reward.setup()
