@@ -143,3 +143,16 @@ def test_settings_naming_one_column_twice_are_refused():
         PreferenceDataModule(chosen_column="text", rejected_column="text")
     with pytest.raises(ValueError, match="data.max_response_tokens"):
         PreferenceDataModule(max_response_tokens=0)
+
+
+def test_each_process_takes_its_own_slice_of_each_stream_batch(tmp_path):
+    from types import SimpleNamespace
+
+    dm = ready(dataset=str(write_jsonl(tmp_path / "p.jsonl", text_pairs(20))))
+    stream = [i for b in dm.train_dataloader() for i in b["id"]]  # one process: 8 batches of 2
+    slices = []
+    for rank in (0, 1):
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        slices.append([b["id"] for b in dm.train_dataloader()])  # 4 stream batches of 2 x 2 pairs each
+    assert len(slices[0]) == len(slices[1]) == 4
+    assert [sorted(a + b) for a, b in zip(*slices)] == [sorted(stream[4 * k: 4 * k + 4]) for k in range(4)]
