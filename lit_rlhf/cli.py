@@ -559,5 +559,49 @@ def main_sft() -> None:
     one_line_errors("lit-rlhf-sft", run_sft)
 
 
+# ---------------------------------------------------------------------------------------- lit-rlhf-rm
+
+RM_DESCRIPTION = (
+    "lit-rlhf-rm: train a reward model (a one-output sequence classifier, LoRA or all weights) on preference "
+    "pairs (prompt, chosen, rejected: text columns or chat conversations) with the Bradley-Terry loss; fit "
+    "exports <log_dir>/reward_model, which `lit-rlhf fit` takes as --model.reward "
+    "lit_rlhf.rewards.ClassifierReward with model_name=<that folder>, label=reward, text=prompt+response."
+)
+
+
+class RewardModelCLI(CommonCLI):
+    """The ``lit-rlhf-rm`` command: RewardModelModule on PreferenceDataModule batches (fit, validate, test)."""
+
+    run_folder_subcommands = ()
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}  # a reward model has none
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.model_name", "data.model_name")
+
+
+def run_rm(args: list[str] | None = None) -> RewardModelCLI:
+    """Parse ``args`` (default: the command line), run the ``lit-rlhf-rm`` subcommand, return the CLI."""
+    from lit_rlhf.preferences import PreferenceDataModule
+    from lit_rlhf.reward_model import RewardModelModule
+
+    cli = RewardModelCLI(
+        RewardModelModule,
+        PreferenceDataModule,
+        args=args,
+        parser_kwargs={"description": RM_DESCRIPTION, "prog": "lit-rlhf-rm"},
+        **COMMON_CLI_SETTINGS,
+    )
+    destroy_process_group()
+    return cli
+
+
+def main_rm() -> None:
+    """Console entry point of ``lit-rlhf-rm``."""
+    one_line_errors("lit-rlhf-rm", run_rm)
+
+
 if __name__ == "__main__":
     main()

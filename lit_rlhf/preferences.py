@@ -1,0 +1,285 @@
+"""Preference pairs (prompt, chosen response, rejected response) for reward models and DPO.
+
+    pair_texts            rows -> the prompt's messages, the two response texts, why a row is skipped (if it is)
+    encode_pairs          pair texts -> prompt ids, response ids (eos last), classifier ids of prompt+response
+    PreferenceCollator    rows -> a padded preference batch
+    PreferenceDataModule  ``PromptDataModule`` over pairs: load, check, filter, split, the resumable stream
+
+A row is either text columns (``prompt_column``, ``chosen_column``, ``rejected_column``) or two conversations
+in ``chosen_column``/``rejected_column`` (lists of ``{role, content}``, as hub preference datasets store them):
+their shared leading turns are the prompt, each last (assistant) turn is a response.
+
+A batch holds ``prompt_input_ids``/``prompt_attention_mask`` (LongTensor [B, P], padded on the policy's side:
+right for encoder-decoder models, left for decoder-only ones), ``chosen_ids``/``chosen_mask`` [B, Tc] and
+``rejected_ids``/``rejected_mask`` [B, Tr] (the responses alone, eos last when the tokenizer has one,
+right-padded), ``chosen_input_ids``/``chosen_attention_mask`` and ``rejected_input_ids``/
+``rejected_attention_mask`` (prompt + newline + response as one text through the tokenizer, padded on the
+tokenizer's side: what a sequence classifier reads, exactly as ``ClassifierReward(text="prompt+response")``
+reads it), lists ``prompt``, ``chosen``, ``rejected``, ``id``, and with ``margin_column`` a FloatTensor
+``margin`` [B].
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from transformers import PreTrainedTokenizerBase
+
+from lit_rlhf.prompts import ChatTemplate, PromptDataModule, PromptFormat, _pad, _rows, encode_prompts
+from lit_rlhf.rewards import select_text
+from lit_rlhf.sources import quiet_datasets_progress
+
+PROMPT_MESSAGES = "prompt_messages"
+"""The derived column of each row's prompt as a conversation (a text prompt is one user turn)."""
+
+
+@dataclass(frozen=True)
+class PairColumns:
+    """Where a row's pair lives (the data module's ``*_column`` settings)."""
+
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    margin: str | None = None
+
+
+def _messages(value: Any, column: str) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not all(isinstance(m, dict) and "content" in m for m in value):
+        raise ValueError(f"data.{column}: conversation pairs need both responses as lists of {{role, content}} "
+                         f"messages, got {type(value).__name__}")
+    return [{"role": str(m.get("role")), "content": str(m["content"] or "")} for m in value]
+
+
+def _split_conversations(chosen: Any, rejected: Any, cols: PairColumns) -> tuple[list[dict[str, str]], str, str]:
+    """(shared prompt turns, chosen reply, rejected reply) from two conversations that differ in the last turn."""
+    c, r = _messages(chosen, "chosen_column"), _messages(rejected, "rejected_column")
+    for conv, setting in ((c, f"chosen_column={cols.chosen!r}"), (r, f"rejected_column={cols.rejected!r}")):
+        if not conv or conv[-1]["role"] != "assistant":
+            raise ValueError(f"data.{setting}: a conversation does not end with an assistant turn (the response)")
+    if c[:-1] != r[:-1]:
+        raise ValueError(f"data.chosen_column={cols.chosen!r} and data.rejected_column={cols.rejected!r}: a pair's "
+                         "conversations differ before their last turn, so they do not share one prompt")
+    return c[:-1], c[-1]["content"], r[-1]["content"]
+
+
+def pair_texts(batch: dict[str, list], cols: PairColumns, conversations: bool) -> dict[str, list]:
+    """Each row's prompt as messages, its two response texts, and ``skip``: "" for a usable pair, "identical"
+    (chosen == rejected: no preference to learn) or "empty" (an empty prompt or response)."""
+    out: dict[str, list] = {PROMPT_MESSAGES: [], "chosen_text": [], "rejected_text": [], "skip": []}
+    for row in _rows(batch):
+        if conversations:
+            prompt, chosen, rejected = _split_conversations(row[cols.chosen], row[cols.rejected], cols)
+        else:
+            text = "" if row[cols.prompt] is None else str(row[cols.prompt])
+            prompt = [{"role": "user", "content": text}] if text.strip() else []
+            chosen, rejected = (str(row[c] or "") for c in (cols.chosen, cols.rejected))
+        if cols.margin is not None:
+            margin = row[cols.margin]
+            if not isinstance(margin, (int, float)) or not math.isfinite(margin):
+                raise ValueError(f"data.margin_column={cols.margin!r}: row {row.get('id')!r} has margin {margin!r}; "
+                                 "every pair needs a finite number")
+        texts = [m["content"] for m in prompt] or [""]
+        empty = not any(t.strip() for t in texts) or not chosen.strip() or not rejected.strip()
+        out[PROMPT_MESSAGES].append(prompt)
+        out["chosen_text"].append(chosen)
+        out["rejected_text"].append(rejected)
+        out["skip"].append("empty" if empty else "identical" if chosen == rejected else "")
+    return out
+
+
+def _response_ids(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """Response token ids, eos last when the tokenizer has one (no prompt, no decoder start token)."""
+    ids = tokenizer(texts, add_special_tokens=False).input_ids
+    eos = tokenizer.eos_token_id
+    return ids if eos is None else [row + [eos] for row in ids]
+
+
+def encode_pairs(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat) -> dict[str, list]:
+    """The prompt as ``encode_prompts`` renders it (chat template, system prompt), both responses' ids, and the
+    classifier's ids of ``prompt + "\\n" + response`` (``ClassifierReward``'s text for ``prompt+response``)."""
+    out = encode_prompts(batch, tokenizer, fmt)
+    for side in ("chosen", "rejected"):
+        texts = batch[f"{side}_text"]
+        out[f"{side}_ids"] = _response_ids(texts, tokenizer)
+        out[f"{side}_input_ids"] = tokenizer(select_text("prompt+response", out["prompt"], texts)).input_ids
+    return out
+
+
+def _pair_fits(prompt: list[list[int]], chosen: list[list[int]], rejected: list[list[int]],
+               max_prompt: int | None, max_response: int | None) -> list[bool]:
+    inf = float("inf")
+    return [len(p) <= (max_prompt or inf) and max(len(c), len(r)) <= (max_response or inf)
+            for p, c, r in zip(prompt, chosen, rejected)]
+
+
+def _usable(skip: list[str]) -> list[bool]:
+    return [not reason for reason in skip]
+
+
+@dataclass(frozen=True)
+class PreferenceCollator:
+    """Pads rows into a preference batch (see the module docstring for the keys).
+
+    ``padding_side``: the prompt's (the policy's: right for encoder-decoder, left for decoder-only models);
+    ``classifier_padding_side``: the tokenizer's own, for the classifier's prompt+response sequences.
+    ``margin_column``: the row value that becomes ``margin`` (None: the batch has none)."""
+
+    pad_token_id: int
+    padding_side: Literal["left", "right"]
+    classifier_padding_side: Literal["left", "right"] = "right"
+    margin_column: str | None = None
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        batch: dict[str, Any] = {}
+        ids, mask = _pad([row["input_ids"] for row in rows], self.pad_token_id, self.padding_side)
+        batch["prompt_input_ids"], batch["prompt_attention_mask"] = ids, mask
+        for side in ("chosen", "rejected"):
+            ids, mask = _pad([row[f"{side}_ids"] for row in rows], self.pad_token_id, "right")
+            batch[f"{side}_ids"], batch[f"{side}_mask"] = ids, mask
+            ids, mask = _pad([row[f"{side}_input_ids"] for row in rows], self.pad_token_id,
+                             self.classifier_padding_side)
+            batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"] = ids, mask
+        if self.margin_column is not None:
+            batch["margin"] = torch.tensor([float(row[self.margin_column]) for row in rows], dtype=torch.float32)
+        batch["prompt"] = [row["prompt"] for row in rows]
+        batch["chosen"] = [row["chosen_text"] for row in rows]
+        batch["rejected"] = [row["rejected_text"] for row in rows]
+        batch["id"] = [str(row["id"]) for row in rows]
+        return batch
+
+
+class PreferenceDataModule(PromptDataModule):
+    """Preference pairs from any dataset: text columns or chat conversations, rendered as ``PromptDataModule``
+    renders prompts (chat template, system prompt), filtered by token length, split with a seeded held-out part,
+    and served as a resumable seeded stream of full batches (one slice per process under DDP: the stream
+    position is this module's ``state_dict``). Pairs with identical responses or an empty text are skipped and
+    counted; pairs longer than the token limits are dropped and counted (``summary()``, and the log).
+
+    Args:
+        model_name: Model whose tokenizer encodes the pairs (the policy's for DPO, the reward model's for reward
+            modelling): a hub name, a local ``save_pretrained`` folder or an embedded model. Its config says
+            whether it is an encoder-decoder model (prompts right-padded, no chat template) or decoder-only.
+        dataset: A local ``.jsonl``/``.json``/``.csv``/``.parquet`` file, a folder of such files named by split,
+            or a Hugging Face hub dataset name.
+        split: Source split of the training pairs.
+        eval_split: Source split of the held-out pairs. None: hold out ``test_size`` of ``split``.
+        prompt_column: Column of the prompt text (text pairs; not read when the responses are conversations).
+        chosen_column: Column of the preferred response: a text, or a conversation ending in it.
+        rejected_column: Column of the other response: a text, or a conversation ending in it.
+        margin_column: Optional column of a number per pair (how much chosen is preferred), given to the loss.
+        chat_template: ``auto``: the tokenizer's chat template (generation prompt included) for a decoder-only
+            model that has one; ``true``: always; ``false``: plain text.
+        system_prompt: A system message put before each prompt.
+        max_prompt_tokens: Pairs whose prompt is longer than this many tokens are dropped (counted). None: no limit.
+        max_response_tokens: Pairs with a response longer than this many tokens (eos included) are dropped
+            (counted). None: no limit.
+        test_size: With no ``eval_split``: the fraction of ``split`` held out (rounded up).
+        split_seed: Seed of the held-out draw.
+        batch_size: Pairs per training batch (full batches only).
+        eval_batch_size: Pairs per validation/test batch.
+        num_workers: DataLoader worker processes.
+        shuffle: Shuffle the training pairs each pass.
+        seed: Seed of the training shuffle.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "embedded:tiny-gpt2",
+        dataset: str = "preferences.jsonl",
+        split: str = "train",
+        eval_split: str | None = None,
+        prompt_column: str = "prompt",
+        chosen_column: str = "chosen",
+        rejected_column: str = "rejected",
+        margin_column: str | None = None,
+        chat_template: ChatTemplate = "auto",
+        system_prompt: str | None = None,
+        max_prompt_tokens: int | None = None,
+        max_response_tokens: int | None = None,
+        test_size: float = 0.1,
+        split_seed: int = 42,
+        batch_size: int = 8,
+        eval_batch_size: int = 16,
+        num_workers: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if max_response_tokens is not None and max_response_tokens < 1:
+            raise ValueError(f"data.max_response_tokens must be None or a positive number of tokens, got "
+                             f"{max_response_tokens}")
+        named = [c for c in (prompt_column, chosen_column, rejected_column, margin_column) if c is not None]
+        if len(set(named)) < len(named):
+            raise ValueError("data.prompt_column, data.chosen_column, data.rejected_column and data.margin_column "
+                             "must name different columns")
+        super().__init__(
+            model_name=model_name, dataset=dataset, split=split, eval_split=eval_split, prompt_column=prompt_column,
+            chat_template=chat_template, system_prompt=system_prompt, max_prompt_tokens=max_prompt_tokens,
+            test_size=test_size, split_seed=split_seed, shuffle_split=True, batch_size=batch_size,
+            eval_batch_size=eval_batch_size, num_workers=num_workers, shuffle=shuffle, seed=seed,
+        )
+        self.save_hyperparameters(logger=False)  # this module's own arguments (config.yaml has these)
+        self.columns = PairColumns(prompt_column, chosen_column, rejected_column, margin_column)
+        self.max_response_tokens = max_response_tokens
+        self._skipped: Counter[str] = Counter()
+
+    def required_columns(self) -> list[str]:
+        """The response columns and the margin's; the prompt column is checked per format in ``_encode``."""
+        cols = self.columns
+        return [c for c in (cols.chosen, cols.rejected, cols.margin) if c is not None]
+
+    def _is_conversations(self, rows: datasets.Dataset) -> bool:
+        """Whether the responses are conversations (lists of messages) rather than texts; text pairs need the
+        prompt column."""
+        conversations = isinstance(rows[0][self.columns.chosen], list)
+        if not conversations and self.columns.prompt not in rows.column_names:
+            raise ValueError(f"data.prompt_column={self.columns.prompt!r} is not a column of dataset={self.dataset!r} "
+                             f"(its columns: {rows.column_names}); text pairs need the prompt")
+        return conversations
+
+    @quiet_datasets_progress()
+    def _encode(self, rows: datasets.Dataset) -> datasets.Dataset:
+        """Pair texts, skip unusable pairs, encode, drop long pairs; the counts go to ``summary()``."""
+        texts = rows.map(pair_texts, batched=True,
+                         fn_kwargs={"cols": self.columns, "conversations": self._is_conversations(rows)})
+        self._skipped.update(reason for reason in texts["skip"] if reason)
+        usable = texts.filter(_usable, input_columns="skip", batched=True)
+        fmt = PromptFormat(messages_column=PROMPT_MESSAGES, chat=self._use_chat_template(),
+                           system_prompt=self.system_prompt)
+        encoded = usable.map(encode_pairs, batched=True, fn_kwargs={"tokenizer": self.tokenizer, "fmt": fmt})
+        kept = encoded.filter(
+            _pair_fits, input_columns=["input_ids", "chosen_ids", "rejected_ids"], batched=True,
+            fn_kwargs={"max_prompt": self.max_prompt_tokens, "max_response": self.max_response_tokens})
+        self._skipped["too_long"] += len(encoded) - len(kept)
+        if len(kept) == 0:
+            raise ValueError(
+                f"no pair of dataset={self.dataset!r} is left ({len(rows)} rows; skipped: {dict(self._skipped)}): "
+                "check data.chosen_column/rejected_column, or raise data.max_prompt_tokens/max_response_tokens")
+        return kept
+
+    def _build(self) -> tuple[datasets.Dataset, datasets.Dataset]:
+        self._skipped = Counter()
+        train, test = super()._build()
+        skipped = {k: self._skipped[k] for k in ("identical", "empty", "too_long")}
+        self._sizes.update({f"skipped_{k}": v for k, v in skipped.items()})
+        if any(skipped.values()):
+            rank_zero_info(
+                f"Preference pairs of dataset={self.dataset!r}: skipped {skipped['identical']} with identical chosen "
+                f"and rejected responses, {skipped['empty']} with an empty prompt or response, and "
+                f"{skipped['too_long']} longer than data.max_prompt_tokens={self.max_prompt_tokens} or "
+                f"data.max_response_tokens={self.max_response_tokens} tokens")
+        return train, test
+
+    def _collator(self, columns: tuple[str, ...], labels: bool) -> PreferenceCollator:
+        return PreferenceCollator(
+            pad_token_id=self.tokenizer.pad_token_id, padding_side="right" if self.is_encoder_decoder else "left",
+            classifier_padding_side=self.tokenizer.padding_side, margin_column=self.columns.margin)
+
+    def summary(self) -> dict[str, int]:
+        """Row counts after ``setup``: ``source``, ``kept``, ``train``, ``test``, and the pairs skipped as
+        ``skipped_identical``, ``skipped_empty`` and ``skipped_too_long``."""
+        return super().summary()

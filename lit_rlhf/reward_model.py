@@ -1,0 +1,232 @@
+"""Reward modelling: a one-output sequence classifier trained on preference pairs, exported for PPO.
+
+    bradley_terry_loss    r_chosen, r_rejected [B] -> -log σ(r_c - r_r - margin) + center_coef (r_c + r_r)², mean
+    preference_stats      r_chosen, r_rejected [B] -> accuracy (chosen ranked above rejected), mean margin
+    RewardModelModule     the classifier (LoRA or full), the loss over ``PreferenceDataModule`` batches, the export
+
+The classifier reads ``chosen_input_ids``/``rejected_input_ids`` of the preference batch: prompt + newline +
+response as one text through its tokenizer, which is what ``ClassifierReward(text="prompt+response")`` feeds
+it in PPO. At the end of fit the model (LoRA merged in) and its tokenizer are saved to ``<log_dir>/reward_model``
+with ``id2label = {0: label}``, so ``ClassifierReward(model_name=<folder>, label=<label>, output="logit",
+text="prompt+response")`` loads it as it is.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from lit_rlhf import distributed as dist
+from lit_rlhf.io import atomic_directory
+from lit_rlhf.policy import lora_wrapping, model_source_errors
+from lit_rlhf.settings import LoraSettings, as_settings, check, plain
+from lit_rlhf.tiny import resolve_model_path
+
+
+def bradley_terry_loss(
+    chosen_rewards: Tensor, rejected_rewards: Tensor, margin: Tensor | None = None, center_coef: float = 0.0
+) -> Tensor:
+    """Bradley-Terry loss of a reward model, mean over the B pairs. Scalar.
+
+    loss = -log σ(r_c - r_r - m) + center_coef · (r_c + r_r)²
+    (Bradley & Terry 1952; the margin m as in Llama 2, arXiv:2307.09288 eq. 2; the centering term, which keeps
+    rewards near zero mean without changing their order, as in Eisenstein et al. arXiv:2312.09244).
+    ``chosen_rewards``, ``rejected_rewards``, ``margin``: [B].
+    """
+    diff = chosen_rewards - rejected_rewards
+    if margin is not None:
+        diff = diff - margin
+    loss = -F.logsigmoid(diff)
+    if center_coef:
+        loss = loss + center_coef * (chosen_rewards + rejected_rewards) ** 2
+    return loss.mean()
+
+
+@torch.no_grad()
+def preference_stats(chosen_rewards: Tensor, rejected_rewards: Tensor) -> dict[str, Tensor]:
+    """``accuracy``: the fraction of pairs with r_c > r_r (ties count as wrong); ``margin``: mean r_c - r_r."""
+    diff = (chosen_rewards - rejected_rewards).float()
+    return {"accuracy": (diff > 0).float().mean(), "margin": diff.mean()}
+
+
+class RewardModelModule(L.LightningModule):
+    """A reward model: a sequence classifier with one output, trained with the Bradley-Terry loss on
+    ``PreferenceDataModule`` batches (give the data module the same ``model_name``: its tokenizer encodes the
+    classifier's inputs). Logs ``train/loss``, ``train/accuracy``; ``val/loss``, ``val/accuracy`` (chosen
+    ranked above rejected), ``val/margin`` (mean r_c - r_r); the same under ``test/``.
+
+    Args:
+        model_name: hub name, local folder or embedded model: a decoder-only model (GPT-2, Llama, Qwen...: the
+            reward is read at the last token) or an encoder (BERT, RoBERTa...). A new one-output head
+            (``score``/``classifier``) replaces any existing one.
+        finetune: ``lora``: a LoRA adapter (``lora``) on the frozen model, the head trained in full (peft's
+            ``modules_to_save``); ``full``: every weight.
+        lora: the adapter's shape (with ``finetune=lora``; ``target_modules`` None: peft's default).
+        learning_rate: AdamW's learning rate.
+        weight_decay: AdamW's decoupled weight decay.
+        center_coef: weight of the centering term (r_c + r_r)² (0: none).
+        label: the name of the one output in the exported config (``id2label``), the ``label`` to give
+            ``ClassifierReward``.
+        export_dir: where the model goes at the end of fit; None: ``<log_dir>/reward_model``.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "embedded:tiny-gpt2",
+        finetune: Literal["lora", "full"] = "lora",
+        lora: LoraSettings | None = None,
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.0,
+        center_coef: float = 0.0,
+        label: str = "reward",
+        export_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        lora = as_settings(LoraSettings, lora or LoraSettings())  # a plain dict from a checkpoint's hyperparameters
+        errors = model_source_errors({"model.model_name": model_name})
+        if finetune not in ("lora", "full"):
+            errors.append(f"model.finetune must be lora or full, got {finetune!r}")
+        if finetune == "lora":
+            errors += lora.errors()
+        if learning_rate <= 0 or weight_decay < 0 or center_coef < 0:
+            errors.append(f"model.learning_rate must be > 0 and model.weight_decay, model.center_coef >= 0, got "
+                          f"{learning_rate}, {weight_decay}, {center_coef}")
+        if not label:
+            errors.append("model.label must name the reward output, e.g. reward")
+        check(errors)
+        # plain dicts keep checkpoints loadable with torch.load(weights_only=True)
+        self.save_hyperparameters(ignore=["lora"])
+        self.hparams.update(lora=plain(lora))
+        self.lora = lora
+        self.strict_loading = finetune == "full"  # a LoRA run's checkpoints hold only its trainable weights
+        self.model: torch.nn.Module | None = None
+        self.tokenizer: Any = None
+
+    # ------------------------------------------------------------------ the classifier
+
+    def configure_model(self) -> None:
+        """Build the classifier once (a second call builds nothing)."""
+        if self.model is None:
+            self.tokenizer, self.model = build_reward_classifier(
+                self.hparams.model_name, self.hparams.label, self.hparams.finetune, self.lora)
+
+    def rewards(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The scalar reward of each sequence: the classifier's one logit, float32 [B]."""
+        self.configure_model()
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+
+    def pair_rewards(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """(r_chosen, r_rejected), each [B], from a preference batch's classifier inputs."""
+        if "chosen_input_ids" not in batch:
+            raise ValueError("The batch has no classifier inputs ('chosen_input_ids'): a reward model trains on "
+                             "lit_rlhf.preferences.PreferenceDataModule batches")
+        return (self.rewards(batch["chosen_input_ids"], batch["chosen_attention_mask"]),
+                self.rewards(batch["rejected_input_ids"], batch["rejected_attention_mask"]))
+
+    def loss_and_stats(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        chosen, rejected = self.pair_rewards(batch)
+        loss = bradley_terry_loss(chosen, rejected, batch.get("margin"), self.hparams.center_coef)
+        return loss, preference_stats(chosen, rejected)
+
+    # ------------------------------------------------------------------ steps
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss, stats = self.loss_and_stats(batch)
+        n = len(batch["id"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
+        self.log("train/accuracy", stats["accuracy"], batch_size=n, sync_dist=True)
+        return loss
+
+    def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
+        loss, stats = self.loss_and_stats(batch)
+        n = len(batch["id"])
+        self.log(f"{stage}/loss", loss, batch_size=n, sync_dist=True)
+        self.log(f"{stage}/accuracy", stats["accuracy"], batch_size=n, sync_dist=True, prog_bar=stage == "val")
+        self.log(f"{stage}/margin", stats["margin"], batch_size=n, sync_dist=True)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(parameters, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+
+    # ------------------------------------------------------------------ checkpoints and export
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.hparams.finetune == "lora":  # the frozen base loads from model_name again
+            checkpoint["state_dict"] = dist.trainable_state(self, checkpoint["state_dict"])
+
+    def export_path(self) -> Path:
+        """Where ``on_fit_end`` writes the model (``export_dir``, or ``<log_dir>/reward_model``)."""
+        if self.hparams.export_dir is not None:
+            return Path(self.hparams.export_dir)
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "reward_model"
+
+    def on_fit_end(self) -> None:
+        target = self.export_path()  # every rank: log_dir broadcasts from rank zero
+        if self.trainer.is_global_zero:
+            export_reward_model(self.model, self.tokenizer, target)
+            rank_zero_info(f"Reward model exported to {target} (PPO: --model.reward lit_rlhf.rewards.ClassifierReward "
+                           f"with model_name={target}, label={self.hparams.label}, text=prompt+response)")
+
+
+def build_reward_classifier(
+    model_name: str, label: str, finetune: str, lora: LoraSettings
+) -> tuple[Any, torch.nn.Module]:
+    """(tokenizer, classifier with one output named ``label``): LoRA-wrapped (head trained in full) or whole.
+
+    A tokenizer without a pad token pads with eos, and the config's ``pad_token_id`` says so too: decoder-only
+    classifiers find each sequence's last token through it."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = resolve_model_path(model_name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"The tokenizer of model.model_name={model_name!r} has neither a pad nor an eos token: "
+                             "save it with a pad token set and give that folder")
+        tokenizer.pad_token = tokenizer.eos_token
+    # a classifier with another number of labels gets a new head (ignore_mismatched_sizes)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, id2label={0: label}, label2id={label: 0}, ignore_mismatched_sizes=True,
+        pad_token_id=tokenizer.pad_token_id)
+    # dropout off (as TRL's RewardConfig.disable_dropout): both rewards of a pair come from one function, and
+    # the train mode Lightning sets changes nothing else (the adapter's own lora.dropout still applies)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model.train()
+    if finetune == "full":
+        return tokenizer, model
+    from peft import LoraConfig, get_peft_model
+
+    # SEQ_CLS: peft trains the classification head (score/classifier) in full, as modules_to_save
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=lora.target_modules, bias=lora.bias, task_type="SEQ_CLS")
+    with lora_wrapping(model, config):  # GPT-2's Conv1D layers need fan_in_fan_out
+        return tokenizer, get_peft_model(model, config)
+
+
+def export_reward_model(model: torch.nn.Module, tokenizer: Any, target: str | Path) -> None:
+    """Save the classifier (a LoRA adapter merged into a copy, the training model untouched) and its tokenizer
+    with ``save_pretrained`` into ``target``, atomically: the folder ``ClassifierReward`` loads."""
+    from peft import PeftModel
+
+    plain = copy.deepcopy(model).merge_and_unload() if isinstance(model, PeftModel) else model
+
+    def write(folder: Path) -> None:
+        plain.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    atomic_directory(target, write)

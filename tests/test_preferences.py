@@ -1,0 +1,158 @@
+"""PreferenceDataModule: text and conversation pairs, the preference batch, skips, length limits, errors, the
+resumable stream."""
+
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from transformers import AutoTokenizer, Qwen2Config
+
+from lit_rlhf.preferences import PreferenceDataModule
+from lit_rlhf.tiny import resolve_model_path
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+CONTRACT_KEYS = {"prompt_input_ids", "prompt_attention_mask", "chosen_ids", "chosen_mask", "rejected_ids",
+                 "rejected_mask", "chosen_input_ids", "chosen_attention_mask", "rejected_input_ids",
+                 "rejected_attention_mask", "prompt", "chosen", "rejected", "id"}
+
+
+@pytest.fixture(autouse=True)
+def datasets_cache(monkeypatch, tmp_path):
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def text_pairs(n: int) -> list[dict]:
+    return [{"prompt": f"tell me about item {i}", "chosen": f"item {i} is good", "rejected": f"item {i} is bad"}
+            for i in range(n)]
+
+
+def ready(**kwargs) -> PreferenceDataModule:
+    dm = PreferenceDataModule(**{"batch_size": 2, "eval_batch_size": 2, "test_size": 0.2, **kwargs})
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def test_text_pairs_make_the_contract_batch(tmp_path):
+    dm = ready(dataset=str(write_jsonl(tmp_path / "p.jsonl", text_pairs(10))))
+    assert dm.summary()["train"] == 8 and dm.summary()["test"] == 2
+    batch = next(iter(dm.val_dataloader()))
+    assert set(batch) == CONTRACT_KEYS
+    tok = dm.tokenizer
+    rows = dm.test_set.select(range(2))
+    for i in range(2):
+        # decoder-only: the prompt is left-padded, the responses right-padded with eos last
+        prompt = batch["prompt_input_ids"][i][batch["prompt_attention_mask"][i].bool()].tolist()
+        assert prompt == tok(rows[i]["prompt"]).input_ids
+        assert batch["prompt_attention_mask"][i, -1] == 1
+        chosen = batch["chosen_ids"][i][batch["chosen_mask"][i].bool()].tolist()
+        assert chosen == tok(batch["chosen"][i], add_special_tokens=False).input_ids + [tok.eos_token_id]
+        assert batch["chosen_mask"][i, 0] == 1
+        full = batch["rejected_input_ids"][i][batch["rejected_attention_mask"][i].bool()].tolist()
+        assert full == tok(batch["prompt"][i] + "\n" + batch["rejected"][i]).input_ids
+    assert batch["chosen"][0].endswith("good") and batch["rejected"][0].endswith("bad")
+    assert batch["id"] == rows["id"] and batch["chosen_ids"].dtype == torch.long
+
+
+def test_conversation_pairs_share_their_leading_turns_as_the_prompt(tmp_path):
+    folder = tmp_path / "tiny-qwen"
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("embedded:tiny-gpt2"))
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    Qwen2Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1).save_pretrained(folder)
+    user = {"role": "user", "content": "hi"}
+    rows = [{"chosen": [user, {"role": "assistant", "content": f"hello {i}"}],
+             "rejected": [user, {"role": "assistant", "content": f"go away {i}"}]} for i in range(5)]
+    dm = ready(model_name=str(folder), dataset=str(write_jsonl(tmp_path / "c.jsonl", rows)), system_prompt="be kind")
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["prompt"][0] == "<|system|>be kind\n<|user|>hi\n<|assistant|>"
+    assert batch["chosen"][0].startswith("hello") and batch["rejected"][0].startswith("go away")
+
+
+def test_identical_empty_and_long_pairs_are_skipped_and_counted(tmp_path):
+    rows = text_pairs(10) + [
+        {"prompt": "same", "chosen": "x", "rejected": "x"},
+        {"prompt": "", "chosen": "a", "rejected": "b"},
+        {"prompt": "p", "chosen": "a", "rejected": None},
+        {"prompt": "p", "chosen": "a " * 50, "rejected": "b"},
+    ]
+    dm = ready(dataset=str(write_jsonl(tmp_path / "p.jsonl", rows)), max_response_tokens=20)
+    summary = dm.summary()
+    assert (summary["skipped_identical"], summary["skipped_empty"], summary["skipped_too_long"]) == (1, 2, 1)
+    assert summary["train"] + summary["test"] == 10
+
+
+@pytest.mark.parametrize("row, match", [
+    ({"prompt": "p", "chosen": "a"}, r"lacks the column\(s\) \['rejected'\]"),
+    ({"question": "p", "chosen": "a", "rejected": "b"}, "data.prompt_column='prompt'"),
+    ({"chosen": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}, "share one prompt"),
+    ({"prompt": "p", "chosen": "a", "rejected": "b", "m": None}, "data.margin_column='m'"),
+    ({"prompt": "p", "chosen": "a", "rejected": "b", "m": "big"}, "data.margin_column='m'"),
+    ({"chosen": [{"role": "user", "content": "p"}], "rejected": [{"role": "user", "content": "p"}]}, "assistant turn"),
+    ({"chosen": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "a"}], "rejected": "b"},
+     "data.rejected_column: conversation pairs"),
+])
+def test_bad_pairs_raise_one_clear_error(tmp_path, row, match):
+    source = write_jsonl(tmp_path / "bad.jsonl", [row] * 5)
+    margin = "m" if "m" in row else None
+    with pytest.raises(ValueError, match=match):
+        ready(dataset=str(source), margin_column=margin)
+
+
+def test_margin_column_becomes_a_float_tensor(tmp_path):
+    rows = [{**r, "m": float(i)} for i, r in enumerate(text_pairs(10))]
+    dm = ready(dataset=str(write_jsonl(tmp_path / "p.jsonl", rows)), margin_column="m")
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["margin"].dtype == torch.float32
+    assert batch["margin"].tolist() == [float(dm.test_set[i]["m"]) for i in range(2)]
+
+
+def test_encoder_decoder_prompts_are_right_padded(tmp_path):
+    dm = ready(model_name="embedded:tiny-t5", dataset=str(write_jsonl(tmp_path / "p.jsonl", text_pairs(10))))
+    batch = next(iter(dm.train_dataloader()))
+    lengths = batch["prompt_attention_mask"].sum(1)
+    assert all(batch["prompt_attention_mask"][i, : lengths[i]].all() for i in range(2))
+    assert (batch["chosen_ids"][batch["chosen_mask"].bool()] != dm.tokenizer.pad_token_id).any()
+
+
+def test_stream_resumes_from_its_state_and_splits_across_processes(tmp_path):
+    dm = ready(dataset=str(write_jsonl(tmp_path / "p.jsonl", text_pairs(20))))
+    order = [b["id"] for b in dm.train_dataloader()]  # 16 training pairs, 8 batches of 2
+    resumed = ready(dataset=str(dm.dataset))
+    resumed.load_state_dict({"consumed_batches": 3})
+    assert [b["id"] for b in resumed.train_dataloader()] == order[3:]
+    assert resumed.state_dict() == {"consumed_batches": 3}
+    sampler = dm.train_dataloader().sampler
+    assert isinstance(sampler, torch.utils.data.DistributedSampler)
+
+
+def test_settings_naming_one_column_twice_are_refused():
+    with pytest.raises(ValueError, match="must name different columns"):
+        PreferenceDataModule(chosen_column="text", rejected_column="text")
+    with pytest.raises(ValueError, match="data.max_response_tokens"):
+        PreferenceDataModule(max_response_tokens=0)
+
+
+def test_each_process_takes_its_own_slice_of_each_stream_batch(tmp_path):
+    from types import SimpleNamespace
+
+    dm = ready(dataset=str(write_jsonl(tmp_path / "p.jsonl", text_pairs(20))))
+    stream = [i for b in dm.train_dataloader() for i in b["id"]]  # one process: 8 batches of 2
+    slices = []
+    for rank in (0, 1):
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        slices.append([b["id"] for b in dm.train_dataloader()])  # 4 stream batches of 2 x 2 pairs each
+    assert len(slices[0]) == len(slices[1]) == 4
+    assert [sorted(a + b) for a, b in zip(*slices)] == [sorted(stream[4 * k: 4 * k + 4]) for k in range(4)]

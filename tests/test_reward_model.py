@@ -1,0 +1,126 @@
+"""RewardModelModule: the Bradley-Terry loss by hand, a short fit that learns a rule, the export that
+ClassifierReward loads as it is."""
+
+import json
+import math
+from pathlib import Path
+
+import datasets
+import lightning as L
+import pytest
+import torch
+
+from lit_rlhf.preferences import PreferenceDataModule
+from lit_rlhf.reward_model import RewardModelModule, bradley_terry_loss, preference_stats
+from lit_rlhf.rewards import ClassifierReward
+from lit_rlhf.settings import LoraSettings
+
+
+@pytest.fixture(autouse=True)
+def datasets_cache(monkeypatch, tmp_path):
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+
+
+def test_bradley_terry_loss_by_hand():
+    chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
+    # -log σ(1) = log(1 + e^-1) = 0.31326; -log σ(-1) = log(1 + e) = 1.31326; mean 0.81326
+    expected = (math.log1p(math.exp(-1)) + math.log1p(math.exp(1))) / 2
+    torch.testing.assert_close(bradley_terry_loss(chosen, rejected), torch.tensor(expected))
+    # margin 1 on the first pair: -log σ(0) = log 2; the second pair -log σ(-1 - 0.5)
+    margin = torch.tensor([1.0, 0.5])
+    expected = (math.log(2) + math.log1p(math.exp(1.5))) / 2
+    torch.testing.assert_close(bradley_terry_loss(chosen, rejected, margin), torch.tensor(expected))
+    # centering 0.1 adds 0.1 * mean((2 + 1)^2, (0 + 1)^2) = 0.1 * 5 = 0.5
+    expected = (math.log1p(math.exp(-1)) + math.log1p(math.exp(1))) / 2 + 0.5
+    torch.testing.assert_close(bradley_terry_loss(chosen, rejected, center_coef=0.1), torch.tensor(expected))
+
+
+def test_preference_stats_count_ties_as_wrong():
+    stats = preference_stats(torch.tensor([1.0, 0.0, 3.0]), torch.tensor([0.0, 0.0, 4.0]))
+    torch.testing.assert_close(stats["accuracy"], torch.tensor(1 / 3))
+    torch.testing.assert_close(stats["margin"], torch.tensor(0.0))
+
+
+def good_bad_pairs(n: int) -> list[dict]:
+    things = ["cat", "dog", "tree", "car", "song", "book", "city", "lake", "film", "game"]
+    return [{"prompt": f"what about the {things[i % 10]} number {i}?",
+             "chosen": f"the {things[(i + 3) % 10]} is good", "rejected": f"the {things[(i + 7) % 10]} is bad"}
+            for i in range(n)]
+
+
+def test_fit_learns_a_rule_and_the_export_loads_as_classifier_reward(tmp_path):
+    L.seed_everything(0)  # the new head's initial weights
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in good_bad_pairs(60)))
+    dm = PreferenceDataModule(model_name="embedded:tiny-gpt2", dataset=str(source), test_size=0.2, batch_size=8,
+                              eval_batch_size=12)
+    module = RewardModelModule("embedded:tiny-gpt2", lora=LoraSettings(r=8, alpha=16, dropout=0.0),
+                               learning_rate=1e-2, center_coef=0.01)
+    trainer = L.Trainer(max_epochs=4, accelerator="cpu", default_root_dir=tmp_path, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0)
+    before = trainer.validate(module, datamodule=dm, verbose=False)[0]
+    trainer.fit(module, datamodule=dm)
+    after = trainer.validate(module, datamodule=dm, verbose=False)[0]
+    # an untrained head may rank this rule's pairs either way (the last word decides); trained, it must be right
+    # by a clear margin
+    assert after["val/accuracy"] > 0.9 and after["val/margin"] > max(before["val/margin"], 0.0) + 1.0
+    assert after["val/loss"] < before["val/loss"]
+
+    reward = ClassifierReward(model_name=str(tmp_path / "reward_model"), label="reward", text="prompt+response")
+    reward.setup()
+    batch = next(iter(dm.val_dataloader()))
+    chosen = reward.compute(batch["prompt"], batch["chosen"], None)
+    rejected = reward.compute(batch["prompt"], batch["rejected"], None)
+    assert (chosen > rejected).float().mean() > 0.9
+    # the export scores exactly as the trained module
+    with torch.no_grad():
+        torch.testing.assert_close(chosen, module.pair_rewards(batch)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_bad_settings_name_their_flag():
+    with pytest.raises(ValueError, match="model.center_coef"):
+        RewardModelModule("embedded:tiny-gpt2", center_coef=-1.0)
+    with pytest.raises(ValueError, match="model.lora.r"):
+        RewardModelModule("embedded:tiny-gpt2", lora=LoraSettings(r=0))
+    module = RewardModelModule("embedded:tiny-gpt2", finetune="full")
+    with pytest.raises(ValueError, match="PreferenceDataModule"):
+        module.pair_rewards({"input_ids": torch.ones(1, 2, dtype=torch.long)})
+
+
+def test_an_encoder_classifier_gets_one_output_and_exports(tmp_path):
+    from conftest import build_tiny_classifier
+
+    pairs = good_bad_pairs(20)
+    words = [w for r in pairs for t in r.values() for w in t.split()] + ["?"]
+    build_tiny_classifier(tmp_path / "roberta", words)
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    dm = PreferenceDataModule(model_name=str(tmp_path / "roberta"), dataset=str(source), batch_size=4)
+    module = RewardModelModule(str(tmp_path / "roberta"), finetune="full", export_dir=str(tmp_path / "rm"))
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", default_root_dir=tmp_path, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0)
+    trainer.fit(module, datamodule=dm)
+    reward = ClassifierReward(model_name=str(tmp_path / "rm"), label="reward", text="prompt+response")
+    reward.setup()
+    assert reward.model.config.id2label == {0: "reward"} and reward.label_index == 0
+    assert reward.compute(["a prompt"], ["the cat is good"], None).shape == (1,)
+
+
+def test_lit_rlhf_rm_fits_exports_and_tests_from_the_checkpoint(tmp_path, monkeypatch):
+    from lit_rlhf.cli import run_rm
+
+    monkeypatch.chdir(tmp_path)
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in good_bad_pairs(20)))
+    common = ["--model.model_name", "embedded:tiny-gpt2", "--data.dataset", str(source), "--data.batch_size", "4",
+              "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
+    cli = run_rm(["fit", *common, "--trainer.max_steps", "2", "--model.lora.r", "4"])
+    log_dir = Path(cli.trainer.log_dir)
+    assert (log_dir / "reward_model" / "config.json").is_file() and (log_dir / "config.yaml").is_file()
+    ckpt = next((log_dir / "checkpoints").glob("*.ckpt"))
+    tested = run_rm(["test", *common, "--ckpt_path", str(ckpt)])
+    assert {"test/loss", "test/accuracy", "test/margin"} <= set(tested.trainer.callback_metrics)
+    with pytest.raises(SystemExit):
+        run_rm(["predict", *common])
