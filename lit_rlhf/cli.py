@@ -569,38 +569,65 @@ RM_DESCRIPTION = (
 )
 
 
-class RewardModelCLI(CommonCLI):
-    """The ``lit-rlhf-rm`` command: RewardModelModule on PreferenceDataModule batches (fit, validate, test)."""
+DPO_DESCRIPTION = (
+    "lit-rlhf-dpo: direct preference optimization of a seq2seq or decoder-only model with a LoRA adapter on "
+    "preference pairs (prompt, chosen, rejected: text columns or chat conversations): DPO (sigmoid; cDPO with "
+    "model.label_smoothing) or IPO, against the adapter-disabled model (or model.reference_model); fit exports "
+    "<log_dir>/adapter, which `lit-rlhf fit --model.init_adapter` and plain peft load."
+)
+
+
+class PreferenceCLI(CommonCLI):
+    """The preference commands, ``lit-rlhf-rm`` and ``lit-rlhf-dpo``: a module on PreferenceDataModule batches
+    (fit, validate, test; no predict)."""
 
     run_folder_subcommands = ()
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}  # a reward model has none
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}  # nothing to predict
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model_name", "data.model_name")
 
 
-def run_rm(args: list[str] | None = None) -> RewardModelCLI:
-    """Parse ``args`` (default: the command line), run the ``lit-rlhf-rm`` subcommand, return the CLI."""
+def run_preference(module_class: type, prog: str, description: str, args: list[str] | None = None) -> PreferenceCLI:
+    """Parse ``args`` (default: the command line), run a preference command's subcommand, return the CLI."""
     from lit_rlhf.preferences import PreferenceDataModule
-    from lit_rlhf.reward_model import RewardModelModule
 
-    cli = RewardModelCLI(
-        RewardModelModule,
+    cli = PreferenceCLI(
+        module_class,
         PreferenceDataModule,
         args=args,
-        parser_kwargs={"description": RM_DESCRIPTION, "prog": "lit-rlhf-rm"},
+        parser_kwargs={"description": description, "prog": prog},
         **COMMON_CLI_SETTINGS,
     )
     destroy_process_group()
     return cli
 
 
+def run_rm(args: list[str] | None = None) -> PreferenceCLI:
+    """``lit-rlhf-rm``: RewardModelModule (see :func:`run_preference`)."""
+    from lit_rlhf.reward_model import RewardModelModule
+
+    return run_preference(RewardModelModule, "lit-rlhf-rm", RM_DESCRIPTION, args)
+
+
+def run_dpo(args: list[str] | None = None) -> PreferenceCLI:
+    """``lit-rlhf-dpo``: DPOModule (see :func:`run_preference`)."""
+    from lit_rlhf.dpo import DPOModule
+
+    return run_preference(DPOModule, "lit-rlhf-dpo", DPO_DESCRIPTION, args)
+
+
 def main_rm() -> None:
     """Console entry point of ``lit-rlhf-rm``."""
     one_line_errors("lit-rlhf-rm", run_rm)
+
+
+def main_dpo() -> None:
+    """Console entry point of ``lit-rlhf-dpo``."""
+    one_line_errors("lit-rlhf-dpo", run_dpo)
 
 
 if __name__ == "__main__":

@@ -203,3 +203,30 @@ def test_checkpoints_hold_only_the_adapter(fitted):
     fresh.configure_model()  # as a Trainer does before it loads a checkpoint
     fresh.load_state_dict(checkpoint["state_dict"], strict=False)
     assert_close(fresh.state_dict(), module.state_dict())
+
+
+def test_lit_rlhf_dpo_learns_preference_pairs_and_exports_an_init_adapter(tmp_path, monkeypatch):
+    """The command on PreferenceDataModule batches (a JSONL of text pairs): the held-out margin rises from 0,
+    and the exported adapter is what ``lit-rlhf fit --model.init_adapter`` takes."""
+    import json
+    from pathlib import Path
+
+    from lit_rlhf.cli import run_dpo
+    from test_reward_model import good_bad_pairs
+
+    monkeypatch.chdir(tmp_path)
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in good_bad_pairs(40)))
+    common = ["--model.model_name", "embedded:tiny-gpt2", "--data.dataset", str(source), "--data.batch_size", "4",
+              "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--model.beta", "0.5",
+              "--model.learning_rate", "5e-3", "--model.lora.r", "4"]
+    before = run_dpo(["validate", *common])
+    assert before.trainer.callback_metrics["val/loss"].item() == pytest.approx(math.log(2), abs=1e-5)
+    cli = run_dpo(["fit", *common, "--trainer.max_steps", "16"])
+    assert cli.trainer.callback_metrics["val/rewards/margins"].item() > 0.1
+    adapter = Path(cli.trainer.log_dir) / "adapter"
+    assert (adapter / "adapter_config.json").is_file() and (Path(cli.trainer.log_dir) / "config.yaml").is_file()
+    policy = Policy("embedded:tiny-gpt2", init_adapter=str(adapter))
+    assert policy.init_adapter == str(adapter)
+    with pytest.raises(SystemExit):
+        run_dpo(["predict", *common])
