@@ -124,3 +124,28 @@ def test_lit_rlhf_rm_fits_exports_and_tests_from_the_checkpoint(tmp_path, monkey
     assert {"test/loss", "test/accuracy", "test/margin"} <= set(tested.trainer.callback_metrics)
     with pytest.raises(SystemExit):
         run_rm(["predict", *common])
+
+
+def test_a_resumed_reward_model_fit_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    """4 steps, then resumed from that checkpoint to 8: the exported reward model equals that of 8 steps in one
+    go, bit for bit (prompt stream position, optimizer and step come back)."""
+    from safetensors.torch import load_file
+
+    from lit_rlhf.cli import run_rm
+
+    monkeypatch.chdir(tmp_path)
+    Path("pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good_bad_pairs(40)))
+    common = ["--model.model_name", "embedded:tiny-gpt2", "--data.dataset", "pairs.jsonl", "--data.batch_size", "4",
+              "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--model.lora.r", "4",
+              "--trainer.limit_val_batches", "0", "--seed_everything", "3"]
+
+    def weights(cli) -> dict:
+        return load_file(str(Path(cli.trainer.log_dir) / "reward_model" / "model.safetensors"))
+
+    whole = weights(run_rm(["fit", *common, "--trainer.max_steps", "8"]))
+    first = run_rm(["fit", *common, "--trainer.max_steps", "4"])
+    ckpt = next((Path(first.trainer.log_dir) / "checkpoints").glob("*.ckpt"))
+    resumed = weights(run_rm(["fit", *common, "--trainer.max_steps", "8", "--ckpt_path", str(ckpt)]))
+    assert whole.keys() == resumed.keys()
+    assert [k for k in whole if not torch.equal(whole[k], resumed[k])] == []
+    assert not all(torch.equal(whole[k], weights(first)[k]) for k in whole)
