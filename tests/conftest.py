@@ -39,6 +39,40 @@ def user_reward_modules(monkeypatch):
     sys.modules.pop("my_rewards", None)
 
 
+@pytest.fixture
+def datasets_cache(monkeypatch, tmp_path):
+    """Small local data files are converted into this test's folder, not the user's datasets cache."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """``rows`` as a JSONL file at ``path``; returns ``path``."""
+    import json
+
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def assert_resume_is_exact(run, args: list[str], weights_file: str, steps: int = 8) -> None:
+    """``run`` (a CLI entry such as ``lit_rlhf.cli.run_dpo``) fits ``steps`` steps in one go, then ``steps // 2``
+    and, resumed from that checkpoint, the rest: the exported ``<log_dir>/<weights_file>`` tensors are equal, bit
+    for bit, and differ from those of the half-way run (the resumed run trained on)."""
+    from safetensors.torch import load_file
+
+    def weights(cli) -> dict:
+        return load_file(str(Path(cli.trainer.log_dir) / weights_file))
+
+    whole = weights(run(["fit", *args, "--trainer.max_steps", str(steps)]))
+    first = run(["fit", *args, "--trainer.max_steps", str(steps // 2)])
+    ckpt = next((Path(first.trainer.log_dir) / "checkpoints").glob("*.ckpt"))
+    resumed = weights(run(["fit", *args, "--trainer.max_steps", str(steps), "--ckpt_path", str(ckpt)]))
+    assert whole.keys() == resumed.keys()
+    assert [k for k in whole if not torch.equal(whole[k], resumed[k])] == []
+    assert not all(torch.equal(whole[k], weights(first)[k]) for k in whole)
+
+
 def build_tiny_classifier(path: Path, sentences: list[str], max_tokens: int = 512) -> Path:
     """A tiny RoBERTa sequence classifier (labels nothate / hate) and its word-level tokenizer, saved with
     ``save_pretrained`` like a hub model, standing in for the recipe's hate-speech classifier."""

@@ -17,16 +17,13 @@ from transformers import AutoTokenizer
 import lit_rlhf.data as data_module
 from lit_rlhf.data import DEFAULT_PROMPT_TEMPLATE, DialogSumDataModule, load_bundled_dialogsum
 from lit_rlhf.tiny import resolve_model_path
+from conftest import write_jsonl
 
 
 def _raw_rows(split: str) -> list[dict]:
     source = resources.files("lit_rlhf.assets.dialogsum").joinpath(f"dialogsum.{split}.jsonl.gz")
     with source.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as lines:
         return [json.loads(line) for line in lines]
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
 
 def _hub_like_rows(n: int, start: int = 0) -> list[dict]:
@@ -37,17 +34,11 @@ def _hub_like_rows(n: int, start: int = 0) -> list[dict]:
 
 
 @pytest.fixture
-def datasets_cache(monkeypatch, tmp_path):
-    # Small local-directory datasets are converted into this test's folder, not the user's datasets cache.
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
-
-
-@pytest.fixture
 def local_dir(tmp_path, datasets_cache) -> Path:
     folder = tmp_path / "dialogs"
     folder.mkdir()
-    _write_jsonl(folder / "train.jsonl", _hub_like_rows(40))
-    _write_jsonl(folder / "validation.jsonl", _hub_like_rows(5, start=100))
+    write_jsonl(folder / "train.jsonl", _hub_like_rows(40))
+    write_jsonl(folder / "validation.jsonl", _hub_like_rows(5, start=100))
     return folder
 
 
@@ -246,7 +237,7 @@ def test_hub_names_go_to_load_dataset(monkeypatch, local_dir):
 def test_missing_column_is_named(tmp_path, datasets_cache):
     folder = tmp_path / "no_summary"
     folder.mkdir()
-    _write_jsonl(folder / "train.jsonl", [{"id": r["id"], "dialogue": r["dialogue"]} for r in _hub_like_rows(5)])
+    write_jsonl(folder / "train.jsonl", [{"id": r["id"], "dialogue": r["dialogue"]} for r in _hub_like_rows(5)])
     with pytest.raises(ValueError, match=r"lacks the column\(s\) \['summary'\].*it has \['id', 'dialogue'\]"):
         DialogSumDataModule(dataset=str(folder)).setup()
 
@@ -371,7 +362,7 @@ def test_setup_prints_no_map_or_filter_progress_bar_and_keeps_the_users_setting(
         monkeypatch.setattr(module, "HF_DATASETS_DISABLE_PROGRESS_BARS", None)
     datasets.utils.enable_progress_bars()
     predict_file = tmp_path / "dialogues.jsonl"
-    _write_jsonl(predict_file, [{"dialogue": r["dialogue"]} for r in _hub_like_rows(3)])
+    write_jsonl(predict_file, [{"dialogue": r["dialogue"]} for r in _hub_like_rows(3)])
     capfd.readouterr()
     dm = DialogSumDataModule(dataset=str(local_dir), min_chars=0, max_chars=10_000, with_labels=True,
                              predict_path=str(predict_file))

@@ -1,7 +1,6 @@
 """FunctionReward: a Python function as the reward, the batch's columns passed by name, clear errors; GRPO learns
 a rule-based reward over arithmetic prompts."""
 
-import json
 import math
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from lit_rlhf.rewards import (
 )
 from lit_rlhf.settings import GenerationSettings, LoraSettings
 
-from conftest import MetricsRecorder
+from conftest import MetricsRecorder, write_jsonl
 
 REWARDS_SOURCE = '''
 def exact_answer(prompts, responses, answer):
@@ -129,7 +128,7 @@ def arithmetic_rows(n: int) -> list[dict]:
 def test_grpo_learns_a_rule_based_function_reward(rewards_file, tmp_path):
     torch.manual_seed(0)
     data_file = tmp_path / "arithmetic.jsonl"
-    data_file.write_text("".join(json.dumps(r) + "\n" for r in arithmetic_rows(20)))
+    write_jsonl(data_file, arithmetic_rows(20))
     data = PromptDataModule(model_name="embedded:tiny-gpt2", dataset=str(data_file), batch_size=4,
                             eval_batch_size=4)
     ppo = PPOSettings(advantage_estimator="grpo", init_kl_coef=0.01, ppo_epochs=2)

@@ -1,16 +1,17 @@
 """PreferenceDataModule: text and conversation pairs, the preference batch, skips, length limits, errors, the
 resumable stream."""
 
-import json
-from pathlib import Path
 
-import datasets
 import pytest
 import torch
 from transformers import AutoTokenizer, Qwen2Config
 
 from lit_rlhf.preferences import PreferenceDataModule
 from lit_rlhf.tiny import resolve_model_path
+from conftest import write_jsonl
+
+# small files are converted into each test's folder, not the user's datasets cache
+pytestmark = pytest.mark.usefixtures("datasets_cache")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -19,16 +20,6 @@ CHAT_TEMPLATE = (
 CONTRACT_KEYS = {"prompt_input_ids", "prompt_attention_mask", "chosen_ids", "chosen_mask", "rejected_ids",
                  "rejected_mask", "chosen_input_ids", "chosen_attention_mask", "rejected_input_ids",
                  "rejected_attention_mask", "prompt", "chosen", "rejected", "id"}
-
-
-@pytest.fixture(autouse=True)
-def datasets_cache(monkeypatch, tmp_path):
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def text_pairs(n: int) -> list[dict]:

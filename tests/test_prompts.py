@@ -5,7 +5,6 @@ import json
 import shutil
 from pathlib import Path
 
-import datasets
 import pytest
 import torch
 from transformers import AutoTokenizer, Qwen2Config
@@ -14,6 +13,10 @@ from lit_rlhf.cli import config_path, run
 from lit_rlhf.data import DEFAULT_PROMPT_TEMPLATE, DialogSumDataModule, load_bundled_dialogsum
 from lit_rlhf.prompts import PromptDataModule
 from lit_rlhf.tiny import resolve_model_path
+from conftest import write_jsonl
+
+# small files are converted into each test's folder, not the user's datasets cache
+pytestmark = pytest.mark.usefixtures("datasets_cache")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -23,17 +26,6 @@ MY_REWARDS = '''
 def exact_answer(prompts, responses, answer):
     return [1.0 if r.strip().startswith(str(a)) else 0.0 for r, a in zip(responses, answer)]
 '''
-
-
-@pytest.fixture(autouse=True)
-def datasets_cache(monkeypatch, tmp_path):
-    # small files are converted into this test's folder, not the user's datasets cache
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def arithmetic(n: int) -> list[dict]:

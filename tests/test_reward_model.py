@@ -1,11 +1,9 @@
 """RewardModelModule: the Bradley-Terry loss by hand, a short fit that learns a rule, the export that
 ClassifierReward loads as it is."""
 
-import json
 import math
 from pathlib import Path
 
-import datasets
 import lightning as L
 import pytest
 import torch
@@ -14,11 +12,10 @@ from lit_rlhf.preferences import PreferenceDataModule
 from lit_rlhf.reward_model import RewardModelModule, bradley_terry_loss, preference_stats
 from lit_rlhf.rewards import ClassifierReward
 from lit_rlhf.settings import LoraSettings
+from conftest import assert_resume_is_exact, write_jsonl
 
-
-@pytest.fixture(autouse=True)
-def datasets_cache(monkeypatch, tmp_path):
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+# small files are converted into each test's folder, not the user's datasets cache
+pytestmark = pytest.mark.usefixtures("datasets_cache")
 
 
 def test_bradley_terry_loss_by_hand():
@@ -51,7 +48,7 @@ def good_bad_pairs(n: int) -> list[dict]:
 def test_fit_learns_a_rule_and_the_export_loads_as_classifier_reward(tmp_path):
     L.seed_everything(0)  # the new head's initial weights
     source = tmp_path / "pairs.jsonl"
-    source.write_text("".join(json.dumps(r) + "\n" for r in good_bad_pairs(60)))
+    write_jsonl(source, good_bad_pairs(60))
     dm = PreferenceDataModule(model_name="embedded:tiny-gpt2", dataset=str(source), test_size=0.2, batch_size=8,
                               eval_batch_size=12)
     module = RewardModelModule("embedded:tiny-gpt2", lora=LoraSettings(r=8, alpha=16, dropout=0.0),
@@ -95,7 +92,7 @@ def test_an_encoder_classifier_gets_one_output_and_exports(tmp_path):
     words = [w for r in pairs for t in r.values() for w in t.split()] + ["?"]
     build_tiny_classifier(tmp_path / "roberta", words)
     source = tmp_path / "pairs.jsonl"
-    source.write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    write_jsonl(source, pairs)
     dm = PreferenceDataModule(model_name=str(tmp_path / "roberta"), dataset=str(source), batch_size=4)
     module = RewardModelModule(str(tmp_path / "roberta"), finetune="full", export_dir=str(tmp_path / "rm"))
     trainer = L.Trainer(max_steps=2, accelerator="cpu", default_root_dir=tmp_path, logger=False,
@@ -113,7 +110,7 @@ def test_lit_rlhf_rm_fits_exports_and_tests_from_the_checkpoint(tmp_path, monkey
 
     monkeypatch.chdir(tmp_path)
     source = tmp_path / "pairs.jsonl"
-    source.write_text("".join(json.dumps(r) + "\n" for r in good_bad_pairs(20)))
+    write_jsonl(source, good_bad_pairs(20))
     common = ["--model.model_name", "embedded:tiny-gpt2", "--data.dataset", str(source), "--data.batch_size", "4",
               "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
     cli = run_rm(["fit", *common, "--trainer.max_steps", "2", "--model.lora.r", "4"])
@@ -128,24 +125,12 @@ def test_lit_rlhf_rm_fits_exports_and_tests_from_the_checkpoint(tmp_path, monkey
 
 def test_a_resumed_reward_model_fit_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch):
     """4 steps, then resumed from that checkpoint to 8: the exported reward model equals that of 8 steps in one
-    go, bit for bit (prompt stream position, optimizer and step come back)."""
-    from safetensors.torch import load_file
-
+    go, bit for bit (prompt stream position, optimizer, step and the dropout's RNG states come back)."""
     from lit_rlhf.cli import run_rm
 
     monkeypatch.chdir(tmp_path)
-    Path("pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good_bad_pairs(40)))
-    common = ["--model.model_name", "embedded:tiny-gpt2", "--data.dataset", "pairs.jsonl", "--data.batch_size", "4",
-              "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--model.lora.r", "4",
-              "--trainer.limit_val_batches", "0", "--seed_everything", "3"]
-
-    def weights(cli) -> dict:
-        return load_file(str(Path(cli.trainer.log_dir) / "reward_model" / "model.safetensors"))
-
-    whole = weights(run_rm(["fit", *common, "--trainer.max_steps", "8"]))
-    first = run_rm(["fit", *common, "--trainer.max_steps", "4"])
-    ckpt = next((Path(first.trainer.log_dir) / "checkpoints").glob("*.ckpt"))
-    resumed = weights(run_rm(["fit", *common, "--trainer.max_steps", "8", "--ckpt_path", str(ckpt)]))
-    assert whole.keys() == resumed.keys()
-    assert [k for k in whole if not torch.equal(whole[k], resumed[k])] == []
-    assert not all(torch.equal(whole[k], weights(first)[k]) for k in whole)
+    write_jsonl(Path("pairs.jsonl"), good_bad_pairs(40))
+    assert_resume_is_exact(run_rm, [
+        "--model.model_name", "embedded:tiny-gpt2", "--data.dataset", "pairs.jsonl", "--data.batch_size", "4",
+        "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--model.lora.r", "4",
+        "--trainer.limit_val_batches", "0", "--seed_everything", "3"], "reward_model/model.safetensors")
