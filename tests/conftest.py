@@ -73,6 +73,30 @@ def assert_resume_is_exact(run, args: list[str], weights_file: str, steps: int =
     assert not all(torch.equal(whole[k], weights(first)[k]) for k in whole)
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+"""A small chat template: each turn ``<|role|>content`` on a line, the generation prompt ``<|assistant|>``."""
+
+
+@pytest.fixture
+def qwen_with_chat_template(tmp_path) -> Path:
+    """A tiny Qwen2-shaped model folder (config only: the data modules read no weights) whose tokenizer, the
+    embedded GPT-2 one, has :data:`CHAT_TEMPLATE`."""
+    from transformers import AutoTokenizer, Qwen2Config
+
+    from lit_rlhf.tiny import resolve_model_path
+
+    folder = tmp_path / "tiny-qwen"
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("embedded:tiny-gpt2"))
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    Qwen2Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1).save_pretrained(folder)
+    return folder
+
+
 def build_tiny_classifier(path: Path, sentences: list[str], max_tokens: int = 512) -> Path:
     """A tiny RoBERTa sequence classifier (labels nothate / hate) and its word-level tokenizer, saved with
     ``save_pretrained`` like a hub model, standing in for the recipe's hate-speech classifier."""

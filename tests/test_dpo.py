@@ -12,22 +12,12 @@ from pathlib import Path
 from conftest import assert_resume_is_exact, perturb_lora, write_jsonl
 from lit_rlhf.dpo import DPOModule, dpo_loss, sequence_logps
 from lit_rlhf.policy import Policy
+from lit_rlhf.prompts import _pad  # the prompt modules' padding
 
 PROMPTS = ["Summarize: the cat sat on the mat.", "Summarize: a dog ran in the park today.",
            "Summarize: we met at noon.", "Summarize: rain fell all night long."]
 CHOSEN = "good summary"
 REJECTED = "terrible awful text here"
-
-
-def _pad(rows: list[list[int]], value: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, L] ids and mask of token lists, padded on ``side``."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), value, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        cols = slice(width - len(row), width) if side == "left" else slice(0, len(row))
-        ids[i, cols], mask[i, cols] = torch.tensor(row), 1
-    return ids, mask
 
 
 def contract_batch(policy: Policy, prompts: list[str], chosen: list[str], rejected: list[str]) -> dict:

@@ -4,19 +4,13 @@ resumable stream."""
 
 import pytest
 import torch
-from transformers import AutoTokenizer, Qwen2Config
 
 from lit_rlhf.preferences import PreferenceDataModule
-from lit_rlhf.tiny import resolve_model_path
 from conftest import write_jsonl
 
 # small files are converted into each test's folder, not the user's datasets cache
 pytestmark = pytest.mark.usefixtures("datasets_cache")
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 CONTRACT_KEYS = {"prompt_input_ids", "prompt_attention_mask", "chosen_ids", "chosen_mask", "rejected_ids",
                  "rejected_mask", "chosen_input_ids", "chosen_attention_mask", "rejected_input_ids",
                  "rejected_attention_mask", "prompt", "chosen", "rejected", "id"}
@@ -55,13 +49,8 @@ def test_text_pairs_make_the_contract_batch(tmp_path):
     assert batch["id"] == rows["id"] and batch["chosen_ids"].dtype == torch.long
 
 
-def test_conversation_pairs_share_their_leading_turns_as_the_prompt(tmp_path):
-    folder = tmp_path / "tiny-qwen"
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("embedded:tiny-gpt2"))
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(folder)
-    Qwen2Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                num_attention_heads=2, num_key_value_heads=1).save_pretrained(folder)
+def test_conversation_pairs_share_their_leading_turns_as_the_prompt(tmp_path, qwen_with_chat_template):
+    folder = qwen_with_chat_template
     user = {"role": "user", "content": "hi"}
     rows = [{"chosen": [user, {"role": "assistant", "content": f"hello {i}"}],
              "rejected": [user, {"role": "assistant", "content": f"go away {i}"}]} for i in range(5)]

@@ -7,21 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, Qwen2Config
+from transformers import AutoTokenizer
 
 from lit_rlhf.cli import config_path, run
 from lit_rlhf.data import DEFAULT_PROMPT_TEMPLATE, DialogSumDataModule, load_bundled_dialogsum
 from lit_rlhf.prompts import PromptDataModule
 from lit_rlhf.tiny import resolve_model_path
-from conftest import write_jsonl
+from conftest import CHAT_TEMPLATE, write_jsonl
 
 # small files are converted into each test's folder, not the user's datasets cache
 pytestmark = pytest.mark.usefixtures("datasets_cache")
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 MY_REWARDS = '''
 def exact_answer(prompts, responses, answer):
     return [1.0 if r.strip().startswith(str(a)) else 0.0 for r, a in zip(responses, answer)]
@@ -37,19 +33,6 @@ def ready(**kwargs) -> PromptDataModule:
     dm.prepare_data()
     dm.setup("fit")
     return dm
-
-
-@pytest.fixture
-def qwen_with_chat_template(tmp_path) -> Path:
-    """A tiny Qwen2-shaped model folder (config only: the data module reads no weights) whose tokenizer, the
-    embedded GPT-2 one, has a chat template."""
-    folder = tmp_path / "tiny-qwen"
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("embedded:tiny-gpt2"))
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(folder)
-    Qwen2Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                num_attention_heads=2, num_key_value_heads=1).save_pretrained(folder)
-    return folder
 
 
 # -- sources, columns, templates ------------------------------------------------------------------------------
