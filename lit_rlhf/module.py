@@ -133,6 +133,7 @@ class PPOModule(BuildsPolicy, L.LightningModule):
         )
         self.weight_dtype = "float32"  # model.dtype as resolved on the run's device (configure_model)
         self.reward = reward
+        self.score_predictions = True  # False in predict when the data lacks what the reward reads (setup)
         # Load and validate the reward now (unknown label, missing model), before a run directory is written.
         self.reward.setup()
         self.ppo, self.generation = ppo, generation
@@ -304,7 +305,7 @@ class PPOModule(BuildsPolicy, L.LightningModule):
         settings = GenerationSettings(**{**plain(self.generation), "do_sample": self.hparams.predict_do_sample})
         limits = torch.full((len(batch["input_ids"]),), settings.max_new_tokens[1] - 1)  # the longest allowed
         with ro.evaluation_rng(self.hparams.seed + batch_idx, len(limits), settings):
-            reward = self.reward if getattr(self, "score_predictions", True) else None
+            reward = self.reward if self.score_predictions else None
             generated = ro.collect(self.policy, reward, batch, settings, limits, synced_gpus=dist.synced_gpus(self.trainer))
         return ro.predict_records(generated, batch, self.reward.describe())
 

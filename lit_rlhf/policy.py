@@ -393,6 +393,8 @@ class Policy(nn.Module):
         # every eos id, the pad and the forced tokens of the model's own generation_config, for both rollout modes
         self.special_tokens = special_tokens(base.generation_config, self.tokenizer, self.is_seq2seq)
         self.eos_token_ids = self.special_tokens.eos
+        # why the cached decode loop cannot serve this model (None: it can); fast rollout falls back on it
+        self.decode_blocker = cached_decode_blocker(self.model)
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -507,7 +509,7 @@ class Policy(nn.Module):
         layers that are not attention), this falls back to exact mode, with one notice: ``generate``, then the
         teacher-forced scoring pass for the log-probs and values. ``uniforms``: each row's own random numbers
         [B, T] (see ``sample_with_cache``)."""
-        blocker = cached_decode_blocker(self.model)
+        blocker = self.decode_blocker
         if blocker is not None:
             if not getattr(self, "_noted_exact_rollout", False):
                 log.warning("model.fast_rollout: the cached decode loop cannot serve this model (%s); rollouts use "

@@ -24,7 +24,6 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 
 from lit_rlhf.decoding import SampledRollout
-from lit_rlhf.lm import cached_decode_blocker
 from lit_rlhf.policy import Policy, ResponseBatch
 from lit_rlhf.rewards import NonFiniteRewardError, Reward
 from lit_rlhf.settings import GenerationSettings
@@ -116,7 +115,7 @@ def decode_in_chunks(
     rows_per_chunk = settings.batch_size or len(limits)
     prompts_per_chunk = max(1, rows_per_chunk // repeats)
     uniforms = None
-    if fast and settings.do_sample and cached_decode_blocker(policy.model) is None:
+    if fast and settings.do_sample and policy.decode_blocker is None:
         # (a model the cached loop cannot serve samples with generate instead: no own streams there)
         uniforms = torch.rand(len(limits), int(limits.max()), device=query_ids.device)
     parts = []
