@@ -13,9 +13,10 @@ A batch holds ``prompt_input_ids``/``prompt_attention_mask`` (LongTensor [B, P],
 right for encoder-decoder models, left for decoder-only ones), ``chosen_ids``/``chosen_mask`` [B, Tc] and
 ``rejected_ids``/``rejected_mask`` [B, Tr] (the responses alone, eos last when the tokenizer has one,
 right-padded), ``chosen_input_ids``/``chosen_attention_mask`` and ``rejected_input_ids``/
-``rejected_attention_mask`` (prompt + newline + response as one text through the tokenizer, padded on the
+``rejected_attention_mask`` (query + newline + response as one text through the tokenizer, padded on the
 tokenizer's side: what a sequence classifier reads, exactly as ``ClassifierReward(text="prompt+response")``
-reads it), lists ``prompt``, ``chosen``, ``rejected``, ``id``, and with ``margin_column`` a FloatTensor
+reads it in a rollout), lists ``prompt``, ``query`` (the prompt ids decoded, as rollouts give it to rewards),
+``chosen``, ``rejected``, ``id``, and with ``margin_column`` a FloatTensor
 ``margin`` [B].
 """
 
@@ -101,12 +102,14 @@ def _response_ids(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[
 
 def encode_pairs(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat) -> dict[str, list]:
     """The prompt as ``encode_prompts`` renders it (chat template, system prompt), both responses' ids, and the
-    classifier's ids of ``prompt + "\\n" + response`` (``ClassifierReward``'s text for ``prompt+response``)."""
+    classifier's ids of ``query + "\\n" + response``: the query is the prompt as PPO's rewards receive it (its
+    ids decoded, special tokens such as T5's ``</s>`` included), so a reward model trains on the very text
+    ``ClassifierReward(text="prompt+response")`` scores in a rollout."""
     out = encode_prompts(batch, tokenizer, fmt)
     for side in ("chosen", "rejected"):
         texts = batch[f"{side}_text"]
         out[f"{side}_ids"] = _response_ids(texts, tokenizer)
-        out[f"{side}_input_ids"] = tokenizer(select_text("prompt+response", out["prompt"], texts)).input_ids
+        out[f"{side}_input_ids"] = tokenizer(select_text("prompt+response", out["query"], texts)).input_ids
     return out
 
 
@@ -147,6 +150,7 @@ class PreferenceCollator:
         if self.margin_column is not None:
             batch["margin"] = torch.tensor([float(row[self.margin_column]) for row in rows], dtype=torch.float32)
         batch["prompt"] = [row["prompt"] for row in rows]
+        batch["query"] = [row["query"] for row in rows]
         batch["chosen"] = [row["chosen_text"] for row in rows]
         batch["rejected"] = [row["rejected_text"] for row in rows]
         batch["id"] = [str(row["id"]) for row in rows]

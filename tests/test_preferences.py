@@ -13,7 +13,7 @@ pytestmark = pytest.mark.usefixtures("datasets_cache")
 
 CONTRACT_KEYS = {"prompt_input_ids", "prompt_attention_mask", "chosen_ids", "chosen_mask", "rejected_ids",
                  "rejected_mask", "chosen_input_ids", "chosen_attention_mask", "rejected_input_ids",
-                 "rejected_attention_mask", "prompt", "chosen", "rejected", "id"}
+                 "rejected_attention_mask", "prompt", "query", "chosen", "rejected", "id"}
 
 
 def text_pairs(n: int) -> list[dict]:
@@ -44,7 +44,7 @@ def test_text_pairs_make_the_contract_batch(tmp_path):
         assert chosen == tok(batch["chosen"][i], add_special_tokens=False).input_ids + [tok.eos_token_id]
         assert batch["chosen_mask"][i, 0] == 1
         full = batch["rejected_input_ids"][i][batch["rejected_attention_mask"][i].bool()].tolist()
-        assert full == tok(batch["prompt"][i] + "\n" + batch["rejected"][i]).input_ids
+        assert full == tok(batch["query"][i] + "\n" + batch["rejected"][i]).input_ids
     assert batch["chosen"][0].endswith("good") and batch["rejected"][0].endswith("bad")
     assert batch["id"] == rows["id"] and batch["chosen_ids"].dtype == torch.long
 
@@ -105,6 +105,28 @@ def test_encoder_decoder_prompts_are_right_padded(tmp_path):
     lengths = batch["prompt_attention_mask"].sum(1)
     assert all(batch["prompt_attention_mask"][i, : lengths[i]].all() for i in range(2))
     assert (batch["chosen_ids"][batch["chosen_mask"].bool()] != dm.tokenizer.pad_token_id).any()
+
+
+def test_the_classifier_reads_what_a_rollout_gives_a_prompt_response_reward(tmp_path):
+    """A reward model trains on query + newline + response, the query being the prompt as a PPO rollout hands it
+    to ClassifierReward(text="prompt+response"): for T5 the decoded prompt ids end in </s>, which the raw prompt
+    text lacks."""
+    from lit_rlhf.prompts import PromptDataModule
+    from lit_rlhf.rewards import select_text
+
+    source = str(write_jsonl(tmp_path / "p.jsonl", text_pairs(10)))
+    pairs = ready(model_name="embedded:tiny-t5", dataset=source, shuffle=False)
+    prompts = PromptDataModule(model_name="embedded:tiny-t5", dataset=source, test_size=0.2, eval_batch_size=2)
+    prompts.prepare_data()
+    prompts.setup("fit")
+    pair_batch, rollout_batch = next(iter(pairs.val_dataloader())), next(iter(prompts.val_dataloader()))
+    assert pair_batch["id"] == rollout_batch["id"]
+    assert rollout_batch["query"][0].endswith("</s>") and not pair_batch["prompt"][0].endswith("</s>")
+    tok = pairs.tokenizer
+    for i in range(2):
+        scored = tok(select_text("prompt+response", rollout_batch["query"], pair_batch["chosen"])[i]).input_ids
+        trained = pair_batch["chosen_input_ids"][i][pair_batch["chosen_attention_mask"][i].bool()].tolist()
+        assert trained == scored
 
 
 def test_stream_resumes_from_its_state_and_splits_across_processes(tmp_path):

@@ -67,8 +67,8 @@ def test_fit_learns_a_rule_and_the_export_loads_as_classifier_reward(tmp_path):
     reward = ClassifierReward(model_name=str(tmp_path / "reward_model"), label="reward", text="prompt+response")
     reward.setup()
     batch = next(iter(dm.val_dataloader()))
-    chosen = reward.compute(batch["prompt"], batch["chosen"], None)
-    rejected = reward.compute(batch["prompt"], batch["rejected"], None)
+    chosen = reward.compute(batch["query"], batch["chosen"], None)
+    rejected = reward.compute(batch["query"], batch["rejected"], None)
     assert (chosen > rejected).float().mean() > 0.9
     # the export scores exactly as the trained module
     with torch.no_grad():
