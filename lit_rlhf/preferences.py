@@ -1,7 +1,7 @@
 """Preference pairs (prompt, chosen response, rejected response) for reward models and DPO.
 
     pair_texts            rows -> the prompt's messages, the two response texts, why a row is skipped (if it is)
-    encode_pairs          pair texts -> prompt ids, response ids (eos last), classifier ids of prompt+response
+    encode_pairs          pair texts -> prompt ids, response ids (eos last), the classifier's ids
     PreferenceCollator    rows -> a padded preference batch
     PreferenceDataModule  ``PromptDataModule`` over pairs: load, check, filter, split, the resumable stream
 
@@ -13,9 +13,9 @@ A batch holds ``prompt_input_ids``/``prompt_attention_mask`` (LongTensor [B, P],
 right for encoder-decoder models, left for decoder-only ones), ``chosen_ids``/``chosen_mask`` [B, Tc] and
 ``rejected_ids``/``rejected_mask`` [B, Tr] (the responses alone, eos last when the tokenizer has one,
 right-padded), ``chosen_input_ids``/``chosen_attention_mask`` and ``rejected_input_ids``/
-``rejected_attention_mask`` (query + newline + response as one text through the tokenizer, padded on the
-tokenizer's side: what a sequence classifier reads, exactly as ``ClassifierReward(text="prompt+response")``
-reads it in a rollout), lists ``prompt``, ``query`` (the prompt ids decoded, as rollouts give it to rewards),
+``rejected_attention_mask`` (query + newline + response as one text through the tokenizer, or the response
+alone with ``classifier_text="response"``, padded on the tokenizer's side: what a sequence classifier reads,
+exactly as ``ClassifierReward(text=...)`` reads it in a rollout), lists ``prompt``, ``query`` (the prompt ids decoded, as rollouts give it to rewards),
 ``chosen``, ``rejected``, ``id``, and with ``margin_column`` a FloatTensor
 ``margin`` [B].
 """
@@ -32,7 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedTokenizerBase
 
 from lit_rlhf.prompts import ChatTemplate, PromptDataModule, PromptFormat, _pad, _rows, encode_prompts
-from lit_rlhf.rewards import select_text
+from lit_rlhf.rewards import TextField, select_text
 from lit_rlhf.sources import quiet_datasets_progress
 
 PROMPT_MESSAGES = "prompt_messages"
@@ -100,16 +100,20 @@ def _response_ids(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[
     return ids if eos is None else [row + [eos] for row in ids]
 
 
-def encode_pairs(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat) -> dict[str, list]:
+def encode_pairs(
+    batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat,
+    classifier_text: TextField = "prompt+response",
+) -> dict[str, list]:
     """The prompt as ``encode_prompts`` renders it (chat template, system prompt), both responses' ids, and the
-    classifier's ids of ``query + "\\n" + response``: the query is the prompt as PPO's rewards receive it (its
-    ids decoded, special tokens such as T5's ``</s>`` included), so a reward model trains on the very text
-    ``ClassifierReward(text="prompt+response")`` scores in a rollout."""
+    classifier's ids of ``query + "\\n" + response`` (or of the response alone, ``classifier_text="response"``):
+    the query is the prompt as PPO's rewards receive it (its ids decoded, special tokens such as T5's ``</s>``
+    included), so a reward model trains on the very text ``ClassifierReward(text=classifier_text)`` scores in a
+    rollout."""
     out = encode_prompts(batch, tokenizer, fmt)
     for side in ("chosen", "rejected"):
         texts = batch[f"{side}_text"]
         out[f"{side}_ids"] = _response_ids(texts, tokenizer)
-        out[f"{side}_input_ids"] = tokenizer(select_text("prompt+response", out["query"], texts)).input_ids
+        out[f"{side}_input_ids"] = tokenizer(select_text(classifier_text, out["query"], texts)).input_ids
     return out
 
 
@@ -129,7 +133,7 @@ class PreferenceCollator:
     """Pads rows into a preference batch (see the module docstring for the keys).
 
     ``padding_side``: the prompt's (the policy's: right for encoder-decoder, left for decoder-only models);
-    ``classifier_padding_side``: the tokenizer's own, for the classifier's prompt+response sequences.
+    ``classifier_padding_side``: the tokenizer's own, for the classifier's sequences.
     ``margin_column``: the row value that becomes ``margin`` (None: the batch has none)."""
 
     pad_token_id: int
@@ -182,6 +186,8 @@ class PreferenceDataModule(PromptDataModule):
         max_prompt_tokens: Pairs whose prompt is longer than this many tokens are dropped (counted). None: no limit.
         max_response_tokens: Pairs with a response longer than this many tokens (eos included) are dropped
             (counted). None: no limit.
+        classifier_text: What a reward model reads of each pair's side: ``prompt+response`` (the query, a
+            newline, the response) or the ``response`` alone; give ``ClassifierReward`` the same ``text``.
         test_size: With no ``eval_split``: the fraction of ``split`` held out (rounded up).
         split_seed: Seed of the held-out draw.
         batch_size: Pairs per training batch (full batches only).
@@ -205,6 +211,7 @@ class PreferenceDataModule(PromptDataModule):
         system_prompt: str | None = None,
         max_prompt_tokens: int | None = None,
         max_response_tokens: int | None = None,
+        classifier_text: TextField = "prompt+response",
         test_size: float = 0.1,
         split_seed: int = 42,
         batch_size: int = 8,
@@ -216,6 +223,8 @@ class PreferenceDataModule(PromptDataModule):
         if max_response_tokens is not None and max_response_tokens < 1:
             raise ValueError(f"data.max_response_tokens must be None or a positive number of tokens, got "
                              f"{max_response_tokens}")
+        if classifier_text not in ("prompt+response", "response"):
+            raise ValueError(f"data.classifier_text must be prompt+response or response, got {classifier_text!r}")
         named = [c for c in (prompt_column, chosen_column, rejected_column, margin_column) if c is not None]
         if len(set(named)) < len(named):
             raise ValueError("data.prompt_column, data.chosen_column, data.rejected_column and data.margin_column "
@@ -229,6 +238,7 @@ class PreferenceDataModule(PromptDataModule):
         self.save_hyperparameters(logger=False)  # this module's own arguments (config.yaml has these)
         self.columns = PairColumns(prompt_column, chosen_column, rejected_column, margin_column)
         self.max_response_tokens = max_response_tokens
+        self.classifier_text = classifier_text
         self._skipped: Counter[str] = Counter()
 
     def required_columns(self) -> list[str]:
@@ -254,7 +264,8 @@ class PreferenceDataModule(PromptDataModule):
         usable = texts.filter(_usable, input_columns="skip", batched=True)
         fmt = PromptFormat(messages_column=PROMPT_MESSAGES, chat=self._use_chat_template(),
                            system_prompt=self.system_prompt)
-        encoded = usable.map(encode_pairs, batched=True, fn_kwargs={"tokenizer": self.tokenizer, "fmt": fmt})
+        encoded = usable.map(encode_pairs, batched=True, fn_kwargs={"tokenizer": self.tokenizer, "fmt": fmt,
+                                                             "classifier_text": self.classifier_text})
         kept = encoded.filter(
             _pair_fits, input_columns=["input_ids", "chosen_ids", "rejected_ids"], batched=True,
             fn_kwargs={"max_prompt": self.max_prompt_tokens, "max_response": self.max_response_tokens})

@@ -4,11 +4,12 @@
     preference_stats      r_chosen, r_rejected [B] -> accuracy (chosen ranked above rejected), mean margin
     RewardModelModule     the classifier (LoRA or full), the loss over ``PreferenceDataModule`` batches, the export
 
-The classifier reads ``chosen_input_ids``/``rejected_input_ids`` of the preference batch: prompt + newline +
-response as one text through its tokenizer, which is what ``ClassifierReward(text="prompt+response")`` feeds
-it in PPO. At the end of fit the model (LoRA merged in) and its tokenizer are saved to ``<log_dir>/reward_model``
-with ``id2label = {0: label}``, so ``ClassifierReward(model_name=<folder>, label=<label>, output="logit",
-text="prompt+response")`` loads it as it is.
+The classifier reads ``chosen_input_ids``/``rejected_input_ids`` of the preference batch: the query + newline +
+response as one text through its tokenizer (or the response alone, the data module's ``classifier_text``), which
+is what ``ClassifierReward(text=...)`` feeds it in PPO. At the end of fit the model (LoRA merged in) and its
+tokenizer are saved to ``<log_dir>/reward_model`` with ``id2label = {0: label}``, so
+``ClassifierReward(model_name=<folder>, label=<label>, output="logit", text=<the same classifier_text>)`` loads it
+as it is.
 """
 
 from __future__ import annotations
@@ -184,8 +185,10 @@ class RewardModelModule(L.LightningModule):
         target = self.export_path()  # every rank: log_dir broadcasts from rank zero
         if self.trainer.is_global_zero:
             export_reward_model(self.model, self.tokenizer, target)
+            # the text the classifier was trained on (the data module's classifier_text) is the one to score
+            text = getattr(self.trainer.datamodule, "classifier_text", "prompt+response")
             rank_zero_info(f"Reward model exported to {target} (PPO: --model.reward lit_rlhf.rewards.ClassifierReward "
-                           f"with model_name={target}, label={self.hparams.label}, text=prompt+response)")
+                           f"with model_name={target}, label={self.hparams.label}, text={text})")
 
 
 def build_reward_classifier(

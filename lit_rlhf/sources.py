@@ -29,7 +29,8 @@ FILE_FORMATS = {
 SPLIT_PREFIXES = {"train": ("train",), "validation": ("validation", "valid", "dev"), "test": ("test",)}
 """Local-directory sources: a file belongs to the split its name starts with."""
 
-BUNDLED = {"dialogsum": "lit_rlhf.data:load_bundled_dialogsum"}
+BUNDLED = {"dialogsum": "lit_rlhf.data:load_bundled_dialogsum",
+           "dialogsum-pairs": "lit_rlhf.sampled_pairs:load_bundled_pairs"}
 """``bundled:<name>`` sources: the function (``module:function``) returning the copy shipped with lit_rlhf."""
 
 
