@@ -56,21 +56,26 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def assert_resume_is_exact(run, args: list[str], weights_file: str, steps: int = 8) -> None:
-    """``run`` (a CLI entry such as ``lit_rlhf.cli.run_dpo``) fits ``steps`` steps in one go, then ``steps // 2``
-    and, resumed from that checkpoint, the rest: the exported ``<log_dir>/<weights_file>`` tensors are equal, bit
-    for bit, and differ from those of the half-way run (the resumed run trained on)."""
+    """``run`` (a CLI entry such as ``lit_rlhf.cli.run_dpo``) fits ``steps`` steps in one go, writing a periodic
+    checkpoint mid-epoch at step ``steps // 2`` (what a run killed after that point leaves behind: the process
+    only goes on from there); a fit resumed from that checkpoint exports the same ``<log_dir>/<weights_file>``
+    tensors, bit for bit, after training the other half."""
     from safetensors.torch import load_file
 
     def weights(cli) -> dict:
         return load_file(str(Path(cli.trainer.log_dir) / weights_file))
 
-    whole = weights(run(["fit", *args, "--trainer.max_steps", str(steps)]))
-    first = run(["fit", *args, "--trainer.max_steps", str(steps // 2)])
-    ckpt = next((Path(first.trainer.log_dir) / "checkpoints").glob("*.ckpt"))
-    resumed = weights(run(["fit", *args, "--trainer.max_steps", str(steps), "--ckpt_path", str(ckpt)]))
-    assert whole.keys() == resumed.keys()
-    assert [k for k in whole if not torch.equal(whole[k], resumed[k])] == []
-    assert not all(torch.equal(whole[k], weights(first)[k]) for k in whole)
+    periodic = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                f"--trainer.callbacks.every_n_train_steps={steps // 2}", "--trainer.callbacks.save_top_k=-1",
+                "--trainer.callbacks.filename={step}"]
+    straight = run(["fit", *args, *periodic, "--trainer.max_steps", str(steps)])
+    ckpt = next(Path(straight.trainer.log_dir).rglob(f"step={steps // 2}.ckpt"))
+    assert torch.load(ckpt, weights_only=True)["global_step"] == steps // 2
+    resumed = run(["fit", *args, "--trainer.max_steps", str(steps), "--ckpt_path", str(ckpt)])
+    assert resumed.trainer.global_step == steps
+    whole, again = weights(straight), weights(resumed)
+    assert whole.keys() == again.keys()
+    assert [k for k in whole if not torch.equal(whole[k], again[k])] == []
 
 
 CHAT_TEMPLATE = (
