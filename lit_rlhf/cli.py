@@ -565,7 +565,9 @@ RM_DESCRIPTION = (
     "lit-rlhf-rm: train a reward model (a one-output sequence classifier, LoRA or all weights) on preference "
     "pairs (prompt, chosen, rejected: text columns or chat conversations) with the Bradley-Terry loss; fit "
     "exports <log_dir>/reward_model, which `lit-rlhf fit` takes as --model.reward "
-    "lit_rlhf.rewards.ClassifierReward with model_name=<that folder>, label=reward, text=prompt+response."
+    "lit_rlhf.rewards.ClassifierReward with model_name=<that folder>, label=reward, text=<data.classifier_text: "
+    "prompt+response, or response>. predict --ckpt_path CKPT --data.predict_path FILE scores the response column "
+    "of FILE's rows and writes predictions.jsonl (id, prompt, response, score) into the checkpoint's run folder."
 )
 
 
@@ -578,8 +580,8 @@ DPO_DESCRIPTION = (
 
 
 class PreferenceCLI(CommonCLI):
-    """The preference commands, ``lit-rlhf-rm`` and ``lit-rlhf-dpo``: a module on PreferenceDataModule batches
-    (fit, validate, test; no predict)."""
+    """``lit-rlhf-dpo``: a module on PreferenceDataModule batches (fit, validate, test; its policy answers prompts
+    through ``lit-rlhf predict --model.init_adapter``)."""
 
     run_folder_subcommands = ()
 
@@ -591,11 +593,23 @@ class PreferenceCLI(CommonCLI):
         parser.link_arguments("model.model_name", "data.model_name")
 
 
-def run_preference(module_class: type, prog: str, description: str, args: list[str] | None = None) -> PreferenceCLI:
+class RewardModelCLI(PreferenceCLI):
+    """``lit-rlhf-rm``: fit, validate, test, and predict (the reward of each response of ``data.predict_path``,
+    written to ``predictions.jsonl`` in the checkpoint's run folder)."""
+
+    run_folder_subcommands = ("predict",)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return LightningCLI.subcommands()
+
+
+def run_preference(module_class: type, prog: str, description: str, args: list[str] | None = None,
+                   cli_class: type[PreferenceCLI] = PreferenceCLI) -> PreferenceCLI:
     """Parse ``args`` (default: the command line), run a preference command's subcommand, return the CLI."""
     from lit_rlhf.preferences import PreferenceDataModule
 
-    cli = PreferenceCLI(
+    cli = cli_class(
         module_class,
         PreferenceDataModule,
         args=args,
@@ -610,7 +624,7 @@ def run_rm(args: list[str] | None = None) -> PreferenceCLI:
     """``lit-rlhf-rm``: RewardModelModule (see :func:`run_preference`)."""
     from lit_rlhf.reward_model import RewardModelModule
 
-    return run_preference(RewardModelModule, "lit-rlhf-rm", RM_DESCRIPTION, args)
+    return run_preference(RewardModelModule, "lit-rlhf-rm", RM_DESCRIPTION, args, RewardModelCLI)
 
 
 def run_dpo(args: list[str] | None = None) -> PreferenceCLI:

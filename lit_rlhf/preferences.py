@@ -3,6 +3,7 @@
     pair_texts            rows -> the prompt's messages, the two response texts, why a row is skipped (if it is)
     encode_pairs          pair texts -> prompt ids, response ids (eos last), the classifier's ids
     PreferenceCollator    rows -> a padded preference batch
+    ScoringCollator       predict rows (prompt, response) -> a padded batch of the classifier's texts
     PreferenceDataModule  ``PromptDataModule`` over pairs: load, check, filter, split, the resumable stream
 
 A row is either text columns (``prompt_column``, ``chosen_column``, ``rejected_column``) or two conversations
@@ -25,15 +26,19 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lit_rlhf.prompts import ChatTemplate, PromptDataModule, PromptFormat, _pad, _rows, encode_prompts
 from lit_rlhf.rewards import TextField, select_text
-from lit_rlhf.sources import quiet_datasets_progress
+from lit_rlhf.sources import quiet_datasets_progress, read_data_files
+
+if TYPE_CHECKING:
+    import datasets
 
 PROMPT_MESSAGES = "prompt_messages"
 """The derived column of each row's prompt as a conversation (a text prompt is one user turn)."""
@@ -117,6 +122,19 @@ def encode_pairs(
     return out
 
 
+def encode_scored(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat,
+                  prompt_column: str, response_column: str, classifier_text: TextField) -> dict[str, list]:
+    """Predict rows: the prompt rendered as for pairs (one user turn, chat template, system prompt) and the
+    classifier's ids of query + newline + response (or of the response alone), as ``encode_pairs`` makes them."""
+    responses = [str(r or "") for r in batch[response_column]]
+    prompts = (batch[prompt_column] if prompt_column in batch else [""] * len(responses))
+    messages = [[{"role": "user", "content": str(p or "")}] for p in prompts]
+    out = encode_prompts({PROMPT_MESSAGES: messages}, tokenizer, fmt)
+    out["response"] = responses
+    out["classifier_ids"] = tokenizer(select_text(classifier_text, out["query"], responses)).input_ids
+    return out
+
+
 def _pair_fits(prompt: list[list[int]], chosen: list[list[int]], rejected: list[list[int]],
                max_prompt: int | None, max_response: int | None) -> list[bool]:
     inf = float("inf")
@@ -161,6 +179,20 @@ class PreferenceCollator:
         return batch
 
 
+@dataclass(frozen=True)
+class ScoringCollator:
+    """Pads predict rows into ``input_ids``/``attention_mask`` (the classifier's text, on the tokenizer's padding
+    side) with lists ``id``, ``prompt``, ``response``."""
+
+    pad_token_id: int
+    padding_side: Literal["left", "right"] = "right"
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        ids, mask = _pad([row["classifier_ids"] for row in rows], self.pad_token_id, self.padding_side)
+        return {"input_ids": ids, "attention_mask": mask, "id": [str(row["id"]) for row in rows],
+                "prompt": [row["prompt"] for row in rows], "response": [row["response"] for row in rows]}
+
+
 class PreferenceDataModule(PromptDataModule):
     """Preference pairs from any dataset: text columns or chat conversations, rendered as ``PromptDataModule``
     renders prompts (chat template, system prompt), filtered by token length, split with a seeded held-out part,
@@ -188,6 +220,10 @@ class PreferenceDataModule(PromptDataModule):
             (counted). None: no limit.
         classifier_text: What a reward model reads of each pair's side: ``prompt+response`` (the query, a
             newline, the response) or the ``response`` alone; give ``ClassifierReward`` the same ``text``.
+        predict_path: ``lit-rlhf-rm predict``: rows to score, a .jsonl/.json(.gz), .csv or .parquet file or a
+            folder of them, with ``response_column`` and (unless ``classifier_text`` is ``response``)
+            ``prompt_column`` text; ``id`` optional.
+        response_column: The column of the responses to score in ``predict_path``.
         test_size: With no ``eval_split``: the fraction of ``split`` held out (rounded up).
         split_seed: Seed of the held-out draw.
         batch_size: Pairs per training batch (full batches only).
@@ -219,6 +255,8 @@ class PreferenceDataModule(PromptDataModule):
         num_workers: int = 0,
         shuffle: bool = True,
         seed: int = 0,
+        predict_path: str | None = None,
+        response_column: str = "response",
     ) -> None:
         if max_response_tokens is not None and max_response_tokens < 1:
             raise ValueError(f"data.max_response_tokens must be None or a positive number of tokens, got "
@@ -234,11 +272,13 @@ class PreferenceDataModule(PromptDataModule):
             chat_template=chat_template, system_prompt=system_prompt, max_prompt_tokens=max_prompt_tokens,
             test_size=test_size, split_seed=split_seed, shuffle_split=True, batch_size=batch_size,
             eval_batch_size=eval_batch_size, num_workers=num_workers, shuffle=shuffle, seed=seed,
+            predict_path=predict_path,
         )
         self.save_hyperparameters(logger=False)  # this module's own arguments (config.yaml has these)
         self.columns = PairColumns(prompt_column, chosen_column, rejected_column, margin_column)
         self.max_response_tokens = max_response_tokens
         self.classifier_text = classifier_text
+        self.response_column = response_column
         self._skipped: Counter[str] = Counter()
 
     def required_columns(self) -> list[str]:
@@ -293,6 +333,37 @@ class PreferenceDataModule(PromptDataModule):
         return PreferenceCollator(
             pad_token_id=self.tokenizer.pad_token_id, padding_side="right" if self.is_encoder_decoder else "left",
             classifier_padding_side=self.tokenizer.padding_side, margin_column=self.columns.margin)
+
+    # -- predict: responses to score (lit-rlhf-rm predict) ------------------------------------------------
+
+    @quiet_datasets_progress()
+    def _load_predict_rows(self) -> datasets.Dataset:
+        """The rows of ``predict_path``, with string ids (row numbers where absent)."""
+        rows = read_data_files(self.predict_path, "data.predict_path")
+        needed = [self.response_column] + ([self.columns.prompt] if self.classifier_text == "prompt+response" else [])
+        missing = [c for c in needed if c not in rows.column_names]
+        if missing:
+            raise ValueError(f"data.predict_path={self.predict_path!r} lacks the column(s) {missing} (its columns: "
+                             f"{rows.column_names}): scoring reads data.response_column={self.response_column!r}"
+                             + (f" and data.prompt_column={self.columns.prompt!r}" if len(needed) > 1 else ""))
+        if "id" not in rows.column_names:
+            rows = rows.add_column("id", [None] * len(rows))
+        return rows.map(lambda r, i: {"id": str(i) if r["id"] is None else str(r["id"])}, with_indices=True)
+
+    @quiet_datasets_progress()
+    def _encode_predict_rows(self, rows: datasets.Dataset) -> datasets.Dataset:
+        fmt = PromptFormat(messages_column=PROMPT_MESSAGES, chat=self._use_chat_template(),
+                           system_prompt=self.system_prompt)
+        return rows.map(encode_scored, batched=True, fn_kwargs={
+            "tokenizer": self.tokenizer, "fmt": fmt, "prompt_column": self.columns.prompt,
+            "response_column": self.response_column, "classifier_text": self.classifier_text})
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.predict_set is None:
+            raise RuntimeError("call setup('predict') before asking for the predict data loader")
+        collate = ScoringCollator(self.tokenizer.pad_token_id, self.tokenizer.padding_side)
+        return DataLoader(self.predict_set, batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate,
+                          num_workers=self.num_workers)
 
     def summary(self) -> dict[str, int]:
         """Row counts after ``setup``: ``source``, ``kept``, ``train``, ``test``, and the pairs skipped as

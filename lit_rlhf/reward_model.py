@@ -158,6 +158,13 @@ class RewardModelModule(L.LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """``lit-rlhf-rm predict``: each row's reward, as records (``id``, ``prompt``, ``response``, ``score``) for
+        ``lit_rlhf.callbacks.PredictionWriter``."""
+        scores = self.rewards(batch["input_ids"], batch["attention_mask"]).tolist()
+        return [{"id": i, "prompt": p, "response": r, "score": s}
+                for i, p, r, s in zip(batch["id"], batch["prompt"], batch["response"], scores)]
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         return torch.optim.AdamW(parameters, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)

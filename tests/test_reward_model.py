@@ -1,6 +1,7 @@
 """RewardModelModule: the Bradley-Terry loss by hand, a short fit that learns a rule, the export that
 ClassifierReward loads as it is."""
 
+import json
 import math
 from pathlib import Path
 
@@ -119,8 +120,21 @@ def test_lit_rlhf_rm_fits_exports_and_tests_from_the_checkpoint(tmp_path, monkey
     ckpt = next((log_dir / "checkpoints").glob("*.ckpt"))
     tested = run_rm(["test", *common, "--ckpt_path", str(ckpt)])
     assert {"test/loss", "test/accuracy", "test/margin"} <= set(tested.trainer.callback_metrics)
-    with pytest.raises(SystemExit):
-        run_rm(["predict", *common])
+
+    # predict: the reward of each (prompt, response) row, as the exported model gives it to PPO
+    rows = [{"id": f"q{i}", "prompt": p["prompt"], "response": p[side]}
+            for i, p in enumerate(good_bad_pairs(3)) for side in ("chosen", "rejected")]
+    write_jsonl(tmp_path / "to_score.jsonl", rows)
+    run_rm(["predict", *common, "--ckpt_path", str(ckpt), "--data.predict_path", str(tmp_path / "to_score.jsonl")])
+    records = [json.loads(line) for line in (log_dir / "predictions.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["prompt"], r["response"]) for r in records] == [(r["id"], r["prompt"], r["response"]) for r in rows]
+    reward = ClassifierReward(model_name=str(log_dir / "reward_model"), label="reward", text="prompt+response")
+    reward.setup()
+    expected = reward.compute([r["prompt"] for r in rows], [r["response"] for r in rows], None)
+    torch.testing.assert_close(torch.tensor([r["score"] for r in records]), expected, rtol=1e-4, atol=1e-4)
+    write_jsonl(tmp_path / "no_response.jsonl", [{"prompt": "hi"}])
+    with pytest.raises(ValueError, match="data.response_column='response'"):
+        run_rm(["predict", *common, "--ckpt_path", str(ckpt), "--data.predict_path", str(tmp_path / "no_response.jsonl")])
 
 
 def test_a_resumed_reward_model_fit_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch):
