@@ -33,7 +33,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from lit_rlhf.prompts import ChatTemplate, PromptDataModule, PromptFormat, _pad, _rows, encode_prompts
+from lit_rlhf.prompts import (
+    ChatTemplate, PromptDataModule, PromptFormat, _pad, _rows, encode_prompts, with_string_ids,
+)
 from lit_rlhf.rewards import TextField, select_text
 from lit_rlhf.sources import quiet_datasets_progress, read_data_files
 
@@ -346,9 +348,7 @@ class PreferenceDataModule(PromptDataModule):
             raise ValueError(f"data.predict_path={self.predict_path!r} lacks the column(s) {missing} (its columns: "
                              f"{rows.column_names}): scoring reads data.response_column={self.response_column!r}"
                              + (f" and data.prompt_column={self.columns.prompt!r}" if len(needed) > 1 else ""))
-        if "id" not in rows.column_names:
-            rows = rows.add_column("id", [None] * len(rows))
-        return rows.map(lambda r, i: {"id": str(i) if r["id"] is None else str(r["id"])}, with_indices=True)
+        return with_string_ids(rows)
 
     @quiet_datasets_progress()
     def _encode_predict_rows(self, rows: datasets.Dataset) -> datasets.Dataset:

@@ -147,6 +147,13 @@ def tokenize_completions(
 # ---------------------------------------------------------------------------------------------- batching
 
 
+def with_string_ids(rows: datasets.Dataset) -> datasets.Dataset:
+    """``rows`` with an ``id`` column of strings: each row's own id, or its row number where it has none."""
+    if "id" not in rows.column_names:
+        rows = rows.add_column("id", [None] * len(rows))
+    return rows.map(lambda r, i: {"id": str(i) if r["id"] is None else str(r["id"])}, with_indices=True)
+
+
 def _pad(rows: list[list[int]], pad_token_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad token-id lists into ids and mask, LongTensor [B, L], on the given side."""
     width = max(len(row) for row in rows)
@@ -577,9 +584,7 @@ class PromptDataModule(L.LightningDataModule):
         if missing:
             raise ValueError(f"data.predict_path={self.predict_path!r} lacks the column(s) {missing} the prompt "
                              f"needs (its columns: {rows.column_names})")
-        if "id" not in rows.column_names:
-            rows = rows.add_column("id", [None] * len(rows))
-        return rows.map(lambda r, i: {"id": str(i) if r["id"] is None else str(r["id"])}, with_indices=True)
+        return with_string_ids(rows)
 
     @quiet_datasets_progress()
     def _encode_predict_rows(self, rows: datasets.Dataset) -> datasets.Dataset:
