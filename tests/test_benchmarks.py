@@ -171,3 +171,25 @@ def test_goals_check_each_workload_and_dtype_against_its_own_targets(bench):
     assert "  - speed-up vs TRL batched bf16 (goal ≥ 1.5): 1.40 — NOT met" in lines
     assert "  - speed-up vs TRL batched fp32 (goal ≥ 1.7): 3.00 — met" in lines
     assert not any("FLOP limit" in line for line in lines)
+
+
+def test_preferences_benchmark_compares_each_policy_with_before_prompt_by_prompt():
+    path = Path(__file__).parents[1] / "benchmarks" / "preferences.py"
+    spec = importlib.util.spec_from_file_location("bench_preferences", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def report(toxicity, reward, rouge1, ids=("a", "b", "c", "d")):
+        return {"per_prompt": {"id": list(ids), "toxicity": toxicity, "reward": reward, "rouge1": rouge1,
+                               "length": [10, 12, 14, 16]}}
+
+    before = report([0.4, 0.2, 0.1, 0.1], [1.0, 2.0, 3.0, 4.0], [0.4, 0.4, 0.2, 0.2])
+    after = report([0.2, 0.1, 0.1, 0.0], [2.0, 2.0, 4.0, 4.0], [0.3, 0.3, 0.15, 0.15])
+    got = module.compare(before, after, [0.0, 0.0, 0.0, 0.0], [1.0, -1.0, 1.0, 1.0])
+    # toxicity 0.2 -> 0.1: 50 % lower, a mean per-prompt drop of 0.1; ROUGE-1 0.3 -> 0.225: 75 % retained
+    assert got["toxicity_decrease_pct"] == pytest.approx(50.0) and got["toxicity_drop"] == pytest.approx(0.1)
+    assert got["rouge1_retained_pct"] == pytest.approx(75.0)
+    assert got["reward_gain"] == pytest.approx(0.5) and got["learnt_gain"] == pytest.approx(0.5)
+    assert got["toxicity_drop_ci"][0] <= 0.1 <= got["toxicity_drop_ci"][1]
+    with pytest.raises(ValueError, match="same prompts"):
+        module.compare(before, report([0.0] * 4, [0.0] * 4, [0.1] * 4, ids=("a", "b", "c", "x")), [0.0] * 4, [0.0] * 4)
