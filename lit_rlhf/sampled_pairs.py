@@ -23,13 +23,13 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from importlib import resources
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
 from lightning.pytorch.utilities.seed import isolate_rng
 
 from lit_rlhf import rollout as ro
+from lit_rlhf.io import atomic_write
 from lit_rlhf.rewards import CompositeReward, Reward
 from lit_rlhf.settings import GenerationSettings
 
@@ -176,15 +176,21 @@ def main(argv: list[str] | None = None) -> int:
     rule = recipe_rule()
     rule.setup()
     skipped: Counter[str] = Counter()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    opener = gzip.open if out.suffix == ".gz" else open
+    records = sample_pairs(policy, datamodule, rule, settings, num_prompts=args.num_prompts,
+                           batch_size=args.batch_size, seed=args.seed, min_gap=args.min_gap, skipped=skipped)
     count = 0
-    with opener(out, "wt", encoding="utf-8") as f:
-        for record in sample_pairs(policy, datamodule, rule, settings, num_prompts=args.num_prompts,
-                                   batch_size=args.batch_size, seed=args.seed, min_gap=args.min_gap, skipped=skipped):
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def write(raw: BinaryIO) -> None:  # the file appears whole, at the end (an interrupted run leaves none)
+        nonlocal count
+        gz = args.out.endswith(".gz")
+        sink = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) if gz else raw
+        for record in records:
+            sink.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
             count += 1
+        if gz:
+            sink.close()  # ends the gzip stream; the file itself stays open for atomic_write
+
+    out = atomic_write(args.out, write)
     print(f"{count} pairs written to {out}; skipped: {dict(skipped)}")
     return 0
 

@@ -61,7 +61,7 @@ def test_sampled_pairs_follow_the_rule_and_use_training_prompts_only(tmp_path):
     assert other != records
 
 
-def test_bundled_pairs_follow_the_stated_rule_and_never_use_the_reports_prompts():
+def test_bundled_pairs_follow_the_stated_rule_and_never_use_the_reports_prompts(tmp_path):
     """bundled:dialogsum-pairs as its PROVENANCE.md states: each pair's chosen summary has the higher offline-recipe
     reward by at least 0.5 (recomputed here on a sample), and no pair's dialogue is one of the recipe's held-out
     dialogues (the toxicity report's prompts)."""
@@ -82,6 +82,16 @@ def test_bundled_pairs_follow_the_stated_rule_and_never_use_the_reports_prompts(
     for side in ("chosen", "rejected"):
         scores = rule(sample["prompt"], sample[side], references=sample["reference"])
         torch.testing.assert_close(scores, torch.tensor(sample[f"{side}_score"]), rtol=1e-4, atol=1e-4)
+
+    # the command that made them, on the first 8 dialogues: a gzipped file the preference data module reads
+    from lit_rlhf.sampled_pairs import main
+
+    assert main(["--out", str(tmp_path / "made.jsonl.gz"), "--num-prompts", "8", "--batch-size", "4"]) == 0
+    made = load_source(str(tmp_path / "made.jsonl.gz"))["train"]
+    first = recipe.train_set.select(range(8))
+    assert 0 < len(made) <= 8 and set(made["id"]) <= set(first["id"])
+    assert all(c >= r + 0.5 for c, r in zip(made["chosen_score"], made["rejected_score"]))
+    assert [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
 def test_a_response_only_classifier_reads_the_response_alone(tmp_path):
