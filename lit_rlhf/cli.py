@@ -408,16 +408,16 @@ def check_trainer_settings(trainer) -> None:
         raise ValueError("trainer.max_epochs=0 runs no PPO step; leave it at -1 and set model.ppo_steps")
 
 
-def with_default_config(args: list[str]) -> list[str]:
+def with_default_config(args: list[str], default: bool = True) -> list[str]:
     """Insert a config after the subcommand when the user gave none: with ``--ckpt_path`` of a file, the run's
-    own ``config.yaml`` (:func:`run_config_of`), for every subcommand; otherwise :data:`DEFAULT_CONFIG` for
-    ``fit``, ``validate`` and ``test``. The flags given still override it."""
+    own ``config.yaml`` (:func:`run_config_of`), for every subcommand; otherwise (with ``default``)
+    :data:`DEFAULT_CONFIG` for ``fit``, ``validate`` and ``test``. The flags given still override it."""
     if not args or any(a in ("-c", "--config") or a.startswith("--config=") for a in args):
         return args
     ckpt_path = flag_value(args, "--ckpt_path")
     if ckpt_path is not None and ckpt_path not in ("last", "best", "hpc", "registry") and args[0] in SUBCOMMANDS:
         return [args[0], "--config", str(run_config_of(ckpt_path)), *args[1:]]
-    if args[0] not in SUBCOMMANDS_WITH_DEFAULT:
+    if not default or args[0] not in SUBCOMMANDS_WITH_DEFAULT:
         return args
     return [args[0], "--config", config_path(), *args[1:]]
 
@@ -566,8 +566,9 @@ RM_DESCRIPTION = (
     "pairs (prompt, chosen, rejected: text columns or chat conversations) with the Bradley-Terry loss; fit "
     "exports <log_dir>/reward_model, which `lit-rlhf fit` takes as --model.reward "
     "lit_rlhf.rewards.ClassifierReward with model_name=<that folder>, label=reward, text=<data.classifier_text: "
-    "prompt+response, or response>. predict --ckpt_path CKPT --data.predict_path FILE scores the response column "
-    "of FILE's rows and writes predictions.jsonl (id, prompt, response, score) into the checkpoint's run folder."
+    "prompt+response, or response>. predict --ckpt_path CKPT --data.predict_path FILE (settings from the run's "
+    "config.yaml) scores the response column of FILE's rows and writes predictions.jsonl (id, prompt, response, "
+    "score) into the checkpoint's run folder."
 )
 
 
@@ -606,8 +607,15 @@ class RewardModelCLI(PreferenceCLI):
 
 def run_preference(module_class: type, prog: str, description: str, args: list[str] | None = None,
                    cli_class: type[PreferenceCLI] = PreferenceCLI) -> PreferenceCLI:
-    """Parse ``args`` (default: the command line), run a preference command's subcommand, return the CLI."""
+    """Parse ``args`` (default: the command line), run a preference command's subcommand, return the CLI. With
+    ``--ckpt_path`` and no ``--config`` it starts from the run's own ``config.yaml`` (the data settings too, e.g.
+    what a reward model reads, ``data.classifier_text``); there is no default config."""
     from lit_rlhf.preferences import PreferenceDataModule
+
+    if args is None:
+        sys.argv[1:] = with_default_config(sys.argv[1:], default=False)
+    else:
+        args = with_default_config(list(args), default=False)
 
     cli = cli_class(
         module_class,

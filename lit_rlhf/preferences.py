@@ -126,13 +126,17 @@ def encode_pairs(
 
 def encode_scored(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat,
                   prompt_column: str, response_column: str, classifier_text: TextField) -> dict[str, list]:
-    """Predict rows: the prompt rendered as for pairs (one user turn, chat template, system prompt) and the
-    classifier's ids of query + newline + response (or of the response alone), as ``encode_pairs`` makes them."""
-    responses = [str(r or "") for r in batch[response_column]]
-    prompts = (batch[prompt_column] if prompt_column in batch else [""] * len(responses))
-    messages = [[{"role": "user", "content": str(p or "")}] for p in prompts]
-    out = encode_prompts({PROMPT_MESSAGES: messages}, tokenizer, fmt)
-    out["response"] = responses
+    """Predict rows: the prompt rendered as for pairs (one user turn, chat template, system prompt; cut to
+    ``fmt.max_prompt_tokens`` as a rollout cuts it) and the classifier's ids of query + newline + response (or of
+    the response alone), as ``encode_pairs`` makes them. ``prompt`` stays the row's own text."""
+    for i, response in enumerate(batch[response_column]):
+        if response is None:
+            raise ValueError(f"data.predict_path: row {batch['id'][i]!r} has no {response_column!r} (null); every row "
+                             "needs a response to score")
+    responses = [str(r) for r in batch[response_column]]
+    prompts = [str(p or "") for p in batch[prompt_column]] if prompt_column in batch else [""] * len(responses)
+    out = encode_prompts({PROMPT_MESSAGES: [[{"role": "user", "content": p}] for p in prompts]}, tokenizer, fmt)
+    out["prompt"], out["response"] = prompts, responses
     out["classifier_ids"] = tokenizer(select_text(classifier_text, out["query"], responses)).input_ids
     return out
 
@@ -353,7 +357,7 @@ class PreferenceDataModule(PromptDataModule):
     @quiet_datasets_progress()
     def _encode_predict_rows(self, rows: datasets.Dataset) -> datasets.Dataset:
         fmt = PromptFormat(messages_column=PROMPT_MESSAGES, chat=self._use_chat_template(),
-                           system_prompt=self.system_prompt)
+                           system_prompt=self.system_prompt, max_prompt_tokens=self.max_prompt_tokens)
         return rows.map(encode_scored, batched=True, fn_kwargs={
             "tokenizer": self.tokenizer, "fmt": fmt, "prompt_column": self.columns.prompt,
             "response_column": self.response_column, "classifier_text": self.classifier_text})

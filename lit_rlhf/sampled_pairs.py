@@ -39,6 +39,9 @@ if TYPE_CHECKING:
     from lit_rlhf.policy import Policy
     from lit_rlhf.prompts import PromptDataModule
 
+CHUNK_SEED_STRIDE = 1_000_003
+"""Chunk k of a run with seed s samples from seed s x CHUNK_SEED_STRIDE + k."""
+
 BUNDLED_FILE = "dialogsum_pairs.jsonl.gz"
 """The bundled pairs, in ``lit_rlhf/assets/dialogsum_pairs``."""
 
@@ -72,7 +75,7 @@ def sample_pairs(
     all): two responses sampled per prompt (``rollout.collect``, the training rollout's path), scored by
     ``rule``, the higher-scoring one chosen. Prompts that were cut to ``max_prompt_tokens`` are left out, so
     the recorded prompt text is exactly what the policy read. Chunk k of ``batch_size`` prompts samples from
-    seed + k (the same records whatever the chunk order). ``skipped`` counts what made no pair.
+    seed x ``CHUNK_SEED_STRIDE`` + k (the same records whatever the chunk order). ``skipped`` counts what made no pair.
 
     A record: ``id``, ``prompt`` (the prompt text), ``chosen``, ``rejected``, ``reference``, ``chosen_score``,
     ``rejected_score`` and each part of the rule as ``chosen_<part>``/``rejected_<part>``."""
@@ -93,9 +96,10 @@ def sample_pairs(
             device = next(policy.parameters()).device
             batch = {key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in batch.items()}
             low, high = settings.max_new_tokens
-            limits = torch.randint(low, high, (2 * len(chunk),), generator=torch.Generator().manual_seed(seed + k))
+            chunk_seed = seed * CHUNK_SEED_STRIDE + k  # runs of different seeds share no chunk's stream
+            limits = torch.randint(low, high, (2 * len(chunk),), generator=torch.Generator().manual_seed(chunk_seed))
             with isolate_rng():
-                torch.manual_seed(seed + k)
+                torch.manual_seed(chunk_seed)
                 generated = ro.collect(policy, rule, batch, settings, limits, fast=True, repeats=2)
             if generated.scores is None:
                 raise ValueError(f"the rule returned non-finite scores: {generated.reward_error}")
@@ -123,7 +127,9 @@ def sample_pairs(
 
 def _fits_untruncated(datamodule: PromptDataModule, row: dict[str, Any]) -> bool:
     """Whether a prompt at the token limit is whole (exactly ``max_prompt_tokens`` long) rather than cut."""
-    return len(datamodule.tokenizer(row["prompt"]).input_ids) <= datamodule.max_prompt_tokens
+    # encoded as encode_prompts encodes it: a chat-rendered prompt already holds its special tokens
+    ids = datamodule.tokenizer(row["prompt"], add_special_tokens=not datamodule._use_chat_template()).input_ids
+    return len(ids) <= datamodule.max_prompt_tokens
 
 
 def load_bundled_pairs() -> datasets.DatasetDict:

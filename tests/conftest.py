@@ -70,7 +70,10 @@ def assert_resume_is_exact(run, args: list[str], weights_file: str, steps: int =
                 "--trainer.callbacks.filename={step}"]
     straight = run(["fit", *args, *periodic, "--trainer.max_steps", str(steps)])
     ckpt = next(Path(straight.trainer.log_dir).rglob(f"step={steps // 2}.ckpt"))
-    assert torch.load(ckpt, weights_only=True)["global_step"] == steps // 2
+    half = torch.load(ckpt, weights_only=True)
+    assert half["global_step"] == steps // 2
+    end = torch.load(next(Path(straight.trainer.log_dir).rglob(f"step={steps}.ckpt")), weights_only=True)
+    assert any(not torch.equal(end["state_dict"][k], v) for k, v in half["state_dict"].items())  # it trained on
     resumed = run(["fit", *args, "--trainer.max_steps", str(steps), "--ckpt_path", str(ckpt)])
     assert resumed.trainer.global_step == steps
     whole, again = weights(straight), weights(resumed)

@@ -125,7 +125,8 @@ def test_lit_rlhf_rm_fits_exports_and_tests_from_the_checkpoint(tmp_path, monkey
     rows = [{"id": f"q{i}", "prompt": p["prompt"], "response": p[side]}
             for i, p in enumerate(good_bad_pairs(3)) for side in ("chosen", "rejected")]
     write_jsonl(tmp_path / "to_score.jsonl", rows)
-    run_rm(["predict", *common, "--ckpt_path", str(ckpt), "--data.predict_path", str(tmp_path / "to_score.jsonl")])
+    # only the checkpoint: the run's config.yaml gives the model and data settings
+    run_rm(["predict", "--ckpt_path", str(ckpt), "--data.predict_path", str(tmp_path / "to_score.jsonl")])
     records = [json.loads(line) for line in (log_dir / "predictions.jsonl").read_text().splitlines()]
     assert [(r["id"], r["prompt"], r["response"]) for r in records] == [(r["id"], r["prompt"], r["response"]) for r in rows]
     reward = ClassifierReward(model_name=str(log_dir / "reward_model"), label="reward", text="prompt+response")
@@ -135,6 +136,32 @@ def test_lit_rlhf_rm_fits_exports_and_tests_from_the_checkpoint(tmp_path, monkey
     write_jsonl(tmp_path / "no_response.jsonl", [{"prompt": "hi"}])
     with pytest.raises(ValueError, match="data.response_column='response'"):
         run_rm(["predict", *common, "--ckpt_path", str(ckpt), "--data.predict_path", str(tmp_path / "no_response.jsonl")])
+    write_jsonl(tmp_path / "null_response.jsonl", [{"id": "x", "prompt": "hi", "response": None}])
+    with pytest.raises(ValueError, match="row 'x' has no 'response'"):
+        run_rm(["predict", "--ckpt_path", str(ckpt), "--data.predict_path", str(tmp_path / "null_response.jsonl")])
+
+
+def test_a_response_only_reward_model_predicts_from_its_checkpoint_alone(tmp_path, monkeypatch):
+    """A reward model trained with data.classifier_text=response scores the response alone in predict, given only
+    its checkpoint (the run's config.yaml holds the setting), as ClassifierReward(text=response) does in PPO;
+    the rows need no prompt column."""
+    from lit_rlhf.cli import run_rm
+
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "pairs.jsonl", good_bad_pairs(20))
+    cli = run_rm(["fit", "--model.model_name", "embedded:tiny-gpt2", "--data.dataset", "pairs.jsonl",
+                  "--data.classifier_text", "response", "--data.batch_size", "4", "--trainer.max_steps", "2",
+                  "--model.lora.r", "4", "--trainer.enable_progress_bar", "false"])
+    log_dir = Path(cli.trainer.log_dir)
+    rows = [{"response": "the cat is good"}, {"response": "the dog is bad"}, {"response": "the cat is good"}]
+    write_jsonl(tmp_path / "responses.jsonl", rows)
+    ckpt = next((log_dir / "checkpoints").glob("*.ckpt"))
+    run_rm(["predict", "--ckpt_path", str(ckpt), "--data.predict_path", str(tmp_path / "responses.jsonl")])
+    scores = [json.loads(line)["score"] for line in (log_dir / "predictions.jsonl").read_text().splitlines()]
+    reward = ClassifierReward(model_name=str(log_dir / "reward_model"), label="reward", text="response")
+    reward.setup()
+    expected = reward.compute([""] * 3, [r["response"] for r in rows], None)
+    torch.testing.assert_close(torch.tensor(scores), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_a_resumed_reward_model_fit_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch):

@@ -34,7 +34,8 @@ def test_sampled_pairs_follow_the_rule_and_use_training_prompts_only(tmp_path):
     from lit_rlhf.policy import Policy
     from lit_rlhf.prompts import PromptDataModule
 
-    rows = [{"id": f"r{i}", "prompt": f"say something about number {i}", "answer": f"number {i}"} for i in range(24)]
+    rows = [{"id": f"r{i}", "prompt": f"say something about number {i}" + " and more" * (i % 5), "answer": f"number {i}"}
+            for i in range(24)]
     dm = PromptDataModule(model_name="embedded:tiny-t5", dataset=str(write_jsonl(tmp_path / "p.jsonl", rows)),
                           reference_column="answer", test_size=0.25)
     dm.prepare_data()
@@ -59,6 +60,19 @@ def test_sampled_pairs_follow_the_rule_and_use_training_prompts_only(tmp_path):
     assert again == records  # seeded
     other = list(sample_pairs(policy, dm, rule, settings, batch_size=5, seed=4, min_gap=1.0, progress=False))
     assert other != records
+
+    # prompts cut to max_prompt_tokens make no pair (the stored text would not be what the policy read); one of
+    # exactly the limit is whole and kept
+    lengths = [len(dm.tokenizer(row["prompt"]).input_ids) for row in dm.train_set]
+    limit = sorted(lengths)[len(lengths) // 2]
+    dm.max_prompt_tokens = limit  # the rows were encoded whole; the cut is what sample_pairs checks
+    skipped = Counter()
+    kept = {r["id"] for r in sample_pairs(policy, dm, rule, settings, batch_size=5, seed=3, skipped=skipped,
+                                          progress=False)}
+    long = {row["id"] for row, n in zip(dm.train_set, lengths) if n > limit}
+    assert long and skipped["prompt_truncated"] == len(long) and not kept & long
+    exact = {row["id"] for row, n in zip(dm.train_set, lengths) if n == limit}
+    assert exact and len(exact - kept) <= skipped["identical"] + skipped["empty"]
 
 
 def test_bundled_pairs_follow_the_stated_rule_and_never_use_the_reports_prompts(tmp_path):
