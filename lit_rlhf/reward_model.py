@@ -28,6 +28,7 @@ from lit_rlhf import distributed as dist
 from lit_rlhf.io import atomic_directory, rng_state, set_rng_state
 from lit_rlhf.policy import lora_wrapping, model_source_errors
 from lit_rlhf.settings import LoraSettings, as_settings, check, plain
+from lit_rlhf.threads import NumThreads, num_threads_errors
 from lit_rlhf.tiny import resolve_model_path
 
 
@@ -76,6 +77,7 @@ class RewardModelModule(L.LightningModule):
         label: the name of the one output in the exported config (``id2label``), the ``label`` to give
             ``ClassifierReward``.
         export_dir: where the model goes at the end of fit; None: ``<log_dir>/reward_model``.
+        num_threads: torch's intra-op CPU threads; auto: 1 for a small model, else torch's default.
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class RewardModelModule(L.LightningModule):
         center_coef: float = 0.0,
         label: str = "reward",
         export_dir: str | None = None,
+        num_threads: NumThreads = "auto",
     ) -> None:
         super().__init__()
         lora = as_settings(LoraSettings, lora or LoraSettings())  # a plain dict from a checkpoint's hyperparameters
@@ -101,7 +104,7 @@ class RewardModelModule(L.LightningModule):
                           f"{learning_rate}, {weight_decay}, {center_coef}")
         if not label:
             errors.append("model.label must name the reward output, e.g. reward")
-        check(errors)
+        check(errors + num_threads_errors(num_threads))
         # plain dicts keep checkpoints loadable with torch.load(weights_only=True)
         self.save_hyperparameters(ignore=["lora"])
         self.hparams.update(lora=plain(lora))
@@ -113,14 +116,21 @@ class RewardModelModule(L.LightningModule):
     # ------------------------------------------------------------------ the classifier
 
     def configure_model(self) -> None:
-        """Build the classifier once (a second call builds nothing)."""
+        """Build the classifier (once) and set torch's CPU threads for its size (``num_threads``), in every
+        process."""
+        from lit_rlhf.threads import use_num_threads
+
+        self._build()
+        use_num_threads(self.hparams.get("num_threads", "auto"), self.model, self._trainer)
+
+    def _build(self) -> None:
         if self.model is None:
             self.tokenizer, self.model = build_reward_classifier(
                 self.hparams.model_name, self.hparams.label, self.hparams.finetune, self.lora)
 
     def rewards(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """The scalar reward of each sequence: the classifier's one logit, float32 [B]."""
-        self.configure_model()
+        self._build()
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
 
     def pair_rewards(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:

@@ -68,9 +68,13 @@ def choose_num_threads(
 
 
 def use_num_threads(setting: NumThreads, policy: Any, trainer: Any = None) -> int:
-    """Set torch's intra-op threads for a run of ``policy`` (a ``lit_rlhf.policy.Policy``) and log the choice
-    once (rank zero). Call in the LightningModule's ``setup``: it runs in every process after the launch."""
-    parameters = int(policy.parameter_counts()["all model parameters"])
+    """Set torch's intra-op threads for a run of ``policy`` (a ``lit_rlhf.policy.Policy``, or any torch module:
+    its parameter count decides ``auto``) and log the choice once (rank zero). Call in the LightningModule's
+    ``configure_model``: it runs in every process after the launch."""
+    if hasattr(policy, "parameter_counts"):
+        parameters = int(policy.parameter_counts()["all model parameters"])
+    else:
+        parameters = sum(p.numel() for p in policy.parameters())
     local = int(getattr(trainer, "num_devices", 1) or 1) if trainer is not None else 1
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads, reason = choose_num_threads(setting, parameters, torch.get_num_threads(),

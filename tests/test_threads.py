@@ -56,6 +56,10 @@ def test_bad_values_are_one_line_errors_naming_the_flag(bad):
         PPOModule(num_threads=bad)
     with pytest.raises(ValueError, match="model.num_threads must be"):
         SFTModule(num_threads=bad)
+    from lit_rlhf.reward_model import RewardModelModule
+
+    with pytest.raises(ValueError, match="model.num_threads must be"):
+        RewardModelModule(num_threads=bad)
 
 
 @pytest.mark.parametrize("good", [1, 8, "auto", None])
@@ -97,9 +101,11 @@ def test_use_num_threads_sets_torch_and_logs_the_choice_once(restore_threads, mo
 def test_both_modules_apply_the_setting_in_configure_model(restore_threads, monkeypatch):
     # configure_model: where the policy is built, in every process after launch (Lightning calls it per stage)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    for module in (PPOModule(log_samples_every=0), SFTModule()):
+    from lit_rlhf.reward_model import RewardModelModule
+
+    for module in (PPOModule(log_samples_every=0), SFTModule(), RewardModelModule()):
         torch.set_num_threads(2)
-        module.configure_model()  # auto, embedded tiny T5
+        module.configure_model()  # auto, embedded tiny T5 (the reward model: tiny GPT-2)
         assert torch.get_num_threads() == 1
     torch.set_num_threads(1)
     PPOModule(num_threads=2).configure_model()
