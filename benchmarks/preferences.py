@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from seeds import cpu_model  # noqa: E402
+from seeds import cpu_model, seed_flags  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -67,10 +67,6 @@ def run(command: str, args: list[str], folder: Path) -> None:
 def newest(folder: Path, pattern: str) -> Path | None:
     found = sorted(folder.glob(pattern), key=lambda p: p.stat().st_mtime)
     return found[-1] if found else None
-
-
-def seed_flags(seed: int) -> list[str]:
-    return ["--seed_everything", str(seed), "--model.seed", str(seed)]
 
 
 def reward_model_stage(workdir: Path) -> Path:
@@ -122,12 +118,17 @@ def eval_stage(name: str, adapter: Path | None, workdir: Path) -> dict:
     return json.loads(report.read_text())
 
 
-def learnt_scores(reward_model: Path, report: dict) -> list[float]:
-    """The learnt reward model's score of each measured response, read as PPO reads it (``LEARNT_TEXT``)."""
+def learnt_reward(reward_model: Path):
+    """The learnt reward model as PPO loads it (``ClassifierReward``, reading ``LEARNT_TEXT``)."""
     from lit_rlhf.rewards import ClassifierReward
 
     reward = ClassifierReward(model_name=str(reward_model), label="reward", text=LEARNT_TEXT)
     reward.setup()
+    return reward
+
+
+def learnt_scores(reward, report: dict) -> list[float]:
+    """The learnt reward model's score of each measured response, read as PPO reads it."""
     per_prompt = report["per_prompt"]
     return reward.compute(per_prompt["query"], per_prompt["response"], None).tolist()
 
@@ -227,10 +228,11 @@ def main(argv: list[str] | None = None) -> None:
                  for key, fit in fits.items()}
         reports = {key: future.result() for key, future in evals.items()}
         before = before.result()
-    before_rm = learnt_scores(reward_model, before)
+    learnt = learnt_reward(reward_model)
+    before_rm = learnt_scores(learnt, before)
     results: dict[str, dict[int, dict]] = {m: {} for m in METHODS}
     for (method, seed), report in reports.items():
-        results[method][seed] = compare(before, report, before_rm, learnt_scores(reward_model, report))
+        results[method][seed] = compare(before, report, before_rm, learnt_scores(learnt, report))
     rm_metrics = json.loads((workdir / "rm" / "test_metrics.json").read_text())
     text = render(before, before_rm, rm_metrics, results, args.seeds)
     print(text)

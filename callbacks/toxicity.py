@@ -28,6 +28,7 @@ from typing import Any, Literal, get_args
 import lightning as L
 import torch
 from jsonargparse import lazy_instance
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -230,7 +231,7 @@ class ToxicityCallback(L.Callback):
         datamodule, offset = trainer.datamodule, chunk * self.batch_size
         prompts = self.prompts[offset : offset + self.batch_size]
         batch = datamodule.collator([datamodule.test_set[p.row] for p in prompts])
-        batch = {k: v.to(pl_module.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = move_data_to_device(batch, pl_module.device)
         settings = self.generation_used
         with ro.evaluation_rng(self.seed + chunk, len(prompts), settings) as limits:
             generated = ro.collect(pl_module.policy, pl_module.reward, batch, settings, limits,

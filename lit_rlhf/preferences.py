@@ -107,6 +107,13 @@ def _response_ids(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[
     return ids if eos is None else [row + [eos] for row in ids]
 
 
+def classifier_ids(tokenizer: PreTrainedTokenizerBase, classifier_text: TextField, queries: list[str],
+                   responses: list[str]) -> list[list[int]]:
+    """What a reward model reads: the ids of query + newline + response (or of the response alone), the very
+    text ``ClassifierReward(text=classifier_text)`` scores in a rollout, whose prompts are the queries."""
+    return tokenizer(select_text(classifier_text, queries, responses)).input_ids
+
+
 def encode_pairs(
     batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat,
     classifier_text: TextField = "prompt+response",
@@ -120,7 +127,7 @@ def encode_pairs(
     for side in ("chosen", "rejected"):
         texts = batch[f"{side}_text"]
         out[f"{side}_ids"] = _response_ids(texts, tokenizer)
-        out[f"{side}_input_ids"] = tokenizer(select_text(classifier_text, out["query"], texts)).input_ids
+        out[f"{side}_input_ids"] = classifier_ids(tokenizer, classifier_text, out["query"], texts)
     return out
 
 
@@ -137,7 +144,7 @@ def encode_scored(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, fm
     prompts = [str(p or "") for p in batch[prompt_column]] if prompt_column in batch else [""] * len(responses)
     out = encode_prompts({PROMPT_MESSAGES: [[{"role": "user", "content": p}] for p in prompts]}, tokenizer, fmt)
     out["prompt"], out["response"] = prompts, responses
-    out["classifier_ids"] = tokenizer(select_text(classifier_text, out["query"], responses)).input_ids
+    out["classifier_ids"] = classifier_ids(tokenizer, classifier_text, out["query"], responses)
     return out
 
 
@@ -308,10 +315,8 @@ class PreferenceDataModule(PromptDataModule):
                          fn_kwargs={"cols": self.columns, "conversations": self._is_conversations(rows)})
         self._skipped.update(reason for reason in texts["skip"] if reason)
         usable = texts.filter(_usable, input_columns="skip", batched=True)
-        fmt = PromptFormat(messages_column=PROMPT_MESSAGES, chat=self._use_chat_template(),
-                           system_prompt=self.system_prompt)
-        encoded = usable.map(encode_pairs, batched=True, fn_kwargs={"tokenizer": self.tokenizer, "fmt": fmt,
-                                                             "classifier_text": self.classifier_text})
+        encoded = usable.map(encode_pairs, batched=True, fn_kwargs={
+            "tokenizer": self.tokenizer, "fmt": self._pair_prompt_format(), "classifier_text": self.classifier_text})
         kept = encoded.filter(
             _pair_fits, input_columns=["input_ids", "chosen_ids", "rejected_ids"], batched=True,
             fn_kwargs={"max_prompt": self.max_prompt_tokens, "max_response": self.max_response_tokens})
@@ -335,6 +340,12 @@ class PreferenceDataModule(PromptDataModule):
                 f"data.max_response_tokens={self.max_response_tokens} tokens")
         return train, test
 
+    def _pair_prompt_format(self, max_prompt_tokens: int | None = None) -> PromptFormat:
+        """How a pair's (or a scored row's) prompt messages become the prompt: chat template, system prompt;
+        pairs over ``max_prompt_tokens`` are dropped rather than cut, so training pairs pass no limit here."""
+        return PromptFormat(messages_column=PROMPT_MESSAGES, chat=self._use_chat_template(),
+                            system_prompt=self.system_prompt, max_prompt_tokens=max_prompt_tokens)
+
     def _collator(self, columns: tuple[str, ...], labels: bool) -> PreferenceCollator:
         return PreferenceCollator(
             pad_token_id=self.tokenizer.pad_token_id, padding_side="right" if self.is_encoder_decoder else "left",
@@ -356,8 +367,7 @@ class PreferenceDataModule(PromptDataModule):
 
     @quiet_datasets_progress()
     def _encode_predict_rows(self, rows: datasets.Dataset) -> datasets.Dataset:
-        fmt = PromptFormat(messages_column=PROMPT_MESSAGES, chat=self._use_chat_template(),
-                           system_prompt=self.system_prompt, max_prompt_tokens=self.max_prompt_tokens)
+        fmt = self._pair_prompt_format(max_prompt_tokens=self.max_prompt_tokens)  # cut, as a rollout cuts
         return rows.map(encode_scored, batched=True, fn_kwargs={
             "tokenizer": self.tokenizer, "fmt": fmt, "prompt_column": self.columns.prompt,
             "response_column": self.response_column, "classifier_text": self.classifier_text})

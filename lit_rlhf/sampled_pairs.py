@@ -26,7 +26,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
-from lightning.pytorch.utilities.seed import isolate_rng
+from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from lit_rlhf import rollout as ro
 from lit_rlhf.io import atomic_write
@@ -84,7 +84,6 @@ def sample_pairs(
     limit = datamodule.max_prompt_tokens
     total = len(rows) if num_prompts is None else min(num_prompts, len(rows))
     start_time = time.perf_counter()
-    done = 0
     for k, start in enumerate(range(0, total, batch_size)):
         chunk = [rows[i] for i in range(start, min(start + batch_size, total))]
         cut = [limit is not None and len(row["input_ids"]) >= limit and not _fits_untruncated(datamodule, row)
@@ -92,14 +91,10 @@ def sample_pairs(
         skipped["prompt_truncated"] += sum(cut)
         chunk = [row for row, c in zip(chunk, cut) if not c]
         if chunk:
-            batch = datamodule.collator(chunk)
-            device = next(policy.parameters()).device
-            batch = {key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in batch.items()}
-            low, high = settings.max_new_tokens
+            batch = move_data_to_device(datamodule.collator(chunk), next(policy.parameters()).device)
             chunk_seed = seed * CHUNK_SEED_STRIDE + k  # runs of different seeds share no chunk's stream
-            limits = torch.randint(low, high, (2 * len(chunk),), generator=torch.Generator().manual_seed(chunk_seed))
-            with isolate_rng():
-                torch.manual_seed(chunk_seed)
+            # the measurement's seeded sampling: length limits and torch's RNG from chunk_seed, isolated
+            with ro.evaluation_rng(chunk_seed, 2 * len(chunk), settings) as limits:
                 generated = ro.collect(policy, rule, batch, settings, limits, fast=True, repeats=2)
             if generated.scores is None:
                 raise ValueError(f"the rule returned non-finite scores: {generated.reward_error}")
