@@ -39,9 +39,15 @@ def fit(m: PPOModule, root: Path, **trainer_kwargs) -> tuple[L.Trainer, MetricsR
 @pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp"])
 def test_critic_free_estimators_learn_without_a_value_head(estimator, tmp_path):
     torch.manual_seed(0)
-    # mini-batches of 4 and 2 epochs: 8 updates a step, so 12 steps show the learning on any seed (with 2
-    # updates a step the rise was within the seed-to-seed noise)
-    m = module(estimator, ppo_steps=12, mini_batch_size=4, ppo={"ppo_epochs": 2})
+    # A task every estimator learns on any seed and CPU: responses of 4-6 tokens (so an early EOS shortens them a
+    # lot), mini-batches of 4 and 2 epochs (8 updates a step) at lr 2e-2. Measured over seeds 0-7 (an AMD EPYC;
+    # another CPU's floats take another path, as another seed does): the mean reward of the last 4 steps rose over
+    # the first 4 by 0.20-0.71 (rloo), 0.36-0.64 (grpo, seeds 0-5), 0.30-0.63 (reinforce_pp, seeds 0-5), against a
+    # step-to-step noise of ~0.05 before learning. With 12-16-token responses at lr 1e-2 some seeds did not learn
+    # within 12 steps and the comparison flipped between CPUs.
+    generation = GenerationSettings(min_new_tokens=1, max_new_tokens=(4, 6))
+    m = module(estimator, ppo_steps=12, mini_batch_size=4, ppo={"ppo_epochs": 2}, generation=generation,
+               learning_rate=2e-2)
     assert not m.policy.has_value_head
     assert not any("value_head" in n for n, _ in m.named_parameters())
     recorded = []
@@ -52,17 +58,19 @@ def test_critic_free_estimators_learn_without_a_value_head(estimator, tmp_path):
     # LoRA starts at zero: policy == reference at the first rollout (the cached loop's log-probs equal the
     # teacher-forced reference up to float rounding; exactly 0 without fast rollout, see the GPT-2 test)
     assert abs(history.history[0]["kl"]) < 1e-5
-    assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4, rewards  # the reward of the last third rose
+    rise = sum(rewards[-4:]) / 4 - sum(rewards[:4]) / 4
+    assert rise > 0.1, rewards  # twice the smallest rise seen over seeds, twice the noise of the 4-step means
     stats = recorded[0]
     assert not any(k.startswith("ppo/val/") for k in stats)
     assert {"env/group_reward_mean", "env/group_reward_std", "env/group_zero_std_frac"} <= set(stats)
     # 4 prompts x 4 samples = 16 responses, mini-batches of 4, 2 epochs: 8 updates a step, each one taken or
     # skipped by the ratio guard. At this learning rate the policy moves far within a step; how far depends on
-    # the random initialisation (transformers 4.56 builds the tiny model with other weights than 5.x, and there
-    # 7 reinforce_pp updates exceeded ratio_threshold=10), so a few skips are allowed, never a skipped rollout
+    # the random initialisation and the CPU (transformers 4.56 builds the tiny model with other weights than 5.x;
+    # over seeds 0-5, 0-1 updates were skipped, once 30 of 96 by reinforce_pp after it had learned), so skips
+    # are allowed, never a skipped rollout, and most of the learning came from updates taken
     assert m.skips.steps == 0
     assert trainer.global_step + m.skips.updates == 12 * 4 * 2
-    assert m.skips.updates <= 12 * 4 * 2 // 4, m.skips.updates  # most of the learning came from updates taken
+    assert m.skips.updates <= 12 * 4 * 2 // 2, m.skips.updates
 
 
 def test_grpo_on_a_decoder_only_policy_with_the_kl_in_the_loss(tmp_path):
