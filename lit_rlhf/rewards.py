@@ -668,6 +668,29 @@ def _import_module(name: str) -> Any:
     return importlib.import_module(name)
 
 
+class RewardFunctionError(ValueError):
+    """A user's reward function raised: one line naming the reward, the exception and where it was raised
+    (``FunctionReward(my_rewards:parse_int) raised ValueError: ... (my_rewards.py:22)``). The original exception is
+    its ``__cause__``, so ``LIT_RLHF_DEBUG=1`` shows the whole traceback. A ValueError, whatever the user's code
+    raised, so that the commands print it as one line as they do every user error."""
+
+    def __init__(self, reward: str, error: BaseException, function: Callable[..., Any]) -> None:
+        message = " ".join(str(error).split()) or "(no message)"
+        super().__init__(f"{reward} raised {type(error).__name__}: {message} ({raised_at(error, function)})")
+
+
+def raised_at(error: BaseException, function: Callable[..., Any]) -> str:
+    """``file.py:line`` of the innermost frame of ``error``'s traceback in the file that defines ``function`` (the
+    user's own line, not the library call inside it that raised), else of its innermost frame."""
+    import traceback
+
+    frames = traceback.extract_tb(error.__traceback__)
+    home = getattr(getattr(function, "__code__", None), "co_filename", None)
+    own = [f for f in frames if f.filename == home]
+    frame = (own or frames or [None])[-1]
+    return "unknown location" if frame is None else f"{os.path.basename(frame.filename)}:{frame.lineno}"
+
+
 class FunctionReward(Reward):
     """A plain Python function as the reward, as TRL's ``reward_funcs``:
     ``fn(prompts, responses, **columns) -> list[float]``, one float per response.
@@ -730,7 +753,11 @@ class FunctionReward(Reward):
                              f"{sorted(columns)}); add them to the data or change the reward")
         takes_all, named = self._signature[0], self._signature[2]
         kwargs = columns if takes_all else {k: v for k, v in columns.items() if k in named}
-        return self._as_scores(self.fn(prompts, responses, **kwargs), len(responses))
+        try:
+            out = self.fn(prompts, responses, **kwargs)
+        except Exception as err:  # any type: the user's code failed; say whose code and where, in one line
+            raise RewardFunctionError(self.describe(), err, self.fn) from err
+        return self._as_scores(out, len(responses))
 
     def _as_scores(self, out: Any, n: int) -> torch.Tensor:
         """The function's return value as float64 [n]; a clear error otherwise."""

@@ -10,8 +10,10 @@ import torch
 
 from lit_rlhf.module import PPOModule, PPOSettings
 from lit_rlhf.prompts import PromptDataModule
+from lit_rlhf.cli import one_line_errors
 from lit_rlhf.rewards import (
-    CompositeReward, FunctionReward, NonFiniteRewardError, ReferenceSimilarityReward, check_reward_inputs,
+    CompositeReward, FunctionReward, NonFiniteRewardError, ReferenceSimilarityReward, RewardFunctionError,
+    check_reward_inputs,
 )
 from lit_rlhf.settings import GenerationSettings, LoraSettings
 
@@ -47,6 +49,20 @@ def text(prompts, responses, **columns):
 
 def one_argument(responses):
     return [0.0] * len(responses)
+
+
+def parse_int(prompts, responses, **columns):
+    return [int(r) for r in responses]
+
+
+def reads_a_key(prompts, responses, **columns):
+    return [float(columns["score"][i]) for i in range(len(responses))]
+
+
+def parse_json(prompts, responses, **columns):
+    import json
+
+    return [json.loads(r)["score"] for r in responses]
 
 
 value = 3
@@ -107,6 +123,40 @@ def test_import_errors_are_one_clear_line(rewards_file, path, message):
 def test_bad_return_values_are_clear_errors(rewards_file, function, error, message):
     with pytest.raises(error, match=f"FunctionReward\\(my_rewards:{function}\\) {message}"):
         FunctionReward(f"my_rewards:{function}")(["a", "b"], ["c", "d"], columns={"answer": [1, 2]})
+
+
+def line_of(text: str) -> int:
+    """The line of my_rewards.py that holds ``text``."""
+    return next(i for i, line in enumerate(REWARDS_SOURCE.splitlines(), 1) if text in line)
+
+
+@pytest.mark.parametrize("function, raised, line", [
+    ("parse_int", "ValueError: invalid literal for int() with base 10: 'seven'", "[int(r) for r in responses]"),
+    ("reads_a_key", "KeyError: 'score'", 'columns["score"]'),
+    # raised deep inside json: the line named is the user's own call
+    ("parse_json", "JSONDecodeError: Expecting value: line 1 column 1 (char 0)", "json.loads(r)"),
+])
+def test_a_raising_function_is_one_line_naming_it_and_where(rewards_file, function, raised, line, capsys,
+                                                           monkeypatch):
+    reward = FunctionReward(f"my_rewards:{function}")
+    expected = f"FunctionReward(my_rewards:{function}) raised {raised} (my_rewards.py:{line_of(line)})"
+
+    def score():
+        reward(["p"], ["seven"], columns={"id": ["a"]})
+
+    with pytest.raises(RewardFunctionError) as info:
+        score()
+    assert str(info.value) == expected
+    # the commands print it as one line; LIT_RLHF_DEBUG=1 keeps the traceback of the user's own exception
+    monkeypatch.delenv("LIT_RLHF_DEBUG", raising=False)
+    with pytest.raises(SystemExit):
+        one_line_errors("lit-rlhf", score)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"lit-rlhf: error: {expected}" in err
+    monkeypatch.setenv("LIT_RLHF_DEBUG", "1")
+    with pytest.raises(RewardFunctionError) as info:
+        one_line_errors("lit-rlhf", score)
+    assert type(info.value.__cause__).__name__ == raised.split(":")[0]
 
 
 def test_a_missing_column_or_reference_names_the_reward_and_what_is_missing(rewards_file):
