@@ -134,10 +134,6 @@ def encode_scored(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, fm
     """Predict rows: the prompt rendered as for pairs (one user turn, chat template, system prompt; cut to
     ``fmt.max_prompt_tokens`` as a rollout cuts it) and the classifier's ids of query + newline + response (or of
     the response alone), as ``encode_pairs`` makes them. ``prompt`` stays the row's own text."""
-    for i, response in enumerate(batch[response_column]):
-        if response is None:
-            raise ValueError(f"data.predict_path: row {batch['id'][i]!r} has no {response_column!r} (null); every row "
-                             "needs a response to score")
     responses = [str(r) for r in batch[response_column]]
     prompts = [str(p or "") for p in batch[prompt_column]] if prompt_column in batch else [""] * len(responses)
     out = encode_prompts({PROMPT_MESSAGES: [[{"role": "user", "content": p}] for p in prompts]}, tokenizer, fmt)
@@ -304,6 +300,14 @@ class PreferenceDataModule(PromptDataModule):
         self.response_column = response_column
         self._skipped: Counter[str] = Counter()
 
+    def text_columns(self, predict: bool = False) -> list[str]:
+        """The prompt's and responses' columns (a null or empty one skips its row): in predict the response and,
+        when the classifier reads it, the prompt; a conversation's prompt is checked once split off (``pair_texts``)."""
+        cols = self.columns
+        if predict:
+            return [self.response_column] + ([cols.prompt] if self.classifier_text == "prompt+response" else [])
+        return [cols.prompt, cols.chosen, cols.rejected]
+
     def required_columns(self) -> list[str]:
         """The response columns and the margin's; the prompt column is checked per format in ``_encode``."""
         cols = self.columns
@@ -323,7 +327,8 @@ class PreferenceDataModule(PromptDataModule):
         """Pair texts, skip unusable pairs, encode, drop long pairs; the counts go to ``summary()``."""
         texts = rows.map(pair_texts, batched=True,
                          fn_kwargs={"cols": self.columns, "conversations": self._is_conversations(rows)})
-        self._skipped.update(reason for reason in texts["skip"] if reason)
+        self._skipped.update(reason for reason in texts["skip"] if reason and reason != "empty")
+        self._empty.add([i for i, reason in zip(texts["id"], texts["skip"]) if reason == "empty"])
         usable = texts.filter(_usable, input_columns="skip", batched=True)
         encoded = usable.map(encode_pairs, batched=True, fn_kwargs={
             "tokenizer": self.tokenizer, "fmt": self._pair_prompt_format(), "classifier_text": self.classifier_text,
@@ -342,12 +347,14 @@ class PreferenceDataModule(PromptDataModule):
     def _build(self) -> tuple[datasets.Dataset, datasets.Dataset]:
         self._skipped = Counter()
         train, test = super()._build()
-        skipped = {k: self._skipped[k] for k in ("identical", "empty", "too_long")}
+        skipped = {"identical": self._skipped["identical"], "empty": self._empty.count,
+                   "too_long": self._skipped["too_long"]}
         self._sizes.update({f"skipped_{k}": v for k, v in skipped.items()})
         if any(skipped.values()):
             rank_zero_info(
                 f"Preference pairs of dataset={self.dataset!r}: skipped {skipped['identical']} with identical chosen "
-                f"and rejected responses, {skipped['empty']} with an empty prompt or response, and "
+                f"and rejected responses, {skipped['empty']} with a null or empty prompt or response (the first: row "
+                f"{self._empty.first_id!r}), and "
                 f"{skipped['too_long']} longer than data.max_prompt_tokens={self.max_prompt_tokens} or "
                 f"data.max_response_tokens={self.max_response_tokens} tokens, or with a response longer than the "
                 f"{self.classifier_limit()} tokens a reward model reads (data.classifier_max_length)")
@@ -391,7 +398,7 @@ class PreferenceDataModule(PromptDataModule):
             raise ValueError(f"data.predict_path={self.predict_path!r} lacks the column(s) {missing} (its columns: "
                              f"{rows.column_names}): scoring reads data.response_column={self.response_column!r}"
                              + (f" and data.prompt_column={self.columns.prompt!r}" if len(needed) > 1 else ""))
-        return with_string_ids(rows)
+        return self._drop_blank(with_string_ids(rows), f"data.predict_path={self.predict_path!r}", predict=True)
 
     @quiet_datasets_progress()
     def _encode_predict_rows(self, rows: datasets.Dataset) -> datasets.Dataset:
@@ -410,5 +417,6 @@ class PreferenceDataModule(PromptDataModule):
 
     def summary(self) -> dict[str, int]:
         """Row counts after ``setup``: ``source``, ``kept``, ``train``, ``test``, and the pairs skipped as
-        ``skipped_identical``, ``skipped_empty`` and ``skipped_too_long``."""
+        ``skipped_identical``, ``skipped_empty`` (a null or empty prompt or response; ``first_skipped_empty``: the
+        first one's id) and ``skipped_too_long``."""
         return super().summary()

@@ -171,6 +171,18 @@ def test_a_missing_column_or_reference_names_the_reward_and_what_is_missing(rewa
     check_reward_inputs(CompositeReward([reward]), ["answer"], has_references=False)  # nothing missing
 
 
+def test_a_column_without_a_value_in_some_rows_names_the_column_and_a_row(rewards_file, tmp_path, datasets_cache):
+    """A row without the column (absent from its JSON line, or null) handed None to the function."""
+    rows = arithmetic_rows(5) + [{"id": "no-answer", "prompt": "1 + 1 ="}]
+    dm = PromptDataModule(dataset=str(write_jsonl(tmp_path / "a.jsonl", rows)), batch_size=2, test_size=0.2)
+    dm.prepare_data()
+    dm.setup("fit")
+    with pytest.raises(ValueError, match=r"FunctionReward\(my_rewards:exact_answer\) reads the column 'answer', which "
+                                         r"row 'no-answer' of the data has no value in"):
+        check_reward_inputs(FunctionReward("my_rewards:exact_answer"), *dm.reward_inputs("fit"))
+    check_reward_inputs(FunctionReward("my_rewards:seen"), *dm.reward_inputs("fit"))  # reads no column
+
+
 def arithmetic_rows(n: int) -> list[dict]:
     return [{"prompt": f"{a} + {b} =", "answer": a + b} for a in range(n) for b in range(2)]
 

@@ -169,7 +169,7 @@ def test_lit_rlhf_rm_fits_exports_and_tests_from_the_checkpoint(tmp_path, monkey
     with pytest.raises(ValueError, match="data.response_column='response'"):
         run_rm(["predict", *common, "--ckpt_path", str(ckpt), "--data.predict_path", str(tmp_path / "no_response.jsonl")])
     write_jsonl(tmp_path / "null_response.jsonl", [{"id": "x", "prompt": "hi", "response": None}])
-    with pytest.raises(ValueError, match="row 'x' has no 'response'"):
+    with pytest.raises(ValueError, match="every row has a null or empty 'response'.*row 'x'"):
         run_rm(["predict", "--ckpt_path", str(ckpt), "--data.predict_path", str(tmp_path / "null_response.jsonl")])
 
 
