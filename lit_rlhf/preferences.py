@@ -17,9 +17,9 @@ right-padded), ``chosen_input_ids``/``chosen_attention_mask`` and ``rejected_inp
 ``rejected_attention_mask`` (query + newline + response, or the response alone with
 ``classifier_text="response"``, encoded by ``rewards.classifier_input_ids``: the response whole, the query cut from
 its start to ``classifier_max_length``; padded on the tokenizer's side: what a sequence classifier reads, exactly
-as ``ClassifierReward(text=...)`` reads it in a rollout), lists ``prompt``, ``query`` (the prompt ids decoded, as rollouts give it to rewards),
-``chosen``, ``rejected``, ``id``, and with ``margin_column`` a FloatTensor
-``margin`` [B].
+as ``ClassifierReward(text=...)`` reads it in a rollout), lists ``prompt``, ``query`` (the prompt ids decoded, as
+rollouts give it to rewards), ``chosen``, ``rejected``, ``id``, and with ``margin_column`` a FloatTensor ``margin``
+[B].
 """
 
 from __future__ import annotations

@@ -7,10 +7,10 @@
 The classifier reads ``chosen_input_ids``/``rejected_input_ids`` of the preference batch: the query + newline +
 response (or the response alone, the data module's ``classifier_text``) encoded by
 ``rewards.classifier_input_ids`` (the response whole, the query cut from its start to the data module's
-``classifier_max_length``), which is what ``ClassifierReward(text=..., max_length=...)`` feeds it in PPO. At the end of fit the model (LoRA merged in) and its
-tokenizer are saved to ``<log_dir>/reward_model`` with ``id2label = {0: label}``, so
-``ClassifierReward(model_name=<folder>, label=<label>, output="logit", text=<the same classifier_text>)`` loads it
-as it is.
+``classifier_max_length``), which is what ``ClassifierReward(text=..., max_length=...)`` feeds it in PPO.
+At the end of fit the model (LoRA merged in) and its tokenizer are saved to ``<log_dir>/reward_model`` with
+``id2label = {0: label}``, so ``ClassifierReward(model_name=<folder>, label=<label>, output="logit", text=<the same
+classifier_text>)`` loads it as it is.
 """
 
 from __future__ import annotations

@@ -363,7 +363,8 @@ class ClassifierReward(Reward):
 
     def compute(self, prompts: list[str], responses: list[str], references: list[str] | None) -> torch.Tensor:
         step = self.batch_size
-        scores = [self._score_batch(prompts[i : i + step], responses[i : i + step]) for i in range(0, len(responses), step)]
+        scores = [self._score_batch(prompts[i : i + step], responses[i : i + step])
+                  for i in range(0, len(responses), step)]
         return torch.cat(scores) if scores else torch.empty(0)
 
     def _score_batch(self, prompts: list[str], responses: list[str]) -> torch.Tensor:

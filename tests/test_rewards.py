@@ -127,7 +127,8 @@ def test_classifier_reward_reads_the_whole_response_after_a_long_prompt(classifi
     assert texts[1][-8:] == ["i", "hate", "you", "and", "your", "stupid", "ideas", "</s>"]
     assert texts[1][:8] == ["<s>", "person1", "asks", "person2", "about", "the", "weather", "today"]
     assert scores[0] != scores[1]
-    assert_close(scores[1:], direct_logits(hf_classifier, ["person1 asks person2 about the weather today\n" + rude])[:, 0], rtol=0, atol=1e-6)
+    kept = "person1 asks person2 about the weather today\n" + rude
+    assert_close(scores[1:], direct_logits(hf_classifier, [kept])[:, 0], rtol=0, atol=1e-6)
 
 
 def test_classifier_input_ids_keep_the_response_and_cut_the_prompt_from_its_start(classifier_path):

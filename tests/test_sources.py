@@ -15,7 +15,8 @@ pytestmark = pytest.mark.usefixtures("datasets_cache")
 def rows_with_holes(n: int, column: str, holes: dict[str, object]) -> list[dict]:
     """``n`` good rows (ids g0...), then one row per hole: its id and the value of ``column`` there."""
     good = [{"id": f"g{i}", "prompt": f"tell me about item {i}", "answer": f"item {i}"} for i in range(n)]
-    return good + [{"id": id_, "prompt": "tell me more", "answer": "more", column: value} for id_, value in holes.items()]
+    holes = [{"id": id_, "prompt": "tell me more", "answer": "more", column: value} for id_, value in holes.items()]
+    return good + holes
 
 
 def ready(module: type = PromptDataModule, **kwargs):
