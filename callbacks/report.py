@@ -43,6 +43,8 @@ class HeldOutPrompt:
     query: str
     references: list[str]
     """Every reference summary of this dialogue in the held-out split (DialogSum's test split has three)."""
+    duplicates: int = 0
+    """Further held-out rows with the same prompt, merged into this one (measured once, their references pooled)."""
 
 
 @dataclass
@@ -172,6 +174,7 @@ def build_report(
     }
     return {
         "num_prompts": len(prompts),
+        "merged_duplicates": sum(p.duplicates for p in prompts),
         "settings": settings,
         "warning": warning,
         "before": {**_pass_info(before), **agg_before},
@@ -193,6 +196,7 @@ def build_single_report(
     aggregates = pass_aggregates(m.toxicity, m.reward, m.length, m.responses, rouge)
     return {
         "num_prompts": len(prompts),
+        "merged_duplicates": sum(p.duplicates for p in prompts),
         "settings": settings,
         "warning": warning,
         m.stage: {**_pass_info(m), **aggregates},
@@ -246,8 +250,14 @@ def _p(value: float | None) -> str:
     return f"{value:.4f}" if value >= 1e-4 else f"{value:.1e}"
 
 
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None or not math.isfinite(value) else f"{value:+.2f}%"
+def _change(decrease_percent: float | None, of: str = "") -> str:
+    """A relative decrease (``stats.improvement_percent``) as the signed change after vs before, with its
+    direction in words: ``-20.58% (lower)``, so that a sign cannot be read the wrong way."""
+    if decrease_percent is None or not math.isfinite(decrease_percent):
+        return "n/a"
+    change = -decrease_percent
+    direction = "lower" if change < 0 else "higher" if change > 0 else "unchanged"
+    return f"{change:+.2f}%{of} ({direction})"
 
 
 def _aligned(rows: list[list[str]]) -> str:
@@ -268,9 +278,9 @@ def table(report: dict[str, Any]) -> str:
         rows.append([_stage_label(report, stage), *(_fmt(report[stage][key]) for key, _ in columns)])
     if "toxicity" in report:
         tox = report["toxicity"]
-        # relative decreases (positive: lower after); the second is the spread's, not a toxicity improvement
-        cells = [_pct(tox["improvement_mean_percent"]), f"{_pct(tox['improvement_std_percent'])} of the std"]
-        rows.append(["decrease %", *cells, *[""] * (len(columns) - 2)])
+        # the relative change after vs before (negative: lower after); the second is the spread's, not toxicity's
+        cells = [_change(tox["improvement_mean_percent"]), _change(tox["improvement_std_percent"], " of the std")]
+        rows.append(["change after %", *cells, *[""] * (len(columns) - 2)])
     after = "after" if "after" in report else "test"
     if "before" in report and after in report and "rouge1" in report["before"]:
         # how much of the summaries' overlap with the references is kept (100%: summary quality unchanged)
@@ -304,6 +314,13 @@ def summary_lines(report: dict[str, Any], with_warning: bool = True) -> list[str
         f"toxicity = {settings['evaluator']} on the {settings['text']}; "
         f"reward = {settings['reward']}."
     )
+    merged, asked = report.get("merged_duplicates", 0), settings.get("num_prompts")
+    if merged:
+        out.append(
+            f"{merged} further held-out rows repeat one of these prompts and were merged into it: each prompt is "
+            f"generated and scored once (its rows' references pooled for ROUGE), so {report['num_prompts']} prompts "
+            f"were measured" + (f" where num_prompts={asked} was asked for." if asked else ".")
+        )
     stages = [report[stage] for stage in ("before", "after", "test") if stage in report]
     if stages and not any("rouge1" in stage for stage in stages):
         out.append("No ROUGE: the held-out prompts have no references (set data.reference_column to score them).")
@@ -317,6 +334,12 @@ def summary_lines(report: dict[str, Any], with_warning: bool = True) -> list[str
             f"({c['bootstrap_resamples']} resamples of the prompts, seed {c['bootstrap_seed']}); "
             f"{c['test']}, two-sided: p = {_p(c['p_value'])}; "
             f"improved {c['improved']}, degraded {c['degraded']}, unchanged {c['unchanged']}."
+        )
+    if any(name in report and report[name]["test"].startswith("Wilcoxon") for name in ("toxicity", "reward")):
+        out.append(
+            "Why both: the CI is of the mean change, which a few large changes can move; the Wilcoxon test asks "
+            "whether the per-prompt changes lean one way (their signed ranks, a shift of the median), so a CI that "
+            "includes 0 beside a small p means most prompts moved one way while a few moved far the other."
         )
     if "reward" in report:
         r = report["reward"]
@@ -348,7 +371,9 @@ def samples_table(samples: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def markdown(report: dict[str, Any], title: str = "Toxicity before and after training") -> str:
+def markdown(report: dict[str, Any], title: str = "Reward and toxicity before and after training") -> str:
+    """The report in Markdown. The title names both measures: on prompts without toxicity in them the reward is
+    what the run is about, toxicity a side measurement."""
     parts = [f"# {title}", "", table(report), "", *[f"- {line}" for line in summary_lines(report)]]
     if "samples" in report:
         for title, key, none in (("Largest reward gains", "most_improved", "No prompt gained reward."),

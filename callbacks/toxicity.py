@@ -160,10 +160,10 @@ class ToxicityCallback(L.Callback):
         before = self._before_from_state(restored, "testing")
         if before is None:
             self.report = rep.build_single_report(self.prompts, tested, settings, self._warning(pl_module))
-            title = "Toxicity of the tested model"
+            title = "Reward and toxicity of the tested model"
         else:
             self.report = self._comparison(pl_module, before, tested, settings)
-            title = "Toxicity before training and of the tested checkpoint (after)"
+            title = "Reward and toxicity before training and of the tested checkpoint (after)"
         self._publish(trainer, "test_report", rep.markdown(self.report, title=title))
 
     @property
@@ -304,6 +304,7 @@ class ToxicityCallback(L.Callback):
             "std": "population (ddof=0)",
             "paired_test": self.paired_test,
             "held_out": self.held_out,
+            "num_prompts": self.num_prompts,
         }
 
     def _signature(self) -> dict[str, Any]:
@@ -443,7 +444,8 @@ def select_prompts(test_set: Any, num_prompts: int | None, reference_column: str
     values of ``reference_column``; none when it is None or absent).
 
     DialogSum's test split lists each dialogue once per reference summary (ids ``test_{n}_{k}``); grouping by
-    dialogue text measures each dialogue once and scores ROUGE against all of its references.
+    dialogue text measures each dialogue once and scores ROUGE against all of its references. Each prompt counts
+    the rows merged into it (``duplicates``), which the report states.
     """
     columns = test_set.column_names
     key_column = "dialogue" if "dialogue" in columns else "query"
@@ -455,6 +457,8 @@ def select_prompts(test_set: Any, num_prompts: int | None, reference_column: str
     for row, key in enumerate(keys):
         if key not in groups:
             groups[key] = HeldOutPrompt(row=row, id=str(ids[row]), query=queries[row], references=[])
+        else:
+            groups[key].duplicates += 1
         if summaries[row] is not None:
             groups[key].references.append(summaries[row])
     prompts = list(groups.values())

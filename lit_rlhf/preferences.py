@@ -14,11 +14,12 @@ A batch holds ``prompt_input_ids``/``prompt_attention_mask`` (LongTensor [B, P],
 right for encoder-decoder models, left for decoder-only ones), ``chosen_ids``/``chosen_mask`` [B, Tc] and
 ``rejected_ids``/``rejected_mask`` [B, Tr] (the responses alone, eos last when the tokenizer has one,
 right-padded), ``chosen_input_ids``/``chosen_attention_mask`` and ``rejected_input_ids``/
-``rejected_attention_mask`` (query + newline + response as one text through the tokenizer, or the response
-alone with ``classifier_text="response"``, padded on the tokenizer's side: what a sequence classifier reads,
-exactly as ``ClassifierReward(text=...)`` reads it in a rollout), lists ``prompt``, ``query`` (the prompt ids decoded, as rollouts give it to rewards),
-``chosen``, ``rejected``, ``id``, and with ``margin_column`` a FloatTensor
-``margin`` [B].
+``rejected_attention_mask`` (query + newline + response, or the response alone with
+``classifier_text="response"``, encoded by ``rewards.classifier_input_ids``: the response whole, the query cut from
+its start to ``classifier_max_length``; padded on the tokenizer's side: what a sequence classifier reads, exactly
+as ``ClassifierReward(text=...)`` reads it in a rollout), lists ``prompt``, ``query`` (the prompt ids decoded, as
+rollouts give it to rewards), ``chosen``, ``rejected``, ``id``, and with ``margin_column`` a FloatTensor ``margin``
+[B].
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ from transformers import PreTrainedTokenizerBase
 from lit_rlhf.prompts import (
     ChatTemplate, PromptDataModule, PromptFormat, _pad, _rows, encode_prompts, with_string_ids,
 )
-from lit_rlhf.rewards import TextField, select_text
+from lit_rlhf.rewards import TextField, classifier_input_ids, classifier_max_length
 from lit_rlhf.sources import quiet_datasets_progress, read_data_files
+from lit_rlhf.tiny import resolve_model_path
 
 if TYPE_CHECKING:
     import datasets
@@ -107,52 +109,47 @@ def _response_ids(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[
     return ids if eos is None else [row + [eos] for row in ids]
 
 
-def classifier_ids(tokenizer: PreTrainedTokenizerBase, classifier_text: TextField, queries: list[str],
-                   responses: list[str]) -> list[list[int]]:
-    """What a reward model reads: the ids of query + newline + response (or of the response alone), the very
-    text ``ClassifierReward(text=classifier_text)`` scores in a rollout, whose prompts are the queries."""
-    return tokenizer(select_text(classifier_text, queries, responses)).input_ids
-
-
 def encode_pairs(
     batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat,
-    classifier_text: TextField = "prompt+response",
+    classifier_text: TextField = "prompt+response", classifier_limit: int | None = None,
 ) -> dict[str, list]:
     """The prompt as ``encode_prompts`` renders it (chat template, system prompt), both responses' ids, and the
-    classifier's ids of ``query + "\\n" + response`` (or of the response alone, ``classifier_text="response"``):
-    the query is the prompt as PPO's rewards receive it (its ids decoded, special tokens such as T5's ``</s>``
-    included), so a reward model trains on the very text ``ClassifierReward(text=classifier_text)`` scores in a
-    rollout."""
+    classifier's ids of ``query + "\\n" + response`` (or of the response alone, ``classifier_text="response"``) in
+    at most ``classifier_limit`` tokens, with ``<side>_cut`` when a response alone is longer: the query is the prompt
+    as PPO's rewards receive it (its ids decoded, special tokens such as T5's ``</s>`` included) and
+    ``classifier_input_ids`` encodes it as ``ClassifierReward(text=classifier_text)`` does in a rollout, so a reward
+    model trains on what it scores there."""
     out = encode_prompts(batch, tokenizer, fmt)
     for side in ("chosen", "rejected"):
         texts = batch[f"{side}_text"]
         out[f"{side}_ids"] = _response_ids(texts, tokenizer)
-        out[f"{side}_input_ids"] = classifier_ids(tokenizer, classifier_text, out["query"], texts)
+        inputs = classifier_input_ids(tokenizer, classifier_text, out["query"], texts, classifier_limit)
+        out[f"{side}_input_ids"], out[f"{side}_cut"] = inputs
     return out
 
 
 def encode_scored(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat,
-                  prompt_column: str, response_column: str, classifier_text: TextField) -> dict[str, list]:
+                  prompt_column: str, response_column: str, classifier_text: TextField,
+                  classifier_limit: int | None = None) -> dict[str, list]:
     """Predict rows: the prompt rendered as for pairs (one user turn, chat template, system prompt; cut to
     ``fmt.max_prompt_tokens`` as a rollout cuts it) and the classifier's ids of query + newline + response (or of
     the response alone), as ``encode_pairs`` makes them. ``prompt`` stays the row's own text."""
-    for i, response in enumerate(batch[response_column]):
-        if response is None:
-            raise ValueError(f"data.predict_path: row {batch['id'][i]!r} has no {response_column!r} (null); every row "
-                             "needs a response to score")
     responses = [str(r) for r in batch[response_column]]
     prompts = [str(p or "") for p in batch[prompt_column]] if prompt_column in batch else [""] * len(responses)
     out = encode_prompts({PROMPT_MESSAGES: [[{"role": "user", "content": p}] for p in prompts]}, tokenizer, fmt)
     out["prompt"], out["response"] = prompts, responses
-    out["classifier_ids"] = classifier_ids(tokenizer, classifier_text, out["query"], responses)
+    out["classifier_ids"] = classifier_input_ids(tokenizer, classifier_text, out["query"], responses,
+                                                 classifier_limit).input_ids
     return out
 
 
-def _pair_fits(prompt: list[list[int]], chosen: list[list[int]], rejected: list[list[int]],
-               max_prompt: int | None, max_response: int | None) -> list[bool]:
+def _pair_fits(prompt: list[list[int]], chosen: list[list[int]], rejected: list[list[int]], chosen_cut: list[bool],
+               rejected_cut: list[bool], max_prompt: int | None, max_response: int | None) -> list[bool]:
+    """Pairs within the token limits whose responses the classifier reads whole (a cut response may lose what
+    tells chosen from rejected)."""
     inf = float("inf")
-    return [len(p) <= (max_prompt or inf) and max(len(c), len(r)) <= (max_response or inf)
-            for p, c, r in zip(prompt, chosen, rejected)]
+    return [len(p) <= (max_prompt or inf) and max(len(c), len(r)) <= (max_response or inf) and not (cc or rc)
+            for p, c, r, cc, rc in zip(prompt, chosen, rejected, chosen_cut, rejected_cut)]
 
 
 def _usable(skip: list[str]) -> list[bool]:
@@ -233,6 +230,10 @@ class PreferenceDataModule(PromptDataModule):
             (counted). None: no limit.
         classifier_text: What a reward model reads of each pair's side: ``prompt+response`` (the query, a
             newline, the response) or the ``response`` alone; give ``ClassifierReward`` the same ``text``.
+        classifier_max_length: The most tokens a reward model reads of a pair's side (training and predict): the
+            response whole, the prompt cut from its start, as ``ClassifierReward(max_length=...)`` reads them in
+            PPO (give it the same number). Pairs with a response longer than this alone are dropped (counted as
+            too long). None: the model's own limit (its tokenizer's ``model_max_length``, its positions).
         predict_path: ``lit-rlhf-rm predict``: rows to score, a .jsonl/.json(.gz), .csv or .parquet file or a
             folder of them, with ``response_column`` and (unless ``classifier_text`` is ``response``)
             ``prompt_column`` text; ``id`` optional.
@@ -261,6 +262,7 @@ class PreferenceDataModule(PromptDataModule):
         max_prompt_tokens: int | None = None,
         max_response_tokens: int | None = None,
         classifier_text: TextField = "prompt+response",
+        classifier_max_length: int | None = None,
         test_size: float = 0.1,
         split_seed: int = 42,
         batch_size: int = 8,
@@ -274,6 +276,9 @@ class PreferenceDataModule(PromptDataModule):
         if max_response_tokens is not None and max_response_tokens < 1:
             raise ValueError(f"data.max_response_tokens must be None or a positive number of tokens, got "
                              f"{max_response_tokens}")
+        if classifier_max_length is not None and classifier_max_length < 1:
+            raise ValueError(f"data.classifier_max_length must be None or a positive number of tokens, got "
+                             f"{classifier_max_length}")
         if classifier_text not in ("prompt+response", "response"):
             raise ValueError(f"data.classifier_text must be prompt+response or response, got {classifier_text!r}")
         named = [c for c in (prompt_column, chosen_column, rejected_column, margin_column) if c is not None]
@@ -291,8 +296,17 @@ class PreferenceDataModule(PromptDataModule):
         self.columns = PairColumns(prompt_column, chosen_column, rejected_column, margin_column)
         self.max_response_tokens = max_response_tokens
         self.classifier_text = classifier_text
+        self.classifier_max_length = classifier_max_length
         self.response_column = response_column
         self._skipped: Counter[str] = Counter()
+
+    def text_columns(self, predict: bool = False) -> list[str]:
+        """The prompt's and responses' columns (a null or empty one skips its row): in predict the response and,
+        when the classifier reads it, the prompt; a conversation's prompt is checked once split off (``pair_texts``)."""
+        cols = self.columns
+        if predict:
+            return [self.response_column] + ([cols.prompt] if self.classifier_text == "prompt+response" else [])
+        return [cols.prompt, cols.chosen, cols.rejected]
 
     def required_columns(self) -> list[str]:
         """The response columns and the margin's; the prompt column is checked per format in ``_encode``."""
@@ -313,12 +327,15 @@ class PreferenceDataModule(PromptDataModule):
         """Pair texts, skip unusable pairs, encode, drop long pairs; the counts go to ``summary()``."""
         texts = rows.map(pair_texts, batched=True,
                          fn_kwargs={"cols": self.columns, "conversations": self._is_conversations(rows)})
-        self._skipped.update(reason for reason in texts["skip"] if reason)
+        self._skipped.update(reason for reason in texts["skip"] if reason and reason != "empty")
+        self._empty.add([i for i, reason in zip(texts["id"], texts["skip"]) if reason == "empty"])
         usable = texts.filter(_usable, input_columns="skip", batched=True)
         encoded = usable.map(encode_pairs, batched=True, fn_kwargs={
-            "tokenizer": self.tokenizer, "fmt": self._pair_prompt_format(), "classifier_text": self.classifier_text})
+            "tokenizer": self.tokenizer, "fmt": self._pair_prompt_format(), "classifier_text": self.classifier_text,
+            "classifier_limit": self.classifier_limit()})
         kept = encoded.filter(
-            _pair_fits, input_columns=["input_ids", "chosen_ids", "rejected_ids"], batched=True,
+            _pair_fits, input_columns=["input_ids", "chosen_ids", "rejected_ids", "chosen_cut", "rejected_cut"],
+            batched=True,
             fn_kwargs={"max_prompt": self.max_prompt_tokens, "max_response": self.max_response_tokens})
         self._skipped["too_long"] += len(encoded) - len(kept)
         if len(kept) == 0:
@@ -330,15 +347,33 @@ class PreferenceDataModule(PromptDataModule):
     def _build(self) -> tuple[datasets.Dataset, datasets.Dataset]:
         self._skipped = Counter()
         train, test = super()._build()
-        skipped = {k: self._skipped[k] for k in ("identical", "empty", "too_long")}
+        skipped = {"identical": self._skipped["identical"], "empty": self._empty.count,
+                   "too_long": self._skipped["too_long"]}
         self._sizes.update({f"skipped_{k}": v for k, v in skipped.items()})
         if any(skipped.values()):
             rank_zero_info(
                 f"Preference pairs of dataset={self.dataset!r}: skipped {skipped['identical']} with identical chosen "
-                f"and rejected responses, {skipped['empty']} with an empty prompt or response, and "
+                f"and rejected responses, {skipped['empty']} with a null or empty prompt or response (the first: row "
+                f"{self._empty.first_id!r}), and "
                 f"{skipped['too_long']} longer than data.max_prompt_tokens={self.max_prompt_tokens} or "
-                f"data.max_response_tokens={self.max_response_tokens} tokens")
+                f"data.max_response_tokens={self.max_response_tokens} tokens, or with a response longer than the "
+                f"{self.classifier_limit()} tokens a reward model reads (data.classifier_max_length)")
         return train, test
+
+    def classifier_limit(self) -> int | None:
+        """The most tokens a reward model reads of a pair's side: ``classifier_max_length``, or the model's own
+        limit; a setting beyond the model's limit is an error."""
+        from transformers import AutoConfig
+
+        self._load_tokenizer()
+        config = AutoConfig.from_pretrained(resolve_model_path(self.model_name))
+        limit = classifier_max_length(self.tokenizer, config)
+        if self.classifier_max_length is None:
+            return limit
+        if limit is not None and self.classifier_max_length > limit:
+            raise ValueError(f"data.classifier_max_length={self.classifier_max_length} but model_name="
+                             f"{self.model_name!r} reads at most {limit} tokens; set it to {limit} or less")
+        return self.classifier_max_length
 
     def _pair_prompt_format(self, max_prompt_tokens: int | None = None) -> PromptFormat:
         """How a pair's (or a scored row's) prompt messages become the prompt: chat template, system prompt;
@@ -363,14 +398,15 @@ class PreferenceDataModule(PromptDataModule):
             raise ValueError(f"data.predict_path={self.predict_path!r} lacks the column(s) {missing} (its columns: "
                              f"{rows.column_names}): scoring reads data.response_column={self.response_column!r}"
                              + (f" and data.prompt_column={self.columns.prompt!r}" if len(needed) > 1 else ""))
-        return with_string_ids(rows)
+        return self._drop_blank(with_string_ids(rows), f"data.predict_path={self.predict_path!r}", predict=True)
 
     @quiet_datasets_progress()
     def _encode_predict_rows(self, rows: datasets.Dataset) -> datasets.Dataset:
         fmt = self._pair_prompt_format(max_prompt_tokens=self.max_prompt_tokens)  # cut, as a rollout cuts
         return rows.map(encode_scored, batched=True, fn_kwargs={
             "tokenizer": self.tokenizer, "fmt": fmt, "prompt_column": self.columns.prompt,
-            "response_column": self.response_column, "classifier_text": self.classifier_text})
+            "response_column": self.response_column, "classifier_text": self.classifier_text,
+            "classifier_limit": self.classifier_limit()})
 
     def predict_dataloader(self) -> DataLoader:
         if self.predict_set is None:
@@ -381,5 +417,6 @@ class PreferenceDataModule(PromptDataModule):
 
     def summary(self) -> dict[str, int]:
         """Row counts after ``setup``: ``source``, ``kept``, ``train``, ``test``, and the pairs skipped as
-        ``skipped_identical``, ``skipped_empty`` and ``skipped_too_long``."""
+        ``skipped_identical``, ``skipped_empty`` (a null or empty prompt or response; ``first_skipped_empty``: the
+        first one's id) and ``skipped_too_long``."""
         return super().summary()

@@ -21,11 +21,13 @@ from typing import Any, Callable, Iterator, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
-from lit_rlhf.sources import load_source, quiet_datasets_progress, read_data_files
+from lit_rlhf.sources import (
+    SkippedRows, drop_blank_rows, first_null, load_source, quiet_datasets_progress, read_data_files,
+)
 from lit_rlhf.tiny import resolve_model_path
 
 ChatTemplate = bool | Literal["auto"]
@@ -433,7 +435,9 @@ class PromptDataModule(L.LightningDataModule):
         self.predict_set: datasets.Dataset | None = None
         self.source_columns: tuple[str, ...] = ()
         """The source's columns (carried to rewards under ``batch["columns"]``), known after setup."""
-        self._sizes: dict[str, int] = {}
+        self._sizes: dict[str, int | str] = {}
+        self._empty = SkippedRows()
+        """Rows skipped for a null or empty prompt or response (``text_columns``)."""
 
     # -- loading ------------------------------------------------------------------------------------------
 
@@ -487,6 +491,23 @@ class PromptDataModule(L.LightningDataModule):
         names = [*self.prompt_format().needed_columns(), self.reference_column, self.filter_column]
         return list(dict.fromkeys(n for n in names if n is not None))
 
+    def text_columns(self, predict: bool = False) -> list[str]:
+        """The columns that must hold text in every row (the prompt's, and in training the completion's): a row
+        with a null or empty one is skipped and counted (``summary()``), never trained on as the text "None"."""
+        fmt = self.prompt_format()
+        return [c for c in fmt.needed_columns() if not (predict and c == fmt.completion_column)]
+
+    def _drop_blank(self, rows: datasets.Dataset, where: str, predict: bool = False) -> datasets.Dataset:
+        """``rows`` without those with a null or empty prompt or response, counted in ``self._empty`` and warned
+        about once with the first one's id; the one check every data module and predict apply."""
+        before = self._empty.count
+        kept = drop_blank_rows(rows, self.text_columns(predict), self._empty, where)
+        if self._empty.count > before:
+            columns = [c for c in self.text_columns(predict) if c in rows.column_names]
+            rank_zero_warn(f"{where}: skipped {self._empty.count - before} rows with a null or empty "
+                           f"{' or '.join(map(repr, columns))} (the first: row {self._empty.first_id!r})")
+        return kept
+
     def _source_split(self, source: datasets.DatasetDict, split: str, setting: str) -> datasets.Dataset:
         if split not in source:
             raise ValueError(f"{setting}={split!r} is not in dataset={self.dataset!r}; it has {sorted(source)}")
@@ -536,12 +557,15 @@ class PromptDataModule(L.LightningDataModule):
     def _build(self) -> tuple[datasets.Dataset, datasets.Dataset]:
         """Filter, prompt, tokenize and split; every step is cached by datasets, so a second call reads it."""
         self._load_tokenizer()
+        self._empty = SkippedRows()
         source = load_source(self.dataset)
         rows = self._source_split(source, self.split, "split")
         self.source_columns = tuple(c for c in rows.column_names if c not in DERIVED_COLUMNS)
-        kept = self._filter(rows, self.split)
+        kept = self._filter(self._drop_blank(rows, f"data.dataset={self.dataset!r} split={self.split!r}"), self.split)
         if self.eval_split is not None:
-            held_out = self._filter(self._source_split(source, self.eval_split, "eval_split"), self.eval_split)
+            held_out = self._source_split(source, self.eval_split, "eval_split")
+            where = f"data.dataset={self.dataset!r} eval_split={self.eval_split!r}"
+            held_out = self._filter(self._drop_blank(held_out, where), self.eval_split)
             train, test = self._encode(kept), self._encode(held_out)
         else:
             n_test = ceil(self.test_size * len(kept))  # datasets' rounding: the held-out part rounds up
@@ -557,7 +581,8 @@ class PromptDataModule(L.LightningDataModule):
             if len(part) == 0:
                 raise ValueError(f"no {name} prompts are left after data.max_prompt_tokens={self.max_prompt_tokens} "
                                  "with data.drop_long_prompts; raise max_prompt_tokens")
-        self._sizes = {"source": len(rows), "kept": len(kept), "train": len(train), "test": len(test)}
+        self._sizes = {"source": len(rows), "kept": len(kept), "train": len(train), "test": len(test),
+                       **self._empty.summary()}
         return train, test
 
     # -- Lightning hooks ----------------------------------------------------------------------------------
@@ -584,7 +609,7 @@ class PromptDataModule(L.LightningDataModule):
         if missing:
             raise ValueError(f"data.predict_path={self.predict_path!r} lacks the column(s) {missing} the prompt "
                              f"needs (its columns: {rows.column_names})")
-        return with_string_ids(rows)
+        return self._drop_blank(with_string_ids(rows), f"data.predict_path={self.predict_path!r}", predict=True)
 
     @quiet_datasets_progress()
     def _encode_predict_rows(self, rows: datasets.Dataset) -> datasets.Dataset:
@@ -612,17 +637,24 @@ class PromptDataModule(L.LightningDataModule):
         return (f"the {self.test_size:.0%} of split {self.split!r} of data.dataset={self.dataset!r} that data.test_size "
                 f"holds out of PPO rollouts; ids are that split's")
 
-    def reward_inputs(self, stage: str) -> tuple[list[str], bool]:
-        """What a reward can read in ``stage`` (after ``setup``): the source columns, and whether there are
-        references. ``PPOModule`` checks its reward against these before the first step."""
+    def reward_inputs(self, stage: str) -> tuple[list[str], bool, Callable[[str], str | None]]:
+        """What a reward can read in ``stage`` (after ``setup``): the source columns, whether there are
+        references, and a function giving the id of the first row with no value in a column (None: every row has
+        one). ``PPOModule`` checks its reward against these before the first step."""
         if stage == "predict":
             columns = [c for c in self.predict_set.column_names if c not in DERIVED_COLUMNS]
-            return columns, self.reference_column is not None and self.reference_column in columns
-        return list(self.source_columns), self.reference_column is not None
+            has_references = self.reference_column is not None and self.reference_column in columns
+            return columns, has_references, lambda column: first_null(self.predict_set, column)
 
-    def summary(self) -> dict[str, int]:
-        """Row counts after ``setup``: ``source`` (the source split), ``kept`` (after the length filter),
-        ``train`` and ``test`` (the two parts of the split)."""
+        def first_missing(column: str) -> str | None:
+            return first_null(self.train_set, column) or first_null(self.test_set, column)
+
+        return list(self.source_columns), self.reference_column is not None, first_missing
+
+    def summary(self) -> dict[str, int | str]:
+        """Row counts after ``setup``: ``source`` (the source split), ``kept`` (after the empty rows and the
+        length filter), ``train`` and ``test`` (the two parts of the split); when rows with a null or empty prompt
+        or completion were skipped, ``skipped_empty`` (how many) and ``first_skipped_empty`` (the first one's id)."""
         if not self._sizes:
             raise RuntimeError("call setup() before summary()")
         return dict(self._sizes)

@@ -5,11 +5,12 @@
     RewardModelModule     the classifier (LoRA or full), the loss over ``PreferenceDataModule`` batches, the export
 
 The classifier reads ``chosen_input_ids``/``rejected_input_ids`` of the preference batch: the query + newline +
-response as one text through its tokenizer (or the response alone, the data module's ``classifier_text``), which
-is what ``ClassifierReward(text=...)`` feeds it in PPO. At the end of fit the model (LoRA merged in) and its
-tokenizer are saved to ``<log_dir>/reward_model`` with ``id2label = {0: label}``, so
-``ClassifierReward(model_name=<folder>, label=<label>, output="logit", text=<the same classifier_text>)`` loads it
-as it is.
+response (or the response alone, the data module's ``classifier_text``) encoded by
+``rewards.classifier_input_ids`` (the response whole, the query cut from its start to the data module's
+``classifier_max_length``), which is what ``ClassifierReward(text=..., max_length=...)`` feeds it in PPO.
+At the end of fit the model (LoRA merged in) and its tokenizer are saved to ``<log_dir>/reward_model`` with
+``id2label = {0: label}``, so ``ClassifierReward(model_name=<folder>, label=<label>, output="logit", text=<the same
+classifier_text>)`` loads it as it is.
 """
 
 from __future__ import annotations
@@ -203,9 +204,12 @@ class RewardModelModule(L.LightningModule):
         if self.trainer.is_global_zero:
             export_reward_model(self.model, self.tokenizer, target)
             # the text the classifier was trained on (the data module's classifier_text) is the one to score
-            text = getattr(self.trainer.datamodule, "classifier_text", "prompt+response")
+            data = self.trainer.datamodule
+            text = getattr(data, "classifier_text", "prompt+response")
+            limit = data.classifier_limit() if hasattr(data, "classifier_limit") else None
+            reads = "" if limit is None else f", max_length={limit}"  # the tokens it read of each pair's side
             rank_zero_info(f"Reward model exported to {target} (PPO: --model.reward lit_rlhf.rewards.ClassifierReward "
-                           f"with model_name={target}, label={self.hparams.label}, text={text})")
+                           f"with model_name={target}, label={self.hparams.label}, text={text}{reads})")
 
 
 def build_reward_classifier(

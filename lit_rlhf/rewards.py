@@ -31,7 +31,7 @@ import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,62 @@ def select_text(text: TextField, prompts: Sequence[str], responses: Sequence[str
     if text == "response":
         return list(responses)
     return [p + PROMPT_RESPONSE_SEPARATOR + r for p, r in zip(prompts, responses)]
+
+
+class ClassifierInputs(NamedTuple):
+    """A classifier's token ids of each (prompt, response), and whether each response had to be cut."""
+
+    input_ids: list[list[int]]
+    response_cut: list[bool]
+
+
+def classifier_input_ids(
+    tokenizer: Any, text: TextField, prompts: Sequence[str], responses: Sequence[str], max_length: int | None,
+) -> ClassifierInputs:
+    """What a sequence classifier reads of each (prompt, response), at most ``max_length`` tokens with its special
+    tokens: the one encoding of reward-model training, ``lit-rlhf-rm predict`` and ``ClassifierReward`` in PPO.
+
+    ``text="prompt+response"``: prompt + newline + response. The response is kept whole and the prompt cut from its
+    start, so that the tokens the classifier reads always include what is being judged (cutting the joined text on
+    the right scores every response after a long prompt the same). A response longer than the limit on its own is
+    cut from its end, the prompt then dropped. ``text="response"``: the response alone, cut from its end.
+
+    A prompt that already begins with the special tokens the tokenizer puts first (a rollout's query decoded with
+    its ``<s>``) does not get them twice.
+    """
+    first, last = special_tokens_around(tokenizer)
+    room = None if max_length is None else max(max_length - len(first) - len(last), 0)
+    # verbose=False: the long texts are cut below, so the tokenizer's warning about its limit does not apply
+    reply = tokenizer(list(responses), add_special_tokens=False, verbose=False).input_ids
+    if text == "prompt+response":
+        context = tokenizer([p + PROMPT_RESPONSE_SEPARATOR for p in prompts], add_special_tokens=False,
+                            verbose=False).input_ids
+        context = [c[len(first):] if first and c[: len(first)] == first else c for c in context]
+    else:
+        context = [[] for _ in reply]
+    ids, cut = [], []
+    for c, r in zip(context, reply):
+        if room is not None and len(c) + len(r) > room:
+            c = c[len(c) + len(r) - room:] if len(r) < room else []  # the prompt's start goes first
+            cut.append(len(r) > room)
+            r = r[:room]
+        else:
+            cut.append(False)
+        ids.append(first + c + r + last)
+    return ClassifierInputs(ids, cut)
+
+
+def special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """(ids the tokenizer puts before a text, ids it puts after): ``([<s>], [</s>])`` for RoBERTa, ``([], [</s>])``
+    for T5, ``([<s>], [])`` for Llama, ``([], [])`` for GPT-2. Read off one encoded probe word, since transformers'
+    tokenizers no longer share one method that adds them to given ids."""
+    plain = tokenizer("a", add_special_tokens=False).input_ids
+    full = tokenizer("a").input_ids
+    at = next((i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain), None)
+    if not plain or at is None:
+        raise ValueError(f"cannot tell where {type(tokenizer).__name__} puts its special tokens ({full} for 'a', "
+                         f"{plain} without them)")
+    return full[:at], full[at + len(plain):]
 
 
 def _check_choice(value: Any, argument: str, choices: Sequence[Any]) -> None:
@@ -213,7 +269,9 @@ class ClassifierReward(Reward):
             output: ``logit``: the raw logit of ``label`` (unbounded, the seed recipe); ``probability``: its
                 softmax probability in [0, 1].
             batch_size: Texts per classifier forward pass.
-            max_length: Texts are truncated to this many tokens (at most the tokenizer's ``model_max_length``).
+            max_length: The most tokens the classifier reads (at most its own limit). With ``prompt+response`` the
+                response is kept whole and the prompt cut from its start; a response longer than this alone is cut
+                from its end (``classifier_input_ids``).
             text: What the classifier reads: the ``response`` alone, or ``prompt+response`` joined by a newline.
             device: Where the classifier runs. None: on the device the reward is moved to (the training
                 module's). Set e.g. ``cpu`` to keep a large classifier off the accelerator; scores are still
@@ -269,9 +327,8 @@ class ClassifierReward(Reward):
                 f"`output='probability'` needs a classifier with at least two labels; {self.model_name} has "
                 f"{model.config.num_labels}. Use `output='logit'`."
             )
-        limit = tokenizer.model_max_length
-        # Tokenizers without a known limit report a huge sentinel (int(1e30)); only a real limit is checked.
-        if limit < 1_000_000 and self.max_length > limit:
+        limit = classifier_max_length(tokenizer, model.config)
+        if limit is not None and self.max_length > limit:
             raise ValueError(
                 f"`max_length` is {self.max_length} but {self.model_name} reads at most {limit} tokens; "
                 f"set `max_length` to {limit} or less."
@@ -305,18 +362,35 @@ class ClassifierReward(Reward):
         return resolve_dtype(self.dtype, self.model_device, flag=f"{type(self).__name__}.dtype")[0]
 
     def compute(self, prompts: list[str], responses: list[str], references: list[str] | None) -> torch.Tensor:
-        texts = select_text(self.text, prompts, responses)
-        scores = [self._score_batch(texts[i : i + self.batch_size]) for i in range(0, len(texts), self.batch_size)]
+        step = self.batch_size
+        scores = [self._score_batch(prompts[i : i + step], responses[i : i + step])
+                  for i in range(0, len(responses), step)]
         return torch.cat(scores) if scores else torch.empty(0)
 
-    def _score_batch(self, texts: list[str]) -> torch.Tensor:
-        encoded = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        ).to(self.model_device)
+    def _score_batch(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        ids = classifier_input_ids(self.tokenizer, self.text, prompts, responses, self.max_length).input_ids
+        encoded = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(self.model_device)
         logits = self.model(**encoded).logits.float()  # [B, num_labels]
         if self.output == "probability":
             return logits.softmax(dim=-1)[:, self.label_index]
         return logits[:, self.label_index]
+
+
+ROBERTA_LIKE = ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text")
+"""Model types whose position ids start after the pad id, so that they read ``pad_token_id + 1`` fewer tokens
+than their ``max_position_embeddings``."""
+
+
+def classifier_max_length(tokenizer: Any, config: Any) -> int | None:
+    """The most tokens a sequence classifier reads, special tokens included: the smaller of its tokenizer's
+    ``model_max_length`` and its learnt positions (None: neither says)."""
+    # Tokenizers without a known limit report a huge sentinel (int(1e30)); only a real limit counts.
+    limits = [tokenizer.model_max_length] if tokenizer.model_max_length < 1_000_000 else []
+    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if positions is not None:
+        offset = (config.pad_token_id or 0) + 1 if getattr(config, "model_type", None) in ROBERTA_LIKE else 0
+        limits.append(positions - offset)
+    return min(limits) if limits else None
 
 
 def find_label(id2label: dict[Any, str], label: str) -> int:
@@ -611,15 +685,24 @@ def _unique_names(names: list[str]) -> list[str]:
     return out
 
 
-def check_reward_inputs(reward: Reward, columns: Sequence[str], has_references: bool) -> None:
+def check_reward_inputs(reward: Reward, columns: Sequence[str], has_references: bool,
+                        first_null: Callable[[str], str | None] | None = None) -> None:
     """Raise a ValueError, naming the reward and what is missing, when the data lacks a column the reward reads
-    or references the reward compares with."""
+    or references the reward compares with, or (``first_null``: a column -> the id of its first row without a
+    value) when some rows have no value in such a column: the reward would be handed None."""
     missing = [c for c in reward.required_columns() if c not in columns]
     if missing:
         raise ValueError(
             f"model.reward {reward.describe()} reads the column(s) {missing}, which the data lacks (its columns: "
             f"{list(columns)}); add them to the data (data.dataset, data.predict_path) or change the reward"
         )
+    for column in reward.required_columns() if first_null is not None else []:
+        row = first_null(column)
+        if row is not None:
+            raise ValueError(
+                f"model.reward {reward.describe()} reads the column {column!r}, which row {row!r} of the data has no "
+                "value in (null or absent); give every row one (data.dataset, data.predict_path) or drop those rows"
+            )
     if reward.needs_references() and not has_references:
         raise ValueError(
             f"model.reward {reward.describe()} compares responses with references, and the data has none: set "
@@ -666,6 +749,29 @@ def _import_module(name: str) -> Any:
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())
     return importlib.import_module(name)
+
+
+class RewardFunctionError(ValueError):
+    """A user's reward function raised: one line naming the reward, the exception and where it was raised
+    (``FunctionReward(my_rewards:parse_int) raised ValueError: ... (my_rewards.py:22)``). The original exception is
+    its ``__cause__``, so ``LIT_RLHF_DEBUG=1`` shows the whole traceback. A ValueError, whatever the user's code
+    raised, so that the commands print it as one line as they do every user error."""
+
+    def __init__(self, reward: str, error: BaseException, function: Callable[..., Any]) -> None:
+        message = " ".join(str(error).split()) or "(no message)"
+        super().__init__(f"{reward} raised {type(error).__name__}: {message} ({raised_at(error, function)})")
+
+
+def raised_at(error: BaseException, function: Callable[..., Any]) -> str:
+    """``file.py:line`` of the innermost frame of ``error``'s traceback in the file that defines ``function`` (the
+    user's own line, not the library call inside it that raised), else of its innermost frame."""
+    import traceback
+
+    frames = traceback.extract_tb(error.__traceback__)
+    home = getattr(getattr(function, "__code__", None), "co_filename", None)
+    own = [f for f in frames if f.filename == home]
+    frame = (own or frames or [None])[-1]
+    return "unknown location" if frame is None else f"{os.path.basename(frame.filename)}:{frame.lineno}"
 
 
 class FunctionReward(Reward):
@@ -730,7 +836,11 @@ class FunctionReward(Reward):
                              f"{sorted(columns)}); add them to the data or change the reward")
         takes_all, named = self._signature[0], self._signature[2]
         kwargs = columns if takes_all else {k: v for k, v in columns.items() if k in named}
-        return self._as_scores(self.fn(prompts, responses, **kwargs), len(responses))
+        try:
+            out = self.fn(prompts, responses, **kwargs)
+        except Exception as err:  # any type: the user's code failed; say whose code and where, in one line
+            raise RewardFunctionError(self.describe(), err, self.fn) from err
+        return self._as_scores(out, len(responses))
 
     def _as_scores(self, out: Any, n: int) -> torch.Tensor:
         """The function's return value as float64 [n]; a clear error otherwise."""

@@ -3,6 +3,8 @@
     load_source          ``dataset`` setting -> ``datasets.DatasetDict`` (splits by name)
     read_data_files      one file or a folder of files of one format -> one ``datasets.Dataset`` (predict inputs)
     load_local_directory files named by split (``train*``, ``validation*``/``dev*``, ``test*``) -> splits
+    drop_blank_rows      rows -> the rows whose prompt/response columns all hold text (the others counted)
+    first_null           the id of the first row with no value in a column (a reward's column checked before a run)
 
 Every error a user can cause (no such path, an empty file, a file datasets cannot parse, mixed formats) is one
 line naming the setting and the file.
@@ -13,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from lit_rlhf.tiny import looks_like_local_path
 
@@ -152,3 +156,65 @@ def read_data_files(path: str | None, setting: str) -> datasets.Dataset:
     if len(rows) == 0:
         raise ValueError(f"{setting}={path!r} has no rows")
     return rows
+
+
+# ---------------------------------------------------------------------------------------------- null and empty rows
+
+
+def is_blank(value: Any) -> bool:
+    """Whether a prompt or response value holds nothing to train on: null, a text of whitespace only, or a
+    conversation that is empty, has a null message, or ends in a blank message (its last turn is the prompt's
+    question or the response)."""
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    if isinstance(value, list):
+        contents = [m.get("content") if isinstance(m, dict) else m for m in value]
+        return not contents or any(c is None for c in contents) or is_blank(contents[-1])
+    return False
+
+
+@dataclass
+class SkippedRows:
+    """Rows skipped for a null or empty prompt or response: how many, and the first one's id (for the message)."""
+
+    count: int = 0
+    first_id: str | None = None
+
+    def add(self, ids: Sequence[Any]) -> None:
+        if ids and self.first_id is None:
+            self.first_id = str(ids[0])
+        self.count += len(ids)
+
+    def summary(self) -> dict[str, int | str]:
+        """``skipped_empty`` and ``first_skipped_empty`` (the first skipped row's id), when any row was skipped."""
+        return {} if not self.count else {"skipped_empty": self.count, "first_skipped_empty": self.first_id}
+
+
+def drop_blank_rows(rows: datasets.Dataset, columns: Sequence[str], skipped: SkippedRows,
+                    where: str) -> datasets.Dataset:
+    """``rows`` without those whose value in any of ``columns`` (the prompt's and responses' columns) is blank
+    (:func:`is_blank`: null, empty, whitespace): those are counted in ``skipped``, never trained on as the text
+    "None" or as an empty prompt. ``rows`` need an ``id`` column. Raises when no row is left (``where`` names the
+    data setting)."""
+    columns = [c for c in dict.fromkeys(columns) if c in rows.column_names]
+    if not columns:
+        return rows
+    blank = [any(is_blank(v) for v in values) for values in zip(*(rows[c] for c in columns))]
+    if not any(blank):
+        return rows
+    ids = list(rows["id"])
+    dropped = [ids[i] for i, b in enumerate(blank) if b]
+    skipped.add(dropped)
+    if len(dropped) == len(rows):
+        raise ValueError(f"{where}: every row has a null or empty {' or '.join(map(repr, columns))} (the first: row "
+                         f"{str(dropped[0])!r}); nothing is left to use")
+    return rows.select([i for i, b in enumerate(blank) if not b])
+
+
+def first_null(rows: datasets.Dataset, column: str) -> str | None:
+    """The id of the first row of ``rows`` with no value (null, or absent from its JSON line) in ``column``."""
+    if column not in rows.column_names:
+        return None
+    return next((str(i) for i, v in zip(rows["id"], rows[column]) if v is None), None)

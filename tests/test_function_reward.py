@@ -10,8 +10,10 @@ import torch
 
 from lit_rlhf.module import PPOModule, PPOSettings
 from lit_rlhf.prompts import PromptDataModule
+from lit_rlhf.cli import one_line_errors
 from lit_rlhf.rewards import (
-    CompositeReward, FunctionReward, NonFiniteRewardError, ReferenceSimilarityReward, check_reward_inputs,
+    CompositeReward, FunctionReward, NonFiniteRewardError, ReferenceSimilarityReward, RewardFunctionError,
+    check_reward_inputs,
 )
 from lit_rlhf.settings import GenerationSettings, LoraSettings
 
@@ -47,6 +49,20 @@ def text(prompts, responses, **columns):
 
 def one_argument(responses):
     return [0.0] * len(responses)
+
+
+def parse_int(prompts, responses, **columns):
+    return [int(r) for r in responses]
+
+
+def reads_a_key(prompts, responses, **columns):
+    return [float(columns["score"][i]) for i in range(len(responses))]
+
+
+def parse_json(prompts, responses, **columns):
+    import json
+
+    return [json.loads(r)["score"] for r in responses]
 
 
 value = 3
@@ -109,6 +125,40 @@ def test_bad_return_values_are_clear_errors(rewards_file, function, error, messa
         FunctionReward(f"my_rewards:{function}")(["a", "b"], ["c", "d"], columns={"answer": [1, 2]})
 
 
+def line_of(text: str) -> int:
+    """The line of my_rewards.py that holds ``text``."""
+    return next(i for i, line in enumerate(REWARDS_SOURCE.splitlines(), 1) if text in line)
+
+
+@pytest.mark.parametrize("function, raised, line", [
+    ("parse_int", "ValueError: invalid literal for int() with base 10: 'seven'", "[int(r) for r in responses]"),
+    ("reads_a_key", "KeyError: 'score'", 'columns["score"]'),
+    # raised deep inside json: the line named is the user's own call
+    ("parse_json", "JSONDecodeError: Expecting value: line 1 column 1 (char 0)", "json.loads(r)"),
+])
+def test_a_raising_function_is_one_line_naming_it_and_where(rewards_file, function, raised, line, capsys,
+                                                           monkeypatch):
+    reward = FunctionReward(f"my_rewards:{function}")
+    expected = f"FunctionReward(my_rewards:{function}) raised {raised} (my_rewards.py:{line_of(line)})"
+
+    def score():
+        reward(["p"], ["seven"], columns={"id": ["a"]})
+
+    with pytest.raises(RewardFunctionError) as info:
+        score()
+    assert str(info.value) == expected
+    # the commands print it as one line; LIT_RLHF_DEBUG=1 keeps the traceback of the user's own exception
+    monkeypatch.delenv("LIT_RLHF_DEBUG", raising=False)
+    with pytest.raises(SystemExit):
+        one_line_errors("lit-rlhf", score)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"lit-rlhf: error: {expected}" in err
+    monkeypatch.setenv("LIT_RLHF_DEBUG", "1")
+    with pytest.raises(RewardFunctionError) as info:
+        one_line_errors("lit-rlhf", score)
+    assert type(info.value.__cause__).__name__ == raised.split(":")[0]
+
+
 def test_a_missing_column_or_reference_names_the_reward_and_what_is_missing(rewards_file):
     reward = FunctionReward("my_rewards:exact_answer")
     with pytest.raises(ValueError, match=r"FunctionReward\(my_rewards:exact_answer\) reads the column\(s\) \['answer'\]"
@@ -119,6 +169,18 @@ def test_a_missing_column_or_reference_names_the_reward_and_what_is_missing(rewa
     with pytest.raises(ValueError, match="rouge1 fmeasure .* compares responses with references.*data.reference_column"):
         check_reward_inputs(ReferenceSimilarityReward(), ["id", "prompt"], has_references=False)
     check_reward_inputs(CompositeReward([reward]), ["answer"], has_references=False)  # nothing missing
+
+
+def test_a_column_without_a_value_in_some_rows_names_the_column_and_a_row(rewards_file, tmp_path, datasets_cache):
+    """A row without the column (absent from its JSON line, or null) handed None to the function."""
+    rows = arithmetic_rows(5) + [{"id": "no-answer", "prompt": "1 + 1 ="}]
+    dm = PromptDataModule(dataset=str(write_jsonl(tmp_path / "a.jsonl", rows)), batch_size=2, test_size=0.2)
+    dm.prepare_data()
+    dm.setup("fit")
+    with pytest.raises(ValueError, match=r"FunctionReward\(my_rewards:exact_answer\) reads the column 'answer', which "
+                                         r"row 'no-answer' of the data has no value in"):
+        check_reward_inputs(FunctionReward("my_rewards:exact_answer"), *dm.reward_inputs("fit"))
+    check_reward_inputs(FunctionReward("my_rewards:seen"), *dm.reward_inputs("fit"))  # reads no column
 
 
 def arithmetic_rows(n: int) -> list[dict]:

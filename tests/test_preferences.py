@@ -109,10 +109,10 @@ def test_encoder_decoder_prompts_are_right_padded(tmp_path):
 
 def test_the_classifier_reads_what_a_rollout_gives_a_prompt_response_reward(tmp_path):
     """A reward model trains on query + newline + response, the query being the prompt as a PPO rollout hands it
-    to ClassifierReward(text="prompt+response"): for T5 the decoded prompt ids end in </s>, which the raw prompt
-    text lacks."""
+    to ClassifierReward(text="prompt+response"), encoded by the one function ClassifierReward uses: for T5 the
+    decoded prompt ids end in </s>, which the raw prompt text lacks."""
     from lit_rlhf.prompts import PromptDataModule
-    from lit_rlhf.rewards import select_text
+    from lit_rlhf.rewards import classifier_input_ids
 
     source = str(write_jsonl(tmp_path / "p.jsonl", text_pairs(10)))
     pairs = ready(model_name="embedded:tiny-t5", dataset=source, shuffle=False)
@@ -124,7 +124,9 @@ def test_the_classifier_reads_what_a_rollout_gives_a_prompt_response_reward(tmp_
     assert rollout_batch["query"][0].endswith("</s>") and not pair_batch["prompt"][0].endswith("</s>")
     tok = pairs.tokenizer
     for i in range(2):
-        scored = tok(select_text("prompt+response", rollout_batch["query"], pair_batch["chosen"])[i]).input_ids
+        scored = classifier_input_ids(tok, "prompt+response", rollout_batch["query"], pair_batch["chosen"],
+                                      pairs.classifier_limit()).input_ids[i]
+        assert tok.decode(scored).startswith(rollout_batch["query"][i])
         trained = pair_batch["chosen_input_ids"][i][pair_batch["chosen_attention_mask"][i].bool()].tolist()
         assert trained == scored
 

@@ -106,6 +106,38 @@ def test_an_encoder_classifier_gets_one_output_and_exports(tmp_path):
     assert reward.compute(["a prompt"], ["the cat is good"], None).shape == (1,)
 
 
+def test_long_prompts_train_within_the_classifier_limit_and_it_reads_each_response(tmp_path):
+    """A classifier with 16 positions and prompts of ~40 tokens: each side is cut to 16 tokens from the prompt's
+    start, the two responses stay whole (so their rewards differ), and a pair whose response alone is longer
+    than the classifier reads is dropped and counted."""
+    from conftest import build_tiny_classifier
+
+    pairs = [{**p, "prompt": " ".join([p["prompt"]] * 6)} for p in good_bad_pairs(12)]
+    pairs.append({"prompt": "what about it?", "chosen": "the cat is good " * 5, "rejected": "the cat is bad"})
+    words = [w for r in pairs for t in r.values() for w in t.split()] + ["?"]
+    build_tiny_classifier(tmp_path / "roberta", words, max_tokens=16)
+    source = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    dm = PreferenceDataModule(model_name=str(tmp_path / "roberta"), dataset=str(source), batch_size=4,
+                              test_size=0.25, shuffle=False)
+    module = RewardModelModule(str(tmp_path / "roberta"), finetune="full", export_dir=str(tmp_path / "rm"))
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", default_root_dir=tmp_path, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0)
+    trainer.fit(module, datamodule=dm)  # past the position limit this was an IndexError
+    assert dm.summary()["skipped_too_long"] == 1
+    batch = next(iter(dm.val_dataloader()))
+    tokens = dm.tokenizer.convert_ids_to_tokens
+    for i in range(len(batch["id"])):
+        chosen = batch["chosen_input_ids"][i][batch["chosen_attention_mask"][i].bool()].tolist()
+        rejected = batch["rejected_input_ids"][i][batch["rejected_attention_mask"][i].bool()].tolist()
+        assert len(chosen) == len(rejected) == 16
+        assert tokens(chosen)[-5:-1] == batch["chosen"][i].split() and tokens(rejected)[-1] == "</s>"
+        assert tokens(rejected)[-5:-1] == batch["rejected"][i].split()
+    with torch.no_grad():
+        chosen_rewards, rejected_rewards = module.pair_rewards(batch)
+    assert (chosen_rewards != rejected_rewards).all()
+
+
 def test_lit_rlhf_rm_fits_exports_and_tests_from_the_checkpoint(tmp_path, monkeypatch):
     from lit_rlhf.cli import run_rm
 
@@ -137,7 +169,7 @@ def test_lit_rlhf_rm_fits_exports_and_tests_from_the_checkpoint(tmp_path, monkey
     with pytest.raises(ValueError, match="data.response_column='response'"):
         run_rm(["predict", *common, "--ckpt_path", str(ckpt), "--data.predict_path", str(tmp_path / "no_response.jsonl")])
     write_jsonl(tmp_path / "null_response.jsonl", [{"id": "x", "prompt": "hi", "response": None}])
-    with pytest.raises(ValueError, match="row 'x' has no 'response'"):
+    with pytest.raises(ValueError, match="every row has a null or empty 'response'.*row 'x'"):
         run_rm(["predict", "--ckpt_path", str(ckpt), "--data.predict_path", str(tmp_path / "null_response.jsonl")])
 
 

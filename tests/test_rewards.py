@@ -12,6 +12,7 @@ from conftest import build_tiny_classifier
 
 from lit_rlhf.rewards import (
     ClassifierReward,
+    classifier_input_ids,
     CompositeReward,
     ProfanityReward,
     ReferenceSimilarityReward,
@@ -107,6 +108,60 @@ def test_classifier_reward_prompt_and_response_text(classifier_path, hf_classifi
     assert_close(reward(prompts, responses), direct_logits(hf_classifier, joined)[:, 0], rtol=1e-5, atol=1e-5)
     response_only = ClassifierReward(str(classifier_path), max_length=MAX_TOKENS)(prompts, responses)
     assert not torch.allclose(reward(prompts, responses), response_only)
+
+
+def test_classifier_reward_reads_the_whole_response_after_a_long_prompt(classifier_path, hf_classifier):
+    """Cut on the right, prompt + newline + response of a long prompt is the prompt alone: every response scored
+    the same. The prompt is cut from its start instead, the response read whole."""
+    long_prompt = " ".join(SENTENCES * 5)  # ~100 tokens; the classifier reads 16
+    kind, rude = "you are a wonderful friend", "i hate you and your stupid ideas"
+    reward = ClassifierReward(str(classifier_path), text="prompt+response", max_length=MAX_TOKENS).to("cpu")
+    read = []
+    reward.model.register_forward_pre_hook(lambda _, args, kwargs: read.append(kwargs["input_ids"]), with_kwargs=True)
+    scores = reward([long_prompt, long_prompt], [kind, rude])
+    tokenizer, _ = hf_classifier
+    texts = [tokenizer.convert_ids_to_tokens(ids) for ids in read[0]]
+    # <s>, the prompt's last words, the response whole, </s>: 16 tokens
+    assert [len(t) for t in texts] == [MAX_TOKENS, MAX_TOKENS]
+    assert texts[0][-6:] == ["you", "are", "a", "wonderful", "friend", "</s>"]
+    assert texts[1][-8:] == ["i", "hate", "you", "and", "your", "stupid", "ideas", "</s>"]
+    assert texts[1][:8] == ["<s>", "person1", "asks", "person2", "about", "the", "weather", "today"]
+    assert scores[0] != scores[1]
+    kept = "person1 asks person2 about the weather today\n" + rude
+    assert_close(scores[1:], direct_logits(hf_classifier, [kept])[:, 0], rtol=0, atol=1e-6)
+
+
+def test_classifier_input_ids_keep_the_response_and_cut_the_prompt_from_its_start(classifier_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(classifier_path)  # <s> text </s>
+    ids, cut = classifier_input_ids(tokenizer, "prompt+response", ["i like you and your ideas"],
+                                    ["you are a wonderful friend"], max_length=9)
+    assert tokenizer.convert_ids_to_tokens(ids[0]) == ["<s>", "your", "ideas", "you", "are", "a", "wonderful",
+                                                       "friend", "</s>"]
+    assert cut == [False]
+    # a response longer than the limit alone: its start, no prompt, and flagged as cut
+    ids, cut = classifier_input_ids(tokenizer, "prompt+response", ["i like you"], ["you are a wonderful friend"], 5)
+    assert tokenizer.convert_ids_to_tokens(ids[0]) == ["<s>", "you", "are", "a", "</s>"] and cut == [True]
+    ids, cut = classifier_input_ids(tokenizer, "response", ["i like you"], ["you are a wonderful friend"], None)
+    assert tokenizer.convert_ids_to_tokens(ids[0]) == ["<s>", "you", "are", "a", "wonderful", "friend", "</s>"]
+
+
+def test_a_decoded_query_that_starts_with_bos_gets_one_bos(tmp_path):
+    """A Llama-style tokenizer puts <s> first; a rollout's query decoded with its special tokens already has it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(["<s>", "</s>", "<unk>", "hello", "there", "kind", "reply"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>")
+    query = tokenizer.decode(tokenizer("hello there").input_ids)
+    assert query.startswith("<s>")
+    ids = classifier_input_ids(tokenizer, "prompt+response", [query], ["kind reply"], None).input_ids[0]
+    assert tokenizer.convert_ids_to_tokens(ids) == ["<s>", "hello", "there", "kind", "reply"]
 
 
 def test_classifier_reward_arguments_are_checked():

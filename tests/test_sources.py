@@ -1,0 +1,83 @@
+"""Null and empty rows: one policy for prompt data, SFT rows, preference pairs and predict rows (skipped, counted,
+the first one's id in the warning and in ``summary()``); a column a reward reads must have a value in every row."""
+
+import pytest
+
+from lit_rlhf.preferences import PreferenceDataModule
+from lit_rlhf.prompts import PromptDataModule
+from lit_rlhf.sources import is_blank
+from conftest import write_jsonl
+
+# small files are converted into each test's folder, not the user's datasets cache
+pytestmark = pytest.mark.usefixtures("datasets_cache")
+
+
+def rows_with_holes(n: int, column: str, holes: dict[str, object]) -> list[dict]:
+    """``n`` good rows (ids g0...), then one row per hole: its id and the value of ``column`` there."""
+    good = [{"id": f"g{i}", "prompt": f"tell me about item {i}", "answer": f"item {i}"} for i in range(n)]
+    holes = [{"id": id_, "prompt": "tell me more", "answer": "more", column: value} for id_, value in holes.items()]
+    return good + holes
+
+
+def ready(module: type = PromptDataModule, **kwargs):
+    dm = module(**{"batch_size": 2, "eval_batch_size": 2, "test_size": 0.2, **kwargs})
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def test_blank_values():
+    assert is_blank(None) and is_blank("") and is_blank(" \n") and is_blank([])
+    assert is_blank([{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}])
+    assert is_blank([{"role": "user", "content": None}, {"role": "assistant", "content": "a"}])
+    assert not is_blank("0") and not is_blank(0) and not is_blank([{"role": "user", "content": "hi"}])
+
+
+def test_null_and_empty_prompts_are_skipped_counted_and_named(tmp_path):
+    """A null prompt trained as the text "None", an empty one was a prompt: both are skipped now."""
+    source = write_jsonl(tmp_path / "p.jsonl", rows_with_holes(10, "prompt", {"n1": None, "n2": "", "n3": "  "}))
+    with pytest.warns(UserWarning, match=r"skipped 3 rows with a null or empty 'prompt' \(the first: row 'n1'\)"):
+        dm = ready(dataset=str(source))
+    summary = dm.summary()
+    assert (summary["source"], summary["kept"], summary["skipped_empty"], summary["first_skipped_empty"]) == (
+        13, 10, 3, "n1")
+    prompts = list(dm.train_set["prompt"]) + list(dm.test_set["prompt"])
+    assert len(prompts) == 10 and "None" not in prompts and all(p.strip() for p in prompts)
+
+
+@pytest.mark.parametrize("settings, column", [
+    ({"template": "About {answer}:"}, "answer"),  # a template field rendered "None"
+    ({"with_labels": True, "completion_column": "answer"}, "answer"),  # an SFT completion
+])
+def test_template_fields_and_completions_follow_the_same_rule(tmp_path, settings, column):
+    source = write_jsonl(tmp_path / "p.jsonl", rows_with_holes(10, column, {"x": None, "y": ""}))
+    with pytest.warns(UserWarning, match=f"'{column}'.*first: row 'x'"):
+        dm = ready(dataset=str(source), **settings)
+    assert dm.summary()["skipped_empty"] == 2 and dm.summary()["first_skipped_empty"] == "x"
+    assert not {"x", "y"} & {*dm.train_set["id"], *dm.test_set["id"]}
+
+
+def test_pairs_and_predict_rows_follow_the_same_rule(tmp_path):
+    pairs = [{"id": f"g{i}", "prompt": f"about {i}", "chosen": f"{i} is good", "rejected": f"{i} is bad"}
+             for i in range(10)]
+    pairs += [{"id": "np", "prompt": None, "chosen": "a", "rejected": "b"},
+              {"id": "er", "prompt": "p", "chosen": "a", "rejected": ""}]
+    with pytest.warns(UserWarning, match="first: row 'np'"):
+        dm = ready(PreferenceDataModule, dataset=str(write_jsonl(tmp_path / "pairs.jsonl", pairs)))
+    assert dm.summary()["skipped_empty"] == 2 and dm.summary()["first_skipped_empty"] == "np"
+    # predict rows: a null response is skipped (and named), not scored as ""
+    rows = [{"id": "a", "prompt": "p", "response": "r"}, {"id": "b", "prompt": "p", "response": None}]
+    dm = PreferenceDataModule(predict_path=str(write_jsonl(tmp_path / "score.jsonl", rows)))
+    with pytest.warns(UserWarning, match=r"data.predict_path.*skipped 1 rows .* 'response'.*row 'b'"):
+        dm.setup("predict")
+    assert list(dm.predict_set["id"]) == ["a"]
+    # prompts to answer: the same
+    rows = [{"prompt": None}, {"prompt": "hello"}]
+    dm = PromptDataModule(predict_path=str(write_jsonl(tmp_path / "ask.jsonl", rows)))
+    with pytest.warns(UserWarning, match=r"'prompt' \(the first: row '0'\)"):
+        dm.setup("predict")
+    assert list(dm.predict_set["prompt"]) == ["hello"]
+    # nothing left: one error naming the column and the first row
+    dm = PromptDataModule(predict_path=str(write_jsonl(tmp_path / "none.jsonl", [{"id": "z", "prompt": " "}])))
+    with pytest.raises(ValueError, match=r"data.predict_path=.*every row has a null or empty 'prompt'.*row 'z'"):
+        dm.setup("predict")
