@@ -30,6 +30,7 @@ from lit_rlhf.policy import BuildsPolicy, Policy, model_source_errors
 from lit_rlhf.rewards import ProfanityReward, Reward, check_reward_inputs
 from lit_rlhf.rollout import Rollout
 from lit_rlhf.settings import GenerationSettings, LoraSettings, PPOSettings, as_settings, check, check_precision, plain
+from lit_rlhf.settings import lora_settings
 from lit_rlhf.settings import WeightDtype, dtype_errors, memory_errors, run_errors
 from lit_rlhf.threads import NumThreads, num_threads_errors
 
@@ -110,8 +111,8 @@ class PPOModule(BuildsPolicy, L.LightningModule):
     ) -> None:
         super().__init__()
         # Settings groups come back as plain dicts from a checkpoint's hyperparameters.
-        lora, generation, ppo = (as_settings(cls, v) for cls, v in
-                                 ((LoraSettings, lora), (GenerationSettings, generation), (PPOSettings, ppo)))
+        lora = lora_settings(lora)
+        generation, ppo = as_settings(GenerationSettings, generation), as_settings(PPOSettings, ppo)
         check(lora.errors() + generation.errors() + ppo.errors() + run_errors(
             ppo_steps, learning_rate, rollout_batch_size, mini_batch_size, max_consecutive_skips, samples_per_prompt,
             ppo.advantage_estimator) + num_threads_errors(num_threads)

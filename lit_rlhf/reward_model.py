@@ -27,7 +27,7 @@ from torch import Tensor
 from lit_rlhf import distributed as dist
 from lit_rlhf.io import atomic_directory, rng_state, set_rng_state
 from lit_rlhf.policy import lora_wrapping, model_source_errors
-from lit_rlhf.settings import LoraSettings, as_settings, check, plain
+from lit_rlhf.settings import LoraSettings, check, lora_settings, plain
 from lit_rlhf.threads import NumThreads, num_threads_errors
 from lit_rlhf.tiny import resolve_model_path
 
@@ -93,7 +93,7 @@ class RewardModelModule(L.LightningModule):
         num_threads: NumThreads = "auto",
     ) -> None:
         super().__init__()
-        lora = as_settings(LoraSettings, lora or LoraSettings())  # a plain dict from a checkpoint's hyperparameters
+        lora = lora_settings(lora)  # also a plain dict (a checkpoint's hyperparameters)
         errors = model_source_errors({"model.model_name": model_name})
         if finetune not in ("lora", "full"):
             errors.append(f"model.finetune must be lora or full, got {finetune!r}")
