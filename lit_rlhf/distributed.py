@@ -53,6 +53,66 @@ def grad_norm(parameters: list[nn.Parameter], device: torch.device) -> Tensor:
     return torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros((), device=device)
 
 
+def uses_fsdp(trainer: Any) -> bool:
+    """True under Lightning's FSDP strategy (on any number of processes: its precision plugin is FSDP's)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return trainer is not None and isinstance(trainer.strategy, FSDPStrategy)
+
+
+def uses_deepspeed(trainer: Any) -> bool:
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return trainer is not None and isinstance(trainer.strategy, DeepSpeedStrategy)
+
+
+def configure_grad_clipping(trainer: Any, max_grad_norm: float | None, flag: str = "model.ppo.max_grad_norm") -> None:
+    """Prepare ``clip_grad_norm`` under the run's strategy, or refuse; call in ``setup``, before the model loads.
+
+    DeepSpeed clips inside its own optimizer step, by its config's ``gradient_clipping`` (Lightning's clipping
+    call does nothing there): ``max_grad_norm`` goes into that config, before the strategy builds its engine.
+    A config that already sets another value is refused, naming both settings."""
+    if max_grad_norm is None or not uses_deepspeed(trainer):
+        return
+    config = trainer.strategy.config
+    own = config.get("gradient_clipping")
+    if own and own != max_grad_norm:
+        raise ValueError(f"{flag}={max_grad_norm} and the DeepSpeed config's gradient_clipping={own} (trainer.strategy) "
+                         f"both clip the gradient norm: set one of them (DeepSpeed applies {flag} through its config)")
+    config["gradient_clipping"] = float(max_grad_norm)
+
+
+def clip_grad_norm(module: Any, optimizer: Any, max_norm: float) -> None:
+    """Clip the global gradient norm of ``module``'s trainable parameters to ``max_norm``, after backward and
+    before the optimizer step, as the strategy allows it (a collective under FSDP: every rank must call it).
+
+    FSDP: each rank holds a shard of the gradients, so the norm must be reduced over ranks, which the root
+    FSDP module's own ``clip_grad_norm_`` does (Lightning's ``clip_gradients`` refuses norm clipping under FSDP).
+    DeepSpeed: nothing here; its step clips (``configure_grad_clipping``). Otherwise Lightning's
+    ``clip_gradients`` (``torch.nn.utils.clip_grad_norm_``, after unscaling mixed-precision gradients)."""
+    trainer = module.trainer
+    if uses_deepspeed(trainer):
+        return
+    if uses_fsdp(trainer):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        root = trainer.strategy.model
+        if not isinstance(root, FSDP):
+            raise ValueError("gradient clipping under FSDP needs the LightningModule wrapped by the strategy as one "
+                             f"root FSDP module, got {type(root).__name__}: leave wrapping to trainer.strategy")
+        root.clip_grad_norm_(max_norm)
+        return
+    module.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+
+
+def check_trainer_clipping(trainer: Any) -> None:
+    """Refuse ``trainer.gradient_clip_val`` under FSDP in ``setup`` (automatic optimization: SFT, DPO, reward
+    model), before the model loads: Lightning's FSDP precision refuses norm clipping only at the first step."""
+    if uses_fsdp(trainer) and trainer.gradient_clip_val:
+        raise ValueError(f"trainer.gradient_clip_val={trainer.gradient_clip_val} is not available under FSDP "
+                         "(trainer.strategy: Lightning's FSDP does not clip by norm): unset it, or use DDP or DeepSpeed")
+
+
 def any_rank(trainer: Any, flag: bool, device: torch.device | None = None) -> bool:
     """True if ``flag`` is true on any process. Skip decisions must agree on all ranks, or the next
     collective (DDP's gradient all-reduce, a sharded forward) would hang."""

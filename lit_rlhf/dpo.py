@@ -199,6 +199,7 @@ class DPOModule(BuildsPolicy, L.LightningModule):
         # before the model loads: a margin column the loss cannot use is refused now, not at the first batch
         columns = getattr(getattr(self._trainer, "datamodule", None), "columns", None)
         check_margin(self.hparams.loss_type, getattr(columns, "margin", None) is not None)
+        dist.check_trainer_clipping(self._trainer)
 
     def on_fit_start(self) -> None:
         check_precision(self.trainer.precision, self.weight_dtype, self.device, gradient_scaler=True)

@@ -147,6 +147,8 @@ class PPOModule(BuildsPolicy, L.LightningModule):
     # ------------------------------------------------------------------ Lightning hooks
 
     def setup(self, stage: str) -> None:
+        # before the model loads: gradient clipping the strategy cannot do is refused now, not at the first update
+        dist.configure_grad_clipping(self._trainer, self.ppo.max_grad_norm)
         # after the data module's setup: a column or references the reward reads and the data lacks fail here
         reward_inputs = getattr(self._trainer.datamodule, "reward_inputs", None) if self._trainer else None
         self.score_predictions = True
@@ -400,7 +402,7 @@ class PPOModule(BuildsPolicy, L.LightningModule):
         if self._any_rank(not bool(torch.isfinite(grad_norm))):
             return self._skip_update("the gradient was not finite", opt)
         if self.ppo.max_grad_norm is not None:
-            self.clip_gradients(opt, gradient_clip_val=self.ppo.max_grad_norm, gradient_clip_algorithm="norm")
+            dist.clip_grad_norm(self, opt, self.ppo.max_grad_norm)  # as the strategy allows (FSDP, DeepSpeed)
         opt.step()
         opt.zero_grad()
         self.skips.passed()

@@ -115,6 +115,9 @@ class RewardModelModule(L.LightningModule):
 
     # ------------------------------------------------------------------ the classifier
 
+    def setup(self, stage: str) -> None:
+        dist.check_trainer_clipping(self._trainer)  # before the model loads
+
     def configure_model(self) -> None:
         """Build the classifier (once) and set torch's CPU threads for its size (``num_threads``), in every
         process."""

@@ -137,6 +137,9 @@ class SFTModule(BuildsPolicy, L.LightningModule):
 
     # ------------------------------------------------------------------ training
 
+    def setup(self, stage: str) -> None:
+        dist.check_trainer_clipping(self._trainer)  # before the model loads
+
     def on_fit_start(self) -> None:
         # 16-mixed is fine here: automatic optimization unscales its gradients
         check_precision(self.trainer.precision, self.weight_dtype, self.device, gradient_scaler=True)
