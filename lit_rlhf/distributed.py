@@ -8,7 +8,7 @@ over all processes equals the one a single process would compute over the whole 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -180,19 +180,22 @@ def draw_length_limits(generator: torch.Generator, low: int, high: int, batch: i
 
 
 @contextmanager
-def full_weights(trainer: Any, module: nn.Module, prefix: str = "policy.") -> Iterator[dict[str, Tensor] | None]:
+def full_weights(
+    trainer: Any, module: nn.Module, prefix: str = "policy.", trainable_only: bool = True,
+) -> Iterator[dict[str, Tensor] | None]:
     """The complete weights of ``module`` (the LightningModule's attribute named by ``prefix``) for export.
 
     A collective under FSDP and DeepSpeed ZeRO-3: every rank must enter. Yields the full state dict (FSDP: on
     rank zero; empty elsewhere), or None when the module's own parameters are complete (one process, DDP,
-    ZeRO-1/2, and ZeRO-3 inside the gather)."""
+    ZeRO-1/2, and ZeRO-3 inside the gather, which gathers the trainable parameters only unless
+    ``trainable_only`` is False: an export that merges an adapter into its base needs the base too)."""
     strategy = trainer.strategy
     if not weights_sharded(trainer):
         yield None
     elif getattr(strategy, "zero_stage_3", False):
         import deepspeed
 
-        params = [p for p in module.parameters() if p.requires_grad]
+        params = [p for p in module.parameters() if p.requires_grad or not trainable_only]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             yield None
     else:
@@ -205,14 +208,24 @@ def full_weights(trainer: Any, module: nn.Module, prefix: str = "policy.") -> It
         yield {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def export_weights(
+    trainer: Any, module: nn.Module, write: Callable[[dict[str, Tensor] | None], Any], prefix: str,
+    trainable_only: bool = True,
+) -> None:
+    """Call ``write`` once, on rank zero, with the complete weights of the LightningModule's attribute
+    ``module`` (named by ``prefix``; see ``full_weights``: a state dict, or None when ``module`` holds them).
+    The one export path of every module (policy adapters and models, reward models).
+
+    A collective under sharded weights: every rank must call it."""
+    with full_weights(trainer, module, prefix, trainable_only) as state_dict:
+        if trainer.is_global_zero:
+            write(state_dict)
+
+
 def export_policy(trainer: Any, policy: nn.Module, target: str | os.PathLike) -> None:
     """Export the LightningModule's ``policy`` (``Policy.export``: an adapter, or a whole model) to ``target``,
-    from its complete weights, written once by rank zero. The one export path of PPO and SFT.
-
-    A collective under sharded weights (see ``full_weights``): every rank must call it."""
-    with full_weights(trainer, policy) as state_dict:
-        if trainer.is_global_zero:
-            policy.export(target, state_dict)
+    from its complete weights, written once by rank zero (``export_weights``). PPO's, SFT's and DPO's export."""
+    export_weights(trainer, policy, lambda state_dict: policy.export(target, state_dict), "policy.")
 
 
 def declared_block_classes(root: nn.Module) -> set[type[nn.Module]]:
