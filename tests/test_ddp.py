@@ -68,12 +68,17 @@ def ddp_run(tmp_path_factory):
     return run_worker(tmp_path_factory.mktemp("ddp"))
 
 
-def test_grpo_under_ddp_keeps_identical_weights_without_a_value_head(tmp_path):
-    # each process samples whole groups (its prompts x k); group statistics and the loss are reduced globally
+def test_grpo_with_micro_batches_under_ddp_keeps_identical_weights_without_a_value_head(tmp_path):
+    # each process samples whole groups (its prompts x k); group statistics and the loss are reduced globally.
+    # Micro-batches of 2 rows: DDP all-reduces each mini-batch's gradient once, in its last micro-batch's
+    # backward (the first keeps its gradient on the process), and the ranks stay bit-identical.
     run = run_worker(tmp_path, "--model.ppo.advantage_estimator", "grpo", "--model.samples_per_prompt", "2",
-                     "--data.batch_size", "4", "--model.fast_rollout", "true", "--model.ppo_steps", "2")
+                     "--data.batch_size", "4", "--model.fast_rollout", "true", "--model.ppo_steps", "2",
+                     "--model.micro_batch_size", "2")
     rank0, rank1 = run.ranks
     assert rank0["ppo_step"] == rank1["ppo_step"] == 2 == len(rank0["step_stats"])
+    for record in run.ranks:  # 2 PPO steps x 2 mini-batches of 4, 2 micro-batches each
+        assert record["counts"] == {"backwards": 8, "optimizer_steps": 4, "synced_backwards": 4}
     assert not any("value_head" in name for name in rank0["final"])
     for name in rank0["final"]:
         assert torch.equal(rank0["final"][name], rank1["final"][name]), name
@@ -87,6 +92,8 @@ def test_ddp_ranks_end_with_identical_weights_that_moved(ddp_run):
     rank0, rank1 = ddp_run.ranks
     assert rank0["world_size"] == rank1["world_size"] == WORLD and rank0["strategy"] == "DDPStrategy"
     assert rank0["ppo_step"] == rank1["ppo_step"] == PPO_STEPS
+    # one backward per mini-batch (no micro-batches), each all-reduced: 3 steps x 2 mini-batches of 4
+    assert rank0["counts"] == rank1["counts"] == {"backwards": 6, "optimizer_steps": 6, "synced_backwards": 6}
     assert rank0["final"].keys() == rank1["final"].keys() and len(rank0["final"]) > 0
     for name in rank0["final"]:
         # several manual backward passes and optimizer steps per training_step: bit-identical on both ranks
