@@ -231,8 +231,7 @@ def test_micro_batches_accumulate_the_mini_batch_gradient(aggregation, estimator
             assert_close(stats[name].float(), one_shot_stats[name].float().cpu(), atol=1e-6, rtol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("micro", [1, 2])
-def test_the_rollout_scores_in_micro_batches(micro):
+def test_the_rollout_scores_in_micro_batches(micro: int = 2):
     # micro_batch_size bounds the rollout's scoring pass as it bounds the update: each forward of the policy
     # (and of the reference) takes at most `micro` rows; the first update's forward, in the same grouping, sees
     # the same rows and padding, so its importance ratio is exactly 1
