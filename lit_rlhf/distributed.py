@@ -8,7 +8,7 @@ over all processes equals the one a single process would compute over the whole 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -53,12 +53,88 @@ def grad_norm(parameters: list[nn.Parameter], device: torch.device) -> Tensor:
     return torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros((), device=device)
 
 
+def uses_fsdp(trainer: Any) -> bool:
+    """True under Lightning's FSDP strategy (on any number of processes: its precision plugin is FSDP's)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return trainer is not None and isinstance(trainer.strategy, FSDPStrategy)
+
+
+def uses_deepspeed(trainer: Any) -> bool:
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return trainer is not None and isinstance(trainer.strategy, DeepSpeedStrategy)
+
+
+def configure_grad_clipping(trainer: Any, max_grad_norm: float | None, flag: str = "model.ppo.max_grad_norm") -> None:
+    """Prepare ``clip_grad_norm`` under the run's strategy, or refuse; call in ``setup``, before the model loads.
+
+    DeepSpeed clips inside its own optimizer step, by its config's ``gradient_clipping`` (Lightning's clipping
+    call does nothing there): ``max_grad_norm`` goes into that config, before the strategy builds its engine.
+    A config that already sets another value is refused, naming both settings."""
+    if max_grad_norm is None or not uses_deepspeed(trainer):
+        return
+    config = trainer.strategy.config
+    own = config.get("gradient_clipping")
+    if own and own != max_grad_norm:
+        raise ValueError(f"{flag}={max_grad_norm} and the DeepSpeed config's gradient_clipping={own} (trainer.strategy) "
+                         f"both clip the gradient norm: set one of them (DeepSpeed applies {flag} through its config)")
+    config["gradient_clipping"] = float(max_grad_norm)
+
+
+def clip_grad_norm(module: Any, optimizer: Any, max_norm: float) -> None:
+    """Clip the global gradient norm of ``module``'s trainable parameters to ``max_norm``, after backward and
+    before the optimizer step, as the strategy allows it (a collective under FSDP: every rank must call it).
+
+    FSDP: each rank holds a shard of the gradients, so the norm must be reduced over ranks, which the root
+    FSDP module's own ``clip_grad_norm_`` does (Lightning's ``clip_gradients`` refuses norm clipping under FSDP).
+    DeepSpeed: nothing here; its step clips (``configure_grad_clipping``). Otherwise Lightning's
+    ``clip_gradients`` (``torch.nn.utils.clip_grad_norm_``, after unscaling mixed-precision gradients)."""
+    trainer = module.trainer
+    if uses_deepspeed(trainer):
+        return
+    if uses_fsdp(trainer):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        root = trainer.strategy.model
+        if not isinstance(root, FSDP):
+            raise ValueError("gradient clipping under FSDP needs the LightningModule wrapped by the strategy as one "
+                             f"root FSDP module, got {type(root).__name__}: leave wrapping to trainer.strategy")
+        root.clip_grad_norm_(max_norm)
+        return
+    module.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+
+
+def check_trainer_clipping(trainer: Any) -> None:
+    """Refuse ``trainer.gradient_clip_val`` under FSDP in ``setup`` (automatic optimization: SFT, DPO, reward
+    model), before the model loads: Lightning's FSDP precision refuses norm clipping only at the first step."""
+    if uses_fsdp(trainer) and trainer.gradient_clip_val:
+        raise ValueError(f"trainer.gradient_clip_val={trainer.gradient_clip_val} is not available under FSDP "
+                         "(trainer.strategy: Lightning's FSDP does not clip by norm): unset it, or use DDP or DeepSpeed")
+
+
 def any_rank(trainer: Any, flag: bool, device: torch.device | None = None) -> bool:
     """True if ``flag`` is true on any process. Skip decisions must agree on all ranks, or the next
     collective (DDP's gradient all-reduce, a sharded forward) would hang."""
     if world_size(trainer) <= 1:
         return bool(flag)
     return bool(all_reduce_sum(trainer, torch.tensor([float(flag)], device=device)).item() > 0)
+
+
+@contextmanager
+def gradient_sync(trainer: Any, sync: bool) -> Iterator[None]:
+    """Around one ``manual_backward`` (Lightning prepares DDP's gradient reduction in each one): with ``sync``
+    False, DDP keeps this backward's gradients on the process (Lightning's ``block_backward_sync``, DDP's
+    ``no_sync``), so that the next synced backward all-reduces their sum once. Accumulating micro-batches: every one but the mini-batch's last unsynced; every rank runs the
+    same number of them, so the last one's all-reduce is taken by all. Never leave every backward unsynced:
+    the ranks' weights would drift apart. FSDP (which reduce-scatters each backward to keep its gradients
+    sharded), DeepSpeed and a single process: nothing to do."""
+    strategy = getattr(trainer, "strategy", None)
+    if sync or world_size(trainer) <= 1 or not hasattr(strategy, "block_backward_sync"):
+        yield
+        return
+    with strategy.block_backward_sync():
+        yield
 
 
 def gather_objects(trainer: Any, rows: list) -> list:
@@ -120,19 +196,22 @@ def draw_length_limits(generator: torch.Generator, low: int, high: int, batch: i
 
 
 @contextmanager
-def full_weights(trainer: Any, module: nn.Module, prefix: str = "policy.") -> Iterator[dict[str, Tensor] | None]:
+def full_weights(
+    trainer: Any, module: nn.Module, prefix: str = "policy.", trainable_only: bool = True,
+) -> Iterator[dict[str, Tensor] | None]:
     """The complete weights of ``module`` (the LightningModule's attribute named by ``prefix``) for export.
 
     A collective under FSDP and DeepSpeed ZeRO-3: every rank must enter. Yields the full state dict (FSDP: on
     rank zero; empty elsewhere), or None when the module's own parameters are complete (one process, DDP,
-    ZeRO-1/2, and ZeRO-3 inside the gather)."""
+    ZeRO-1/2, and ZeRO-3 inside the gather, which gathers the trainable parameters only unless
+    ``trainable_only`` is False: an export that merges an adapter into its base needs the base too)."""
     strategy = trainer.strategy
     if not weights_sharded(trainer):
         yield None
     elif getattr(strategy, "zero_stage_3", False):
         import deepspeed
 
-        params = [p for p in module.parameters() if p.requires_grad]
+        params = [p for p in module.parameters() if p.requires_grad or not trainable_only]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             yield None
     else:
@@ -145,14 +224,24 @@ def full_weights(trainer: Any, module: nn.Module, prefix: str = "policy.") -> It
         yield {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def export_weights(
+    trainer: Any, module: nn.Module, write: Callable[[dict[str, Tensor] | None], Any], prefix: str,
+    trainable_only: bool = True,
+) -> None:
+    """Call ``write`` once, on rank zero, with the complete weights of the LightningModule's attribute
+    ``module`` (named by ``prefix``; see ``full_weights``: a state dict, or None when ``module`` holds them).
+    The one export path of every module (policy adapters and models, reward models).
+
+    A collective under sharded weights: every rank must call it."""
+    with full_weights(trainer, module, prefix, trainable_only) as state_dict:
+        if trainer.is_global_zero:
+            write(state_dict)
+
+
 def export_policy(trainer: Any, policy: nn.Module, target: str | os.PathLike) -> None:
     """Export the LightningModule's ``policy`` (``Policy.export``: an adapter, or a whole model) to ``target``,
-    from its complete weights, written once by rank zero. The one export path of PPO and SFT.
-
-    A collective under sharded weights (see ``full_weights``): every rank must call it."""
-    with full_weights(trainer, policy) as state_dict:
-        if trainer.is_global_zero:
-            policy.export(target, state_dict)
+    from its complete weights, written once by rank zero (``export_weights``). PPO's, SFT's and DPO's export."""
+    export_weights(trainer, policy, lambda state_dict: policy.export(target, state_dict), "policy.")
 
 
 def declared_block_classes(root: nn.Module) -> set[type[nn.Module]]:

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from lit_rlhf import distributed as dist
 from lit_rlhf.policy import LoraSettings, Policy, ResponseBatch, BuildsPolicy, model_source_errors
-from lit_rlhf.settings import WeightDtype, check, check_precision, dtype_errors
+from lit_rlhf.settings import WeightDtype, check, check_precision, dtype_errors, lora_settings, plain
 from lit_rlhf.threads import NumThreads, num_threads_errors
 
 DPOLossType = Literal["sigmoid", "ipo"]
@@ -50,21 +50,26 @@ def sequence_logps(logprobs: Tensor, response_mask: Tensor, average: bool = Fals
 
 def dpo_loss(
     policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
-    beta: float = 0.1, loss_type: DPOLossType = "sigmoid", label_smoothing: float = 0.0,
+    beta: float = 0.1, loss_type: DPOLossType = "sigmoid", label_smoothing: float = 0.0, margin: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-pair preference loss and implicit rewards from the responses' log-probs, [B] each.
 
-    With h = (pc - rc) - (pr - rr), the policy's log-ratio margin of chosen over rejected against the reference's:
+    With h = (pc - rc) - (pr - rr), the policy's log-ratio margin of chosen over rejected against the reference's,
+    and the logit z = beta h - m (m: each pair's ``margin`` [B], 0 without one):
 
     * ``sigmoid`` (DPO, arXiv:2305.18290 eq. 7; cDPO's label smoothing eps, Mitchell 2023 eq. 3):
-      ``-(1 - eps) logsigmoid(beta h) - eps logsigmoid(-beta h)``;
-    * ``ipo`` (arXiv:2310.12036 eq. 17, beta is the paper's tau): ``(h - 1 / (2 beta))^2``.
+      ``-(1 - eps) logsigmoid(z) - eps logsigmoid(-z)``. The margin is ODPO's offset (Amini et al. 2024,
+      arXiv:2402.10571): the chosen response must beat the rejected one by m in implicit reward before
+      the loss lets go, with the sign of the reward model's Bradley-Terry margin (``reward_model``);
+    * ``ipo`` (arXiv:2310.12036 eq. 17, beta is the paper's tau): ``(h - 1 / (2 beta))^2`` (no margin: IPO
+      already regresses h to a fixed target).
 
     Returns (loss, chosen_rewards, rejected_rewards): the rewards are ``beta (pc - rc)`` and ``beta (pr - rr)``,
     detached (diagnostics)."""
     h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    check_margin(loss_type, margin is not None)
     if loss_type == "sigmoid":
-        logits = beta * h
+        logits = beta * h - (margin if margin is not None else 0.0)
         loss = -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
     elif loss_type == "ipo":
         loss = (h - 1.0 / (2.0 * beta)) ** 2
@@ -73,6 +78,13 @@ def dpo_loss(
     chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
     rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
     return loss, chosen_rewards, rejected_rewards
+
+
+def check_margin(loss_type: str, has_margin: bool) -> None:
+    """Refuse per-pair margins (``data.margin_column``) with a loss that has no place for them."""
+    if has_margin and loss_type != "sigmoid":
+        raise ValueError(f"data.margin_column gives each pair a margin, which model.loss_type={loss_type} does not "
+                         "use: use model.loss_type=sigmoid or leave data.margin_column unset")
 
 
 @torch.no_grad()
@@ -165,11 +177,14 @@ class DPOModule(BuildsPolicy, L.LightningModule):
         attn_implementation: str | None = None,
     ) -> None:
         super().__init__()
+        lora = lora_settings(lora)  # also a plain dict (a checkpoint's hyperparameters, a Python caller)
         check(dpo_settings_errors(beta, loss_type, label_smoothing, logp_reduction, learning_rate, weight_decay)
-              + num_threads_errors(num_threads) + dtype_errors(dtype, "lora", (lora or LoraSettings()).bias)
+              + num_threads_errors(num_threads) + dtype_errors(dtype, "lora", lora.bias)
               + model_source_errors({"model.model_name": model_name, "model.init_adapter": init_adapter,
                                      "model.reference_model": reference_model}))
-        self.save_hyperparameters()
+        # plain dicts keep checkpoints loadable with torch.load(weights_only=True)
+        self.save_hyperparameters(ignore=["lora"])
+        self.hparams.update(lora=plain(lora))
         self.strict_loading = False  # checkpoints hold only the trainable weights (see on_save_checkpoint)
         self.policy_kwargs = dict(
             model_name=model_name, lora=lora, init_adapter=init_adapter, reference_model=reference_model,
@@ -179,6 +194,12 @@ class DPOModule(BuildsPolicy, L.LightningModule):
         self.weight_dtype = "float32"  # model.dtype as resolved on the run's device (configure_model)
 
     # ------------------------------------------------------------------ building the policy
+
+    def setup(self, stage: str) -> None:
+        # before the model loads: a margin column the loss cannot use is refused now, not at the first batch
+        columns = getattr(getattr(self._trainer, "datamodule", None), "columns", None)
+        check_margin(self.hparams.loss_type, getattr(columns, "margin", None) is not None)
+        dist.check_trainer_clipping(self._trainer)
 
     def on_fit_start(self) -> None:
         check_precision(self.trainer.precision, self.weight_dtype, self.device, gradient_scaler=True)
@@ -208,7 +229,8 @@ class DPOModule(BuildsPolicy, L.LightningModule):
         policy_chosen, policy_rejected, ref_chosen, ref_rejected = self.pair_logps(batch)
         hp = self.hparams
         loss, chosen_rewards, rejected_rewards = dpo_loss(
-            policy_chosen, policy_rejected, ref_chosen, ref_rejected, hp.beta, hp.loss_type, hp.label_smoothing)
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected, hp.beta, hp.loss_type, hp.label_smoothing,
+            batch.get("margin"))
         metrics = preference_metrics(loss, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
         return {**metrics, "loss": loss.mean()}
 

@@ -30,6 +30,7 @@ from lit_rlhf.policy import BuildsPolicy, Policy, model_source_errors
 from lit_rlhf.rewards import ProfanityReward, Reward, check_reward_inputs
 from lit_rlhf.rollout import Rollout
 from lit_rlhf.settings import GenerationSettings, LoraSettings, PPOSettings, as_settings, check, check_precision, plain
+from lit_rlhf.settings import lora_settings
 from lit_rlhf.settings import WeightDtype, dtype_errors, memory_errors, run_errors
 from lit_rlhf.threads import NumThreads, num_threads_errors
 
@@ -110,8 +111,8 @@ class PPOModule(BuildsPolicy, L.LightningModule):
     ) -> None:
         super().__init__()
         # Settings groups come back as plain dicts from a checkpoint's hyperparameters.
-        lora, generation, ppo = (as_settings(cls, v) for cls, v in
-                                 ((LoraSettings, lora), (GenerationSettings, generation), (PPOSettings, ppo)))
+        lora = lora_settings(lora)
+        generation, ppo = as_settings(GenerationSettings, generation), as_settings(PPOSettings, ppo)
         check(lora.errors() + generation.errors() + ppo.errors() + run_errors(
             ppo_steps, learning_rate, rollout_batch_size, mini_batch_size, max_consecutive_skips, samples_per_prompt,
             ppo.advantage_estimator) + num_threads_errors(num_threads)
@@ -146,6 +147,8 @@ class PPOModule(BuildsPolicy, L.LightningModule):
     # ------------------------------------------------------------------ Lightning hooks
 
     def setup(self, stage: str) -> None:
+        # before the model loads: gradient clipping the strategy cannot do is refused now, not at the first update
+        dist.configure_grad_clipping(self._trainer, self.ppo.max_grad_norm)
         # after the data module's setup: a column or references the reward reads and the data lacks fail here
         reward_inputs = getattr(self._trainer.datamodule, "reward_inputs", None) if self._trainer else None
         self.score_predictions = True
@@ -242,9 +245,12 @@ class PPOModule(BuildsPolicy, L.LightningModule):
         rows, sampled = generated.rows, generated.sampled
         groups = self._minibatch_groups(rows.response_mask, by_length=self.ppo.sort_by_length)
         full_kl = self.ppo.kl_estimator == "full"
+        # scored in the update's micro-batches: micro_batch_size bounds this pass too, and the first update's
+        # forward sees the same rows and padding (its ratio is exactly 1)
+        passes = [micro for group in groups for micro in self._micro_batches(group)]
         with self.timings("time/ppo/forward"):
             # fast rollout kept the sampled tokens' log-probs and values: only the reference is scored
-            scores = self.policy.score(rows, groups, policy=not fast, values=critic and not fast, full_kl=full_kl)
+            scores = self.policy.score(rows, passes, policy=not fast, values=critic and not fast, full_kl=full_kl)
         logprobs = sampled.logprobs if fast else scores.logprobs
         values = sampled.values if fast else scores.values if critic else torch.zeros_like(logprobs)
         shaped = ppo_math.shape_scores(generated.scores.to(self.device), self.ppo.score_scale, self.ppo.score_clip)
@@ -292,7 +298,7 @@ class PPOModule(BuildsPolicy, L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Reward, KL and response length on held-out prompts (``val/...`` or ``test/...``)."""
         stats = ro.evaluate(self.policy, self.reward, batch, self.generation, self.hparams.seed + batch_idx,
-                            self.hparams.mini_batch_size, dist.synced_gpus(self.trainer))
+                            self.hparams.micro_batch_size or self.hparams.mini_batch_size, dist.synced_gpus(self.trainer))
         stage = "test" if self.trainer.testing else "val"
         for name, value in stats.items():
             self.log(f"{stage}/{name}", value, sync_dist=True, batch_size=len(batch["input_ids"]))
@@ -362,6 +368,11 @@ class PPOModule(BuildsPolicy, L.LightningModule):
     def _minibatch_groups(self, response_mask: Tensor, by_length: bool) -> list[Tensor]:
         return ppo_math.minibatch_groups(response_mask.sum(1).cpu(), self.hparams.mini_batch_size, by_length)
 
+    def _micro_batches(self, idx: Tensor) -> tuple[Tensor, ...]:
+        """The rows of each forward pass over the mini-batch ``idx``: ``model.micro_batch_size`` at a time (all
+        at once without it), in the rollout's scoring pass and in the update alike."""
+        return idx.split(self.hparams.micro_batch_size or len(idx))
+
     # ------------------------------------------------------------------ update
 
     def _ppo_update(self, rollout: Rollout, advantages: Tensor, returns: Tensor) -> dict[str, Tensor]:
@@ -399,7 +410,7 @@ class PPOModule(BuildsPolicy, L.LightningModule):
         if self._any_rank(not bool(torch.isfinite(grad_norm))):
             return self._skip_update("the gradient was not finite", opt)
         if self.ppo.max_grad_norm is not None:
-            self.clip_gradients(opt, gradient_clip_val=self.ppo.max_grad_norm, gradient_clip_algorithm="norm")
+            dist.clip_grad_norm(self, opt, self.ppo.max_grad_norm)  # as the strategy allows (FSDP, DeepSpeed)
         opt.step()
         opt.zero_grad()
         self.skips.passed()
@@ -416,7 +427,8 @@ class PPOModule(BuildsPolicy, L.LightningModule):
         counts = ppo_math.loss_counts(rollout.rows.response_mask[idx.to(rollout.rows.response_mask.device)],
                                       p.loss_aggregation, critic)
         parts, finite = [], True
-        for micro in idx.split(self.hparams.micro_batch_size or len(idx)):
+        micro_batches = self._micro_batches(idx)
+        for i, micro in enumerate(micro_batches):
             out, rows, micro = self.policy.forward_rows(rollout.rows, micro, dropout=self.hparams.train_dropout,
                                                         with_values=critic, with_entropy=True)
             t, rm = rows.response_ids.shape[1], rows.response_mask
@@ -428,7 +440,9 @@ class PPOModule(BuildsPolicy, L.LightningModule):
                 reduce_fn=self._reduce, counts=counts)  # the mini-batch's global denominators
             stats["policy/entropy"] = ppo_math.masked_mean(out.entropy, rm)
             finite = finite and bool(torch.isfinite(loss))
-            self.manual_backward(loss)  # a non-finite loss's gradient is discarded with the skipped update
+            # DDP all-reduces the last micro-batch's backward only, which carries the sum of them all
+            with dist.gradient_sync(self._trainer, sync=i == len(micro_batches) - 1):
+                self.manual_backward(loss)  # a non-finite loss's gradient is discarded with the skipped update
             parts.append((stats, int(rm.sum())))
         return finite, {f"ppo/{k}": v for k, v in ppo_math.combine_micro_batches(parts).items()}
 

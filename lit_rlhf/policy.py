@@ -51,7 +51,7 @@ from transformers import (
 from lit_rlhf.decoding import SampledRollout, SpecialTokens, sample_with_cache
 from lit_rlhf.io import atomic_directory
 from lit_rlhf.lm import cached_decode_blocker, lm_kind, logprobs_from_logits, trim_batch
-from lit_rlhf.settings import GenerationSettings, LoraSettings, WeightDtype, check, dtype_errors
+from lit_rlhf.settings import GenerationSettings, LoraSettings, WeightDtype, check, dtype_errors, lora_settings
 from lit_rlhf.tiny import resolve_model_path
 
 if TYPE_CHECKING:
@@ -336,7 +336,7 @@ class Policy(nn.Module):
     def __init__(
         self,
         model_name: str = "embedded:tiny-t5",
-        lora: LoraSettings | None = None,
+        lora: LoraSettings | dict | None = None,
         init_adapter: str | None = None,
         reference_model: str | None = None,
         value_head_dropout: float = 0.1,
@@ -350,7 +350,7 @@ class Policy(nn.Module):
         super().__init__()
         from peft import get_peft_model
 
-        lora = lora or LoraSettings()
+        lora = lora_settings(lora)
         if finetune not in ("lora", "full"):
             raise ValueError(f"finetune must be 'lora' or 'full', got {finetune!r}")
         if init_from_scratch and finetune != "full":
@@ -1064,7 +1064,7 @@ def build_policy(kwargs: dict, dtype: str, device: torch.device | None = None) -
 
     from lit_rlhf.settings import resolve_dtype
 
-    lora = kwargs.get("lora") or LoraSettings()
+    lora = lora_settings(kwargs.get("lora"))
     trains_base = kwargs.get("finetune", "lora") == "full" or lora.bias != "none"
     resolved, reason = resolve_dtype(dtype, device, trains_base)
     rank_zero_info(f"Frozen base weights in {resolved} ({reason})")

@@ -15,7 +15,6 @@ classifier_text>)`` loads it as it is.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,7 +27,8 @@ from torch import Tensor
 from lit_rlhf import distributed as dist
 from lit_rlhf.io import atomic_directory, rng_state, set_rng_state
 from lit_rlhf.policy import lora_wrapping, model_source_errors
-from lit_rlhf.settings import LoraSettings, as_settings, check, plain
+from lit_rlhf.settings import LoraSettings, WeightDtype, check, check_precision, dtype_errors, lora_settings, plain
+from lit_rlhf.settings import resolve_dtype
 from lit_rlhf.threads import NumThreads, num_threads_errors
 from lit_rlhf.tiny import resolve_model_path
 
@@ -79,6 +79,10 @@ class RewardModelModule(L.LightningModule):
             ``ClassifierReward``.
         export_dir: where the model goes at the end of fit; None: ``<log_dir>/reward_model``.
         num_threads: torch's intra-op CPU threads; auto: 1 for a small model, else torch's default.
+        dtype: dtype of the frozen base weights with ``finetune=lora`` (the adapter and the trained head stay
+            float32); a full fine-tune needs float32 (use ``trainer.precision=bf16-mixed``). auto: bfloat16 for a
+            LoRA run on a CUDA device with bfloat16, float32 otherwise; the run logs its choice. The export is
+            float32 (the adapter merged into the base in float32).
     """
 
     def __init__(
@@ -92,9 +96,10 @@ class RewardModelModule(L.LightningModule):
         label: str = "reward",
         export_dir: str | None = None,
         num_threads: NumThreads = "auto",
+        dtype: WeightDtype = "auto",
     ) -> None:
         super().__init__()
-        lora = as_settings(LoraSettings, lora or LoraSettings())  # a plain dict from a checkpoint's hyperparameters
+        lora = lora_settings(lora)  # also a plain dict (a checkpoint's hyperparameters)
         errors = model_source_errors({"model.model_name": model_name})
         if finetune not in ("lora", "full"):
             errors.append(f"model.finetune must be lora or full, got {finetune!r}")
@@ -105,7 +110,7 @@ class RewardModelModule(L.LightningModule):
                           f"{learning_rate}, {weight_decay}, {center_coef}")
         if not label:
             errors.append("model.label must name the reward output, e.g. reward")
-        check(errors + num_threads_errors(num_threads))
+        check(errors + num_threads_errors(num_threads) + dtype_errors(dtype, finetune, lora.bias))
         # plain dicts keep checkpoints loadable with torch.load(weights_only=True)
         self.save_hyperparameters(ignore=["lora"])
         self.hparams.update(lora=plain(lora))
@@ -113,8 +118,12 @@ class RewardModelModule(L.LightningModule):
         self.strict_loading = finetune == "full"  # a LoRA run's checkpoints hold only its trainable weights
         self.model: torch.nn.Module | None = None
         self.tokenizer: Any = None
+        self.weight_dtype = "float32"  # model.dtype as resolved on the run's device (configure_model)
 
     # ------------------------------------------------------------------ the classifier
+
+    def setup(self, stage: str) -> None:
+        dist.check_trainer_clipping(self._trainer)  # before the model loads
 
     def configure_model(self) -> None:
         """Build the classifier (once) and set torch's CPU threads for its size (``num_threads``), in every
@@ -126,8 +135,13 @@ class RewardModelModule(L.LightningModule):
 
     def _build(self) -> None:
         if self.model is None:
+            hp = self.hparams
+            device = getattr(getattr(self._trainer, "strategy", None), "root_device", None)  # None: no trainer yet
+            trains_base = hp.finetune == "full" or self.lora.bias != "none"
+            self.weight_dtype, reason = resolve_dtype(hp.get("dtype", "auto"), device, trains_base)
+            rank_zero_info(f"Reward model base weights in {self.weight_dtype} ({reason})")
             self.tokenizer, self.model = build_reward_classifier(
-                self.hparams.model_name, self.hparams.label, self.hparams.finetune, self.lora)
+                hp.model_name, hp.label, hp.finetune, self.lora, getattr(torch, self.weight_dtype))
 
     def rewards(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """The scalar reward of each sequence: the classifier's one logit, float32 [B]."""
@@ -176,6 +190,9 @@ class RewardModelModule(L.LightningModule):
         return [{"id": i, "prompt": p, "response": r, "score": s}
                 for i, p, r, s in zip(batch["id"], batch["prompt"], batch["response"], scores)]
 
+    def on_fit_start(self) -> None:
+        check_precision(self.trainer.precision, self.weight_dtype, self.device, gradient_scaler=True)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         return torch.optim.AdamW(parameters, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
@@ -200,22 +217,36 @@ class RewardModelModule(L.LightningModule):
         return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "reward_model"
 
     def on_fit_end(self) -> None:
-        target = self.export_path()  # every rank: log_dir broadcasts from rank zero
-        if self.trainer.is_global_zero:
-            export_reward_model(self.model, self.tokenizer, target)
-            # the text the classifier was trained on (the data module's classifier_text) is the one to score
-            data = self.trainer.datamodule
-            text = getattr(data, "classifier_text", "prompt+response")
-            limit = data.classifier_limit() if hasattr(data, "classifier_limit") else None
-            reads = "" if limit is None else f", max_length={limit}"  # the tokens it read of each pair's side
-            rank_zero_info(f"Reward model exported to {target} (PPO: --model.reward lit_rlhf.rewards.ClassifierReward "
-                           f"with model_name={target}, label={self.hparams.label}, text={text}{reads})")
+        # every rank: log_dir broadcasts from rank zero, and gathering sharded weights is a collective
+        target = self.export_path()
+        dist.export_weights(self.trainer, self.model, lambda state_dict: self.export(target, state_dict), "model.",
+                            trainable_only=False)  # merging the adapter needs the base weights too
+        # the text the classifier was trained on (the data module's classifier_text) is the one to score
+        data = self.trainer.datamodule
+        text = getattr(data, "classifier_text", "prompt+response")
+        limit = data.classifier_limit() if hasattr(data, "classifier_limit") else None
+        reads = "" if limit is None else f", max_length={limit}"  # the tokens it read of each pair's side
+        rank_zero_info(f"Reward model exported to {target} (PPO: --model.reward lit_rlhf.rewards.ClassifierReward "
+                       f"with model_name={target}, label={self.hparams.label}, text={text}{reads})")
+
+    def export(self, target: str | Path, state_dict: dict[str, Tensor] | None = None) -> None:
+        """Write the classifier (the adapter merged in) and its tokenizer into ``target`` (``export_reward_model``).
+
+        The merge happens in a float32 copy built on the CPU from ``model_name`` and loaded with the trained
+        weights (``state_dict``, keyed as ``self.model.state_dict()``, when this process holds only a shard):
+        the training model stays as it is, and the accelerator holds no second copy."""
+        hp = self.hparams
+        _, copy = build_reward_classifier(hp.model_name, hp.label, hp.finetune, self.lora)
+        copy.load_state_dict(self.model.state_dict() if state_dict is None else state_dict)
+        export_reward_model(copy, self.tokenizer, target)
 
 
 def build_reward_classifier(
-    model_name: str, label: str, finetune: str, lora: LoraSettings
+    model_name: str, label: str, finetune: str, lora: LoraSettings, dtype: torch.dtype = torch.float32,
 ) -> tuple[Any, torch.nn.Module]:
-    """(tokenizer, classifier with one output named ``label``): LoRA-wrapped (head trained in full) or whole.
+    """(tokenizer, classifier with one output named ``label``): LoRA-wrapped (head trained in full) or whole, on
+    the CPU, its base weights in ``dtype``; trained weights are float32 (with a float32 head, which reads the
+    base's hidden states cast to float32).
 
     A tokenizer without a pad token pads with eos, and the config's ``pad_token_id`` says so too: decoder-only
     classifiers find each sequence's last token through it."""
@@ -231,7 +262,7 @@ def build_reward_classifier(
     # a classifier with another number of labels gets a new head (ignore_mismatched_sizes)
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=1, id2label={0: label}, label2id={label: 0}, ignore_mismatched_sizes=True,
-        pad_token_id=tokenizer.pad_token_id)
+        pad_token_id=tokenizer.pad_token_id, dtype=dtype)
     # dropout off (as TRL's RewardConfig.disable_dropout): both rewards of a pair come from one function, and
     # the train mode Lightning sets changes nothing else (the adapter's own lora.dropout still applies)
     for module in model.modules():
@@ -246,15 +277,34 @@ def build_reward_classifier(
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=lora.target_modules, bias=lora.bias, task_type="SEQ_CLS")
     with lora_wrapping(model, config):  # GPT-2's Conv1D layers need fan_in_fan_out
-        return tokenizer, get_peft_model(model, config)
+        model = get_peft_model(model, config)
+    if dtype != torch.float32:
+        float32_trained_head(model)
+    return tokenizer, model
+
+
+def float32_trained_head(model: torch.nn.Module) -> None:
+    """Keep the trained weights of a LoRA classifier on a half-precision base in float32: the adapter (peft
+    already upcasts it) and the head peft trains in full (``modules_to_save``), which then reads its input cast
+    to float32. AdamW updating half-precision weights would lose updates below their rounding."""
+    from peft.utils import ModulesToSaveWrapper
+
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    for wrapper in model.modules():
+        if isinstance(wrapper, ModulesToSaveWrapper):
+            wrapper.register_forward_pre_hook(
+                lambda _, args: tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args))
 
 
 def export_reward_model(model: torch.nn.Module, tokenizer: Any, target: str | Path) -> None:
-    """Save the classifier (a LoRA adapter merged into a copy, the training model untouched) and its tokenizer
-    with ``save_pretrained`` into ``target``, atomically: the folder ``ClassifierReward`` loads."""
+    """Save the classifier (a LoRA adapter merged into ``model``, which is changed: pass a copy, as
+    ``RewardModelModule.export`` does) and its tokenizer with ``save_pretrained`` into ``target``, atomically:
+    the folder ``ClassifierReward`` loads."""
     from peft import PeftModel
 
-    plain = copy.deepcopy(model).merge_and_unload() if isinstance(model, PeftModel) else model
+    plain = model.merge_and_unload() if isinstance(model, PeftModel) else model
 
     def write(folder: Path) -> None:
         plain.save_pretrained(folder)

@@ -211,6 +211,12 @@ def as_settings(cls: type, value: Any) -> Any:
     return cls(**value) if isinstance(value, dict) else value
 
 
+def lora_settings(value: LoraSettings | dict[str, Any] | None) -> LoraSettings:
+    """The LoRA settings every module and the policy take from their ``lora`` argument: a ``LoraSettings``, a
+    plain dict (a Python caller's, or a checkpoint's hyperparameters) or None (the defaults)."""
+    return LoraSettings() if value is None else as_settings(LoraSettings, value)
+
+
 def plain(settings: Any) -> dict[str, Any]:
     """A settings object as a plain dict (checkpoints then load with ``torch.load(weights_only=True)``)."""
     return asdict(settings)

@@ -29,7 +29,7 @@ from lit_rlhf import ppo
 from lit_rlhf import distributed as dist
 from lit_rlhf import rollout as ro
 from lit_rlhf.policy import BuildsPolicy, GenerationSettings, LoraSettings, Policy, model_source_errors
-from lit_rlhf.settings import WeightDtype, check, check_precision, dtype_errors
+from lit_rlhf.settings import WeightDtype, check, check_precision, dtype_errors, lora_settings, plain
 from lit_rlhf.threads import NumThreads, num_threads_errors
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
@@ -113,16 +113,19 @@ class SFTModule(BuildsPolicy, L.LightningModule):
         attn_implementation: str | None = None,
     ) -> None:
         super().__init__()
+        lora = lora_settings(lora)  # also a plain dict (a checkpoint's hyperparameters, a Python caller)
         check_sft_settings(learning_rate, weight_decay, warmup_steps, lr_schedule, decay_steps, min_lr_ratio,
                            max_new_tokens, num_threads, no_repeat_ngram_size, optimizer)
-        self.save_hyperparameters()
+        # plain dicts keep checkpoints loadable with torch.load(weights_only=True)
+        self.save_hyperparameters(ignore=["lora"])
+        self.hparams.update(lora=plain(lora))
         # checkpoints of a LoRA run hold only the trainable weights (see on_save_checkpoint)
         self.strict_loading = False
         # the policy is built in configure_model (where a strategy places or shards it); cheap checks now
         if init_from_scratch and finetune != "full":
             raise ValueError("model.init_from_scratch=True trains a model from random weights: it needs "
                              "finetune='full' (model.finetune)")
-        check(dtype_errors(dtype, finetune, (lora or LoraSettings()).bias)
+        check(dtype_errors(dtype, finetune, lora.bias)
               + model_source_errors({"model.model_name": model_name, "model.init_adapter": init_adapter}))
         self.policy_kwargs = dict(
             model_name=model_name, lora=lora, init_adapter=init_adapter, value_head=False, finetune=finetune,
@@ -133,6 +136,9 @@ class SFTModule(BuildsPolicy, L.LightningModule):
         self.rouge = ROUGEScore(rouge_keys=ROUGE_KEYS)
 
     # ------------------------------------------------------------------ training
+
+    def setup(self, stage: str) -> None:
+        dist.check_trainer_clipping(self._trainer)  # before the model loads
 
     def on_fit_start(self) -> None:
         # 16-mixed is fine here: automatic optimization unscales its gradients

@@ -7,7 +7,8 @@ command line. The fit runs in the current directory (``logs/`` is written there)
 ``OUT_DIR/rank{r}.pt`` with what the test compares across ranks: the trainable weights before and after,
 beta before and after, the PPO step, the ids of the prompts it saw, the reward and KL it logged per step,
 over how many processes each mini-batch's loss was normalised, the module's reduction helpers applied to data that differs per rank, and whether the process group was
-still up when ``run()`` returned.
+still up when ``run()`` returned; how many backward passes, optimizer steps and backward passes whose gradients
+DDP all-reduced (a comm hook sees each bucket; the last bucket of a backward counts it) it ran.
 """
 
 from __future__ import annotations
@@ -73,9 +74,24 @@ class Probe(L.Callback):
             return stats
 
         pl_module._step_stats = recording
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        self.counts = {"backwards": 0, "optimizer_steps": 0, "synced_backwards": 0}
+
+        def counting(state, bucket):  # DDP's own all-reduce, counted once per synced backward
+            self.counts["synced_backwards"] += bucket.is_last()
+            return allreduce_hook(state, bucket)
+
+        trainer.strategy.model.register_comm_hook(None, counting)
         self.loss_processes: list[float] = []
         self.objective = ppo_math.ppo_objective
         ppo_math.ppo_objective = self.recording_objective
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self.counts["backwards"] += 1
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.counts["optimizer_steps"] += 1
 
     def recording_objective(self, *args, **kwargs):
         """ppo_objective, recording over how many processes its reduce function sums (1.0: the loss would be
@@ -133,6 +149,7 @@ def main(out_dir: str, extra: list[str]) -> None:
         "loss_processes": probe.loss_processes,
         "probe_input": reduction_probe_data(cli.trainer.global_rank),
         "reduced": probe.reduced,
+        "counts": probe.counts,
         "log_dir": cli.trainer.log_dir,
     }
     out = Path(out_dir)

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Union
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -67,12 +68,17 @@ def ddp_run(tmp_path_factory):
     return run_worker(tmp_path_factory.mktemp("ddp"))
 
 
-def test_grpo_under_ddp_keeps_identical_weights_without_a_value_head(tmp_path):
-    # each process samples whole groups (its prompts x k); group statistics and the loss are reduced globally
+def test_grpo_with_micro_batches_under_ddp_keeps_identical_weights_without_a_value_head(tmp_path):
+    # each process samples whole groups (its prompts x k); group statistics and the loss are reduced globally.
+    # Micro-batches of 2 rows: DDP all-reduces each mini-batch's gradient once, in its last micro-batch's
+    # backward (the first keeps its gradient on the process), and the ranks stay bit-identical.
     run = run_worker(tmp_path, "--model.ppo.advantage_estimator", "grpo", "--model.samples_per_prompt", "2",
-                     "--data.batch_size", "4", "--model.fast_rollout", "true", "--model.ppo_steps", "2")
+                     "--data.batch_size", "4", "--model.fast_rollout", "true", "--model.ppo_steps", "2",
+                     "--model.micro_batch_size", "2")
     rank0, rank1 = run.ranks
     assert rank0["ppo_step"] == rank1["ppo_step"] == 2 == len(rank0["step_stats"])
+    for record in run.ranks:  # 2 PPO steps x 2 mini-batches of 4, 2 micro-batches each
+        assert record["counts"] == {"backwards": 8, "optimizer_steps": 4, "synced_backwards": 4}
     assert not any("value_head" in name for name in rank0["final"])
     for name in rank0["final"]:
         assert torch.equal(rank0["final"][name], rank1["final"][name]), name
@@ -86,6 +92,8 @@ def test_ddp_ranks_end_with_identical_weights_that_moved(ddp_run):
     rank0, rank1 = ddp_run.ranks
     assert rank0["world_size"] == rank1["world_size"] == WORLD and rank0["strategy"] == "DDPStrategy"
     assert rank0["ppo_step"] == rank1["ppo_step"] == PPO_STEPS
+    # one backward per mini-batch (no micro-batches), each all-reduced: 3 steps x 2 mini-batches of 4
+    assert rank0["counts"] == rank1["counts"] == {"backwards": 6, "optimizer_steps": 6, "synced_backwards": 6}
     assert rank0["final"].keys() == rank1["final"].keys() and len(rank0["final"]) > 0
     for name in rank0["final"]:
         # several manual backward passes and optimizer steps per training_step: bit-identical on both ranks
@@ -342,3 +350,83 @@ def test_bf16_overlay_runs_a_ppo_step_on_cpu(tmp_path, monkeypatch):
     metrics = cli.trainer.callback_metrics
     assert float(metrics["kl"]) == 0.0 and torch.isfinite(metrics["reward"])
     assert all(p.dtype == torch.float32 for p in cli.model.policy.parameters())  # autocast: weights stay float32
+
+
+# ------------------------------------------------------------------ gradient clipping under each strategy (mocked)
+
+
+class ClipProbe(L.LightningModule):
+    """One weight whose gradient has norm 10 (6, 8)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(2))
+        self.weight.grad = torch.tensor([6.0, 8.0])
+
+
+def deepspeed_strategy(config: dict):
+    """A DeepSpeedStrategy as the module sees it in setup (DeepSpeed itself is not needed: no __init__)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)
+    strategy.config = config
+    return strategy
+
+
+def test_clip_grad_norm_clips_as_each_strategy_allows():
+    from unittest import mock
+
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from lit_rlhf.distributed import clip_grad_norm
+
+    # one process: Lightning's clip_gradients scales the gradient to norm 1
+    module, trainer = ClipProbe(), L.Trainer(accelerator="cpu", devices=1, logger=False)
+    module.trainer = trainer
+    opt = torch.optim.SGD(module.parameters(), lr=1.0)
+    clip_grad_norm(module, opt, 1.0)
+    assert_close(module.weight.grad, torch.tensor([0.6, 0.8]))
+    # FSDP: the root FSDP module's own clip_grad_norm_ (a norm over every rank's shard); Lightning's
+    # clip_gradients would raise here ("gradient_clip_algorithm='norm' is currently not supported")
+    module = ClipProbe()
+    strategy = FSDPStrategy()
+    strategy.model = mock.MagicMock(spec=FSDP)
+    module.trainer = SimpleNamespace(strategy=strategy)
+    clip_grad_norm(module, opt, 1.0)
+    strategy.model.clip_grad_norm_.assert_called_once_with(1.0)
+    # DeepSpeed: its optimizer step clips (configure_grad_clipping put the norm into its config); nothing here
+    module.trainer = SimpleNamespace(strategy=deepspeed_strategy({"gradient_clipping": 1.0}))
+    clip_grad_norm(module, opt, 1.0)
+    assert torch.equal(module.weight.grad, torch.tensor([6.0, 8.0]))
+
+
+def test_ppo_max_grad_norm_goes_into_deepspeed_config_or_is_refused_in_setup():
+    from lit_rlhf.module import PPOModule
+    from lit_rlhf.settings import PPOSettings
+
+    module = PPOModule(ppo=PPOSettings(max_grad_norm=1.0), export_adapter=False)
+    strategy = deepspeed_strategy({"zero_optimization": {"stage": 3}})
+    module.trainer = SimpleNamespace(strategy=strategy, datamodule=None, world_size=2)
+    module.setup("fit")
+    assert strategy.config["gradient_clipping"] == 1.0  # DeepSpeed's step clips at the PPO setting
+    # another value in the DeepSpeed config: refused before the policy loads, naming both settings
+    strategy.config["gradient_clipping"] = 0.5
+    with pytest.raises(ValueError, match=r"model.ppo.max_grad_norm=1.0 and the DeepSpeed config's gradient_clipping=0.5"):
+        module.setup("fit")
+    assert "policy" not in module._modules
+
+
+@pytest.mark.parametrize("module_class", ["lit_rlhf.sft.SFTModule", "lit_rlhf.dpo.DPOModule",
+                                          "lit_rlhf.reward_model.RewardModelModule"])
+def test_trainer_gradient_clip_val_under_fsdp_is_refused_in_setup(module_class):
+    import importlib
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    path, name = module_class.rsplit(".", 1)
+    module = getattr(importlib.import_module(path), name)()
+    module.trainer = SimpleNamespace(strategy=FSDPStrategy(), gradient_clip_val=1.0, datamodule=None)
+    with pytest.raises(ValueError, match="trainer.gradient_clip_val=1.0 is not available under FSDP"):
+        module.setup("fit")
+    assert "policy" not in module._modules and getattr(module, "model", None) is None  # nothing loaded yet

@@ -8,6 +8,7 @@ import torch
 from torch.testing import assert_close
 
 from pathlib import Path
+from types import SimpleNamespace
 
 from conftest import assert_resume_is_exact, perturb_lora, write_jsonl
 from lit_rlhf.dpo import DPOModule, dpo_loss, sequence_logps
@@ -60,6 +61,36 @@ def test_losses_match_hand_computed_values():
     # IPO, beta = 0.5: (h - 1)^2 = [1, 9]
     ipo, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.5, loss_type="ipo")
     assert_close(ipo, torch.tensor([1.0, 9.0]))
+
+
+def test_a_margin_offsets_the_dpo_logit():
+    # ODPO: loss = -log sigma(beta h - m); h = [2, -2] as above, beta = 0.5, m = [0.5, -1] -> logits [0.5, 0]
+    pc, pr = torch.tensor([-1.0, -4.0]), torch.tensor([-3.0, -2.0])
+    rc, rr = torch.tensor([-2.0, -3.0]), torch.tensor([-2.0, -3.0])
+    loss, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.5, margin=torch.tensor([0.5, -1.0]))
+    assert_close(loss, torch.tensor([math.log1p(math.exp(-0.5)), math.log(2.0)]))
+    with pytest.raises(ValueError, match="data.margin_column.*model.loss_type=ipo"):
+        dpo_loss(pc, pr, rc, rr, beta=0.5, loss_type="ipo", margin=torch.tensor([0.5, -1.0]))
+
+
+def test_the_module_reads_the_batch_margin():
+    # at step zero h = 0, so a pair's loss is -log sigma(-m) = log(1 + e^m): margins [1, 0, -1, 2]
+    torch.manual_seed(0)
+    module = DPOModule("embedded:tiny-t5", dtype="float32")
+    margin = torch.tensor([1.0, 0.0, -1.0, 2.0])
+    metrics = module.dpo_step({**fixed_pairs(module.policy), "margin": margin})
+    assert_close(metrics["loss"], torch.log1p(margin.exp()).mean())
+    # a margin column with a loss that has no place for it is refused in setup, before the model loads
+    ipo = DPOModule("embedded:tiny-t5", loss_type="ipo")
+    ipo.trainer = SimpleNamespace(datamodule=SimpleNamespace(columns=SimpleNamespace(margin="strength")))
+    with pytest.raises(ValueError, match="data.margin_column.*model.loss_type=ipo"):
+        ipo.setup("fit")
+    assert "policy" not in ipo._modules
+
+
+def test_lora_settings_may_be_a_dict():
+    module = DPOModule("embedded:tiny-t5", lora={"r": 4, "alpha": 8})
+    assert module.policy.model.peft_config["default"].r == 4 and module.hparams.lora["alpha"] == 8
 
 
 def test_sequence_logps_sum_or_mean_over_the_response_mask():

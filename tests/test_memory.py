@@ -231,6 +231,40 @@ def test_micro_batches_accumulate_the_mini_batch_gradient(aggregation, estimator
             assert_close(stats[name].float(), one_shot_stats[name].float().cpu(), atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_the_rollout_scores_in_micro_batches(micro: int = 2):
+    # micro_batch_size bounds the rollout's scoring pass as it bounds the update: each forward of the policy
+    # (and of the reference) takes at most `micro` rows; the first update's forward, in the same grouping, sees
+    # the same rows and padding, so its importance ratio is exactly 1
+    from types import SimpleNamespace
+
+    from lit_rlhf.module import PPOModule
+    from lit_rlhf.policy import GenerationSettings
+
+    torch.manual_seed(0)
+    module = PPOModule(GPT2, lora=SMALL_LORA, rollout_batch_size=4, mini_batch_size=4, micro_batch_size=micro,
+                       fast_rollout=False, generation=GenerationSettings(max_new_tokens=(2, 6)), log_samples_every=0)
+    module.trainer = SimpleNamespace(world_size=1, global_rank=0)
+    module.manual_backward = lambda loss: loss.backward()  # no strategy here
+    policy = module.policy
+    policy.tokenizer.padding_side = policy.lm.query_padding_side
+    prompts = [*PROMPTS, "Bye"]
+    enc = policy.tokenizer(prompts, return_tensors="pt", padding=True)
+    rows_per_pass: list[int] = []
+    hooks = [policy.register_forward_pre_hook(lambda _, args: rows_per_pass.append(len(args[0]))),
+             policy.model.register_forward_pre_hook(  # the reference pass: the base with the adapter disabled
+                 lambda _, args, kwargs: rows_per_pass.append(len(kwargs.get("input_ids", args[0] if args else None))),
+                 with_kwargs=True)]
+    rollout = module._rollout({"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "query": prompts})
+    for hook in hooks:
+        hook.remove()
+    scoring = [n for n in rows_per_pass if n]
+    assert scoring and max(scoring) == micro  # (generate calls the model's generate, not its forward)
+    assert rollout is not None and [len(g) for g in rollout.groups] == [4]
+    ratio = module._accumulate_gradients(rollout, torch.zeros(4, rollout.logprobs.shape[1]),
+                                         torch.zeros(4, rollout.logprobs.shape[1]), rollout.groups[0])[1]
+    assert float(ratio["ppo/policy/ratio_max"]) == 1.0
+
+
 # ---------------------------------------------------------------------------------- weight dtype
 
 

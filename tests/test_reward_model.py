@@ -207,3 +207,91 @@ def test_a_resumed_reward_model_fit_ends_with_the_weights_of_an_uninterrupted_on
         "--model.model_name", "embedded:tiny-gpt2", "--data.dataset", "pairs.jsonl", "--data.batch_size", "4",
         "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--model.lora.r", "4",
         "--trainer.limit_val_batches", "0", "--seed_everything", "3"], "reward_model/model.safetensors")
+
+
+def classifier_batch(module: RewardModelModule) -> dict:
+    texts = ["what about the cat?\nthe dog is good", "a prompt\nthe lake is bad and long"]
+    encoded = module.tokenizer(texts, padding=True, return_tensors="pt")
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+
+@pytest.mark.parametrize("sharding", ["deepspeed_zero3", "fsdp"])
+def test_the_export_writes_the_gathered_weights_when_they_are_sharded(sharding, tmp_path, monkeypatch):
+    # Under ZeRO-3 or FSDP a process holds a shard of each weight: the export gathers them all (the frozen base
+    # too: the adapter is merged into it) through distributed.export_weights, PPO's export path. Faked: the live
+    # weights are zeros except inside the strategy's gathering, which puts the trained weights back.
+    import sys
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    module = RewardModelModule("embedded:tiny-gpt2", export_dir=str(tmp_path / "rm"))
+    module.configure_model()
+    module.eval()  # no lora dropout
+    with torch.no_grad():  # a trained adapter and head: outputs away from the base's
+        for name, param in module.model.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.1)
+    batch = classifier_batch(module)
+    with torch.no_grad():
+        expected = module.rewards(**batch)
+    params = list(module.model.parameters())
+    full = [p.detach().clone() for p in params]
+
+    def put(values):
+        with torch.no_grad():
+            for param, value in zip(params, values):
+                param.copy_(value)
+
+    @contextmanager
+    def gathering(*args, **kwargs):
+        put(full)
+        try:
+            yield
+        finally:
+            put([torch.zeros_like(p) for p in params])
+
+    put([torch.zeros_like(p) for p in params])  # this process's shard: not the trained weights
+    if sharding == "deepspeed_zero3":
+        import importlib.machinery
+        import types
+
+        strategy = SimpleNamespace(zero_stage_3=True)
+        deepspeed = types.ModuleType("deepspeed")  # with a spec: transformers looks for the package when loading
+        deepspeed.__spec__ = importlib.machinery.ModuleSpec("deepspeed", None)
+        deepspeed.zero = SimpleNamespace(GatheredParameters=gathering)
+        monkeypatch.setitem(sys.modules, "deepspeed", deepspeed)
+    else:
+        from lightning.pytorch.strategies import FSDPStrategy
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        strategy = FSDPStrategy()
+        # the full state dict FSDP gathers: copies on the CPU (offload_to_cpu), keyed as the LightningModule's
+        strategy.model = SimpleNamespace(state_dict=lambda: {k: v.clone() for k, v in module.state_dict().items()})
+        monkeypatch.setattr(FullyShardedDataParallel, "state_dict_type", gathering)
+    module.trainer = SimpleNamespace(world_size=2, is_global_zero=True, strategy=strategy, datamodule=None)
+    module.on_fit_end()
+
+    reward = ClassifierReward(model_name=str(tmp_path / "rm"), label="reward", output="logit")
+    reward.setup()
+    with torch.no_grad():
+        exported = reward.model(**batch).logits[:, 0]
+    torch.testing.assert_close(exported, expected, rtol=1e-4, atol=1e-4)
+    assert all(not p.abs().sum() for p in params)  # the training model was not changed by the export
+
+
+def test_model_dtype_halves_the_frozen_base_and_keeps_the_trained_weights_float32():
+    module = RewardModelModule("embedded:tiny-gpt2", dtype="bfloat16")
+    module.configure_model()
+    trained = {n: p for n, p in module.model.named_parameters() if p.requires_grad}
+    frozen = {n: p for n, p in module.model.named_parameters() if not p.requires_grad}
+    assert trained and all(p.dtype == torch.float32 for p in trained.values())
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen.values())
+    assert any("score" in n for n in trained)  # the head peft trains in full, in float32 too
+    rewards = module.rewards(**classifier_batch(module))
+    assert rewards.dtype == torch.float32 and torch.isfinite(rewards).all()
+    rewards.sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for n, p in trained.items() if "score" in n)
+    with pytest.raises(ValueError, match="model.dtype=bfloat16"):
+        RewardModelModule("embedded:tiny-gpt2", finetune="full", dtype="bfloat16")
+    assert RewardModelModule("embedded:tiny-gpt2").hparams.dtype == "auto"

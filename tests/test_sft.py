@@ -210,6 +210,13 @@ def test_bad_settings_and_inputs_fail_clearly():
         module.policy(batch["input_ids"], batch["attention_mask"], batch["summary_ids"], batch["summary_mask"])
 
 
+def test_lora_settings_may_be_a_dict():
+    # as PPOModule and RewardModelModule take it (a Python caller's dict, a checkpoint's hyperparameters)
+    module = SFTModule("embedded:tiny-t5", lora={"r": 4, "target_modules": ["q"]})
+    assert module.policy.model.peft_config["default"].r == 4 and module.hparams.lora["r"] == 4
+    assert all(".q." in name for name, p in module.policy.named_parameters() if p.requires_grad)
+
+
 def test_init_from_scratch_reinitialises_and_trains_every_weight():
     loaded = Policy("embedded:tiny-t5", finetune="full", value_head=False)
     torch.manual_seed(1)
