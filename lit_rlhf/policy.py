@@ -352,9 +352,10 @@ class Policy(nn.Module):
 
         lora = lora or LoraSettings()
         if finetune not in ("lora", "full"):
-            raise ValueError(f"finetune must be 'lora' or 'full', got {finetune!r}")
+            raise ValueError(f"model.finetune must be lora or full, got {finetune!r}")
         if init_from_scratch and finetune != "full":
-            raise ValueError("init_from_scratch=True trains a model from random weights: it needs finetune='full'")
+            raise ValueError("model.init_from_scratch=true trains a model from random weights: it needs "
+                             "model.finetune=full")
         check(dtype_errors(dtype, finetune, lora.bias))
         torch_dtype = getattr(torch, dtype)
         base, path, setting = load_base_model(model_name, init_adapter, torch_dtype, init_from_scratch,
@@ -375,7 +376,7 @@ class Policy(nn.Module):
                 with lora_wrapping(base, peft_config):
                     self.model = get_peft_model(base, peft_config)
             except ValueError as err:
-                raise ValueError(f"Could not add the LoRA adapter (check lora.target_modules): {err}") from err
+                raise ValueError(f"Could not add the LoRA adapter (check model.lora.target_modules): {err}") from err
         self.value_head = ValueHead(base.config.hidden_size, value_head_dropout) if value_head else NoValueHead()
         self.reference: PreTrainedModel | None = None
         if reference_model is not None:
@@ -442,7 +443,7 @@ class Policy(nn.Module):
         keep = limit - max_new_tokens
         if keep < 1:
             raise ValueError(
-                f"generation.max_new_tokens={max_new_tokens} leaves no room for the prompt in the model's "
+                f"model.generation.max_new_tokens={max_new_tokens} leaves no room for the prompt in the model's "
                 f"{limit}-token context; lower model.generation.max_new_tokens"
             )
         if not getattr(self, "_warned_truncation", False):
@@ -609,8 +610,8 @@ class Policy(nn.Module):
         """Log-probabilities of the response tokens under the reference (adapter disabled, with the initial base
         biases put back where ``lora.bias`` trains them, or the separate reference model). Shapes as in ``forward``."""
         if self.reference is None and self.finetune == "full":
-            raise ValueError("A policy that trains all its weights (finetune='full') has no adapter to disable: "
-                             "give a separate reference_model to compare with")
+            raise ValueError("A policy that trains all its weights (model.finetune=full) has no adapter to disable: "
+                             "give a separate model.reference_model to compare with")
         with self.mode(dropout=False):  # the reference never samples dropout
             if self.reference is not None:
                 logits, _ = self.lm.teacher_forced(self.reference, query_ids, query_mask, response_ids, response_mask)
@@ -790,17 +791,18 @@ def load_base_model(
         try:
             resolved[setting] = resolve_model_path(name) if name is not None else None
         except ValueError as err:
-            raise ValueError(f"Could not load {setting}={name!r}: {err}") from err
+            raise ValueError(f"Could not load model.{setting}={name!r}: {err}") from err
     path, adapter_path, setting = resolved["model_name"], resolved["init_adapter"], "model.model_name"
     if adapter_path is not None and is_full_model_folder(adapter_path):
-        log.info("init_adapter=%r is a whole model: it replaces model_name=%r", init_adapter, model_name)
+        log.info("model.init_adapter=%r is a whole model: it replaces model.model_name=%r", init_adapter, model_name)
         path, adapter_path, setting = adapter_path, None, "model.init_adapter"
     try:
         base = load_causal_or_seq2seq(path, dtype, from_scratch=init_from_scratch,
                                       attn_implementation=attn_implementation)
     except OSError as err:
+        given = model_name if setting == "model.model_name" else init_adapter
         raise ValueError(
-            f"Could not load model_name={model_name!r}: {err}\nGive a hub name (needs the network), a local "
+            f"Could not load {setting}={given!r}: {err}\nGive a hub name (needs the network), a local "
             "folder written by save_pretrained, or an embedded model (embedded:tiny-t5, embedded:tiny-gpt2)."
         ) from err
     if adapter_path is not None:
@@ -1084,7 +1086,7 @@ def model_source_errors(sources: dict[str, str | None]) -> list[str]:
             if flag.endswith("model_name") or flag.endswith("reference_model"):
                 AutoConfig.from_pretrained(path)
         except (OSError, ValueError) as err:
-            errors.append(f"Could not load {flag.split('.')[-1]}={name!r} ({flag}): {err}\nGive a hub name (needs the network), a local folder "
+            errors.append(f"Could not load {flag}={name!r}: {err}\nGive a hub name (needs the network), a local folder "
                           "written by save_pretrained, or an embedded model (embedded:tiny-t5, embedded:tiny-gpt2).")
     return errors
 

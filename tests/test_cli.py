@@ -465,6 +465,33 @@ def test_a_user_error_is_one_line_unless_debugging(tmp_path, monkeypatch, capsys
         main()
 
 
+@pytest.mark.parametrize("case", ["classifier max_length", "reward argument", "data batch_size"])
+def test_user_errors_name_the_flag_to_change(case, tmp_path, monkeypatch, capsys):
+    """The one line a user sees names the flag (``--model.reward.max_length``), not a constructor argument."""
+    from lit_rlhf.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LIT_RLHF_DEBUG", raising=False)
+    classifier = build_tiny_classifier(tmp_path / "classifier", ["a tiny vocabulary"], max_tokens=128)
+    flags, message = {
+        # the README's reward-model-to-PPO command with a classifier of 128 positions: the reward's default 512
+        "classifier max_length": (
+            ["--model.reward", "lit_rlhf.rewards.ClassifierReward", "--model.reward.model_name", str(classifier)],
+            f"--model.reward.max_length is 512 but {classifier} reads at most 128 tokens; set "
+            f"--model.reward.max_length to 128 or less"),
+        "reward argument": (["--model.reward", "lit_rlhf.rewards.ProfanityReward", "--model.reward.eps", "0.7"],
+                            "--model.reward.eps must be in (0, 0.5), got 0.7"),
+        "data batch_size": (["--data.batch_size", "100000", "--model.mini_batch_size", "4"],
+                            "data.batch_size=100000 is larger than the"),
+    }[case]
+    monkeypatch.setattr("sys.argv", ["lit-rlhf", "fit", *QUICK, *flags])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"lit-rlhf: error: ") and message in last, last
+
+
 def test_only_the_known_harmless_warnings_are_filtered(caplog):
     import logging
     import warnings
