@@ -34,7 +34,7 @@ from lit_rlhf.checkpoint import AtomicCheckpointIO, InterruptCheckpoint, load_ch
 from lit_rlhf.data import DialogSumDataModule
 from lit_rlhf.prompts import PromptDataModule
 from lit_rlhf.module import PPOModule
-from lit_rlhf.progress import ModelSummaryWithoutFlops, PPOProgressBar
+from lit_rlhf.progress import ModelSummaryWithoutFlops, PPOProgressBar, RunProgressBar
 from lit_rlhf.runs import (
     RunFolder, combine_with_checkpoint, given_model_keys, remove_if_only_start_files, run_folder_of,
 )
@@ -336,6 +336,8 @@ class CommonCLI(LightningCLI):
         if summary and not any(isinstance(c, ModelSummary) for c in configured):
             callbacks.append(ModelSummaryWithoutFlops())
             config["enable_model_summary"] = False  # Lightning's own summary, which it adds beside ours otherwise
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in configured):
+            callbacks.append(RunProgressBar())
         return super()._instantiate_trainer(config, callbacks)
 
     def before_predict(self) -> None:

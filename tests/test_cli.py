@@ -389,6 +389,8 @@ def test_every_command_lets_a_given_flag_win_over_its_checkpoint(command, tmp_pa
     assert cli.model.hparams[kept] == pytest.approx(kept_value)
     err = capsys.readouterr().err
     assert f"model.{given}={flag_value!r} (given) replaces the checkpoint's {stored_value!r}" in err
+    # its progress bar shows measurements, not the run folder's version number
+    assert "v_num" not in cli.trainer.progress_bar_callback.get_metrics(cli.trainer, cli.model)
 
 
 def test_offline_overlay_runs_the_recipe_on_local_copies(tmp_path, monkeypatch):
@@ -490,6 +492,22 @@ def test_user_errors_name_the_flag_to_change(case, tmp_path, monkeypatch, capsys
     assert exit_info.value.code == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith(f"lit-rlhf: error: ") and message in last, last
+
+
+def test_the_predictions_line_comes_after_the_progress_bar(tmp_path, caplog):
+    """The file is written at the end of the predict epoch, while the bar is still open on its line; the line
+    saying where comes at the end of predict, after the bar (added before the writer) has closed."""
+    from types import SimpleNamespace
+
+    from lit_rlhf.callbacks import PredictionWriter
+
+    writer = PredictionWriter(output_dir=str(tmp_path))
+    trainer = SimpleNamespace(world_size=1, global_rank=0, log_dir=None, default_root_dir=str(tmp_path))
+    with caplog.at_level("INFO"):
+        writer.write_on_epoch_end(trainer, None, [[{"id": "a", "score": 1.0}]], [])
+        assert (tmp_path / "predictions.jsonl").is_file() and "Predictions written" not in caplog.text
+        writer.on_predict_end(trainer, None)
+    assert f"Predictions written to {tmp_path / 'predictions.jsonl'} (1 row)" in caplog.text
 
 
 def test_only_the_known_harmless_warnings_are_filtered(caplog):
