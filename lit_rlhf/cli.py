@@ -265,6 +265,20 @@ class CommonCLI(LightningCLI):
     given_args: list[str] = []
     """The command-line arguments as given (before a default config is inserted): which settings are flags."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        given = kwargs.get("args")
+        self.parsers_needed = needed_subcommands(sys.argv[1:] if given is None else [str(a) for a in given],
+                                                 self.subcommands())
+        super().__init__(*args, **kwargs)
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        # A subcommand's full parser reads the signatures and docstrings of the trainer, module and data module
+        # (a large part of a command's start-up); the others get an empty one, which is all `--help` lists.
+        if subcommand in self.parsers_needed:
+            return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        self._subcommand_method_arguments[subcommand] = []
+        return self.init_parser(**kwargs)
+
     def parse_arguments(self, parser, args) -> None:
         self.given_args = [str(a) for a in args] if isinstance(args, (list, tuple)) else sys.argv[1:]
         super().parse_arguments(parser, args)
@@ -494,6 +508,21 @@ def with_default_config(args: list[str], default: bool = True) -> list[str]:
     if not default or args[0] not in SUBCOMMANDS_WITH_DEFAULT:
         return args
     return [args[0], "--config", config_path(), *args[1:]]
+
+
+def needed_subcommands(args: list[str], subcommands: Iterable[str]) -> set[str]:
+    """The subcommands whose full parser ``args`` need: the one given (the first argument that is not an option
+    of the main parser: ``--config FILE``, ``--print_config``); none for the main ``--help``; all otherwise (a
+    config file may name it)."""
+    known, i = set(subcommands), 0
+    while i < len(args):
+        arg = args[i]
+        if arg in known:
+            return {arg}
+        if not arg.startswith("-"):
+            break
+        i += 2 if arg in ("-c", "--config") else 1
+    return set() if any(a in ("-h", "--help") for a in args) and i >= len(args) else known
 
 
 def flag_value(args: list[str], flag: str) -> str | None:

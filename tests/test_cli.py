@@ -444,6 +444,21 @@ def test_help_states_the_default_config_and_lists_rewards_and_evaluators(capsys)
             assert any(line.split()[:1] == [cls.__name__] for line in help_text.splitlines()), cls.__name__
 
 
+def test_only_the_subcommand_given_gets_its_full_parser(capsys):
+    """Each full subcommand parser reads the trainer's, module's and data module's signatures and docstrings:
+    a command builds the one it runs (none for the main --help)."""
+    from lit_rlhf.cli import SUBCOMMANDS, needed_subcommands
+
+    assert needed_subcommands(["fit", "--config", "x.yaml", "--help"], SUBCOMMANDS) == {"fit"}
+    assert needed_subcommands(["--config", "x.yaml", "test", "--ckpt_path", "a.ckpt"], SUBCOMMANDS) == {"test"}
+    assert needed_subcommands(["--help"], SUBCOMMANDS) == set()
+    assert needed_subcommands(["--config", "x.yaml"], SUBCOMMANDS) == set(SUBCOMMANDS)  # the config may name it
+    with pytest.raises(SystemExit):
+        run(["--help"])
+    listed = capsys.readouterr().out
+    assert all(f"    {sub} " in listed for sub in SUBCOMMANDS)
+
+
 def test_abbreviated_flags_are_refused(capsys):
     with pytest.raises(SystemExit) as exit_info:
         run(["fit", "--model.learning_rat", "1e-3", "--print_config"])
