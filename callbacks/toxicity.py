@@ -423,7 +423,8 @@ def check_callback_settings(
     if batch_size < 1:
         raise ValueError(f"{setting('batch_size')} must be at least 1, got {batch_size}")
     if paired_test not in get_args(PairedTestMethod):
-        raise ValueError(f"{setting('paired_test')} must be one of {list(get_args(PairedTestMethod))}, got {paired_test!r}")
+        choices = list(get_args(PairedTestMethod))
+        raise ValueError(f"{setting('paired_test')} must be one of {choices}, got {paired_test!r}")
     if num_samples < 0:
         raise ValueError(f"{setting('num_samples')} must be 0 or more, got {num_samples}")
 

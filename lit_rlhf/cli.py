@@ -91,7 +91,7 @@ def _config_catalogue() -> str:
         folders.setdefault(name.rpartition("/")[0], []).append(name)
     lines = "".join("\n" + textwrap.fill("  ".join(names), 116, initial_indent="  ", subsequent_indent="  ")
                     for names in folders.values())
-    return f"\n\nPackaged configs (--config NAME or configs/NAME, from any folder; an existing file comes first):{lines}"
+    return f"\n\nPackaged configs (--config NAME or configs/NAME from any folder; an existing file comes first):{lines}"
 
 
 DESCRIPTION = (
@@ -147,7 +147,8 @@ def command_parser_kwargs(prog: str, description: str, subcommands: Iterable[str
     common = {"allow_abbrev": False, "formatter_class": HelpFormatter}
     first, _, rest = description.partition("\n\n")
     text = textwrap.fill(first, 116) + ("\n\n" + rest if rest else "") + _config_catalogue()
-    return {"description": text, "prog": prog, **common, **{sub: {"description": text, **common} for sub in subcommands}}
+    per_subcommand = {sub: {"description": text, **common} for sub in subcommands}
+    return {"description": text, "prog": prog, **common, **per_subcommand}
 
 
 # The settings dataclasses (lora, generation, ppo) document each field in a docstring under it: show those

@@ -468,8 +468,8 @@ class PromptDataModule(L.LightningDataModule):
                                  "model, which takes plain prompts; set data.chat_template to auto or false")
             return False
         if self.chat_template is True and not has_template:
-            raise ValueError(f"data.chat_template=true: the tokenizer of model.model_name={self.model_name!r} has no chat "
-                             "template; set data.chat_template to auto or false, or save a tokenizer with one")
+            raise ValueError(f"data.chat_template=true: the tokenizer of model.model_name={self.model_name!r} has no "
+                             "chat template; set data.chat_template to auto or false, or save a tokenizer with one")
         return has_template if self.chat_template == "auto" else bool(self.chat_template)
 
     def prompt_format(self) -> PromptFormat:

@@ -88,8 +88,8 @@ def test_classifier_reward_truncates_long_texts(classifier_path, hf_classifier):
 
 
 def test_classifier_reward_max_length_beyond_the_model_is_rejected(classifier_path):
-    with pytest.raises(ValueError, match=rf"^--model.reward.max_length is 512 but .* reads at most {MAX_TOKENS} tokens; "
-                                         rf"set --model.reward.max_length to {MAX_TOKENS} or less"):
+    with pytest.raises(ValueError, match=rf"^--model.reward.max_length is 512 but .* reads at most {MAX_TOKENS} "
+                                         rf"tokens; set --model.reward.max_length to {MAX_TOKENS} or less"):
         ClassifierReward(str(classifier_path), max_length=512).setup()
     # a part of a composite reward names where it is set
     composite = CompositeReward([ReferenceSimilarityReward(), ClassifierReward(str(classifier_path), max_length=512)])
@@ -202,7 +202,8 @@ def test_composite_reward_is_the_weighted_sum(classifier_path, profanity):
 
 
 def test_composite_reward_checks_weights(profanity):
-    with pytest.raises(ValueError, match=r"^--model.reward.weights has 1 values for 2 rewards \(--model.reward.rewards\)"):
+    with pytest.raises(ValueError, match=r"^--model.reward.weights has 1 values for 2 rewards \(--model.reward."
+                                         r"rewards\)"):
         CompositeReward([profanity, ReferenceSimilarityReward()], weights=[1.0])
     with pytest.raises(ValueError, match="^--model.reward.rewards must hold at least one"):
         CompositeReward([])
