@@ -860,11 +860,18 @@ def replaced_sampling_notice(model_settings: dict[str, object], settings: Genera
     the rollout samples with instead."""
     own = ", ".join(f"{k}={v!r}" for k, v in model_settings.items())
     flags = [k for k in model_settings if k in GENERATION_FLAGS]
-    instead = ", ".join(f"--model.generation.{k} {getattr(settings, k)!r}" for k in flags)
+    instead = ", ".join(f"--model.generation.{k} {flag_text(getattr(settings, k))}" for k in flags)
     unused = [k for k in model_settings if k not in GENERATION_FLAGS]
     return (f"the model's generation_config samples with {own}; rollouts sample with the run's settings instead"
             + (f" ({instead})" if instead else "")
             + (f"; {', '.join(unused)}: no such setting here, not used" if unused else ""))
+
+
+def flag_text(value: object) -> str:
+    """A setting's value as it is written on the command line: ``true``, ``1.0``, ``[16, 48]``."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(list(value)) if isinstance(value, tuple) else str(value)
 
 
 def run_generation_config(
