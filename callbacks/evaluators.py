@@ -61,6 +61,10 @@ class ToxicityEvaluator(Scorer):
         """P(toxic) of each text, shape [B]."""
 
 
+EVALUATOR_SETTING = "ToxicityCallback's evaluator.init_args"
+"""Where the toxicity evaluator's arguments are set (under ``trainer.callbacks``), for errors."""
+
+
 class ClassifierToxicity(ToxicityEvaluator):
     """Softmax probability of ``label`` from a Hugging Face sequence classifier (hub name or local path).
 
@@ -95,6 +99,7 @@ class ClassifierToxicity(ToxicityEvaluator):
             model_name=model_name, label=label, output="probability", batch_size=batch_size,
             max_length=max_length, text="response", device=device, dtype=dtype,
         )
+        self.classifier.setting = EVALUATOR_SETTING  # its errors name this evaluator's arguments
 
     def describe(self) -> str:
         return f"probability of label '{self.label}' from {self.model_name}"

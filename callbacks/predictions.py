@@ -31,6 +31,8 @@ class PredictionWriter(BasePredictionWriter):
         self.output_dir = output_dir
         self.filename = filename
         self.path: Path | None = None
+        self.written: str | None = None
+        """The line saying where the file is, once written (shown at the end of predict)."""
 
     def write_on_epoch_end(self, trainer, pl_module, predictions: Sequence[Any], batch_indices: Sequence[Any]) -> None:
         batches = list(predictions)
@@ -44,6 +46,13 @@ class PredictionWriter(BasePredictionWriter):
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         self.path = atomic_write(folder / name, text)
         if trainer.world_size > 1:
-            rank_zero_info(f"Predictions written to {folder / f'{stem}.rank*{ext}'} (one file per process)")
+            self.written = f"Predictions written to {folder / f'{stem}.rank*{ext}'} (one file per process)"
         else:
-            rank_zero_info(f"Predictions written to {self.path} ({len(records)} row{'' if len(records) == 1 else 's'})")
+            self.written = f"Predictions written to {self.path} ({len(records)} row{'' if len(records) == 1 else 's'})"
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        # said here, not when the file is written: the progress bar, still open at the epoch's end, would share
+        # its line; lit-rlhf adds this writer after the bar, whose own on_predict_end closes it first
+        if self.written:
+            rank_zero_info(self.written)
+            self.written = None

@@ -414,18 +414,20 @@ def check_callback_settings(
     num_prompts: int | None, text: str, batch_size: int, paired_test: str, num_samples: int
 ) -> None:
     """Raise a ValueError naming the ToxicityCallback argument that cannot work."""
+    def setting(name: str) -> str:
+        return f"ToxicityCallback's init_args.{name} (trainer.callbacks)"
+
     if num_prompts is not None and num_prompts < 1:
-        raise ValueError(f"ToxicityCallback: `num_prompts` must be at least 1 or None (all), got {num_prompts}")
+        raise ValueError(f"{setting('num_prompts')} must be at least 1 or None (all), got {num_prompts}")
     if text not in get_args(TextField):
-        raise ValueError(f"ToxicityCallback: `text` must be one of {list(get_args(TextField))}, got {text!r}")
+        raise ValueError(f"{setting('text')} must be one of {list(get_args(TextField))}, got {text!r}")
     if batch_size < 1:
-        raise ValueError(f"ToxicityCallback: `batch_size` must be at least 1, got {batch_size}")
+        raise ValueError(f"{setting('batch_size')} must be at least 1, got {batch_size}")
     if paired_test not in get_args(PairedTestMethod):
-        raise ValueError(
-            f"ToxicityCallback: `paired_test` must be one of {list(get_args(PairedTestMethod))}, got {paired_test!r}"
-        )
+        choices = list(get_args(PairedTestMethod))
+        raise ValueError(f"{setting('paired_test')} must be one of {choices}, got {paired_test!r}")
     if num_samples < 0:
-        raise ValueError(f"ToxicityCallback: `num_samples` must be 0 or more, got {num_samples}")
+        raise ValueError(f"{setting('num_samples')} must be 0 or more, got {num_samples}")
 
 
 def same_model_warning(evaluator: ToxicityEvaluator, reward: Reward) -> str | None:

@@ -16,10 +16,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import textwrap
 import warnings
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from jsonargparse import DefaultHelpFormatter, set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
@@ -33,12 +34,14 @@ from lit_rlhf.checkpoint import AtomicCheckpointIO, InterruptCheckpoint, load_ch
 from lit_rlhf.data import DialogSumDataModule
 from lit_rlhf.prompts import PromptDataModule
 from lit_rlhf.module import PPOModule
-from lit_rlhf.progress import ModelSummaryWithoutFlops, PPOProgressBar
+from lit_rlhf.progress import ModelSummaryWithoutFlops, PPOProgressBar, RunProgressBar
 from lit_rlhf.runs import (
     RunFolder, combine_with_checkpoint, given_model_keys, remove_if_only_start_files, run_folder_of,
 )
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
+"""``--ckpt_path`` values that Lightning resolves itself (not a file)."""
 SUBCOMMANDS_WITH_DEFAULT = ("fit", "validate", "test")
 """The subcommands that run the packaged default config when given neither ``--config`` nor ``--ckpt_path``."""
 
@@ -81,6 +84,16 @@ def _data_catalogue() -> str:
     return f"\n\nData modules (--data CLASS; options: --data.help CLASS):{lines}"
 
 
+def _config_catalogue() -> str:
+    """The packaged configs, for ``--help``: the top-level ones, then one folder (overlays) a paragraph."""
+    folders: dict[str, list[str]] = {}
+    for name in packaged_configs():
+        folders.setdefault(name.rpartition("/")[0], []).append(name)
+    lines = "".join("\n" + textwrap.fill("  ".join(names), 116, initial_indent="  ", subsequent_indent="  ")
+                    for names in folders.values())
+    return f"\n\nPackaged configs (--config NAME or configs/NAME from any folder; an existing file comes first):{lines}"
+
+
 DESCRIPTION = (
     "lit-rlhf: RLHF fine-tuning of Hugging Face language models with PPO (LoRA + value head) against a\n"
     "reward model, as a Lightning module. `lit-rlhf fit` alone runs the offline recipe\n"
@@ -120,11 +133,22 @@ class HelpFormatter(DefaultHelpFormatter):
 def parser_kwargs() -> dict:
     """Main and per-subcommand parser settings: the default config stated at the top, no abbreviated flags."""
     common = {"allow_abbrev": False, "formatter_class": HelpFormatter}
-    kwargs = {"description": DESCRIPTION + _catalogue(), "prog": "lit-rlhf", **common}
+    kwargs = {"description": DESCRIPTION + _catalogue() + _config_catalogue(), "prog": "lit-rlhf", **common}
     for sub in SUBCOMMANDS:
         usage = PREDICT_USAGE if sub == "predict" else SUBCOMMAND_USAGE.format(sub=sub)
-        kwargs[sub] = {"usage": usage, "description": SUBCOMMAND_DESCRIPTION + _catalogue(), **common}
+        kwargs[sub] = {"usage": usage, "description": SUBCOMMAND_DESCRIPTION + _catalogue() + _config_catalogue(),
+                       **common}
     return kwargs
+
+
+def command_parser_kwargs(prog: str, description: str, subcommands: Iterable[str] = SUBCOMMANDS) -> dict:
+    """Parser settings of lit-rlhf-sft, -rm and -dpo: ``description`` (its first paragraph wrapped, then the
+    packaged configs) at the top of ``--help`` and of each subcommand's; no abbreviated flags."""
+    common = {"allow_abbrev": False, "formatter_class": HelpFormatter}
+    first, _, rest = description.partition("\n\n")
+    text = textwrap.fill(first, 116) + ("\n\n" + rest if rest else "") + _config_catalogue()
+    per_subcommand = {sub: {"description": text, **common} for sub in subcommands}
+    return {"description": text, "prog": prog, **common, **per_subcommand}
 
 
 # The settings dataclasses (lora, generation, ppo) document each field in a docstring under it: show those
@@ -175,13 +199,59 @@ def config_path(name: str = DEFAULT_CONFIG) -> str:
     return str(resources.files("lit_rlhf.configs").joinpath(name))
 
 
+CONFIG_PREFIXES = (("lit_rlhf", "configs"), ("configs",))
+"""How a packaged config may be spelled in front of its name: as in the repository, or as installed."""
+
+
+def packaged_configs() -> list[str]:
+    """The names of the packaged configs (``embedded_t5.yaml``, ``strategy/ddp.yaml``, ...), sorted: top level
+    first, then each sub-folder."""
+    root = resources.files("lit_rlhf.configs")
+    names = [entry.name for entry in root.iterdir() if entry.name.endswith(".yaml")]
+    for folder in (e for e in root.iterdir() if e.is_dir() and not e.name.startswith("_")):
+        names += [f"{folder.name}/{entry.name}" for entry in folder.iterdir() if entry.name.endswith(".yaml")]
+    return sorted(names, key=lambda n: (n.count("/"), n))
+
+
+def resolve_config(value: str) -> str:
+    """A ``--config`` value as jsonargparse should read it: a file that exists, as given; otherwise the packaged
+    config of that name (``embedded_grpo.yaml``, ``configs/embedded_grpo.yaml``, ``strategy/ddp.yaml``), so the
+    repository's commands work from any folder with an installed lit_rlhf. A YAML name that is neither: a
+    ValueError listing the packaged ones. Anything else (an inline YAML string) as given."""
+    path = Path(value).expanduser()
+    if not value.endswith((".yaml", ".yml")) or path.exists() or path.is_absolute():
+        return value
+    parts = path.parts
+    for prefix in CONFIG_PREFIXES:
+        if parts[:len(prefix)] == prefix:
+            parts = parts[len(prefix):]
+            break
+    name = "/".join(parts)
+    if name in packaged_configs():
+        return config_path(name)
+    raise ValueError(f"--config {value}: no such file, and no packaged config of that name (packaged: "
+                     f"{', '.join(packaged_configs())})")
+
+
+def resolve_configs(args: list[str]) -> list[str]:
+    """``args`` with each ``--config``/``-c`` value resolved by :func:`resolve_config`."""
+    resolved = list(args)
+    for i, arg in enumerate(args):
+        if arg in ("-c", "--config") and i + 1 < len(args):
+            resolved[i + 1] = resolve_config(args[i + 1])
+        elif arg.startswith("--config="):
+            resolved[i] = "--config=" + resolve_config(arg[len("--config="):])
+    return resolved
+
+
 PPO_CHECKPOINT_FILENAME = "{ppo_step:.0f}"
 """The periodic checkpoints' file name where the config gives none: ``ppo_step=100.ckpt``. Lightning's default,
 ``epoch=0-step=400.ckpt``, counts optimizer steps (several per PPO step); ``ppo_step`` is what PPOModule logs."""
 
 
 class CommonCLI(LightningCLI):
-    """LightningCLI with what ``lit-rlhf`` and ``lit-rlhf-sft`` share: atomic checkpoint files; Lightning's default
+    """LightningCLI with what every lit-rlhf command shares: with ``--ckpt_path``, the checkpoint's model settings
+    except the flags given (which win, with one notice each); atomic checkpoint files; Lightning's default
     TensorBoard logger without its placeholder ``hp_metric`` of -1, in the run folder of ``--ckpt_path`` for the
     subcommands in :attr:`run_folder_subcommands`, and none for a ``predict`` outside a run folder (it makes no
     empty ``version_N``); ``<subcommand>_config.yaml`` beside a fit's ``config.yaml``, not over it; a model summary
@@ -193,16 +263,55 @@ class CommonCLI(LightningCLI):
     checkpoint_dirs: list[str] = []
     """The folders of the ModelCheckpoint callbacks that wrote ``--ckpt_path``, as they spelled them."""
 
+    given_args: list[str] = []
+    """The command-line arguments as given (before a default config is inserted): which settings are flags."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        given = kwargs.get("args")
+        self.parsers_needed = needed_subcommands(sys.argv[1:] if given is None else [str(a) for a in given],
+                                                 self.subcommands())
+        super().__init__(*args, **kwargs)
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        # A subcommand's full parser reads the signatures and docstrings of the trainer, module and data module
+        # (a large part of a command's start-up); the others get an empty one, which is all `--help` lists.
+        if subcommand in self.parsers_needed:
+            return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        self._subcommand_method_arguments[subcommand] = []
+        return self.init_parser(**kwargs)
+
+    def parse_arguments(self, parser, args) -> None:
+        self.given_args = [str(a) for a in args] if isinstance(args, (list, tuple)) else sys.argv[1:]
+        super().parse_arguments(parser, args)
+
     def _parse_ckpt_path(self) -> None:
-        # Lightning's (the checkpoint's model settings over the parsed ones), reading the file with load_checkpoint
+        # Lightning's version replaces every model setting with the checkpoint's, flags included: here the flags
+        # the user gives win (lit_rlhf.runs.combine_with_checkpoint), with one notice per differing setting, in
+        # every command.
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
-        if not ckpt_path or not Path(ckpt_path).is_file():
+        if not ckpt_path or ckpt_path in LIGHTNING_CKPT_NAMES:
             return
-        stored = load_checkpoint(ckpt_path).get("hyper_parameters", {})
-        hparams = {k: v for k, v in stored.items() if k != "_instantiator"}
-        if hparams:
-            self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
+        if not Path(ckpt_path).is_file():
+            raise ValueError(f"--ckpt_path {ckpt_path}: no such file")
+        checkpoint = load_checkpoint(ckpt_path)
+        self.read_checkpoint(ckpt_path, checkpoint)
+        states = checkpoint.get("callbacks", {}).values()
+        self.checkpoint_dirs = [s["dirpath"] for s in states if isinstance(s, dict) and s.get("dirpath")]
+        hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k != "_instantiator"}
+        if not hparams:
+            return
+        parsed = self.config[sub].model.clone()
+        merged = self.parser.parse_object({sub: {"model": hparams}}, self.config)
+        merged[sub].model, notices = combine_with_checkpoint(
+            parsed, merged[sub].model, given_model_keys(self.given_args), report_kept=sub == "fit")
+        self.config = merged
+        for line in notices:
+            notice(f"warning: {line}")
+
+    def read_checkpoint(self, ckpt_path: str, checkpoint: dict[str, Any]) -> None:
+        """What a command reads from ``--ckpt_path`` besides the model settings (a ValueError where it cannot
+        start from that file); nothing here."""
 
     def instantiate_trainer(self, **kwargs):
         if self.subcommand not in ("fit", None):
@@ -242,6 +351,8 @@ class CommonCLI(LightningCLI):
         if summary and not any(isinstance(c, ModelSummary) for c in configured):
             callbacks.append(ModelSummaryWithoutFlops())
             config["enable_model_summary"] = False  # Lightning's own summary, which it adds beside ours otherwise
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in configured):
+            callbacks.append(RunProgressBar())
         return super()._instantiate_trainer(config, callbacks)
 
     def before_predict(self) -> None:
@@ -250,40 +361,18 @@ class CommonCLI(LightningCLI):
 
 class LitRLHFCLI(CommonCLI):
     """The ``lit-rlhf`` command: the values two parts share given once and linked, periodic checkpoints named by
-    PPO step, start-up checks that run before anything is written, and resume semantics: the checkpoint's run
-    folder and model settings, except the flags the user gives."""
+    PPO step, start-up checks that run before anything is written, and a resumed run in the checkpoint's run
+    folder, stopping at once when it has done its ``model.ppo_steps``."""
 
     run_folder_subcommands = ("fit", "validate", "test", "predict")
     checkpoint_ppo_step: int | None = None
     """PPO steps done by the run in ``--ckpt_path`` (None without one)."""
 
-    def parse_arguments(self, parser, args) -> None:
-        self.given_args = [str(a) for a in args] if isinstance(args, (list, tuple)) else sys.argv[1:]
-        super().parse_arguments(parser, args)
-
-    def _parse_ckpt_path(self) -> None:
-        # Lightning's version replaces every model setting with the checkpoint's, flags included: here the flags
-        # the user gives win (lit_rlhf.runs.combine_with_checkpoint), with one notice per differing setting.
-        sub = self.config.get("subcommand")
-        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
-        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
-            return
-        if not Path(ckpt_path).is_file():
-            raise ValueError(f"--ckpt_path {ckpt_path}: no such file")
-        checkpoint = load_checkpoint(ckpt_path)
-        if "lit_rlhf" not in checkpoint:
+    def read_checkpoint(self, ckpt_path: str, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("lit_rlhf") or {}
+        if "ppo_step" not in state:
             raise ValueError(f"--ckpt_path {ckpt_path} was not written by lit_rlhf's PPOModule (no 'lit_rlhf' state)")
-        self.checkpoint_ppo_step = int(checkpoint["lit_rlhf"]["ppo_step"])
-        states = checkpoint.get("callbacks", {}).values()
-        self.checkpoint_dirs = [s["dirpath"] for s in states if isinstance(s, dict) and s.get("dirpath")]
-        hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k != "_instantiator"}
-        parsed = self.config[sub].model.clone()
-        merged = self.parser.parse_object({sub: {"model": hparams}}, self.config)
-        merged[sub].model, notices = combine_with_checkpoint(
-            parsed, merged[sub].model, given_model_keys(self.given_args), report_kept=sub == "fit")
-        self.config = merged
-        for line in notices:
-            notice(f"warning: {line}")
+        self.checkpoint_ppo_step = int(state["ppo_step"])
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand == "validate" and self.config.validate.trainer.limit_val_batches == 0:
@@ -415,11 +504,26 @@ def with_default_config(args: list[str], default: bool = True) -> list[str]:
     if not args or any(a in ("-c", "--config") or a.startswith("--config=") for a in args):
         return args
     ckpt_path = flag_value(args, "--ckpt_path")
-    if ckpt_path is not None and ckpt_path not in ("last", "best", "hpc", "registry") and args[0] in SUBCOMMANDS:
+    if ckpt_path is not None and ckpt_path not in LIGHTNING_CKPT_NAMES and args[0] in SUBCOMMANDS:
         return [args[0], "--config", str(run_config_of(ckpt_path)), *args[1:]]
     if not default or args[0] not in SUBCOMMANDS_WITH_DEFAULT:
         return args
     return [args[0], "--config", config_path(), *args[1:]]
+
+
+def needed_subcommands(args: list[str], subcommands: Iterable[str]) -> set[str]:
+    """The subcommands whose full parser ``args`` need: the one given (the first argument that is not an option
+    of the main parser: ``--config FILE``, ``--print_config``); none for the main ``--help``; all otherwise (a
+    config file may name it)."""
+    known, i = set(subcommands), 0
+    while i < len(args):
+        arg = args[i]
+        if arg in known:
+            return {arg}
+        if not arg.startswith("-"):
+            break
+        i += 2 if arg in ("-c", "--config") else 1
+    return set() if any(a in ("-h", "--help") for a in args) and i >= len(args) else known
 
 
 def flag_value(args: list[str], flag: str) -> str | None:
@@ -447,13 +551,21 @@ def run_config_of(ckpt_path: str) -> Path:
     return config
 
 
+def command_args(args: list[str] | None, default: bool) -> list[str] | None:
+    """What every command parses: ``args`` (None: the command line) with packaged config names resolved
+    (:func:`resolve_configs`) and the config to start from inserted where none is given
+    (:func:`with_default_config`; ``default``: the packaged default too). From the command line ``sys.argv`` is
+    rewritten and None returned: LightningCLI reads it itself (and warns when given both)."""
+    prepared = with_default_config(resolve_configs(sys.argv[1:] if args is None else list(args)), default)
+    if args is None:
+        sys.argv[1:] = prepared
+        return None
+    return prepared
+
+
 def run(args: list[str] | None = None) -> LitRLHFCLI:
     """Parse ``args`` (default: the command line), run the subcommand and return the CLI object."""
-    if args is None:
-        # from the command line: LightningCLI reads sys.argv itself (and warns when given both)
-        sys.argv[1:] = with_default_config(sys.argv[1:])
-    else:
-        args = with_default_config(list(args))
+    args = command_args(args, default=True)
     cli = LitRLHFCLI(
         PPOModule,
         PromptDataModule,
@@ -546,8 +658,8 @@ def run_sft(args: list[str] | None = None) -> SFTCLI:
         SFTModule,
         PromptDataModule,
         subclass_mode_data=True,
-        args=args,
-        parser_kwargs={"description": SFT_DESCRIPTION, "prog": "lit-rlhf-sft"},
+        args=command_args(args, default=False),
+        parser_kwargs=command_parser_kwargs("lit-rlhf-sft", SFT_DESCRIPTION),
         **COMMON_CLI_SETTINGS,
     )
     destroy_process_group()
@@ -612,16 +724,11 @@ def run_preference(module_class: type, prog: str, description: str, args: list[s
     what a reward model reads, ``data.classifier_text``); there is no default config."""
     from lit_rlhf.preferences import PreferenceDataModule
 
-    if args is None:
-        sys.argv[1:] = with_default_config(sys.argv[1:], default=False)
-    else:
-        args = with_default_config(list(args), default=False)
-
     cli = cli_class(
         module_class,
         PreferenceDataModule,
-        args=args,
-        parser_kwargs={"description": description, "prog": prog},
+        args=command_args(args, default=False),
+        parser_kwargs=command_parser_kwargs(prog, description, cli_class.subcommands()),
         **COMMON_CLI_SETTINGS,
     )
     destroy_process_group()

@@ -134,7 +134,8 @@ def sample_with_cache(
     its tokens do not depend on which other rows share the batch (see ``lit_rlhf.rollout``'s chunks).
     """
     if settings.no_repeat_ngram_size:
-        raise ValueError("generation.no_repeat_ngram_size is not available with model.fast_rollout=true; set one to 0")
+        raise ValueError("model.generation.no_repeat_ngram_size is not available with model.fast_rollout=true; "
+                         "set it to 0 or model.fast_rollout=false")
     device = query_ids.device
     batch = query_ids.shape[0] * repeats
     limits = max_new_tokens.to(device)

@@ -352,9 +352,10 @@ class Policy(nn.Module):
 
         lora = lora_settings(lora)
         if finetune not in ("lora", "full"):
-            raise ValueError(f"finetune must be 'lora' or 'full', got {finetune!r}")
+            raise ValueError(f"model.finetune must be lora or full, got {finetune!r}")
         if init_from_scratch and finetune != "full":
-            raise ValueError("init_from_scratch=True trains a model from random weights: it needs finetune='full'")
+            raise ValueError("model.init_from_scratch=true trains a model from random weights: it needs "
+                             "model.finetune=full")
         check(dtype_errors(dtype, finetune, lora.bias))
         torch_dtype = getattr(torch, dtype)
         base, path, setting = load_base_model(model_name, init_adapter, torch_dtype, init_from_scratch,
@@ -375,7 +376,7 @@ class Policy(nn.Module):
                 with lora_wrapping(base, peft_config):
                     self.model = get_peft_model(base, peft_config)
             except ValueError as err:
-                raise ValueError(f"Could not add the LoRA adapter (check lora.target_modules): {err}") from err
+                raise ValueError(f"Could not add the LoRA adapter (check model.lora.target_modules): {err}") from err
         self.value_head = ValueHead(base.config.hidden_size, value_head_dropout) if value_head else NoValueHead()
         self.reference: PreTrainedModel | None = None
         if reference_model is not None:
@@ -393,6 +394,8 @@ class Policy(nn.Module):
         # every eos id, the pad and the forced tokens of the model's own generation_config, for both rollout modes
         self.special_tokens = special_tokens(base.generation_config, self.tokenizer, self.is_seq2seq)
         self.eos_token_ids = self.special_tokens.eos
+        # its sampling settings, which the rollout replaces (said once, at the first rollout: DPO and SFT never sample)
+        self.model_sampling = model_sampling_settings(base.generation_config)
         # why the cached decode loop cannot serve this model (None: it can); fast rollout falls back on it
         self.decode_blocker = cached_decode_blocker(self.model)
 
@@ -440,7 +443,7 @@ class Policy(nn.Module):
         keep = limit - max_new_tokens
         if keep < 1:
             raise ValueError(
-                f"generation.max_new_tokens={max_new_tokens} leaves no room for the prompt in the model's "
+                f"model.generation.max_new_tokens={max_new_tokens} leaves no room for the prompt in the model's "
                 f"{limit}-token context; lower model.generation.max_new_tokens"
             )
         if not getattr(self, "_warned_truncation", False):
@@ -472,6 +475,7 @@ class Policy(nn.Module):
         Returns response_ids [B, T] (right-padded) and response_mask [B, T]: the tokens up to and including
         the first end-of-sequence, within each sample's own limit.
         """
+        self._note_model_sampling(settings)
         batch = input_ids.shape[0]
         if max_new_tokens is None:
             low, high = settings.max_new_tokens
@@ -509,6 +513,7 @@ class Policy(nn.Module):
         layers that are not attention), this falls back to exact mode, with one notice: ``generate``, then the
         teacher-forced scoring pass for the log-probs and values. ``uniforms``: each row's own random numbers
         [B, T] (see ``sample_with_cache``)."""
+        self._note_model_sampling(settings)
         blocker = self.decode_blocker
         if blocker is not None:
             if not getattr(self, "_noted_exact_rollout", False):
@@ -522,6 +527,15 @@ class Policy(nn.Module):
                 self.model, self.lm, self.value_head if self.has_value_head else None, input_ids, attention_mask,
                 max_new_tokens, settings, self.special_tokens, repeats=repeats, uniforms=uniforms,
             )
+
+    def _note_model_sampling(self, settings: GenerationSettings) -> None:
+        """Once per policy, a warning naming the model's own sampling settings that ``settings`` replace."""
+        from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+        if self.model_sampling and not getattr(self, "_noted_model_sampling", False):
+            if getattr(rank_zero_only, "rank", 0) == 0:  # one line for the run, not one per process
+                log.warning("lit-rlhf: warning: %s", replaced_sampling_notice(self.model_sampling, settings))
+            self._noted_model_sampling = True
 
     def _sample_exact(
         self, input_ids: Tensor, attention_mask: Tensor, settings: GenerationSettings, max_new_tokens: Tensor,
@@ -596,8 +610,8 @@ class Policy(nn.Module):
         """Log-probabilities of the response tokens under the reference (adapter disabled, with the initial base
         biases put back where ``lora.bias`` trains them, or the separate reference model). Shapes as in ``forward``."""
         if self.reference is None and self.finetune == "full":
-            raise ValueError("A policy that trains all its weights (finetune='full') has no adapter to disable: "
-                             "give a separate reference_model to compare with")
+            raise ValueError("A policy that trains all its weights (model.finetune=full) has no adapter to disable: "
+                             "give a separate model.reference_model to compare with")
         with self.mode(dropout=False):  # the reference never samples dropout
             if self.reference is not None:
                 logits, _ = self.lm.teacher_forced(self.reference, query_ids, query_mask, response_ids, response_mask)
@@ -777,17 +791,18 @@ def load_base_model(
         try:
             resolved[setting] = resolve_model_path(name) if name is not None else None
         except ValueError as err:
-            raise ValueError(f"Could not load {setting}={name!r}: {err}") from err
+            raise ValueError(f"Could not load model.{setting}={name!r}: {err}") from err
     path, adapter_path, setting = resolved["model_name"], resolved["init_adapter"], "model.model_name"
     if adapter_path is not None and is_full_model_folder(adapter_path):
-        log.info("init_adapter=%r is a whole model: it replaces model_name=%r", init_adapter, model_name)
+        log.info("model.init_adapter=%r is a whole model: it replaces model.model_name=%r", init_adapter, model_name)
         path, adapter_path, setting = adapter_path, None, "model.init_adapter"
     try:
         base = load_causal_or_seq2seq(path, dtype, from_scratch=init_from_scratch,
                                       attn_implementation=attn_implementation)
     except OSError as err:
+        given = model_name if setting == "model.model_name" else init_adapter
         raise ValueError(
-            f"Could not load model_name={model_name!r}: {err}\nGive a hub name (needs the network), a local "
+            f"Could not load {setting}={given!r}: {err}\nGive a hub name (needs the network), a local "
             "folder written by save_pretrained, or an embedded model (embedded:tiny-t5, embedded:tiny-gpt2)."
         ) from err
     if adapter_path is not None:
@@ -799,6 +814,9 @@ def load_base_model(
 
 # ---------------------------------------------------------------------- the model's generation config
 
+GENERATION_FLAGS = ("do_sample", "temperature", "top_k", "top_p", "min_new_tokens", "max_new_tokens",
+                    "no_repeat_ngram_size")
+"""The fields of a ``generation_config`` that a ``model.generation`` setting of the same name replaces."""
 TOKEN_FIELDS = ("eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id", "forced_bos_token_id",
                 "forced_eos_token_id")
 """The fields of a model's ``generation_config`` that PPO keeps: which tokens end, pad and start a response."""
@@ -818,18 +836,42 @@ def special_tokens(generation_config: GenerationConfig | None, tokenizer, is_seq
     only, as ``generate`` forces it at the decoder's first step) and ``forced_eos_token_id``.
 
     Its sampling settings (temperature, top-p, repetition penalty, ...) are not kept: PPO samples with the
-    run's ``model.generation`` settings, the same in both rollout modes; a log line names what was replaced."""
+    run's ``model.generation`` settings, the same in both rollout modes (see :func:`model_sampling_settings`)."""
     config = generation_config if generation_config is not None else GenerationConfig()
     eos = list(dict.fromkeys(_ids(config.eos_token_id) + _ids(tokenizer.eos_token_id)))
-    replaced = {k: v for k, v in config.to_diff_dict().items()
-                if k not in TOKEN_FIELDS and not k.startswith("_") and k != "transformers_version"}
-    if replaced:
-        log.info("The model's generation_config settings %s are not used: PPO samples with model.generation.*",
-                 replaced)
     return SpecialTokens(
         eos=tuple(eos), pad=tokenizer.pad_token_id,
         forced_bos=config.forced_bos_token_id if is_seq2seq else None, forced_eos=config.forced_eos_token_id,
     )
+
+
+def model_sampling_settings(generation_config: GenerationConfig | None) -> dict[str, object]:
+    """The settings of a model's own ``generation_config`` that a rollout does not use: all it sets beyond
+    transformers' defaults except the token fields (a chat model's ``temperature=0.7``, ``top_p=0.8``,
+    ``repetition_penalty=1.05``)."""
+    if generation_config is None:
+        return {}
+    return {k: v for k, v in generation_config.to_diff_dict().items()
+            if k not in TOKEN_FIELDS and not k.startswith("_") and k != "transformers_version"}
+
+
+def replaced_sampling_notice(model_settings: dict[str, object], settings: GenerationSettings) -> str:
+    """One line for the user: the model's own sampling settings, and the flags (with their values now) of those
+    the rollout samples with instead."""
+    own = ", ".join(f"{k}={v!r}" for k, v in model_settings.items())
+    flags = [k for k in model_settings if k in GENERATION_FLAGS]
+    instead = ", ".join(f"--model.generation.{k} {flag_text(getattr(settings, k))}" for k in flags)
+    unused = [k for k in model_settings if k not in GENERATION_FLAGS]
+    return (f"the model's generation_config samples with {own}; rollouts sample with the run's settings instead"
+            + (f" ({instead})" if instead else "")
+            + (f"; {', '.join(unused)}: no such setting here, not used" if unused else ""))
+
+
+def flag_text(value: object) -> str:
+    """A setting's value as it is written on the command line: ``true``, ``1.0``, ``[16, 48]``."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(list(value)) if isinstance(value, tuple) else str(value)
 
 
 def run_generation_config(
@@ -1051,7 +1093,7 @@ def model_source_errors(sources: dict[str, str | None]) -> list[str]:
             if flag.endswith("model_name") or flag.endswith("reference_model"):
                 AutoConfig.from_pretrained(path)
         except (OSError, ValueError) as err:
-            errors.append(f"Could not load {flag.split('.')[-1]}={name!r} ({flag}): {err}\nGive a hub name (needs the network), a local folder "
+            errors.append(f"Could not load {flag}={name!r}: {err}\nGive a hub name (needs the network), a local folder "
                           "written by save_pretrained, or an embedded model (embedded:tiny-t5, embedded:tiny-gpt2).")
     return errors
 

@@ -13,7 +13,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
 
 
-class PPOProgressBar(TQDMProgressBar):
+class RunProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar without ``v_num`` (the run folder's version number, not a measurement)."""
+
+    def get_metrics(self, trainer, pl_module) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
+
+class PPOProgressBar(RunProgressBar):
     """Lightning's tqdm bar that counts the module's ``ppo_step`` up to ``model.ppo_steps``, so that its rate and
     ETA are those of the run. One bar for the whole run (a run longer than the prompt stream crosses epochs);
     a resumed run starts at its checkpoint's step and times only the steps it runs."""
@@ -45,7 +54,6 @@ class PPOProgressBar(TQDMProgressBar):
 
     def get_metrics(self, trainer, pl_module) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)
-        metrics.pop("v_num", None)  # the run folder's version number, not a measurement
         metrics.pop("ppo_step", None)  # the bar's own count
         return metrics
 

@@ -450,7 +450,7 @@ class PromptDataModule(L.LightningDataModule):
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is None:
                 raise ValueError(
-                    f"The tokenizer of model_name={self.model_name!r} has neither a pad nor an eos token, so "
+                    f"The tokenizer of model.model_name={self.model_name!r} has neither a pad nor an eos token, so "
                     "batches cannot be padded: save the tokenizer with a pad token set "
                     "(tokenizer.add_special_tokens({'pad_token': ...}); save_pretrained) and give that folder"
                 )
@@ -468,12 +468,12 @@ class PromptDataModule(L.LightningDataModule):
         has_template = bool(getattr(self.tokenizer, "chat_template", None))
         if self.is_encoder_decoder:
             if self.chat_template is True:
-                raise ValueError(f"data.chat_template=true: model_name={self.model_name!r} is an encoder-decoder "
+                raise ValueError(f"data.chat_template=true: model.model_name={self.model_name!r} is an encoder-decoder "
                                  "model, which takes plain prompts; set data.chat_template to auto or false")
             return False
         if self.chat_template is True and not has_template:
-            raise ValueError(f"data.chat_template=true: the tokenizer of model_name={self.model_name!r} has no chat "
-                             "template; set data.chat_template to auto or false, or save a tokenizer with one")
+            raise ValueError(f"data.chat_template=true: the tokenizer of model.model_name={self.model_name!r} has no "
+                             "chat template; set data.chat_template to auto or false, or save a tokenizer with one")
         return has_template if self.chat_template == "auto" else bool(self.chat_template)
 
     def prompt_format(self) -> PromptFormat:
@@ -537,9 +537,9 @@ class PromptDataModule(L.LightningDataModule):
         if len(kept) == 0:
             lengths = [len(str(v)) for v in rows[self.filter_column]] or [0]
             raise ValueError(
-                f"min_chars={self.min_chars}, max_chars={self.max_chars} keep none of the {len(rows)} rows of "
-                f"dataset={self.dataset!r} split={split!r}, whose {self.filter_column!r} lengths range from "
-                f"{min(lengths)} to {max(lengths)} characters; widen min_chars/max_chars"
+                f"data.min_chars={self.min_chars}, data.max_chars={self.max_chars} keep none of the {len(rows)} rows "
+                f"of data.dataset={self.dataset!r} split={split!r}, whose {self.filter_column!r} lengths range from "
+                f"{min(lengths)} to {max(lengths)} characters; widen data.min_chars/data.max_chars"
             )
         return kept
 
@@ -571,8 +571,8 @@ class PromptDataModule(L.LightningDataModule):
             n_test = ceil(self.test_size * len(kept))  # datasets' rounding: the held-out part rounds up
             if n_test >= len(kept):
                 raise ValueError(
-                    f"test_size={self.test_size} holds out {n_test} of the {len(kept)} filtered rows, leaving none "
-                    "for training; lower test_size or keep more rows (min_chars/max_chars)"
+                    f"data.test_size={self.test_size} holds out {n_test} of the {len(kept)} filtered rows, leaving "
+                    "none for training; lower data.test_size or keep more rows (data.min_chars/max_chars)"
                 )
             parts = self._encode(kept).train_test_split(
                 test_size=self.test_size, shuffle=self.shuffle_split, seed=self.split_seed)
@@ -580,7 +580,7 @@ class PromptDataModule(L.LightningDataModule):
         for name, part in (("training", train), ("held-out", test)):
             if len(part) == 0:
                 raise ValueError(f"no {name} prompts are left after data.max_prompt_tokens={self.max_prompt_tokens} "
-                                 "with data.drop_long_prompts; raise max_prompt_tokens")
+                                 "with data.drop_long_prompts; raise data.max_prompt_tokens")
         self._sizes = {"source": len(rows), "kept": len(kept), "train": len(train), "test": len(test),
                        **self._empty.summary()}
         return train, test
@@ -673,15 +673,15 @@ class PromptDataModule(L.LightningDataModule):
         if len(self.train_set) < self.batch_size:
             # drop_last would leave no batch at all, and training would silently do nothing.
             raise ValueError(
-                f"batch_size={self.batch_size} is larger than the {len(self.train_set)} training prompts; "
-                "lower batch_size or keep more rows (min_chars/max_chars, test_size)"
+                f"data.batch_size={self.batch_size} is larger than the {len(self.train_set)} training prompts; "
+                "lower data.batch_size or keep more rows (data.min_chars/max_chars, data.test_size)"
             )
         trainer = self.trainer
         world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         if len(self.train_set) < self.batch_size * world_size:
             raise ValueError(
-                f"batch_size={self.batch_size} x {world_size} processes is more than the {len(self.train_set)} "
-                "training prompts; lower batch_size"
+                f"data.batch_size={self.batch_size} x {world_size} processes is more than the "
+                f"{len(self.train_set)} training prompts; lower data.batch_size"
             )
         sampler = PromptStreamSampler(
             len(self.train_set), self.batch_size, num_replicas=world_size, rank=rank, seed=self.seed,

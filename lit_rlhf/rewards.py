@@ -106,10 +106,10 @@ def special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:
     return full[:at], full[at + len(plain):]
 
 
-def _check_choice(value: Any, argument: str, choices: Sequence[Any]) -> None:
+def _check_choice(value: Any, flag: str, choices: Sequence[Any]) -> None:
     # Literal annotations are enforced by LightningCLI, not when a reward is built in Python.
     if value not in choices:
-        raise ValueError(f"`{argument}` must be one of {list(choices)}, got {value!r}.")
+        raise ValueError(f"{flag} must be one of {list(choices)}, got {value!r}.")
 
 
 def check_inputs(
@@ -191,6 +191,10 @@ class Reward(Scorer):
     Subclasses implement :meth:`compute`, and :meth:`setup` when they load something (a model).
     """
 
+    setting: str = "--model.reward"
+    """Where this reward's arguments are set, for errors: ``--model.reward`` (an argument ``x`` is then
+    ``--model.reward.x``); a part of a CompositeReward or a toxicity evaluator's classifier is told its own."""
+
     takes_columns: bool = False
     """Whether :meth:`compute` takes the batch's columns (``columns=``, a dict of lists by column name)."""
 
@@ -205,6 +209,10 @@ class Reward(Scorer):
 
     def describe(self) -> str:
         return self.name
+
+    def flag(self, argument: str) -> str:
+        """How a user sets ``argument`` of this reward: ``--model.reward.max_length``."""
+        return f"{self.setting}.{argument}"
 
     def uses_model(self, model_id: str | None) -> bool:
         """Whether ``model_id`` is (one of) the model(s) behind this reward."""
@@ -281,13 +289,13 @@ class ClassifierReward(Reward):
                 CPU); ``auto``: that rule on the classifier's own device; or a dtype. Scores are float32 either way.
         """
         super().__init__()
-        _check_choice(dtype, "dtype", (None, "auto", "float32", "bfloat16", "float16"))
-        _check_choice(output, "output", ("logit", "probability"))
-        _check_choice(text, "text", ("response", "prompt+response"))
+        _check_choice(dtype, self.flag("dtype"), (None, "auto", "float32", "bfloat16", "float16"))
+        _check_choice(output, self.flag("output"), ("logit", "probability"))
+        _check_choice(text, self.flag("text"), ("response", "prompt+response"))
         if batch_size < 1:
-            raise ValueError(f"`batch_size` must be at least 1, got {batch_size}.")
+            raise ValueError(f"{self.flag('batch_size')} must be at least 1, got {batch_size}.")
         if max_length < 1:
-            raise ValueError(f"`max_length` must be at least 1, got {max_length}.")
+            raise ValueError(f"{self.flag('max_length')} must be at least 1, got {max_length}.")
         self.model_name = model_name
         self.label = label
         self.output = output
@@ -321,17 +329,17 @@ class ClassifierReward(Reward):
 
         tokenizer = AutoTokenizer.from_pretrained(self.model_name)
         model = AutoModelForSequenceClassification.from_pretrained(self.model_name)
-        self.label_index = find_label(model.config.id2label, self.label)
+        self.label_index = find_label(model.config.id2label, self.label, self.flag("label"))
         if self.output == "probability" and model.config.num_labels < 2:
             raise ValueError(
-                f"`output='probability'` needs a classifier with at least two labels; {self.model_name} has "
-                f"{model.config.num_labels}. Use `output='logit'`."
+                f"{self.flag('output')} probability needs a classifier with at least two labels; {self.model_name} "
+                f"has {model.config.num_labels}. Use {self.flag('output')} logit."
             )
         limit = classifier_max_length(tokenizer, model.config)
         if limit is not None and self.max_length > limit:
             raise ValueError(
-                f"`max_length` is {self.max_length} but {self.model_name} reads at most {limit} tokens; "
-                f"set `max_length` to {limit} or less."
+                f"{self.flag('max_length')} is {self.max_length} but {self.model_name} reads at most {limit} tokens; "
+                f"set {self.flag('max_length')} to {limit} or less."
             )
         if tokenizer.pad_token is None:
             # Decoder-style classifiers (GPT-2...) have no pad token; they find each text's last token through
@@ -359,7 +367,7 @@ class ClassifierReward(Reward):
 
         if self.dtype is None:
             return self.followed_dtype
-        return resolve_dtype(self.dtype, self.model_device, flag=f"{type(self).__name__}.dtype")[0]
+        return resolve_dtype(self.dtype, self.model_device, flag=self.flag("dtype"))[0]
 
     def compute(self, prompts: list[str], responses: list[str], references: list[str] | None) -> torch.Tensor:
         step = self.batch_size
@@ -393,8 +401,9 @@ def classifier_max_length(tokenizer: Any, config: Any) -> int | None:
     return min(limits) if limits else None
 
 
-def find_label(id2label: dict[Any, str], label: str) -> int:
-    """Index of ``label`` in a config's ``id2label``: exact match first, then a unique case-insensitive one."""
+def find_label(id2label: dict[Any, str], label: str, flag: str = "label") -> int:
+    """Index of ``label`` in a config's ``id2label``: exact match first, then a unique case-insensitive one
+    (``flag``: how the user set it, for the error)."""
     exact = [int(i) for i, name in id2label.items() if name == label]
     folded = [int(i) for i, name in id2label.items() if name.lower() == label.lower()]
     if exact:
@@ -402,7 +411,7 @@ def find_label(id2label: dict[Any, str], label: str) -> int:
     if len(folded) == 1:
         return folded[0]
     labels = [id2label[i] for i in sorted(id2label, key=int)]
-    raise ValueError(f"`label` {label!r} is not a label of this classifier; its labels are {labels}.")
+    raise ValueError(f"{flag} {label!r} is not a label of this classifier; its labels are {labels}.")
 
 
 class ProfanityReward(Reward):
@@ -430,10 +439,10 @@ class ProfanityReward(Reward):
             eps: Clamp of P(offensive) for ``method='clamped'``: rewards lie in ±log((1 - eps) / eps).
         """
         super().__init__()
-        _check_choice(text, "text", ("response", "prompt+response"))
-        _check_choice(method, "method", ("exact", "clamped"))
+        _check_choice(text, self.flag("text"), ("response", "prompt+response"))
+        _check_choice(method, self.flag("method"), ("exact", "clamped"))
         if not 0.0 < eps < 0.5:
-            raise ValueError(f"`eps` must be in (0, 0.5), got {eps}.")
+            raise ValueError(f"{self.flag('eps')} must be in (0, 0.5), got {eps}.")
         self.text = text
         self.method = method
         self.eps = eps
@@ -498,8 +507,8 @@ class ProfanityReward(Reward):
         expected = torch.from_numpy(self._model.predict_proba(self._vectorizer.transform(probe))[:, 1])
         if not torch.allclose(p, expected, rtol=0, atol=1e-9):
             raise ValueError(
-                "ProfanityReward(method='exact') does not reproduce alt-profanity-check's probabilities with this "
-                "version of the package or scikit-learn; use `method='clamped'`."
+                f"ProfanityReward's {self.flag('method')} exact does not reproduce alt-profanity-check's "
+                f"probabilities with this version of the package or scikit-learn; use {self.flag('method')} clamped."
             )
 
 
@@ -575,8 +584,8 @@ class ReferenceSimilarityReward(Reward):
                 ``recall`` (share of the reference found in the response).
         """
         super().__init__()
-        _check_choice(rouge_key, "rouge_key", ("rouge1", "rouge2", "rougeL"))
-        _check_choice(measure, "measure", ("fmeasure", "precision", "recall"))
+        _check_choice(rouge_key, self.flag("rouge_key"), ("rouge1", "rouge2", "rougeL"))
+        _check_choice(measure, self.flag("measure"), ("fmeasure", "precision", "recall"))
         self.rouge_key = rouge_key
         self.measure = measure
 
@@ -615,22 +624,35 @@ class CompositeReward(Reward):
         """
         super().__init__()
         if not rewards:
-            raise ValueError("`rewards` must hold at least one reward.")
+            raise ValueError(f"{self.flag('rewards')} must hold at least one reward.")
         if weights is None:
             weights = [1.0] * len(rewards)
         if len(weights) != len(rewards):
-            raise ValueError(f"`weights` has {len(weights)} values for {len(rewards)} `rewards`; give one per reward.")
+            raise ValueError(f"{self.flag('weights')} has {len(weights)} values for {len(rewards)} rewards "
+                             f"({self.flag('rewards')}); give one per reward.")
         if not all(math.isfinite(w) for w in weights):
-            raise ValueError(f"`weights` must be finite, got {weights}.")
+            raise ValueError(f"{self.flag('weights')} must be finite, got {weights}.")
         self.rewards = list(rewards)
         self.weights = [float(w) for w in weights]
         self.names = _unique_names([r.name for r in self.rewards])
+        self.setting = self.setting  # tells each part where it is set
         self.last_components: dict[str, torch.Tensor] = {}
         """Unweighted scores of each part in the last call, by part name (for logging)."""
 
     @property
     def name(self) -> str:
         return "composite"
+
+    @property
+    def setting(self) -> str:
+        return self.__dict__.get("_setting", Reward.setting)
+
+    @setting.setter
+    def setting(self, value: str) -> None:
+        # each part's arguments are set under this one's: --model.reward.rewards[1].max_length
+        self._setting = value
+        for i, reward in enumerate(self.rewards):
+            reward.setting = f"{value}.rewards[{i}]"
 
     def describe(self) -> str:
         return " + ".join(f"{w:g} × [{r.describe()}]" for w, r in zip(self.weights, self.rewards))
@@ -802,8 +824,8 @@ class FunctionReward(Reward):
         """
         super().__init__()
         self.function = function
-        self.fn = import_function(function, "FunctionReward: function")
-        self._signature = _function_parameters(self.fn, function)
+        self.fn = import_function(function, self.flag("function"))
+        self._signature = _function_parameters(self.fn, function, self.flag("function"))
         self.columns = list(columns) if columns is not None else self._signature[1]
         self._name = name
 
@@ -813,7 +835,7 @@ class FunctionReward(Reward):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.fn = import_function(self.function, "FunctionReward: function")
+        self.fn = import_function(self.function, self.flag("function"))
 
     @property
     def name(self) -> str:
@@ -859,7 +881,7 @@ class FunctionReward(Reward):
         return scores
 
 
-def _function_parameters(fn: Callable[..., Any], path: str) -> tuple[bool, list[str], set[str]]:
+def _function_parameters(fn: Callable[..., Any], path: str, flag: str) -> tuple[bool, list[str], set[str]]:
     """(takes ``**kwargs``, the columns it needs (keyword parameters without default), every parameter name)."""
     try:
         parameters = list(inspect.signature(fn).parameters.values())
@@ -867,7 +889,7 @@ def _function_parameters(fn: Callable[..., Any], path: str) -> tuple[bool, list[
         return True, [], set()
     positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if len(positional) < 2 and not any(p.kind == p.VAR_POSITIONAL for p in parameters):
-        raise ValueError(f"FunctionReward: function={path!r} must take (prompts, responses, **columns); its "
+        raise ValueError(f"{flag}={path!r} must take (prompts, responses, **columns); its "
                          f"signature is {inspect.signature(fn)}")
     rest = [p for p in parameters[2:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     takes_all = any(p.kind == p.VAR_KEYWORD for p in parameters)

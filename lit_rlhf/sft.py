@@ -123,8 +123,8 @@ class SFTModule(BuildsPolicy, L.LightningModule):
         self.strict_loading = False
         # the policy is built in configure_model (where a strategy places or shards it); cheap checks now
         if init_from_scratch and finetune != "full":
-            raise ValueError("model.init_from_scratch=True trains a model from random weights: it needs "
-                             "finetune='full' (model.finetune)")
+            raise ValueError("model.init_from_scratch=true trains a model from random weights: it needs "
+                             "model.finetune=full")
         check(dtype_errors(dtype, finetune, lora.bias)
               + model_source_errors({"model.model_name": model_name, "model.init_adapter": init_adapter}))
         self.policy_kwargs = dict(

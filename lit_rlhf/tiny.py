@@ -393,7 +393,7 @@ def resolve_model_path(name: str, cache_dir: str | None = None) -> str:
         return shipped_summarizer_path()
     if name not in EMBEDDED:
         raise ValueError(
-            f"model_name={name!r} is not an embedded model; choose one of {sorted([*EMBEDDED, SHIPPED_SUMMARIZER])}"
+            f"{name!r} is not an embedded model; choose one of {sorted([*EMBEDDED, SHIPPED_SUMMARIZER])}"
         )
     root = cache_dir if cache_dir is not None else default_cache_dir()
     folder = os.path.join(root, f"{name[len(EMBEDDED_PREFIX):]}-v{BUILD_VERSION}")

@@ -14,7 +14,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import build_tiny_classifier
-from lit_rlhf.cli import DEFAULT_CONFIG, config_path, run, with_default_config
+from lit_rlhf.cli import DEFAULT_CONFIG, config_path, packaged_configs, resolve_configs, run, with_default_config
 from lit_rlhf.data import DialogSumDataModule
 from lit_rlhf.module import PPOModule
 
@@ -50,6 +50,38 @@ def test_no_config_means_the_embedded_default():
     assert with_default_config(["fit"]) == ["fit", "--config", config_path(DEFAULT_CONFIG)]
     assert with_default_config(["fit", "--config", "x.yaml"]) == ["fit", "--config", "x.yaml"]
     assert with_default_config(["--help"]) == ["--help"]
+
+
+def test_packaged_configs_by_name_from_any_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # outside the repository, as with an installed wheel: no configs/ here
+    for spelled in ("embedded_grpo.yaml", "configs/embedded_grpo.yaml", "lit_rlhf/configs/embedded_grpo.yaml"):
+        assert resolve_configs(["fit", "--config", spelled]) == ["fit", "--config", config_path("embedded_grpo.yaml")]
+    assert resolve_configs(["fit", "--config=configs/strategy/ddp.yaml", "--model.ppo_steps", "3"]) == [
+        "fit", f"--config={config_path('strategy/ddp.yaml')}", "--model.ppo_steps", "3"]
+    with pytest.raises(ValueError, match=r"^--config nowhere.yaml: no such file, and no packaged config of that name "
+                                         r"\(packaged: .*embedded_grpo.yaml.*strategy/ddp.yaml"):
+        resolve_configs(["fit", "--config", "nowhere.yaml"])
+    # the README's command, from here
+    with pytest.raises(SystemExit) as exit_info:
+        run(["fit", "--config", "configs/embedded_grpo.yaml", "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["samples_per_prompt"] == 4
+    # a file that exists comes first
+    Path("embedded_grpo.yaml").write_text("seed_everything: 1\n")
+    assert resolve_configs(["fit", "-c", "embedded_grpo.yaml"]) == ["fit", "-c", "embedded_grpo.yaml"]
+
+
+@pytest.mark.parametrize("entry", ["run", "run_dpo"])  # lit-rlhf-sft and -rm share -dpo's settings
+def test_help_lists_the_packaged_configs(entry, capsys):
+    import lit_rlhf.cli as cli_module
+
+    names = packaged_configs()
+    assert {"embedded_grpo.yaml", "strategy/ddp.yaml", "offline/local_models.yaml",
+            "preferences/dpo_summarizer.yaml"} <= set(names)
+    with pytest.raises(SystemExit):
+        getattr(cli_module, entry)(["--help"])
+    listed = capsys.readouterr().out.split("Packaged configs")[1].split("\n\n")[0].split()
+    assert set(names) <= set(listed)
 
 
 def test_only_a_checkpoint_means_its_runs_config(tmp_path, monkeypatch):
@@ -321,6 +353,46 @@ def test_given_flags_win_and_the_rest_comes_from_the_checkpoint():
     assert notices[0].startswith("model.generation.top_p=0.9 (given)")
 
 
+COMMANDS_FROM_A_CHECKPOINT = {
+    # command: (its entry, the module, a setting given as a flag, another the checkpoint keeps)
+    "lit-rlhf-sft": ("run_sft", "lit_rlhf.sft:SFTModule", ("learning_rate", 2e-3, 5e-3), ("warmup_steps", 7)),
+    "lit-rlhf-rm": ("run_rm", "lit_rlhf.reward_model:RewardModelModule", ("center_coef", 0.5, 0.01),
+                    ("weight_decay", 0.2)),
+    "lit-rlhf-dpo": ("run_dpo", "lit_rlhf.dpo:DPOModule", ("beta", 0.9, 0.1), ("label_smoothing", 0.2)),
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS_FROM_A_CHECKPOINT)
+def test_every_command_lets_a_given_flag_win_over_its_checkpoint(command, tmp_path, monkeypatch, capsys):
+    """As lit-rlhf does: the flag given wins, every other model setting comes from the checkpoint."""
+    import importlib
+
+    import lit_rlhf.cli as cli_module
+
+    entry, module_path, (given, flag_value, stored_value), (kept, kept_value) = COMMANDS_FROM_A_CHECKPOINT[command]
+    module_name, class_name = module_path.split(":")
+    module_class = getattr(importlib.import_module(module_name), class_name)
+    monkeypatch.chdir(tmp_path)
+    Path("pairs.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    run_dir = Path("logs/lightning_logs/version_0")
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("model:\n  model_name: embedded:tiny-gpt2\n"
+                                         + ("data:\n  dataset: pairs.jsonl\n" if command != "lit-rlhf-sft" else ""))
+    # the hyperparameters the module itself saves (its policy is built later, in configure_model)
+    stored = module_class(model_name="embedded:tiny-gpt2", **{given: stored_value, kept: kept_value})
+    torch.save({"hyper_parameters": dict(stored.hparams)}, run_dir / "checkpoints" / "last.ckpt")
+    # parse, merge and instantiate, without running the subcommand
+    monkeypatch.setattr(cli_module.CommonCLI, "_run_subcommand", lambda self, subcommand: None)
+    cli = getattr(cli_module, entry)(["fit", "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt"),
+                                      f"--model.{given}", str(flag_value)])
+    assert cli.model.hparams[given] == pytest.approx(flag_value)
+    assert cli.model.hparams[kept] == pytest.approx(kept_value)
+    err = capsys.readouterr().err
+    assert f"model.{given}={flag_value!r} (given) replaces the checkpoint's {stored_value!r}" in err
+    # its progress bar shows measurements, not the run folder's version number
+    assert "v_num" not in cli.trainer.progress_bar_callback.get_metrics(cli.trainer, cli.model)
+
+
 def test_offline_overlay_runs_the_recipe_on_local_copies(tmp_path, monkeypatch):
     """configs/offline/local_models.yaml over the FLAN-T5 recipe, with stand-ins at the paths it names."""
     from lit_rlhf.data import load_bundled_dialogsum
@@ -372,6 +444,21 @@ def test_help_states_the_default_config_and_lists_rewards_and_evaluators(capsys)
             assert any(line.split()[:1] == [cls.__name__] for line in help_text.splitlines()), cls.__name__
 
 
+def test_only_the_subcommand_given_gets_its_full_parser(capsys):
+    """Each full subcommand parser reads the trainer's, module's and data module's signatures and docstrings:
+    a command builds the one it runs (none for the main --help)."""
+    from lit_rlhf.cli import SUBCOMMANDS, needed_subcommands
+
+    assert needed_subcommands(["fit", "--config", "x.yaml", "--help"], SUBCOMMANDS) == {"fit"}
+    assert needed_subcommands(["--config", "x.yaml", "test", "--ckpt_path", "a.ckpt"], SUBCOMMANDS) == {"test"}
+    assert needed_subcommands(["--help"], SUBCOMMANDS) == set()
+    assert needed_subcommands(["--config", "x.yaml"], SUBCOMMANDS) == set(SUBCOMMANDS)  # the config may name it
+    with pytest.raises(SystemExit):
+        run(["--help"])
+    listed = capsys.readouterr().out
+    assert all(f"    {sub} " in listed for sub in SUBCOMMANDS)
+
+
 def test_abbreviated_flags_are_refused(capsys):
     with pytest.raises(SystemExit) as exit_info:
         run(["fit", "--model.learning_rat", "1e-3", "--print_config"])
@@ -393,6 +480,49 @@ def test_a_user_error_is_one_line_unless_debugging(tmp_path, monkeypatch, capsys
     monkeypatch.setenv("LIT_RLHF_DEBUG", "1")
     with pytest.raises(ValueError, match="no such file"):
         main()
+
+
+@pytest.mark.parametrize("case", ["classifier max_length", "reward argument", "data batch_size"])
+def test_user_errors_name_the_flag_to_change(case, tmp_path, monkeypatch, capsys):
+    """The one line a user sees names the flag (``--model.reward.max_length``), not a constructor argument."""
+    from lit_rlhf.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LIT_RLHF_DEBUG", raising=False)
+    classifier = build_tiny_classifier(tmp_path / "classifier", ["a tiny vocabulary"], max_tokens=128)
+    flags, message = {
+        # the README's reward-model-to-PPO command with a classifier of 128 positions: the reward's default 512
+        "classifier max_length": (
+            ["--model.reward", "lit_rlhf.rewards.ClassifierReward", "--model.reward.model_name", str(classifier)],
+            f"--model.reward.max_length is 512 but {classifier} reads at most 128 tokens; set "
+            f"--model.reward.max_length to 128 or less"),
+        "reward argument": (["--model.reward", "lit_rlhf.rewards.ProfanityReward", "--model.reward.eps", "0.7"],
+                            "--model.reward.eps must be in (0, 0.5), got 0.7"),
+        "data batch_size": (["--data.batch_size", "100000", "--model.mini_batch_size", "4"],
+                            "data.batch_size=100000 is larger than the"),
+    }[case]
+    monkeypatch.setattr("sys.argv", ["lit-rlhf", "fit", *QUICK, *flags])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"lit-rlhf: error: ") and message in last, last
+
+
+def test_the_predictions_line_comes_after_the_progress_bar(tmp_path, caplog):
+    """The file is written at the end of the predict epoch, while the bar is still open on its line; the line
+    saying where comes at the end of predict, after the bar (added before the writer) has closed."""
+    from types import SimpleNamespace
+
+    from lit_rlhf.callbacks import PredictionWriter
+
+    writer = PredictionWriter(output_dir=str(tmp_path))
+    trainer = SimpleNamespace(world_size=1, global_rank=0, log_dir=None, default_root_dir=str(tmp_path))
+    with caplog.at_level("INFO"):
+        writer.write_on_epoch_end(trainer, None, [[{"id": "a", "score": 1.0}]], [])
+        assert (tmp_path / "predictions.jsonl").is_file() and "Predictions written" not in caplog.text
+        writer.on_predict_end(trainer, None)
+    assert f"Predictions written to {tmp_path / 'predictions.jsonl'} (1 row)" in caplog.text
 
 
 def test_only_the_known_harmless_warnings_are_filtered(caplog):

@@ -245,7 +245,7 @@ def test_missing_column_is_named(tmp_path, datasets_cache):
 def test_filter_that_keeps_nothing_reports_the_lengths(local_dir):
     lengths = [len(r["dialogue"]) for r in _hub_like_rows(40)]
     dm = DialogSumDataModule(dataset=str(local_dir), min_chars=50_000, max_chars=60_000)
-    expected = f"min_chars=50000, max_chars=60000.*from {min(lengths)} to {max(lengths)}"
+    expected = f"data.min_chars=50000, data.max_chars=60000.*from {min(lengths)} to {max(lengths)}"
     with pytest.raises(ValueError, match=expected):
         dm.setup()
 

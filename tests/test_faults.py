@@ -308,7 +308,7 @@ def test_prompts_longer_than_a_causal_context_are_cut_from_the_start():
     (["--model.ppo.kl_estimator", "bogus"], "kl_estimator"),
     (["--model.ppo_steps", "0"], "ppo_steps must be > 0"),
     (["--trainer.max_steps", "0"], "max_steps=0"),
-    (["--model.model_name", "/no/such/model"], "Could not load model_name='/no/such/model'"),
+    (["--model.model_name", "/no/such/model"], "Could not load model.model_name='/no/such/model'"),
 ])
 def test_bad_settings_fail_before_the_run_directory_is_written(flags, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

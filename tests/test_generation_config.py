@@ -84,6 +84,22 @@ def test_the_models_own_sampling_settings_do_not_change_the_rollout(tmp_path, mo
     assert torch.equal(ours, theirs)
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "generate"])
+def test_the_models_own_sampling_settings_are_named_once_with_the_flags_that_replace_them(tmp_path, caplog, fast):
+    path = build_tiny("qwen2", tmp_path, eos_token_id=[TURN_END, 0], temperature=0.7, top_p=0.8,
+                      repetition_penalty=1.05, do_sample=True)
+    policy = make_policy(path)
+    with caplog.at_level("WARNING", logger="lit_rlhf.policy"):
+        for _ in range(2):
+            rollout(policy, fast, [3, 3, 3], min_new_tokens=0, top_p=0.9)
+    notices = [r for r in caplog.records if "generation_config" in r.getMessage()]
+    assert len(notices) == 1 and notices[0].levelname == "WARNING"
+    line = notices[0].getMessage()
+    assert "temperature=0.7" in line and "top_p=0.8" in line
+    assert "--model.generation.temperature 1.0" in line and "--model.generation.top_p 0.9" in line
+    assert "repetition_penalty: no such setting here, not used" in line
+
+
 @pytest.fixture(scope="module")
 def mbart_policy(tmp_path_factory):
     """An mBART-shaped model: no decoder start token in its config (decoding starts from bos), a forced

@@ -343,7 +343,7 @@ def test_configure_model_builds_the_policy_once(monkeypatch):
 def test_bad_model_name_names_the_flag_before_anything_is_built():
     from lit_rlhf.module import PPOModule
 
-    with pytest.raises(ValueError, match=r"Could not load model_name='/no/such/model' \(model.model_name\)"):
+    with pytest.raises(ValueError, match=r"Could not load model.model_name='/no/such/model'"):
         PPOModule("/no/such/model")
 
 

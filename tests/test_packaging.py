@@ -32,6 +32,23 @@ def test_the_exactly_pinned_profanity_package_is_an_extra_that_dev_brings():
     assert "lit-rlhf[offline]" in project["optional-dependencies"]["dev"]  # the tests use the offline scorers
 
 
+def test_every_packaged_config_is_package_data_of_a_listed_package():
+    """A non-editable wheel ships a file only as package data of a package in `packages` (setuptools warns about,
+    and will stop shipping, a sub-folder that is not one): each configs/**/*.yaml must be covered."""
+    from fnmatch import fnmatch
+
+    tool = PYPROJECT["tool"]["setuptools"]
+    packages, package_data = set(tool["packages"]), tool["package-data"]
+    assert tool["package-dir"]["lit_rlhf.configs"] == "configs"
+    configs = sorted((ROOT / "configs").rglob("*.yaml"))
+    assert len(configs) >= 19
+    for config in configs:
+        folder = config.parent.relative_to(ROOT / "configs").parts
+        package = ".".join(("lit_rlhf", "configs", *folder))
+        assert package in packages, f"{package} (holds {config.name}) is not in [tool.setuptools] packages"
+        assert any(fnmatch(config.name, pattern) for pattern in package_data.get(package, [])), config
+
+
 def test_profanity_scorers_name_the_extra_when_the_package_is_missing(no_profanity_check):
     with pytest.raises(ValueError, match=f"^ProfanityReward needs the alt-profanity-check package: {EXTRA}"):
         ProfanityReward().setup()

@@ -89,12 +89,17 @@ def test_classifier_reward_truncates_long_texts(classifier_path, hf_classifier):
 
 
 def test_classifier_reward_max_length_beyond_the_model_is_rejected(classifier_path):
-    with pytest.raises(ValueError, match=f"`max_length`.*at most {MAX_TOKENS}"):
+    with pytest.raises(ValueError, match=rf"^--model.reward.max_length is 512 but .* reads at most {MAX_TOKENS} "
+                                         rf"tokens; set --model.reward.max_length to {MAX_TOKENS} or less"):
         ClassifierReward(str(classifier_path), max_length=512).setup()
+    # a part of a composite reward names where it is set
+    composite = CompositeReward([ReferenceSimilarityReward(), ClassifierReward(str(classifier_path), max_length=512)])
+    with pytest.raises(ValueError, match=r"^--model.reward.rewards\[1\].max_length is 512"):
+        composite.setup()
 
 
 def test_classifier_reward_unknown_label_lists_the_labels(classifier_path):
-    with pytest.raises(ValueError, match=r"`label` 'toxic'.*\['nothate', 'hate'\]"):
+    with pytest.raises(ValueError, match=r"^--model.reward.label 'toxic'.*\['nothate', 'hate'\]"):
         ClassifierReward(str(classifier_path), label="toxic", max_length=MAX_TOKENS).setup()
     # Case-insensitive when there is no exact match.
     assert ClassifierReward(str(classifier_path), label="NotHate", max_length=MAX_TOKENS).to("cpu").label_index == 0
@@ -165,9 +170,9 @@ def test_a_decoded_query_that_starts_with_bos_gets_one_bos(tmp_path):
 
 
 def test_classifier_reward_arguments_are_checked():
-    with pytest.raises(ValueError, match="`output`"):
+    with pytest.raises(ValueError, match=r"^--model.reward.output must be one of \['logit', 'probability'\]"):
         ClassifierReward(output="softmax")
-    with pytest.raises(ValueError, match="`batch_size`"):
+    with pytest.raises(ValueError, match="^--model.reward.batch_size must be at least 1"):
         ClassifierReward(batch_size=0)
 
 
@@ -252,9 +257,10 @@ def test_composite_reward_is_the_weighted_sum(classifier_path, profanity):
 
 
 def test_composite_reward_checks_weights(profanity):
-    with pytest.raises(ValueError, match="`weights` has 1 values for 2 `rewards`"):
+    with pytest.raises(ValueError, match=r"^--model.reward.weights has 1 values for 2 rewards \(--model.reward."
+                                         r"rewards\)"):
         CompositeReward([profanity, ReferenceSimilarityReward()], weights=[1.0])
-    with pytest.raises(ValueError, match="`rewards`"):
+    with pytest.raises(ValueError, match="^--model.reward.rewards must hold at least one"):
         CompositeReward([])
 
 

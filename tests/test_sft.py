@@ -197,7 +197,7 @@ def test_bad_settings_and_inputs_fail_clearly():
         SFTModule(learning_rate=0.0)
     with pytest.raises(ValueError, match="model.decay_steps"):
         SFTModule(warmup_steps=10, decay_steps=5)
-    with pytest.raises(ValueError, match="init_from_scratch=True .* finetune='full'"):
+    with pytest.raises(ValueError, match="model.init_from_scratch=true .* model.finetune=full"):
         SFTModule(init_from_scratch=True, finetune="lora")
     with pytest.raises(ValueError, match="max_summary_tokens"):
         DialogSumDataModule(with_labels=True, max_summary_tokens=1)
