@@ -11,9 +11,9 @@ from transformers import AutoTokenizer
 
 from lit_rlhf.cli import config_path, run
 from lit_rlhf.data import DEFAULT_PROMPT_TEMPLATE, DialogSumDataModule, load_bundled_dialogsum
-from lit_rlhf.prompts import PromptDataModule
+from lit_rlhf.prompts import PromptDataModule, end_of_turn
 from lit_rlhf.tiny import resolve_model_path
-from conftest import CHAT_TEMPLATE, write_jsonl
+from conftest import CHAT_TEMPLATE, END_OF_TURN, write_jsonl
 
 # small files are converted into each test's folder, not the user's datasets cache
 pytestmark = pytest.mark.usefixtures("datasets_cache")
@@ -195,6 +195,23 @@ def test_a_chat_prompt_keeps_its_system_prompt_and_generation_prompt(tmp_path, q
     assert "<|system|>Be brief.\n<|user|>new question " + "y " * 20 + "\n<|assistant|>" in queries
     last = [q for q in queries if "about a cat" in q]
     assert last and all("question" not in q and "story" not in q for q in last)
+
+
+def test_a_chat_completion_ends_in_the_turn_end_its_template_writes(tmp_path, qwen_with_end_of_turn,
+                                                                    qwen_with_chat_template):
+    conversation = [{"role": "user", "content": "2 + 2 ="}, {"role": "assistant", "content": "4"}]
+    source = write_jsonl(tmp_path / "c.jsonl", [{"messages": conversation}] * 4)
+    dm = ready(model_name=str(qwen_with_end_of_turn), dataset=str(source), messages_column="messages",
+               with_labels=True, test_size=0.25)
+    end = dm.tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    assert end != dm.tokenizer.eos_token_id and end_of_turn(dm.tokenizer, chat=True) == end
+    assert all(ids[-1] == end for ids in dm.train_set["summary_ids"])
+    assert dm.train_set[0]["query"].endswith("<|assistant|>")
+    # a template whose turn ends in plain text (a newline), or no chat template at all: the tokenizer's eos
+    plain = ready(model_name=str(qwen_with_chat_template), dataset=str(source), messages_column="messages",
+                  with_labels=True, test_size=0.25)
+    assert all(ids[-1] == plain.tokenizer.eos_token_id for ids in plain.train_set["summary_ids"])
+    assert end_of_turn(dm.tokenizer, chat=False) == dm.tokenizer.eos_token_id
 
 
 # -- the DialogSum preset -------------------------------------------------------------------------------------
