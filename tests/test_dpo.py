@@ -247,11 +247,11 @@ def test_pairs_longer_than_the_context_are_cut_to_fit_it_not_an_index_error(tmp_
     data.prepare_data()
     data.setup("fit")
     fitted = list(data.train_set) + list(data.test_set)
+    module = DPOModule(str(short_context_gpt2), dtype="float32")
+    assert torch.isfinite(module.dpo_step(data.collator(fitted))["loss"])  # every pair, as one batch
     assert len(fitted) == 8 and data.summary()["prompts_cut"] > 0
     assert all(len(r["input_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) <= 32 for r in fitted)
     assert all(r["query"].endswith(" which is better?") for r in fitted)
-    module = DPOModule(str(short_context_gpt2), dtype="float32")
-    assert torch.isfinite(module.dpo_step(next(iter(data.val_dataloader())))["loss"])
     # truncation=drop: the long pairs go, counted as too long
     short = [{**row, "prompt": "which is better?"} for row in rows]
     dropped = PreferenceDataModule(model_name=str(short_context_gpt2), truncation="drop", test_size=0.25,

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from lit_rlhf.cli import config_path, run
 from lit_rlhf.data import DEFAULT_PROMPT_TEMPLATE, DialogSumDataModule, load_bundled_dialogsum
-from lit_rlhf.prompts import PromptDataModule, end_of_turn
+from lit_rlhf.prompts import PromptDataModule
 from lit_rlhf.tiny import resolve_model_path
 from conftest import CHAT_TEMPLATE, END_OF_TURN, write_jsonl
 
@@ -199,6 +199,8 @@ def test_a_chat_prompt_keeps_its_system_prompt_and_generation_prompt(tmp_path, q
 
 def test_a_chat_completion_ends_in_the_turn_end_its_template_writes(tmp_path, qwen_with_end_of_turn,
                                                                     qwen_with_chat_template):
+    from lit_rlhf.prompts import end_of_turn
+
     conversation = [{"role": "user", "content": "2 + 2 ="}, {"role": "assistant", "content": "4"}]
     source = write_jsonl(tmp_path / "c.jsonl", [{"messages": conversation}] * 4)
     dm = ready(model_name=str(qwen_with_end_of_turn), dataset=str(source), messages_column="messages",
