@@ -81,7 +81,8 @@ def apply_prompt_and_tokenize(
     max_prompt_tokens: int | None,
 ) -> dict[str, list]:
     """The prompt (``prompt_template`` around each dialogue), its token ids (the dialogue cut so that the prompt
-    fits ``max_prompt_tokens``) and the query text decoded from them: the columns training, evaluation and predict read."""
+    fits ``max_prompt_tokens``) and the query text decoded from them: the columns training, evaluation and
+    predict read."""
     fmt = PromptFormat(template=prompt_template, max_prompt_tokens=max_prompt_tokens)
     return encode_prompts(batch, tokenizer, fmt)
 

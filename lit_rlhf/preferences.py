@@ -1,7 +1,8 @@
 """Preference pairs (prompt, chosen response, rejected response) for reward models and DPO.
 
     pair_texts            rows -> the prompt's messages, the two response texts, why a row is skipped (if it is)
-    encode_pairs          pair texts -> prompt ids (fit to the limits), response ids (end-of-turn last), the classifier's ids
+    encode_pairs          pair texts -> prompt ids (fit to the limits), response ids (end-of-turn last), the
+                          classifier's ids
     PreferenceCollator    rows -> a padded preference batch
     ScoringCollator       predict rows (prompt, response) -> a padded batch of the classifier's texts
     PreferenceDataModule  ``PromptDataModule`` over pairs: load, check, filter, split, the resumable stream
@@ -10,14 +11,14 @@ A row is either text columns (``prompt_column``, ``chosen_column``, ``rejected_c
 in ``chosen_column``/``rejected_column`` (lists of ``{role, content}``, as hub preference datasets store them):
 their shared leading turns are the prompt, each last (assistant) turn is a response.
 
-A batch holds ``prompt_input_ids``/``prompt_attention_mask`` (LongTensor [B, P], padded on the policy's side:
-right for encoder-decoder models, left for decoder-only ones), ``chosen_ids``/``chosen_mask`` [B, Tc] and
+A batch holds ``prompt_input_ids``/``prompt_attention_mask`` (LongTensor [B, P], padded on the policy's side: right
+for encoder-decoder models, left for decoder-only ones), ``chosen_ids``/``chosen_mask`` [B, Tc] and
 ``rejected_ids``/``rejected_mask`` [B, Tr] (the responses alone, right-padded, ending in the chat template's
-end-of-turn token, else in eos when the tokenizer has one), ``chosen_input_ids``/``chosen_attention_mask`` and ``rejected_input_ids``/
-``rejected_attention_mask`` (query + newline + response as one text through the tokenizer, or the response
-alone with ``classifier_text="response"``, padded on the tokenizer's side: what a sequence classifier reads,
-exactly as ``ClassifierReward(text=...)`` reads it in a rollout), lists ``prompt``, ``query`` (the prompt ids decoded, as rollouts give it to rewards),
-``chosen``, ``rejected``, ``id``, and with ``margin_column`` a FloatTensor
+end-of-turn token, else in eos when the tokenizer has one), ``chosen_input_ids``/``chosen_attention_mask`` and
+``rejected_input_ids``/``rejected_attention_mask`` (query + newline + response as one text through the tokenizer, or
+the response alone with ``classifier_text="response"``, padded on the tokenizer's side: what a sequence classifier
+reads, exactly as ``ClassifierReward(text=...)`` reads it in a rollout), lists ``prompt``, ``query`` (the prompt ids
+decoded, as rollouts give it to rewards), ``chosen``, ``rejected``, ``id``, and with ``margin_column`` a FloatTensor
 ``margin`` [B].
 """
 
@@ -120,11 +121,11 @@ def encode_pairs(
     classifier_text: TextField = "prompt+response",
 ) -> dict[str, list]:
     """The prompt as ``encode_prompts`` renders and fits it (chat template, system prompt; cut in its content so
-    that it fits beside the longer response), both responses' ids (ending in the chat template's end-of-turn
-    token, else eos), and the classifier's ids of ``query + "\\n" + response`` (or of the response alone, ``classifier_text="response"``):
-    the query is the prompt as PPO's rewards receive it (its ids decoded, special tokens such as T5's ``</s>``
-    included), so a reward model trains on the very text ``ClassifierReward(text=classifier_text)`` scores in a
-    rollout."""
+    that it fits beside the longer response), both responses' ids (ending in the chat template's end-of-turn token,
+    else eos), and the classifier's ids of ``query + "\\n" + response`` (or of the response alone,
+    ``classifier_text="response"``): the query is the prompt as PPO's rewards receive it (its ids decoded, special
+    tokens such as T5's ``</s>`` included), so a reward model trains on the very text
+    ``ClassifierReward(text=classifier_text)`` scores in a rollout."""
     end = end_of_turn(tokenizer, fmt.chat)
     responses = {side: _response_ids(batch[f"{side}_text"], tokenizer, end) for side in ("chosen", "rejected")}
     reserved = [max(len(c), len(r)) for c, r in zip(responses["chosen"], responses["rejected"])]
@@ -294,8 +295,8 @@ class PreferenceDataModule(PromptDataModule):
         super().__init__(
             model_name=model_name, dataset=dataset, split=split, eval_split=eval_split, prompt_column=prompt_column,
             chat_template=chat_template, system_prompt=system_prompt, max_prompt_tokens=max_prompt_tokens,
-            truncation=truncation, test_size=test_size, split_seed=split_seed, shuffle_split=True, batch_size=batch_size,
-            eval_batch_size=eval_batch_size, num_workers=num_workers, shuffle=shuffle, seed=seed,
+            truncation=truncation, test_size=test_size, split_seed=split_seed, shuffle_split=True,
+            batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, shuffle=shuffle, seed=seed,
             predict_path=predict_path,
         )
         self.save_hyperparameters(logger=False)  # this module's own arguments (config.yaml has these)

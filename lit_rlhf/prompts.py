@@ -135,8 +135,8 @@ def end_of_turn(tokenizer: PreTrainedTokenizerBase, chat: bool) -> int | None:
         return eos
     mark = "\u2063lit-rlhf-response\u2063"  # text no conversation holds
     try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}],
-                                             tokenize=False)
+        turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}]
+        text = tokenizer.apply_chat_template(turn, tokenize=False)
     except Exception:  # a template that renders no assistant turn alone: the tokenizer's eos
         return eos
     if mark not in text:

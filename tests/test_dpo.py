@@ -242,8 +242,8 @@ def test_pairs_longer_than_the_context_are_cut_to_fit_it_not_an_index_error(tmp_
 
     rows = [{"prompt": " ".join(f"w{k}" for k in range(6 * i + 6)) + " which is better?",
              "chosen": "the first one", "rejected": "the second one by far"} for i in range(8)]
-    data = PreferenceDataModule(model_name=str(short_context_gpt2), dataset=str(write_jsonl(tmp_path / "p.jsonl", rows)),
-                                test_size=0.25, batch_size=2, eval_batch_size=8)
+    data = PreferenceDataModule(model_name=str(short_context_gpt2), test_size=0.25, batch_size=2, eval_batch_size=8,
+                                dataset=str(write_jsonl(tmp_path / "p.jsonl", rows)))
     data.prepare_data()
     data.setup("fit")
     fitted = list(data.train_set) + list(data.test_set)
