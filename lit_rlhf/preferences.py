@@ -356,9 +356,8 @@ class PreferenceDataModule(PromptDataModule):
     def _response_limit(self) -> int | None:
         """A response's token limit: ``max_response_tokens``, and an encoder-decoder model's decoder positions (a
         decoder-only model's context is shared with the prompt: ``encode_prompts`` fits the prompt beside it)."""
-        limits = [self.max_response_tokens, self.max_context_tokens if self.is_encoder_decoder else None]
-        limits = [n for n in limits if n is not None]
-        return min(limits) if limits else None
+        limits = (self.max_response_tokens, self.max_context_tokens if self.is_encoder_decoder else None)
+        return min((n for n in limits if n is not None), default=None)
 
     def _pair_prompt_format(self) -> PromptFormat:
         """How a pair's (or a scored row's) prompt messages become the prompt: chat template, system prompt, the

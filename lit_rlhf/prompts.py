@@ -1,6 +1,7 @@
 """Prompts for PPO from any source: a column of text, a template over columns, or chat messages.
 
-    PromptFormat         how a row becomes a prompt (column, template, messages, chat template, labels)
+    PromptFormat         how a row becomes a prompt (column, template, messages, chat template, labels, limits)
+    fit_prompt           a prompt over its token limit, cut in its content (never its frame) or marked too long
     encode_prompts       rows -> prompt text, its token ids, the query decoded from them (datasets.map)
     PromptCollator       rows -> a padded batch (tensors for the model, lists for rewards and logs)
     PromptStreamSampler  the seeded stream of rollout batches, resumable, one slice per process
@@ -219,8 +220,7 @@ def prompt_limit(fmt: PromptFormat, reserved: int = 0) -> int | None:
     limits = [fmt.max_prompt_tokens]
     if fmt.max_context_tokens is not None:
         limits.append(fmt.max_context_tokens - (reserved if fmt.decoder_only else 0))
-    limits = [n for n in limits if n is not None]
-    return min(limits) if limits else None
+    return min((n for n in limits if n is not None), default=None)
 
 
 def encode_prompts(
@@ -257,9 +257,10 @@ def encode_prompts(
     out: dict[str, list] = {"prompt": [render(c) for c in conversations]}
     whole = tokenizer(out["prompt"], add_special_tokens=not fmt.chat).input_ids  # one batched call
     if fmt.with_labels:
-        completion_limit = min(n for n in (fmt.max_completion_tokens, fmt.max_context_tokens, 10**9) if n is not None)
-        out["summary_ids"] = tokenize_completions(completions, tokenizer, completion_limit,
-                                                  end_of_turn(tokenizer, fmt.chat))
+        # an encoder-decoder model's decoder has its own positions; a decoder-only model's context is shared, and
+        # a completion that fills it leaves the prompt no room (the row is then too long)
+        limit = min((n for n in (fmt.max_completion_tokens, fmt.max_context_tokens) if n is not None), default=None)
+        out["summary_ids"] = tokenize_completions(completions, tokenizer, limit, end_of_turn(tokenizer, fmt.chat))
         out["completion"] = completions
         reserved = [len(ids) for ids in out["summary_ids"]]
     fitted = [fit_prompt(c, encode, prompt_limit(fmt, reserved[i] if reserved else 0), fmt.truncation, tokenizer,
@@ -688,15 +689,17 @@ class PromptDataModule(L.LightningDataModule):
         return encoded.filter(_fits, input_columns=PROMPT_FIT, batched=True) if fit["too_long"] else encoded
 
     def _limits_in_words(self) -> str:
+        """The prompt limits in force, as the settings name them."""
         context = (f"the model's {self.max_context_tokens}-token context" if self.max_context_tokens is not None
                    else None)
         prompt = (f"data.max_prompt_tokens={self.max_prompt_tokens}" if self.max_prompt_tokens is not None else None)
         return " and ".join(x for x in (prompt, context) if x) or "no limit"
 
     def _log_prompt_counts(self, where: str) -> None:
+        """One line: how many prompts of ``where`` were cut and dropped (nothing when none were)."""
         counts = self.prompt_counts
         if counts["prompts_cut"] or counts["prompts_dropped"]:
-            rank_zero_info(f"{where} of dataset={self.dataset!r} over {self._limits_in_words()}: "
+            rank_zero_info(f"{where} over {self._limits_in_words()}: "
                            f"{counts['prompts_cut']} cut in their content, {counts['prompts_dropped']} dropped "
                            f"(data.truncation={self.truncation})")
 
@@ -744,7 +747,7 @@ class PromptDataModule(L.LightningDataModule):
             return
         if self.train_set is None:
             self.train_set, self.test_set = self._build()
-            self._log_prompt_counts("Prompts")  # here, not in _build: prepare_data builds too
+            self._log_prompt_counts(f"Prompts of dataset={self.dataset!r}")  # not in _build: prepare_data builds too
 
     @quiet_datasets_progress()
     def _load_predict_rows(self) -> datasets.Dataset:
