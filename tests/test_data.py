@@ -402,3 +402,16 @@ def test_setup_prints_no_map_or_filter_progress_bar_and_keeps_the_users_setting(
     assert not datasets.utils.are_progress_bars_disabled()
     datasets.Dataset.from_dict({"x": [1, 2]}).map(lambda row: row)
     assert "Map" in capfd.readouterr().err
+
+
+def test_predict_prompts_are_cut_in_their_dialogue_or_dropped(tmp_path, datasets_cache):
+    long = "\n".join(f"#Person{1 + k % 2}#: sentence number {k} of a long talk." for k in range(40))
+    predict_file = write_jsonl(tmp_path / "dialogues.jsonl", [{"dialogue": long}, {"dialogue": "#Person1#: Hi."}])
+    dm = DialogSumDataModule(predict_path=str(predict_file), max_prompt_tokens=64)
+    dm.setup("predict")
+    assert len(dm.predict_set) == 2 and dm.predict_set["prompt_fit"] == ["cut", "whole"]
+    assert all(len(ids) <= 64 and q.endswith("\n\nSummary:\n</s>") for ids, q in
+               zip(dm.predict_set["input_ids"], dm.predict_set["query"]))
+    dropped = DialogSumDataModule(predict_path=str(predict_file), max_prompt_tokens=64, truncation="drop")
+    dropped.setup("predict")
+    assert dropped.predict_set["dialogue"] == ["#Person1#: Hi."] and dropped.prompt_counts["prompts_dropped"] == 1
