@@ -135,10 +135,21 @@ def qwen_with_end_of_turn(tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def short_context_gpt2(tmp_path_factory) -> Path:
-    """A tiny GPT-2 with a 32-position context: rows of ordinary length overflow it."""
-    from lit_rlhf.tiny import build_tiny_gpt2
+    """A tiny GPT-2 with a 32-position context (the embedded GPT-2's tokenizer, random weights): rows of ordinary
+    length overflow it."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    return Path(build_tiny_gpt2(str(tmp_path_factory.mktemp("gpt2") / "short"), n_layer=1, n_positions=32))
+    from lit_rlhf.tiny import resolve_model_path
+
+    folder = tmp_path_factory.mktemp("gpt2") / "short"
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("embedded:tiny-gpt2"))
+    eos = tokenizer.eos_token_id
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                        bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 def build_tiny_classifier(path: Path, sentences: list[str], max_tokens: int = 512) -> Path:
