@@ -15,8 +15,8 @@ from importlib import resources
 from transformers import PreTrainedTokenizerBase
 
 from lit_rlhf.prompts import (  # noqa: F401  (the generic pieces, importable from here as before)
-    LengthGroupedBatchSampler, PromptCollator, PromptDataModule, PromptFormat, PromptStreamSampler, encode_prompts,
-    tokenize_completions,
+    LengthGroupedBatchSampler, PromptCollator, PromptDataModule, PromptFormat, PromptStreamSampler, Truncation,
+    encode_prompts, tokenize_completions,
 )
 from lit_rlhf.sources import load_local_directory as _load_local_directory  # noqa: F401
 from lit_rlhf.sources import quiet_datasets_progress, read_data_files
@@ -80,8 +80,9 @@ def apply_prompt_and_tokenize(
     prompt_template: str,
     max_prompt_tokens: int | None,
 ) -> dict[str, list]:
-    """The prompt (``prompt_template`` around each dialogue), its token ids (truncated to ``max_prompt_tokens``)
-    and the query text decoded from them: the columns training, evaluation and predict read."""
+    """The prompt (``prompt_template`` around each dialogue), its token ids (the dialogue cut so that the prompt
+    fits ``max_prompt_tokens``) and the query text decoded from them: the columns training, evaluation and
+    predict read."""
     fmt = PromptFormat(template=prompt_template, max_prompt_tokens=max_prompt_tokens)
     return encode_prompts(batch, tokenizer, fmt)
 
@@ -147,9 +148,12 @@ class DialogSumDataModule(PromptDataModule):
         max_chars: Keep dialogues at most this many characters long.
         prompt_template: Prompt text; ``{dialogue}`` is replaced by the dialogue (other ``{column}`` placeholders by
             that column of the row; ``{{``/``}}`` are literal braces).
-        max_prompt_tokens: If set, prompts are truncated to this many tokens, on the tokenizer's
-            truncation side (the right by default, which cuts the end of the prompt, "Summary:"
-            included); ``None`` (the recipe) keeps whole prompts. Prefer ``max_chars`` to bound length.
+        max_prompt_tokens: If set, the longest prompt in tokens: a longer one is cut in its dialogue (the
+            dialogue's end goes; the instruction and "Summary:" stay whole) or dropped (``truncation``).
+            ``None`` (the recipe) keeps whole prompts. Prefer ``max_chars`` to bound length.
+        truncation: What a prompt over ``max_prompt_tokens`` (or the model's context) becomes: ``content``
+            (default) cuts the end of its dialogue, so every prompt keeps the instruction and ends with
+            "Summary:"; ``drop`` drops the dialogue. ``summary()`` and the log count both.
         test_size: Fraction of the filtered rows held out for validation and test; as in datasets'
             ``train_test_split``, the held-out count is rounded up.
         split_seed: Seed of the train/held-out split; only used when ``shuffle_split`` is True.
@@ -184,6 +188,7 @@ class DialogSumDataModule(PromptDataModule):
         max_chars: int = 1000,
         prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
         max_prompt_tokens: int | None = None,
+        truncation: Truncation = "content",
         test_size: float = 0.2,
         split_seed: int = 42,
         shuffle_split: bool = False,
@@ -203,7 +208,7 @@ class DialogSumDataModule(PromptDataModule):
             model_name=model_name, dataset="bundled:dialogsum" if dataset == "bundled" else dataset, split=split,
             prompt_column=None, template=prompt_template, chat_template=False, reference_column="summary",
             completion_column="summary", filter_column="dialogue", min_chars=min_chars, max_chars=max_chars,
-            max_prompt_tokens=max_prompt_tokens, test_size=test_size, split_seed=split_seed,
+            max_prompt_tokens=max_prompt_tokens, truncation=truncation, test_size=test_size, split_seed=split_seed,
             shuffle_split=shuffle_split, batch_size=batch_size, eval_batch_size=eval_batch_size,
             num_workers=num_workers, shuffle=shuffle, seed=seed, with_labels=with_labels,
             max_completion_tokens=max_summary_tokens, group_by_length=group_by_length, predict_path=predict_path,

@@ -1,7 +1,8 @@
 """Preference pairs (prompt, chosen response, rejected response) for reward models and DPO.
 
     pair_texts            rows -> the prompt's messages, the two response texts, why a row is skipped (if it is)
-    encode_pairs          pair texts -> prompt ids, response ids (eos last), the classifier's ids
+    encode_pairs          pair texts -> prompt ids (fit to the limits), response ids (end-of-turn last), the
+                          classifier's ids
     PreferenceCollator    rows -> a padded preference batch
     ScoringCollator       predict rows (prompt, response) -> a padded batch of the classifier's texts
     PreferenceDataModule  ``PromptDataModule`` over pairs: load, check, filter, split, the resumable stream
@@ -10,11 +11,11 @@ A row is either text columns (``prompt_column``, ``chosen_column``, ``rejected_c
 in ``chosen_column``/``rejected_column`` (lists of ``{role, content}``, as hub preference datasets store them):
 their shared leading turns are the prompt, each last (assistant) turn is a response.
 
-A batch holds ``prompt_input_ids``/``prompt_attention_mask`` (LongTensor [B, P], padded on the policy's side:
-right for encoder-decoder models, left for decoder-only ones), ``chosen_ids``/``chosen_mask`` [B, Tc] and
-``rejected_ids``/``rejected_mask`` [B, Tr] (the responses alone, eos last when the tokenizer has one,
-right-padded), ``chosen_input_ids``/``chosen_attention_mask`` and ``rejected_input_ids``/
-``rejected_attention_mask`` (query + newline + response, or the response alone with
+A batch holds ``prompt_input_ids``/``prompt_attention_mask`` (LongTensor [B, P], padded on the policy's side: right
+for encoder-decoder models, left for decoder-only ones), ``chosen_ids``/``chosen_mask`` [B, Tc] and
+``rejected_ids``/``rejected_mask`` [B, Tr] (the responses alone, right-padded, ending in the chat template's
+end-of-turn token, else in eos when the tokenizer has one), ``chosen_input_ids``/``chosen_attention_mask`` and
+``rejected_input_ids``/``rejected_attention_mask`` (query + newline + response, or the response alone with
 ``classifier_text="response"``, encoded by ``rewards.classifier_input_ids``: the response whole, the query cut from
 its start to ``classifier_max_length``; padded on the tokenizer's side: what a sequence classifier reads, exactly
 as ``ClassifierReward(text=...)`` reads it in a rollout), lists ``prompt``, ``query`` (the prompt ids decoded, as
@@ -35,7 +36,8 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lit_rlhf.prompts import (
-    ChatTemplate, PromptDataModule, PromptFormat, _pad, _rows, encode_prompts, with_string_ids,
+    PROMPT_FIT, ChatTemplate, PromptDataModule, PromptFormat, Truncation, _pad, _rows, encode_prompts, end_of_turn,
+    with_string_ids,
 )
 from lit_rlhf.rewards import TextField, classifier_input_ids, classifier_max_length
 from lit_rlhf.sources import quiet_datasets_progress, read_data_files
@@ -102,28 +104,31 @@ def pair_texts(batch: dict[str, list], cols: PairColumns, conversations: bool) -
     return out
 
 
-def _response_ids(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
-    """Response token ids, eos last when the tokenizer has one (no prompt, no decoder start token)."""
+def _response_ids(texts: list[str], tokenizer: PreTrainedTokenizerBase, end_id: int | None) -> list[list[int]]:
+    """Response token ids, ``end_id`` last (the end-of-turn token; none when None), with no prompt and no decoder
+    start token."""
     ids = tokenizer(texts, add_special_tokens=False).input_ids
-    eos = tokenizer.eos_token_id
-    return ids if eos is None else [row + [eos] for row in ids]
+    return ids if end_id is None else [row + [end_id] for row in ids]
 
 
 def encode_pairs(
     batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat,
     classifier_text: TextField = "prompt+response", classifier_limit: int | None = None,
 ) -> dict[str, list]:
-    """The prompt as ``encode_prompts`` renders it (chat template, system prompt), both responses' ids, and the
-    classifier's ids of ``query + "\\n" + response`` (or of the response alone, ``classifier_text="response"``) in
-    at most ``classifier_limit`` tokens, with ``<side>_cut`` when a response alone is longer: the query is the prompt
-    as PPO's rewards receive it (its ids decoded, special tokens such as T5's ``</s>`` included) and
-    ``classifier_input_ids`` encodes it as ``ClassifierReward(text=classifier_text)`` does in a rollout, so a reward
-    model trains on what it scores there."""
-    out = encode_prompts(batch, tokenizer, fmt)
+    """The prompt as ``encode_prompts`` renders and fits it (chat template, system prompt; cut in its content so
+    that it fits beside the longer response), both responses' ids (ending in the chat template's end-of-turn token,
+    else eos), and the classifier's ids of ``query + "\\n" + response`` (or of the response alone,
+    ``classifier_text="response"``) in at most ``classifier_limit`` tokens, with ``<side>_cut`` when a response alone
+    is longer: the query is the prompt as PPO's rewards receive it (its ids decoded, special tokens such as T5's
+    ``</s>`` included) and ``classifier_input_ids`` encodes it as ``ClassifierReward(text=classifier_text)`` does in a
+    rollout, so a reward model trains on what it scores there."""
+    end = end_of_turn(tokenizer, fmt.chat)
+    responses = {side: _response_ids(batch[f"{side}_text"], tokenizer, end) for side in ("chosen", "rejected")}
+    reserved = [max(len(c), len(r)) for c, r in zip(responses["chosen"], responses["rejected"])]
+    out = encode_prompts(batch, tokenizer, fmt, reserved)
     for side in ("chosen", "rejected"):
-        texts = batch[f"{side}_text"]
-        out[f"{side}_ids"] = _response_ids(texts, tokenizer)
-        inputs = classifier_input_ids(tokenizer, classifier_text, out["query"], texts, classifier_limit)
+        out[f"{side}_ids"] = responses[side]
+        inputs = classifier_input_ids(tokenizer, classifier_text, out["query"], batch[f"{side}_text"], classifier_limit)
         out[f"{side}_input_ids"], out[f"{side}_cut"] = inputs
     return out
 
@@ -131,8 +136,8 @@ def encode_pairs(
 def encode_scored(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat,
                   prompt_column: str, response_column: str, classifier_text: TextField,
                   classifier_limit: int | None = None) -> dict[str, list]:
-    """Predict rows: the prompt rendered as for pairs (one user turn, chat template, system prompt; cut to
-    ``fmt.max_prompt_tokens`` as a rollout cuts it) and the classifier's ids of query + newline + response (or of
+    """Predict rows: the prompt rendered as for pairs (one user turn, chat template, system prompt; fit to
+    ``fmt``'s limits in its content, as any prompt) and the classifier's ids of query + newline + response (or of
     the response alone), as ``encode_pairs`` makes them. ``prompt`` stays the row's own text."""
     responses = [str(r) for r in batch[response_column]]
     prompts = [str(p or "") for p in batch[prompt_column]] if prompt_column in batch else [""] * len(responses)
@@ -143,13 +148,13 @@ def encode_scored(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, fm
     return out
 
 
-def _pair_fits(prompt: list[list[int]], chosen: list[list[int]], rejected: list[list[int]], chosen_cut: list[bool],
-               rejected_cut: list[bool], max_prompt: int | None, max_response: int | None) -> list[bool]:
-    """Pairs within the token limits whose responses the classifier reads whole (a cut response may lose what
-    tells chosen from rejected)."""
+def _pair_fits(prompt_fit: list[str], chosen: list[list[int]], rejected: list[list[int]], chosen_cut: list[bool],
+               rejected_cut: list[bool], max_response: int | None) -> list[bool]:
+    """Pairs whose prompt fit (whole or cut, ``encode_prompts``), whose responses are within ``max_response`` and
+    whose responses the classifier reads whole (a cut response may lose what tells chosen from rejected)."""
     inf = float("inf")
-    return [len(p) <= (max_prompt or inf) and max(len(c), len(r)) <= (max_response or inf) and not (cc or rc)
-            for p, c, r, cc, rc in zip(prompt, chosen, rejected, chosen_cut, rejected_cut)]
+    return [how != "too_long" and max(len(c), len(r)) <= (max_response or inf) and not (cc or rc)
+            for how, c, r, cc, rc in zip(prompt_fit, chosen, rejected, chosen_cut, rejected_cut)]
 
 
 def _usable(skip: list[str]) -> list[bool]:
@@ -225,9 +230,14 @@ class PreferenceDataModule(PromptDataModule):
         chat_template: ``auto``: the tokenizer's chat template (generation prompt included) for a decoder-only
             model that has one; ``true``: always; ``false``: plain text.
         system_prompt: A system message put before each prompt.
-        max_prompt_tokens: Pairs whose prompt is longer than this many tokens are dropped (counted). None: no limit.
-        max_response_tokens: Pairs with a response longer than this many tokens (eos included) are dropped
-            (counted). None: no limit.
+        max_prompt_tokens: The longest prompt in tokens; a decoder-only model's context must also hold the prompt
+            and the longer response together. A prompt over its limit is cut in its content or its pair dropped
+            (``truncation``; both counted). None: no limit but the context.
+        truncation: ``content`` (default): cut an over-long prompt's content (the oldest turns, then the start
+            of the last user message), never the chat template's frame; ``drop``: drop the pair.
+        max_response_tokens: Pairs with a response longer than this many tokens (the end-of-turn token included:
+            eos, or the chat template's own) are dropped (counted); never cut, since a cut response is another
+            answer. None: no limit but the model's context.
         classifier_text: What a reward model reads of each pair's side: ``prompt+response`` (the query, a
             newline, the response) or the ``response`` alone; give ``ClassifierReward`` the same ``text``.
         classifier_max_length: The most tokens a reward model reads of a pair's side (training and predict): the
@@ -260,6 +270,7 @@ class PreferenceDataModule(PromptDataModule):
         chat_template: ChatTemplate = "auto",
         system_prompt: str | None = None,
         max_prompt_tokens: int | None = None,
+        truncation: Truncation = "content",
         max_response_tokens: int | None = None,
         classifier_text: TextField = "prompt+response",
         classifier_max_length: int | None = None,
@@ -288,8 +299,8 @@ class PreferenceDataModule(PromptDataModule):
         super().__init__(
             model_name=model_name, dataset=dataset, split=split, eval_split=eval_split, prompt_column=prompt_column,
             chat_template=chat_template, system_prompt=system_prompt, max_prompt_tokens=max_prompt_tokens,
-            test_size=test_size, split_seed=split_seed, shuffle_split=True, batch_size=batch_size,
-            eval_batch_size=eval_batch_size, num_workers=num_workers, shuffle=shuffle, seed=seed,
+            truncation=truncation, test_size=test_size, split_seed=split_seed, shuffle_split=True,
+            batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, shuffle=shuffle, seed=seed,
             predict_path=predict_path,
         )
         self.save_hyperparameters(logger=False)  # this module's own arguments (config.yaml has these)
@@ -334,10 +345,10 @@ class PreferenceDataModule(PromptDataModule):
             "tokenizer": self.tokenizer, "fmt": self._pair_prompt_format(), "classifier_text": self.classifier_text,
             "classifier_limit": self.classifier_limit()})
         kept = encoded.filter(
-            _pair_fits, input_columns=["input_ids", "chosen_ids", "rejected_ids", "chosen_cut", "rejected_cut"],
-            batched=True,
-            fn_kwargs={"max_prompt": self.max_prompt_tokens, "max_response": self.max_response_tokens})
+            _pair_fits, input_columns=[PROMPT_FIT, "chosen_ids", "rejected_ids", "chosen_cut", "rejected_cut"],
+            batched=True, fn_kwargs={"max_response": self._response_limit()})
         self._skipped["too_long"] += len(encoded) - len(kept)
+        self.prompt_counts["prompts_cut"] += sum(how == "cut" for how in kept[PROMPT_FIT])
         if len(kept) == 0:
             raise ValueError(
                 f"no pair of dataset={self.dataset!r} is left ({len(rows)} rows; skipped: {dict(self._skipped)}): "
@@ -355,11 +366,11 @@ class PreferenceDataModule(PromptDataModule):
                 f"Preference pairs of dataset={self.dataset!r}: skipped {skipped['identical']} with identical chosen "
                 f"and rejected responses, {skipped['empty']} with a null or empty prompt or response (the first: row "
                 f"{self._empty.first_id!r}), and "
-                f"{skipped['too_long']} longer than data.max_prompt_tokens={self.max_prompt_tokens} or "
-                f"data.max_response_tokens={self.max_response_tokens} tokens, or with a response longer than the "
-                f"{self.classifier_limit()} tokens a reward model reads (data.classifier_max_length)")
+                f"{skipped['too_long']} too long for {self._limits_in_words()} and "
+                f"data.max_response_tokens={self.max_response_tokens} (data.truncation={self.truncation}), or with a "
+                f"response longer than the {self.classifier_limit()} tokens a reward model reads "
+                "(data.classifier_max_length)")
         return train, test
-
     def classifier_limit(self) -> int | None:
         """The most tokens a reward model reads of a pair's side: ``classifier_max_length``, or the model's own
         limit; a setting beyond the model's limit is an error."""
@@ -375,11 +386,19 @@ class PreferenceDataModule(PromptDataModule):
                              f"{self.model_name!r} reads at most {limit} tokens; set it to {limit} or less")
         return self.classifier_max_length
 
-    def _pair_prompt_format(self, max_prompt_tokens: int | None = None) -> PromptFormat:
-        """How a pair's (or a scored row's) prompt messages become the prompt: chat template, system prompt;
-        pairs over ``max_prompt_tokens`` are dropped rather than cut, so training pairs pass no limit here."""
+    def _response_limit(self) -> int | None:
+        """A response's token limit: ``max_response_tokens``, and an encoder-decoder model's decoder positions (a
+        decoder-only model's context is shared with the prompt: ``encode_prompts`` fits the prompt beside it)."""
+        limits = (self.max_response_tokens, self.max_context_tokens if self.is_encoder_decoder else None)
+        return min((n for n in limits if n is not None), default=None)
+
+    def _pair_prompt_format(self) -> PromptFormat:
+        """How a pair's (or a scored row's) prompt messages become the prompt: chat template, system prompt, the
+        token limits and ``truncation`` as for any prompt."""
         return PromptFormat(messages_column=PROMPT_MESSAGES, chat=self._use_chat_template(),
-                            system_prompt=self.system_prompt, max_prompt_tokens=max_prompt_tokens)
+                            system_prompt=self.system_prompt, max_prompt_tokens=self.max_prompt_tokens,
+                            truncation=self.truncation, max_context_tokens=self.max_context_tokens,
+                            decoder_only=not self.is_encoder_decoder)
 
     def _collator(self, columns: tuple[str, ...], labels: bool) -> PreferenceCollator:
         return PreferenceCollator(
@@ -402,11 +421,13 @@ class PreferenceDataModule(PromptDataModule):
 
     @quiet_datasets_progress()
     def _encode_predict_rows(self, rows: datasets.Dataset) -> datasets.Dataset:
-        fmt = self._pair_prompt_format(max_prompt_tokens=self.max_prompt_tokens)  # cut, as a rollout cuts
-        return rows.map(encode_scored, batched=True, fn_kwargs={
-            "tokenizer": self.tokenizer, "fmt": fmt, "prompt_column": self.columns.prompt,
+        self.prompt_counts = Counter(prompts_cut=0, prompts_dropped=0)
+        encoded = self._drop_too_long(rows.map(encode_scored, batched=True, fn_kwargs={
+            "tokenizer": self.tokenizer, "fmt": self._pair_prompt_format(), "prompt_column": self.columns.prompt,
             "response_column": self.response_column, "classifier_text": self.classifier_text,
-            "classifier_limit": self.classifier_limit()})
+            "classifier_limit": self.classifier_limit()}))
+        self._log_prompt_counts(f"Rows of data.predict_path={self.predict_path!r}")
+        return encoded
 
     def predict_dataloader(self) -> DataLoader:
         if self.predict_set is None:
@@ -416,7 +437,8 @@ class PreferenceDataModule(PromptDataModule):
                           num_workers=self.num_workers)
 
     def summary(self) -> dict[str, int]:
-        """Row counts after ``setup``: ``source``, ``kept``, ``train``, ``test``, and the pairs skipped as
-        ``skipped_identical``, ``skipped_empty`` (a null or empty prompt or response; ``first_skipped_empty``: the
-        first one's id) and ``skipped_too_long``."""
+        """Row counts after ``setup``: ``source``, ``kept``, ``train``, ``test``, ``prompts_cut`` (pairs whose prompt
+        was cut in its content to fit), and the pairs skipped as ``skipped_identical``, ``skipped_empty`` (a null or
+        empty prompt or response; ``first_skipped_empty``: the first one's id) and ``skipped_too_long``
+        (``prompts_dropped`` is 0 here: a dropped pair counts as ``skipped_too_long``)."""
         return super().summary()

@@ -1,6 +1,7 @@
 """Prompts for PPO from any source: a column of text, a template over columns, or chat messages.
 
-    PromptFormat         how a row becomes a prompt (column, template, messages, chat template, labels)
+    PromptFormat         how a row becomes a prompt (column, template, messages, chat template, labels, limits)
+    fit_prompt           a prompt over its token limit, cut in its content (never its frame) or marked too long
     encode_prompts       rows -> prompt text, its token ids, the query decoded from them (datasets.map)
     PromptCollator       rows -> a padded batch (tensors for the model, lists for rewards and logs)
     PromptStreamSampler  the seeded stream of rollout batches, resumable, one slice per process
@@ -15,6 +16,7 @@ data has no references) and ``columns`` (every source column by name: what ``Fun
 from __future__ import annotations
 
 import string
+from collections import Counter
 from dataclasses import dataclass
 from math import ceil
 from typing import Any, Callable, Iterator, Literal
@@ -31,8 +33,9 @@ from lit_rlhf.sources import (
 from lit_rlhf.tiny import resolve_model_path
 
 ChatTemplate = bool | Literal["auto"]
+Truncation = Literal["content", "drop"]
 
-DERIVED_COLUMNS = ("prompt", "input_ids", "query", "summary_ids", "completion")
+DERIVED_COLUMNS = ("prompt", "input_ids", "query", "summary_ids", "completion", "prompt_fit")
 """Columns the module adds to each row (never carried to rewards as source columns)."""
 
 
@@ -53,6 +56,11 @@ class PromptFormat:
     completion_column: str | None = None
     with_labels: bool = False
     max_completion_tokens: int | None = None
+    truncation: Truncation = "content"
+    """What a prompt over its limit becomes: cut in its content (``fit_prompt``), or ``too_long`` (dropped)."""
+    max_context_tokens: int | None = None
+    """The model's context (``context_tokens``): a prompt's limit, less its response's tokens when ``decoder_only``."""
+    decoder_only: bool = True
 
     def needed_columns(self) -> list[str]:
         """The source columns this format reads."""
@@ -98,12 +106,136 @@ def _split_completion(messages: list[dict[str, Any]], column: str) -> tuple[list
     return messages[:-1], str(messages[-1]["content"])
 
 
-def encode_prompts(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat) -> dict[str, list]:
-    """The prompt text, its token ids (cut to ``max_prompt_tokens`` on the tokenizer's truncation side) and the
-    query decoded from them; with labels, the completion's ids ending in eos (``summary_ids``) and its text."""
+# ---------------------------------------------------------------------------------------------- fitting
+
+
+PROMPT_FIT = "prompt_fit"
+"""The derived column saying how each prompt met its token limit: ``whole``, ``cut`` (its content was cut) or
+``too_long`` (over the limit and not cut: dropped by the data modules)."""
+
+
+def context_tokens(config: Any, tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The most tokens the model reads in one sequence: a decoder-only model's position limit (``n_positions``,
+    ``max_position_embeddings``, else a sane ``tokenizer.model_max_length``), shared by prompt and response; an
+    encoder-decoder model's ``max_position_embeddings`` (BART-style absolute positions, one limit for the prompt
+    and one for the response). None: no limit (T5's relative positions)."""
+    if config.is_encoder_decoder:
+        return getattr(config, "max_position_embeddings", None)
+    # RoBERTa-style classifiers offset positions past the padding id, so their tokenizer's 512 is the real limit
+    # under a config's 514: the smallest sane figure wins
+    limits = [getattr(config, name, None) for name in ("n_positions", "max_position_embeddings")]
+    limits.append(getattr(tokenizer, "model_max_length", None))
+    limits = [n for n in limits if isinstance(n, int) and 0 < n < 10**7]  # unknown: transformers' 1e30
+    return min(limits) if limits else None
+
+
+def end_of_turn(tokenizer: PreTrainedTokenizerBase, chat: bool) -> int | None:
+    """The token that ends a response: for a chat template, the special token it appends after an assistant
+    message (Gemma's ``<end_of_turn>``, Llama-3's ``<|eot_id|>``, Qwen's ``<|im_end|>``), else the tokenizer's
+    eos. Rendering an assistant turn and reading what follows its content finds it, whatever the template."""
+    eos = tokenizer.eos_token_id
+    if not chat:
+        return eos
+    mark = "\u2063lit-rlhf-response\u2063"  # text no conversation holds
+    try:
+        turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}]
+        text = tokenizer.apply_chat_template(turn, tokenize=False)
+    except Exception:  # a template that renders no assistant turn alone: the tokenizer's eos
+        return eos
+    if mark not in text:
+        return eos
+    after = tokenizer(text.split(mark, 1)[1], add_special_tokens=False).input_ids
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    if after and (after[0] in tokenizer.all_special_ids or getattr(added.get(after[0]), "special", False)):
+        return after[0]
+    return eos  # the turn ends in plain text (a newline): the model stops at eos
+
+
+def _shrink(text: str, fill: Callable[[str], list[int]], overflow: int, limit: int, keep_end: bool,
+            tokenizer: PreTrainedTokenizerBase) -> list[int] | None:
+    """The ids of ``fill(text cut)`` with as much of ``text`` as fits in ``limit`` tokens, its first tokens (or,
+    ``keep_end``, its last), None if not even an empty ``text`` fits. ``overflow``: how far ``fill(text)`` is over.
+    Re-encoding cut text can merge tokens differently at the cut, so each try is checked."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    keep = len(ids) - overflow
+    while keep >= 0:
+        kept = (ids[len(ids) - keep:] if keep else []) if keep_end else ids[:keep]
+        prompt = fill(tokenizer.decode(kept, clean_up_tokenization_spaces=False))
+        if len(prompt) <= limit:
+            return prompt
+        keep -= len(prompt) - limit
+    return None
+
+
+def fit_prompt(
+    conversation: list[dict[str, Any]], encode: Callable[[list[dict[str, Any]]], list[int]], limit: int | None,
+    truncation: Truncation, tokenizer: PreTrainedTokenizerBase, template: str | None = None,
+    row: dict[str, Any] | None = None, ids: list[int] | None = None,
+) -> tuple[list[int], str]:
+    """A prompt's ids within ``limit`` tokens, cut in its content, never in its frame, and how (``PROMPT_FIT``).
+
+    ``encode`` renders a conversation (system prompt, chat template and generation prompt, or plain text) to ids;
+    ``ids``: the whole conversation's, when already encoded. With ``truncation="content"``: first the oldest turns
+    before the last user message go (whole user-led turns, so roles still alternate; system messages stay), then
+    the last user message is cut: a ``template`` prompt in its longest field (the ``row`` value, e.g. the
+    dialogue) from that field's end, any other message from its start (the end of a message holds the
+    question). The instruction, the system prompt and the generation prompt survive whole. ``"drop"``, or a
+    frame that alone is over ``limit``: ``too_long``, uncut.
+    """
+    ids = encode(conversation) if ids is None else ids
+    if limit is None or len(ids) <= limit:
+        return ids, "whole"
+    if truncation == "drop":
+        return ids, "too_long"
+    users = [i for i, m in enumerate(conversation) if m.get("role") == "user"]
+    last = users[-1] if users else len(conversation) - 1
+
+    def keeping(start: int) -> list[dict[str, Any]]:  # the turns from ``start`` on, and every system message
+        return [m for i, m in enumerate(conversation) if i >= start or m.get("role") == "system"]
+
+    shortest = ids
+    for start in users:  # 1) the oldest turns, whole user-led turns at a time
+        if start > 0 and any(m.get("role") != "system" for m in conversation[:start]):
+            shortest = encode(keeping(start))
+            if len(shortest) <= limit:
+                return shortest, "cut"
+    head = [m for m in conversation[:last] if m.get("role") == "system"]  # 2) the last user message
+    message, tail = conversation[last], conversation[last + 1:]
+    if template is not None and row is not None:
+        field = max(template_fields(template), key=lambda name: len(str(row[name])))
+        text, keep_end = str(row[field]), False
+
+        def fill(cut: str) -> list[int]:
+            return encode(head + [{**message, "content": template.format_map({**row, field: cut})}] + tail)
+    else:
+        text, keep_end = str(message["content"]), True
+
+        def fill(cut: str) -> list[int]:
+            return encode(head + [{**message, "content": cut}] + tail)
+    cut = _shrink(text, fill, len(shortest) - limit, limit, keep_end, tokenizer)
+    return (ids, "too_long") if cut is None else (cut, "cut")
+
+
+def prompt_limit(fmt: PromptFormat, reserved: int = 0) -> int | None:
+    """A prompt's token budget: ``max_prompt_tokens``, and the model's context less the ``reserved`` tokens of
+    its response where they share it (decoder-only models). None: no limit."""
+    limits = [fmt.max_prompt_tokens]
+    if fmt.max_context_tokens is not None:
+        limits.append(fmt.max_context_tokens - (reserved if fmt.decoder_only else 0))
+    return min((n for n in limits if n is not None), default=None)
+
+
+def encode_prompts(
+    batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat, reserved: list[int] | None = None,
+) -> dict[str, list]:
+    """The prompt text, its token ids within ``prompt_limit`` (cut by ``fit_prompt``: in the content, never in
+    the frame), how it fit (``prompt_fit``) and the query decoded from the ids; with labels, the completion's ids
+    ending in the end-of-turn token (``summary_ids``) and its text. ``reserved``: each row's response tokens in
+    a decoder-only model's context (preference pairs); with labels, the completion's own length."""
     rows = _rows(batch)
     labelled = fmt.with_labels and fmt.completion_column is not None
     completions = [str(row[fmt.completion_column]) for row in rows] if labelled else None
+    template_rows = fmt.messages_column is None and fmt.template is not None
     if fmt.messages_column is not None:
         conversations = [list(row[fmt.messages_column]) for row in rows]
         if fmt.with_labels and completions is None:
@@ -114,36 +246,46 @@ def encode_prompts(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, f
                  for row in rows]
         conversations = [[{"role": "user", "content": t}] for t in texts]
     system = [{"role": "system", "content": fmt.system_prompt}] if fmt.system_prompt else []
-    limit = fmt.max_prompt_tokens
-    if fmt.chat:
-        prompts = [tokenizer.apply_chat_template(system + c, add_generation_prompt=True, tokenize=False)
-                   for c in conversations]
-        # the template already holds the special tokens the model expects
-        input_ids = tokenizer(prompts, add_special_tokens=False).input_ids
-        if limit is not None:
-            right = tokenizer.truncation_side == "right"
-            input_ids = [ids[:limit] if right else ids[-limit:] for ids in input_ids]
-    else:
-        prompts = [_plain_text(system + c) for c in conversations] if system or fmt.messages_column else texts
-        input_ids = tokenizer(prompts, truncation=limit is not None, max_length=limit).input_ids
-    # As in the recipe, the query is the decoded prompt ids (special tokens such as T5's </s> included): the
-    # prompt as the model sees it, after any truncation and the tokenizer's normalisation.
-    out = {"prompt": prompts, "input_ids": input_ids, "query": tokenizer.batch_decode(input_ids)}
+
+    def render(conversation: list[dict[str, Any]]) -> str:
+        if fmt.chat:
+            return tokenizer.apply_chat_template(system + conversation, add_generation_prompt=True, tokenize=False)
+        return _plain_text(system + conversation)
+
+    def encode(conversation: list[dict[str, Any]]) -> list[int]:
+        # a chat template already holds the special tokens the model expects
+        return tokenizer(render(conversation), add_special_tokens=not fmt.chat).input_ids
+
+    out: dict[str, list] = {"prompt": [render(c) for c in conversations]}
+    whole = tokenizer(out["prompt"], add_special_tokens=not fmt.chat).input_ids  # one batched call
     if fmt.with_labels:
-        out["summary_ids"] = tokenize_completions(completions, tokenizer, fmt.max_completion_tokens)
+        # an encoder-decoder model's decoder has its own positions; a decoder-only model's context is shared, and
+        # a completion that fills it leaves the prompt no room (the row is then too long)
+        limit = min((n for n in (fmt.max_completion_tokens, fmt.max_context_tokens) if n is not None), default=None)
+        out["summary_ids"] = tokenize_completions(completions, tokenizer, limit, end_of_turn(tokenizer, fmt.chat))
         out["completion"] = completions
+        reserved = [len(ids) for ids in out["summary_ids"]]
+    fitted = [fit_prompt(c, encode, prompt_limit(fmt, reserved[i] if reserved else 0), fmt.truncation, tokenizer,
+                         fmt.template if template_rows else None, row, whole[i])
+              for i, (c, row) in enumerate(zip(conversations, rows))]
+    out["input_ids"] = [ids for ids, _ in fitted]
+    out[PROMPT_FIT] = [how for _, how in fitted]
+    # As in the recipe, the query is the decoded prompt ids (special tokens such as T5's </s> included): the
+    # prompt as the model sees it, after any cut and the tokenizer's normalisation.
+    out["query"] = tokenizer.batch_decode(out["input_ids"])
     return out
 
 
 def tokenize_completions(
-    texts: list[str], tokenizer: PreTrainedTokenizerBase, max_tokens: int | None
+    texts: list[str], tokenizer: PreTrainedTokenizerBase, max_tokens: int | None, end_id: int | None = None,
 ) -> list[list[int]]:
-    """The responses the model should produce (supervised labels), each cut to ``max_tokens`` with eos last."""
-    eos = tokenizer.eos_token_id
+    """The responses the model should produce (supervised labels), each cut to ``max_tokens`` with ``end_id``
+    last (the end-of-turn token, ``end_of_turn``; None: the tokenizer's eos)."""
+    end = tokenizer.eos_token_id if end_id is None else end_id
     ids = tokenizer(texts, add_special_tokens=False).input_ids
     if max_tokens is not None:
         ids = [row[: max_tokens - 1] for row in ids]
-    return [row + [eos] for row in ids]
+    return [row + [end] for row in ids]
 
 
 # ---------------------------------------------------------------------------------------------- batching
@@ -297,8 +439,8 @@ def check_prompt_settings(s: dict[str, Any]) -> None:
                          "max_chars (rows with min_chars < length <= max_chars are kept)")
     if s["max_prompt_tokens"] is not None and s["max_prompt_tokens"] < 1:
         raise ValueError(f"data.max_prompt_tokens must be None or a positive number of tokens, got {s['max_prompt_tokens']}")
-    if s["drop_long_prompts"] and s["max_prompt_tokens"] is None:
-        raise ValueError("data.drop_long_prompts needs data.max_prompt_tokens (the longest prompt kept)")
+    if s["truncation"] not in ("content", "drop"):
+        raise ValueError(f"data.truncation must be content or drop, got {s['truncation']!r}")
     if s["eval_split"] is None and not 0.0 < s["test_size"] < 1.0:
         raise ValueError(f"data.test_size must be a fraction strictly between 0 and 1, got {s['test_size']}")
     for name in ("batch_size", "eval_batch_size"):
@@ -315,8 +457,8 @@ def _length_in_range(values: list[Any], min_chars: int, max_chars: int | None) -
     return [min_chars < len(str(v)) <= (max_chars if max_chars is not None else float("inf")) for v in values]
 
 
-def _fits(input_ids: list[list[int]], max_tokens: int) -> list[bool]:
-    return [len(ids) <= max_tokens for ids in input_ids]
+def _fits(prompt_fit: list[str]) -> list[bool]:
+    return [how != "too_long" for how in prompt_fit]
 
 
 # ---------------------------------------------------------------------------------------------- the data module
@@ -363,9 +505,13 @@ class PromptDataModule(L.LightningDataModule):
             characters long. None: no length filter.
         min_chars: See ``filter_column``.
         max_chars: See ``filter_column``; None: no upper bound.
-        max_prompt_tokens: Prompts longer than this many tokens are cut on the tokenizer's truncation side (or
-            dropped, with ``drop_long_prompts``). None: whole prompts.
-        drop_long_prompts: Drop prompts longer than ``max_prompt_tokens`` instead of cutting them.
+        max_prompt_tokens: The longest prompt, in tokens (see ``truncation``). None: no limit but the model's
+            context (with labels, prompt and completion together must fit a decoder-only model's positions).
+        truncation: What a prompt over its limit becomes. ``content`` (default): its content is cut, never its
+            frame: the oldest turns of a conversation go first, then the template's longest field (the
+            dialogue) loses its end, or a plain prompt or last user message its start; the template's
+            instruction ("Summary:"), the system prompt and the chat template's generation prompt stay whole.
+            ``drop``: the row is dropped. Either way ``summary()`` and the log count the rows cut and dropped.
         test_size: With no ``eval_split``: the fraction of ``split`` held out (rounded up, as datasets'
             ``train_test_split``).
         split_seed: Seed of the held-out draw (with ``shuffle_split``).
@@ -404,7 +550,7 @@ class PromptDataModule(L.LightningDataModule):
         min_chars: int = 0,
         max_chars: int | None = None,
         max_prompt_tokens: int | None = None,
-        drop_long_prompts: bool = False,
+        truncation: Truncation = "content",
         test_size: float = 0.2,
         split_seed: int = 42,
         shuffle_split: bool = True,
@@ -438,6 +584,10 @@ class PromptDataModule(L.LightningDataModule):
         self._sizes: dict[str, int | str] = {}
         self._empty = SkippedRows()
         """Rows skipped for a null or empty prompt or response (``text_columns``)."""
+        self.max_context_tokens: int | None = None
+        """The model's context (``context_tokens``), known once the tokenizer is loaded."""
+        self.prompt_counts: Counter[str] = Counter(prompts_cut=0, prompts_dropped=0)
+        """Prompts cut in their content and dropped as too long, by the last encoding (``summary()``)."""
 
     # -- loading ------------------------------------------------------------------------------------------
 
@@ -445,8 +595,10 @@ class PromptDataModule(L.LightningDataModule):
         if self.tokenizer is not None:
             return
         path = resolve_model_path(self.model_name)
-        self.is_encoder_decoder = bool(AutoConfig.from_pretrained(path).is_encoder_decoder)
+        config = AutoConfig.from_pretrained(path)
+        self.is_encoder_decoder = bool(config.is_encoder_decoder)
         tokenizer = AutoTokenizer.from_pretrained(path)
+        self.max_context_tokens = context_tokens(config, tokenizer)
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is None:
                 raise ValueError(
@@ -483,7 +635,8 @@ class PromptDataModule(L.LightningDataModule):
             prompt_column=self.prompt_column, template=self.template, messages_column=self.messages_column,
             chat=self._use_chat_template(), system_prompt=self.system_prompt, max_prompt_tokens=self.max_prompt_tokens,
             completion_column=self.completion_column, with_labels=self.with_labels,
-            max_completion_tokens=self.max_completion_tokens,
+            max_completion_tokens=self.max_completion_tokens, truncation=self.truncation,
+            max_context_tokens=self.max_context_tokens, decoder_only=not self.is_encoder_decoder,
         )
 
     def required_columns(self) -> list[str]:
@@ -545,19 +698,37 @@ class PromptDataModule(L.LightningDataModule):
 
     @quiet_datasets_progress()
     def _encode(self, rows: datasets.Dataset) -> datasets.Dataset:
-        fmt = self.prompt_format()
-        if self.drop_long_prompts:  # whole prompts, then the long ones go
-            fmt = PromptFormat(**{**fmt.__dict__, "max_prompt_tokens": None})
-        encoded = rows.map(encode_prompts, batched=True, fn_kwargs={"tokenizer": self.tokenizer, "fmt": fmt})
-        if self.drop_long_prompts:
-            encoded = encoded.filter(_fits, input_columns="input_ids", batched=True,
-                                     fn_kwargs={"max_tokens": self.max_prompt_tokens})
-        return encoded
+        encoded = rows.map(encode_prompts, batched=True,
+                           fn_kwargs={"tokenizer": self.tokenizer, "fmt": self.prompt_format()})
+        return self._drop_too_long(encoded)
+
+    def _drop_too_long(self, encoded: datasets.Dataset) -> datasets.Dataset:
+        """``encoded`` without the prompts over their limit (``truncation=drop``, or a frame that alone is too
+        long); what was cut and dropped is added to ``prompt_counts``."""
+        fit = Counter(encoded[PROMPT_FIT])
+        self.prompt_counts.update({"prompts_cut": fit["cut"], "prompts_dropped": fit["too_long"]})
+        return encoded.filter(_fits, input_columns=PROMPT_FIT, batched=True) if fit["too_long"] else encoded
+
+    def _limits_in_words(self) -> str:
+        """The prompt limits in force, as the settings name them."""
+        context = (f"the model's {self.max_context_tokens}-token context" if self.max_context_tokens is not None
+                   else None)
+        prompt = (f"data.max_prompt_tokens={self.max_prompt_tokens}" if self.max_prompt_tokens is not None else None)
+        return " and ".join(x for x in (prompt, context) if x) or "no limit"
+
+    def _log_prompt_counts(self, where: str) -> None:
+        """One line: how many prompts of ``where`` were cut and dropped (nothing when none were)."""
+        counts = self.prompt_counts
+        if counts["prompts_cut"] or counts["prompts_dropped"]:
+            rank_zero_info(f"{where} over {self._limits_in_words()}: "
+                           f"{counts['prompts_cut']} cut in their content, {counts['prompts_dropped']} dropped "
+                           f"(data.truncation={self.truncation})")
 
     def _build(self) -> tuple[datasets.Dataset, datasets.Dataset]:
         """Filter, prompt, tokenize and split; every step is cached by datasets, so a second call reads it."""
         self._load_tokenizer()
         self._empty = SkippedRows()
+        self.prompt_counts = Counter(prompts_cut=0, prompts_dropped=0)
         source = load_source(self.dataset)
         rows = self._source_split(source, self.split, "split")
         self.source_columns = tuple(c for c in rows.column_names if c not in DERIVED_COLUMNS)
@@ -579,10 +750,11 @@ class PromptDataModule(L.LightningDataModule):
             train, test = parts["train"], parts["test"]
         for name, part in (("training", train), ("held-out", test)):
             if len(part) == 0:
-                raise ValueError(f"no {name} prompts are left after data.max_prompt_tokens={self.max_prompt_tokens} "
-                                 "with data.drop_long_prompts; raise data.max_prompt_tokens")
+                raise ValueError(f"no {name} prompts are left: {self.prompt_counts['prompts_dropped']} were longer "
+                                 f"than {self._limits_in_words()} (data.truncation={self.truncation}); raise "
+                                 "data.max_prompt_tokens or set data.truncation=content")
         self._sizes = {"source": len(rows), "kept": len(kept), "train": len(train), "test": len(test),
-                       **self._empty.summary()}
+                       **self.prompt_counts, **self._empty.summary()}
         return train, test
 
     # -- Lightning hooks ----------------------------------------------------------------------------------
@@ -599,6 +771,7 @@ class PromptDataModule(L.LightningDataModule):
             return
         if self.train_set is None:
             self.train_set, self.test_set = self._build()
+            self._log_prompt_counts(f"Prompts of dataset={self.dataset!r}")  # not in _build: prepare_data builds too
 
     @quiet_datasets_progress()
     def _load_predict_rows(self) -> datasets.Dataset:
@@ -615,7 +788,11 @@ class PromptDataModule(L.LightningDataModule):
     def _encode_predict_rows(self, rows: datasets.Dataset) -> datasets.Dataset:
         fmt = self.prompt_format()
         fmt = PromptFormat(**{**fmt.__dict__, "with_labels": False})  # predict has no labels to learn
-        return rows.map(encode_prompts, batched=True, fn_kwargs={"tokenizer": self.tokenizer, "fmt": fmt})
+        self.prompt_counts = Counter(prompts_cut=0, prompts_dropped=0)
+        encoded = self._drop_too_long(
+            rows.map(encode_prompts, batched=True, fn_kwargs={"tokenizer": self.tokenizer, "fmt": fmt}))
+        self._log_prompt_counts(f"Rows of data.predict_path={self.predict_path!r}")
+        return encoded
 
     def _collator(self, columns: tuple[str, ...], labels: bool) -> PromptCollator:
         side = "right" if self.is_encoder_decoder else "left"
@@ -653,7 +830,9 @@ class PromptDataModule(L.LightningDataModule):
 
     def summary(self) -> dict[str, int | str]:
         """Row counts after ``setup``: ``source`` (the source split), ``kept`` (after the empty rows and the
-        length filter), ``train`` and ``test`` (the two parts of the split); when rows with a null or empty prompt
+        length filter), ``train`` and ``test`` (the two parts of the split), ``prompts_cut`` (cut in their content to
+        their token limit) and ``prompts_dropped`` (over it and dropped: ``truncation=drop``, or a frame alone too
+        long); when rows with a null or empty prompt
         or completion were skipped, ``skipped_empty`` (how many) and ``first_skipped_empty`` (the first one's id)."""
         if not self._sizes:
             raise RuntimeError("call setup() before summary()")

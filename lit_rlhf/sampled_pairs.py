@@ -86,8 +86,8 @@ def sample_pairs(
     start_time = time.perf_counter()
     for k, start in enumerate(range(0, total, batch_size)):
         chunk = [rows[i] for i in range(start, min(start + batch_size, total))]
-        cut = [limit is not None and len(row["input_ids"]) >= limit and not _fits_untruncated(datamodule, row)
-               for row in chunk]
+        # a prompt cut in its content can be shorter than the limit: its whole text, not its ids, tells
+        cut = [limit is not None and not _fits_untruncated(datamodule, row) for row in chunk]
         skipped["prompt_truncated"] += sum(cut)
         chunk = [row for row, c in zip(chunk, cut) if not c]
         if chunk:
@@ -121,7 +121,7 @@ def sample_pairs(
 
 
 def _fits_untruncated(datamodule: PromptDataModule, row: dict[str, Any]) -> bool:
-    """Whether a prompt at the token limit is whole (exactly ``max_prompt_tokens`` long) rather than cut."""
+    """Whether a prompt is whole (at most ``max_prompt_tokens`` long) rather than cut."""
     # encoded as encode_prompts encodes it: a chat-rendered prompt already holds its special tokens
     ids = datamodule.tokenizer(row["prompt"], add_special_tokens=not datamodule._use_chat_template()).input_ids
     return len(ids) <= datamodule.max_prompt_tokens

@@ -105,6 +105,53 @@ def qwen_with_chat_template(tmp_path) -> Path:
     return folder
 
 
+END_OF_TURN = "<|end|>"
+"""The special token that ends each turn of :data:`EOT_CHAT_TEMPLATE` (as Gemma's ``<end_of_turn>``, Llama-3's
+``<|eot_id|>``): not the tokenizer's eos."""
+
+EOT_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+"""A chat template whose turns end in :data:`END_OF_TURN`, then a newline."""
+
+
+@pytest.fixture
+def qwen_with_end_of_turn(tmp_path) -> Path:
+    """As ``qwen_with_chat_template``, with :data:`EOT_CHAT_TEMPLATE` and ``<|end|>`` added as a special token."""
+    from transformers import AutoTokenizer, Qwen2Config
+
+    from lit_rlhf.tiny import resolve_model_path
+
+    folder = tmp_path / "tiny-qwen-eot"
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("embedded:tiny-gpt2"))
+    tokenizer.add_special_tokens({"additional_special_tokens": [END_OF_TURN]})
+    tokenizer.chat_template = EOT_CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    Qwen2Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def short_context_gpt2(tmp_path_factory) -> Path:
+    """A tiny GPT-2 with a 32-position context (the embedded GPT-2's tokenizer, random weights): rows of ordinary
+    length overflow it."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from lit_rlhf.tiny import resolve_model_path
+
+    folder = tmp_path_factory.mktemp("gpt2") / "short"
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("embedded:tiny-gpt2"))
+    eos = tokenizer.eos_token_id
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                        bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def build_tiny_classifier(path: Path, sentences: list[str], max_tokens: int = 512) -> Path:
     """A tiny RoBERTa sequence classifier (labels nothate / hate) and its word-level tokenizer, saved with
     ``save_pretrained`` like a hub model, standing in for the recipe's hate-speech classifier."""

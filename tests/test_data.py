@@ -12,9 +12,11 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+import yaml
 from transformers import AutoTokenizer
 
 import lit_rlhf.data as data_module
+from lit_rlhf.cli import config_path
 from lit_rlhf.data import DEFAULT_PROMPT_TEMPLATE, DialogSumDataModule, load_bundled_dialogsum
 from lit_rlhf.tiny import resolve_model_path
 from conftest import write_jsonl
@@ -95,7 +97,8 @@ def test_recipe_filter_and_split_sizes(recipe):
     kept_ids = [r["fname"] for r in raw if 200 < len(r["dialogue"]) <= 1000]
     n_test = ceil(0.2 * len(kept_ids))  # datasets' train_test_split rounds the test part up
     n_train = len(kept_ids) - n_test
-    assert recipe.summary() == {"source": 12460, "kept": len(kept_ids), "train": n_train, "test": n_test}
+    assert recipe.summary() == {"source": 12460, "kept": len(kept_ids), "train": n_train, "test": n_test,
+                            "prompts_cut": 0, "prompts_dropped": 0}
     assert (n_train, n_test) == (8017, 2005)
     # shuffle_split=False: the train part is the first 80% of the kept rows, in file order.
     assert list(recipe.train_set["id"]) == kept_ids[:n_train]
@@ -191,6 +194,29 @@ def test_max_prompt_tokens_truncates(local_dir):
     assert all(row["input_ids"][-1] == 1 for row in dm.train_set)  # T5's </s> survives truncation
 
 
+def test_the_shipped_defaults_prompts_all_end_with_the_instruction():
+    """The default recipe (its config's model and 256-token limit): prompts over the limit lose the end of their
+    dialogue, never "Summary:" and T5's </s>; the set of prompts is the same as with whole prompts."""
+    config = yaml.safe_load(Path(config_path()).read_text())
+    settings = {k: v for k, v in config["data"].items() if k in ("dataset", "max_prompt_tokens")}
+    assert settings["max_prompt_tokens"] == 256
+    dm = DialogSumDataModule(model_name=config["model"]["model_name"], **settings)
+    dm.prepare_data()
+    dm.setup("fit")
+    eos = dm.tokenizer.eos_token_id
+    for part in (dm.train_set, dm.test_set):
+        assert max(len(ids) for ids in part["input_ids"]) <= 256
+        assert all(ids[-1] == eos for ids in part["input_ids"])
+        assert all(query.endswith("\n\nSummary:\n</s>") for query in part["query"])
+    cut = [row for part in (dm.train_set, dm.test_set) for row in part if row["prompt_fit"] == "cut"]
+    assert dm.summary()["prompts_cut"] == len(cut) > 0 and dm.summary()["prompts_dropped"] == 0
+    # cut at the dialogue's end: a cut query is the start of its whole prompt (up to the tokens at the cut)
+    for row in cut[:50]:
+        whole = dm.tokenizer.decode(dm.tokenizer(row["prompt"]).input_ids)
+        body = row["query"].removesuffix("\n\nSummary:\n</s>")
+        assert len(body) > 200 and whole.startswith(body[:-20])
+
+
 def test_custom_template_and_shuffled_split(local_dir):
     dm = _ready(
         dataset=str(local_dir), min_chars=0, max_chars=10_000, prompt_template="Dialogue: {dialogue} TL;DR:",
@@ -212,7 +238,8 @@ def test_local_parquet_directory_and_dev_split_name(tmp_path, datasets_cache):
     datasets.Dataset.from_list(_hub_like_rows(20)).to_parquet(str(folder / "train-00000.parquet"))
     datasets.Dataset.from_list(_hub_like_rows(10, start=50)).to_parquet(str(folder / "dev.parquet"))
     dm = _ready(dataset=str(folder), split="validation", min_chars=0, max_chars=10_000, batch_size=2)
-    assert dm.summary() == {"source": 10, "kept": 10, "train": 8, "test": 2}
+    assert dm.summary() == {"source": 10, "kept": 10, "train": 8, "test": 2,
+                            "prompts_cut": 0, "prompts_dropped": 0}
     assert list(dm.train_set["id"]) == [r["id"] for r in _hub_like_rows(8, start=50)]
 
 
@@ -375,3 +402,16 @@ def test_setup_prints_no_map_or_filter_progress_bar_and_keeps_the_users_setting(
     assert not datasets.utils.are_progress_bars_disabled()
     datasets.Dataset.from_dict({"x": [1, 2]}).map(lambda row: row)
     assert "Map" in capfd.readouterr().err
+
+
+def test_predict_prompts_are_cut_in_their_dialogue_or_dropped(tmp_path, datasets_cache):
+    long = "\n".join(f"#Person{1 + k % 2}#: sentence number {k} of a long talk." for k in range(40))
+    predict_file = write_jsonl(tmp_path / "dialogues.jsonl", [{"dialogue": long}, {"dialogue": "#Person1#: Hi."}])
+    dm = DialogSumDataModule(predict_path=str(predict_file), max_prompt_tokens=64)
+    dm.setup("predict")
+    assert len(dm.predict_set) == 2 and dm.predict_set["prompt_fit"] == ["cut", "whole"]
+    assert all(len(ids) <= 64 and q.endswith("\n\nSummary:\n</s>") for ids, q in
+               zip(dm.predict_set["input_ids"], dm.predict_set["query"]))
+    dropped = DialogSumDataModule(predict_path=str(predict_file), max_prompt_tokens=64, truncation="drop")
+    dropped.setup("predict")
+    assert dropped.predict_set["dialogue"] == ["#Person1#: Hi."] and dropped.prompt_counts["prompts_dropped"] == 1

@@ -265,3 +265,29 @@ def test_a_resumed_dpo_fit_ends_with_the_weights_of_an_uninterrupted_one(tmp_pat
         "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--model.lora.r", "4",
         "--model.learning_rate", "5e-3", "--trainer.limit_val_batches", "0", "--seed_everything", "3"],
         "adapter/adapter_model.safetensors")
+
+
+def test_pairs_longer_than_the_context_are_cut_to_fit_it_not_an_index_error(tmp_path, short_context_gpt2,
+                                                                             datasets_cache):
+    from lit_rlhf.preferences import PreferenceDataModule
+
+    rows = [{"prompt": " ".join(f"w{k}" for k in range(6 * i + 6)) + " which is better?",
+             "chosen": "the first one", "rejected": "the second one by far"} for i in range(8)]
+    data = PreferenceDataModule(model_name=str(short_context_gpt2), test_size=0.25, batch_size=2, eval_batch_size=8,
+                                dataset=str(write_jsonl(tmp_path / "p.jsonl", rows)))
+    data.prepare_data()
+    data.setup("fit")
+    fitted = list(data.train_set) + list(data.test_set)
+    module = DPOModule(str(short_context_gpt2), dtype="float32")
+    assert torch.isfinite(module.dpo_step(data.collator(fitted))["loss"])  # every pair, as one batch
+    assert len(fitted) == 8 and data.summary()["prompts_cut"] > 0
+    assert all(len(r["input_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) <= 32 for r in fitted)
+    assert all(r["query"].endswith(" which is better?") for r in fitted)
+    # truncation=drop: the long pairs go, counted as too long
+    short = [{**row, "prompt": "which is better?"} for row in rows]
+    dropped = PreferenceDataModule(model_name=str(short_context_gpt2), truncation="drop", test_size=0.25,
+                                   dataset=str(write_jsonl(tmp_path / "p.jsonl", rows + short)))
+    dropped.prepare_data()
+    dropped.setup("fit")
+    kept = list(dropped.train_set) + list(dropped.test_set)
+    assert dropped.summary()["skipped_too_long"] == 16 - len(kept) == 7 and dropped.summary()["prompts_cut"] == 0

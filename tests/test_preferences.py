@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lit_rlhf.preferences import PreferenceDataModule
-from conftest import write_jsonl
+from conftest import END_OF_TURN, write_jsonl
 
 # small files are converted into each test's folder, not the user's datasets cache
 pytestmark = pytest.mark.usefixtures("datasets_cache")
@@ -71,6 +71,17 @@ def test_identical_empty_and_long_pairs_are_skipped_and_counted(tmp_path):
     summary = dm.summary()
     assert (summary["skipped_identical"], summary["skipped_empty"], summary["skipped_too_long"]) == (1, 2, 1)
     assert summary["train"] + summary["test"] == 10
+
+
+def test_chat_responses_end_in_the_templates_end_of_turn(tmp_path, qwen_with_end_of_turn):
+    def conversation(reply: str) -> list[dict]:
+        return [{"role": "user", "content": "which?"}, {"role": "assistant", "content": reply}]
+
+    rows = [{"chosen": conversation(f"this {i}"), "rejected": conversation(f"that {i}")} for i in range(10)]
+    dm = ready(model_name=str(qwen_with_end_of_turn), dataset=str(write_jsonl(tmp_path / "c.jsonl", rows)))
+    end = dm.tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    assert end != dm.tokenizer.eos_token_id
+    assert all(row["chosen_ids"][-1] == end and row["rejected_ids"][-1] == end for row in dm.train_set)
 
 
 @pytest.mark.parametrize("row, match", [

@@ -13,7 +13,7 @@ from lit_rlhf.cli import config_path, run
 from lit_rlhf.data import DEFAULT_PROMPT_TEMPLATE, DialogSumDataModule, load_bundled_dialogsum
 from lit_rlhf.prompts import PromptDataModule
 from lit_rlhf.tiny import resolve_model_path
-from conftest import CHAT_TEMPLATE, write_jsonl
+from conftest import CHAT_TEMPLATE, END_OF_TURN, write_jsonl
 
 # small files are converted into each test's folder, not the user's datasets cache
 pytestmark = pytest.mark.usefixtures("datasets_cache")
@@ -41,7 +41,8 @@ def ready(**kwargs) -> PromptDataModule:
 def test_jsonl_prompt_column_batches_carry_every_column(tmp_path):
     source = write_jsonl(tmp_path / "prompts.jsonl", arithmetic(10))
     dm = ready(dataset=str(source))
-    assert dm.summary() == {"source": 20, "kept": 20, "train": 16, "test": 4}
+    assert dm.summary() == {"source": 20, "kept": 20, "train": 16, "test": 4,
+                            "prompts_cut": 0, "prompts_dropped": 0}
     tokenizer = dm.tokenizer
     batch = next(iter(dm.val_dataloader()))
     rows = dm.test_set.select(range(2))
@@ -61,7 +62,8 @@ def test_csv_template_over_two_columns_and_an_eval_split(tmp_path):
     (folder / "test.csv").write_text("question,context,gold\nqt,ct,gt\n")
     dm = ready(dataset=str(folder), template="Context: {context}\nQ: {question} {{A}}:", eval_split="test",
                reference_column="gold", filter_column="question", max_chars=2)
-    assert dm.summary() == {"source": 6, "kept": 6, "train": 6, "test": 1}
+    assert dm.summary() == {"source": 6, "kept": 6, "train": 6, "test": 1,
+                            "prompts_cut": 0, "prompts_dropped": 0}
     assert dm.train_set[0]["prompt"] == "Context: c0\nQ: q0 {A}:"
     batch = next(iter(dm.test_dataloader()))
     assert batch["prompt"] == ["Context: ct\nQ: qt {A}:"] and batch["reference"] == ["gt"]
@@ -126,21 +128,92 @@ def test_data_errors_are_one_line_and_leave_nothing_behind(tmp_path, monkeypatch
     ({"template": "{0}"}, "data.template"),
     ({"chat_template": "sometimes"}, "data.chat_template"),
     ({"with_labels": True}, "data.with_labels"),
-    ({"drop_long_prompts": True}, "data.drop_long_prompts"),
+    ({"truncation": "left"}, "data.truncation"),
 ])
 def test_bad_settings_name_the_flag(kwargs, flag):
     with pytest.raises(ValueError, match=flag):
         PromptDataModule(**kwargs)
 
 
-def test_long_prompts_are_cut_or_dropped(tmp_path):
-    rows = [{"prompt": "word " * (i + 1)} for i in range(10)]
+INSTRUCTION = "\nAnswer in one word:"
+
+
+def test_long_prompts_are_cut_in_their_content_never_in_their_frame(tmp_path):
+    # a template's longest field loses its end; the instruction after it stays whole
+    rows = [{"topic": "cats", "text": " ".join(f"w{k}" for k in range(3 * i + 1))} for i in range(10)]
     source = write_jsonl(tmp_path / "p.jsonl", rows)
-    cut = ready(dataset=str(source), max_prompt_tokens=4)
-    assert max(len(ids) for ids in cut.train_set["input_ids"]) == 4 and cut.summary()["train"] == 8
-    dropped = ready(dataset=str(source), max_prompt_tokens=4, drop_long_prompts=True, test_size=0.25)
-    lengths = [len(ids) for part in (dropped.train_set, dropped.test_set) for ids in part["input_ids"]]
-    assert max(lengths) <= 4 and len(lengths) < 10
+    template = "About {topic}: {text}" + INSTRUCTION
+    whole = ready(dataset=str(source), template=template, test_size=0.2)
+    lengths = {row["id"]: len(row["input_ids"]) for part in (whole.train_set, whole.test_set) for row in part}
+    limit = sorted(lengths.values())[5]
+    dm = ready(dataset=str(source), template=template, max_prompt_tokens=limit, test_size=0.2)
+    fitted = [row for part in (dm.train_set, dm.test_set) for row in part]
+    assert len(fitted) == 10 and max(len(row["input_ids"]) for row in fitted) <= limit
+    assert all(row["query"].startswith("About cats: w0") and row["query"].endswith(INSTRUCTION) for row in fitted)
+    long = {i for i, n in lengths.items() if n > limit}
+    assert long and {row["id"] for row in fitted if row["prompt_fit"] == "cut"} == long
+    assert all(row["prompt_fit"] == "whole" for row in fitted if row["id"] not in long)
+    assert dm.summary()["prompts_cut"] == len(long) and dm.summary()["prompts_dropped"] == 0
+
+    # drop: the long rows go, counted; the rest are whole
+    dropped = ready(dataset=str(source), template=template, max_prompt_tokens=limit, truncation="drop",
+                    test_size=0.2)
+    kept = [row for part in (dropped.train_set, dropped.test_set) for row in part]
+    assert {row["id"] for row in kept} == set(lengths) - long and all(row["prompt_fit"] == "whole" for row in kept)
+    assert dropped.summary()["prompts_dropped"] == len(long) and dropped.summary()["prompts_cut"] == 0
+
+
+def test_a_plain_prompt_loses_its_start_and_a_frame_too_long_is_dropped(tmp_path):
+    # a prompt column has no frame of its own: its end (the question) is what stays
+    rows = [{"prompt": " ".join(f"w{k}" for k in range(30)) + " what is the answer?"}] * 4
+    dm = ready(dataset=str(write_jsonl(tmp_path / "p.jsonl", rows)), max_prompt_tokens=8, test_size=0.25)
+    assert all(len(ids) <= 8 for ids in dm.train_set["input_ids"])
+    assert all(q.endswith(" what is the answer?") and not q.startswith("w0") for q in dm.train_set["query"])
+    # a system prompt longer than the limit leaves no content to cut: every row is dropped, and the error says so
+    with pytest.raises(ValueError, match="4 were longer than data.max_prompt_tokens=8"):
+        ready(dataset=str(write_jsonl(tmp_path / "p.jsonl", rows)), max_prompt_tokens=8, test_size=0.25,
+              system_prompt="You are a helpful assistant who answers every question in one word")
+
+
+def test_a_chat_prompt_keeps_its_system_prompt_and_generation_prompt(tmp_path, qwen_with_chat_template):
+    turns = [{"role": "user", "content": "old question " + "x " * 20}, {"role": "assistant", "content": "old answer"},
+             {"role": "user", "content": "new question " + "y " * 20}, {"role": "assistant", "content": "new answer"},
+             {"role": "user", "content": "tell me a story " + "z " * 60 + "about a cat"}]
+    source = write_jsonl(tmp_path / "c.jsonl", [{"messages": turns[:3]}, {"messages": turns}] * 2)
+    kwargs = {"model_name": str(qwen_with_chat_template), "dataset": str(source), "messages_column": "messages",
+              "system_prompt": "Be brief.", "test_size": 0.25}
+    whole = ready(**kwargs)
+    short, long = sorted({len(ids) for ids in whole.train_set["input_ids"]})
+    dm = ready(**kwargs, max_prompt_tokens=short - 5)
+    rows = list(dm.train_set) + list(dm.test_set)
+    assert all(len(row["input_ids"]) <= short - 5 and row["prompt_fit"] == "cut" for row in rows)
+    for row in rows:
+        assert row["query"].startswith("<|system|>Be brief.\n<|user|>") and row["query"].endswith("<|assistant|>")
+    # the short conversation: its oldest turn pair went whole; the long one: only the last user message is left,
+    # cut from its start, its end ("about a cat") kept
+    queries = {row["query"] for row in rows}
+    assert "<|system|>Be brief.\n<|user|>new question " + "y " * 20 + "\n<|assistant|>" in queries
+    last = [q for q in queries if "about a cat" in q]
+    assert last and all("question" not in q and "story" not in q for q in last)
+
+
+def test_a_chat_completion_ends_in_the_turn_end_its_template_writes(tmp_path, qwen_with_end_of_turn,
+                                                                    qwen_with_chat_template):
+    from lit_rlhf.prompts import end_of_turn
+
+    conversation = [{"role": "user", "content": "2 + 2 ="}, {"role": "assistant", "content": "4"}]
+    source = write_jsonl(tmp_path / "c.jsonl", [{"messages": conversation}] * 4)
+    dm = ready(model_name=str(qwen_with_end_of_turn), dataset=str(source), messages_column="messages",
+               with_labels=True, test_size=0.25)
+    end = dm.tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    assert end != dm.tokenizer.eos_token_id and end_of_turn(dm.tokenizer, chat=True) == end
+    assert all(ids[-1] == end for ids in dm.train_set["summary_ids"])
+    assert dm.train_set[0]["query"].endswith("<|assistant|>")
+    # a template whose turn ends in plain text (a newline), or no chat template at all: the tokenizer's eos
+    plain = ready(model_name=str(qwen_with_chat_template), dataset=str(source), messages_column="messages",
+                  with_labels=True, test_size=0.25)
+    assert all(ids[-1] == plain.tokenizer.eos_token_id for ids in plain.train_set["summary_ids"])
+    assert end_of_turn(dm.tokenizer, chat=False) == dm.tokenizer.eos_token_id
 
 
 # -- the DialogSum preset -------------------------------------------------------------------------------------
@@ -152,7 +225,8 @@ def test_dialogsum_preset_first_batches_are_the_recipes():
     dm.prepare_data()
     dm.setup("fit")
     kept = [r for r in load_bundled_dialogsum()["train"] if 200 < len(r["dialogue"]) <= 1000]
-    assert dm.summary() == {"source": 12460, "kept": len(kept), "train": 8017, "test": 2005}
+    assert dm.summary() == {"source": 12460, "kept": len(kept), "train": 8017, "test": 2005,
+                            "prompts_cut": 0, "prompts_dropped": 0}
     order = torch.randperm(8017, generator=torch.Generator().manual_seed(0)).tolist()
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("embedded:tiny-t5"))
     loader = iter(dm.train_dataloader())

@@ -13,7 +13,7 @@ import yaml
 from torch.testing import assert_close
 from transformers import T5ForConditionalGeneration
 
-from conftest import perturb_lora
+from conftest import perturb_lora, write_jsonl
 from lit_rlhf.cli import run_sft
 from lit_rlhf.data import DialogSumDataModule
 from lit_rlhf.module import PPOModule
@@ -503,3 +503,26 @@ def test_sft_export_writes_the_gathered_weights_when_they_are_sharded(sharding, 
     base = load_causal_or_seq2seq(resolve_model_path("embedded:tiny-t5"))
     loaded = PeftModel.from_pretrained(base, export) if finetune == "lora" else load_causal_or_seq2seq(str(export))
     assert_close(hf_logits(loaded.eval(), batch), expected)
+
+
+def test_rows_longer_than_the_context_are_cut_to_fit_it_not_an_index_error(tmp_path, short_context_gpt2,
+                                                                            datasets_cache):
+    # GPT-2 reads at most n_positions=32 tokens: prompt + completion must fit, the prompt giving way in its content
+    from lit_rlhf.prompts import PromptDataModule
+
+    rows = [{"text": " ".join(f"w{k}" for k in range(5 * i + 5)), "answer": "a short answer"} for i in range(8)]
+    rows.append({"text": "short", "answer": " ".join(["long"] * 40)})  # the completion alone fills the context
+    source = write_jsonl(tmp_path / "sft.jsonl", rows)
+    data = PromptDataModule(model_name=str(short_context_gpt2), dataset=str(source), template="{text}\nAnswer:",
+                            completion_column="answer", with_labels=True, test_size=0.25, batch_size=2,
+                            eval_batch_size=8)
+    data.prepare_data()
+    data.setup("fit")
+    module = SFTModule(str(short_context_gpt2), finetune="full")
+    with torch.no_grad():  # every row, as one batch
+        assert torch.isfinite(module.sft_loss(data.collator(list(data.train_set) + list(data.test_set))))
+    assert data.max_context_tokens == 32
+    fitted = list(data.train_set) + list(data.test_set)
+    assert all(len(r["input_ids"]) + len(r["summary_ids"]) <= 32 for r in fitted)
+    assert all(r["query"].endswith("\nAnswer:") for r in fitted)
+    assert data.summary()["prompts_cut"] > 0 and data.summary()["prompts_dropped"] == 1
