@@ -238,6 +238,11 @@ class CommonCLI(LightningCLI):
 
     def _instantiate_trainer(self, config, callbacks):
         configured = configured_callbacks(config, callbacks)
+        if self.subcommand == "fit" and config.get("enable_checkpointing") is not False:
+            if not any(isinstance(c, ModelCheckpoint) for c in configured):
+                # Lightning adds this default only when no Checkpoint callback is given; InterruptCheckpoint is one
+                callbacks.append(ModelCheckpoint())
+            callbacks.append(InterruptCheckpoint())  # last.ckpt at the end of fit and on Ctrl-C
         summary = config.get("enable_model_summary") is not False and not config.get("barebones")
         if summary and not any(isinstance(c, ModelSummary) for c in configured):
             callbacks.append(ModelSummaryWithoutFlops())
@@ -294,17 +299,13 @@ class LitRLHFCLI(CommonCLI):
 
     def _instantiate_trainer(self, config, callbacks):
         configured = configured_callbacks(config, callbacks)
-        if self.subcommand == "fit" and config.get("enable_checkpointing") is not False:
-            if not any(isinstance(c, ModelCheckpoint) for c in configured):
-                # Lightning adds this default only when no Checkpoint callback is given; InterruptCheckpoint is one
-                callbacks.append(ModelCheckpoint())
-            callbacks.append(InterruptCheckpoint())
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in configured):
             callbacks.append(PPOProgressBar())
-        for callback in [*configured, *callbacks]:
+        trainer = super()._instantiate_trainer(config, callbacks)
+        for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.filename is None:
                 callback.filename = PPO_CHECKPOINT_FILENAME
-        return super()._instantiate_trainer(config, callbacks)
+        return trainer
 
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand == "fit" and self._finished():
