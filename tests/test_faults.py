@@ -399,6 +399,26 @@ def test_an_interrupted_fit_leaves_a_resumable_last_ckpt(tmp_path, exception):
     assert torch.load(last, weights_only=True)["lit_rlhf"]["ppo_step"] == 3  # kept (and updated) at the end
 
 
+class CrashInsideStep(L.Callback):
+    """Raises between the two mini-batch updates of PPO step 2 (a half-updated step)."""
+
+    def __init__(self):
+        self.updates = 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.updates += pl_module.ppo_step == 1  # ppo_step counts the steps done
+        if self.updates == 2:
+            raise RuntimeError("crash")
+
+
+def test_an_error_inside_a_step_saves_nothing_half_updated(tmp_path, capsys):
+    with pytest.raises(RuntimeError, match="crash"):
+        checkpointed_trainer(tmp_path, CrashInsideStep()).fit(small_module(ppo_steps=3), DialogSumDataModule(
+            model_name="embedded:tiny-t5", batch_size=8))
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()  # nor any other checkpoint: none was due
+    assert "inside a training step, whose state is half-updated: nothing saved" in capsys.readouterr().err
+
+
 def test_a_failure_before_the_first_step_saves_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="early"):
         checkpointed_trainer(tmp_path, FailAtStart()).fit(small_module(), DialogSumDataModule(

@@ -113,9 +113,9 @@ def test_ctrl_c_inside_a_step_then_resume_is_the_uninterrupted_run(runs, case, m
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
-def test_last_ckpt_is_the_last_step(runs, command, monkeypatch, capsys):
-    """The periodic checkpoints (every 1000 steps) never ran: last.ckpt is still the end of fit, with the weights
-    the run exported; resuming it has nothing to do."""
+def test_last_ckpt_is_the_last_step(runs, command):
+    """A periodic checkpoint ran before the end (its last.ckpt at PPO step 3 of 4, DPO step 4 of 6): last.ckpt is
+    still the end of fit, with the weights the run exported (what ``test --ckpt_path last.ckpt`` measures)."""
     folder, _ = runs
     root = folder / f"{command}-straight"
     ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
@@ -123,18 +123,16 @@ def test_last_ckpt_is_the_last_step(runs, command, monkeypatch, capsys):
         assert ckpt["lit_rlhf"]["ppo_step"] == PPO_CONFIG["model"]["ppo_steps"]
     else:
         assert ckpt["global_step"] == DPO_CONFIG["trainer"]["max_steps"]
-    exported = weights(root, command)
-    lora = {k: v for k, v in ckpt["state_dict"].items() if "lora_" in k}
-    assert len(lora) == len(exported) > 0
-    for name, tensor in exported.items():  # peft's name: base_model.model.<module>.lora_A.weight
-        stored = [v for k, v in lora.items() if k.endswith(name.removeprefix("base_model.model.").replace(
-            ".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"))]
-        assert len(stored) == 1 and torch.equal(stored[0], tensor), name
+    exported = weights(root, command)  # peft's names: base_model.model.<module>.lora_A.weight
+    stored = {k.split("base_model.model.", 1)[1].replace(".default.", "."): v
+              for k, v in ckpt["state_dict"].items() if "lora_" in k}
+    assert stored.keys() == {k.removeprefix("base_model.model.") for k in exported}
+    assert [k for k, v in exported.items() if not torch.equal(stored[k.removeprefix("base_model.model.")], v)] == []
 
+
+def test_resuming_a_finished_run_has_nothing_to_do(runs, monkeypatch, capsys):
+    folder, _ = runs
     monkeypatch.chdir(folder)
-    cli = COMMANDS[command][0]([*fit_args(command, folder / f"{command}-again"), "--ckpt_path",
-                                str(root / "checkpoints" / "last.ckpt")])
-    if command == "ppo":
-        assert "Nothing to do" in capsys.readouterr().err
-    else:
-        assert cli.trainer.global_step == ckpt["global_step"]  # no step run
+    last = folder / "ppo-straight" / "checkpoints" / "last.ckpt"
+    run([*fit_args("ppo", folder / "ppo-again"), "--ckpt_path", str(last)])
+    assert f"Nothing to do: {last} has done 4 of model.ppo_steps=4 PPO steps" in capsys.readouterr().err
