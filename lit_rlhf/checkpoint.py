@@ -5,6 +5,9 @@ the move is a copy, so a process killed during the copy leaves a truncated check
 ``AtomicCheckpointIO`` writes next to the target, flushes to disk, then renames: on POSIX the rename is atomic,
 so ``last.ckpt`` is always the last *complete* checkpoint.
 
+``InterruptCheckpoint`` keeps ``last.ckpt`` the run's last complete step: saved at the end of fit, and on Ctrl-C
+after the step in progress (never a half-updated step), so resuming it is the uninterrupted run.
+
 ``load_checkpoint`` reads one for the command line: a file torch cannot read (cut short by a full disk or a copy,
 not a checkpoint at all) is one error naming ``--ckpt_path``, not torch's traceback.
 """
@@ -94,10 +97,14 @@ class InterruptCheckpoint(Checkpoint):
             self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
-        if self._stop_requested or not in_training_step(self._trainer):
+        trainer = self._trainer
+        # several processes receive Ctrl-C at slightly different points: between two steps too, they wait for
+        # the next step's end, where they decide together (one stopping alone would hang the others)
+        defer = in_training_step(trainer) or (trainer.world_size > 1 and trainer.training)
+        if self._stop_requested or not defer:
             raise KeyboardInterrupt
         self._stop_requested = True
-        if self._trainer.is_global_zero:
+        if trainer.is_global_zero:
             print("\nCtrl-C: finishing this step, then saving last.ckpt and stopping (Ctrl-C again stops at once; "
                   "the run then resumes from its last complete checkpoint)", file=sys.stderr, flush=True)
 
@@ -108,8 +115,11 @@ class InterruptCheckpoint(Checkpoint):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         # a checkpoint callback runs after the others: this is where ModelCheckpoint has just saved
-        if not any_rank(trainer, self._stop_requested, pl_module.device) or run_ends_here(trainer):
-            return  # a run ending with this step saves and exports as usual
+        if run_ends_here(trainer):  # (the same on every process) the run saves and exports as usual
+            self._restore_handler()  # what comes after the last step (an "after" measurement) stops at once
+            return
+        if not any_rank(trainer, self._stop_requested, pl_module.device):
+            return
         self._save(trainer)
         self._stopped_after_step = True
         if trainer.is_global_zero:

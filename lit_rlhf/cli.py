@@ -181,7 +181,8 @@ PPO_CHECKPOINT_FILENAME = "{ppo_step:.0f}"
 
 
 class CommonCLI(LightningCLI):
-    """LightningCLI with what ``lit-rlhf`` and ``lit-rlhf-sft`` share: atomic checkpoint files; Lightning's default
+    """LightningCLI with what every command shares: atomic checkpoint files and a ``last.ckpt`` that is the last
+    step (at the end of fit, and after the step in progress on Ctrl-C: ``InterruptCheckpoint``); Lightning's default
     TensorBoard logger without its placeholder ``hp_metric`` of -1, in the run folder of ``--ckpt_path`` for the
     subcommands in :attr:`run_folder_subcommands`, and none for a ``predict`` outside a run folder (it makes no
     empty ``version_N``); ``<subcommand>_config.yaml`` beside a fit's ``config.yaml``, not over it; a model summary
