@@ -19,7 +19,8 @@ import lightning as L
 class SigintAt(L.Callback):
     """Sends SIGINT to this process during training step ``step`` (counted from 1 in this run): ``where="rollout"``
     inside the reward's scoring of the rollout, ``where="update"`` right before optimizer step ``optimizer_step``
-    of that training step (a PPO step takes several: with 2, the first mini-batch update is already made)."""
+    of that training step (a PPO step takes several: with 2, the first mini-batch update is already made),
+    ``where="backward"`` after its backward pass (also a batch whose gradients are accumulated)."""
 
     def __init__(self, step: int = 2, where: str = "update", optimizer_step: int = 1):
         self.step, self.where, self.optimizer_step = step, where, optimizer_step
@@ -36,6 +37,10 @@ class SigintAt(L.Callback):
                 return compute(*args, **kwargs)
 
             reward.compute = interrupting_compute
+
+    def on_after_backward(self, trainer, pl_module):
+        if self.batches == self.step and self.where == "backward":
+            os.kill(os.getpid(), signal.SIGINT)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if self.batches == self.step and self.where == "update":

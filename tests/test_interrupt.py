@@ -1,9 +1,9 @@
 """Ctrl-C, then resume, is the uninterrupted run; ``last.ckpt`` is the run's last step.
 
 One subprocess (``interrupt_worker.py``) runs each fit and sends itself a real SIGINT in the middle of a training
-step: inside the PPO rollout, between two PPO mini-batch updates, before a DPO optimizer step. The step finishes,
-``last.ckpt`` is saved after it and the run stops; resumed here with ``--ckpt_path``, it must end with the weights
-of a run that was never interrupted, bit for bit.
+step: inside the PPO rollout, between two PPO mini-batch updates, between the backward pass and the optimizer
+step of a DPO batch. The step finishes, ``last.ckpt`` is saved after it and the run stops; resumed here with
+``--ckpt_path``, it must end with the weights of a run that was never interrupted, bit for bit.
 """
 
 import json
@@ -42,16 +42,16 @@ PPO_CONFIG = {
 }
 DPO_CONFIG = {
     "seed_everything": 3,
-    "trainer": {**TRAINER, "max_steps": 6, "callbacks": [periodic_save(4)]},
+    "trainer": {**TRAINER, "max_steps": 4, "callbacks": [periodic_save(3)]},
     "model": {"model_name": "embedded:tiny-gpt2", "learning_rate": 5e-3, "lora": {"r": 4}},
     "data": {"dataset": "pairs.jsonl", "batch_size": 4},
 }
 COMMANDS = {"ppo": (run, PPO_CONFIG, "adapter/adapter_model.safetensors"),
             "dpo": (run_dpo, DPO_CONFIG, "adapter/adapter_model.safetensors")}
-SIGINT_AT = {  # a training step of each run (counted from 1), and a point inside it
-    "ppo-rollout": ("ppo", {"step": 2, "where": "rollout"}),
-    "ppo-update": ("ppo", {"step": 2, "where": "update", "optimizer_step": 2}),  # after the first mini-batch's update
-    "dpo-update": ("dpo", {"step": 3, "where": "update", "optimizer_step": 1}),
+SIGINT_AT = {  # a training batch of each run (counted from 1), a point inside it, and the step saved after it
+    "ppo-rollout": ("ppo", {"step": 2, "where": "rollout"}, 2),  # PPO steps
+    "ppo-update": ("ppo", {"step": 2, "where": "update", "optimizer_step": 2}, 2),  # after a mini-batch's update
+    "dpo-backward": ("dpo", {"step": 2, "where": "backward"}, 2),  # optimizer steps
 }
 
 
@@ -71,7 +71,7 @@ def runs(tmp_path_factory):
     os.chdir(folder)  # the DPO config names pairs.jsonl relative to it
     try:
         specs = []
-        for case, (command, at) in SIGINT_AT.items():
+        for case, (command, at, _) in SIGINT_AT.items():
             callback = {"class_path": "interrupt_worker.SigintAt", "init_args": at}
             specs.append({"command": command, "args": [*fit_args(command, folder / case),
                                                        f"--trainer.callbacks+={json.dumps(callback)}"]})
@@ -95,14 +95,14 @@ def weights(root: Path, command: str) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("case", list(SIGINT_AT))
 def test_ctrl_c_inside_a_step_then_resume_is_the_uninterrupted_run(runs, case, monkeypatch):
     folder, log = runs
-    command, at = SIGINT_AT[case]
+    command, _, saved_step = SIGINT_AT[case]
     root = folder / case
     assert (root / "exit_status").read_text() == "1"  # stopped (Lightning's status after Ctrl-C)
     assert not (root / "adapter").exists()  # it did not run to its end
     # the interrupted step was finished and saved, as a periodic checkpoint after it would be
     ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
     done = ckpt["lit_rlhf"]["ppo_step"] if command == "ppo" else ckpt["global_step"]
-    assert done == at["step"]
+    assert done == saved_step
     assert f"saved {root / 'checkpoints' / 'last.ckpt'}" in log
 
     monkeypatch.chdir(folder)
@@ -114,7 +114,7 @@ def test_ctrl_c_inside_a_step_then_resume_is_the_uninterrupted_run(runs, case, m
 
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_last_ckpt_is_the_last_step(runs, command):
-    """A periodic checkpoint ran before the end (its last.ckpt at PPO step 3 of 4, DPO step 4 of 6): last.ckpt is
+    """A periodic checkpoint ran before the end (its last.ckpt at PPO step 3 of 4, DPO step 3 of 4): last.ckpt is
     still the end of fit, with the weights the run exported (what ``test --ckpt_path last.ckpt`` measures)."""
     folder, _ = runs
     root = folder / f"{command}-straight"
