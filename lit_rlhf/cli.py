@@ -251,7 +251,8 @@ PPO_CHECKPOINT_FILENAME = "{ppo_step:.0f}"
 
 class CommonCLI(LightningCLI):
     """LightningCLI with what every lit-rlhf command shares: with ``--ckpt_path``, the checkpoint's model settings
-    except the flags given (which win, with one notice each); atomic checkpoint files; Lightning's default
+    except the flags given (which win, with one notice each); atomic checkpoint files and a ``last.ckpt`` that is the
+    last step (at the end of fit, and after the step in progress on Ctrl-C: ``InterruptCheckpoint``); Lightning's default
     TensorBoard logger without its placeholder ``hp_metric`` of -1, in the run folder of ``--ckpt_path`` for the
     subcommands in :attr:`run_folder_subcommands`, and none for a ``predict`` outside a run folder (it makes no
     empty ``version_N``); ``<subcommand>_config.yaml`` beside a fit's ``config.yaml``, not over it; a model summary
@@ -347,6 +348,11 @@ class CommonCLI(LightningCLI):
 
     def _instantiate_trainer(self, config, callbacks):
         configured = configured_callbacks(config, callbacks)
+        if self.subcommand == "fit" and config.get("enable_checkpointing") is not False:
+            if not any(isinstance(c, ModelCheckpoint) for c in configured):
+                # Lightning adds this default only when no Checkpoint callback is given; InterruptCheckpoint is one
+                callbacks.append(ModelCheckpoint())
+            callbacks.append(InterruptCheckpoint())  # last.ckpt at the end of fit and on Ctrl-C
         summary = config.get("enable_model_summary") is not False and not config.get("barebones")
         if summary and not any(isinstance(c, ModelSummary) for c in configured):
             callbacks.append(ModelSummaryWithoutFlops())
@@ -383,17 +389,13 @@ class LitRLHFCLI(CommonCLI):
 
     def _instantiate_trainer(self, config, callbacks):
         configured = configured_callbacks(config, callbacks)
-        if self.subcommand == "fit" and config.get("enable_checkpointing") is not False:
-            if not any(isinstance(c, ModelCheckpoint) for c in configured):
-                # Lightning adds this default only when no Checkpoint callback is given; InterruptCheckpoint is one
-                callbacks.append(ModelCheckpoint())
-            callbacks.append(InterruptCheckpoint())
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in configured):
             callbacks.append(PPOProgressBar())
-        for callback in [*configured, *callbacks]:
+        trainer = super()._instantiate_trainer(config, callbacks)
+        for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.filename is None:
                 callback.filename = PPO_CHECKPOINT_FILENAME
-        return super()._instantiate_trainer(config, callbacks)
+        return trainer
 
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand == "fit" and self._finished():

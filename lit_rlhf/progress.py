@@ -32,16 +32,19 @@ class PPOProgressBar(RunProgressBar):
         bar.set_description("PPO steps")
         return bar
 
-    def on_train_epoch_start(self, trainer, pl_module, *args: Any) -> None:
+    def on_train_start(self, trainer, pl_module) -> None:
+        # here, not at the epoch's start: a run resumed mid-epoch (every PPO run) starts no epoch, so its bar would
+        # show no total until the prompt stream's next epoch
+        super().on_train_start(trainer, pl_module)
         bar = self.train_progress_bar
-        if bar is None or getattr(bar, "_ppo_started", False):
-            return
-        done = int(getattr(pl_module, "ppo_step", 0))
+        done = int(getattr(pl_module, "ppo_step", 0))  # restored from the checkpoint by now
         bar.reset(total=pl_module.hparams.get("ppo_steps"))
         bar.initial = bar.n = bar.last_print_n = done  # tqdm's rate is (n - initial) / elapsed
         bar.set_description("PPO steps")
         bar.refresh()
-        bar._ppo_started = True
+
+    def on_train_epoch_start(self, trainer, pl_module, *args: Any) -> None:
+        pass  # one bar for the whole run: Lightning's would restart at 0 with the epoch's batch count
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         bar = self.train_progress_bar

@@ -32,10 +32,10 @@ def small_module(**kwargs) -> PPOModule:
     return PPOModule(**defaults)
 
 
-def fit(module: PPOModule, tmp_path: Path) -> L.Trainer:
+def fit(module: PPOModule, tmp_path: Path, *callbacks: L.Callback) -> L.Trainer:
     trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        limit_val_batches=0, num_sanity_val_steps=0)
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=bool(callbacks),
+                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=list(callbacks))
     trainer.fit(module, DialogSumDataModule(model_name=module.hparams.model_name, batch_size=8))
     return trainer
 
@@ -399,6 +399,26 @@ def test_an_interrupted_fit_leaves_a_resumable_last_ckpt(tmp_path, exception):
     assert torch.load(last, weights_only=True)["lit_rlhf"]["ppo_step"] == 3  # kept (and updated) at the end
 
 
+class CrashInsideStep(L.Callback):
+    """Raises between the two mini-batch updates of PPO step 2 (a half-updated step)."""
+
+    def __init__(self):
+        self.updates = 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.updates += pl_module.ppo_step == 1  # ppo_step counts the steps done
+        if self.updates == 2:
+            raise RuntimeError("crash")
+
+
+def test_an_error_inside_a_step_saves_nothing_half_updated(tmp_path, capsys):
+    with pytest.raises(RuntimeError, match="crash"):
+        checkpointed_trainer(tmp_path, CrashInsideStep()).fit(small_module(ppo_steps=3), DialogSumDataModule(
+            model_name="embedded:tiny-t5", batch_size=8))
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()  # nor any other checkpoint: none was due
+    assert "inside a training step, whose state is half-updated: nothing saved" in capsys.readouterr().err
+
+
 def test_a_failure_before_the_first_step_saves_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="early"):
         checkpointed_trainer(tmp_path, FailAtStart()).fit(small_module(), DialogSumDataModule(
@@ -422,3 +442,34 @@ def test_progress_bar_counts_ppo_steps_to_ppo_steps(tmp_path):
     # not the epoch's 1000 batches: the run's 2 PPO steps, so the rate and ETA are the run's
     assert (bar.train_progress_bar.n, bar.train_progress_bar.total) == (2, 2)
     assert bar.train_progress_bar.desc.startswith("PPO steps")
+
+
+class BarAtFirstStep(L.Callback):
+    """What the progress bar shows when the run's first step starts: (steps done, total)."""
+
+    def __init__(self, bar):
+        self.bar, self.shown = bar, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.shown is None:
+            self.shown = (self.bar.train_progress_bar.n, self.bar.train_progress_bar.total)
+
+
+def test_a_resumed_run_s_progress_bar_shows_its_total_from_the_start(tmp_path):
+    from lit_rlhf.progress import PPOProgressBar
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    data = lambda: DialogSumDataModule(model_name="embedded:tiny-t5", batch_size=8)  # noqa: E731
+    # a periodic checkpoint after PPO step 1 (2 optimizer steps), in the middle of the prompt stream's epoch
+    periodic = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=2, filename="{step}",
+                               save_top_k=-1)
+    fit(small_module(ppo_steps=2), tmp_path, periodic)
+    bar = PPOProgressBar()
+    shown = BarAtFirstStep(bar)
+    trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
+                        enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                        num_sanity_val_steps=0, callbacks=[bar, shown])
+    trainer.fit(small_module(ppo_steps=3), data(), ckpt_path=tmp_path / "checkpoints" / "step=2.ckpt")
+    assert shown.shown == (1, 3)  # resumed after step 1 of 3: "1/3", not "1/?"
+    assert (bar.train_progress_bar.n, bar.train_progress_bar.total) == (3, 3)
