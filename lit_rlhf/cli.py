@@ -251,8 +251,9 @@ PPO_CHECKPOINT_FILENAME = "{ppo_step:.0f}"
 
 class CommonCLI(LightningCLI):
     """LightningCLI with what every lit-rlhf command shares: with ``--ckpt_path``, the checkpoint's model settings
-    except the flags given (which win, with one notice each); atomic checkpoint files and a ``last.ckpt`` that is the
-    last step (at the end of fit, and after the step in progress on Ctrl-C: ``InterruptCheckpoint``); Lightning's default
+    except the flags given (which win, with one notice each); atomic checkpoint files and a ``last.ckpt`` that is
+    the last step (at the end of fit, and after the step in progress on Ctrl-C: ``InterruptCheckpoint``);
+    Lightning's default
     TensorBoard logger without its placeholder ``hp_metric`` of -1, in the run folder of ``--ckpt_path`` for the
     subcommands in :attr:`run_folder_subcommands`, and none for a ``predict`` outside a run folder (it makes no
     empty ``version_N``); ``<subcommand>_config.yaml`` beside a fit's ``config.yaml``, not over it; a model summary
