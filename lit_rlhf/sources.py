@@ -5,6 +5,7 @@
     load_local_directory files named by split (``train*``, ``validation*``/``dev*``, ``test*``) -> splits
     drop_blank_rows      rows -> the rows whose prompt/response columns all hold text (the others counted)
     first_null           the id of the first row with no value in a column (a reward's column checked before a run)
+    keyed_to_this_code   rows whose datasets cache key covers lit_rlhf's own code (load_source, read_data_files)
 
 Every error a user can cause (no such path, an empty file, a file datasets cannot parse, mixed formats) is one
 line naming the setting and the file.
@@ -13,10 +14,13 @@ line naming the setting and the file.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import importlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from lit_rlhf.tiny import looks_like_local_path
@@ -114,7 +118,13 @@ def load_bundled(name: str) -> datasets.DatasetDict:
 
 def load_source(dataset: str) -> datasets.DatasetDict:
     """The ``dataset`` setting's splits: ``bundled:<name>``, a local folder (files named by split), a local
-    file (one split, ``train``) or a hub dataset name."""
+    file (one split, ``train``) or a hub dataset name; keyed to this code (:func:`keyed_to_this_code`)."""
+    import datasets
+
+    return datasets.DatasetDict({name: keyed_to_this_code(rows) for name, rows in _load_source(dataset).items()})
+
+
+def _load_source(dataset: str) -> datasets.DatasetDict:
     if dataset.startswith("bundled:"):
         return load_bundled(dataset.removeprefix("bundled:"))
     local = os.path.expanduser(dataset)
@@ -155,7 +165,35 @@ def read_data_files(path: str | None, setting: str) -> datasets.Dataset:
     rows = _load(formats.pop(), [f for f, _ in typed], f"{setting}={path!r}")["train"]
     if len(rows) == 0:
         raise ValueError(f"{setting}={path!r} has no rows")
-    return rows
+    return keyed_to_this_code(rows)
+
+
+# ------------------------------------------------------------------------------------------------ the cache key
+
+
+@functools.cache
+def code_digest() -> str:
+    """A digest of lit_rlhf's own Python files: it changes whenever the code that encodes rows may have."""
+    digest = hashlib.sha256()
+    package = Path(__file__).resolve().parent
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def keyed_to_this_code(rows: datasets.Dataset) -> datasets.Dataset:
+    """``rows`` (all of them, no copy) under a fingerprint that also covers :func:`code_digest`.
+
+    datasets caches each ``map``/``filter`` result on disk under a key made of its input's fingerprint and the
+    function, which it names by its import path when it can be imported (its code is not read): without this, a
+    changed lit_rlhf (a new version, an edited checkout) would reuse the encodings an older one cached (prompts cut
+    by the old rule, say). Every later transform's key derives from this fingerprint, so none can cross versions.
+    """
+    from datasets.fingerprint import Hasher
+
+    fingerprint = Hasher.hash([rows._fingerprint, code_digest()])
+    return rows.select(range(len(rows)), new_fingerprint=fingerprint)
 
 
 # ---------------------------------------------------------------------------------------------- null and empty rows

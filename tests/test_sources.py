@@ -81,3 +81,28 @@ def test_pairs_and_predict_rows_follow_the_same_rule(tmp_path):
     dm = PromptDataModule(predict_path=str(write_jsonl(tmp_path / "none.jsonl", [{"id": "z", "prompt": " "}])))
     with pytest.raises(ValueError, match=r"data.predict_path=.*every row has a null or empty 'prompt'.*row 'z'"):
         dm.setup("predict")
+
+
+def test_a_changed_lit_rlhf_does_not_reuse_what_an_older_one_cached(tmp_path, monkeypatch):
+    """datasets keys a cached map by the name of an importable function, not its code: the cache key of every
+    transform of a source must cover lit_rlhf's own code, or an upgraded lit_rlhf trains on old encodings."""
+    import importlib
+    import sys
+
+    import lit_rlhf.sources as sources
+
+    encoder = tmp_path / "encoder_module.py"
+    encoder.write_text("def encode(batch):\n    return {'out': [p + ' (old rule)' for p in batch['prompt']]}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("encoder_module")
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"id": "a", "prompt": "hello"}, {"id": "b", "prompt": "bye"}])
+
+    def encoded() -> list[str]:
+        return sources.load_source(str(data))["train"].map(module.encode, batched=True)["out"]
+
+    assert encoded() == ["hello (old rule)", "bye (old rule)"]
+    encoder.write_text("def encode(batch):\n    return {'out': [p + ' (new rule)' for p in batch['prompt']]}\n")
+    module = importlib.reload(sys.modules["encoder_module"])
+    monkeypatch.setattr(sources, "code_digest", lambda: "the digest of the changed code")
+    assert encoded() == ["hello (new rule)", "bye (new rule)"]
+
