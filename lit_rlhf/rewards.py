@@ -76,17 +76,17 @@ def classifier_input_ids(
     first, last = special_tokens_around(tokenizer)
     room = None if max_length is None else max(max_length - len(first) - len(last), 0)
     if text == "prompt+response":
-        texts, starts = joined_tokens(tokenizer, prompts, responses)
+        tokens, starts = joined_tokens(tokenizer, prompts, responses)
         n = len(first)  # the leading special tokens a decoded query may already hold
-        doubled = [bool(first) and row[:n] == first for row in texts]
-        texts = [row[n:] if twice else row for row, twice in zip(texts, doubled)]
+        doubled = [bool(first) and row[:n] == first for row in tokens]
+        tokens = [row[n:] if twice else row for row, twice in zip(tokens, doubled)]
         starts = [start - n if twice else start for start, twice in zip(starts, doubled)]
     else:
         # verbose=False: the long texts are cut below, so the tokenizer's warning about its limit does not apply
-        texts = tokenizer(list(responses), add_special_tokens=False, verbose=False).input_ids
-        starts = [0] * len(texts)
+        tokens = tokenizer(list(responses), add_special_tokens=False, verbose=False).input_ids
+        starts = [0] * len(tokens)
     ids, cut = [], []
-    for row, start in zip(texts, starts):
+    for row, start in zip(tokens, starts):
         c, r = row[:start], row[start:]
         if room is not None and len(c) + len(r) > room:
             c = c[len(c) + len(r) - room:] if len(r) < room else []  # the prompt's start goes first
@@ -116,14 +116,14 @@ def joined_tokens(
     # verbose=False: long texts are cut by the caller, so the tokenizer's warning about its limit does not apply
     if getattr(tokenizer, "is_fast", False):
         encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-        starts = [next((i for i, (start, end) in enumerate(offsets) if end > len(c) or start >= len(c)),
+        starts = [next((i for i, (start, end) in enumerate(offsets) if end > len(ctx) or start >= len(ctx)),
                        len(offsets))
-                  for c, offsets in zip(contexts, encoded["offset_mapping"])]
+                  for ctx, offsets in zip(contexts, encoded["offset_mapping"])]
         return encoded["input_ids"], starts
     joined = tokenizer(texts, add_special_tokens=False, verbose=False).input_ids
     alone = tokenizer(contexts, add_special_tokens=False, verbose=False).input_ids
-    starts = [next((i for i, (a, b) in enumerate(zip(j, c)) if a != b), min(len(j), len(c)))
-              for j, c in zip(joined, alone)]
+    starts = [next((i for i, (a, b) in enumerate(zip(both, own)) if a != b), min(len(both), len(own)))
+              for both, own in zip(joined, alone)]
     return joined, starts
 
 
