@@ -184,7 +184,7 @@ def tokenizer_of(kind: str, classifier_path: Path):
 @pytest.mark.parametrize("kind", ["t5", "gpt2", "roberta", "llama", "byt5"])
 def test_classifier_input_ids_are_the_joined_texts_tokens(classifier_path, kind):
     """A classifier reads prompt + newline + response as the one text it was trained on: a SentencePiece
-    tokenizer gives the response after the newline other tokens than alone (``k ind``, not ``▁kind``)."""
+    tokenizer gives the response after the newline other tokens than alone (the tiny T5: ``y ou``, not ``▁you``)."""
     tokenizer = tokenizer_of(kind, classifier_path)
     prompts = ["i like you and your ideas", "person1 asks person2 about the weather today"]
     responses = ["you are a wonderful friend", "i hate you and your stupid ideas"]
