@@ -719,6 +719,11 @@ class RewardModelCLI(PreferenceCLI):
     def subcommands() -> dict[str, set[str]]:
         return LightningCLI.subcommands()
 
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
+        # the reward model reads each side's classifier inputs (lit-rlhf-dpo's pairs have none)
+        parser.set_defaults({"data.classifier_inputs": True})
+
 
 def run_preference(module_class: type, prog: str, description: str, args: list[str] | None = None,
                    cli_class: type[PreferenceCLI] = PreferenceCLI) -> PreferenceCLI:

@@ -1,8 +1,8 @@
 """Preference pairs (prompt, chosen response, rejected response) for reward models and DPO.
 
     pair_texts            rows -> the prompt's messages, the two response texts, why a row is skipped (if it is)
-    encode_pairs          pair texts -> prompt ids (fit to the limits), response ids (end-of-turn last), the
-                          classifier's ids
+    encode_pairs          pair texts -> prompt ids (fit to the limits), response ids (end-of-turn last)
+    classifier_sides      encoded pairs -> the ids a reward model reads of each side (``classifier_inputs``)
     PreferenceCollator    rows -> a padded preference batch
     ScoringCollator       predict rows (prompt, response) -> a padded batch of the classifier's texts
     PreferenceDataModule  ``PromptDataModule`` over pairs: load, check, filter, split, the resumable stream
@@ -14,7 +14,8 @@ their shared leading turns are the prompt, each last (assistant) turn is a respo
 A batch holds ``prompt_input_ids``/``prompt_attention_mask`` (LongTensor [B, P], padded on the policy's side: right
 for encoder-decoder models, left for decoder-only ones), ``chosen_ids``/``chosen_mask`` [B, Tc] and
 ``rejected_ids``/``rejected_mask`` [B, Tr] (the responses alone, right-padded, ending in the chat template's
-end-of-turn token, else in eos when the tokenizer has one), ``chosen_input_ids``/``chosen_attention_mask`` and
+end-of-turn token, else in eos when the tokenizer has one), with ``classifier_inputs`` (a reward model reads the
+batch) ``chosen_input_ids``/``chosen_attention_mask`` and
 ``rejected_input_ids``/``rejected_attention_mask`` (query + newline + response, or the response alone with
 ``classifier_text="response"``, encoded by ``rewards.classifier_input_ids``: the response whole, the query cut from
 its start to ``classifier_max_length``; padded on the tokenizer's side: what a sequence classifier reads, exactly
@@ -111,24 +112,30 @@ def _response_ids(texts: list[str], tokenizer: PreTrainedTokenizerBase, end_id: 
     return ids if end_id is None else [row + [end_id] for row in ids]
 
 
-def encode_pairs(
-    batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat,
-    classifier_text: TextField = "prompt+response", classifier_limit: int | None = None,
-) -> dict[str, list]:
+def encode_pairs(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat) -> dict[str, list]:
     """The prompt as ``encode_prompts`` renders and fits it (chat template, system prompt; cut in its content so
-    that it fits beside the longer response), both responses' ids (ending in the chat template's end-of-turn token,
-    else eos), and the classifier's ids of ``query + "\\n" + response`` (or of the response alone,
-    ``classifier_text="response"``) in at most ``classifier_limit`` tokens, with ``<side>_cut`` when a response alone
-    is longer: the query is the prompt as PPO's rewards receive it (its ids decoded, special tokens such as T5's
-    ``</s>`` included) and ``classifier_input_ids`` encodes it as ``ClassifierReward(text=classifier_text)`` does in a
-    rollout, so a reward model trains on what it scores there."""
+    that it fits beside the longer response) and both responses' ids (ending in the chat template's end-of-turn
+    token, else eos)."""
     end = end_of_turn(tokenizer, fmt.chat)
     responses = {side: _response_ids(batch[f"{side}_text"], tokenizer, end) for side in ("chosen", "rejected")}
     reserved = [max(len(c), len(r)) for c, r in zip(responses["chosen"], responses["rejected"])]
     out = encode_prompts(batch, tokenizer, fmt, reserved)
     for side in ("chosen", "rejected"):
         out[f"{side}_ids"] = responses[side]
-        inputs = classifier_input_ids(tokenizer, classifier_text, out["query"], batch[f"{side}_text"], classifier_limit)
+    return out
+
+
+def classifier_sides(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, classifier_text: TextField,
+                     classifier_limit: int | None) -> dict[str, list]:
+    """A reward model's ids of each encoded pair's ``query + "\\n" + response`` (or of the response alone,
+    ``classifier_text="response"``) in at most ``classifier_limit`` tokens, with ``<side>_cut`` when a response alone
+    is longer: the query is the prompt as PPO's rewards receive it (its ids decoded, special tokens such as T5's
+    ``</s>`` included) and ``classifier_input_ids`` encodes it as ``ClassifierReward(text=classifier_text)`` does in a
+    rollout, so a reward model trains on what it scores there."""
+    out: dict[str, list] = {}
+    for side in ("chosen", "rejected"):
+        inputs = classifier_input_ids(tokenizer, classifier_text, batch["query"], batch[f"{side}_text"],
+                                      classifier_limit)
         out[f"{side}_input_ids"], out[f"{side}_cut"] = inputs
     return out
 
@@ -138,7 +145,7 @@ def encode_scored(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, fm
                   classifier_limit: int | None = None) -> dict[str, list]:
     """Predict rows: the prompt rendered as for pairs (one user turn, chat template, system prompt; fit to
     ``fmt``'s limits in its content, as any prompt) and the classifier's ids of query + newline + response (or of
-    the response alone), as ``encode_pairs`` makes them. ``prompt`` stays the row's own text."""
+    the response alone), as ``classifier_sides`` makes them. ``prompt`` stays the row's own text."""
     responses = [str(r) for r in batch[response_column]]
     prompts = [str(p or "") for p in batch[prompt_column]] if prompt_column in batch else [""] * len(responses)
     out = encode_prompts({PROMPT_MESSAGES: [[{"role": "user", "content": p}] for p in prompts]}, tokenizer, fmt)
@@ -148,13 +155,15 @@ def encode_scored(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, fm
     return out
 
 
-def _pair_fits(prompt_fit: list[str], chosen: list[list[int]], rejected: list[list[int]], chosen_cut: list[bool],
-               rejected_cut: list[bool], max_response: int | None) -> list[bool]:
-    """Pairs whose prompt fit (whole or cut, ``encode_prompts``), whose responses are within ``max_response`` and
-    whose responses the classifier reads whole (a cut response may lose what tells chosen from rejected)."""
+def _pair_fits(prompt_fit: list[str], chosen: list[list[int]], rejected: list[list[int]], *cut: list[bool],
+               max_response: int | None) -> list[bool]:
+    """Pairs whose prompt fit (whole or cut, ``encode_prompts``), whose responses are within ``max_response`` and,
+    given each side's ``cut`` flags (``classifier_sides``), whose responses a reward model reads whole (a cut
+    response may lose what tells chosen from rejected)."""
     inf = float("inf")
-    return [how != "too_long" and max(len(c), len(r)) <= (max_response or inf) and not (cc or rc)
-            for how, c, r, cc, rc in zip(prompt_fit, chosen, rejected, chosen_cut, rejected_cut)]
+    read_cut = [any(flags) for flags in zip(*cut)] if cut else [False] * len(chosen)
+    return [how != "too_long" and max(len(c), len(r)) <= (max_response or inf) and not was_cut
+            for how, c, r, was_cut in zip(prompt_fit, chosen, rejected, read_cut)]
 
 
 def _usable(skip: list[str]) -> list[bool]:
@@ -166,11 +175,13 @@ class PreferenceCollator:
     """Pads rows into a preference batch (see the module docstring for the keys).
 
     ``padding_side``: the prompt's (the policy's: right for encoder-decoder, left for decoder-only models);
+    ``classifier``: whether the rows carry a reward model's inputs (``classifier_sides``) to pad;
     ``classifier_padding_side``: the tokenizer's own, for the classifier's sequences.
     ``margin_column``: the row value that becomes ``margin`` (None: the batch has none)."""
 
     pad_token_id: int
     padding_side: Literal["left", "right"]
+    classifier: bool = False
     classifier_padding_side: Literal["left", "right"] = "right"
     margin_column: str | None = None
 
@@ -181,9 +192,10 @@ class PreferenceCollator:
         for side in ("chosen", "rejected"):
             ids, mask = _pad([row[f"{side}_ids"] for row in rows], self.pad_token_id, "right")
             batch[f"{side}_ids"], batch[f"{side}_mask"] = ids, mask
-            ids, mask = _pad([row[f"{side}_input_ids"] for row in rows], self.pad_token_id,
-                             self.classifier_padding_side)
-            batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"] = ids, mask
+            if self.classifier:
+                ids, mask = _pad([row[f"{side}_input_ids"] for row in rows], self.pad_token_id,
+                                 self.classifier_padding_side)
+                batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"] = ids, mask
         if self.margin_column is not None:
             batch["margin"] = torch.tensor([float(row[self.margin_column]) for row in rows], dtype=torch.float32)
         batch["prompt"] = [row["prompt"] for row in rows]
@@ -238,12 +250,16 @@ class PreferenceDataModule(PromptDataModule):
         max_response_tokens: Pairs with a response longer than this many tokens (the end-of-turn token included:
             eos, or the chat template's own) are dropped (counted); never cut, since a cut response is another
             answer. None: no limit but the model's context.
+        classifier_inputs: Whether a reward model reads the batches (``lit-rlhf-rm`` sets it; a
+            ``RewardModelModule`` needs it): each side then also gets the classifier's ids (``classifier_text``,
+            ``classifier_max_length``). False (DPO): no classifier reads the pairs, so its limit drops none.
         classifier_text: What a reward model reads of each pair's side: ``prompt+response`` (the query, a
             newline, the response) or the ``response`` alone; give ``ClassifierReward`` the same ``text``.
         classifier_max_length: The most tokens a reward model reads of a pair's side (training and predict): the
             response whole, the prompt cut from its start, as ``ClassifierReward(max_length=...)`` reads them in
-            PPO (give it the same number). Pairs with a response longer than this alone are dropped (counted as
-            too long). None: the model's own limit (its tokenizer's ``model_max_length``, its positions).
+            PPO (give it the same number). With ``classifier_inputs``, pairs with a response longer than this alone
+            are dropped (counted as too long). None: the model's own limit (its tokenizer's ``model_max_length``,
+            its positions).
         predict_path: ``lit-rlhf-rm predict``: rows to score, a .jsonl/.json(.gz), .csv or .parquet file or a
             folder of them, with ``response_column`` and (unless ``classifier_text`` is ``response``)
             ``prompt_column`` text; ``id`` optional.
@@ -272,6 +288,7 @@ class PreferenceDataModule(PromptDataModule):
         max_prompt_tokens: int | None = None,
         truncation: Truncation = "content",
         max_response_tokens: int | None = None,
+        classifier_inputs: bool = False,
         classifier_text: TextField = "prompt+response",
         classifier_max_length: int | None = None,
         test_size: float = 0.1,
@@ -306,6 +323,7 @@ class PreferenceDataModule(PromptDataModule):
         self.save_hyperparameters(logger=False)  # this module's own arguments (config.yaml has these)
         self.columns = PairColumns(prompt_column, chosen_column, rejected_column, margin_column)
         self.max_response_tokens = max_response_tokens
+        self.classifier_inputs = classifier_inputs
         self.classifier_text = classifier_text
         self.classifier_max_length = classifier_max_length
         self.response_column = response_column
@@ -341,12 +359,16 @@ class PreferenceDataModule(PromptDataModule):
         self._skipped.update(reason for reason in texts["skip"] if reason and reason != "empty")
         self._empty.add([i for i, reason in zip(texts["id"], texts["skip"]) if reason == "empty"])
         usable = texts.filter(_usable, input_columns="skip", batched=True)
-        encoded = usable.map(encode_pairs, batched=True, fn_kwargs={
-            "tokenizer": self.tokenizer, "fmt": self._pair_prompt_format(), "classifier_text": self.classifier_text,
-            "classifier_limit": self.classifier_limit()})
-        kept = encoded.filter(
-            _pair_fits, input_columns=[PROMPT_FIT, "chosen_ids", "rejected_ids", "chosen_cut", "rejected_cut"],
-            batched=True, fn_kwargs={"max_response": self._response_limit()})
+        encoded = usable.map(encode_pairs, batched=True,
+                             fn_kwargs={"tokenizer": self.tokenizer, "fmt": self._pair_prompt_format()})
+        checked = [PROMPT_FIT, "chosen_ids", "rejected_ids"]
+        if self.classifier_inputs:  # only a classifier's limit may drop a pair for being too long to read
+            encoded = encoded.map(classifier_sides, batched=True, fn_kwargs={
+                "tokenizer": self.tokenizer, "classifier_text": self.classifier_text,
+                "classifier_limit": self.classifier_limit()})
+            checked += ["chosen_cut", "rejected_cut"]
+        kept = encoded.filter(_pair_fits, input_columns=checked, batched=True,
+                              fn_kwargs={"max_response": self._response_limit()})
         self._skipped["too_long"] += len(encoded) - len(kept)
         self.prompt_counts["prompts_cut"] += sum(how == "cut" for how in kept[PROMPT_FIT])
         if len(kept) == 0:
@@ -362,14 +384,14 @@ class PreferenceDataModule(PromptDataModule):
                    "too_long": self._skipped["too_long"]}
         self._sizes.update({f"skipped_{k}": v for k, v in skipped.items()})
         if any(skipped.values()):
+            read = (f", or with a response longer than the {self.classifier_limit()} tokens a reward model reads "
+                    "(data.classifier_max_length)") if self.classifier_inputs else ""
             rank_zero_info(
                 f"Preference pairs of dataset={self.dataset!r}: skipped {skipped['identical']} with identical chosen "
                 f"and rejected responses, {skipped['empty']} with a null or empty prompt or response (the first: row "
                 f"{self._empty.first_id!r}), and "
                 f"{skipped['too_long']} too long for {self._limits_in_words()} and "
-                f"data.max_response_tokens={self.max_response_tokens} (data.truncation={self.truncation}), or with a "
-                f"response longer than the {self.classifier_limit()} tokens a reward model reads "
-                "(data.classifier_max_length)")
+                f"data.max_response_tokens={self.max_response_tokens} (data.truncation={self.truncation}){read}")
         return train, test
     def classifier_limit(self) -> int | None:
         """The most tokens a reward model reads of a pair's side: ``classifier_max_length``, or the model's own
@@ -403,7 +425,8 @@ class PreferenceDataModule(PromptDataModule):
     def _collator(self, columns: tuple[str, ...], labels: bool) -> PreferenceCollator:
         return PreferenceCollator(
             pad_token_id=self.tokenizer.pad_token_id, padding_side="right" if self.is_encoder_decoder else "left",
-            classifier_padding_side=self.tokenizer.padding_side, margin_column=self.columns.margin)
+            classifier=self.classifier_inputs, classifier_padding_side=self.tokenizer.padding_side,
+            margin_column=self.columns.margin)
 
     # -- predict: responses to score (lit-rlhf-rm predict) ------------------------------------------------
 

@@ -4,7 +4,8 @@
     preference_stats      r_chosen, r_rejected [B] -> accuracy (chosen ranked above rejected), mean margin
     RewardModelModule     the classifier (LoRA or full), the loss over ``PreferenceDataModule`` batches, the export
 
-The classifier reads ``chosen_input_ids``/``rejected_input_ids`` of the preference batch: the query + newline +
+The classifier reads ``chosen_input_ids``/``rejected_input_ids`` of the preference batch (the data module's
+``classifier_inputs``, which ``lit-rlhf-rm`` sets): the query + newline +
 response (or the response alone, the data module's ``classifier_text``) encoded by
 ``rewards.classifier_input_ids`` (the response whole, the query cut from its start to the data module's
 ``classifier_max_length``), which is what ``ClassifierReward(text=..., max_length=...)`` feeds it in PPO.
@@ -124,6 +125,10 @@ class RewardModelModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         dist.check_trainer_clipping(self._trainer)  # before the model loads
+        data = getattr(self._trainer, "datamodule", None)
+        if stage != "predict" and getattr(data, "classifier_inputs", True) is False:
+            raise ValueError("a reward model reads the classifier's inputs of each pair: set data.classifier_inputs="
+                             "true (PreferenceDataModule(classifier_inputs=True); lit-rlhf-rm sets it by default)")
 
     def configure_model(self) -> None:
         """Build the classifier (once) and set torch's CPU threads for its size (``num_threads``), in every
@@ -152,7 +157,7 @@ class RewardModelModule(L.LightningModule):
         """(r_chosen, r_rejected), each [B], from a preference batch's classifier inputs."""
         if "chosen_input_ids" not in batch:
             raise ValueError("The batch has no classifier inputs ('chosen_input_ids'): a reward model trains on "
-                             "lit_rlhf.preferences.PreferenceDataModule batches")
+                             "lit_rlhf.preferences.PreferenceDataModule batches with classifier_inputs=True")
         return (self.rewards(batch["chosen_input_ids"], batch["chosen_attention_mask"]),
                 self.rewards(batch["rejected_input_ids"], batch["rejected_attention_mask"]))
 

@@ -63,26 +63,31 @@ def classifier_input_ids(
     """What a sequence classifier reads of each (prompt, response), at most ``max_length`` tokens with its special
     tokens: the one encoding of reward-model training, ``lit-rlhf-rm predict`` and ``ClassifierReward`` in PPO.
 
-    ``text="prompt+response"``: prompt + newline + response. The response is kept whole and the prompt cut from its
-    start, so that the tokens the classifier reads always include what is being judged (cutting the joined text on
-    the right scores every response after a long prompt the same). A response longer than the limit on its own is
-    cut from its end, the prompt then dropped. ``text="response"``: the response alone, cut from its end.
+    ``text="prompt+response"``: prompt + newline + response, tokenized as one text, so that a classifier reads
+    the tokens it would read of the joined string (``tokenizer(prompt + "\\n" + response)`` when nothing is cut).
+    The response's tokens are kept whole and the prompt's cut from their start, so that the tokens the classifier
+    reads always include what is being judged (cutting the joined text on the right scores every response after
+    a long prompt the same). A response longer than the limit on its own is cut from its end, the prompt then
+    dropped. ``text="response"``: the response alone, cut from its end.
 
     A prompt that already begins with the special tokens the tokenizer puts first (a rollout's query decoded with
     its ``<s>``) does not get them twice.
     """
     first, last = special_tokens_around(tokenizer)
     room = None if max_length is None else max(max_length - len(first) - len(last), 0)
-    # verbose=False: the long texts are cut below, so the tokenizer's warning about its limit does not apply
-    reply = tokenizer(list(responses), add_special_tokens=False, verbose=False).input_ids
     if text == "prompt+response":
-        context = tokenizer([p + PROMPT_RESPONSE_SEPARATOR for p in prompts], add_special_tokens=False,
-                            verbose=False).input_ids
-        context = [c[len(first):] if first and c[: len(first)] == first else c for c in context]
+        tokens, starts = joined_tokens(tokenizer, prompts, responses)
+        n = len(first)  # the leading special tokens a decoded query may already hold
+        doubled = [bool(first) and row[:n] == first for row in tokens]
+        tokens = [row[n:] if twice else row for row, twice in zip(tokens, doubled)]
+        starts = [start - n if twice else start for start, twice in zip(starts, doubled)]
     else:
-        context = [[] for _ in reply]
+        # verbose=False: the long texts are cut below, so the tokenizer's warning about its limit does not apply
+        tokens = tokenizer(list(responses), add_special_tokens=False, verbose=False).input_ids
+        starts = [0] * len(tokens)
     ids, cut = [], []
-    for c, r in zip(context, reply):
+    for row, start in zip(tokens, starts):
+        c, r = row[:start], row[start:]
         if room is not None and len(c) + len(r) > room:
             c = c[len(c) + len(r) - room:] if len(r) < room else []  # the prompt's start goes first
             cut.append(len(r) > room)
@@ -91,6 +96,35 @@ def classifier_input_ids(
             cut.append(False)
         ids.append(first + c + r + last)
     return ClassifierInputs(ids, cut)
+
+
+def joined_tokens(
+    tokenizer: Any, prompts: Sequence[str], responses: Sequence[str],
+) -> tuple[list[list[int]], list[int]]:
+    """Each prompt + newline + response tokenized as one text (no special tokens added), and the index of its
+    response's first token.
+
+    One text, not two: tokenized alone, a response may become other tokens (SentencePiece tokenizers, as T5's,
+    Llama's or DeBERTa-v3's, start a text with ``▁``: ``▁kind`` where the joined text has ``k``, ``ind``), which a
+    classifier trained on joined texts never read. A fast tokenizer's character offsets tell where the response
+    starts: its first token is the first one holding a character of the response (a token across the newline
+    belongs to the response, which is kept whole). A slow (Python) tokenizer has no offsets: the response then
+    starts at the first token where the joined text's tokens and the prompt + newline's own differ.
+    """
+    contexts = [p + PROMPT_RESPONSE_SEPARATOR for p in prompts]
+    texts = [c + r for c, r in zip(contexts, responses)]
+    # verbose=False: long texts are cut by the caller, so the tokenizer's warning about its limit does not apply
+    if getattr(tokenizer, "is_fast", False):
+        encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        starts = [next((i for i, (start, end) in enumerate(offsets) if end > len(ctx) or start >= len(ctx)),
+                       len(offsets))
+                  for ctx, offsets in zip(contexts, encoded["offset_mapping"])]
+        return encoded["input_ids"], starts
+    joined = tokenizer(texts, add_special_tokens=False, verbose=False).input_ids
+    alone = tokenizer(contexts, add_special_tokens=False, verbose=False).input_ids
+    starts = [next((i for i, (a, b) in enumerate(zip(both, own)) if a != b), min(len(both), len(own)))
+              for both, own in zip(joined, alone)]
+    return joined, starts
 
 
 def special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:

@@ -12,8 +12,9 @@ from conftest import END_OF_TURN, write_jsonl
 pytestmark = pytest.mark.usefixtures("datasets_cache")
 
 CONTRACT_KEYS = {"prompt_input_ids", "prompt_attention_mask", "chosen_ids", "chosen_mask", "rejected_ids",
-                 "rejected_mask", "chosen_input_ids", "chosen_attention_mask", "rejected_input_ids",
-                 "rejected_attention_mask", "prompt", "query", "chosen", "rejected", "id"}
+                 "rejected_mask", "prompt", "query", "chosen", "rejected", "id"}
+CLASSIFIER_KEYS = {"chosen_input_ids", "chosen_attention_mask", "rejected_input_ids", "rejected_attention_mask"}
+"""What a reward model reads, in the batch only with classifier_inputs=True."""
 
 
 def text_pairs(n: int) -> list[dict]:
@@ -29,10 +30,10 @@ def ready(**kwargs) -> PreferenceDataModule:
 
 
 def test_text_pairs_make_the_contract_batch(tmp_path):
-    dm = ready(dataset=str(write_jsonl(tmp_path / "p.jsonl", text_pairs(10))))
+    dm = ready(dataset=str(write_jsonl(tmp_path / "p.jsonl", text_pairs(10))), classifier_inputs=True)
     assert dm.summary()["train"] == 8 and dm.summary()["test"] == 2
     batch = next(iter(dm.val_dataloader()))
-    assert set(batch) == CONTRACT_KEYS
+    assert set(batch) == CONTRACT_KEYS | CLASSIFIER_KEYS
     tok = dm.tokenizer
     rows = dm.test_set.select(range(2))
     for i in range(2):
@@ -126,7 +127,7 @@ def test_the_classifier_reads_what_a_rollout_gives_a_prompt_response_reward(tmp_
     from lit_rlhf.rewards import classifier_input_ids
 
     source = str(write_jsonl(tmp_path / "p.jsonl", text_pairs(10)))
-    pairs = ready(model_name="embedded:tiny-t5", dataset=source, shuffle=False)
+    pairs = ready(model_name="embedded:tiny-t5", dataset=source, shuffle=False, classifier_inputs=True)
     prompts = PromptDataModule(model_name="embedded:tiny-t5", dataset=source, test_size=0.2, eval_batch_size=2)
     prompts.prepare_data()
     prompts.setup("fit")
@@ -140,6 +141,29 @@ def test_the_classifier_reads_what_a_rollout_gives_a_prompt_response_reward(tmp_
         assert tok.decode(scored).startswith(rollout_batch["query"][i])
         trained = pair_batch["chosen_input_ids"][i][pair_batch["chosen_attention_mask"][i].bool()].tolist()
         assert trained == scored
+
+
+def test_only_a_reward_models_pairs_are_limited_by_what_a_classifier_reads(tmp_path):
+    """DPO's pairs (no classifier reads them) keep a response longer than the policy tokenizer's
+    model_max_length (as flan-t5's 512; T5's relative positions have no limit), and carry no classifier inputs;
+    a reward model's pairs drop it and count it."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from lit_rlhf.tiny import resolve_model_path
+
+    folder = shutil.copytree(resolve_model_path("embedded:tiny-t5"), tmp_path / "t5")
+    AutoTokenizer.from_pretrained(folder, model_max_length=24).save_pretrained(folder)
+    long = {"prompt": "tell me more", "chosen": "item is good and " * 10 + "fine", "rejected": "item is bad"}
+    source = str(write_jsonl(tmp_path / "p.jsonl", text_pairs(9) + [long]))
+    dpo = ready(model_name=str(folder), dataset=source, test_size=0.1)
+    assert dpo.summary()["skipped_too_long"] == 0 and dpo.summary()["train"] + dpo.summary()["test"] == 10
+    assert max(len(row["chosen_ids"]) for row in dpo.train_set) > 24
+    assert set(next(iter(dpo.train_dataloader()))) == CONTRACT_KEYS
+    rm = ready(model_name=str(folder), dataset=source, test_size=0.1, classifier_inputs=True)
+    assert rm.summary()["skipped_too_long"] == 1 and rm.summary()["train"] + rm.summary()["test"] == 9
+    assert set(next(iter(rm.train_dataloader()))) == CONTRACT_KEYS | CLASSIFIER_KEYS
 
 
 def test_stream_resumes_from_its_state_and_splits_across_processes(tmp_path):

@@ -51,7 +51,7 @@ def test_fit_learns_a_rule_and_the_export_loads_as_classifier_reward(tmp_path):
     source = tmp_path / "pairs.jsonl"
     write_jsonl(source, good_bad_pairs(60))
     dm = PreferenceDataModule(model_name="embedded:tiny-gpt2", dataset=str(source), test_size=0.2, batch_size=8,
-                              eval_batch_size=12)
+                              eval_batch_size=12, classifier_inputs=True)
     module = RewardModelModule("embedded:tiny-gpt2", lora=LoraSettings(r=8, alpha=16, dropout=0.0),
                                learning_rate=1e-2, center_coef=0.01)
     trainer = L.Trainer(max_epochs=4, accelerator="cpu", default_root_dir=tmp_path, logger=False,
@@ -86,6 +86,18 @@ def test_bad_settings_name_their_flag():
         module.pair_rewards({"input_ids": torch.ones(1, 2, dtype=torch.long)})
 
 
+def test_a_reward_model_refuses_pairs_without_classifier_inputs(tmp_path):
+    """A data module left as for DPO (no classifier inputs) is refused before the first step, naming the flag."""
+    source = write_jsonl(tmp_path / "pairs.jsonl", good_bad_pairs(10))
+    dm = PreferenceDataModule(model_name="embedded:tiny-gpt2", dataset=str(source), batch_size=4)
+    module = RewardModelModule("embedded:tiny-gpt2", finetune="full")
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", default_root_dir=tmp_path, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match="data.classifier_inputs=true"):
+        trainer.fit(module, datamodule=dm)
+    assert module.model is None  # refused before the model loads
+
+
 def test_an_encoder_classifier_gets_one_output_and_exports(tmp_path):
     from conftest import build_tiny_classifier
 
@@ -94,7 +106,8 @@ def test_an_encoder_classifier_gets_one_output_and_exports(tmp_path):
     build_tiny_classifier(tmp_path / "roberta", words)
     source = tmp_path / "pairs.jsonl"
     write_jsonl(source, pairs)
-    dm = PreferenceDataModule(model_name=str(tmp_path / "roberta"), dataset=str(source), batch_size=4)
+    dm = PreferenceDataModule(model_name=str(tmp_path / "roberta"), dataset=str(source), batch_size=4,
+                              classifier_inputs=True)
     module = RewardModelModule(str(tmp_path / "roberta"), finetune="full", export_dir=str(tmp_path / "rm"))
     trainer = L.Trainer(max_steps=2, accelerator="cpu", default_root_dir=tmp_path, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -118,7 +131,7 @@ def test_long_prompts_train_within_the_classifier_limit_and_it_reads_each_respon
     build_tiny_classifier(tmp_path / "roberta", words, max_tokens=16)
     source = write_jsonl(tmp_path / "pairs.jsonl", pairs)
     dm = PreferenceDataModule(model_name=str(tmp_path / "roberta"), dataset=str(source), batch_size=4,
-                              test_size=0.25, shuffle=False)
+                              test_size=0.25, shuffle=False, classifier_inputs=True)
     module = RewardModelModule(str(tmp_path / "roberta"), finetune="full", export_dir=str(tmp_path / "rm"))
     trainer = L.Trainer(max_steps=2, accelerator="cpu", default_root_dir=tmp_path, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

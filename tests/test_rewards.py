@@ -17,6 +17,7 @@ from lit_rlhf.rewards import (
     ProfanityReward,
     ReferenceSimilarityReward,
     Reward,
+    special_tokens_around,
 )
 
 SENTENCES = [
@@ -150,6 +151,52 @@ def test_classifier_input_ids_keep_the_response_and_cut_the_prompt_from_its_star
     assert tokenizer.convert_ids_to_tokens(ids[0]) == ["<s>", "you", "are", "a", "</s>"] and cut == [True]
     ids, cut = classifier_input_ids(tokenizer, "response", ["i like you"], ["you are a wonderful friend"], None)
     assert tokenizer.convert_ids_to_tokens(ids[0]) == ["<s>", "you", "are", "a", "wonderful", "friend", "</s>"]
+
+
+def llama_style_tokenizer():
+    """The embedded T5 tokenizer's SentencePiece-style pieces (``▁`` starts a text) with <s> first, as Llama's."""
+    from tokenizers import AddedToken, Tokenizer, processors
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from lit_rlhf.tiny import resolve_model_path
+
+    backend = Tokenizer.from_str(AutoTokenizer.from_pretrained(resolve_model_path("embedded:tiny-t5")).backend_tokenizer
+                                 .to_str())
+    backend.add_special_tokens([AddedToken("<s>", special=True)])
+    bos = backend.token_to_id("<s>")
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def tokenizer_of(kind: str, classifier_path: Path):
+    from transformers import AutoTokenizer, ByT5Tokenizer
+
+    from lit_rlhf.tiny import resolve_model_path
+
+    if kind == "llama":
+        return llama_style_tokenizer()
+    if kind == "byt5":  # a slow (Python) tokenizer: no character offsets
+        return ByT5Tokenizer()
+    name = {"t5": "embedded:tiny-t5", "gpt2": "embedded:tiny-gpt2"}.get(kind)
+    return AutoTokenizer.from_pretrained(classifier_path if name is None else resolve_model_path(name))
+
+
+@pytest.mark.parametrize("kind", ["t5", "gpt2", "roberta", "llama", "byt5"])
+def test_classifier_input_ids_are_the_joined_texts_tokens(classifier_path, kind):
+    """A classifier reads prompt + newline + response as the one text it was trained on: a SentencePiece
+    tokenizer gives the response after the newline other tokens than alone (the tiny T5: ``y ou``, not ``▁you``)."""
+    tokenizer = tokenizer_of(kind, classifier_path)
+    prompts = ["i like you and your ideas", "person1 asks person2 about the weather today"]
+    responses = ["you are a wonderful friend", "i hate you and your stupid ideas"]
+    full = [tokenizer(p + "\n" + r).input_ids for p, r in zip(prompts, responses)]
+    ids, cut = classifier_input_ids(tokenizer, "prompt+response", prompts, responses, None)
+    assert ids == full and cut == [False, False]
+    # two tokens fewer: the prompt's first two go, the joined text's response tokens stay as they are
+    n = len(special_tokens_around(tokenizer)[0])
+    for row in range(2):
+        ids, cut = classifier_input_ids(tokenizer, "prompt+response", prompts[row:row + 1], responses[row:row + 1],
+                                        len(full[row]) - 2)
+        assert ids == [full[row][:n] + full[row][n + 2:]] and cut == [False]
 
 
 def test_a_decoded_query_that_starts_with_bos_gets_one_bos(tmp_path):

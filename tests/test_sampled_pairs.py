@@ -114,7 +114,8 @@ def test_a_response_only_classifier_reads_the_response_alone(tmp_path):
     rows = [{"prompt": f"tell me about item {i}", "chosen": f"item {i} is good", "rejected": f"item {i} is bad"}
             for i in range(6)]
     dm = PreferenceDataModule(model_name="embedded:tiny-t5", dataset=str(write_jsonl(tmp_path / "p.jsonl", rows)),
-                              classifier_text="response", test_size=0.5, eval_batch_size=3)
+                              classifier_inputs=True, classifier_text="response", test_size=0.5,
+                              eval_batch_size=3)
     dm.prepare_data()
     dm.setup("fit")
     batch = next(iter(dm.val_dataloader()))
