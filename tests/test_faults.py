@@ -329,7 +329,7 @@ def test_a_truncated_checkpoint_is_one_line_naming_the_file(command, tmp_path, m
     torch.save({"lit_rlhf": {"ppo_step": 1}, "state_dict": {"w": torch.ones(1000)}}, "whole.ckpt")
     Path("cut.ckpt").write_bytes(Path("whole.ckpt").read_bytes()[:2000])  # a copy that stopped half way
     entry, args = {"lit-rlhf": (main, ["fit", "--config", config_path("embedded_t5.yaml")]),
-                   "lit-rlhf-sft": (main_sft, ["predict"])}[command]
+                   "lit-rlhf-sft": (main_sft, ["predict", "--config", config_path("sft_embedded.yaml")])}[command]
     monkeypatch.setattr("sys.argv", [command, *args, "--ckpt_path", "cut.ckpt"])
     monkeypatch.delenv("LIT_RLHF_DEBUG", raising=False)
     with pytest.raises(SystemExit) as exit_info:
