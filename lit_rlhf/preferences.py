@@ -315,8 +315,8 @@ class PreferenceDataModule(PromptDataModule):
         when the classifier reads it, the prompt; a conversation's prompt is checked once split off (``pair_texts``)."""
         cols = self.columns
         if predict:
-            return RowTexts((self.response_column,) + ((cols.prompt,) if self.classifier_text == "prompt+response"
-                                                        else ()))
+            prompt = (cols.prompt,) if self.classifier_text == "prompt+response" else ()
+            return RowTexts((self.response_column, *prompt))
         return RowTexts((cols.prompt, cols.chosen, cols.rejected))
 
     def required_columns(self) -> list[str]:
