@@ -1,4 +1,5 @@
-"""Toxicity evaluators: ``evaluator(texts) -> Tensor[B]``, the probability of the toxic class, in [0, 1].
+"""Toxicity evaluators: ``evaluator(prompts, responses) -> Tensor[B]``, the probability of the toxic class, in [0, 1],
+of what the evaluator reads (``text``: the response, or prompt + newline + response).
 
 Evaluators are not rewards: they measure the trained model, they are not optimised against. The
 report says when an evaluator is the same model as the reward (``reward.uses_model(evaluator.model_id)``),
@@ -22,32 +23,42 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lit_rlhf.rewards import ClassifierReward, ProfanityReward, Scorer, import_profanity_check
+from lit_rlhf.rewards import ClassifierReward, ProfanityReward, Scorer, TextField, import_profanity_check, select_text
 
 # Probabilities a classifier computes in float32 may stray from [0, 1] by rounding; beyond this, it is a bug.
 _RANGE_TOLERANCE = 1e-5
 
 
 class ToxicityEvaluator(Scorer):
-    """Scores texts: ``evaluator(texts) -> Tensor[B]``, float32 on the CPU, the probability of the toxic class.
+    """Scores responses to prompts: ``evaluator(prompts, responses) -> Tensor[B]``, float32 on the CPU, the
+    probability of the toxic class of what :attr:`text` names (``ToxicityCallback`` sets its own ``text``).
 
     Subclasses implement :meth:`compute`, and :meth:`setup` when they load a model (``lit_rlhf.rewards.Scorer``
     gives ``model_id``, ``device``, ``describe``, ``setup`` and ``to``). The base class checks the output (one
-    finite value per text, in [0, 1]) in one place and runs ``compute`` under ``torch.inference_mode()``.
+    finite value per response, in [0, 1]) in one place and runs ``compute`` under ``torch.inference_mode()``.
     """
 
-    def __call__(self, texts: Sequence[str]) -> Tensor:
+    text: TextField = "response"
+    """What is scored: the ``response``, or ``prompt+response`` joined by a newline (set by :meth:`reads`)."""
+
+    def reads(self, text: TextField) -> None:
+        """Score ``text`` of each (prompt, response) from now on."""
+        self.text = text
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> Tensor:
         name = type(self).__name__
-        if isinstance(texts, str) or not isinstance(texts, Sequence):
-            raise ValueError(f"{name}: `texts` must be a list of strings, got {type(texts).__name__}.")
+        for arg, values in (("prompts", prompts), ("responses", responses)):
+            if isinstance(values, str) or not isinstance(values, Sequence):
+                raise ValueError(f"{name}: `{arg}` must be a list of strings, got {type(values).__name__}.")
+        if len(prompts) != len(responses):
+            raise ValueError(f"{name}: {len(prompts)} prompts for {len(responses)} responses.")
         self.setup()
         with torch.inference_mode():
-            scores = self.compute(list(texts))
+            scores = self.compute(list(prompts), list(responses))
         scores = torch.as_tensor(scores).detach().float().cpu().clone()
-        if tuple(scores.shape) != (len(texts),):
-            raise ValueError(
-                f"{name} returned shape {tuple(scores.shape)} for {len(texts)} texts; expected ({len(texts)},)."
-            )
+        if tuple(scores.shape) != (len(responses),):
+            raise ValueError(f"{name} returned shape {tuple(scores.shape)} for {len(responses)} responses; expected "
+                             f"({len(responses)},).")
         outside = (~torch.isfinite(scores)) | (scores < -_RANGE_TOLERANCE) | (scores > 1 + _RANGE_TOLERANCE)
         if outside.any():
             bad = outside.nonzero().flatten().tolist()
@@ -57,8 +68,8 @@ class ToxicityEvaluator(Scorer):
         return scores.clamp(0.0, 1.0)
 
     @abstractmethod
-    def compute(self, texts: list[str]) -> Tensor:
-        """P(toxic) of each text, shape [B]."""
+    def compute(self, prompts: list[str], responses: list[str]) -> Tensor:
+        """P(toxic) of each response (with its prompt when :attr:`text` is ``prompt+response``), shape [B]."""
 
 
 EVALUATOR_SETTING = "ToxicityCallback's evaluator.init_args"
@@ -87,7 +98,9 @@ class ClassifierToxicity(ToxicityEvaluator):
             label: The toxic label, as in the model's ``config.id2label`` (exact match first, then
                 case-insensitive); an unknown label raises an error that lists the model's labels.
             batch_size: Texts per classifier forward pass.
-            max_length: Texts are truncated to this many tokens (at most the tokenizer's ``model_max_length``).
+            max_length: The most tokens the classifier reads (at most its own limit): with ``prompt+response``
+                (``ToxicityCallback``'s ``text``) the response is kept whole and the prompt cut from its start,
+                as ``ClassifierReward`` reads them (``rewards.classifier_input_ids``).
             device: Where the classifier runs; None: on the training module's device.
             dtype: The classifier's weight dtype; None: the training module's ``model.dtype`` (as resolved); see
                 ``ClassifierReward``.
@@ -95,11 +108,24 @@ class ClassifierToxicity(ToxicityEvaluator):
         self.model_name = model_name
         self.label = label
         self.model_id = model_name
-        self.classifier = ClassifierReward(
-            model_name=model_name, label=label, output="probability", batch_size=batch_size,
-            max_length=max_length, text="response", device=device, dtype=dtype,
-        )
-        self.classifier.setting = EVALUATOR_SETTING  # its errors name this evaluator's arguments
+        self.classifier_args = {"model_name": model_name, "label": label, "output": "probability",
+                                "batch_size": batch_size, "max_length": max_length, "device": device, "dtype": dtype}
+        self.classifier = self._classifier(self.text)
+
+    def _classifier(self, text: TextField) -> ClassifierReward:
+        classifier = ClassifierReward(**self.classifier_args, text=text)
+        classifier.setting = EVALUATOR_SETTING  # its errors name this evaluator's arguments
+        return classifier
+
+    def reads(self, text: TextField) -> None:
+        """The classifier is built to read ``text``: ``ClassifierReward(text=...)`` then cuts a long prompt from its
+        start and keeps the response whole, as a reward does. A classifier already placed is placed again."""
+        if text != self.classifier.text:
+            placed, self.classifier = self.classifier, self._classifier(text)
+            self.classifier.follow_dtype(placed.followed_dtype)
+            if placed.model is not None:
+                self.classifier.to(placed.device)
+        super().reads(text)
 
     def describe(self) -> str:
         return f"probability of label '{self.label}' from {self.model_name}"
@@ -116,8 +142,8 @@ class ClassifierToxicity(ToxicityEvaluator):
         """The training module's resolved weight dtype, used unless ``dtype`` was given."""
         self.classifier.follow_dtype(dtype)
 
-    def compute(self, texts: list[str]) -> Tensor:
-        return self.classifier([""] * len(texts), texts)
+    def compute(self, prompts: list[str], responses: list[str]) -> Tensor:
+        return self.classifier(prompts, responses)
 
 
 class EvaluateToxicity(ToxicityEvaluator):
@@ -161,7 +187,8 @@ class EvaluateToxicity(ToxicityEvaluator):
                 "the offline lit_rlhf.callbacks.ProfanityToxicity as the callback's `evaluator`."
             ) from err
 
-    def compute(self, texts: list[str]) -> Tensor:
+    def compute(self, prompts: list[str], responses: list[str]) -> Tensor:
+        texts = select_text(self.text, prompts, responses)  # the measurement's own pipeline cuts what it reads
         if not texts:
             return torch.empty(0)
         scores = self.measurement.compute(predictions=texts, toxic_label=self.toxic_label)["toxicity"]
@@ -186,5 +213,6 @@ class ProfanityToxicity(ToxicityEvaluator):
         import_profanity_check(type(self).__name__)  # a missing package is named as this evaluator's need
         self.profanity.setup()
 
-    def compute(self, texts: list[str]) -> Tensor:
-        return self.profanity.probability(texts)
+    def compute(self, prompts: list[str], responses: list[str]) -> Tensor:
+        # TF-IDF features over the whole text: nothing is cut
+        return self.profanity.probability(select_text(self.text, prompts, responses))

@@ -319,7 +319,8 @@ def summary_lines(report: dict[str, Any], with_warning: bool = True) -> list[str
         out.append(
             f"{merged} further held-out rows repeat one of these prompts and were merged into it: each prompt is "
             f"generated and scored once (its rows' references pooled for ROUGE), so {report['num_prompts']} prompts "
-            f"were measured" + (f" where num_prompts={asked} was asked for." if asked else ".")
+            f"were measured" + (f" where num_prompts={asked} was asked for." if asked and asked > report["num_prompts"]
+                                else ".")
         )
     stages = [report[stage] for stage in ("before", "after", "test") if stage in report]
     if stages and not any("rouge1" in stage for stage in stages):
@@ -337,9 +338,10 @@ def summary_lines(report: dict[str, Any], with_warning: bool = True) -> list[str
         )
     if any(name in report and report[name]["test"].startswith("Wilcoxon") for name in ("toxicity", "reward")):
         out.append(
-            "Why both: the CI is of the mean change, which a few large changes can move; the Wilcoxon test asks "
-            "whether the per-prompt changes lean one way (their signed ranks, a shift of the median), so a CI that "
-            "includes 0 beside a small p means most prompts moved one way while a few moved far the other."
+            "Why both: the CI is of the mean change, which a few large changes can move; the Wilcoxon signed-rank "
+            "test asks whether the per-prompt changes lean one way: whether their pseudo-median (the Hodges-Lehmann "
+            "estimate, the median of all pairwise (Walsh) averages of the changes) is 0, so a CI that includes 0 "
+            "beside a small p means most prompts moved one way while a few moved far the other."
         )
     if "reward" in report:
         r = report["reward"]

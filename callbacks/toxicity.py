@@ -39,7 +39,7 @@ from lit_rlhf.callbacks.stats import PairedTestMethod
 from lit_rlhf import distributed as dist
 from lit_rlhf import rollout as ro
 from lit_rlhf.io import atomic_write
-from lit_rlhf.rewards import Reward, TextField, select_text
+from lit_rlhf.rewards import Reward, TextField
 from lit_rlhf.runs import plain_values
 from lit_rlhf.settings import GenerationSettings
 
@@ -238,7 +238,7 @@ class ToxicityCallback(L.Callback):
                                    synced_gpus=dist.synced_gpus(trainer))
         if generated.scores is None:
             raise ValueError(f"ToxicityCallback: the reward returned non-finite scores: {generated.reward_error}")
-        toxicity = self.evaluator(select_text(self.text, generated.prompts, generated.texts))
+        toxicity = self.evaluator(generated.prompts, generated.texts)  # it reads self.text (_prepare)
         reward, length = generated.scores.float().cpu(), generated.rows.response_mask.sum(1).cpu()
         return [
             (offset + i, text, float(toxicity[i]), float(reward[i]), int(length[i]))
@@ -272,6 +272,7 @@ class ToxicityCallback(L.Callback):
         self.prompts = select_prompts(datamodule.test_set, self.num_prompts,
                                       getattr(datamodule, "reference_column", "summary"))
         self.generation_used = self.generation or pl_module.generation
+        self.evaluator.reads(self.text)  # one reading of a long prompt + response: a classifier cuts the prompt
         follow = getattr(self.evaluator, "follow_dtype", None)
         if follow is not None:  # a classifier without its own dtype runs in the policy's base dtype
             follow(getattr(pl_module, "weight_dtype", "float32"))

@@ -113,7 +113,7 @@ class PPOModule(BuildsPolicy, L.LightningModule):
         # Settings groups come back as plain dicts from a checkpoint's hyperparameters.
         lora = lora_settings(lora)
         generation, ppo = as_settings(GenerationSettings, generation), as_settings(PPOSettings, ppo)
-        check(lora.errors() + generation.errors() + ppo.errors() + run_errors(
+        check(generation.errors() + ppo.errors() + run_errors(
             ppo_steps, learning_rate, rollout_batch_size, mini_batch_size, max_consecutive_skips, samples_per_prompt,
             ppo.advantage_estimator) + num_threads_errors(num_threads)
             + memory_errors(generation.batch_size, samples_per_prompt, mini_batch_size, micro_batch_size))

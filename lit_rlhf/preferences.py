@@ -41,7 +41,7 @@ from lit_rlhf.prompts import (
     with_string_ids,
 )
 from lit_rlhf.rewards import TextField, classifier_input_ids, classifier_max_length
-from lit_rlhf.sources import quiet_datasets_progress, read_data_files
+from lit_rlhf.sources import RowTexts, is_blank, quiet_datasets_progress, read_data_files
 from lit_rlhf.tiny import resolve_model_path
 
 if TYPE_CHECKING:
@@ -96,8 +96,7 @@ def pair_texts(batch: dict[str, list], cols: PairColumns, conversations: bool) -
             if not isinstance(margin, (int, float)) or not math.isfinite(margin):
                 raise ValueError(f"data.margin_column={cols.margin!r}: row {row.get('id')!r} has margin {margin!r}; "
                                  "every pair needs a finite number")
-        texts = [m["content"] for m in prompt] or [""]
-        empty = not any(t.strip() for t in texts) or not chosen.strip() or not rejected.strip()
+        empty = is_blank(prompt) or is_blank(chosen) or is_blank(rejected)  # the rule of ``sources.RowTexts``
         out[PROMPT_MESSAGES].append(prompt)
         out["chosen_text"].append(chosen)
         out["rejected_text"].append(rejected)
@@ -329,13 +328,14 @@ class PreferenceDataModule(PromptDataModule):
         self.response_column = response_column
         self._skipped: Counter[str] = Counter()
 
-    def text_columns(self, predict: bool = False) -> list[str]:
+    def text_columns(self, predict: bool = False) -> RowTexts:
         """The prompt's and responses' columns (a null or empty one skips its row): in predict the response and,
         when the classifier reads it, the prompt; a conversation's prompt is checked once split off (``pair_texts``)."""
         cols = self.columns
         if predict:
-            return [self.response_column] + ([cols.prompt] if self.classifier_text == "prompt+response" else [])
-        return [cols.prompt, cols.chosen, cols.rejected]
+            prompt = (cols.prompt,) if self.classifier_text == "prompt+response" else ()
+            return RowTexts((self.response_column, *prompt))
+        return RowTexts((cols.prompt, cols.chosen, cols.rejected))
 
     def required_columns(self) -> list[str]:
         """The response columns and the margin's; the prompt column is checked per format in ``_encode``."""

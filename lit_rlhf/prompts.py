@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from lit_rlhf.sources import (
-    SkippedRows, drop_blank_rows, first_null, load_source, quiet_datasets_progress, read_data_files,
+    RowTexts, SkippedRows, drop_blank_rows, first_null, load_source, quiet_datasets_progress, read_data_files,
 )
 from lit_rlhf.tiny import resolve_model_path
 
@@ -644,21 +644,27 @@ class PromptDataModule(L.LightningDataModule):
         names = [*self.prompt_format().needed_columns(), self.reference_column, self.filter_column]
         return list(dict.fromkeys(n for n in names if n is not None))
 
-    def text_columns(self, predict: bool = False) -> list[str]:
-        """The columns that must hold text in every row (the prompt's, and in training the completion's): a row
-        with a null or empty one is skipped and counted (``summary()``), never trained on as the text "None"."""
+    def text_columns(self, predict: bool = False) -> RowTexts:
+        """What every row must hold (``sources.RowTexts``): the prompt (a plain prompt column, a conversation, or
+        a template whose fields are not null, though one may be empty) and in training the completion; a row that
+        breaks it is skipped and counted (``summary()``), never trained on as the text "None"."""
         fmt = self.prompt_format()
-        return [c for c in fmt.needed_columns() if not (predict and c == fmt.completion_column)]
+        completion = [fmt.completion_column] if fmt.with_labels and fmt.completion_column and not predict else []
+        if fmt.messages_column is not None:
+            return RowTexts(texts=(fmt.messages_column, *completion))
+        if fmt.template is not None:
+            return RowTexts(texts=tuple(completion), template=fmt.template, fields=tuple(template_fields(fmt.template)))
+        return RowTexts(texts=(fmt.prompt_column, *completion))
 
     def _drop_blank(self, rows: datasets.Dataset, where: str, predict: bool = False) -> datasets.Dataset:
         """``rows`` without those with a null or empty prompt or response, counted in ``self._empty`` and warned
         about once with the first one's id; the one check every data module and predict apply."""
         before = self._empty.count
-        kept = drop_blank_rows(rows, self.text_columns(predict), self._empty, where)
+        rule = self.text_columns(predict)
+        kept = drop_blank_rows(rows, rule, self._empty, where)
         if self._empty.count > before:
-            columns = [c for c in self.text_columns(predict) if c in rows.column_names]
-            rank_zero_warn(f"{where}: skipped {self._empty.count - before} rows with a null or empty "
-                           f"{' or '.join(map(repr, columns))} (the first: row {self._empty.first_id!r})")
+            rank_zero_warn(f"{where}: skipped {self._empty.count - before} rows with "
+                           f"{rule.within(rows.column_names).in_words()} (the first: row {self._empty.first_id!r})")
         return kept
 
     def _source_split(self, source: datasets.DatasetDict, split: str, setting: str) -> datasets.Dataset:

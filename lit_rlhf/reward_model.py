@@ -100,12 +100,10 @@ class RewardModelModule(L.LightningModule):
         dtype: WeightDtype = "auto",
     ) -> None:
         super().__init__()
-        lora = lora_settings(lora)  # also a plain dict (a checkpoint's hyperparameters)
+        lora = lora_settings(lora)  # also a plain dict (a checkpoint's hyperparameters); checked there
         errors = model_source_errors({"model.model_name": model_name})
         if finetune not in ("lora", "full"):
             errors.append(f"model.finetune must be lora or full, got {finetune!r}")
-        if finetune == "lora":
-            errors += lora.errors()
         if learning_rate <= 0 or weight_decay < 0 or center_coef < 0:
             errors.append(f"model.learning_rate must be > 0 and model.weight_decay, model.center_coef >= 0, got "
                           f"{learning_rate}, {weight_decay}, {center_coef}")

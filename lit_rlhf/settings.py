@@ -8,7 +8,7 @@ lists have one source: the ``Literal`` type, read with ``typing.get_args``.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, get_args
 
 import torch
@@ -211,10 +211,21 @@ def as_settings(cls: type, value: Any) -> Any:
     return cls(**value) if isinstance(value, dict) else value
 
 
-def lora_settings(value: LoraSettings | dict[str, Any] | None) -> LoraSettings:
+def lora_settings(value: LoraSettings | dict[str, Any] | None, flag: str = "model.lora") -> LoraSettings:
     """The LoRA settings every module and the policy take from their ``lora`` argument: a ``LoraSettings``, a
-    plain dict (a Python caller's, or a checkpoint's hyperparameters) or None (the defaults)."""
-    return LoraSettings() if value is None else as_settings(LoraSettings, value)
+    plain dict (a Python caller's, or a checkpoint's hyperparameters) or None (the defaults). Checked here, the
+    one place for every module: a bad value is a ValueError naming its flag (``model.lora.r``), not a failure
+    inside peft once the model is loaded."""
+    if isinstance(value, dict):
+        known = [f.name for f in fields(LoraSettings)]
+        unknown = [k for k in value if k not in known]
+        if unknown:
+            raise ValueError(f"{flag} has no setting {', '.join(map(repr, unknown))}; its settings: {', '.join(known)}")
+    elif value is not None and not isinstance(value, LoraSettings):
+        raise ValueError(f"{flag} must be LoRA settings ({{r: ..., alpha: ...}}), got {type(value).__name__}")
+    lora = LoraSettings() if value is None else as_settings(LoraSettings, value)
+    check(lora.errors(flag))
+    return lora
 
 
 def plain(settings: Any) -> dict[str, Any]:

@@ -3,7 +3,7 @@
     load_source          ``dataset`` setting -> ``datasets.DatasetDict`` (splits by name)
     read_data_files      one file or a folder of files of one format -> one ``datasets.Dataset`` (predict inputs)
     load_local_directory files named by split (``train*``, ``validation*``/``dev*``, ``test*``) -> splits
-    drop_blank_rows      rows -> the rows whose prompt/response columns all hold text (the others counted)
+    drop_blank_rows      rows -> the rows that hold what a ``RowTexts`` rule asks (the others counted)
     first_null           the id of the first row with no value in a column (a reward's column checked before a run)
     keyed_to_this_code   rows whose datasets cache key covers lit_rlhf's own code (load_source, read_data_files)
 
@@ -213,6 +213,50 @@ def is_blank(value: Any) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class RowTexts:
+    """What a row must hold to be used (``drop_blank_rows``), the one rule for prompts, SFT rows, preference pairs
+    and predict rows.
+
+    A column of ``texts`` (a plain prompt column, a conversation, an SFT completion, a preference response) must
+    hold text (:func:`is_blank`). A ``template`` prompt is built from its ``fields``: a null field skips the row
+    (it would render as the text "None"), an empty one is fine (an Alpaca-style row's empty ``input``), and the row
+    is skipped only when the rendered prompt is blank."""
+
+    texts: tuple[str, ...] = ()
+    template: str | None = None
+    fields: tuple[str, ...] = ()
+    """The ``template``'s placeholders (``prompts.template_fields``)."""
+
+    def within(self, columns: Sequence[str]) -> RowTexts:
+        """This rule on the ``columns`` a source has (a conversation pair has no prompt column to check)."""
+        texts = tuple(c for c in dict.fromkeys(self.texts) if c in columns)
+        return RowTexts(texts, self.template, self.fields)
+
+    def is_blank(self, row: dict[str, Any]) -> bool:
+        """Whether ``row`` lacks a text this rule asks for."""
+        if any(is_blank(row[c]) for c in self.texts):
+            return True
+        if self.template is None:
+            return False
+        if any(row[f] is None for f in self.fields):
+            return True
+        return not self.template.format_map({f: row[f] for f in self.fields}).strip()
+
+    def columns(self) -> list[str]:
+        return list(dict.fromkeys([*self.fields, *self.texts]))
+
+    def in_words(self) -> str:
+        """What a skipped row lacks, for the warning and the error: "a null or empty 'prompt'", "a null
+        'instruction' or 'input' or a blank prompt"."""
+        parts = [f"a null {' or '.join(map(repr, self.fields))}"] if self.template is not None and self.fields else []
+        if self.template is not None:
+            parts.append("a blank prompt")
+        if self.texts:
+            parts.append(f"a null or empty {' or '.join(map(repr, self.texts))}")
+        return " or ".join(parts) or "nothing"
+
+
 @dataclass
 class SkippedRows:
     """Rows skipped for a null or empty prompt or response: how many, and the first one's id (for the message)."""
@@ -230,24 +274,24 @@ class SkippedRows:
         return {} if not self.count else {"skipped_empty": self.count, "first_skipped_empty": self.first_id}
 
 
-def drop_blank_rows(rows: datasets.Dataset, columns: Sequence[str], skipped: SkippedRows,
+def drop_blank_rows(rows: datasets.Dataset, rule: RowTexts, skipped: SkippedRows,
                     where: str) -> datasets.Dataset:
-    """``rows`` without those whose value in any of ``columns`` (the prompt's and responses' columns) is blank
-    (:func:`is_blank`: null, empty, whitespace): those are counted in ``skipped``, never trained on as the text
-    "None" or as an empty prompt. ``rows`` need an ``id`` column. Raises when no row is left (``where`` names the
-    data setting)."""
-    columns = [c for c in dict.fromkeys(columns) if c in rows.column_names]
+    """``rows`` without those that break ``rule`` (:class:`RowTexts`: a null value, or a blank prompt or
+    response): those are counted in ``skipped``, never trained on as the text "None" or as an empty prompt.
+    ``rows`` need an ``id`` column. Raises when no row is left (``where`` names the data setting)."""
+    rule = rule.within(rows.column_names)
+    columns = rule.columns()
     if not columns:
         return rows
-    blank = [any(is_blank(v) for v in values) for values in zip(*(rows[c] for c in columns))]
+    blank = [rule.is_blank(dict(zip(columns, values))) for values in zip(*(rows[c] for c in columns))]
     if not any(blank):
         return rows
     ids = list(rows["id"])
     dropped = [ids[i] for i, b in enumerate(blank) if b]
     skipped.add(dropped)
     if len(dropped) == len(rows):
-        raise ValueError(f"{where}: every row has a null or empty {' or '.join(map(repr, columns))} (the first: row "
-                         f"{str(dropped[0])!r}); nothing is left to use")
+        raise ValueError(f"{where}: every row has {rule.in_words()} (the first: row {str(dropped[0])!r}); nothing is "
+                         "left to use")
     return rows.select([i for i, b in enumerate(blank) if not b])
 
 

@@ -96,14 +96,14 @@ def test_classifier_toxicity_is_the_softmax_of_the_logits(classifier_path):
     with torch.no_grad():  # one text at a time: no padding in the expected values
         logits = torch.cat([model(**tokenizer([t], return_tensors="pt")).logits for t in texts])
     evaluator = ClassifierToxicity(str(classifier_path), label="hate", max_length=MAX_TOKENS, batch_size=2)
-    toxicity = evaluator(texts)
+    toxicity = evaluator(["ignored"] * len(texts), texts)  # it reads the response unless told otherwise
     assert_close(toxicity, logits.softmax(-1)[:, 1], rtol=1e-5, atol=1e-6)
     assert evaluator.model_id == str(classifier_path)
 
 
 def test_classifier_toxicity_unknown_label_lists_the_labels(classifier_path):
     with pytest.raises(ValueError, match=r"'toxic'.*\['nothate', 'hate'\]"):
-        ClassifierToxicity(str(classifier_path), label="toxic", max_length=MAX_TOKENS)(["hello"])
+        ClassifierToxicity(str(classifier_path), label="toxic", max_length=MAX_TOKENS)([""], ["hello"])
 
 
 def test_evaluate_toxicity_load_failure_is_explained(monkeypatch):
@@ -113,15 +113,67 @@ def test_evaluate_toxicity_load_failure_is_explained(monkeypatch):
     # a stand-in `evaluate` module: the real one needs the hub (and seconds to import)
     monkeypatch.setitem(sys.modules, "evaluate", types.SimpleNamespace(load=failing_load))
     with pytest.raises(RuntimeError, match=r"(?s)'toxicity' measurement.*no route.*ClassifierToxicity"):
-        EvaluateToxicity()(["hello"])
+        EvaluateToxicity()([""], ["hello"])
 
 
 def test_profanity_toxicity_is_the_profanity_models_probability():
-    texts = ["have a nice day", "you are a stupid idiot"]
-    toxicity = ProfanityToxicity()(texts)
+    prompts, texts = ["say hi", "say hi"], ["have a nice day", "you are a stupid idiot"]
+    evaluator = ProfanityToxicity()
+    toxicity = evaluator(prompts, texts)
     assert_close(toxicity, ProfanityReward().probability(texts))
     assert toxicity[1] > toxicity[0]
     assert ((toxicity >= 0) & (toxicity <= 1)).all()
+    evaluator.reads("prompt+response")  # the prompt and response joined, as a ProfanityReward reads them
+    assert_close(evaluator(prompts, texts), ProfanityReward().probability(["say hi\nhave a nice day",
+                                                                          "say hi\nyou are a stupid idiot"]))
+
+
+def test_classifier_toxicity_reads_the_response_after_a_long_prompt(classifier_path):
+    """``ToxicityCallback(text="prompt+response")``: the classifier reads the prompt cut from its start and the
+    response whole (``rewards.classifier_input_ids``), as a ClassifierReward does; the joined text cut from its end
+    read the prompt alone, and a kind and a rude reply scored the same."""
+    prompt = " ".join(["the meeting is at noon"] * 20)  # 100 words: past the classifier's 32 tokens
+    replies = ["you are a nice person", "you are a stupid idiot"]
+    evaluator = ClassifierToxicity(str(classifier_path), label="hate", max_length=MAX_TOKENS)
+    evaluator.reads("prompt+response")
+    toxicity = evaluator([prompt, prompt], replies)
+    reward = ClassifierReward(str(classifier_path), label="hate", output="probability", max_length=MAX_TOKENS,
+                              text="prompt+response")
+    assert_close(toxicity, reward([prompt, prompt], replies), rtol=0, atol=1e-7)
+    assert toxicity[0] != toxicity[1]
+
+
+def test_the_callback_hands_prompts_and_responses_to_its_evaluator(classifier_path, monkeypatch):
+    """The callback's own path (``_prepare``, then a chunk): with ``text="prompt+response"`` the evaluator gets the
+    prompt and the response apart. It joined them itself before, and the classifier cut the joined text from its
+    end: after a long prompt it read no reply, and a kind and a rude one scored the same."""
+    from datasets import Dataset
+
+    import lit_rlhf.callbacks.toxicity as toxicity_module
+
+    prompt = " ".join(["the meeting is at noon"] * 20)  # 100 words: past the classifier's 32 tokens
+    replies = ["you are a nice person", "you are a stupid idiot"]
+    generated = types.SimpleNamespace(prompts=[prompt, prompt], texts=replies, scores=torch.zeros(2),
+                                      rows=types.SimpleNamespace(response_mask=torch.ones(2, 5)))
+    monkeypatch.setattr(toxicity_module.ro, "collect", lambda *args, **kwargs: generated)
+    data = types.SimpleNamespace(test_set=Dataset.from_dict({"id": ["a", "b"], "query": ["q1", "q2"]}),
+                                 collator=lambda rows: {})
+    module = types.SimpleNamespace(policy=None, generation=TINY_GENERATION, device=torch.device("cpu"),
+                                   reward=ProfanityReward())
+    monkeypatch.setattr(module.reward, "to", lambda device: module.reward)  # nothing to load for this test
+    evaluator = ClassifierToxicity(str(classifier_path), label="hate", max_length=MAX_TOKENS)
+    callback = ToxicityCallback(evaluator=evaluator, text="prompt+response", batch_size=2, progress=False)
+    trainer = types.SimpleNamespace(datamodule=data, world_size=1, global_rank=0)
+    callback._prepare(trainer, module)
+    read = []
+    evaluator.classifier.model.register_forward_pre_hook(
+        lambda _, args, kwargs: read.append(kwargs["input_ids"]), with_kwargs=True)
+    (_, _, kind, _, _), (_, _, rude, _, _) = callback._measure_chunk(trainer, module, 0)
+    tokens = [evaluator.classifier.tokenizer.convert_ids_to_tokens(ids) for ids in read[0]]
+    assert [len(t) for t in tokens] == [MAX_TOKENS, MAX_TOKENS]  # the prompt cut from its start to fit
+    assert tokens[0][-6:] == ["you", "are", "a", "nice", "person", "</s>"]
+    assert tokens[1][-6:] == ["you", "are", "a", "stupid", "idiot", "</s>"]
+    assert kind != rude
 
 
 def test_same_model_warning_only_for_the_rewards_own_model(classifier_path):
@@ -256,6 +308,10 @@ def test_report_names_what_it_measured_signs_changes_and_says_what_it_merged():
     assert report["merged_duplicates"] == 2 and "2 further held-out rows repeat one of these prompts" in text
     assert "10 prompts were measured where num_prompts=12 was asked for" in text
     assert "Why both: the CI is of the mean change" in text and "Wilcoxon" in text
+    assert "pseudo-median" in text and "Walsh" in text and "a shift of the median" not in text
+    # as many prompts as asked for (the default recipe: 200 of 200, duplicates merged): no shortfall is implied
+    report["settings"]["num_prompts"] = 10
+    assert "so 10 prompts were measured.\n" in markdown(report) and "was asked for" not in markdown(report)
 
 
 def test_reward_sample_tables_list_only_gains_and_only_losses():

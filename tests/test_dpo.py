@@ -91,6 +91,9 @@ def test_the_module_reads_the_batch_margin():
 def test_lora_settings_may_be_a_dict():
     module = DPOModule("embedded:tiny-t5", lora={"r": 4, "alpha": 8})
     assert module.policy.model.peft_config["default"].r == 4 and module.hparams.lora["alpha"] == 8
+    # checked in the constructor, naming the flag, as in every module (peft failed on it later)
+    with pytest.raises(ValueError, match=r"model\.lora\.r and model\.lora\.alpha must be > 0"):
+        DPOModule("embedded:tiny-t5", lora={"r": 0})
 
 
 def test_sequence_logps_sum_or_mean_over_the_response_mask():

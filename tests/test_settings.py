@@ -4,7 +4,7 @@ import pytest
 
 from lit_rlhf import ppo
 from lit_rlhf.settings import (
-    GenerationSettings, LoraSettings, PPOSettings, check, check_precision, run_errors,
+    GenerationSettings, LoraSettings, PPOSettings, check, check_precision, lora_settings, run_errors,
 )
 
 
@@ -37,6 +37,20 @@ def test_each_bad_setting_names_its_flag(settings, message):
     assert len(errors) == 1 and message in errors[0], errors
     with pytest.raises(ValueError, match="Invalid settings"):
         check(errors)
+
+
+@pytest.mark.parametrize("value, message", [
+    ({"r": 0}, r"model\.lora\.r and model\.lora\.alpha must be > 0, got 0, 32"),
+    (LoraSettings(dropout=1.0), r"model\.lora\.dropout must lie in \[0, 1\)"),
+    ({"rank": 8}, r"model\.lora has no setting 'rank'; its settings: r, alpha, dropout"),
+    ("r=8", r"model\.lora must be LoRA settings .* got str"),
+])
+def test_lora_settings_are_checked_where_every_module_reads_them(value, message):
+    """``lora_settings`` is what PPO, SFT, DPO, the reward model and the policy call: the one check."""
+    with pytest.raises(ValueError, match=message):
+        lora_settings(value)
+    assert lora_settings({"r": 4}).r == 4 and lora_settings(None) == LoraSettings()
+
 
 
 def test_defaults_are_valid_and_choice_lists_come_from_the_literals():

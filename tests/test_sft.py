@@ -215,6 +215,9 @@ def test_lora_settings_may_be_a_dict():
     module = SFTModule("embedded:tiny-t5", lora={"r": 4, "target_modules": ["q"]})
     assert module.policy.model.peft_config["default"].r == 4 and module.hparams.lora["r"] == 4
     assert all(".q." in name for name, p in module.policy.named_parameters() if p.requires_grad)
+    # checked in the constructor, naming the flag, as in every module (peft failed on it later)
+    with pytest.raises(ValueError, match=r"model\.lora\.r and model\.lora\.alpha must be > 0"):
+        SFTModule("embedded:tiny-t5", lora={"r": 0})
 
 
 def test_init_from_scratch_reinitialises_and_trains_every_weight():

@@ -3,7 +3,7 @@ the first one's id in the warning and in ``summary()``); a column a reward reads
 
 import pytest
 
-from lit_rlhf.preferences import PreferenceDataModule
+from lit_rlhf.preferences import PairColumns, PreferenceDataModule, pair_texts
 from lit_rlhf.prompts import PromptDataModule
 from lit_rlhf.sources import is_blank
 from conftest import write_jsonl
@@ -45,16 +45,32 @@ def test_null_and_empty_prompts_are_skipped_counted_and_named(tmp_path):
     assert len(prompts) == 10 and "None" not in prompts and all(p.strip() for p in prompts)
 
 
-@pytest.mark.parametrize("settings, column", [
-    ({"template": "About {answer}:"}, "answer"),  # a template field rendered "None"
-    ({"with_labels": True, "completion_column": "answer"}, "answer"),  # an SFT completion
-])
-def test_template_fields_and_completions_follow_the_same_rule(tmp_path, settings, column):
-    source = write_jsonl(tmp_path / "p.jsonl", rows_with_holes(10, column, {"x": None, "y": ""}))
-    with pytest.warns(UserWarning, match=f"'{column}'.*first: row 'x'"):
-        dm = ready(dataset=str(source), **settings)
+def test_sft_completions_follow_the_same_rule(tmp_path):
+    source = write_jsonl(tmp_path / "p.jsonl", rows_with_holes(10, "answer", {"x": None, "y": ""}))
+    with pytest.warns(UserWarning, match="'answer'.*first: row 'x'"):
+        dm = ready(dataset=str(source), with_labels=True, completion_column="answer")
     assert dm.summary()["skipped_empty"] == 2 and dm.summary()["first_skipped_empty"] == "x"
     assert not {"x", "y"} & {*dm.train_set["id"], *dm.test_set["id"]}
+
+
+def test_an_empty_template_field_is_a_prompt_a_null_one_is_skipped(tmp_path):
+    """Alpaca-style rows: ``input`` empty in half of them is no reason to skip any; a null field would render as
+    "None" (skipped), and a prompt that renders blank is skipped. Before, every empty field skipped its row."""
+    rows = [{"id": f"r{i}", "instruction": f"name item {i}", "input": "" if i % 2 else f"item {i}"} for i in range(20)]
+    rows += [{"id": "null", "instruction": "name it", "input": None}]
+    template = "Instruction: {instruction}\nInput: {input}\nAnswer:"
+    with pytest.warns(UserWarning, match=r"skipped 1 rows with a null 'instruction' or 'input' or a blank prompt "
+                                         r"\(the first: row 'null'\)"):
+        dm = ready(dataset=str(write_jsonl(tmp_path / "alpaca.jsonl", rows)), template=template)
+    summary = dm.summary()
+    assert (summary["kept"], summary["skipped_empty"], summary["first_skipped_empty"]) == (20, 1, "null")
+    prompts = [*dm.train_set["prompt"], *dm.test_set["prompt"]]
+    assert sum(p.endswith("Input: \nAnswer:") for p in prompts) == 10 and not any("None" in p for p in prompts)
+    # only a template of fields alone can render blank: then the row has no prompt
+    rows = [{"id": f"g{i}", "a": f"item {i}", "b": ""} for i in range(10)] + [{"id": "blank", "a": " ", "b": ""}]
+    with pytest.warns(UserWarning, match="row 'blank'"):
+        dm = ready(dataset=str(write_jsonl(tmp_path / "fields.jsonl", rows)), template="{a}{b}")
+    assert (dm.summary()["kept"], dm.summary()["first_skipped_empty"]) == (10, "blank")
 
 
 def test_pairs_and_predict_rows_follow_the_same_rule(tmp_path):
@@ -106,3 +122,15 @@ def test_a_changed_lit_rlhf_does_not_reuse_what_an_older_one_cached(tmp_path, mo
     monkeypatch.setattr(sources, "code_digest", lambda: "the digest of the changed code")
     assert encoded() == ["hello (new rule)", "bye (new rule)"]
 
+
+def test_conversation_pairs_follow_the_same_rule():
+    """A conversation pair's prompt is checked as a conversation prompt is: its last turn (the question) must hold
+    text, whatever the turns before it hold."""
+    def pair(question: str) -> dict:
+        head = [{"role": "system", "content": "be kind"}, {"role": "user", "content": question}]
+        return {"chosen": head + [{"role": "assistant", "content": "yes"}],
+                "rejected": head + [{"role": "assistant", "content": "no"}]}
+
+    rows = [pair("which?"), pair(" ")]
+    batch = {k: [r[k] for r in rows] for k in ("chosen", "rejected")}
+    assert pair_texts(batch, PairColumns(), conversations=True)["skip"] == ["", "empty"]
