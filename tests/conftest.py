@@ -239,3 +239,45 @@ class MetricsRecorder(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.history.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+def fake_sharding(sharding: str, module: torch.nn.Module, params: list[torch.nn.Parameter], monkeypatch):
+    """A strategy that stands in for ``deepspeed_zero3`` or ``fsdp`` sharding ``params`` over processes: the live
+    ``params`` become zeros (this process's shard, not the trained weights), and only inside the strategy's gathering
+    (DeepSpeed's ``GatheredParameters``, FSDP's full ``state_dict_type``) do they hold the trained weights."""
+    import importlib.machinery
+    import sys
+    import types
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    full = [p.detach().clone() for p in params]
+
+    def put(values):
+        with torch.no_grad():
+            for param, value in zip(params, values):
+                param.copy_(value)
+
+    @contextmanager
+    def gathering(*args, **kwargs):
+        put(full)
+        try:
+            yield
+        finally:
+            put([torch.zeros_like(p) for p in params])
+
+    put([torch.zeros_like(p) for p in params])
+    if sharding == "deepspeed_zero3":
+        deepspeed = types.ModuleType("deepspeed")  # with a spec: transformers looks for the package when loading
+        deepspeed.__spec__ = importlib.machinery.ModuleSpec("deepspeed", None)
+        deepspeed.zero = SimpleNamespace(GatheredParameters=gathering)
+        monkeypatch.setitem(sys.modules, "deepspeed", deepspeed)
+        return SimpleNamespace(zero_stage_3=True)
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    strategy = FSDPStrategy()
+    # the full state dict FSDP gathers: copies on the CPU (offload_to_cpu), keyed as the LightningModule's
+    strategy.model = SimpleNamespace(state_dict=lambda: {k: v.clone() for k, v in module.state_dict().items()})
+    monkeypatch.setattr(FullyShardedDataParallel, "state_dict_type", gathering)
+    return strategy

@@ -13,7 +13,7 @@ from lit_rlhf.preferences import PreferenceDataModule
 from lit_rlhf.reward_model import RewardModelModule, bradley_terry_loss, preference_stats
 from lit_rlhf.rewards import ClassifierReward
 from lit_rlhf.settings import LoraSettings
-from conftest import assert_resume_is_exact, write_jsonl
+from conftest import assert_resume_is_exact, fake_sharding, write_jsonl
 
 # small files are converted into each test's folder, not the user's datasets cache
 pytestmark = pytest.mark.usefixtures("datasets_cache")
@@ -233,8 +233,6 @@ def test_the_export_writes_the_gathered_weights_when_they_are_sharded(sharding, 
     # Under ZeRO-3 or FSDP a process holds a shard of each weight: the export gathers them all (the frozen base
     # too: the adapter is merged into it) through distributed.export_weights, PPO's export path. Faked: the live
     # weights are zeros except inside the strategy's gathering, which puts the trained weights back.
-    import sys
-    from contextlib import contextmanager
     from types import SimpleNamespace
 
     torch.manual_seed(0)
@@ -249,39 +247,7 @@ def test_the_export_writes_the_gathered_weights_when_they_are_sharded(sharding, 
     with torch.no_grad():
         expected = module.rewards(**batch)
     params = list(module.model.parameters())
-    full = [p.detach().clone() for p in params]
-
-    def put(values):
-        with torch.no_grad():
-            for param, value in zip(params, values):
-                param.copy_(value)
-
-    @contextmanager
-    def gathering(*args, **kwargs):
-        put(full)
-        try:
-            yield
-        finally:
-            put([torch.zeros_like(p) for p in params])
-
-    put([torch.zeros_like(p) for p in params])  # this process's shard: not the trained weights
-    if sharding == "deepspeed_zero3":
-        import importlib.machinery
-        import types
-
-        strategy = SimpleNamespace(zero_stage_3=True)
-        deepspeed = types.ModuleType("deepspeed")  # with a spec: transformers looks for the package when loading
-        deepspeed.__spec__ = importlib.machinery.ModuleSpec("deepspeed", None)
-        deepspeed.zero = SimpleNamespace(GatheredParameters=gathering)
-        monkeypatch.setitem(sys.modules, "deepspeed", deepspeed)
-    else:
-        from lightning.pytorch.strategies import FSDPStrategy
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        strategy = FSDPStrategy()
-        # the full state dict FSDP gathers: copies on the CPU (offload_to_cpu), keyed as the LightningModule's
-        strategy.model = SimpleNamespace(state_dict=lambda: {k: v.clone() for k, v in module.state_dict().items()})
-        monkeypatch.setattr(FullyShardedDataParallel, "state_dict_type", gathering)
+    strategy = fake_sharding(sharding, module, params, monkeypatch)
     module.trainer = SimpleNamespace(world_size=2, is_global_zero=True, strategy=strategy, datamodule=None)
     module.on_fit_end()
 

@@ -1,8 +1,6 @@
 """SFTModule: the loss is the summary tokens' NLL, a short fit learns, exports load into PPO, bad input fails."""
 
 import json
-import sys
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +11,7 @@ import yaml
 from torch.testing import assert_close
 from transformers import T5ForConditionalGeneration
 
-from conftest import perturb_lora, write_jsonl
+from conftest import fake_sharding, perturb_lora, write_jsonl
 from lit_rlhf.cli import run_sft
 from lit_rlhf.data import DialogSumDataModule
 from lit_rlhf.module import PPOModule
@@ -472,33 +470,7 @@ def test_sft_export_writes_the_gathered_weights_when_they_are_sharded(sharding, 
     batch = batch_of("embedded:tiny-t5")
     expected = hf_logits(module.policy.model, batch)
     trained = [p for p in module.parameters() if p.requires_grad]
-    full = [p.detach().clone() for p in trained]
-
-    def put(values):
-        with torch.no_grad():
-            for param, value in zip(trained, values):
-                param.copy_(value)
-
-    @contextmanager
-    def gathering(*args, **kwargs):
-        put(full)
-        try:
-            yield
-        finally:
-            put([torch.zeros_like(p) for p in trained])
-
-    put([torch.zeros_like(p) for p in trained])  # this process's shard: not the trained weights
-    if sharding == "deepspeed_zero3":
-        strategy = SimpleNamespace(zero_stage_3=True)
-        monkeypatch.setitem(sys.modules, "deepspeed", SimpleNamespace(zero=SimpleNamespace(GatheredParameters=gathering)))
-    else:
-        from lightning.pytorch.strategies import FSDPStrategy
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        strategy = FSDPStrategy()
-        # the full state dict FSDP gathers: copies on the CPU (offload_to_cpu), keyed as the LightningModule's
-        strategy.model = SimpleNamespace(state_dict=lambda: {k: v.clone() for k, v in module.state_dict().items()})
-        monkeypatch.setattr(FullyShardedDataParallel, "state_dict_type", gathering)
+    strategy = fake_sharding(sharding, module, trained, monkeypatch)
     module.trainer = SimpleNamespace(world_size=2, is_global_zero=True, strategy=strategy)
     module.on_fit_end()
 
