@@ -13,7 +13,7 @@ import yaml
 from torch.testing import assert_close
 from transformers import T5ForConditionalGeneration
 
-from conftest import perturb_lora, write_jsonl
+from conftest import assert_resume_is_exact, perturb_lora, write_jsonl
 from lit_rlhf.cli import run_sft
 from lit_rlhf.data import DialogSumDataModule
 from lit_rlhf.module import PPOModule
@@ -526,3 +526,44 @@ def test_rows_longer_than_the_context_are_cut_to_fit_it_not_an_index_error(tmp_p
     assert all(len(r["input_ids"]) + len(r["summary_ids"]) <= 32 for r in fitted)
     assert all(r["query"].endswith("\nAnswer:") for r in fitted)
     assert data.summary()["prompts_cut"] > 0 and data.summary()["prompts_dropped"] == 1
+
+
+def dialogue_rows(n: int) -> list[dict]:
+    """``n`` short (dialogue, summary) rows of different lengths: a few training batches per epoch."""
+    return [{"id": str(i), "dialogue": f"#Person1#: I need {i} apples{' today' * (i % 4)}.\n#Person2#: Here they are.",
+             "summary": f"Person1 buys {i} apples."} for i in range(n)]
+
+
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_a_resumed_sft_fit_ends_with_the_weights_of_an_uninterrupted_one(group_by_length, tmp_path, monkeypatch,
+                                                                         datasets_cache):
+    """12 training pairs in batches of 4: 3 steps an epoch. 8 steps straight, and resumed from step 4 (the
+    second batch of the second epoch, each epoch a new order): the adapter is the same, bit for bit."""
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(Path("dialogues.jsonl"), dialogue_rows(15))
+    assert_resume_is_exact(run_sft, [
+        "--model.model_name", "embedded:tiny-t5", "--data.dataset", "dialogues.jsonl", "--data.test_size", "0.2",
+        "--data.min_chars", "0", "--data.batch_size", "4", "--data.group_by_length", str(group_by_length).lower(),
+        "--model.learning_rate", "1e-2", "--model.lr_schedule", "constant", "--model.lora.dropout", "0.2",
+        "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+        "--trainer.limit_val_batches", "0", "--seed_everything", "3"], "adapter/adapter_model.safetensors")
+
+
+def test_each_sft_epoch_is_a_new_order_of_every_training_pair(datasets_cache, tmp_path):
+    """The supervised loader is the seeded stream: epoch after epoch of full batches, a new permutation each, and
+    a loader made at position k (a resumed run) goes on with the stream's batch k."""
+    write_jsonl(tmp_path / "d.jsonl", dialogue_rows(15))
+    data = DialogSumDataModule(model_name="embedded:tiny-t5", dataset=str(tmp_path / "d.jsonl"), with_labels=True,
+                               test_size=0.2, min_chars=0, batch_size=4)
+    data.setup("fit")
+    ids = data.train_set["id"]
+    epochs = []
+    for _ in range(2):
+        loader = data.train_dataloader()
+        assert len(loader) == 3
+        epochs.append([b["id"] for b in loader])
+        data.consumed_batches += len(loader)
+    assert [sorted(sum(e, [])) for e in epochs] == [sorted(ids)] * 2 and epochs[0] != epochs[1]
+    data.consumed_batches = 4  # resumed after the second epoch's first batch: its other two, and a full length
+    loader = data.train_dataloader()
+    assert [b["id"] for b in loader] == epochs[1][1:] and len(loader) == 3
