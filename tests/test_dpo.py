@@ -295,7 +295,7 @@ def test_pairs_longer_than_the_context_are_cut_to_fit_it_not_an_index_error(tmp_
 
 def test_a_resumed_dpo_fit_with_gradient_accumulation_ends_with_the_weights_of_an_uninterrupted_one(
         tmp_path, monkeypatch):
-    """Two batches a step, 8 batches an epoch: resumed from step 2 (the middle of the epoch), Lightning must still
+    """Two batches a step, 9 batches an epoch: resumed from step 2 (the middle of the epoch), Lightning must still
     step the optimizer on every second batch, not on the first batch after the restart as the epoch's last."""
     from lit_rlhf.cli import run_dpo
     from test_reward_model import good_bad_pairs
