@@ -567,3 +567,25 @@ def test_each_sft_epoch_is_a_new_order_of_every_training_pair(datasets_cache, tm
     data.consumed_batches = 4  # resumed after the second epoch's first batch: its other two, and a full length
     loader = data.train_dataloader()
     assert [b["id"] for b in loader] == epochs[1][1:] and len(loader) == 3
+
+
+def test_length_grouped_stream_gives_each_process_rows_of_similar_length():
+    """group_by_length under two processes: each global batch of 2 x 3 rows is a run of neighbouring lengths
+    (one chunk here), the processes' slices are disjoint and cover every full batch, and a new epoch reorders."""
+    from lit_rlhf.prompts import PromptStreamSampler
+
+    lengths = [(7 * i) % 20 for i in range(20)]  # every length 0..19 once
+    position = {"k": 0}
+
+    def shares() -> list[list[int]]:
+        return [list(PromptStreamSampler(20, 3, 2, rank, seed=1, shuffle=True, position_fn=lambda: position["k"],
+                                         lengths=lengths)) for rank in (0, 1)]
+
+    first = shares()
+    assert set(first[0]).isdisjoint(first[1]) and len(first[0] + first[1]) == 18  # 3 full global batches
+    used = sorted(lengths[i] for i in first[0] + first[1])
+    batches = [sorted(lengths[i] for i in first[0][3 * k : 3 * k + 3] + first[1][3 * k : 3 * k + 3])
+               for k in range(3)]  # global batch k: rank 0's 3 rows and rank 1's
+    assert sorted(batches) == [used[:6], used[6:12], used[12:]]  # the shortest 6, the next 6, the longest 6
+    position["k"] = 3  # the second epoch
+    assert shares() != first
