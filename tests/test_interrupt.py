@@ -3,8 +3,9 @@
 One subprocess (``interrupt_worker.py``) runs each fit and sends itself a real SIGINT in the middle of a training
 step: inside the PPO rollout, between two PPO mini-batch updates, between the backward pass and the optimizer
 step of a DPO batch, in a DPO batch whose gradients are accumulated for the next one, in an SFT step of its
-second epoch. The step finishes (with gradient accumulation, the batches up to the optimizer step), ``last.ckpt`` is saved after it and the run stops; resumed here with
-``--ckpt_path``, it must end with the weights of a run that was never interrupted, bit for bit.
+second epoch. The step finishes (with gradient accumulation, the batches up to the optimizer step), ``last.ckpt``
+is saved after it and the run stops; resumed here with ``--ckpt_path``, it must end with the weights of a run that
+was never interrupted, bit for bit.
 """
 
 import json
