@@ -567,6 +567,15 @@ def test_each_sft_epoch_is_a_new_order_of_every_training_pair(datasets_cache, tm
     data.consumed_batches = 4  # resumed after the second epoch's first batch: its other two, and a full length
     loader = data.train_dataloader()
     assert [b["id"] for b in loader] == epochs[1][1:] and len(loader) == 3
+    # two processes: each takes 2 rows of every global batch of 4, none twice (no sampler swapped in by DDP)
+    data.consumed_batches, data.batch_size = 0, 2
+    shares = []
+    for rank in (0, 1):
+        data.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        loader = data.train_dataloader()
+        assert isinstance(loader.sampler, torch.utils.data.DistributedSampler) and len(loader) == 3
+        shares.append([i for b in loader for i in b["id"]])
+    assert set(shares[0]).isdisjoint(shares[1]) and sorted(shares[0] + shares[1]) == sorted(ids)
 
 
 def test_length_grouped_stream_gives_each_process_rows_of_similar_length():
