@@ -887,7 +887,7 @@ class PromptDataModule(L.LightningDataModule):
         )
 
     def _consumed_batches(self) -> int:
-        """Rollout batches training has already used: counted as they are handed to ``training_step`` and
+        """Training batches already used: counted as they are handed to ``training_step`` and
         restored from a checkpoint through this data module's own ``state_dict``."""
         return self.consumed_batches
 
