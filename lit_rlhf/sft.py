@@ -28,7 +28,6 @@ from transformers.optimization import Adafactor
 from lit_rlhf import ppo
 from lit_rlhf import distributed as dist
 from lit_rlhf import rollout as ro
-from lit_rlhf.io import rng_state, set_rng_state
 from lit_rlhf.policy import BuildsPolicy, GenerationSettings, LoraSettings, Policy, model_source_errors
 from lit_rlhf.settings import WeightDtype, check, check_precision, dtype_errors, lora_settings, plain
 from lit_rlhf.threads import NumThreads, num_threads_errors
@@ -263,16 +262,14 @@ class SFTModule(BuildsPolicy, L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # the model's and the adapter's dropout draw from the global RNGs: restoring them makes a resumed run
         # continue exactly
-        checkpoint["lit_rlhf"] = {"rng": rng_state()}
+        checkpoint["lit_rlhf"] = dist.checkpoint_rng(self._trainer)
         if self.hparams.finetune == "full":
             return  # every weight is trained: the whole state dict (tied embeddings under all their names)
         # a LoRA run's frozen base is not written into every checkpoint: it loads from model_name again
         checkpoint["state_dict"] = dist.trainable_state(self, checkpoint["state_dict"])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("lit_rlhf") or {}
-        if state.get("rng") is not None:
-            set_rng_state(state["rng"])
+        dist.restore_checkpoint_rng(self._trainer, checkpoint.get("lit_rlhf") or {})
 
     def export_path(self) -> Path:
         """Where ``on_fit_end`` writes the result (``export_dir``, or a folder in the run's log directory)."""

@@ -598,3 +598,20 @@ def test_length_grouped_stream_gives_each_process_rows_of_similar_length():
     assert sorted(batches) == [used[:6], used[6:12], used[12:]]  # the shortest 6, the next 6, the longest 6
     position["k"] = 3  # the second epoch
     assert shares() != first
+
+
+def test_each_process_resumes_its_own_random_numbers():
+    """Under DDP each process draws dropout masks for its own batch, so their RNG states differ: a checkpoint of
+    two processes restores rank 1's states on rank 1; one of another number of processes, rank zero's."""
+    from lit_rlhf.distributed import checkpoint_rng, restore_checkpoint_rng
+
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append(checkpoint_rng(None)["rng"])
+    expected = torch.rand(3, generator=torch.Generator().manual_seed(2))  # what rank 1 draws next
+    state = {"rng": states[0], "rng_by_rank": states}
+    restore_checkpoint_rng(SimpleNamespace(world_size=2, global_rank=1), state)
+    assert torch.equal(torch.rand(3), expected)
+    restore_checkpoint_rng(SimpleNamespace(world_size=4, global_rank=1), state)
+    assert torch.equal(torch.rand(3), torch.rand(3, generator=torch.Generator().manual_seed(1)))
