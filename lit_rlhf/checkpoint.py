@@ -65,7 +65,9 @@ class InterruptCheckpoint(Checkpoint):
     describe the same moment, and a resumed run goes on exactly as an uninterrupted one. A step cut in the
     middle would leave them apart (the prompt batch taken, the random streams advanced by the rollout, some
     mini-batch updates made), so Ctrl-C during a training step lets that step finish, then saves and stops; a
-    second Ctrl-C stops at once, keeping the last complete checkpoint. An error during a step saves nothing
+    second Ctrl-C stops at once, keeping the last complete checkpoint. With ``trainer.accumulate_grad_batches``
+    the stop waits for the optimizer step that ends the accumulation: a checkpoint holds no accumulated
+    gradients, so one saved in between would resume without them. An error during a step saves nothing
     (the last complete checkpoint is kept); Ctrl-C or an error between steps (validation, a callback) saves at
     once.
 
@@ -86,13 +88,15 @@ class InterruptCheckpoint(Checkpoint):
         self._trainer: Any = None
         self._stop_requested = False  # Ctrl-C arrived during a step: stop after it
         self._stopped_after_step = False  # the stop's checkpoint is written: on_exception has nothing to add
+        self._step_at_batch_start = 0  # trainer.global_step when the current training batch began
+        self._accumulating = False  # the last training batch's gradients wait for a later optimizer step
         self._previous_handler: Any = None
 
     # ------------------------------------------------------------------ Ctrl-C
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._start_step, self._trainer = trainer.global_step, trainer
-        self._stop_requested = self._stopped_after_step = False
+        self._stop_requested = self._stopped_after_step = self._accumulating = False
         if threading.current_thread() is threading.main_thread():  # Python runs signal handlers there only
             self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
 
@@ -100,7 +104,8 @@ class InterruptCheckpoint(Checkpoint):
         trainer = self._trainer
         # several processes receive Ctrl-C at slightly different points: between two steps too, they wait for
         # the next step's end, where they decide together (one stopping alone would hang the others)
-        defer = in_training_step(trainer) or (trainer.world_size > 1 and trainer.training)
+        # (and between the batches of an accumulated gradient, which wait for its optimizer step)
+        defer = in_training_step(trainer) or self._accumulating or (trainer.world_size > 1 and trainer.training)
         if self._stop_requested or not defer:
             raise KeyboardInterrupt
         self._stop_requested = True
@@ -113,12 +118,19 @@ class InterruptCheckpoint(Checkpoint):
             signal.signal(signal.SIGINT, self._previous_handler)
         self._previous_handler = None
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self._step_at_batch_start = trainer.global_step
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        # gradients accumulated over several batches: only a batch that stepped the optimizer ends a step whose
+        # whole state a checkpoint holds (the same decision on every process)
+        self._accumulating = (pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1
+                              and trainer.global_step == self._step_at_batch_start)
         # a checkpoint callback runs after the others: this is where ModelCheckpoint has just saved
         if run_ends_here(trainer):  # (the same on every process) the run saves and exports as usual
             self._restore_handler()  # what comes after the last step (an "after" measurement) stops at once
             return
-        if not any_rank(trainer, self._stop_requested, pl_module.device):
+        if self._accumulating or not any_rank(trainer, self._stop_requested, pl_module.device):
             return
         self._save(trainer)
         self._stopped_after_step = True
@@ -145,11 +157,12 @@ class InterruptCheckpoint(Checkpoint):
             return
         if trainer.world_size > 1 and not isinstance(exception, KeyboardInterrupt):
             return
-        if in_training_step(trainer):
+        if in_training_step(trainer) or self._accumulating:
             if trainer.is_global_zero:
-                print(f"\nStopped by {type(exception).__name__} inside a training step, whose state is half-updated: "
-                      f"nothing saved; resume from the run's last complete checkpoint in {self._folder(trainer)}",
-                      file=sys.stderr, flush=True)
+                where = "inside a training step, whose state is half-updated" if in_training_step(trainer) else (
+                    "between the batches of an accumulated gradient (trainer.accumulate_grad_batches)")
+                print(f"\nStopped by {type(exception).__name__} {where}: nothing saved; resume from the run's last "
+                      f"complete checkpoint in {self._folder(trainer)}", file=sys.stderr, flush=True)
             return
         self._save(trainer)
         if trainer.is_global_zero:

@@ -15,7 +15,7 @@ from importlib import resources
 from transformers import PreTrainedTokenizerBase
 
 from lit_rlhf.prompts import (  # noqa: F401  (the generic pieces, importable from here as before)
-    LengthGroupedBatchSampler, PromptCollator, PromptDataModule, PromptFormat, PromptStreamSampler, Truncation,
+    PromptCollator, PromptDataModule, PromptFormat, PromptStreamSampler, Truncation,
     encode_prompts, tokenize_completions,
 )
 from lit_rlhf.sources import load_local_directory as _load_local_directory  # noqa: F401

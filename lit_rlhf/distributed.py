@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
+from lit_rlhf.io import rng_state, set_rng_state
+
 
 def world_size(trainer: Any) -> int:
     return 1 if trainer is None else int(trainer.world_size)
@@ -145,6 +147,24 @@ def gather_objects(trainer: Any, rows: list) -> list:
     gathered: list[Any] = [None] * world_size(trainer)
     dist.all_gather_object(gathered, rows)
     return [row for part in gathered for row in part]
+
+
+def checkpoint_rng(trainer: Any) -> dict[str, Any]:
+    """The random-number states for a checkpoint: ``rng`` (rank zero's) and, under several processes,
+    ``rng_by_rank`` (every process's, in rank order; each draws its own dropout masks, of its own batch's
+    shapes, so their states differ). A collective: every process calls it while a checkpoint is written."""
+    states = gather_objects(trainer, [rng_state()])
+    return {"rng": states[0]} if len(states) == 1 else {"rng": states[0], "rng_by_rank": states}
+
+
+def restore_checkpoint_rng(trainer: Any, state: dict[str, Any]) -> None:
+    """Restore this process's random-number states from :func:`checkpoint_rng`'s ``state``; from a checkpoint of
+    another number of processes (or one without ``rng_by_rank``), rank zero's on every process."""
+    by_rank = state.get("rng_by_rank")
+    if by_rank is not None and len(by_rank) == world_size(trainer):
+        set_rng_state(by_rank[int(trainer.global_rank)])
+    elif state.get("rng") is not None:
+        set_rng_state(state["rng"])
 
 
 def weights_sharded(trainer: Any) -> bool:

@@ -4,7 +4,7 @@
     fit_prompt           a prompt over its token limit, cut in its content (never its frame) or marked too long
     encode_prompts       rows -> prompt text, its token ids, the query decoded from them (datasets.map)
     PromptCollator       rows -> a padded batch (tensors for the model, lists for rewards and logs)
-    PromptStreamSampler  the seeded stream of rollout batches, resumable, one slice per process
+    PromptStreamSampler  the seeded stream of training batches, resumable, one slice per process
     PromptDataModule     load, filter, format, split and batch; its stream position is its own state_dict
 
 ``lit_rlhf.data.DialogSumDataModule`` is this module with the DialogSum recipe's settings. Batches hold
@@ -351,71 +351,77 @@ class PromptCollator:
 
 
 class PromptStreamSampler(DistributedSampler):
-    """This process's share of a seeded stream of rollout batches, starting where training left off.
+    """This process's share of a seeded stream of training batches, starting where training left off.
 
-    The stream is epoch after epoch of a permutation of the training prompts (seed + epoch; no shuffle: file
-    order). Stream batch ``k`` holds ``num_replicas x batch_size`` prompts, and process ``rank`` takes its
-    ``batch_size`` slice. Iteration starts at batch ``position_fn()`` (the module's PPO step), so a resumed run
-    sees exactly the prompts an uninterrupted one would, with any number of processes. A DistributedSampler
-    subclass, so Lightning keeps it under DDP instead of swapping in its own.
+    The stream is epoch after epoch of a permutation of the training rows (seed + epoch; no shuffle: file
+    order). Stream batch ``k`` holds ``num_replicas x batch_size`` rows, and process ``rank`` takes its
+    ``batch_size`` slice. Iteration starts at batch ``position_fn()`` (the batches training has taken), so a
+    resumed run sees exactly the rows an uninterrupted one would, with any number of processes. ``lengths``
+    (one per row): each epoch's stream batches hold rows of similar length (:func:`length_grouped`). A
+    DistributedSampler subclass, so Lightning keeps it under DDP instead of swapping in its own.
     """
 
     def __init__(
         self, dataset_size: int, batch_size: int, num_replicas: int, rank: int, seed: int, shuffle: bool,
-        position_fn: Callable[[], int],
+        position_fn: Callable[[], int], lengths: list[int] | None = None,
     ) -> None:
         super().__init__(range(dataset_size), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
                          drop_last=True)
         self.dataset_size = dataset_size
         self.batch_size = batch_size
         self.position_fn = position_fn
+        self.lengths = lengths
         self.batches_per_epoch = dataset_size // (batch_size * num_replicas)
 
     def _start(self) -> tuple[int, int]:
         return divmod(self.position_fn(), self.batches_per_epoch)  # (stream epoch, batch within it)
 
+    def epoch_order(self, epoch: int) -> list[int]:
+        """Every row of stream epoch ``epoch`` in stream order (the rows of whole stream batches only)."""
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        if self.shuffle:
+            order = torch.randperm(self.dataset_size, generator=generator).tolist()
+        else:
+            order = list(range(self.dataset_size))
+        if self.lengths is None:
+            return order
+        return length_grouped(order, self.lengths, self.batch_size * self.num_replicas,
+                              generator if self.shuffle else None)
+
     def __iter__(self) -> Iterator[int]:
         epoch, start = self._start()
-        if self.shuffle:
-            order = torch.randperm(self.dataset_size, generator=torch.Generator().manual_seed(self.seed + epoch))
-        else:
-            order = torch.arange(self.dataset_size)
+        order = self.epoch_order(epoch)
         per_step = self.batch_size * self.num_replicas
         for k in range(start, self.batches_per_epoch):
             first = k * per_step + self.rank * self.batch_size
-            yield from order[first : first + self.batch_size].tolist()
+            yield from order[first : first + self.batch_size]
 
     def __len__(self) -> int:
-        return (self.batches_per_epoch - self._start()[1]) * self.batch_size
+        # The whole epoch's share, also when iteration starts mid-epoch: a resumed Lightning loop restores its
+        # count of the epoch's batches already done and goes on counting from there, and it takes the batch at
+        # which that count reaches len(loader) as the epoch's last (where gradient accumulation is flushed into
+        # an optimizer step, and epoch-end validation and schedulers run). The remaining batches only would end
+        # a resumed epoch early.
+        return self.batches_per_epoch * self.batch_size
 
     def set_epoch(self, epoch: int) -> None:
         """Ignored: the stream position, not Lightning's epoch counter, picks the permutation."""
 
 
-class LengthGroupedBatchSampler:
-    """Batches of similar-length rows: shuffle, cut into chunks of ``chunk`` batches, sort each chunk by
-    length, and shuffle the order of the resulting batches. A new shuffle each epoch (one seeded generator).
-    The last incomplete batch is dropped."""
-
-    def __init__(self, lengths: list[int], batch_size: int, generator: torch.Generator, chunk: int = 50) -> None:
-        self.lengths = lengths
-        self.batch_size = batch_size
-        self.generator = generator
-        self.chunk = chunk
-
-    def __len__(self) -> int:
-        return len(self.lengths) // self.batch_size
-
-    def __iter__(self) -> Iterator[list[int]]:
-        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
-        order = order[: len(self) * self.batch_size]
-        span = self.chunk * self.batch_size
-        batches = []
-        for start in range(0, len(order), span):
-            group = sorted(order[start : start + span], key=lambda i: self.lengths[i])
-            batches += [group[k : k + self.batch_size] for k in range(0, len(group), self.batch_size)]
-        for b in torch.randperm(len(batches), generator=self.generator).tolist():
-            yield batches[b]
+def length_grouped(order: list[int], lengths: list[int], batch_size: int, generator: torch.Generator | None,
+                   chunk: int = 50) -> list[int]:
+    """``order`` regrouped into batches of similar-length rows: cut into chunks of ``chunk`` batches, each chunk
+    sorted by length and cut into batches, the batches then shuffled with ``generator`` (None: kept in order).
+    Only the rows of whole batches are kept."""
+    order = order[: len(order) // batch_size * batch_size]
+    span = chunk * batch_size
+    batches = []
+    for start in range(0, len(order), span):
+        group = sorted(order[start : start + span], key=lambda i: lengths[i])
+        batches += [group[k : k + batch_size] for k in range(0, len(group), batch_size)]
+    if generator is not None:
+        batches = [batches[b] for b in torch.randperm(len(batches), generator=generator).tolist()]
+    return [i for batch in batches for i in batch]
 
 
 # ---------------------------------------------------------------------------------------------- settings
@@ -522,10 +528,10 @@ class PromptDataModule(L.LightningDataModule):
         shuffle: Shuffle the training prompts each pass over them.
         seed: Seed of the training-prompt shuffle.
         with_labels: Supervised fine-tuning: batches also hold ``summary_ids``/``summary_mask`` (the
-            completion tokenized, eos last, right-padded), and the training loader is a shuffled epoch loader.
+            completion tokenized, eos last, right-padded); each pass over the training pairs is a new order.
             Without a ``reference_column`` the completion is the reference.
         max_completion_tokens: With ``with_labels``: cut completions to this many tokens (eos included).
-        group_by_length: With ``with_labels``, in one process: batch prompts of similar length together.
+        group_by_length: With ``with_labels``: batch prompts of similar length together.
         predict_path: Rows to answer in ``predict``: a .jsonl/.json(.gz), .csv or .parquet file or a folder of
             them, with the columns the prompt needs (``id`` optional: row numbers otherwise). No length filter.
     """
@@ -852,8 +858,8 @@ class PromptDataModule(L.LightningDataModule):
         return self._collator(self.source_columns, labels=self.with_labels)
 
     def train_dataloader(self) -> DataLoader:
-        if self.with_labels:
-            return self._supervised_dataloader()
+        """The seeded, resumable stream of training batches (:class:`PromptStreamSampler`): rollout prompts, or
+        with ``with_labels`` (prompt, completion) pairs, a new order each pass over them."""
         collate = self.collator
         if len(self.train_set) < self.batch_size:
             # drop_last would leave no batch at all, and training would silently do nothing.
@@ -868,9 +874,11 @@ class PromptDataModule(L.LightningDataModule):
                 f"data.batch_size={self.batch_size} x {world_size} processes is more than the "
                 f"{len(self.train_set)} training prompts; lower data.batch_size"
             )
+        grouped = self.with_labels and self.group_by_length
         sampler = PromptStreamSampler(
             len(self.train_set), self.batch_size, num_replicas=world_size, rank=rank, seed=self.seed,
             shuffle=self.shuffle, position_fn=self._consumed_batches,
+            lengths=[len(ids) for ids in self.train_set["input_ids"]] if grouped else None,
         )
         return DataLoader(
             self.train_set,
@@ -884,22 +892,8 @@ class PromptDataModule(L.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
         )
 
-    def _supervised_dataloader(self) -> DataLoader:
-        """Shuffled epochs of (prompt, completion) pairs; Lightning distributes them under DDP."""
-        generator = torch.Generator().manual_seed(self.seed)
-        world_size = self.trainer.world_size if self.trainer is not None else 1
-        if self.group_by_length and world_size == 1:
-            lengths = [len(ids) for ids in self.train_set["input_ids"]]
-            batches = LengthGroupedBatchSampler(lengths, self.batch_size, generator)
-            return DataLoader(self.train_set, batch_sampler=batches, collate_fn=self.collator,
-                              num_workers=self.num_workers)
-        return DataLoader(
-            self.train_set, batch_size=self.batch_size, shuffle=self.shuffle, drop_last=True,
-            collate_fn=self.collator, num_workers=self.num_workers, generator=generator,
-        )
-
     def _consumed_batches(self) -> int:
-        """Rollout batches training has already used: counted as they are handed to ``training_step`` and
+        """Training batches already used: counted as they are handed to ``training_step`` and
         restored from a checkpoint through this data module's own ``state_dict``."""
         return self.consumed_batches
 

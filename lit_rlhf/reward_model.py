@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lit_rlhf import distributed as dist
-from lit_rlhf.io import atomic_directory, rng_state, set_rng_state
+from lit_rlhf.io import atomic_directory
 from lit_rlhf.policy import lora_wrapping, model_source_errors
 from lit_rlhf.settings import LoraSettings, WeightDtype, check, check_precision, dtype_errors, lora_settings, plain
 from lit_rlhf.settings import resolve_dtype
@@ -206,12 +206,10 @@ class RewardModelModule(L.LightningModule):
         if self.hparams.finetune == "lora":  # the frozen base loads from model_name again
             checkpoint["state_dict"] = dist.trainable_state(self, checkpoint["state_dict"])
         # the adapter's dropout draws from the global RNGs: restoring them makes a resumed run continue exactly
-        checkpoint["lit_rlhf"] = {"rng": rng_state()}
+        checkpoint["lit_rlhf"] = dist.checkpoint_rng(self._trainer)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("lit_rlhf") or {}
-        if state.get("rng") is not None:
-            set_rng_state(state["rng"])
+        dist.restore_checkpoint_rng(self._trainer, checkpoint.get("lit_rlhf") or {})
 
     def export_path(self) -> Path:
         """Where ``on_fit_end`` writes the model (``export_dir``, or ``<log_dir>/reward_model``)."""

@@ -260,10 +260,16 @@ class SFTModule(BuildsPolicy, L.LightningModule):
     # ------------------------------------------------------------------ checkpoints and export
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the model's and the adapter's dropout draw from the global RNGs: restoring them makes a resumed run
+        # continue exactly
+        checkpoint["lit_rlhf"] = dist.checkpoint_rng(self._trainer)
         if self.hparams.finetune == "full":
             return  # every weight is trained: the whole state dict (tied embeddings under all their names)
         # a LoRA run's frozen base is not written into every checkpoint: it loads from model_name again
         checkpoint["state_dict"] = dist.trainable_state(self, checkpoint["state_dict"])
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        dist.restore_checkpoint_rng(self._trainer, checkpoint.get("lit_rlhf") or {})
 
     def export_path(self) -> Path:
         """Where ``on_fit_end`` writes the result (``export_dir``, or a folder in the run's log directory)."""

@@ -3,7 +3,7 @@ point of a training step, for ``tests/test_interrupt.py``.
 
     python interrupt_worker.py RUNS_JSON
 
-RUNS_JSON: a list of ``{"command": "ppo" | "dpo" | "rm", "args": [...]}``; each runs in turn (the CLI's
+RUNS_JSON: a list of ``{"command": "ppo" | "dpo" | "rm" | "sft", "args": [...]}``; each runs in turn (the CLI's
 ``SystemExit`` caught) and its exit status is written to ``<default_root_dir>/exit_status``.
 """
 
@@ -50,9 +50,9 @@ class SigintAt(L.Callback):
 
 
 def main() -> None:
-    from lit_rlhf.cli import run, run_dpo, run_rm
+    from lit_rlhf.cli import run, run_dpo, run_rm, run_sft
 
-    commands = {"ppo": run, "dpo": run_dpo, "rm": run_rm}
+    commands = {"ppo": run, "dpo": run_dpo, "rm": run_rm, "sft": run_sft}
     for spec in json.loads(sys.argv[1]):
         args = spec["args"]
         root = Path(args[args.index("--trainer.default_root_dir") + 1])

@@ -307,3 +307,19 @@ def test_only_lit_rlhf_rm_gives_its_pairs_classifier_inputs(entry, reads, tmp_pa
     cli = getattr(cli_module, entry)(["fit", "--model.model_name", "embedded:tiny-gpt2",
                                       "--data.dataset", "pairs.jsonl"])
     assert cli.datamodule.classifier_inputs is reads
+
+
+def test_a_resumed_dpo_fit_with_gradient_accumulation_ends_with_the_weights_of_an_uninterrupted_one(
+        tmp_path, monkeypatch):
+    """Two batches a step, 9 batches an epoch: resumed from step 2 (the middle of the epoch), Lightning must still
+    step the optimizer on every second batch, not on the first batch after the restart as the epoch's last."""
+    from lit_rlhf.cli import run_dpo
+    from test_reward_model import good_bad_pairs
+
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(Path("pairs.jsonl"), good_bad_pairs(40))
+    assert_resume_is_exact(run_dpo, [
+        "--model.model_name", "embedded:tiny-gpt2", "--data.dataset", "pairs.jsonl", "--data.batch_size", "4",
+        "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--model.lora.r", "4",
+        "--model.learning_rate", "5e-3", "--trainer.limit_val_batches", "0", "--seed_everything", "3",
+        "--trainer.accumulate_grad_batches", "2"], "adapter/adapter_model.safetensors", steps=4)

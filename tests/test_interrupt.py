@@ -2,8 +2,10 @@
 
 One subprocess (``interrupt_worker.py``) runs each fit and sends itself a real SIGINT in the middle of a training
 step: inside the PPO rollout, between two PPO mini-batch updates, between the backward pass and the optimizer
-step of a DPO batch. The step finishes, ``last.ckpt`` is saved after it and the run stops; resumed here with
-``--ckpt_path``, it must end with the weights of a run that was never interrupted, bit for bit.
+step of a DPO batch, in a DPO batch whose gradients are accumulated for the next one, in an SFT step of its
+second epoch. The step finishes (with gradient accumulation, the batches up to the optimizer step), ``last.ckpt``
+is saved after it and the run stops; resumed here with ``--ckpt_path``, it must end with the weights of a run that
+was never interrupted, bit for bit.
 """
 
 import json
@@ -18,8 +20,9 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import write_jsonl
-from lit_rlhf.cli import run, run_dpo
+from lit_rlhf.cli import run, run_dpo, run_sft
 from test_reward_model import good_bad_pairs
+from test_sft import dialogue_rows
 
 TESTS = Path(__file__).parent
 
@@ -40,18 +43,28 @@ PPO_CONFIG = {
               "reward": {"class_path": "lit_rlhf.rewards.ProfanityReward"}},
     "data": {"batch_size": 8},
 }
-DPO_CONFIG = {
+DPO_CONFIG = {  # 36 training pairs: 9 batches an epoch, an optimizer step every second one
     "seed_everything": 3,
-    "trainer": {**TRAINER, "max_steps": 4, "callbacks": [periodic_save(3)]},
+    "trainer": {**TRAINER, "max_steps": 4, "accumulate_grad_batches": 2, "callbacks": [periodic_save(3)]},
     "model": {"model_name": "embedded:tiny-gpt2", "learning_rate": 5e-3, "lora": {"r": 4}},
     "data": {"dataset": "pairs.jsonl", "batch_size": 4},
 }
+SFT_CONFIG = {  # 12 training pairs: 3 steps an epoch, each epoch a new order; dropout draws random numbers
+    "seed_everything": 3,
+    "trainer": {**TRAINER, "max_steps": 7, "callbacks": [periodic_save(3)]},
+    "model": {"model_name": "embedded:tiny-t5", "learning_rate": 1e-2, "lr_schedule": "constant",
+              "lora": {"r": 4, "dropout": 0.2}},
+    "data": {"dataset": "dialogues.jsonl", "test_size": 0.2, "min_chars": 0, "batch_size": 4},
+}
 COMMANDS = {"ppo": (run, PPO_CONFIG, "adapter/adapter_model.safetensors"),
-            "dpo": (run_dpo, DPO_CONFIG, "adapter/adapter_model.safetensors")}
+            "dpo": (run_dpo, DPO_CONFIG, "adapter/adapter_model.safetensors"),
+            "sft": (run_sft, SFT_CONFIG, "adapter/adapter_model.safetensors")}
 SIGINT_AT = {  # a training batch of each run (counted from 1), a point inside it, and the step saved after it
     "ppo-rollout": ("ppo", {"step": 2, "where": "rollout"}, 2),  # PPO steps
     "ppo-update": ("ppo", {"step": 2, "where": "update", "optimizer_step": 2}, 2),  # after a mini-batch's update
-    "dpo-backward": ("dpo", {"step": 2, "where": "backward"}, 2),  # optimizer steps
+    "dpo-backward": ("dpo", {"step": 2, "where": "backward"}, 1),  # optimizer steps; batch 2 ends step 1
+    "dpo-accumulating": ("dpo", {"step": 3, "where": "backward"}, 2),  # batch 3 waits for batch 4's step 2
+    "sft-backward": ("sft", {"step": 4, "where": "backward"}, 4),  # the second epoch's first batch
 }
 
 
@@ -65,10 +78,11 @@ def runs(tmp_path_factory):
     :data:`SIGINT_AT` (interrupted, in one subprocess)."""
     folder = tmp_path_factory.mktemp("interrupt")
     write_jsonl(folder / "pairs.jsonl", good_bad_pairs(40))
+    write_jsonl(folder / "dialogues.jsonl", dialogue_rows(15))
     for command, (_, config, _) in COMMANDS.items():
         (folder / f"{command}.yaml").write_text(yaml.safe_dump(config))
     cwd = os.getcwd()
-    os.chdir(folder)  # the DPO config names pairs.jsonl relative to it
+    os.chdir(folder)  # the DPO and SFT configs name their data files relative to it
     try:
         specs = []
         for case, (command, at, _) in SIGINT_AT.items():
@@ -114,15 +128,16 @@ def test_ctrl_c_inside_a_step_then_resume_is_the_uninterrupted_run(runs, case, m
 
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_last_ckpt_is_the_last_step(runs, command):
-    """A periodic checkpoint ran before the end (its last.ckpt at PPO step 3 of 4, DPO step 3 of 4): last.ckpt is
-    still the end of fit, with the weights the run exported (what ``test --ckpt_path last.ckpt`` measures)."""
+    """A periodic checkpoint ran before the end (its last.ckpt at PPO step 3 of 4, DPO step 3 of 4, SFT step 6 of
+    7): last.ckpt is still the end of fit, with the weights the run exported (what ``test --ckpt_path last.ckpt``
+    measures)."""
     folder, _ = runs
     root = folder / f"{command}-straight"
     ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
     if command == "ppo":
         assert ckpt["lit_rlhf"]["ppo_step"] == PPO_CONFIG["model"]["ppo_steps"]
     else:
-        assert ckpt["global_step"] == DPO_CONFIG["trainer"]["max_steps"]
+        assert ckpt["global_step"] == COMMANDS[command][1]["trainer"]["max_steps"]
     exported = weights(root, command)  # peft's names: base_model.model.<module>.lora_A.weight
     stored = {k.split("base_model.model.", 1)[1].replace(".default.", "."): v
               for k, v in ckpt["state_dict"].items() if "lora_" in k}

@@ -11,7 +11,7 @@ import yaml
 from torch.testing import assert_close
 from transformers import T5ForConditionalGeneration
 
-from conftest import fake_sharding, perturb_lora, write_jsonl
+from conftest import assert_resume_is_exact, fake_sharding, perturb_lora, write_jsonl
 from lit_rlhf.cli import run_sft
 from lit_rlhf.data import DialogSumDataModule
 from lit_rlhf.module import PPOModule
@@ -501,3 +501,92 @@ def test_rows_longer_than_the_context_are_cut_to_fit_it_not_an_index_error(tmp_p
     assert all(len(r["input_ids"]) + len(r["summary_ids"]) <= 32 for r in fitted)
     assert all(r["query"].endswith("\nAnswer:") for r in fitted)
     assert data.summary()["prompts_cut"] > 0 and data.summary()["prompts_dropped"] == 1
+
+
+def dialogue_rows(n: int) -> list[dict]:
+    """``n`` short (dialogue, summary) rows of different lengths: a few training batches per epoch."""
+    return [{"id": str(i), "dialogue": f"#Person1#: I need {i} apples{' today' * (i % 4)}.\n#Person2#: Here they are.",
+             "summary": f"Person1 buys {i} apples."} for i in range(n)]
+
+
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_a_resumed_sft_fit_ends_with_the_weights_of_an_uninterrupted_one(group_by_length, tmp_path, monkeypatch,
+                                                                         datasets_cache):
+    """12 training pairs in batches of 4: 3 steps an epoch. 8 steps straight, and resumed from step 4 (the
+    second batch of the second epoch, each epoch a new order): the adapter is the same, bit for bit."""
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(Path("dialogues.jsonl"), dialogue_rows(15))
+    assert_resume_is_exact(run_sft, [
+        "--model.model_name", "embedded:tiny-t5", "--data.dataset", "dialogues.jsonl", "--data.test_size", "0.2",
+        "--data.min_chars", "0", "--data.batch_size", "4", "--data.group_by_length", str(group_by_length).lower(),
+        "--model.learning_rate", "1e-2", "--model.lr_schedule", "constant", "--model.lora.dropout", "0.2",
+        "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+        "--trainer.limit_val_batches", "0", "--seed_everything", "3"], "adapter/adapter_model.safetensors")
+
+
+def test_each_sft_epoch_is_a_new_order_of_every_training_pair(datasets_cache, tmp_path):
+    """The supervised loader is the seeded stream: epoch after epoch of full batches, a new permutation each, and
+    a loader made at position k (a resumed run) goes on with the stream's batch k."""
+    write_jsonl(tmp_path / "d.jsonl", dialogue_rows(15))
+    data = DialogSumDataModule(model_name="embedded:tiny-t5", dataset=str(tmp_path / "d.jsonl"), with_labels=True,
+                               test_size=0.2, min_chars=0, batch_size=4)
+    data.setup("fit")
+    ids = data.train_set["id"]
+    epochs = []
+    for _ in range(2):
+        loader = data.train_dataloader()
+        assert len(loader) == 3
+        epochs.append([b["id"] for b in loader])
+        data.consumed_batches += len(loader)
+    assert [sorted(sum(e, [])) for e in epochs] == [sorted(ids)] * 2 and epochs[0] != epochs[1]
+    data.consumed_batches = 4  # resumed after the second epoch's first batch: its other two, and a full length
+    loader = data.train_dataloader()
+    assert [b["id"] for b in loader] == epochs[1][1:] and len(loader) == 3
+    # two processes: each takes 2 rows of every global batch of 4, none twice (no sampler swapped in by DDP)
+    data.consumed_batches, data.batch_size = 0, 2
+    shares = []
+    for rank in (0, 1):
+        data.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        loader = data.train_dataloader()
+        assert isinstance(loader.sampler, torch.utils.data.DistributedSampler) and len(loader) == 3
+        shares.append([i for b in loader for i in b["id"]])
+    assert set(shares[0]).isdisjoint(shares[1]) and sorted(shares[0] + shares[1]) == sorted(ids)
+
+
+def test_length_grouped_stream_gives_each_process_rows_of_similar_length():
+    """group_by_length under two processes: each global batch of 2 x 3 rows is a run of neighbouring lengths
+    (one chunk here), the processes' slices are disjoint and cover every full batch, and a new epoch reorders."""
+    from lit_rlhf.prompts import PromptStreamSampler
+
+    lengths = [(7 * i) % 20 for i in range(20)]  # every length 0..19 once
+    position = {"k": 0}
+
+    def shares() -> list[list[int]]:
+        return [list(PromptStreamSampler(20, 3, 2, rank, seed=1, shuffle=True, position_fn=lambda: position["k"],
+                                         lengths=lengths)) for rank in (0, 1)]
+
+    first = shares()
+    assert set(first[0]).isdisjoint(first[1]) and len(first[0] + first[1]) == 18  # 3 full global batches
+    used = sorted(lengths[i] for i in first[0] + first[1])
+    batches = [sorted(lengths[i] for i in first[0][3 * k : 3 * k + 3] + first[1][3 * k : 3 * k + 3])
+               for k in range(3)]  # global batch k: rank 0's 3 rows and rank 1's
+    assert sorted(batches) == [used[:6], used[6:12], used[12:]]  # the shortest 6, the next 6, the longest 6
+    position["k"] = 3  # the second epoch
+    assert shares() != first
+
+
+def test_each_process_resumes_its_own_random_numbers():
+    """Under DDP each process draws dropout masks for its own batch, so their RNG states differ: a checkpoint of
+    two processes restores rank 1's states on rank 1; one of another number of processes, rank zero's."""
+    from lit_rlhf.distributed import checkpoint_rng, restore_checkpoint_rng
+
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append(checkpoint_rng(None)["rng"])
+    expected = torch.rand(3, generator=torch.Generator().manual_seed(2))  # what rank 1 draws next
+    state = {"rng": states[0], "rng_by_rank": states}
+    restore_checkpoint_rng(SimpleNamespace(world_size=2, global_rank=1), state)
+    assert torch.equal(torch.rand(3), expected)
+    restore_checkpoint_rng(SimpleNamespace(world_size=4, global_rank=1), state)
+    assert torch.equal(torch.rand(3), torch.rand(3, generator=torch.Generator().manual_seed(1)))
