@@ -292,8 +292,8 @@ class CommonCLI(LightningCLI):
         # every command.
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
-        if not ckpt_path or ckpt_path in LIGHTNING_CKPT_NAMES:
-            return
+        if not ckpt_path or ckpt_path in LIGHTNING_CKPT_NAMES or Path(ckpt_path).is_dir():
+            return  # a folder is a DeepSpeed checkpoint: Lightning's strategy reads it, with the config's settings
         if not Path(ckpt_path).is_file():
             raise ValueError(f"--ckpt_path {ckpt_path}: no such file")
         checkpoint = load_checkpoint(ckpt_path)

@@ -153,7 +153,7 @@ class DialogSumDataModule(PromptDataModule):
             ``None`` (the recipe) keeps whole prompts. Prefer ``max_chars`` to bound length.
         truncation: What a prompt over ``max_prompt_tokens`` (or the model's context) becomes: ``content``
             (default) cuts the end of its dialogue, so every prompt keeps the instruction and ends with
-            "Summary:"; ``drop`` drops the dialogue. ``summary()`` and the log count both.
+            "Summary:"; ``drop`` drops the row. ``summary()`` and the log count both.
         test_size: Fraction of the filtered rows held out for validation and test; as in datasets'
             ``train_test_split``, the held-out count is rounded up.
         split_seed: Seed of the train/held-out split; only used when ``shuffle_split`` is True.

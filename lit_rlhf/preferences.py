@@ -347,7 +347,7 @@ class PreferenceDataModule(PromptDataModule):
         prompt column."""
         conversations = isinstance(rows[0][self.columns.chosen], list)
         if not conversations and self.columns.prompt not in rows.column_names:
-            raise ValueError(f"data.prompt_column={self.columns.prompt!r} is not a column of dataset={self.dataset!r} "
+            raise ValueError(f"data.prompt_column={self.columns.prompt!r} is not a column of data.dataset={self.dataset!r} "
                              f"(its columns: {rows.column_names}); text pairs need the prompt")
         return conversations
 
@@ -373,7 +373,7 @@ class PreferenceDataModule(PromptDataModule):
         self.prompt_counts["prompts_cut"] += sum(how == "cut" for how in kept[PROMPT_FIT])
         if len(kept) == 0:
             raise ValueError(
-                f"no pair of dataset={self.dataset!r} is left ({len(rows)} rows; skipped: {dict(self._skipped)}): "
+                f"no pair of data.dataset={self.dataset!r} is left ({len(rows)} rows; skipped: {dict(self._skipped)}): "
                 "check data.chosen_column/rejected_column, or raise data.max_prompt_tokens/max_response_tokens")
         return kept
 
@@ -387,7 +387,7 @@ class PreferenceDataModule(PromptDataModule):
             read = (f", or with a response longer than the {self.classifier_limit()} tokens a reward model reads "
                     "(data.classifier_max_length)") if self.classifier_inputs else ""
             rank_zero_info(
-                f"Preference pairs of dataset={self.dataset!r}: skipped {skipped['identical']} with identical chosen "
+                f"Preference pairs of data.dataset={self.dataset!r}: skipped {skipped['identical']} with identical chosen "
                 f"and rejected responses, {skipped['empty']} with a null or empty prompt or response (the first: row "
                 f"{self._empty.first_id!r}), and "
                 f"{skipped['too_long']} too long for {self._limits_in_words()} and "
@@ -404,7 +404,7 @@ class PreferenceDataModule(PromptDataModule):
         if self.classifier_max_length is None:
             return limit
         if limit is not None and self.classifier_max_length > limit:
-            raise ValueError(f"data.classifier_max_length={self.classifier_max_length} but model_name="
+            raise ValueError(f"data.classifier_max_length={self.classifier_max_length} but model.model_name="
                              f"{self.model_name!r} reads at most {limit} tokens; set it to {limit} or less")
         return self.classifier_max_length
 

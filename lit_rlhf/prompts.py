@@ -202,7 +202,9 @@ def fit_prompt(
     head = [m for m in conversation[:last] if m.get("role") == "system"]  # 2) the last user message
     message, tail = conversation[last], conversation[last + 1:]
     if template is not None and row is not None:
-        field = max(template_fields(template), key=lambda name: len(str(row[name])))
+        field = max(template_fields(template), key=lambda name: len(str(row[name])), default=None)
+        if field is None:  # a template without a field is all frame: nothing in it may be cut
+            return ids, "too_long"
         text, keep_end = str(row[field]), False
 
         def fill(cut: str) -> list[int]:
@@ -675,11 +677,11 @@ class PromptDataModule(L.LightningDataModule):
 
     def _source_split(self, source: datasets.DatasetDict, split: str, setting: str) -> datasets.Dataset:
         if split not in source:
-            raise ValueError(f"{setting}={split!r} is not in dataset={self.dataset!r}; it has {sorted(source)}")
+            raise ValueError(f"{setting}={split!r} is not in data.dataset={self.dataset!r}; it has {sorted(source)}")
         rows = source[split]
         if len(rows) == 0:
-            raise ValueError(f"dataset={self.dataset!r} {setting}={split!r} has no rows")
-        self._check_columns(rows.column_names, f"dataset={self.dataset!r} {setting}={split!r}")
+            raise ValueError(f"data.dataset={self.dataset!r} {setting}={split!r} has no rows")
+        self._check_columns(rows.column_names, f"data.dataset={self.dataset!r} {setting}={split!r}")
         if "id" not in rows.column_names:
             rows = rows.add_column("id", [str(i) for i in range(len(rows))])
         return rows
@@ -742,11 +744,11 @@ class PromptDataModule(L.LightningDataModule):
         self._empty = SkippedRows()
         self.prompt_counts = Counter(prompts_cut=0, prompts_dropped=0)
         source = load_source(self.dataset)
-        rows = self._source_split(source, self.split, "split")
+        rows = self._source_split(source, self.split, "data.split")
         self.source_columns = tuple(c for c in rows.column_names if c not in DERIVED_COLUMNS)
         kept = self._filter(self._drop_blank(rows, f"data.dataset={self.dataset!r} split={self.split!r}"), self.split)
         if self.eval_split is not None:
-            held_out = self._source_split(source, self.eval_split, "eval_split")
+            held_out = self._source_split(source, self.eval_split, "data.eval_split")
             where = f"data.dataset={self.dataset!r} eval_split={self.eval_split!r}"
             held_out = self._filter(self._drop_blank(held_out, where), self.eval_split)
             train, test = self._encode(kept), self._encode(held_out)
@@ -783,7 +785,7 @@ class PromptDataModule(L.LightningDataModule):
             return
         if self.train_set is None:
             self.train_set, self.test_set = self._build()
-            self._log_prompt_counts(f"Prompts of dataset={self.dataset!r}")  # not in _build: prepare_data builds too
+            self._log_prompt_counts(f"Prompts of data.dataset={self.dataset!r}")  # not in _build: prepare_data builds too
 
     @quiet_datasets_progress()
     def _load_predict_rows(self) -> datasets.Dataset:

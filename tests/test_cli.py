@@ -568,3 +568,20 @@ def test_a_parse_error_is_one_line(capsys):
         assert info.value.code == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and expected in err and err.startswith("lit-rlhf: error:"), err
+
+
+@pytest.mark.parametrize("entry", ["run_dpo", "run_sft"])
+def test_a_deepspeed_checkpoint_folder_is_left_to_the_strategy(entry, tmp_path, monkeypatch):
+    """A DeepSpeed checkpoint is a folder: the command parses it as Lightning does (its strategy reads it),
+    not as a missing file."""
+    import lit_rlhf.cli as cli_module
+
+    monkeypatch.chdir(tmp_path)
+    Path("pairs.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    Path("zero3.ckpt").mkdir()
+    monkeypatch.setattr(cli_module.CommonCLI, "_run_subcommand", lambda self, subcommand: None)  # parse only
+    data = ["--data.dataset", "pairs.jsonl"] if entry == "run_dpo" else []
+    cli = getattr(cli_module, entry)(["fit", "--config", cli_module.config_path(
+        "sft_embedded.yaml" if entry == "run_sft" else "preferences/dpo_summarizer.yaml"),
+        "--model.model_name", "embedded:tiny-gpt2", *data, "--ckpt_path", "zero3.ckpt"])
+    assert cli.config["fit"]["ckpt_path"] == "zero3.ckpt"

@@ -173,6 +173,10 @@ def test_a_plain_prompt_loses_its_start_and_a_frame_too_long_is_dropped(tmp_path
     with pytest.raises(ValueError, match="4 were longer than data.max_prompt_tokens=8"):
         ready(dataset=str(write_jsonl(tmp_path / "p.jsonl", rows)), max_prompt_tokens=8, test_size=0.25,
               system_prompt="You are a helpful assistant who answers every question in one word")
+    # a template without a field is all frame: too long, its rows are dropped (not an error inside datasets' map)
+    with pytest.raises(ValueError, match="4 were longer than data.max_prompt_tokens=3"):
+        ready(dataset=str(write_jsonl(tmp_path / "p.jsonl", rows)), max_prompt_tokens=3, test_size=0.25,
+              template="Answer the question that everyone asks about everything")
 
 
 def test_a_chat_prompt_keeps_its_system_prompt_and_generation_prompt(tmp_path, qwen_with_chat_template):
