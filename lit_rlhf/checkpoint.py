@@ -176,7 +176,9 @@ class InterruptCheckpoint(Checkpoint):
     def _folder(self, trainer) -> Path:
         """The periodic checkpoints' folder, else ``<log_dir>/checkpoints``."""
         periodic = self._periodic(trainer)
-        return Path(periodic[0].dirpath if periodic else Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints")
+        if periodic:
+            return Path(periodic[0].dirpath)
+        return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
 
     def _save(self, trainer) -> None:
         periodic = self._periodic(trainer)
@@ -184,7 +186,7 @@ class InterruptCheckpoint(Checkpoint):
         if periodic:
             # recorded in the checkpoint: the resumed ModelCheckpoint then overwrites this file, not last-v1.ckpt
             periodic[0].last_model_path = self.ckpt_path
-        trainer.save_checkpoint(self.ckpt_path)
+        trainer.save_checkpoint(self.ckpt_path, weights_only=False)  # the whole state (says so: no log line)
 
 
 def in_training_step(trainer) -> bool:
