@@ -70,6 +70,35 @@ def trim_batch(
     return query_ids[:, p0:p1], query_mask[:, p0:p1], response_ids[:, :t1], response_mask[:, :t1]
 
 
+ROBERTA_LIKE = ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text")
+"""Model types whose position ids start after the pad id, so that they read ``pad_token_id + 1`` fewer tokens
+than their ``max_position_embeddings``."""
+
+UNKNOWN_LENGTH = 10**7
+"""A tokenizer's ``model_max_length`` at or above this is no real limit: transformers reports an unknown one as
+``int(1e30)``. Set above the million-token contexts that some tokenizers do state (Qwen2.5-1M: 1,010,000)."""
+
+
+def position_limit(config: Any, tokenizer: Any = None) -> int | None:
+    """The most tokens the model reads in one sequence, special tokens included: the smaller of its learnt
+    positions (``n_positions``, else ``max_position_embeddings``; less ``pad_token_id + 1`` for
+    :data:`ROBERTA_LIKE` models) and ``tokenizer``'s ``model_max_length`` when it is a real limit. For an
+    encoder-decoder with learnt positions (BART) this is one limit for the input and one for the output.
+    None: neither says (T5's relative positions, with no tokenizer limit)."""
+    limits = []
+    # T5-style relative positions read any length; a stray n_positions in an old T5 config.json is no limit
+    if not getattr(config, "relative_attention_num_buckets", None):
+        positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+        if positions is not None:
+            roberta = getattr(config, "model_type", None) in ROBERTA_LIKE
+            limits.append(positions - ((config.pad_token_id or 0) + 1 if roberta else 0))
+    stated = getattr(tokenizer, "model_max_length", None)
+    if isinstance(stated, int) and stated < UNKNOWN_LENGTH:
+        limits.append(stated)
+    limits = [n for n in limits if n > 0]
+    return min(limits) if limits else None
+
+
 class InPlaceLayer(DynamicLayer):
     """One attention layer's KV cache written in place: a buffer of ``capacity`` positions is allocated at
     the first update and each decode step writes its key/value into the next slot, where ``DynamicLayer``
@@ -248,7 +277,7 @@ class CausalLM:
         state.attention, state.context = state.attention[keep], state.context[keep]
 
     def max_positions(self) -> int | None:
-        return getattr(self.config, "n_positions", None) or getattr(self.config, "max_position_embeddings", None)
+        return position_limit(self.config)
 
 
 def _positions(attention_mask: Tensor) -> Tensor:

@@ -1102,14 +1102,10 @@ def build_policy(kwargs: dict, dtype: str, device: torch.device | None = None) -
     """A :class:`Policy` of ``kwargs`` with its base in ``dtype`` as resolved on ``device``
     (``settings.resolve_dtype``: ``auto`` is bfloat16 on a CUDA device with bfloat16, float32 elsewhere), and that
     dtype. Logs the choice once (rank zero)."""
-    from lightning.pytorch.utilities import rank_zero_info
+    from lit_rlhf.settings import resolve_base_dtype
 
-    from lit_rlhf.settings import resolve_dtype
-
-    lora = lora_settings(kwargs.get("lora"))
-    trains_base = kwargs.get("finetune", "lora") == "full" or lora.bias != "none"
-    resolved, reason = resolve_dtype(dtype, device, trains_base)
-    rank_zero_info(f"Frozen base weights in {resolved} ({reason})")
+    resolved = resolve_base_dtype(dtype, device, kwargs.get("finetune", "lora"), lora_settings(kwargs.get("lora")).bias,
+                                  "Frozen base weights")
     return Policy(**kwargs, dtype=resolved), resolved
 
 

@@ -40,9 +40,9 @@ from lit_rlhf.prompts import (
     PROMPT_FIT, ChatTemplate, PromptDataModule, PromptFormat, Truncation, _pad, _rows, encode_prompts, end_of_turn,
     with_string_ids,
 )
-from lit_rlhf.rewards import TextField, classifier_input_ids, classifier_max_length
+from lit_rlhf.lm import position_limit
+from lit_rlhf.rewards import TextField, classifier_input_ids
 from lit_rlhf.sources import RowTexts, is_blank, quiet_datasets_progress, read_data_files
-from lit_rlhf.tiny import resolve_model_path
 
 if TYPE_CHECKING:
     import datasets
@@ -396,11 +396,8 @@ class PreferenceDataModule(PromptDataModule):
     def classifier_limit(self) -> int | None:
         """The most tokens a reward model reads of a pair's side: ``classifier_max_length``, or the model's own
         limit; a setting beyond the model's limit is an error."""
-        from transformers import AutoConfig
-
         self._load_tokenizer()
-        config = AutoConfig.from_pretrained(resolve_model_path(self.model_name))
-        limit = classifier_max_length(self.tokenizer, config)
+        limit = position_limit(self.model_config, self.tokenizer)
         if self.classifier_max_length is None:
             return limit
         if limit is not None and self.classifier_max_length > limit:

@@ -27,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
+from lit_rlhf.lm import position_limit
 from lit_rlhf.sources import (
     RowTexts, SkippedRows, drop_blank_rows, first_null, load_source, quiet_datasets_progress, read_data_files,
 )
@@ -115,18 +116,12 @@ PROMPT_FIT = "prompt_fit"
 
 
 def context_tokens(config: Any, tokenizer: PreTrainedTokenizerBase) -> int | None:
-    """The most tokens the model reads in one sequence: a decoder-only model's position limit (``n_positions``,
-    ``max_position_embeddings``, else a sane ``tokenizer.model_max_length``), shared by prompt and response; an
-    encoder-decoder model's ``max_position_embeddings`` (BART-style absolute positions, one limit for the prompt
-    and one for the response). None: no limit (T5's relative positions)."""
-    if config.is_encoder_decoder:
-        return getattr(config, "max_position_embeddings", None)
-    # RoBERTa-style classifiers offset positions past the padding id, so their tokenizer's 512 is the real limit
-    # under a config's 514: the smallest sane figure wins
-    limits = [getattr(config, name, None) for name in ("n_positions", "max_position_embeddings")]
-    limits.append(getattr(tokenizer, "model_max_length", None))
-    limits = [n for n in limits if isinstance(n, int) and 0 < n < 10**7]  # unknown: transformers' 1e30
-    return min(limits) if limits else None
+    """The most tokens the model reads in one sequence (``lm.position_limit``): a decoder-only model's limit,
+    shared by prompt and response; an encoder-decoder model's learnt positions (BART-style, one limit for the
+    prompt and one for the response). None: no limit (T5's relative positions)."""
+    # An encoder-decoder's tokenizer limit is left out: T5 tokenizers state a 512 that their relative positions
+    # do not have (transformers warns that it is wrong), and prompts beyond it work
+    return position_limit(config, None if config.is_encoder_decoder else tokenizer)
 
 
 def end_of_turn(tokenizer: PreTrainedTokenizerBase, chat: bool) -> int | None:
@@ -594,6 +589,8 @@ class PromptDataModule(L.LightningDataModule):
         """Rows skipped for a null or empty prompt or response (``text_columns``)."""
         self.max_context_tokens: int | None = None
         """The model's context (``context_tokens``), known once the tokenizer is loaded."""
+        self.model_config: Any = None
+        """The model's config (its ``AutoConfig``), loaded with the tokenizer."""
         self.prompt_counts: Counter[str] = Counter(prompts_cut=0, prompts_dropped=0)
         """Prompts cut in their content and dropped as too long, by the last encoding (``summary()``)."""
 
@@ -604,6 +601,7 @@ class PromptDataModule(L.LightningDataModule):
             return
         path = resolve_model_path(self.model_name)
         config = AutoConfig.from_pretrained(path)
+        self.model_config = config
         self.is_encoder_decoder = bool(config.is_encoder_decoder)
         tokenizer = AutoTokenizer.from_pretrained(path)
         self.max_context_tokens = context_tokens(config, tokenizer)

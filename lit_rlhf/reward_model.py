@@ -29,7 +29,7 @@ from lit_rlhf import distributed as dist
 from lit_rlhf.io import atomic_directory
 from lit_rlhf.policy import lora_wrapping, model_source_errors
 from lit_rlhf.settings import LoraSettings, WeightDtype, check, check_precision, dtype_errors, lora_settings, plain
-from lit_rlhf.settings import resolve_dtype
+from lit_rlhf.settings import resolve_base_dtype
 from lit_rlhf.threads import NumThreads, num_threads_errors
 from lit_rlhf.tiny import resolve_model_path
 
@@ -140,9 +140,8 @@ class RewardModelModule(L.LightningModule):
         if self.model is None:
             hp = self.hparams
             device = getattr(getattr(self._trainer, "strategy", None), "root_device", None)  # None: no trainer yet
-            trains_base = hp.finetune == "full" or self.lora.bias != "none"
-            self.weight_dtype, reason = resolve_dtype(hp.get("dtype", "auto"), device, trains_base)
-            rank_zero_info(f"Reward model base weights in {self.weight_dtype} ({reason})")
+            self.weight_dtype = resolve_base_dtype(hp.get("dtype", "auto"), device, hp.finetune, self.lora.bias,
+                                                   "Reward model base weights")
             self.tokenizer, self.model = build_reward_classifier(
                 hp.model_name, hp.label, hp.finetune, self.lora, getattr(torch, self.weight_dtype))
 

@@ -361,6 +361,8 @@ class ClassifierReward(Reward):
         # Imported here: transformers is slow to import and not every run uses a classifier.
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from lit_rlhf.lm import position_limit
+
         tokenizer = AutoTokenizer.from_pretrained(self.model_name)
         model = AutoModelForSequenceClassification.from_pretrained(self.model_name)
         self.label_index = find_label(model.config.id2label, self.label, self.flag("label"))
@@ -369,7 +371,7 @@ class ClassifierReward(Reward):
                 f"{self.flag('output')} probability needs a classifier with at least two labels; {self.model_name} "
                 f"has {model.config.num_labels}. Use {self.flag('output')} logit."
             )
-        limit = classifier_max_length(tokenizer, model.config)
+        limit = position_limit(model.config, tokenizer)
         if limit is not None and self.max_length > limit:
             raise ValueError(
                 f"{self.flag('max_length')} is {self.max_length} but {self.model_name} reads at most {limit} tokens; "
@@ -416,23 +418,6 @@ class ClassifierReward(Reward):
         if self.output == "probability":
             return logits.softmax(dim=-1)[:, self.label_index]
         return logits[:, self.label_index]
-
-
-ROBERTA_LIKE = ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text")
-"""Model types whose position ids start after the pad id, so that they read ``pad_token_id + 1`` fewer tokens
-than their ``max_position_embeddings``."""
-
-
-def classifier_max_length(tokenizer: Any, config: Any) -> int | None:
-    """The most tokens a sequence classifier reads, special tokens included: the smaller of its tokenizer's
-    ``model_max_length`` and its learnt positions (None: neither says)."""
-    # Tokenizers without a known limit report a huge sentinel (int(1e30)); only a real limit counts.
-    limits = [tokenizer.model_max_length] if tokenizer.model_max_length < 1_000_000 else []
-    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    if positions is not None:
-        offset = (config.pad_token_id or 0) + 1 if getattr(config, "model_type", None) in ROBERTA_LIKE else 0
-        limits.append(positions - offset)
-    return min(limits) if limits else None
 
 
 def find_label(id2label: dict[Any, str], label: str, flag: str = "label") -> int:

@@ -297,6 +297,16 @@ def resolve_dtype(setting: str, device: Any = None, trains_base: bool = False, f
     return "float32", f"{flag}=auto: float32 on {kind} (bfloat16 is chosen only on a CUDA device with bfloat16)"
 
 
+def resolve_base_dtype(setting: str, device: Any, finetune: str, lora_bias: str, weights: str) -> str:
+    """:func:`resolve_dtype` for a model's base weights (trained under ``finetune=full`` or LoRA biases other
+    than ``none``), logged once (rank zero) as ``<weights> in <dtype> (<reason>)``."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    resolved, reason = resolve_dtype(setting, device, trains_base=finetune == "full" or lora_bias != "none")
+    rank_zero_info(f"{weights} in {resolved} ({reason})")
+    return resolved
+
+
 def dtype_errors(dtype: str, finetune: str = "lora", lora_bias: str = "none", prefix: str = "model") -> list[str]:
     """Problems with ``model.dtype``: half-precision (bfloat16, float16) weights are only for the frozen base.
 

@@ -68,3 +68,45 @@ def test_entropy_from_the_same_logsumexp_matches_categorical_entropy_and_chunks_
     logits = torch.stack([torch.zeros(4), torch.tensor([100.0, 0, 0, 0])])[None]  # [1, 2, 4]
     _, entropy = lm.logprobs_from_logits(logits, torch.zeros(1, 2, dtype=torch.long), with_entropy=True)
     assert_close(entropy, torch.tensor([[math.log(4.0), 0.0]]), atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------ position limit
+
+
+def test_position_limit_reads_learnt_positions_the_roberta_offset_and_a_real_tokenizer_limit():
+    from types import SimpleNamespace
+
+    from transformers import GPT2Config, RobertaConfig, T5Config
+
+    gpt2 = GPT2Config(n_positions=64)
+    assert lm.position_limit(gpt2) == 64
+    # RoBERTa's positions start after the pad id (1): 514 embeddings read 512 tokens
+    assert lm.position_limit(RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512
+    assert lm.position_limit(RobertaConfig(max_position_embeddings=40, pad_token_id=0)) == 39
+    # T5's relative positions have no limit, even with a stray n_positions from an old config.json
+    assert lm.position_limit(T5Config()) is None
+    assert lm.position_limit(T5Config(n_positions=512)) is None
+    # a tokenizer's real model_max_length below the positions wins; transformers' unknown int(1e30) does not count
+    assert lm.position_limit(gpt2, SimpleNamespace(model_max_length=24)) == 24
+    assert lm.position_limit(gpt2, SimpleNamespace(model_max_length=int(1e30))) == 64
+    assert lm.position_limit(T5Config(), SimpleNamespace(model_max_length=24)) == 24
+    # a stated million-token context is a real limit
+    assert lm.position_limit(GPT2Config(n_positions=2_000_000), SimpleNamespace(model_max_length=1_010_000)) == 1_010_000
+
+
+def test_every_position_limit_is_the_one_function(tmp_path):
+    """The prompt context, the policy's positions and a classifier's limit read one function."""
+    import shutil
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from lit_rlhf.prompts import context_tokens
+    from lit_rlhf.tiny import resolve_model_path
+
+    folder = shutil.copytree(resolve_model_path("embedded:tiny-gpt2"), tmp_path / "gpt2")
+    tokenizer = AutoTokenizer.from_pretrained(folder, model_max_length=24)
+    config = AutoConfig.from_pretrained(folder)
+    assert context_tokens(config, tokenizer) == lm.position_limit(config, tokenizer) == 24
+    assert lm.CausalLM(config).max_positions() == lm.position_limit(config) == config.n_positions
+    t5 = AutoConfig.from_pretrained(resolve_model_path("embedded:tiny-t5"))
+    assert context_tokens(t5, tokenizer) is None  # a seq2seq prompt is not held to a T5 tokenizer's stated limit

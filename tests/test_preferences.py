@@ -166,6 +166,15 @@ def test_only_a_reward_models_pairs_are_limited_by_what_a_classifier_reads(tmp_p
     assert set(next(iter(rm.train_dataloader()))) == CONTRACT_KEYS | CLASSIFIER_KEYS
 
 
+def test_classifier_limit_reads_the_config_loaded_with_the_tokenizer(tmp_path, monkeypatch):
+    import transformers
+
+    rm = ready(dataset=str(write_jsonl(tmp_path / "p.jsonl", text_pairs(6))), classifier_inputs=True)
+    limit = rm.classifier_limit()
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda *a, **k: pytest.fail("config reloaded"))
+    assert rm.classifier_limit() == limit == rm.tokenizer.model_max_length
+
+
 def test_stream_resumes_from_its_state_and_splits_across_processes(tmp_path):
     dm = ready(dataset=str(write_jsonl(tmp_path / "p.jsonl", text_pairs(20))))
     order = [b["id"] for b in dm.train_dataloader()]  # 16 training pairs, 8 batches of 2

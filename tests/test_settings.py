@@ -99,3 +99,21 @@ def test_kl_controller_fixed_or_adaptive():
     adaptive.update(current_kl=12.0, n_steps=10)
     # Ziegler et al.: error = clip(12 / 6 - 1, -0.2, 0.2) = 0.2; beta *= 1 + 0.2 * 10 / 100
     assert adaptive.value == pytest.approx(0.3 * 1.02)
+
+
+def test_base_dtype_is_float32_where_the_base_is_trained_and_the_choice_is_logged(monkeypatch, caplog):
+    import logging
+
+    import torch
+
+    from lit_rlhf.settings import resolve_base_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    with caplog.at_level(logging.INFO):
+        assert resolve_base_dtype("auto", "cuda", "lora", "none", "Frozen base weights") == "bfloat16"
+    assert "Frozen base weights in bfloat16 (model.dtype=auto: bfloat16 on a CUDA device" in caplog.text
+    assert resolve_base_dtype("auto", "cuda", "full", "none", "Base") == "float32"  # every weight trained
+    assert resolve_base_dtype("auto", "cuda", "lora", "all", "Base") == "float32"  # LoRA trains the base's biases
+    assert resolve_base_dtype("auto", "cuda", "lora", "lora_only", "Base") == "float32"
+    assert resolve_base_dtype("bfloat16", "cpu", "lora", "none", "Base") == "bfloat16"
