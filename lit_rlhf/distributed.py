@@ -157,14 +157,20 @@ def checkpoint_rng(trainer: Any) -> dict[str, Any]:
     return {"rng": states[0]} if len(states) == 1 else {"rng": states[0], "rng_by_rank": states}
 
 
-def restore_checkpoint_rng(trainer: Any, state: dict[str, Any]) -> None:
+def restore_checkpoint_rng(trainer: Any, state: dict[str, Any]) -> bool:
     """Restore this process's random-number states from :func:`checkpoint_rng`'s ``state``; from a checkpoint of
-    another number of processes (or one without ``rng_by_rank``), rank zero's on every process."""
+    another number of processes (or one without ``rng_by_rank``), rank zero's on every process.
+
+    Returns whether this process got its own states back (always true in a single process when the checkpoint
+    holds any): when false, processes that must draw different numbers need :func:`seed_per_rank` again."""
     by_rank = state.get("rng_by_rank")
     if by_rank is not None and len(by_rank) == world_size(trainer):
         set_rng_state(by_rank[int(trainer.global_rank)])
-    elif state.get("rng") is not None:
+        return True
+    if state.get("rng") is not None:
         set_rng_state(state["rng"])
+        return world_size(trainer) <= 1
+    return False
 
 
 def weights_sharded(trainer: Any) -> bool:
@@ -196,9 +202,11 @@ def trainable_state(module: nn.Module, state_dict: dict[str, Tensor]) -> dict[st
 def seed_per_rank(trainer: Any) -> None:
     """Give each process its own reproducible sampling stream (nothing to do in a single process).
 
-    seed_everything gives every process the same seed, and a resumed run restores rank zero's RNG state on
-    all of them: processes would sample their responses with the same random numbers (on the tiny model, 82%
-    of the tokens of two ranks' responses were equal). Call after any checkpoint restore."""
+    seed_everything gives every process the same seed: processes would sample their responses with the same
+    random numbers (on the tiny model, 82% of the tokens of two ranks' responses were equal). Call at the start
+    of a fresh run, and after a restore that gave every process rank zero's states (a checkpoint of another
+    number of processes); never after one that restored each process's own (:func:`restore_checkpoint_rng`
+    returned True): a new seed would make the resumed run sample differently from the uninterrupted one."""
     if world_size(trainer) > 1:
         torch.manual_seed(int(torch.randint(0, 2**62, (1,))) + int(trainer.global_rank))
 

@@ -25,7 +25,6 @@ from lit_rlhf import ppo as ppo_math
 from lit_rlhf import rollout as ro
 from lit_rlhf.guards import SkipGuard
 from lit_rlhf.health import DegenerateWatch
-from lit_rlhf.io import rng_state, set_rng_state
 from lit_rlhf.policy import BuildsPolicy, Policy, model_source_errors
 from lit_rlhf.rewards import ProfanityReward, Reward, check_reward_inputs
 from lit_rlhf.rollout import Rollout
@@ -140,6 +139,7 @@ class PPOModule(BuildsPolicy, L.LightningModule):
         self.ppo, self.generation = ppo, generation
         self.kl_ctl = ppo.kl_controller()
         self.ppo_step = 0
+        self._own_rng_restored = False  # on_load_checkpoint gave this process its own RNG states back
         self.skips, self.degenerate = SkipGuard(max_consecutive_skips), DegenerateWatch()
         self.length_generator = torch.Generator().manual_seed(seed)
         self.timings = ro.PhaseTimer()  # seconds per phase of the last step
@@ -196,7 +196,9 @@ class PPOModule(BuildsPolicy, L.LightningModule):
             self.logger.log_hyperparams({f"params/{k}": v for k, v in counts.items()})
 
     def on_train_start(self) -> None:
-        dist.seed_per_rank(self.trainer)  # after any checkpoint restore, hence here
+        if not self._own_rng_restored:  # a fresh start (or a checkpoint of another number of processes)
+            dist.seed_per_rank(self.trainer)
+        self._own_rng_restored = False  # a later fit of this module without a checkpoint starts fresh
         if self._done():
             rank_zero_info(f"Resumed at PPO step {self.ppo_step} of model.ppo_steps={self.hparams.ppo_steps}: nothing to do")
             self.trainer.should_stop = True
@@ -328,8 +330,10 @@ class PPOModule(BuildsPolicy, L.LightningModule):
         checkpoint["lit_rlhf"] = {
             "ppo_step": self.ppo_step, "length_generator": self.length_generator.get_state(),
             "value_head": self.policy.has_value_head,  # critic-free estimators train and save none
-            # generation samples from the global RNGs: restoring them makes a resumed run continue exactly
-            "rng": rng_state(), **{name: part.state_dict() for name, part in self._stateful().items()},
+            **{name: part.state_dict() for name, part in self._stateful().items()},
+            # generation samples from the global RNGs, each process from its own stream: restoring every
+            # process's makes a resumed run continue exactly
+            **dist.checkpoint_rng(self._trainer),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -341,8 +345,7 @@ class PPOModule(BuildsPolicy, L.LightningModule):
         for name, part in self._stateful().items():
             if name in state:
                 part.load_state_dict(state[name])
-        if state.get("rng") is not None:
-            set_rng_state(state["rng"])
+        self._own_rng_restored = dist.restore_checkpoint_rng(self._trainer, state)
 
     def _stateful(self) -> dict[str, Any]:
         return {"kl_controller": self.kl_ctl, "skipped": self.skips, "degenerate": self.degenerate}

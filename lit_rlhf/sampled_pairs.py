@@ -30,6 +30,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from lit_rlhf import rollout as ro
 from lit_rlhf.io import atomic_write
+from lit_rlhf.prompts import PROMPT_FIT
 from lit_rlhf.rewards import CompositeReward, Reward
 from lit_rlhf.settings import GenerationSettings
 
@@ -73,21 +74,20 @@ def sample_pairs(
 ) -> Iterator[dict[str, Any]]:
     """Pair records from the data module's training prompts (in their order; the first ``num_prompts``, None:
     all): two responses sampled per prompt (``rollout.collect``, the training rollout's path), scored by
-    ``rule``, the higher-scoring one chosen. Prompts that were cut to ``max_prompt_tokens`` are left out, so
-    the recorded prompt text is exactly what the policy read. Chunk k of ``batch_size`` prompts samples from
+    ``rule``, the higher-scoring one chosen. Prompts that were cut (to ``data.max_prompt_tokens`` or to the
+    model's context) are left out, so the recorded prompt text is exactly what the policy read. Chunk k of ``batch_size`` prompts samples from
     seed x ``CHUNK_SEED_STRIDE`` + k (the same records whatever the chunk order). ``skipped`` counts what made no pair.
 
     A record: ``id``, ``prompt`` (the prompt text), ``chosen``, ``rejected``, ``reference``, ``chosen_score``,
     ``rejected_score`` and each part of the rule as ``chosen_<part>``/``rejected_<part>``."""
     skipped = skipped if skipped is not None else Counter()
     rows = datamodule.train_set
-    limit = datamodule.max_prompt_tokens
     total = len(rows) if num_prompts is None else min(num_prompts, len(rows))
     start_time = time.perf_counter()
     for k, start in enumerate(range(0, total, batch_size)):
         chunk = [rows[i] for i in range(start, min(start + batch_size, total))]
-        # a prompt cut in its content can be shorter than the limit: its whole text, not its ids, tells
-        cut = [limit is not None and not _fits_untruncated(datamodule, row) for row in chunk]
+        # the encoding recorded how each prompt met its limits: a cut one's ids are not its recorded text
+        cut = [row[PROMPT_FIT] == "cut" for row in chunk]
         skipped["prompt_truncated"] += sum(cut)
         chunk = [row for row, c in zip(chunk, cut) if not c]
         if chunk:
@@ -118,13 +118,6 @@ def sample_pairs(
             elapsed = time.perf_counter() - start_time
             print(f"sampled pairs: {done}/{total} prompts, {elapsed:.0f}s, skipped {dict(skipped)}",
                   file=sys.stderr, flush=True)
-
-
-def _fits_untruncated(datamodule: PromptDataModule, row: dict[str, Any]) -> bool:
-    """Whether a prompt is whole (at most ``max_prompt_tokens`` long) rather than cut."""
-    # encoded as encode_prompts encodes it: a chat-rendered prompt already holds its special tokens
-    ids = datamodule.tokenizer(row["prompt"], add_special_tokens=not datamodule._use_chat_template()).input_ids
-    return len(ids) <= datamodule.max_prompt_tokens
 
 
 def load_bundled_pairs() -> datasets.DatasetDict:

@@ -117,7 +117,8 @@ class Probe(L.Callback):
 def main(out_dir: str, extra: list[str]) -> None:
     callbacks = [
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-         "init_args": {"save_last": True, "every_n_train_steps": 2}},
+         # every checkpoint kept: a test resumes from one taken before the end
+         "init_args": {"save_last": True, "every_n_train_steps": 2, "save_top_k": -1}},
         {"class_path": "__main__.Probe"},
     ]
     cli = run([

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -196,6 +197,38 @@ def test_ddp_writes_logs_checkpoint_and_adapter_once(ddp_run):
     assert checkpoint["state_dict"].keys() == rank0["final"].keys()
     for name, weight in checkpoint["state_dict"].items():
         assert torch.equal(weight, rank0["final"][name]), name
+
+
+def test_ddp_resume_from_a_periodic_checkpoint_is_the_uninterrupted_run(ddp_run, tmp_path):
+    # each process samples from its own random stream: the checkpoint holds every process's states and each
+    # restores its own (rank zero's on both, or a fresh per-rank seed, would sample other responses)
+    uninterrupted = ddp_run.dir / ddp_run.ranks[0]["log_dir"]
+    checkpoints = tmp_path / "logs" / "lightning_logs" / "version_0" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    shutil.copy(uninterrupted / "checkpoints" / "ppo_step=2.ckpt", checkpoints)  # PPO step 2 of 3
+    resumed = run_worker(tmp_path, "--ckpt_path", str(checkpoints / "ppo_step=2.ckpt"))
+    for before, after in zip(ddp_run.ranks, resumed.ranks):
+        assert after["ppo_step"] == PPO_STEPS and after["prompt_ids"] == before["prompt_ids"][-BATCH:]
+        assert after["step_stats"] == before["step_stats"][-1:]
+        assert after["final"].keys() == before["final"].keys()
+        for name, weight in after["final"].items():
+            assert torch.equal(weight, before["final"][name]), name
+
+
+def test_restoring_random_states_says_whether_each_process_got_its_own():
+    # PPO seeds each process's sampling stream anew only when it did not get its own back
+    from lit_rlhf.distributed import checkpoint_rng, restore_checkpoint_rng
+
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append(checkpoint_rng(None)["rng"])
+    two = {"rng": states[0], "rng_by_rank": states}
+    assert restore_checkpoint_rng(SimpleNamespace(world_size=2, global_rank=1), two)
+    assert not restore_checkpoint_rng(SimpleNamespace(world_size=2, global_rank=1), {"rng": states[0]})
+    assert not restore_checkpoint_rng(SimpleNamespace(world_size=4, global_rank=1), two)
+    assert restore_checkpoint_rng(None, {"rng": states[0]})
+    assert not restore_checkpoint_rng(None, {})
 
 
 def test_response_length_limits_are_one_draw_over_the_global_batch():

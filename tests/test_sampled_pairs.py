@@ -63,16 +63,42 @@ def test_sampled_pairs_follow_the_rule_and_use_training_prompts_only(tmp_path):
 
     # prompts cut to max_prompt_tokens make no pair (the stored text would not be what the policy read); one of
     # exactly the limit is whole and kept
-    lengths = [len(dm.tokenizer(row["prompt"]).input_ids) for row in dm.train_set]
-    limit = sorted(lengths)[len(lengths) // 2]
-    dm.max_prompt_tokens = limit  # the rows were encoded whole; the cut is what sample_pairs checks
+    limit = sorted(len(dm.tokenizer(row["prompt"]).input_ids) for row in dm.train_set)[len(dm.train_set) // 2]
+    capped = PromptDataModule(model_name="embedded:tiny-t5", dataset=str(tmp_path / "p.jsonl"),
+                              reference_column="answer", test_size=0.25, max_prompt_tokens=limit)
+    capped.prepare_data()
+    capped.setup("fit")
+    lengths = [len(capped.tokenizer(row["prompt"]).input_ids) for row in capped.train_set]  # the whole prompts
     skipped = Counter()
-    kept = {r["id"] for r in sample_pairs(policy, dm, rule, settings, batch_size=5, seed=3, skipped=skipped,
+    kept = {r["id"] for r in sample_pairs(policy, capped, rule, settings, batch_size=5, seed=3, skipped=skipped,
                                           progress=False)}
-    long = {row["id"] for row, n in zip(dm.train_set, lengths) if n > limit}
+    long = {row["id"] for row, n in zip(capped.train_set, lengths) if n > limit}
     assert long and skipped["prompt_truncated"] == len(long) and not kept & long
-    exact = {row["id"] for row, n in zip(dm.train_set, lengths) if n == limit}
+    exact = {row["id"] for row, n in zip(capped.train_set, lengths) if n == limit}
     assert exact and len(exact - kept) <= skipped["identical"] + skipped["empty"]
+
+
+def test_prompts_cut_to_the_models_context_make_no_pair(tmp_path, short_context_gpt2):
+    # no data.max_prompt_tokens: the model's 32-position context cuts the long prompts, whose recorded text would
+    # not be what the policy read
+    from lit_rlhf.policy import Policy
+    from lit_rlhf.prompts import PromptDataModule
+
+    rows = [{"id": f"r{i}", "prompt": f"say number {i}" + " and a few more words" * (20 * (i % 2)), "answer": "a"}
+            for i in range(8)]
+    dm = PromptDataModule(model_name=str(short_context_gpt2), dataset=str(write_jsonl(tmp_path / "p.jsonl", rows)),
+                          reference_column="answer", test_size=0.25)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.max_prompt_tokens is None
+    long = {row["id"] for row in dm.train_set if len(dm.tokenizer(row["prompt"]).input_ids) > 32}
+    assert long and len(long) < len(dm.train_set)
+    policy = Policy(str(short_context_gpt2), finetune="full", value_head=False)
+    settings = GenerationSettings(min_new_tokens=1, max_new_tokens=(2, 6))
+    skipped = Counter()
+    records = list(sample_pairs(policy, dm, WordCount(), settings, batch_size=4, skipped=skipped, progress=False))
+    assert skipped["prompt_truncated"] == len(long) and not {r["id"] for r in records} & long
+    assert len(records) + sum(skipped.values()) == len(dm.train_set)
 
 
 def test_bundled_pairs_follow_the_stated_rule_and_never_use_the_reports_prompts(tmp_path):
