@@ -443,7 +443,7 @@ class LitRLHFCLI(CommonCLI):
         # the module checks its mini-batch against the rollout batch the data module produces
         parser.link_arguments(f"{data}batch_size", "model.rollout_batch_size")
         # a decoder-only prompt leaves room for the longest response, so it is cut in its content, not its start
-        parser.link_arguments("model.generation.max_new_tokens", f"{data}max_response_tokens",
+        parser.link_arguments("model.generation.max_new_tokens", f"{data}reserve_tokens",
                               compute_fn=longest_response)
 
 

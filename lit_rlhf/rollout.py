@@ -80,7 +80,7 @@ def generate_responses(
     device, ``query``, and optionally ``reference`` and ``columns``), each within its own length limit ``limits`` [B], and decode them.
 
     A decoder-only model's prompts are first fit to its context with the longest response (``Policy.fit_prompts``:
-    a safety net; the data module's prompts already leave that room, ``data.max_response_tokens``). ``fast``: the
+    a safety net; the data module's prompts already leave that room, ``data.reserve_tokens``). ``fast``: the
     cached loop that keeps the sampled tokens' log-probs and values (not with sharded weights). ``synced_gpus``:
     keep decoding until every process is done (needed when every forward is a collective, FSDP/ZeRO-3).
     ``repeats``: k responses per prompt, rows of one prompt contiguous (one batched call with distinct random

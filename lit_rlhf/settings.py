@@ -77,7 +77,7 @@ class GenerationSettings:
     max_new_tokens: tuple[int, int] = (100, 400)
     """Each response's maximum length is drawn per sample, uniformly from [low, high) as the recipe's
     length sampler does; a response stops at its own draw or at end-of-sequence. (n, n + 1) fixes it at n.
-    A decoder-only model's prompts leave room for the longest, high - 1 (data.max_response_tokens, linked)."""
+    A decoder-only model's prompts leave room for the longest, high - 1 (data.reserve_tokens, linked)."""
     do_sample: bool = True
     """Sample (True) or decode greedily (False)."""
     top_k: int = 0

@@ -596,8 +596,8 @@ def test_prompts_leave_room_for_the_longest_response_the_cli_generates(tmp_path,
     monkeypatch.setattr(cli_module.CommonCLI, "_run_subcommand", lambda self, subcommand: None)  # parse only
     cli = cli_module.run(["fit", *QUICK, "--model.model_name", "embedded:tiny-gpt2",
                           "--model.generation.max_new_tokens", "[4, 20]"])
-    assert cli.datamodule.max_response_tokens == 19
+    assert cli.datamodule.reserve_tokens == 19
     assert cli.datamodule.prompt_format().response_tokens == 19
     jsonl = ["--data", "lit_rlhf.prompts.PromptDataModule", "--data.dataset", "prompts.jsonl"]
     cli = cli_module.run(["fit", "--model.model_name", "embedded:tiny-gpt2", *FLAGS, *jsonl])
-    assert cli.datamodule.max_response_tokens == 7
+    assert cli.datamodule.reserve_tokens == 7

@@ -549,4 +549,4 @@ def test_the_rollouts_start_cut_names_the_setting_that_avoids_it(caplog):
     with caplog.at_level("WARNING", logger="lit_rlhf.policy"):
         cut, _ = policy.fit_prompts(ids, torch.ones_like(ids), max_new_tokens=10)
     assert torch.equal(cut, ids[:, 10:])
-    assert "data.max_response_tokens of at least 10" in caplog.text
+    assert "data.reserve_tokens of at least 10" in caplog.text

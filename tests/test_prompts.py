@@ -129,7 +129,7 @@ def test_data_errors_are_one_line_and_leave_nothing_behind(tmp_path, monkeypatch
     ({"chat_template": "sometimes"}, "data.chat_template"),
     ({"with_labels": True}, "data.with_labels"),
     ({"truncation": "left"}, "data.truncation"),
-    ({"max_response_tokens": -1}, "data.max_response_tokens"),
+    ({"reserve_tokens": -1}, "data.reserve_tokens"),
 ])
 def test_bad_settings_name_the_flag(kwargs, flag):
     with pytest.raises(ValueError, match=flag):
@@ -181,7 +181,7 @@ def test_a_plain_prompt_loses_its_start_and_a_frame_too_long_is_dropped(tmp_path
 
 
 def test_a_rollout_prompt_near_the_context_keeps_its_frame_through_generation(tmp_path, short_context_gpt2, caplog):
-    # a decoder-only prompt leaves room for the longest response (data.max_response_tokens), so it is cut in its
+    # a decoder-only prompt leaves room for the longest response (data.reserve_tokens), so it is cut in its
     # content and the rollout's own fitting, which would cut its start, leaves it whole
     from lit_rlhf.policy import Policy
     from lit_rlhf.rollout import generate_responses
@@ -191,7 +191,7 @@ def test_a_rollout_prompt_near_the_context_keeps_its_frame_through_generation(tm
     rows = [{"prompt": " ".join(f"w{k}" for k in range(n))} for n in (20, 24, 28, 40)]
     dm = ready(model_name=str(short_context_gpt2), dataset=str(write_jsonl(tmp_path / "p.jsonl", rows)),
                template="Q: {prompt}\nA:", system_prompt="Be brief.", test_size=0.5,
-               max_response_tokens=longest_response(settings.max_new_tokens))
+               reserve_tokens=longest_response(settings.max_new_tokens))
     assert dm.summary()["prompts_cut"] == 4 and dm.summary()["prompts_dropped"] == 0
     batch = next(iter(dm.val_dataloader()))
     assert batch["input_ids"].shape[1] + 8 <= 32  # the prompt and the longest response share the 32 positions
@@ -205,9 +205,9 @@ def test_a_rollout_prompt_near_the_context_keeps_its_frame_through_generation(tm
         query = dm.tokenizer.decode(ids[mask.bool()])
         assert query.startswith("Be brief.\nQ: w0") and query.endswith("\nA:")
     # a reserve that leaves a prompt no room is one clear error naming the settings
-    with pytest.raises(ValueError, match="data.max_response_tokens=32 .* lower model.generation.max_new_tokens"):
+    with pytest.raises(ValueError, match="data.reserve_tokens=32 .* lower model.generation.max_new_tokens"):
         ready(model_name=str(short_context_gpt2), dataset=str(tmp_path / "p.jsonl"), template="Q: {prompt}\nA:",
-              test_size=0.5, max_response_tokens=32)
+              test_size=0.5, reserve_tokens=32)
 
 
 def test_a_chat_prompt_keeps_its_system_prompt_and_generation_prompt(tmp_path, qwen_with_chat_template):
