@@ -35,6 +35,7 @@ from lit_rlhf.data import DialogSumDataModule
 from lit_rlhf.prompts import PromptDataModule
 from lit_rlhf.module import PPOModule
 from lit_rlhf.progress import ModelSummaryWithoutFlops, PPOProgressBar, RunProgressBar
+from lit_rlhf.settings import longest_response
 from lit_rlhf.runs import (
     RunFolder, combine_with_checkpoint, given_model_keys, remove_if_only_start_files, run_folder_of,
 )
@@ -441,6 +442,9 @@ class LitRLHFCLI(CommonCLI):
         parser.link_arguments("model.model_name", f"{data}model_name")
         # the module checks its mini-batch against the rollout batch the data module produces
         parser.link_arguments(f"{data}batch_size", "model.rollout_batch_size")
+        # a decoder-only prompt leaves room for the longest response, so it is cut in its content, not its start
+        parser.link_arguments("model.generation.max_new_tokens", f"{data}reserve_tokens",
+                              compute_fn=longest_response)
 
 
 def data_prefix(cli: LightningCLI, parser, **defaults: Any) -> str:

@@ -18,6 +18,7 @@ from lit_rlhf.prompts import (  # noqa: F401  (the generic pieces, importable fr
     PromptCollator, PromptDataModule, PromptFormat, PromptStreamSampler, Truncation,
     encode_prompts, tokenize_completions,
 )
+from lit_rlhf.settings import GenerationSettings, longest_response
 from lit_rlhf.sources import load_local_directory as _load_local_directory  # noqa: F401
 from lit_rlhf.sources import quiet_datasets_progress, read_data_files
 
@@ -154,6 +155,10 @@ class DialogSumDataModule(PromptDataModule):
         truncation: What a prompt over ``max_prompt_tokens`` (or the model's context) becomes: ``content``
             (default) cuts the end of its dialogue, so every prompt keeps the instruction and ends with
             "Summary:"; ``drop`` drops the row. ``summary()`` and the log count both.
+        reserve_tokens: Tokens kept free for the longest response generated from a prompt: a decoder-only
+            model's prompts are fit to its context less this many tokens (cut in the dialogue), so generation
+            never cuts their start. lit-rlhf sets it from ``model.generation.max_new_tokens`` (its high - 1).
+            Not used by encoder-decoder models nor with ``with_labels``.
         test_size: Fraction of the filtered rows held out for validation and test; as in datasets'
             ``train_test_split``, the held-out count is rounded up.
         split_seed: Seed of the train/held-out split; only used when ``shuffle_split`` is True.
@@ -189,6 +194,7 @@ class DialogSumDataModule(PromptDataModule):
         prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
         max_prompt_tokens: int | None = None,
         truncation: Truncation = "content",
+        reserve_tokens: int = longest_response(GenerationSettings.max_new_tokens),
         test_size: float = 0.2,
         split_seed: int = 42,
         shuffle_split: bool = False,
@@ -208,9 +214,10 @@ class DialogSumDataModule(PromptDataModule):
             model_name=model_name, dataset="bundled:dialogsum" if dataset == "bundled" else dataset, split=split,
             prompt_column=None, template=prompt_template, chat_template=False, reference_column="summary",
             completion_column="summary", filter_column="dialogue", min_chars=min_chars, max_chars=max_chars,
-            max_prompt_tokens=max_prompt_tokens, truncation=truncation, test_size=test_size, split_seed=split_seed,
-            shuffle_split=shuffle_split, batch_size=batch_size, eval_batch_size=eval_batch_size,
-            num_workers=num_workers, shuffle=shuffle, seed=seed, with_labels=with_labels,
+            max_prompt_tokens=max_prompt_tokens, truncation=truncation, reserve_tokens=reserve_tokens,
+            test_size=test_size, split_seed=split_seed, shuffle_split=shuffle_split, batch_size=batch_size,
+            eval_batch_size=eval_batch_size, num_workers=num_workers, shuffle=shuffle, seed=seed,
+            with_labels=with_labels,
             max_completion_tokens=max_summary_tokens, group_by_length=group_by_length, predict_path=predict_path,
         )
         self.save_hyperparameters(logger=False)  # this preset's own arguments (logged: the module's; config.yaml has these)

@@ -434,8 +434,11 @@ class Policy(nn.Module):
     def fit_prompts(self, query_ids: Tensor, query_mask: Tensor, max_new_tokens: int) -> tuple[Tensor, Tensor]:
         """Make room for ``max_new_tokens`` in a causal model's context by dropping the *start* of too-long prompts.
 
-        The end of a prompt holds the instruction ("Summary:"), so the oldest tokens go. Seq2seq models and
-        prompts that fit are returned unchanged. query_ids, query_mask: [B, P] (left-padded) -> [B, P'].
+        A safety net for prompts encoded without that room: the data module's prompts leave it already
+        (``data.reserve_tokens``, cut in their content), so this never fires for them. The end of a prompt
+        holds the instruction ("Summary:"), so the oldest tokens go, and with them any BOS, system prompt or chat
+        header. Seq2seq models and prompts that fit are returned unchanged.
+        query_ids, query_mask: [B, P] (left-padded) -> [B, P'].
         """
         limit = self.max_positions()
         if limit is None or query_ids.shape[1] + max_new_tokens <= limit:
@@ -448,8 +451,10 @@ class Policy(nn.Module):
             )
         if not getattr(self, "_warned_truncation", False):
             log.warning(
-                "Prompts longer than %d tokens are cut from the start to fit the %d-token context with %d new "
-                "tokens (set data.max_prompt_tokens to control this)", keep, limit, max_new_tokens,
+                "Prompts longer than %d tokens are cut from the start (BOS, system prompt and chat header go) to fit "
+                "the %d-token context with %d new tokens: encode them with data.reserve_tokens of at least %d "
+                "(lit-rlhf sets it from model.generation.max_new_tokens), so they are cut in their content instead",
+                keep, limit, max_new_tokens, max_new_tokens,
             )
             self._warned_truncation = True
         return query_ids[:, -keep:], query_mask[:, -keep:]

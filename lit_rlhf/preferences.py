@@ -317,7 +317,7 @@ class PreferenceDataModule(PromptDataModule):
             chat_template=chat_template, system_prompt=system_prompt, max_prompt_tokens=max_prompt_tokens,
             truncation=truncation, test_size=test_size, split_seed=split_seed, shuffle_split=True,
             batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, shuffle=shuffle, seed=seed,
-            predict_path=predict_path,
+            predict_path=predict_path, reserve_tokens=0,  # a pair's prompt leaves room for its own responses
         )
         self.save_hyperparameters(logger=False)  # this module's own arguments (config.yaml has these)
         self.columns = PairColumns(prompt_column, chosen_column, rejected_column, margin_column)

@@ -31,6 +31,7 @@ from lit_rlhf.lm import position_limit
 from lit_rlhf.sources import (
     RowTexts, SkippedRows, drop_blank_rows, first_null, load_source, quiet_datasets_progress, read_data_files,
 )
+from lit_rlhf.settings import GenerationSettings, longest_response
 from lit_rlhf.tiny import resolve_model_path
 
 ChatTemplate = bool | Literal["auto"]
@@ -62,6 +63,9 @@ class PromptFormat:
     max_context_tokens: int | None = None
     """The model's context (``context_tokens``): a prompt's limit, less its response's tokens when ``decoder_only``."""
     decoder_only: bool = True
+    response_tokens: int = 0
+    """The response's tokens a decoder-only prompt leaves room for when its row has no completion of its own
+    (rollout prompts: the longest response generated), so the rollout never cuts the prompt's start."""
 
     def needed_columns(self) -> list[str]:
         """The source columns this format reads."""
@@ -228,7 +232,8 @@ def encode_prompts(
     """The prompt text, its token ids within ``prompt_limit`` (cut by ``fit_prompt``: in the content, never in
     the frame), how it fit (``prompt_fit``) and the query decoded from the ids; with labels, the completion's ids
     ending in the end-of-turn token (``summary_ids``) and its text. ``reserved``: each row's response tokens in
-    a decoder-only model's context (preference pairs); with labels, the completion's own length."""
+    a decoder-only model's context (preference pairs); with labels, the completion's own length; otherwise
+    ``fmt.response_tokens`` (the longest response the rollout generates)."""
     rows = _rows(batch)
     labelled = fmt.with_labels and fmt.completion_column is not None
     completions = [str(row[fmt.completion_column]) for row in rows] if labelled else None
@@ -262,8 +267,8 @@ def encode_prompts(
         out["summary_ids"] = tokenize_completions(completions, tokenizer, limit, end_of_turn(tokenizer, fmt.chat))
         out["completion"] = completions
         reserved = [len(ids) for ids in out["summary_ids"]]
-    fitted = [fit_prompt(c, encode, prompt_limit(fmt, reserved[i] if reserved else 0), fmt.truncation, tokenizer,
-                         fmt.template if template_rows else None, row, whole[i])
+    fitted = [fit_prompt(c, encode, prompt_limit(fmt, reserved[i] if reserved else fmt.response_tokens),
+                         fmt.truncation, tokenizer, fmt.template if template_rows else None, row, whole[i])
               for i, (c, row) in enumerate(zip(conversations, rows))]
     out["input_ids"] = [ids for ids, _ in fitted]
     out[PROMPT_FIT] = [how for _, how in fitted]
@@ -442,6 +447,8 @@ def check_prompt_settings(s: dict[str, Any]) -> None:
                          "max_chars (rows with min_chars < length <= max_chars are kept)")
     if s["max_prompt_tokens"] is not None and s["max_prompt_tokens"] < 1:
         raise ValueError(f"data.max_prompt_tokens must be None or a positive number of tokens, got {s['max_prompt_tokens']}")
+    if s["reserve_tokens"] < 0:
+        raise ValueError(f"data.reserve_tokens must be 0 or more, got {s['reserve_tokens']}")
     if s["truncation"] not in ("content", "drop"):
         raise ValueError(f"data.truncation must be content or drop, got {s['truncation']!r}")
     if s["eval_split"] is None and not 0.0 < s["test_size"] < 1.0:
@@ -515,6 +522,12 @@ class PromptDataModule(L.LightningDataModule):
             dialogue) loses its end, or a plain prompt or last user message its start; the template's
             instruction ("Summary:"), the system prompt and the chat template's generation prompt stay whole.
             ``drop``: the row is dropped. Either way ``summary()`` and the log count the rows cut and dropped.
+        reserve_tokens: Tokens kept free for the longest response generated from a prompt (rollouts,
+            validation, predict): a decoder-only model's prompts are fit to its context less this many tokens
+            (cut in their content, see ``truncation``), so generation never has to cut their start (BOS, system
+            prompt, chat header). lit-rlhf sets it from ``model.generation.max_new_tokens`` (its high - 1); the
+            default is that of the default generation settings. Not used by encoder-decoder models (the decoder
+            has its own positions) nor with ``with_labels`` (the completion's own length is reserved).
         test_size: With no ``eval_split``: the fraction of ``split`` held out (rounded up, as datasets'
             ``train_test_split``).
         split_seed: Seed of the held-out draw (with ``shuffle_split``).
@@ -554,6 +567,7 @@ class PromptDataModule(L.LightningDataModule):
         max_chars: int | None = None,
         max_prompt_tokens: int | None = None,
         truncation: Truncation = "content",
+        reserve_tokens: int = longest_response(GenerationSettings.max_new_tokens),
         test_size: float = 0.2,
         split_seed: int = 42,
         shuffle_split: bool = True,
@@ -643,7 +657,21 @@ class PromptDataModule(L.LightningDataModule):
             completion_column=self.completion_column, with_labels=self.with_labels,
             max_completion_tokens=self.max_completion_tokens, truncation=self.truncation,
             max_context_tokens=self.max_context_tokens, decoder_only=not self.is_encoder_decoder,
+            response_tokens=self._response_tokens(),
         )
+
+    def _response_tokens(self) -> int:
+        """The tokens a prompt leaves free for its generated response: ``reserve_tokens`` for a decoder-only
+        model's prompts without labels (an error when that leaves no room for a prompt), else none."""
+        if self.is_encoder_decoder or self.with_labels:
+            return 0
+        if self.max_context_tokens is not None and self.reserve_tokens >= self.max_context_tokens:
+            raise ValueError(
+                f"data.reserve_tokens={self.reserve_tokens} (the longest response, from "
+                f"model.generation.max_new_tokens) leaves no room for a prompt in the {self.max_context_tokens}-token "
+                f"context of model.model_name={self.model_name!r}; lower model.generation.max_new_tokens"
+            )
+        return self.reserve_tokens
 
     def required_columns(self) -> list[str]:
         """The source columns the settings name (prompt, template fields, messages, reference, filter)."""
@@ -723,7 +751,9 @@ class PromptDataModule(L.LightningDataModule):
 
     def _limits_in_words(self) -> str:
         """The prompt limits in force, as the settings name them."""
-        context = (f"the model's {self.max_context_tokens}-token context" if self.max_context_tokens is not None
+        reserve = self.prompt_format().response_tokens  # a preference module's format reserves per pair instead
+        room = f" less data.reserve_tokens={reserve}" if reserve else ""
+        context = (f"the model's {self.max_context_tokens}-token context{room}" if self.max_context_tokens is not None
                    else None)
         prompt = (f"data.max_prompt_tokens={self.max_prompt_tokens}" if self.max_prompt_tokens is not None else None)
         return " and ".join(x for x in (prompt, context) if x) or "no limit"

@@ -26,7 +26,7 @@ from torch import Tensor
 from lit_rlhf.decoding import SampledRollout
 from lit_rlhf.policy import Policy, ResponseBatch
 from lit_rlhf.rewards import NonFiniteRewardError, Reward
-from lit_rlhf.settings import GenerationSettings
+from lit_rlhf.settings import GenerationSettings, longest_response
 
 Timer = Callable[[str], AbstractContextManager]
 
@@ -79,13 +79,15 @@ def generate_responses(
     """Sample one response per prompt of a collated batch (``input_ids``, ``attention_mask`` on the policy's
     device, ``query``, and optionally ``reference`` and ``columns``), each within its own length limit ``limits`` [B], and decode them.
 
-    A decoder-only model's prompts are first cut to fit its context with the longest response. ``fast``: the
+    A decoder-only model's prompts are first fit to its context with the longest response (``Policy.fit_prompts``:
+    a safety net; the data module's prompts already leave that room, ``data.reserve_tokens``). ``fast``: the
     cached loop that keeps the sampled tokens' log-probs and values (not with sharded weights). ``synced_gpus``:
     keep decoding until every process is done (needed when every forward is a collective, FSDP/ZeRO-3).
     ``repeats``: k responses per prompt, rows of one prompt contiguous (one batched call with distinct random
     draws; the cached loop runs a seq2seq encoder once per prompt); ``limits`` then has B x k entries.
     The rows are decoded ``settings.batch_size`` at a time (:func:`decode_in_chunks`)."""
-    query_ids, query_mask = policy.fit_prompts(batch["input_ids"], batch["attention_mask"], settings.max_new_tokens[1])
+    query_ids, query_mask = policy.fit_prompts(batch["input_ids"], batch["attention_mask"],
+                                               longest_response(settings.max_new_tokens))
     response_ids, response_mask, sampled = decode_in_chunks(policy, query_ids, query_mask, settings, limits, fast,
                                                             synced_gpus, repeats)
     query_ids, query_mask = (t.repeat_interleave(repeats, 0) for t in (query_ids, query_mask))

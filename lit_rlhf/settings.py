@@ -59,6 +59,14 @@ class LoraSettings:
         return errors
 
 
+def longest_response(max_new_tokens: int | tuple[int, int] | list[int]) -> int:
+    """The most tokens one response may take under ``max_new_tokens``: n itself, or a [low, high) range's
+    ``high - 1`` (each response's limit is drawn from it, high excluded)."""
+    if isinstance(max_new_tokens, int):
+        return max_new_tokens
+    return int(max_new_tokens[1]) - 1
+
+
 @dataclass
 class GenerationSettings:
     """How responses are sampled in the rollout (one batched call per PPO step)."""
@@ -68,7 +76,8 @@ class GenerationSettings:
     ``min_length=5`` counts T5's decoder start token, i.e. 4 new tokens."""
     max_new_tokens: tuple[int, int] = (100, 400)
     """Each response's maximum length is drawn per sample, uniformly from [low, high) as the recipe's
-    length sampler does; a response stops at its own draw or at end-of-sequence. (n, n + 1) fixes it at n."""
+    length sampler does; a response stops at its own draw or at end-of-sequence. (n, n + 1) fixes it at n.
+    A decoder-only model's prompts leave room for the longest, high - 1 (data.reserve_tokens, linked)."""
     do_sample: bool = True
     """Sample (True) or decode greedily (False)."""
     top_k: int = 0

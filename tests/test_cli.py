@@ -585,3 +585,19 @@ def test_a_deepspeed_checkpoint_folder_is_left_to_the_strategy(entry, tmp_path, 
         "sft_embedded.yaml" if entry == "run_sft" else "preferences/dpo_summarizer.yaml"),
         "--model.model_name", "embedded:tiny-gpt2", *data, "--ckpt_path", "zero3.ckpt"])
     assert cli.config["fit"]["ckpt_path"] == "zero3.ckpt"
+
+
+def test_prompts_leave_room_for_the_longest_response_the_cli_generates(tmp_path, monkeypatch):
+    # the data module learns model.generation.max_new_tokens' longest response (high - 1: the limit is drawn
+    # from [low, high)), the room a decoder-only prompt leaves, so the rollout never cuts a prompt's start
+    import lit_rlhf.cli as cli_module
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli_module.CommonCLI, "_run_subcommand", lambda self, subcommand: None)  # parse only
+    cli = cli_module.run(["fit", *QUICK, "--model.model_name", "embedded:tiny-gpt2",
+                          "--model.generation.max_new_tokens", "[4, 20]"])
+    assert cli.datamodule.reserve_tokens == 19
+    assert cli.datamodule.prompt_format().response_tokens == 19
+    jsonl = ["--data", "lit_rlhf.prompts.PromptDataModule", "--data.dataset", "prompts.jsonl"]
+    cli = cli_module.run(["fit", "--model.model_name", "embedded:tiny-gpt2", *FLAGS, *jsonl])
+    assert cli.datamodule.reserve_tokens == 7

@@ -539,3 +539,14 @@ def test_gpt2_conv1d_targets_build_without_peft_notices(targets):
     if targets and "lm_head" in targets:
         assert not policy.model.get_base_model().lm_head.fan_in_fan_out  # a Linear: out x in
 
+
+
+def test_the_rollouts_start_cut_names_the_setting_that_avoids_it(caplog):
+    # a safety net for prompts encoded without room for the response: it says which data setting leaves that room
+    policy = Policy("embedded:tiny-gpt2")
+    limit = policy.max_positions()
+    ids = torch.arange(limit)[None] % 500 + 10
+    with caplog.at_level("WARNING", logger="lit_rlhf.policy"):
+        cut, _ = policy.fit_prompts(ids, torch.ones_like(ids), max_new_tokens=10)
+    assert torch.equal(cut, ids[:, 10:])
+    assert "data.reserve_tokens of at least 10" in caplog.text

@@ -129,6 +129,7 @@ def test_data_errors_are_one_line_and_leave_nothing_behind(tmp_path, monkeypatch
     ({"chat_template": "sometimes"}, "data.chat_template"),
     ({"with_labels": True}, "data.with_labels"),
     ({"truncation": "left"}, "data.truncation"),
+    ({"reserve_tokens": -1}, "data.reserve_tokens"),
 ])
 def test_bad_settings_name_the_flag(kwargs, flag):
     with pytest.raises(ValueError, match=flag):
@@ -177,6 +178,36 @@ def test_a_plain_prompt_loses_its_start_and_a_frame_too_long_is_dropped(tmp_path
     with pytest.raises(ValueError, match="4 were longer than data.max_prompt_tokens=3"):
         ready(dataset=str(write_jsonl(tmp_path / "p.jsonl", rows)), max_prompt_tokens=3, test_size=0.25,
               template="Answer the question that everyone asks about everything")
+
+
+def test_a_rollout_prompt_near_the_context_keeps_its_frame_through_generation(tmp_path, short_context_gpt2, caplog):
+    # a decoder-only prompt leaves room for the longest response (data.reserve_tokens), so it is cut in its
+    # content and the rollout's own fitting, which would cut its start, leaves it whole
+    from lit_rlhf.policy import Policy
+    from lit_rlhf.rollout import generate_responses
+    from lit_rlhf.settings import GenerationSettings, longest_response
+
+    settings = GenerationSettings(min_new_tokens=1, max_new_tokens=(4, 9), do_sample=False)
+    rows = [{"prompt": " ".join(f"w{k}" for k in range(n))} for n in (20, 24, 28, 40)]
+    dm = ready(model_name=str(short_context_gpt2), dataset=str(write_jsonl(tmp_path / "p.jsonl", rows)),
+               template="Q: {prompt}\nA:", system_prompt="Be brief.", test_size=0.5,
+               reserve_tokens=longest_response(settings.max_new_tokens))
+    assert dm.summary()["prompts_cut"] == 4 and dm.summary()["prompts_dropped"] == 0
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["input_ids"].shape[1] + 8 <= 32  # the prompt and the longest response share the 32 positions
+    policy = Policy(str(short_context_gpt2))
+    with caplog.at_level("WARNING", logger="lit_rlhf.policy"):
+        generated = generate_responses(policy, batch, settings, torch.full((2,), 8))
+    rows = generated.rows
+    assert torch.equal(rows.query_ids, batch["input_ids"])  # the safety net did not fire
+    assert not [r for r in caplog.records if "cut from the start" in r.getMessage()]
+    for ids, mask in zip(rows.query_ids, rows.query_mask):
+        query = dm.tokenizer.decode(ids[mask.bool()])
+        assert query.startswith("Be brief.\nQ: w0") and query.endswith("\nA:")
+    # a reserve that leaves a prompt no room is one clear error naming the settings
+    with pytest.raises(ValueError, match="data.reserve_tokens=32 .* lower model.generation.max_new_tokens"):
+        ready(model_name=str(short_context_gpt2), dataset=str(tmp_path / "p.jsonl"), template="Q: {prompt}\nA:",
+              test_size=0.5, reserve_tokens=32)
 
 
 def test_a_chat_prompt_keeps_its_system_prompt_and_generation_prompt(tmp_path, qwen_with_chat_template):
