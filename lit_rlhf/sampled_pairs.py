@@ -32,7 +32,7 @@ from lit_rlhf import rollout as ro
 from lit_rlhf.io import atomic_write
 from lit_rlhf.prompts import PROMPT_FIT
 from lit_rlhf.rewards import CompositeReward, Reward
-from lit_rlhf.settings import GenerationSettings
+from lit_rlhf.settings import GenerationSettings, longest_response
 
 if TYPE_CHECKING:
     import datasets
@@ -162,11 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     from lit_rlhf.data import DialogSumDataModule
     from lit_rlhf.policy import build_policy
 
-    datamodule = DialogSumDataModule(model_name=args.model, dataset="bundled", max_prompt_tokens=256)
+    settings = GenerationSettings(min_new_tokens=4, max_new_tokens=tuple(args.max_new_tokens))
+    # a decoder-only model's prompts leave room for the longest response, as lit-rlhf's link does
+    datamodule = DialogSumDataModule(model_name=args.model, dataset="bundled", max_prompt_tokens=256,
+                                     reserve_tokens=longest_response(settings.max_new_tokens))
     datamodule.prepare_data()
     datamodule.setup("fit")
     policy, _ = build_policy(dict(model_name=args.model, finetune="full", value_head=False), "float32", None)
-    settings = GenerationSettings(min_new_tokens=4, max_new_tokens=tuple(args.max_new_tokens))
     rule = recipe_rule()
     rule.setup()
     skipped: Counter[str] = Counter()

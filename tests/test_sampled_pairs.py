@@ -86,12 +86,13 @@ def test_prompts_cut_to_the_models_context_make_no_pair(tmp_path, short_context_
 
     rows = [{"id": f"r{i}", "prompt": f"say number {i}" + " and a few more words" * (20 * (i % 2)), "answer": "a"}
             for i in range(8)]
+    # the rollout's responses (at most 5 tokens, below) share the context: prompts get 32 - 5 tokens
     dm = PromptDataModule(model_name=str(short_context_gpt2), dataset=str(write_jsonl(tmp_path / "p.jsonl", rows)),
-                          reference_column="answer", test_size=0.25)
+                          reference_column="answer", test_size=0.25, reserve_tokens=5)
     dm.prepare_data()
     dm.setup("fit")
     assert dm.max_prompt_tokens is None
-    long = {row["id"] for row in dm.train_set if len(dm.tokenizer(row["prompt"]).input_ids) > 32}
+    long = {row["id"] for row in dm.train_set if len(dm.tokenizer(row["prompt"]).input_ids) > 32 - 5}
     assert long and len(long) < len(dm.train_set)
     policy = Policy(str(short_context_gpt2), finetune="full", value_head=False)
     settings = GenerationSettings(min_new_tokens=1, max_new_tokens=(2, 6))
