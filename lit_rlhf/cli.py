@@ -131,25 +131,27 @@ class HelpFormatter(DefaultHelpFormatter):
         return "".join(indent + line for line in text.splitlines(keepends=True))
 
 
+PARSER_SETTINGS = {"allow_abbrev": False, "formatter_class": HelpFormatter}
+"""What every command's parsers share: no abbreviated flags, descriptions kept as written."""
+
+
 def parser_kwargs() -> dict:
     """Main and per-subcommand parser settings: the default config stated at the top, no abbreviated flags."""
-    common = {"allow_abbrev": False, "formatter_class": HelpFormatter}
-    kwargs = {"description": DESCRIPTION + _catalogue() + _config_catalogue(), "prog": "lit-rlhf", **common}
+    kwargs = {"description": DESCRIPTION + _catalogue() + _config_catalogue(), "prog": "lit-rlhf", **PARSER_SETTINGS}
     for sub in SUBCOMMANDS:
         usage = PREDICT_USAGE if sub == "predict" else SUBCOMMAND_USAGE.format(sub=sub)
         kwargs[sub] = {"usage": usage, "description": SUBCOMMAND_DESCRIPTION + _catalogue() + _config_catalogue(),
-                       **common}
+                       **PARSER_SETTINGS}
     return kwargs
 
 
 def command_parser_kwargs(prog: str, description: str, subcommands: Iterable[str] = SUBCOMMANDS) -> dict:
     """Parser settings of lit-rlhf-sft, -rm and -dpo: ``description`` (its first paragraph wrapped, then the
     packaged configs) at the top of ``--help`` and of each subcommand's; no abbreviated flags."""
-    common = {"allow_abbrev": False, "formatter_class": HelpFormatter}
     first, _, rest = description.partition("\n\n")
     text = textwrap.fill(first, 116) + ("\n\n" + rest if rest else "") + _config_catalogue()
-    per_subcommand = {sub: {"description": text, **common} for sub in subcommands}
-    return {"description": text, "prog": prog, **common, **per_subcommand}
+    per_subcommand = {sub: {"description": text, **PARSER_SETTINGS} for sub in subcommands}
+    return {"description": text, "prog": prog, **PARSER_SETTINGS, **per_subcommand}
 
 
 # The settings dataclasses (lora, generation, ppo) document each field in a docstring under it: show those
