@@ -233,8 +233,7 @@ class DialogSumDataModule(PromptDataModule):
         return list(REQUIRED_COLUMNS)
 
     def _load_predict_rows(self) -> datasets.Dataset:
-        where = f"data.predict_path={self.predict_path!r}"
-        return self._drop_blank(load_predict_rows(self.predict_path), where, predict=True)
+        return load_predict_rows(self.predict_path)
 
 
 def load_predict_rows(path: str | None) -> datasets.Dataset:

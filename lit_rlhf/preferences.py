@@ -437,17 +437,14 @@ class PreferenceDataModule(PromptDataModule):
             raise ValueError(f"data.predict_path={self.predict_path!r} lacks the column(s) {missing} (its columns: "
                              f"{rows.column_names}): scoring reads data.response_column={self.response_column!r}"
                              + (f" and data.prompt_column={self.columns.prompt!r}" if len(needed) > 1 else ""))
-        return self._drop_blank(with_string_ids(rows), f"data.predict_path={self.predict_path!r}", predict=True)
+        return with_string_ids(rows)
 
     @quiet_datasets_progress()
     def _encode_predict_rows(self, rows: datasets.Dataset) -> datasets.Dataset:
-        self.prompt_counts = Counter(prompts_cut=0, prompts_dropped=0)
-        encoded = self._drop_too_long(rows.map(encode_scored, batched=True, fn_kwargs={
+        return rows.map(encode_scored, batched=True, fn_kwargs={
             "tokenizer": self.tokenizer, "fmt": self._pair_prompt_format(), "prompt_column": self.columns.prompt,
             "response_column": self.response_column, "classifier_text": self.classifier_text,
-            "classifier_limit": self.classifier_limit()}))
-        self._log_prompt_counts(f"Rows of data.predict_path={self.predict_path!r}")
-        return encoded
+            "classifier_limit": self.classifier_limit()})
 
     def predict_dataloader(self) -> DataLoader:
         if self.predict_set is None:

@@ -809,11 +809,21 @@ class PromptDataModule(L.LightningDataModule):
         if stage == "predict":
             self._load_tokenizer()
             if self.predict_set is None:
-                self.predict_set = self._encode_predict_rows(self._load_predict_rows())
+                self.predict_set = self._predict_rows()
             return
         if self.train_set is None:
             self.train_set, self.test_set = self._build()
             self._log_prompt_counts(f"Prompts of data.dataset={self.dataset!r}")  # not in _build: prepare_data builds too
+
+    def _predict_rows(self) -> datasets.Dataset:
+        """``predict_path``'s rows, loaded and encoded by the subclass's hooks, in one way for every data module:
+        blank rows skipped and prompts over their limit dropped, both counted and logged."""
+        where = f"data.predict_path={self.predict_path!r}"
+        rows = self._drop_blank(self._load_predict_rows(), where, predict=True)
+        self.prompt_counts = Counter(prompts_cut=0, prompts_dropped=0)
+        encoded = self._drop_too_long(self._encode_predict_rows(rows))
+        self._log_prompt_counts(f"Rows of {where}")
+        return encoded
 
     @quiet_datasets_progress()
     def _load_predict_rows(self) -> datasets.Dataset:
@@ -824,17 +834,13 @@ class PromptDataModule(L.LightningDataModule):
         if missing:
             raise ValueError(f"data.predict_path={self.predict_path!r} lacks the column(s) {missing} the prompt "
                              f"needs (its columns: {rows.column_names})")
-        return self._drop_blank(with_string_ids(rows), f"data.predict_path={self.predict_path!r}", predict=True)
+        return with_string_ids(rows)
 
     @quiet_datasets_progress()
     def _encode_predict_rows(self, rows: datasets.Dataset) -> datasets.Dataset:
         fmt = self.prompt_format()
         fmt = PromptFormat(**{**fmt.__dict__, "with_labels": False})  # predict has no labels to learn
-        self.prompt_counts = Counter(prompts_cut=0, prompts_dropped=0)
-        encoded = self._drop_too_long(
-            rows.map(encode_prompts, batched=True, fn_kwargs={"tokenizer": self.tokenizer, "fmt": fmt}))
-        self._log_prompt_counts(f"Rows of data.predict_path={self.predict_path!r}")
-        return encoded
+        return rows.map(encode_prompts, batched=True, fn_kwargs={"tokenizer": self.tokenizer, "fmt": fmt})
 
     def _collator(self, columns: tuple[str, ...], labels: bool) -> PromptCollator:
         side = "right" if self.is_encoder_decoder else "left"
