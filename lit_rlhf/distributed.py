@@ -127,8 +127,9 @@ def any_rank(trainer: Any, flag: bool, device: torch.device | None = None) -> bo
 def gradient_sync(trainer: Any, sync: bool) -> Iterator[None]:
     """Around one ``manual_backward`` (Lightning prepares DDP's gradient reduction in each one): with ``sync``
     False, DDP keeps this backward's gradients on the process (Lightning's ``block_backward_sync``, DDP's
-    ``no_sync``), so that the next synced backward all-reduces their sum once. Accumulating micro-batches: every one but the mini-batch's last unsynced; every rank runs the
-    same number of them, so the last one's all-reduce is taken by all. Never leave every backward unsynced:
+    ``no_sync``), so that the next synced backward all-reduces their sum once. Accumulating micro-batches: every
+    one but the mini-batch's last unsynced; every rank runs the same number of them, so the last one's all-reduce
+    is taken by all. Never leave every backward unsynced:
     the ranks' weights would drift apart. FSDP (which reduce-scatters each backward to keep its gradients
     sharded), DeepSpeed and a single process: nothing to do."""
     strategy = getattr(trainer, "strategy", None)
