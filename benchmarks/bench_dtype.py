@@ -3,7 +3,7 @@ autocast (``trainer.precision``), in exact mode or with ``fast_rollout``. One co
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_dtype.py --model t5-512 --dtype bfloat16 --fast
 
-Models: the embedded tiny T5 / GPT-2, or ``t5-512`` (``lit_rlhf.tiny.build_tiny_t5`` with d_model 512, d_ff 1024,
+Models: the embedded tiny T5 / GPT-2, or ``t5-512`` (``lit_rlhf.models.tiny.build_tiny_t5`` with d_model 512, d_ff 1024,
 6 + 6 layers, 8 heads of 64: a FLAN-T5-small-sized body, 2,000-token vocabulary, random weights). Every
 response has exactly ``--new-tokens`` tokens (end-of-sequence blocked until then), DialogSum prompts, rollout
 batch 16, mini-batch 4, LoRA r 32 on q/v, one thread. Prints one JSON line: the median step and its phases.
@@ -25,10 +25,10 @@ import torch
 
 import lit_rlhf.rollout
 from lit_rlhf.data import DialogSumDataModule
-from lit_rlhf.module import PPOModule
+from lit_rlhf.modules import PPOModule
 from lit_rlhf.rewards import ProfanityReward
 from lit_rlhf.settings import GenerationSettings, LoraSettings
-from lit_rlhf.tiny import build_tiny_t5, default_cache_dir
+from lit_rlhf.models import build_tiny_t5, default_cache_dir
 
 
 def model_path(name: str) -> str:

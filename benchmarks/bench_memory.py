@@ -112,7 +112,7 @@ def build_model_dir(size: str, cache: Path = CACHE) -> Path:
     import transformers as tf
     from transformers import AutoTokenizer, GenerationConfig
 
-    from lit_rlhf.tiny import resolve_model_path
+    from lit_rlhf.models import resolve_model_path
 
     path = cache / f"qwen2-{size}"
     if (path / "config.json").exists():
@@ -143,7 +143,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from torch.utils.data import DataLoader
 
-    from lit_rlhf.module import PPOModule
+    from lit_rlhf.modules import PPOModule
     from lit_rlhf.rewards import Reward
     from lit_rlhf.settings import GenerationSettings, LoraSettings, PPOSettings
 

@@ -14,14 +14,14 @@ Scenarios, each for both thread settings:
 * beside a twin: two identical ``lit-rlhf fit`` started together (the report gives the mean of their medians).
 
 Each fit is the packaged embedded default (tiny T5, bundled DialogSum, the composite offline reward), run
-through ``lit_rlhf.cli.LitRLHFCLI`` in its own process with a callback that times every training step
+through ``lit_rlhf.cli.commands.LitRLHFCLI`` in its own process with a callback that times every training step
 (``on_train_batch_start`` -> ``on_train_batch_end``). No toxicity callback and no checkpoints, to keep runs
 short; OMP_NUM_THREADS is removed from the fits' environment (it would override both settings). A case
 measures ``--steps`` PPO steps, or stops after ``--max-seconds`` of stepping once ``--min-steps`` are done;
 its number is the median of steps 2..N (the first step warms up).
 
-``--crossover`` times the same PPO step on T5s of several sizes (``lit_rlhf.tiny.build_tiny_t5``) with one
-thread and with all cores: where all cores start to pay off is ``lit_rlhf.threads.AUTO_SINGLE_THREAD_BELOW``.
+``--crossover`` times the same PPO step on T5s of several sizes (``lit_rlhf.models.tiny.build_tiny_t5``) with one
+thread and with all cores: where all cores start to pay off is ``lit_rlhf.runtime.threads.AUTO_SINGLE_THREAD_BELOW``.
 ``--priority`` runs each measured fit in its own session with its scheduler autogroup at nice -20 (Linux,
 root), so that other jobs on the machine barely run while it measures: a quiet machine, emulated.
 
@@ -97,9 +97,9 @@ def run_worker(args: argparse.Namespace) -> None:
     import lightning as L
     import torch
 
-    from lit_rlhf import cli
+    from lit_rlhf.cli import commands as cli
     from lit_rlhf.data import DialogSumDataModule
-    from lit_rlhf.module import PPOModule
+    from lit_rlhf.modules import PPOModule
 
     steps: list[float] = []
 
@@ -274,7 +274,7 @@ def run_neighbour(args: argparse.Namespace) -> str:
 
 def crossover_models(cache: Path, names: list[str]) -> dict[str, str]:
     """The crossover's model paths (built once into ``cache``), by name."""
-    from lit_rlhf.tiny import build_tiny_t5
+    from lit_rlhf.models import build_tiny_t5
 
     return {name: "embedded:tiny-t5" if CROSSOVER_SIZES[name] is None
             else build_tiny_t5(str(cache / name.replace(" ", "_")), **CROSSOVER_SIZES[name]) for name in names}

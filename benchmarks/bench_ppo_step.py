@@ -104,7 +104,7 @@ class ModelSize:
 
 
 FLAN_T5_BASE = ModelSize("flan-t5-base", 32128, 768, 2048, 12, 12, 64)
-TINY_T5 = ModelSize("tiny-t5", 2000, 64, 256, 2, 4, 16)  # lit_rlhf.tiny.build_tiny_t5's defaults
+TINY_T5 = ModelSize("tiny-t5", 2000, 64, 256, 2, 4, 16)  # lit_rlhf.models.tiny.build_tiny_t5's defaults
 FLAN_T5_BASE_PARAMETERS = 247_577_856
 LORA_PARAMETERS = 3_538_944  # 72 adapted Linear layers (q, v of enc self, dec self, dec cross) x 2 x 768 x 32
 VALUE_HEAD_PARAMETERS = 769
@@ -326,7 +326,7 @@ def t5_config(size: ModelSize, tokenizer) -> "T5Config":
 def build_model_dir(cache: Path, tiny: bool) -> Path:
     """The model every system loads (built once, then reused): weights, config and tokenizer."""
     if tiny:
-        from lit_rlhf.tiny import build_tiny_t5
+        from lit_rlhf.models import build_tiny_t5
 
         return Path(build_tiny_t5(str(cache / "tiny-t5")))
     path = cache / "flan-t5-base-random"
@@ -335,7 +335,7 @@ def build_model_dir(cache: Path, tiny: bool) -> Path:
     import torch
     from transformers import GenerationConfig, T5ForConditionalGeneration
 
-    from lit_rlhf.tiny import build_tokenizer
+    from lit_rlhf.models import build_tokenizer
 
     start = time.perf_counter()
     tokenizer = build_tokenizer(FLAN_T5_BASE.vocab_size, "t5")
@@ -588,8 +588,9 @@ def grpo_batches(batches: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
 def lit_module(args: argparse.Namespace, work: dict[str, Any], n_steps: int):
     """The PPOModule of ``args.system``: defaults (lit_rlhf), fast_rollout (lit_rlhf_fast), or GRPO with k = 4
     samples of 4 prompts and fast_rollout (lit_rlhf_grpo); the benchmark's reward and length settings."""
-    from lit_rlhf.module import PPOModule, PPOSettings
-    from lit_rlhf.policy import GenerationSettings, LoraSettings
+    from lit_rlhf.modules import PPOModule
+    from lit_rlhf.settings import PPOSettings
+    from lit_rlhf.settings import GenerationSettings, LoraSettings
     from lit_rlhf.rewards import Reward
 
     scorer = make_scorer(args)
@@ -653,7 +654,7 @@ def parameter_dtypes(system: str, named: Iterable[tuple[str, Any]], dtype: str) 
 
 
 class DecodeRecorder:
-    """Times each step of lit_rlhf's cached decode loop (``lit_rlhf.decoding.sample_with_cache``) by wrapping,
+    """Times each step of lit_rlhf's cached decode loop (``lit_rlhf.models.decoding.sample_with_cache``) by wrapping,
     on the instance, ``policy.sample`` (one rollout) and ``policy.lm.step`` (one decoder step): a step lasts
     from its ``lm.step`` call to the next one (sampling and bookkeeping included), the last one until
     ``sample`` returns; the encoder (``lm.start``) is not in any step. ``rollouts[k]``: [rows, position,

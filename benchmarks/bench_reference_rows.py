@@ -27,7 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ppo_step import DEFAULT_CACHE, PPO, build_model_dir, workload_prompts  # noqa: E402
 
-from lit_rlhf.policy import LoraSettings, Policy  # noqa: E402
+from lit_rlhf.models import Policy  # noqa: E402
+
+from lit_rlhf.settings import LoraSettings
 
 
 def decode(policy: Policy, ids: torch.Tensor, mask: torch.Tensor, steps: int, beside: bool,

@@ -29,7 +29,7 @@ def make_module(model_dir: Path, steps: int, grpo: bool, cpu: bool):
     chunks of 4 rows; 8 responses a step (GRPO: 2 prompts x 4 samples)."""
     import torch
 
-    from lit_rlhf.module import PPOModule
+    from lit_rlhf.modules import PPOModule
     from lit_rlhf.rewards import Reward
     from lit_rlhf.settings import GenerationSettings, LoraSettings, PPOSettings
 

@@ -27,7 +27,7 @@ from importlib import resources
 import torch
 
 from lit_rlhf.data import DEFAULT_PROMPT_TEMPLATE, PromptCollator, apply_prompt_and_tokenize, tokenize_summary
-from lit_rlhf.sft import SFTModule, lead_summary, longest_summary, rouge_scores
+from lit_rlhf.modules import SFTModule, lead_summary, longest_summary, rouge_scores
 
 
 def load_test_rows() -> list[dict]:

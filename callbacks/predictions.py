@@ -10,7 +10,7 @@ from typing import Any, Sequence
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_rlhf.io import atomic_write
+from lit_rlhf.runtime import atomic_write
 
 
 class PredictionWriter(BasePredictionWriter):

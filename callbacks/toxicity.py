@@ -36,11 +36,11 @@ from lit_rlhf.callbacks import report as rep
 from lit_rlhf.callbacks.evaluators import ClassifierToxicity, ToxicityEvaluator
 from lit_rlhf.callbacks.report import HeldOutPrompt, Measurement
 from lit_rlhf.callbacks.stats import PairedTestMethod
-from lit_rlhf import distributed as dist
+from lit_rlhf.runtime import distributed as dist
 from lit_rlhf import rollout as ro
-from lit_rlhf.io import atomic_write
+from lit_rlhf.runtime import atomic_write
 from lit_rlhf.rewards import Reward, TextField
-from lit_rlhf.runs import plain_values
+from lit_rlhf.runtime import plain_values
 from lit_rlhf.settings import GenerationSettings
 
 

@@ -1,7 +1,7 @@
 """The one generate -> decode -> score path: training, validation/test, prediction and the toxicity callback.
 
     generate_responses   prompts fitted to the context, sampled (``generate``, or the cached loop of
-                         ``lit_rlhf.decoding`` with fast rollout) in chunks of generation.batch_size rows
+                         ``lit_rlhf.models.decoding`` with fast rollout) in chunks of generation.batch_size rows
                          (``decode_in_chunks``), responses decoded
     score_responses      the reward's scores, or the reason they are unusable (non-finite)
     collect              both, timed per phase
@@ -23,8 +23,8 @@ import torch
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 
-from lit_rlhf.decoding import SampledRollout
-from lit_rlhf.policy import Policy, ResponseBatch
+from lit_rlhf.models import SampledRollout
+from lit_rlhf.models import Policy, ResponseBatch
 from lit_rlhf.rewards import NonFiniteRewardError, Reward
 from lit_rlhf.settings import GenerationSettings, longest_response
 

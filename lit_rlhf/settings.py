@@ -13,7 +13,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from lit_rlhf.ppo import (
+from lit_rlhf.objectives import (
     CRITIC_FREE_ESTIMATORS, GROUP_ESTIMATORS, AdaptiveKLController, AdvantageEstimator, FixedKLController,
     KLEstimator, LossAggregation,
 )

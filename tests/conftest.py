@@ -1,6 +1,7 @@
 """Shared fixtures: embedded tiny models built once per session into a temporary cache."""
 
 import os
+import sys
 from pathlib import Path
 
 # Offline before huggingface_hub is imported (it reads these once): a hub name fails at once instead of
@@ -56,7 +57,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def assert_resume_is_exact(run, args: list[str], weights_file: str, steps: int = 8) -> None:
-    """``run`` (a CLI entry such as ``lit_rlhf.cli.run_dpo``) fits ``steps`` steps in one go, writing a periodic
+    """``run`` (a CLI entry such as ``lit_rlhf.cli.commands.run_dpo``) fits ``steps`` steps in one go, writing a periodic
     checkpoint mid-epoch at step ``steps // 2`` (what a run killed after that point leaves behind: the process
     only goes on from there); a fit resumed from that checkpoint exports the same ``<log_dir>/<weights_file>``
     tensors, bit for bit, after training the other half."""
@@ -94,7 +95,7 @@ def qwen_with_chat_template(tmp_path) -> Path:
     embedded GPT-2 one, has :data:`CHAT_TEMPLATE`."""
     from transformers import AutoTokenizer, Qwen2Config
 
-    from lit_rlhf.tiny import resolve_model_path
+    from lit_rlhf.models import resolve_model_path
 
     folder = tmp_path / "tiny-qwen"
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("embedded:tiny-gpt2"))
@@ -121,7 +122,7 @@ def qwen_with_end_of_turn(tmp_path) -> Path:
     """As ``qwen_with_chat_template``, with :data:`EOT_CHAT_TEMPLATE` and ``<|end|>`` added as a special token."""
     from transformers import AutoTokenizer, Qwen2Config
 
-    from lit_rlhf.tiny import resolve_model_path
+    from lit_rlhf.models import resolve_model_path
 
     folder = tmp_path / "tiny-qwen-eot"
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("embedded:tiny-gpt2"))
@@ -139,7 +140,7 @@ def short_context_gpt2(tmp_path_factory) -> Path:
     length overflow it."""
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    from lit_rlhf.tiny import resolve_model_path
+    from lit_rlhf.models import resolve_model_path
 
     folder = tmp_path_factory.mktemp("gpt2") / "short"
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("embedded:tiny-gpt2"))
@@ -202,16 +203,17 @@ class ShortnessReward(Reward):
 def log_ratios(monkeypatch):
     """Every PPO mini-batch's masked log importance ratio log(pi / pi_old) [b, t], in update order: the first
     is the one computed before any weight moved."""
-    import lit_rlhf.module as module_lib
+    from lit_rlhf import objectives
 
+    objective_lib = sys.modules[objectives.ppo_objective.__module__]  # where ppo_objective looks it up
     recorded = []
-    original = module_lib.ppo_math.ppo_diagnostics
+    original = objective_lib.ppo_diagnostics
 
     def recording_diagnostics(logprobs, old_logprobs, values, old_values, response_mask, *args):
         recorded.append(((logprobs - old_logprobs) * response_mask).detach().clone())
         return original(logprobs, old_logprobs, values, old_values, response_mask, *args)
 
-    monkeypatch.setattr(module_lib.ppo_math, "ppo_diagnostics", recording_diagnostics)
+    monkeypatch.setattr(objective_lib, "ppo_diagnostics", recording_diagnostics)
     return recorded
 
 
@@ -281,3 +283,16 @@ def fake_sharding(sharding: str, module: torch.nn.Module, params: list[torch.nn.
     strategy.model = SimpleNamespace(state_dict=lambda: {k: v.clone() for k, v in module.state_dict().items()})
     monkeypatch.setattr(FullyShardedDataParallel, "state_dict_type", gathering)
     return strategy
+
+
+def good_bad_pairs(n: int) -> list[dict]:
+    things = ["cat", "dog", "tree", "car", "song", "book", "city", "lake", "film", "game"]
+    return [{"prompt": f"what about the {things[i % 10]} number {i}?",
+             "chosen": f"the {things[(i + 3) % 10]} is good", "rejected": f"the {things[(i + 7) % 10]} is bad"}
+            for i in range(n)]
+
+
+def dialogue_rows(n: int) -> list[dict]:
+    """``n`` short (dialogue, summary) rows of different lengths: a few training batches per epoch."""
+    return [{"id": str(i), "dialogue": f"#Person1#: I need {i} apples{' today' * (i % 4)}.\n#Person2#: Here they are.",
+             "summary": f"Person1 buys {i} apples."} for i in range(n)]

@@ -1,7 +1,7 @@
 """The PPO loss on 2 CPU processes (gloo), spawned by ``tests/test_ddp.py`` with ``torch.multiprocessing``.
 
 Each process holds a mini-batch of its own (other rows, other response lengths, another padded width),
-computes ``ppo.ppo_objective`` with the reduction the modules use (``distributed.all_reduce_sum`` on a
+computes ``objectives.ppo_objective`` with the reduction the modules use (``distributed.all_reduce_sum`` on a
 strategy that reduces in place, as Lightning's does on gloo) and averages the gradients over the processes,
 as ``DistributedDataParallel`` does. The test compares them with one process's gradient on the two
 mini-batches put together.
@@ -19,9 +19,8 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor, nn
 
-from lit_rlhf import distributed as dist
-from lit_rlhf import ppo
-
+from lit_rlhf.runtime import distributed as dist
+from lit_rlhf import objectives
 WORLD = 2
 FEATURES = 4
 NORM_CONSTANT = 6.0  # token_sum_norm's constant: the longest response allowed
@@ -59,10 +58,10 @@ def minibatch(rank: int) -> dict[str, Tensor]:
             "ref_logprobs": logprobs + noise(0.2)}
 
 
-def objective(model: nn.Module, batch: dict[str, Tensor], mode: str, reduce_fn: ppo.ReduceFn) -> Tensor:
+def objective(model: nn.Module, batch: dict[str, Tensor], mode: str, reduce_fn: objectives.ReduceFn) -> Tensor:
     """The PPO module's loss of one mini-batch: clipped surrogate + k3 KL term, plus vf_coef x value loss."""
     logprobs, values = model(batch["features"])
-    loss, _ = ppo.ppo_objective(
+    loss, _ = objectives.ppo_objective(
         logprobs, batch["old_logprobs"], values, batch["old_values"], batch["advantages"], batch["returns"],
         batch["response_mask"], CLIP, CLIP_VALUE, VF_COEF, mode, NORM_CONSTANT, batch["ref_logprobs"], KL_COEF,
         reduce_fn=reduce_fn)

@@ -30,7 +30,7 @@ from pathlib import Path  # noqa: E402
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-from lit_rlhf import ppo as ppo_math  # noqa: E402
+from lit_rlhf import objectives  # noqa: E402
 from lit_rlhf.cli import config_path, run  # noqa: E402
 
 torch.set_num_threads(1)
@@ -84,8 +84,8 @@ class Probe(L.Callback):
 
         trainer.strategy.model.register_comm_hook(None, counting)
         self.loss_processes: list[float] = []
-        self.objective = ppo_math.ppo_objective
-        ppo_math.ppo_objective = self.recording_objective
+        self.objective = objectives.ppo_objective
+        objectives.ppo_objective = self.recording_objective
 
     def on_before_backward(self, trainer, pl_module, loss):
         self.counts["backwards"] += 1
@@ -102,12 +102,12 @@ class Probe(L.Callback):
         return self.objective(*args, **kwargs)
 
     def on_train_end(self, trainer, pl_module):
-        ppo_math.ppo_objective = self.objective
+        objectives.ppo_objective = self.objective
         x, mask = reduction_probe_data(trainer.global_rank)
         # two statistics through one stacked reduction: per-row first column, and the masked entries
-        mean, var, n = ppo_math.masked_moments_many([(x[:, 0], torch.ones_like(x[:, 0])), (x, mask)], pl_module._reduce)
+        mean, var, n = objectives.masked_moments_many([(x[:, 0], torch.ones_like(x[:, 0])), (x, mask)], pl_module._reduce)
         self.reduced = {
-            "whitened": ppo_math.masked_whiten(x, mask, reduce_fn=pl_module._reduce),
+            "whitened": objectives.masked_whiten(x, mask, reduce_fn=pl_module._reduce),
             "mean_std_n": torch.stack([mean, var.sqrt(), n]).float(),
             # the helper must not change its input (the strategy reduces in place)
             "input_unchanged": torch.tensor(torch.equal(x, reduction_probe_data(trainer.global_rank)[0])),

@@ -87,12 +87,12 @@ def warn_from(module, message, category):
 
 
 def test_lit_rlhf_deprecation():
-    warn_from("lit_rlhf.lm", "this lit_rlhf function is deprecated", DeprecationWarning)
+    warn_from("lit_rlhf.models.lm", "this lit_rlhf function is deprecated", DeprecationWarning)
 
 
 def test_deprecated_argument_used_by_lit_rlhf():
     # transformers' deprecate_kwarg warns with FutureWarning at the caller
-    warn_from("lit_rlhf.decoding", "`past_key_values` is deprecated, use `cache`", FutureWarning)
+    warn_from("lit_rlhf.models.decoding", "`past_key_values` is deprecated, use `cache`", FutureWarning)
 
 
 def test_transformers_cache_deprecation():

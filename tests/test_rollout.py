@@ -12,8 +12,9 @@ from torch.testing import assert_close
 from lit_rlhf import rollout as ro
 from lit_rlhf.callbacks import ProfanityToxicity, ToxicityCallback
 from lit_rlhf.data import DialogSumDataModule
-from lit_rlhf.module import PPOModule, PPOSettings
-from lit_rlhf.policy import Policy, ResponseBatch
+from lit_rlhf.modules import PPOModule
+from lit_rlhf.settings import PPOSettings
+from lit_rlhf.models import Policy, ResponseBatch
 from lit_rlhf.rewards import CompositeReward, ProfanityReward, ReferenceSimilarityReward
 from lit_rlhf.settings import GenerationSettings, LoraSettings
 

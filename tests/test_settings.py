@@ -2,7 +2,7 @@
 
 import pytest
 
-from lit_rlhf import ppo
+from lit_rlhf import objectives
 from lit_rlhf.settings import (
     GenerationSettings, LoraSettings, PPOSettings, check, check_precision, lora_settings, run_errors,
 )
@@ -55,7 +55,7 @@ def test_lora_settings_are_checked_where_every_module_reads_them(value, message)
 
 def test_defaults_are_valid_and_choice_lists_come_from_the_literals():
     assert LoraSettings().errors() == GenerationSettings().errors() == PPOSettings().errors() == []
-    assert ppo.KL_ESTIMATORS == ("kl", "abs", "mse", "full")
+    assert objectives.KL_ESTIMATORS == ("kl", "abs", "mse", "full")
     assert not PPOSettings(adaptive_kl=False, kl_target=0).errors()  # the target only matters when adaptive
 
 

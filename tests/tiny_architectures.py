@@ -1,6 +1,6 @@
 """Tiny random models of the architectures users bring, built from configs in milliseconds, offline.
 
-Each is saved with ``save_pretrained`` beside an embedded tiny tokenizer (``lit_rlhf.tiny``: the GPT-2 one for
+Each is saved with ``save_pretrained`` beside an embedded tiny tokenizer (``lit_rlhf.models.tiny``: the GPT-2 one for
 decoder-only models, the T5 one for encoder-decoders), with the config's vocabulary set to match, so that
 ``Policy(path)`` loads it exactly as it loads a hub model.
 """
@@ -14,7 +14,7 @@ import torch
 import transformers as tf
 from transformers import AutoTokenizer, GenerationConfig
 
-from lit_rlhf.tiny import resolve_model_path
+from lit_rlhf.models import resolve_model_path
 
 SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "max_position_embeddings": 512}

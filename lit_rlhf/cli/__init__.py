@@ -1,0 +1,43 @@
+"""The lit-rlhf, lit-rlhf-sft, lit-rlhf-rm and lit-rlhf-dpo commands (LightningCLI)."""
+
+from lit_rlhf.cli.commands import (
+    DEFAULT_CONFIG,
+    LitRLHFCLI,
+    SUBCOMMANDS,
+    config_path,
+    main,
+    main_dpo,
+    main_rm,
+    main_sft,
+    needed_subcommands,
+    one_line_errors,
+    packaged_configs,
+    quiet_harmless_warnings,
+    resolve_configs,
+    run,
+    run_dpo,
+    run_rm,
+    run_sft,
+    with_default_config,
+)
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "LitRLHFCLI",
+    "SUBCOMMANDS",
+    "config_path",
+    "main",
+    "main_dpo",
+    "main_rm",
+    "main_sft",
+    "needed_subcommands",
+    "one_line_errors",
+    "packaged_configs",
+    "quiet_harmless_warnings",
+    "resolve_configs",
+    "run",
+    "run_dpo",
+    "run_rm",
+    "run_sft",
+    "with_default_config",
+]

@@ -1,0 +1,37 @@
+"""Where prompts come from and how they become batches: sources, prompt formats, the data modules."""
+
+from lit_rlhf.data.dialogsum import (
+    DEFAULT_PROMPT_TEMPLATE,
+    DialogSumDataModule,
+    apply_prompt_and_tokenize,
+    load_bundled_dialogsum,
+    load_predict_rows,
+    tokenize_summary,
+)
+from lit_rlhf.data.preferences import PairColumns, PreferenceDataModule, pair_texts
+from lit_rlhf.data.prompts import PromptCollator, PromptDataModule, PromptStreamSampler, context_tokens, end_of_turn
+from lit_rlhf.data.sampled_pairs import main, rank_pair, recipe_rule, sample_pairs
+from lit_rlhf.data.sources import is_blank, load_source
+
+__all__ = [
+    "DEFAULT_PROMPT_TEMPLATE",
+    "DialogSumDataModule",
+    "PairColumns",
+    "PreferenceDataModule",
+    "PromptCollator",
+    "PromptDataModule",
+    "PromptStreamSampler",
+    "apply_prompt_and_tokenize",
+    "context_tokens",
+    "end_of_turn",
+    "is_blank",
+    "load_bundled_dialogsum",
+    "load_predict_rows",
+    "load_source",
+    "main",
+    "pair_texts",
+    "rank_pair",
+    "recipe_rule",
+    "sample_pairs",
+    "tokenize_summary",
+]

@@ -1,0 +1,50 @@
+"""The policy's model side: seq2seq/causal forward passes, loading, LoRA, generation, the embedded tiny models."""
+
+from lit_rlhf.models.decoding import SampledRollout, inverse_cdf_sample, sample_with_cache, warpers
+from lit_rlhf.models.lm import logprobs_from_logits, position_limit, trim_batch
+from lit_rlhf.models.policy import (
+    Policy,
+    ResponseBatch,
+    ValueHead,
+    build_policy,
+    ensure_pad_token,
+    full_kl_per_token,
+    load_causal_or_seq2seq,
+    lora_wrapping,
+    merge_adapter,
+    model_source_errors,
+)
+from lit_rlhf.models.tiny import (
+    SUMMARIZER_ARCHITECTURE,
+    build_tiny_t5,
+    build_tokenizer,
+    default_cache_dir,
+    looks_like_local_path,
+    resolve_model_path,
+)
+
+__all__ = [
+    "Policy",
+    "ResponseBatch",
+    "SUMMARIZER_ARCHITECTURE",
+    "SampledRollout",
+    "ValueHead",
+    "build_policy",
+    "ensure_pad_token",
+    "build_tiny_t5",
+    "build_tokenizer",
+    "default_cache_dir",
+    "full_kl_per_token",
+    "inverse_cdf_sample",
+    "load_causal_or_seq2seq",
+    "logprobs_from_logits",
+    "looks_like_local_path",
+    "lora_wrapping",
+    "merge_adapter",
+    "model_source_errors",
+    "position_limit",
+    "resolve_model_path",
+    "sample_with_cache",
+    "trim_batch",
+    "warpers",
+]

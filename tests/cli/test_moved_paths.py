@@ -1,0 +1,63 @@
+"""A run folder written by lit_rlhf 0.3's flat layout (tests/fixtures/run_0_3: its config names
+``lit_rlhf.prompts.PromptDataModule``) resumes with today's packages, and old module paths read the new ones."""
+
+import importlib
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lit_rlhf.cli import run
+from lit_rlhf.data import PromptDataModule
+from lit_rlhf.moved import MOVED_MODULES
+
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "run_0_3"
+CKPT = "logs/lightning_logs/version_0/checkpoints/last.ckpt"
+
+
+@pytest.fixture
+def old_run(tmp_path, monkeypatch):
+    shutil.copy(FIXTURE / "prompts.jsonl", tmp_path)
+    shutil.copy(FIXTURE / "my_rewards.py", tmp_path)
+    shutil.copytree(FIXTURE / "version_0", tmp_path / "logs" / "lightning_logs" / "version_0")
+    monkeypatch.chdir(tmp_path)
+    for old in MOVED_MODULES:
+        monkeypatch.delitem(sys.modules, old, raising=False)  # each test sees the first import's warning
+    return tmp_path
+
+
+def test_validate_of_an_old_run_loads_its_weights_and_classes(old_run):
+    stored = torch.load(CKPT, map_location="cpu", weights_only=True)["state_dict"]
+    with pytest.warns(FutureWarning, match=r"lit_rlhf\.prompts is now lit_rlhf\.data"):
+        cli = run(["validate", "--ckpt_path", CKPT, "--trainer.enable_progress_bar", "false"])
+    assert type(cli.datamodule) is PromptDataModule
+    assert type(cli.model.reward).__name__ == "FunctionReward"
+    weights = cli.model.state_dict()
+    assert stored.keys() <= weights.keys()
+    for name, value in stored.items():
+        torch.testing.assert_close(weights[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_fit_extends_an_old_run_and_writes_todays_paths(old_run):
+    with pytest.warns(FutureWarning, match=r"lit_rlhf\.prompts is now lit_rlhf\.data"):
+        cli = run(["fit", "--ckpt_path", CKPT, "--model.ppo_steps", "2", "--trainer.enable_progress_bar", "false"])
+    assert cli.model.ppo_step == 2
+    assert Path(cli.trainer.log_dir) == Path("logs/lightning_logs/version_0")
+    config = yaml.safe_load(Path("logs/lightning_logs/version_0/config.yaml").read_text())
+    assert config["data"]["class_path"] == "lit_rlhf.data.PromptDataModule"
+    assert Path("logs/lightning_logs/version_0/adapter/adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("old", sorted(MOVED_MODULES))
+def test_every_old_module_reads_its_new_package(old, monkeypatch):
+    monkeypatch.delitem(sys.modules, old, raising=False)
+    with pytest.warns(FutureWarning, match=f"{old} is now {MOVED_MODULES[old]}"):
+        module = importlib.import_module(old)
+    new = importlib.import_module(MOVED_MODULES[old])
+    for name in new.__all__:
+        assert getattr(module, name) is getattr(new, name)
+    with pytest.raises(AttributeError):
+        module.no_such_name
