@@ -29,81 +29,15 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lit_rlhf.modules.base import BuildsPolicy
+from lit_rlhf.objectives import DPOLossType, check_margin, dpo_loss, preference_metrics, sequence_logps
 from lit_rlhf.runtime import distributed as dist
 from lit_rlhf.models import Policy, ResponseBatch, model_source_errors
 from lit_rlhf.settings import LoraSettings
 from lit_rlhf.settings import WeightDtype, check, check_precision, dtype_errors, lora_settings, plain
 from lit_rlhf.runtime import NumThreads, num_threads_errors
 
-DPOLossType = Literal["sigmoid", "ipo"]
 LogpReduction = Literal["auto", "sum", "mean"]
 PAIR_KEYS = ("prompt_input_ids", "prompt_attention_mask", "chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask")
-
-
-# ---------------------------------------------------------------------------------------------- the losses
-
-def sequence_logps(logprobs: Tensor, response_mask: Tensor, average: bool = False) -> Tensor:
-    """Per-row log-probability of each response: the sum of its tokens' log-probs, or with ``average`` their
-    mean (TRL's IPO divides by the response length). logprobs, response_mask: [B, T] -> [B]."""
-    mask = response_mask.to(logprobs.dtype)
-    total = (logprobs * mask).sum(-1)
-    return total / mask.sum(-1).clamp(min=1.0) if average else total
-
-
-def dpo_loss(
-    policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
-    beta: float = 0.1, loss_type: DPOLossType = "sigmoid", label_smoothing: float = 0.0, margin: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-pair preference loss and implicit rewards from the responses' log-probs, [B] each.
-
-    With h = (pc - rc) - (pr - rr), the policy's log-ratio margin of chosen over rejected against the reference's,
-    and the logit z = beta h - m (m: each pair's ``margin`` [B], 0 without one):
-
-    * ``sigmoid`` (DPO, arXiv:2305.18290 eq. 7; cDPO's label smoothing eps, Mitchell 2023 eq. 3):
-      ``-(1 - eps) logsigmoid(z) - eps logsigmoid(-z)``. The margin is ODPO's offset (Amini et al. 2024,
-      arXiv:2402.10571): the chosen response must beat the rejected one by m in implicit reward before
-      the loss lets go, with the sign of the reward model's Bradley-Terry margin (``reward_model``);
-    * ``ipo`` (arXiv:2310.12036 eq. 17, beta is the paper's tau): ``(h - 1 / (2 beta))^2`` (no margin: IPO
-      already regresses h to a fixed target).
-
-    Returns (loss, chosen_rewards, rejected_rewards): the rewards are ``beta (pc - rc)`` and ``beta (pr - rr)``,
-    detached (diagnostics)."""
-    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
-    check_margin(loss_type, margin is not None)
-    if loss_type == "sigmoid":
-        logits = beta * h - (margin if margin is not None else 0.0)
-        loss = -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
-    elif loss_type == "ipo":
-        loss = (h - 1.0 / (2.0 * beta)) ** 2
-    else:
-        raise ValueError(f"model.loss_type must be sigmoid or ipo, got {loss_type!r}")
-    chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
-    rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
-    return loss, chosen_rewards, rejected_rewards
-
-
-def check_margin(loss_type: str, has_margin: bool) -> None:
-    """Refuse per-pair margins (``data.margin_column``) with a loss that has no place for them."""
-    if has_margin and loss_type != "sigmoid":
-        raise ValueError(f"data.margin_column gives each pair a margin, which model.loss_type={loss_type} does not "
-                         "use: use model.loss_type=sigmoid or leave data.margin_column unset")
-
-
-@torch.no_grad()
-def preference_metrics(
-    loss: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor, policy_chosen: Tensor, policy_rejected: Tensor,
-) -> dict[str, Tensor]:
-    """Batch means under TRL's DPOTrainer names: ``loss``, ``rewards/{chosen,rejected,accuracies,margins}``
-    (accuracy: the fraction of pairs whose chosen reward is larger) and ``logps/{chosen,rejected}``."""
-    return {
-        "loss": loss.mean(),
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "logps/chosen": policy_chosen.detach().mean(),
-        "logps/rejected": policy_rejected.detach().mean(),
-    }
 
 
 def paired_responses(batch: dict[str, Any], pad_token_id: int) -> ResponseBatch:

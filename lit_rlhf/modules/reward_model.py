@@ -21,7 +21,6 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
@@ -33,32 +32,7 @@ from lit_rlhf.settings import LoraSettings, WeightDtype, check, check_precision,
 from lit_rlhf.settings import resolve_base_dtype
 from lit_rlhf.runtime import NumThreads, num_threads_errors
 from lit_rlhf.models import resolve_model_path
-
-
-def bradley_terry_loss(
-    chosen_rewards: Tensor, rejected_rewards: Tensor, margin: Tensor | None = None, center_coef: float = 0.0
-) -> Tensor:
-    """Bradley-Terry loss of a reward model, mean over the B pairs. Scalar.
-
-    loss = -log σ(r_c - r_r - m) + center_coef · (r_c + r_r)²
-    (Bradley & Terry 1952; the margin m as in Llama 2, arXiv:2307.09288 eq. 2; the centering term, which keeps
-    rewards near zero mean without changing their order, as in Eisenstein et al. arXiv:2312.09244).
-    ``chosen_rewards``, ``rejected_rewards``, ``margin``: [B].
-    """
-    diff = chosen_rewards - rejected_rewards
-    if margin is not None:
-        diff = diff - margin
-    loss = -F.logsigmoid(diff)
-    if center_coef:
-        loss = loss + center_coef * (chosen_rewards + rejected_rewards) ** 2
-    return loss.mean()
-
-
-@torch.no_grad()
-def preference_stats(chosen_rewards: Tensor, rejected_rewards: Tensor) -> dict[str, Tensor]:
-    """``accuracy``: the fraction of pairs with r_c > r_r (ties count as wrong); ``margin``: mean r_c - r_r."""
-    diff = (chosen_rewards - rejected_rewards).float()
-    return {"accuracy": (diff > 0).float().mean(), "margin": diff.mean()}
+from lit_rlhf.objectives import bradley_terry_loss, preference_stats
 
 
 class RewardModelModule(L.LightningModule):

@@ -1,45 +1,63 @@
-"""Pure tensor math of the objectives: masked statistics, PPO/GAE, KL control, critic-free advantages, losses."""
+"""Pure tensor math of the objectives: masked statistics, PPO/GAE, KL control, critic-free advantages, loss
+aggregation, preference losses (DPO, IPO, Bradley-Terry)."""
 
-from lit_rlhf.objectives.ppo import (
+from lit_rlhf.objectives.advantages import (
     ADVANTAGE_ESTIMATORS,
-    AdaptiveKLController,
     AdvantageEstimator,
     CRITIC_FREE_ESTIMATORS,
-    FixedKLController,
     GROUP_ESTIMATORS,
-    KLEstimator,
-    KL_ESTIMATORS,
+    compute_advantages,
+)
+from lit_rlhf.objectives.aggregation import (
     LOSS_AGGREGATIONS,
     LossAggregation,
-    ReduceFn,
     aggregate,
-    broadcast_to_tokens,
     combine_micro_batches,
-    compute_advantages,
-    compute_gae,
-    compute_rewards,
+    loss_counts,
+)
+from lit_rlhf.objectives.critic_free import (
+    broadcast_to_tokens,
     group_stats,
     grpo_advantages,
+    kl_shaped_scores,
+    reinforce_pp_advantages,
+    rloo_advantages,
+)
+from lit_rlhf.objectives.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    KLEstimator,
+    KL_ESTIMATORS,
+    compute_gae,
+    compute_rewards,
     k3_kl,
     kl_penalty,
-    kl_shaped_scores,
     last_token_index,
-    loss_counts,
-    masked_mean,
-    masked_moments,
-    masked_moments_many,
-    masked_var,
-    masked_whiten,
     minibatch_groups,
     policy_loss,
     policy_loss_per_token,
     ppo_diagnostics,
     ppo_objective,
-    reinforce_pp_advantages,
-    rloo_advantages,
-    rollout_statistics,
     shape_scores,
     value_loss,
+)
+from lit_rlhf.objectives.preference import (
+    DPOLossType,
+    bradley_terry_loss,
+    check_margin,
+    dpo_loss,
+    preference_metrics,
+    preference_stats,
+    sequence_logps,
+)
+from lit_rlhf.objectives.statistics import (
+    ReduceFn,
+    masked_mean,
+    masked_moments,
+    masked_moments_many,
+    masked_var,
+    masked_whiten,
+    rollout_statistics,
 )
 
 __all__ = [
@@ -47,6 +65,7 @@ __all__ = [
     "AdaptiveKLController",
     "AdvantageEstimator",
     "CRITIC_FREE_ESTIMATORS",
+    "DPOLossType",
     "FixedKLController",
     "GROUP_ESTIMATORS",
     "KLEstimator",
@@ -55,11 +74,14 @@ __all__ = [
     "LossAggregation",
     "ReduceFn",
     "aggregate",
+    "bradley_terry_loss",
     "broadcast_to_tokens",
+    "check_margin",
     "combine_micro_batches",
     "compute_advantages",
     "compute_gae",
     "compute_rewards",
+    "dpo_loss",
     "group_stats",
     "grpo_advantages",
     "k3_kl",
@@ -77,9 +99,12 @@ __all__ = [
     "policy_loss_per_token",
     "ppo_diagnostics",
     "ppo_objective",
+    "preference_metrics",
+    "preference_stats",
     "reinforce_pp_advantages",
     "rloo_advantages",
     "rollout_statistics",
+    "sequence_logps",
     "shape_scores",
     "value_loss",
 ]

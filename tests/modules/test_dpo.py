@@ -11,7 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from conftest import assert_resume_is_exact, perturb_lora, write_jsonl
-from lit_rlhf.modules import DPOModule, dpo_loss, sequence_logps
+from lit_rlhf.modules import DPOModule
 from lit_rlhf.models import Policy
 from lit_rlhf.data.prompts import _pad  # the prompt modules' padding
 
@@ -43,36 +43,6 @@ def fixed_pairs(policy: Policy) -> dict:
     return contract_batch(policy, PROMPTS, [CHOSEN] * n, [REJECTED] * n)
 
 
-def test_losses_match_hand_computed_values():
-    """Formulas compared with TRL's ``DPOTrainer.dpo_loss`` (trl/trainer/dpo_trainer.py: sigmoid with
-    label_smoothing, ipo ``(logits - 1/(2 beta))**2``, rewards ``beta * (policy - reference)`` logps)."""
-    pc, pr = torch.tensor([-1.0, -4.0]), torch.tensor([-3.0, -2.0])
-    rc, rr = torch.tensor([-2.0, -3.0]), torch.tensor([-2.0, -3.0])
-    # h = (pc - rc) - (pr - rr) = [1 - (-1), -1 - 1] = [2, -2]
-    loss, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta=0.5)
-    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
-    assert_close(loss, torch.tensor([-math.log(sig(1.0)), -math.log(sig(-1.0))]))
-    assert_close(chosen, torch.tensor([0.5, -0.5]))  # 0.5 * (pc - rc)
-    assert_close(rejected, torch.tensor([-0.5, 0.5]))  # 0.5 * (pr - rr)
-    # cDPO, eps = 0.1: -(0.9) log sig(1) - 0.1 log sig(-1) for the first pair
-    smoothed, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.5, label_smoothing=0.1)
-    expected = [-0.9 * math.log(sig(x)) - 0.1 * math.log(sig(-x)) for x in (1.0, -1.0)]
-    assert_close(smoothed, torch.tensor(expected))
-    # IPO, beta = 0.5: (h - 1)^2 = [1, 9]
-    ipo, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.5, loss_type="ipo")
-    assert_close(ipo, torch.tensor([1.0, 9.0]))
-
-
-def test_a_margin_offsets_the_dpo_logit():
-    # ODPO: loss = -log sigma(beta h - m); h = [2, -2] as above, beta = 0.5, m = [0.5, -1] -> logits [0.5, 0]
-    pc, pr = torch.tensor([-1.0, -4.0]), torch.tensor([-3.0, -2.0])
-    rc, rr = torch.tensor([-2.0, -3.0]), torch.tensor([-2.0, -3.0])
-    loss, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.5, margin=torch.tensor([0.5, -1.0]))
-    assert_close(loss, torch.tensor([math.log1p(math.exp(-0.5)), math.log(2.0)]))
-    with pytest.raises(ValueError, match="data.margin_column.*model.loss_type=ipo"):
-        dpo_loss(pc, pr, rc, rr, beta=0.5, loss_type="ipo", margin=torch.tensor([0.5, -1.0]))
-
-
 def test_the_module_reads_the_batch_margin():
     # at step zero h = 0, so a pair's loss is -log sigma(-m) = log(1 + e^m): margins [1, 0, -1, 2]
     torch.manual_seed(0)
@@ -94,13 +64,6 @@ def test_lora_settings_may_be_a_dict():
     # checked in the constructor, naming the flag, as in every module (peft failed on it later)
     with pytest.raises(ValueError, match=r"model\.lora\.r and model\.lora\.alpha must be > 0"):
         DPOModule("embedded:tiny-t5", lora={"r": 0})
-
-
-def test_sequence_logps_sum_or_mean_over_the_response_mask():
-    logprobs = torch.tensor([[-1.0, -2.0, -9.0], [-3.0, -9.0, -9.0]])
-    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    assert_close(sequence_logps(logprobs, mask), torch.tensor([-3.0, -3.0]))
-    assert_close(sequence_logps(logprobs, mask, average=True), torch.tensor([-1.5, -3.0]))
 
 
 @pytest.mark.parametrize("model_name", ["embedded:tiny-t5", "embedded:tiny-gpt2"])

@@ -10,33 +10,13 @@ import pytest
 import torch
 
 from lit_rlhf.data import PreferenceDataModule
-from lit_rlhf.modules import RewardModelModule, bradley_terry_loss, preference_stats
+from lit_rlhf.modules import RewardModelModule
 from lit_rlhf.rewards import ClassifierReward
 from lit_rlhf.settings import LoraSettings
 from conftest import assert_resume_is_exact, fake_sharding, good_bad_pairs, write_jsonl
 
 # small files are converted into each test's folder, not the user's datasets cache
 pytestmark = pytest.mark.usefixtures("datasets_cache")
-
-
-def test_bradley_terry_loss_by_hand():
-    chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
-    # -log σ(1) = log(1 + e^-1) = 0.31326; -log σ(-1) = log(1 + e) = 1.31326; mean 0.81326
-    expected = (math.log1p(math.exp(-1)) + math.log1p(math.exp(1))) / 2
-    torch.testing.assert_close(bradley_terry_loss(chosen, rejected), torch.tensor(expected))
-    # margin 1 on the first pair: -log σ(0) = log 2; the second pair -log σ(-1 - 0.5)
-    margin = torch.tensor([1.0, 0.5])
-    expected = (math.log(2) + math.log1p(math.exp(1.5))) / 2
-    torch.testing.assert_close(bradley_terry_loss(chosen, rejected, margin), torch.tensor(expected))
-    # centering 0.1 adds 0.1 * mean((2 + 1)^2, (0 + 1)^2) = 0.1 * 5 = 0.5
-    expected = (math.log1p(math.exp(-1)) + math.log1p(math.exp(1))) / 2 + 0.5
-    torch.testing.assert_close(bradley_terry_loss(chosen, rejected, center_coef=0.1), torch.tensor(expected))
-
-
-def test_preference_stats_count_ties_as_wrong():
-    stats = preference_stats(torch.tensor([1.0, 0.0, 3.0]), torch.tensor([0.0, 0.0, 4.0]))
-    torch.testing.assert_close(stats["accuracy"], torch.tensor(1 / 3))
-    torch.testing.assert_close(stats["margin"], torch.tensor(0.0))
 
 
 def test_fit_learns_a_rule_and_the_export_loads_as_classifier_reward(tmp_path):

@@ -6,7 +6,10 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from lit_rlhf import objectives  # ------------------------------------------------------------------ independent reference (plain loops)
+from lit_rlhf import objectives
+
+
+# ------------------------------------------------------------------ independent reference (plain loops)
 
 
 def gae_loop(rewards: list[float], values: list[float], gamma: float, lam: float) -> tuple[list, list]:
