@@ -11,11 +11,11 @@ from conftest import build_tiny_classifier
 
 from lit_rlhf.rewards import (
     ClassifierReward,
-    classifier_input_ids,
     CompositeReward,
     ProfanityReward,
     ReferenceSimilarityReward,
     Reward,
+    classifier_input_ids,
     special_tokens_around,
 )
 
