@@ -29,18 +29,17 @@ import lightning as L
 import torch
 from jsonargparse import lazy_instance
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lit_rlhf.callbacks import report as rep
-from lit_rlhf.callbacks.evaluators import ClassifierToxicity, ToxicityEvaluator
-from lit_rlhf.callbacks.report import HeldOutPrompt, Measurement
-from lit_rlhf.callbacks.stats import PairedTestMethod
-from lit_rlhf.runtime import distributed as dist
 from lit_rlhf import rollout as ro
-from lit_rlhf.runtime import atomic_write
+from lit_rlhf.callbacks.evaluators import ClassifierToxicity, ToxicityEvaluator
+from lit_rlhf.callbacks.measurement import HeldOutPrompt, Measurement, select_prompts, stored_before
+from lit_rlhf.callbacks.publish import log_comparison, log_measurement, publish_report
+from lit_rlhf.callbacks.rendering import markdown
+from lit_rlhf.callbacks.report import build_report, build_single_report
+from lit_rlhf.callbacks.stats import PairedTestMethod
 from lit_rlhf.rewards import Reward, TextField
-from lit_rlhf.runtime import plain_values
+from lit_rlhf.runtime import distributed as dist
 from lit_rlhf.settings import GenerationSettings
 
 
@@ -137,16 +136,16 @@ class ToxicityCallback(L.Callback):
         self.before = self._restored_before()
         if self.before is None:
             self.before = self.measure(trainer, pl_module, "before")
-        self._log_pass(trainer, self.before)
+        log_measurement(trainer, self.before)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.before is None:
             return
         self.after = self.measure(trainer, pl_module, "after")
         self.report = self._comparison(pl_module, self.before, self.after, self._settings(pl_module))
-        self._log_pass(trainer, self.after)
+        log_measurement(trainer, self.after)
         self._log_comparison(trainer, pl_module)
-        self._publish(trainer, "report", rep.markdown(self.report))
+        self._publish(trainer, "report", markdown(self.report))
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.on_test:
@@ -157,14 +156,14 @@ class ToxicityCallback(L.Callback):
         # A checkpoint written during fit holds the 'before' measurement (Lightning restores callback states in
         # test too): then the tested model is compared with it.
         restored, self._restored = self._restored, None
-        before = self._before_from_state(restored, "testing")
+        before = stored_before(restored, self._signature(), "testing")
         if before is None:
-            self.report = rep.build_single_report(self.prompts, tested, settings, self._warning(pl_module))
+            self.report = build_single_report(self.prompts, tested, settings, self._warning(pl_module))
             title = "Reward and toxicity of the tested model"
         else:
             self.report = self._comparison(pl_module, before, tested, settings)
             title = "Reward and toxicity before training and of the tested checkpoint (after)"
-        self._publish(trainer, "test_report", rep.markdown(self.report, title=title))
+        self._publish(trainer, "test_report", markdown(self.report, title=title))
 
     @property
     def state_key(self) -> str:
@@ -288,7 +287,7 @@ class ToxicityCallback(L.Callback):
     def _comparison(
         self, pl_module: L.LightningModule, before: Measurement, after: Measurement, settings: dict[str, Any]
     ) -> dict[str, Any]:
-        return rep.build_report(
+        return build_report(
             self.prompts, before, after, settings, self._warning(pl_module),
             num_samples=self.num_samples, strong_gain=self.strong_gain, strong_loss=self.strong_loss,
             bootstrap_resamples=self.bootstrap_resamples, confidence=self.confidence, seed=self.seed,
@@ -321,91 +320,18 @@ class ToxicityCallback(L.Callback):
 
     def _restored_before(self) -> Measurement | None:
         restored, self._restored = self._restored, None
-        return self._before_from_state(restored, "resuming")
-
-    def _before_from_state(self, state: dict[str, Any] | None, purpose: str) -> Measurement | None:
-        """The 'before' measurement saved in a checkpoint, if it was made on the same prompts and settings.
-
-        A run keeps its first 'before' through every resume: the checkpoint holds it, and the report compares it
-        with the end. When the prompts or settings differ it cannot be compared; the warning names them."""
-        if not state or "before" not in state:
-            return None
-        # tuples may come back from a checkpoint as lists: compare plain values
-        stored, mine = plain_values(state.get("signature") or {}), plain_values(self._signature())
-        differing = [key for key in mine if stored.get(key) != mine[key]]
-        if differing:
-            settings = ", ".join("held-out prompts" if key == "prompt_ids" else key for key in differing)
-            again = "it is measured again now, on this model" if purpose == "resuming" else "the report has no 'before'"
-            step = state["before"]["ppo_step"]
-            rank_zero_warn(f"ToxicityCallback: the checkpoint's 'before' measurement (PPO step {step}) used other "
-                           f"{settings}, so it is not used when {purpose}: {again}")
-            return None
-        rank_zero_info(f"ToxicityCallback: using the 'before' measurement stored in the checkpoint ({purpose})")
-        return Measurement(**state["before"])
+        return stored_before(restored, self._signature(), "resuming")
 
     # ------------------------------------------------------------------ output
 
-    def _publish(self, trainer: L.Trainer, name: str, markdown: str) -> None:
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # log_dir broadcasts: call it on every rank
-        if not trainer.is_global_zero:
-            return
-        self.report_paths = [
-            atomic_write(log_dir / f"{name}.json", rep.to_json(self.report)),
-            atomic_write(log_dir / f"{name}.md", markdown),
-        ]
-        # the same-model warning was given when the callback started (_prepare): the file keeps it, the console
-        # does not repeat it
-        lines = rep.summary_lines(self.report, with_warning=False)
-        text = "\n".join([rep.table(self.report), *lines, f"Report: {self.report_paths[1]}"])
-        print("\n" + text + "\n", flush=True)
-        for tb in _tensorboard(trainer):
-            tb.experiment.add_text(f"tox/{name}", markdown, getattr(trainer.lightning_module, "ppo_step", 0))
-
-    def _log_pass(self, trainer: L.Trainer, m: Measurement) -> None:
-        if not trainer.is_global_zero:
-            return
-        tox = torch.tensor(m.toxicity)
-        reward = torch.tensor(m.reward)
-        scalars = {
-            f"tox/{m.stage}_mean": float(tox.mean()),
-            f"tox/{m.stage}_std": float(tox.std(correction=0)),
-            f"tox/reward_{m.stage}_mean": float(reward.mean()),
-            f"tox/length_{m.stage}_mean": float(torch.tensor(m.length, dtype=torch.float).mean()),
-        }
-        for logger in trainer.loggers:
-            logger.log_metrics(scalars, step=m.ppo_step)
-        for tb in _tensorboard(trainer):
-            tb.experiment.add_histogram(f"tox/toxicity_{m.stage}", tox, m.ppo_step)
-            tb.experiment.add_histogram(f"tox/reward_{m.stage}", reward, m.ppo_step)
+    def _publish(self, trainer: L.Trainer, name: str, text: str) -> None:
+        paths = publish_report(trainer, name, self.report, text)
+        if paths is not None:  # the first process's; the others write nothing
+            self.report_paths = paths
 
     def _log_comparison(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or self.report is None:
-            return
-        r = self.report
-        scalars = {
-            "tox/improvement_mean_pct": r["toxicity"]["improvement_mean_percent"],
-            "tox/improvement_std_pct": r["toxicity"]["improvement_std_percent"],
-            "tox/diff_mean": r["toxicity"]["difference_mean"],
-            "tox/diff_ci_low": r["toxicity"]["ci_low"],
-            "tox/diff_ci_high": r["toxicity"]["ci_high"],
-            "tox/p_value": r["toxicity"]["p_value"],
-            "tox/reward_diff_mean": r["reward"]["difference_mean"],
-            "tox/reward_p_value": r["reward"]["p_value"],
-            **{f"tox/{key}_{stage}": r[stage][key] for stage in ("before", "after")
-               for key in ("rouge1", "rouge2", "rougeL", "distinct_1", "distinct_2") if key in r[stage]},
-        }
-        scalars = {k: v for k, v in scalars.items() if v is not None and v == v}  # drop NaN
-        step = int(getattr(pl_module, "ppo_step", 0))
-        for logger in trainer.loggers:
-            logger.log_metrics(scalars, step=step)
-        for tb in _tensorboard(trainer):
-            samples = r["samples"]
-            tb.experiment.add_text(
-                "tox/samples",
-                "Largest reward gains\n\n" + rep.samples_table(samples["most_improved"])
-                + "\n\nLargest reward losses\n\n" + rep.samples_table(samples["most_degraded"]),
-                step,
-            )
+        if self.report is not None:
+            log_comparison(trainer, self.report, int(getattr(pl_module, "ppo_step", 0)))
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -440,37 +366,3 @@ def same_model_warning(evaluator: ToxicityEvaluator, reward: Reward) -> str | No
         "optimised against this scorer, so a lower toxicity can be reward hacking rather than less toxic text: "
         "confirm with an independent evaluator."
     )
-
-
-def select_prompts(test_set: Any, num_prompts: int | None, reference_column: str | None = "summary") -> list[HeldOutPrompt]:
-    """The first ``num_prompts`` distinct dialogues of the held-out rows, each with all its references (the
-    values of ``reference_column``; none when it is None or absent).
-
-    DialogSum's test split lists each dialogue once per reference summary (ids ``test_{n}_{k}``); grouping by
-    dialogue text measures each dialogue once and scores ROUGE against all of its references. Each prompt counts
-    the rows merged into it (``duplicates``), which the report states.
-    """
-    columns = test_set.column_names
-    key_column = "dialogue" if "dialogue" in columns else "query"
-    keys = test_set[key_column]
-    has_references = reference_column is not None and reference_column in columns
-    summaries = test_set[reference_column] if has_references else [None] * len(keys)
-    ids, queries = test_set["id"], test_set["query"]
-    groups: dict[str, HeldOutPrompt] = {}
-    for row, key in enumerate(keys):
-        if key not in groups:
-            groups[key] = HeldOutPrompt(row=row, id=str(ids[row]), query=queries[row], references=[])
-        else:
-            groups[key].duplicates += 1
-        if summaries[row] is not None:
-            groups[key].references.append(summaries[row])
-    prompts = list(groups.values())
-    if num_prompts is not None:
-        prompts = prompts[:num_prompts]
-    if not prompts:
-        raise ValueError("ToxicityCallback: the data module's test_set is empty; raise data.test_size")
-    return prompts
-
-
-def _tensorboard(trainer: L.Trainer) -> list[TensorBoardLogger]:
-    return [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]

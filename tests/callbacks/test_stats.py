@@ -108,3 +108,22 @@ def test_bootstrap_ci_of_constant_or_empty_differences():
     assert all(math.isnan(x) for x in stats.bootstrap_ci(torch.tensor([]), 100))
     with pytest.raises(ValueError, match="confidence"):
         stats.bootstrap_ci(torch.ones(3), 100, confidence=1.0)
+
+
+def test_improvement_percent_is_the_relative_decrease():
+    assert stats.improvement_percent(0.2, 0.15) == pytest.approx(25.0)  # (0.2 - 0.15) / 0.2
+    assert stats.improvement_percent(0.2, 0.3) == pytest.approx(-50.0)  # worse after: negative
+    assert math.isnan(stats.improvement_percent(0.0, 0.1))
+
+
+def test_mean_std_is_the_population_std():
+    mean, std = stats.mean_std(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert mean == pytest.approx(2.5)
+    assert std == pytest.approx(math.sqrt(1.25))  # squared deviations 2.25, .25, .25, 2.25 -> mean 1.25
+
+
+def test_distinct_n_on_a_hand_example():
+    responses = [["a", "b", "a"], ["a", "b"]]
+    assert stats.distinct_n(responses, 1) == pytest.approx(2 / 5)  # a b a a b: {a, b}
+    assert stats.distinct_n(responses, 2) == pytest.approx(2 / 3)  # ab ba ab: {ab, ba}
+    assert stats.distinct_n([["x"]], 2) == 0.0  # no bigram at all
