@@ -83,4 +83,3 @@ def checkpointing_without_dropout(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         _apply(saved)
-

@@ -85,7 +85,8 @@ def write_full_model(policy: Policy, directory: Path, state_dict: dict[str, Tens
     if state_dict is not None:
         model_state = _prefixed(state_dict, "model.")
         if not model_state:
-            raise ValueError(f"save_adapter: the given state_dict has no 'model.*' weights; got {sorted(state_dict)[:3]}")
+            raise ValueError(
+                f"save_adapter: the given state_dict has no 'model.*' weights; got {sorted(state_dict)[:3]}")
     policy.model.save_pretrained(directory, state_dict=model_state)
     policy.tokenizer.save_pretrained(directory)
     if policy.has_value_head:

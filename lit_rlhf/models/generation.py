@@ -62,7 +62,6 @@ class ForcedEOSAtRowLimit(LogitsProcessor):
         return torch.where(last[:, None], forced, scores)
 
 
-
 def _ids(value: int | Sequence[int] | None) -> list[int]:
     """A generation config's token id field (an int, a list or None) as a list."""
     if value is None:
@@ -155,7 +154,6 @@ def only_generation_config(model: nn.Module, config: GenerationConfig) -> Iterat
         yield
     finally:
         base.generation_config = saved
-
 
 
 def fit_to_context(policy: Policy, query_ids: Tensor, query_mask: Tensor, max_new_tokens: int) -> tuple[Tensor, Tensor]:

@@ -56,7 +56,6 @@ def lora_target_modules(model: PreTrainedModel, target_modules: list[str] | str 
     return list(target_modules)
 
 
-
 def lora_config(lora: LoraSettings, is_seq2seq: bool) -> LoraConfig:
     """peft's ``LoraConfig`` for the adapter ``lora`` describes (``fan_in_fan_out`` is set by :func:`lora_wrapping`)."""
     from peft import LoraConfig
@@ -158,10 +157,10 @@ def merge_adapter(model: PreTrainedModel, adapter: str) -> PreTrainedModel:
     return wrapped.merge_and_unload()
 
 
-
 def add_lora(base: PreTrainedModel, lora: LoraSettings, is_seq2seq: bool) -> PeftModel:
-    """``base`` wrapped by peft with the trainable adapter ``lora`` describes, its targets checked against the model
-    (:func:`lora_target_modules`) and fitted to it (:func:`lora_wrapping`). Errors name ``model.lora.target_modules``."""
+    """``base`` wrapped by peft with the trainable adapter ``lora`` describes, its targets checked against the
+    model (:func:`lora_target_modules`) and fitted to it (:func:`lora_wrapping`). Errors name
+    ``model.lora.target_modules``."""
     from peft import get_peft_model
 
     peft_config = lora_config(lora, is_seq2seq)
@@ -231,4 +230,3 @@ class InitialWeights(nn.Module):
             finally:
                 for name, data in trained.items():
                     params[name].data = data
-
