@@ -2,18 +2,9 @@
 
 from lit_rlhf.models.decoding import SampledRollout, inverse_cdf_sample, sample_with_cache, warpers
 from lit_rlhf.models.lm import logprobs_from_logits, position_limit, trim_batch
-from lit_rlhf.models.policy import (
-    Policy,
-    ResponseBatch,
-    ValueHead,
-    build_policy,
-    ensure_pad_token,
-    full_kl_per_token,
-    load_causal_or_seq2seq,
-    lora_wrapping,
-    merge_adapter,
-    model_source_errors,
-)
+from lit_rlhf.models.loading import build_policy, ensure_pad_token, load_causal_or_seq2seq, model_source_errors
+from lit_rlhf.models.lora import lora_wrapping, merge_adapter
+from lit_rlhf.models.policy import Policy, ResponseBatch, ValueHead, full_kl_per_token
 from lit_rlhf.models.tiny import (
     SUMMARIZER_ARCHITECTURE,
     build_tiny_t5,

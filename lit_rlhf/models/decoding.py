@@ -136,8 +136,7 @@ def sample_with_cache(
     if settings.no_repeat_ngram_size:
         raise ValueError("model.generation.no_repeat_ngram_size is not available with model.fast_rollout=true; "
                          "set it to 0 or model.fast_rollout=false")
-    device = query_ids.device
-    batch = query_ids.shape[0] * repeats
+    device, batch = query_ids.device, query_ids.shape[0] * repeats
     limits = max_new_tokens.to(device)
     horizon = int(limits.max())
     response = torch.full((batch, horizon), tokens.pad, dtype=torch.long, device=device)
@@ -177,7 +176,12 @@ def sample_with_cache(
             lm.select(state, keep)
             rows, token = rows[keep], token[keep]
         lm.advance(state, token)
+    return finished_rollout(response, logprobs, values, lengths)
 
+
+def finished_rollout(response: Tensor, logprobs: Tensor, values: Tensor, lengths: Tensor) -> SampledRollout:
+    """The loop's [B, horizon] records cut to the longest response (at least one column), with the mask of each
+    row's ``lengths`` [B] applied."""
     width = max(1, int(lengths.max()))
-    mask = (torch.arange(width, device=device)[None] < lengths[:, None]).long()
+    mask = (torch.arange(width, device=lengths.device)[None] < lengths[:, None]).long()
     return SampledRollout(response[:, :width], mask, logprobs[:, :width] * mask, values[:, :width] * mask)

@@ -175,7 +175,7 @@ def _read_marker(path: str) -> dict[str, Any] | None:
         return None
 
 
-def _build_atomically(path: str, build: dict[str, Any], write: Callable[[str], None]) -> str:
+def build_atomically(path: str, build: dict[str, Any], write: Callable[[str], None]) -> str:
     """Run ``write(folder)`` into a temporary sibling of ``path``, add the marker, then rename it into place.
 
     Two processes (e.g. DDP ranks) may build the same ``path`` at once: both write private copies, the
@@ -281,7 +281,7 @@ def build_tiny_t5(
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
-    return _build_atomically(path, build, write)
+    return build_atomically(path, build, write)
 
 
 def build_tiny_gpt2(
@@ -323,7 +323,7 @@ def build_tiny_gpt2(
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
-    return _build_atomically(path, build, write)
+    return build_atomically(path, build, write)
 
 
 SUMMARIZER_ARCHITECTURE: dict[str, Any] = {

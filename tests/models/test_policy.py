@@ -1,104 +1,28 @@
-"""Policy: one seq2seq/causal interface whose log-probs, values, masks and saved adapters are exact.
+"""Policy: one seq2seq/causal interface whose log-probs, values, masks and generation are exact.
 
-Expectations are computed independently of ``Policy``'s scoring code: each row is run alone through the
-plain Hugging Face model, with no padding at all (so default position ids), and scored with
-``log_softmax``; or they come from ``generate``'s own logits; or they are written by hand.
+Expectations come from scoring independent of ``Policy``'s code (``policy_checks``), from ``generate``'s own
+logits, or are written by hand.
 """
 
-import json
-import warnings
-
-import pytest
 import torch
-from peft import PeftModel
-from torch import nn
 from torch.testing import assert_close
 
-from lit_rlhf.models import Policy, ValueHead, load_causal_or_seq2seq, trim_batch
-
-from lit_rlhf.settings import GenerationSettings, LoraSettings
-from lit_rlhf.models import resolve_model_path
+from lit_rlhf.models import Policy, trim_batch
 
 from conftest import perturb_lora
-
-T5, GPT2 = "embedded:tiny-t5", "embedded:tiny-gpt2"
-MODELS = pytest.mark.parametrize("name", [T5, GPT2], ids=["t5", "gpt2"])
-
-# Three prompts of clearly different lengths, so that one batch has real padding on the query side.
-PROMPTS = [
-    "#Person1#: Hello there, how are you today? #Person2#: Fine, thanks. And you?",
-    "Hi",
-    "#Person2#: I would like a cup of tea, please.",
-]
-# lora.alpha == lora.r: the LoRA update is scaled by 1, so perturb_lora's scale is the update's scale.
-SMALL_LORA = LoraSettings(r=4, alpha=4)
-
-
-def make_policy(name: str, **kwargs) -> Policy:
-    kwargs.setdefault("lora", SMALL_LORA)
-    return Policy(name, **kwargs).eval()  # eval: no LoRA / value-head dropout, so comparisons are exact
-
-
-def encode(policy: Policy, texts=PROMPTS) -> tuple[torch.Tensor, torch.Tensor]:
-    tokenizer = policy.tokenizer
-    # the layout each model kind needs: right padding for the T5 encoder, left padding for a causal LM
-    tokenizer.padding_side = "right" if policy.is_seq2seq else "left"
-    enc = tokenizer(texts, return_tensors="pt", padding=True)
-    return enc.input_ids, enc.attention_mask
-
-
-def sample(policy: Policy, query_ids, query_mask, max_new_tokens=(6, 6, 6), seed: int = 0, **settings):
-    settings = GenerationSettings(**{"min_new_tokens": 0, **settings})
-    torch.manual_seed(seed)
-    return policy.generate(query_ids, query_mask, settings, max_new_tokens=torch.tensor(max_new_tokens))
-
-
-def rows_alone(query_ids, query_mask, response_ids, response_mask):
-    """Each row without any padding: (query [1, P_i], response [1, T_i])."""
-    for i in range(query_ids.shape[0]):
-        n = int(response_mask[i].sum())
-        yield query_ids[i][query_mask[i].bool()][None], response_ids[i, :n][None]
-
-
-@torch.no_grad()
-def score_alone(model, is_seq2seq: bool, query_ids, query_mask, response_ids, response_mask):
-    """Independent scoring with the plain HF model: per row, unpadded. Returns per-row lists of
-    log-probs [T_i] and last hidden states [T_i, H] at the positions that predict each response token."""
-    logprobs, hiddens = [], []
-    for q, r in rows_alone(query_ids, query_mask, response_ids, response_mask):
-        if is_seq2seq:
-            start = torch.full_like(r[:, :1], model.config.decoder_start_token_id)
-            out = model(input_ids=q, decoder_input_ids=torch.cat([start, r[:, :-1]], 1), output_hidden_states=True)
-            logits, hidden = out.logits[0], out.decoder_hidden_states[-1][0]
-        else:
-            out = model(input_ids=torch.cat([q, r], 1), output_hidden_states=True)
-            p = q.shape[1]  # position p - 1 + t predicts response token t
-            logits, hidden = out.logits[0, p - 1 : -1], out.hidden_states[-1][0, p - 1 : -1]
-        logprobs.append(torch.log_softmax(logits, -1).gather(-1, r[0, :, None])[:, 0])
-        hiddens.append(hidden)
-    return logprobs, hiddens
-
-
-def assert_rows_close(batched, rows, response_mask, **tol):
-    for i, expected in enumerate(rows):
-        n = int(response_mask[i].sum())
-        assert n == expected.shape[0]
-        assert_close(batched[i, :n], expected, **tol)
-
-
-def base_model(name: str):
-    return load_causal_or_seq2seq(resolve_model_path(name)).eval()
-
-
-def add_to_eos_logit(policy: Policy, amount: float):
-    """Hook on the LM head that makes eos near-certain (amount > 0) or impossible (amount < 0)."""
-
-    def hook(module, args, output):
-        output = output.clone()
-        output[..., policy.eos_token_id] += amount
-        return output
-
-    return policy.model.get_output_embeddings().register_forward_hook(hook)
+from policy_checks import (
+    GPT2,
+    MODELS,
+    T5,
+    add_to_eos_logit,
+    assert_rows_close,
+    base_model,
+    encode,
+    make_policy,
+    rows_alone,
+    sample,
+    score_alone,
+)
 
 
 # ---------------------------------------------------------------------------------- 1. policy == reference
@@ -355,192 +279,7 @@ def test_gradients_reach_only_lora_and_value_head(name):
     assert len(policy.trainable_parameters()) == len(trainable)
 
 
-# ---------------------------------------------------------------------------------- 6. save_adapter
-
-
-@MODELS
-def test_saved_adapter_loads_with_plain_peft(name, tmp_path):
-    policy = make_policy(name)
-    perturb_lora(policy.model)
-    q, qm = encode(policy)
-    r, rm = sample(policy, q, qm, max_new_tokens=(4, 6, 3))
-    logprobs = policy(q, qm, r, rm).logprobs
-
-    directory = policy.save_adapter(tmp_path / "adapter")
-    for file in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "value_head.pt"):
-        assert (directory / file).is_file(), file
-    assert json.loads((directory / "adapter_config.json").read_text())["r"] == SMALL_LORA.r
-
-    loaded = PeftModel.from_pretrained(base_model(name), directory).eval()
-    expected, _ = score_alone(loaded, policy.is_seq2seq, q, qm, r, rm)
-    assert_rows_close(logprobs, expected, rm, atol=1e-5, rtol=1e-5)
-    # the perturbed adapter really is in the file: the base model alone scores differently
-    base_rows, _ = score_alone(base_model(name), policy.is_seq2seq, q, qm, r, rm)
-    assert not torch.allclose(torch.cat(base_rows), torch.cat(expected), atol=1e-3)
-
-    head = ValueHead(policy.model.config.hidden_size)
-    head.load_state_dict(torch.load(directory / "value_head.pt"))
-    assert_close(head.summary.weight, policy.value_head.summary.weight)
-    assert_close(head.summary.bias, policy.value_head.summary.bias)
-
-
-# ---------------------------------------------------------------------------------- 7. init_adapter
-
-
-@MODELS
-def test_init_adapter_becomes_the_reference(name, tmp_path):
-    sft = make_policy(name)
-    perturb_lora(sft.model, seed=3)
-    directory = sft.save_adapter(tmp_path / "sft")
-    q, qm = encode(sft)
-    r, rm = sample(sft, q, qm, max_new_tokens=(4, 6, 3))
-
-    policy = make_policy(name, init_adapter=str(directory))
-    ref = policy.reference_forward(q, qm, r, rm).logprobs
-    fine_tuned, _ = score_alone(PeftModel.from_pretrained(base_model(name), directory).eval(),
-                                policy.is_seq2seq, q, qm, r, rm)
-    raw_base, _ = score_alone(base_model(name), policy.is_seq2seq, q, qm, r, rm)
-    assert_rows_close(ref, fine_tuned, rm, atol=1e-5, rtol=1e-5)  # merged adapter == adapter on top
-    assert not torch.allclose(torch.cat(raw_base), torch.cat(fine_tuned), atol=1e-3)
-    # the new adapter starts at zero on top of the fine-tuned weights
-    assert torch.equal(policy(q, qm, r, rm).logprobs, ref)
-
-
-# ---------------------------------------------------------------------------------- 8. reference_model
-
-
-@MODELS
-def test_separate_reference_model(name):
-    policy = make_policy(name, reference_model=resolve_model_path(name))
-    assert policy.reference is not None
-    assert not any(p.requires_grad for p in policy.reference.parameters())
-    perturb_lora(policy.model)
-    q, qm = encode(policy)
-    r, rm = sample(policy, q, qm, max_new_tokens=(4, 6, 3))
-
-    ref = policy.reference_forward(q, qm, r, rm).logprobs
-    raw_base, _ = score_alone(base_model(name), policy.is_seq2seq, q, qm, r, rm)
-    assert_rows_close(ref, raw_base, rm, atol=1e-5, rtol=1e-5)  # the LoRA perturbation does not reach it
-    assert not torch.allclose(policy(q, qm, r, rm).logprobs[rm.bool()], ref[rm.bool()], atol=1e-3)
-
-    # it is the separate model that is used: changing it changes the reference, the policy stays
-    with torch.no_grad():
-        policy.reference.get_output_embeddings().weight.mul_(2.0)
-    assert not torch.allclose(policy.reference_forward(q, qm, r, rm).logprobs[rm.bool()], ref[rm.bool()], atol=1e-3)
-
-
-# ---------------------------------------------------------------------------------- 9. parameter counts
-
-
-# LoRA parameters by hand, r = 4 (each adapted Linear in -> out gets A [r, in] and B [out, r]: r·(in + out)):
-#   T5 (d_model 64, 4 heads × d_kv 16 = 64): q and v in 2 encoder self-, 2 decoder self- and 2 decoder
-#     cross-attention layers = 12 linears 64 -> 64, each 4·(64 + 64) = 512  -> 6144
-#   GPT-2 (n_embd 64): c_attn 64 -> 192 in 2 layers, each 4·(64 + 192) = 1024 -> 2048
-# Value head: Linear(64, 1) = 64 + 1 = 65.
-@pytest.mark.parametrize("name, lora_params", [(T5, 6144), (GPT2, 2048)], ids=["t5", "gpt2"])
-def test_parameter_counts(name, lora_params):
-    policy = make_policy(name)
-    config = policy.model.config
-    assert config.vocab_size == 2000 and getattr(config, "d_model", getattr(config, "n_embd", None)) == 64
-    base_params = sum(p.numel() for p in base_model(name).parameters())
-    counts = policy.parameter_counts()
-    assert counts["trainable model parameters"] == lora_params
-    assert counts["all model parameters"] == base_params + lora_params
-    assert counts["trainable parameters with value head"] == lora_params + 65
-    assert counts["all parameters with value head"] == base_params + lora_params + 65
-    assert counts["percentage of trainable model parameters"] == pytest.approx(100 * lora_params / (base_params + lora_params))
-    assert counts["percentage with value head"] == pytest.approx(
-        100 * (lora_params + 65) / (base_params + lora_params + 65)
-    )
-
-
-# ---------------------------------------------------------------------------------- 10. bad target modules
-
-
-@MODELS
-def test_bad_target_modules_raise_a_clear_error(name):
-    with pytest.raises(ValueError, match="lora.target_modules"):
-        Policy(name, lora=LoraSettings(r=4, target_modules=["nonexistent"]))
-
-
-@MODELS
-def test_tanh_gelu_is_fused_and_computes_the_same(name):
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-    from transformers.activations import NewGELUActivation
-
-    policy = Policy(name).eval()
-    assert not any(isinstance(m, NewGELUActivation) for m in policy.modules())
-    assert any(isinstance(m, nn.GELU) and m.approximate == "tanh" for m in policy.modules())
-    # the model as transformers builds it, with the original activation
-    path = resolve_model_path(name)
-    original = (AutoModelForSeq2SeqLM if policy.is_seq2seq else AutoModelForCausalLM).from_pretrained(path).eval()
-    assert any(isinstance(m, NewGELUActivation) for m in original.modules())
-    torch.manual_seed(0)
-    x = torch.randn(4, 7, 5) * 3
-    assert_close(nn.GELU(approximate="tanh")(x), NewGELUActivation()(x), atol=1e-6, rtol=1e-6)
-    ids = torch.randint(3, 100, (2, 6))
-    with torch.no_grad(), policy.model.disable_adapter():
-        ours = policy.model(input_ids=ids, labels=ids).logits
-    theirs = original(input_ids=ids, labels=ids).logits
-    assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
-
-
-# ---------------------------------------------------------------------------------- 11. trained base biases
-
-
-@pytest.mark.parametrize("bias", ["all", "lora_only"])
-def test_reference_stays_the_initial_model_when_lora_trains_biases(bias):
-    policy = make_policy(GPT2, lora=LoraSettings(r=4, alpha=4, bias=bias))
-    q, qm = encode(policy)
-    r, rm = sample(policy, q, qm, max_new_tokens=(4, 6, 3))
-    biases = {n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad and "lora_" not in n}
-    assert biases  # peft trains base biases with this setting
-    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2)
-    for _ in range(3):  # a few updates that raise the sampled responses' likelihood
-        loss = -(policy(q, qm, r, rm, with_values=False).logprobs * rm).sum()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    params = dict(policy.model.named_parameters())
-    assert all(not torch.equal(params[n], b) for n, b in biases.items())  # the biases were trained
-
-    ref = policy.reference_forward(q, qm, r, rm).logprobs
-    initial, _ = score_alone(base_model(GPT2), False, q, qm, r, rm)
-    assert_rows_close(ref, initial, rm, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(policy(q, qm, r, rm).logprobs[rm.bool()], ref[rm.bool()], atol=1e-3)
-    # the trained biases are back after the reference pass; the frozen copies are not saved in checkpoints
-    assert all(torch.equal(params[n], p) for n, p in policy.model.named_parameters() if n in biases)
-    assert not any("initial" in key for key in policy.state_dict())
-
-
-# ---------------------------------------------------------------------------------- 12. loading and output noise
-
-
-@MODELS
-def test_a_model_folder_without_a_tokenizer_is_one_clear_error(name, tmp_path):
-    base_model(name).save_pretrained(tmp_path / "weights_only")
-    with pytest.raises(ValueError) as err:
-        Policy(str(tmp_path / "weights_only"))
-    message = str(err.value)
-    assert "model.model_name" in message and str(tmp_path / "weights_only") in message and "tokenizer" in message
-    assert "\n" not in message
-
-
-@pytest.mark.parametrize("targets", [None, ["c_attn"], ["c_attn", "lm_head"]],
-                         ids=["default", "c_attn", "c_attn+lm_head"])
-def test_gpt2_conv1d_targets_build_without_peft_notices(targets):
-    lora = LoraSettings(r=4, alpha=4, target_modules=targets)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in range(2):  # a fresh run, then the same policy built again (a resume)
-            policy = make_policy(GPT2, lora=lora)
-    assert [str(w.message) for w in caught if "fan_in_fan_out" in str(w.message)] == []
-    c_attn = policy.model.get_base_model().transformer.h[0].attn.c_attn
-    assert c_attn.fan_in_fan_out  # Conv1D stores its weight in x out
-    if targets and "lm_head" in targets:
-        assert not policy.model.get_base_model().lm_head.fan_in_fan_out  # a Linear: out x in
-
+# ---------------------------------------------------------------------------------- 6. prompts cut to the context
 
 
 def test_the_rollouts_start_cut_names_the_setting_that_avoids_it(caplog):

@@ -13,7 +13,7 @@ from lit_rlhf.models.tiny import (
     EMBEDDED,
     MARKER_FILE,
     SPEAKER_TAGS,
-    _build_atomically,
+    build_atomically,
     build_tiny_t5,
     build_tokenizer,
     resolve_model_path,
@@ -181,9 +181,9 @@ def test_concurrent_build_keeps_the_first_finished_copy(tmp_path):
     def loser(folder: str) -> None:
         Path(folder, "weights.txt").write_text("loser")
         # Another process (e.g. another DDP rank) publishes the same build while this one is writing.
-        _build_atomically(str(target), build, winner)
+        build_atomically(str(target), build, winner)
 
-    assert _build_atomically(str(target), build, loser) == str(target)
+    assert build_atomically(str(target), build, loser) == str(target)
     assert (target / "weights.txt").read_text() == "winner"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # the loser's temporary copy is gone
 
@@ -193,12 +193,12 @@ def test_half_written_or_different_builds_are_not_reused(tmp_path):
     half.mkdir()
     (half / "config.json").write_text("{}")
     with pytest.raises(FileExistsError, match=MARKER_FILE):
-        _build_atomically(str(half), {"builder": "test"}, lambda folder: None)
+        build_atomically(str(half), {"builder": "test"}, lambda folder: None)
 
     done = tmp_path / "done"
-    _build_atomically(str(done), {"builder": "test", "seed": 0}, lambda folder: None)
+    build_atomically(str(done), {"builder": "test", "seed": 0}, lambda folder: None)
     with pytest.raises(FileExistsError, match="another build"):
-        _build_atomically(str(done), {"builder": "test", "seed": 1}, lambda folder: None)
+        build_atomically(str(done), {"builder": "test", "seed": 1}, lambda folder: None)
 
 
 def test_failed_build_leaves_nothing_behind(tmp_path):
@@ -207,7 +207,7 @@ def test_failed_build_leaves_nothing_behind(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        _build_atomically(str(tmp_path / "model"), {"builder": "test"}, crash)
+        build_atomically(str(tmp_path / "model"), {"builder": "test"}, crash)
     assert not list(tmp_path.iterdir())
 
 
