@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 # /proc/self/status readings, shared with the PPO step benchmark (benchmarks/ is on the path of a script run here)
-from bench_ppo_step import reset_peak_rss as reset_peak
-from bench_ppo_step import vm_kib as rss_kib
+from ppo_step.machine import reset_peak_rss as reset_peak
+from ppo_step.machine import vm_kib as rss_kib
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache"

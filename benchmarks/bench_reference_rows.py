@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ppo_step import DEFAULT_CACHE, PPO, build_model_dir, workload_prompts  # noqa: E402
+from ppo_step.settings import DEFAULT_CACHE, PPO  # noqa: E402
+from ppo_step.workloads import build_model_dir, workload_prompts  # noqa: E402
 
 from lit_rlhf.models import Policy  # noqa: E402
-
-from lit_rlhf.settings import LoraSettings
+from lit_rlhf.settings import LoraSettings  # noqa: E402
 
 
 def decode(policy: Policy, ids: torch.Tensor, mask: torch.Tensor, steps: int, beside: bool,
