@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 # /proc/self/status readings, shared with the PPO step benchmark (benchmarks/ is on the path of a script run here)
-from bench_ppo_step import reset_peak_rss as reset_peak
-from bench_ppo_step import vm_kib as rss_kib
+from ppo_step.machine import reset_peak_rss as reset_peak
+from ppo_step.machine import vm_kib as rss_kib
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache"
@@ -137,25 +137,21 @@ def build_model_dir(size: str, cache: Path = CACHE) -> Path:
 # ---------------------------------------------------------------------------------- worker (one configuration)
 
 
-def worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """One PPO (or GRPO) step of ``spec``'s configuration; memory after setup and the step's peak, in bytes."""
-    import lightning as L
+def worker_module(spec: dict[str, Any], lever: Lever):
+    """The PPOModule of ``spec``'s configuration: LoRA r 16, RESPONSE_TOKENS per response, a reward with no model
+    (the peaks are the policy's); GRPO with k = GRPO_K samples of ROWS / k prompts when ``lever.grpo``."""
     import torch
-    from torch.utils.data import DataLoader
 
     from lit_rlhf.modules import PPOModule
     from lit_rlhf.rewards import Reward
     from lit_rlhf.settings import GenerationSettings, LoraSettings, PPOSettings
-
-    torch.set_num_threads(spec["threads"])
-    lever, cuda = Lever(**spec["lever"]), spec["device"] == "cuda"
 
     class LengthReward(Reward):  # no model: the peaks are the policy's
         def compute(self, prompts, responses, references):
             return torch.tensor([len(r) % 7 / 7.0 for r in responses])
 
     k = GRPO_K if lever.grpo else 1
-    module = PPOModule(
+    return PPOModule(
         spec["model_dir"], reward=LengthReward(), lora=LoraSettings(r=LORA_R, alpha=LORA_R),
         generation=GenerationSettings(min_new_tokens=RESPONSE_TOKENS, max_new_tokens=(RESPONSE_TOKENS, RESPONSE_TOKENS + 1),
                                       batch_size=lever.chunk),
@@ -164,6 +160,18 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         dtype=lever.dtype, gradient_checkpointing=lever.checkpointing, log_samples_every=0, export_adapter=False,
         num_threads=spec["threads"],
     )
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One PPO (or GRPO) step of ``spec``'s configuration; memory after setup and the step's peak, in bytes."""
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader
+
+    torch.set_num_threads(spec["threads"])
+    lever, cuda = Lever(**spec["lever"]), spec["device"] == "cuda"
+    k = GRPO_K if lever.grpo else 1
+    module = worker_module(spec, lever)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(10, 1900, (ROWS // k, PROMPT_TOKENS), generator=generator)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "query": ["prompt"] * (ROWS // k)}

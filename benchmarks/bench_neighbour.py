@@ -46,7 +46,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_ppo_step import cpu_flags, library_versions, log  # noqa: E402  (stdlib-only imports at its top)
+from ppo_step.machine import cpu_flags, library_versions, log  # noqa: E402  (stdlib-only imports at its top)
 
 DEFAULT_RESULTS = HERE / "RESULTS_NEIGHBOUR.md"
 DEFAULT_CACHE = HERE / ".cache" / "threads"

@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ppo_step import DEFAULT_CACHE, PPO, build_model_dir, workload_prompts  # noqa: E402
+from ppo_step.settings import DEFAULT_CACHE, PPO  # noqa: E402
+from ppo_step.workloads import build_model_dir, workload_prompts  # noqa: E402
 
 from lit_rlhf.models import Policy  # noqa: E402
-
-from lit_rlhf.settings import LoraSettings
+from lit_rlhf.settings import LoraSettings  # noqa: E402
 
 
 def decode(policy: Policy, ids: torch.Tensor, mask: torch.Tensor, steps: int, beside: bool,
@@ -76,7 +76,7 @@ def timed(fn, repeats: int):
     return result, statistics.median(seconds)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="smoke run on the embedded tiny T5 (seconds)")
     parser.add_argument("--new-tokens", type=int, default=None, help="decode steps (default: 32; --tiny: 8)")
@@ -85,7 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls of each way (median; default 3)")
     parser.add_argument("--device", default="cpu", help="torch device to run on (cpu, cuda, ...)")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the benchmark model is built")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     steps = args.new_tokens or (8 if args.tiny else 32)
     args.cache_dir.mkdir(parents=True, exist_ok=True)

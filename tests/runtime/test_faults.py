@@ -1,4 +1,5 @@
-"""Fault injection: each protection of a run against crashes, bad numbers and bad input, and what it does."""
+"""Fault injection: each protection of a run against crashes and bad numbers, and what it does (bad input:
+test_bad_input.py)."""
 
 import os
 import signal
@@ -13,45 +14,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import build_tiny_classifier
-from lit_rlhf.runtime import AtomicCheckpointIO
-from lit_rlhf.cli import run
 from lit_rlhf.data import DialogSumDataModule, PromptStreamSampler
-from lit_rlhf.modules import PPOModule
+from lit_rlhf.rewards import Reward
+from lit_rlhf.runtime import AtomicCheckpointIO
 from lit_rlhf.settings import PPOSettings
-from lit_rlhf.settings import GenerationSettings
-from lit_rlhf.rewards import ProfanityReward, Reward
-
-SHORT = GenerationSettings(min_new_tokens=1, max_new_tokens=(4, 10))
-
-
-def small_module(**kwargs) -> PPOModule:
-    defaults = dict(model_name="embedded:tiny-t5", reward=ProfanityReward(), generation=SHORT, ppo_steps=2,
-                    rollout_batch_size=8, mini_batch_size=4, learning_rate=1e-2, log_samples_every=0,
-                    export_adapter=False, max_consecutive_skips=3)
-    defaults.update(kwargs)
-    return PPOModule(**defaults)
-
-
-def fit(module: PPOModule, tmp_path: Path, *callbacks: L.Callback) -> L.Trainer:
-    trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=bool(callbacks),
-                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=list(callbacks))
-    trainer.fit(module, DialogSumDataModule(model_name=module.hparams.model_name, batch_size=8))
-    return trainer
-
-
-class ScriptedReward(Reward):
-    """Returns NaN for the calls listed in ``nan_calls`` (0-based), a fixed score otherwise."""
-
-    def __init__(self, nan_calls=(), value=1.0):
-        super().__init__()
-        self.nan_calls, self.value, self.calls = set(nan_calls), value, 0
-
-    def compute(self, prompts, responses, references):
-        call, self.calls = self.calls, self.calls + 1
-        fill = float("nan") if call in self.nan_calls else self.value
-        return torch.full((len(responses),), fill)
+from small_runs import ScriptedReward, fit, small_module
 
 
 class WrongCountReward(Reward):
@@ -239,125 +206,6 @@ def test_ratio_above_threshold_skips(tmp_path):
 def test_reward_with_the_wrong_count_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"WrongCountReward.compute returned shape \(9,\), expected \(8,\)"):
         fit(small_module(reward=WrongCountReward()), tmp_path)
-
-
-# ------------------------------------------------------------------ degenerate rollouts
-
-
-def test_eos_first_responses_and_equal_rewards(tmp_path):
-    # every response is the single eos token and every sample gets the same reward: nothing to whiten,
-    # yet the step must stay finite and count the eos as a response token
-    module = small_module(reward=ScriptedReward(value=2.0), generation=GenerationSettings(min_new_tokens=0,
-                                                                                         max_new_tokens=(4, 10)))
-    eos = module.policy.eos_token_id
-    lm_head = module.policy.model.get_output_embeddings()
-
-    def force_eos(mod, inp, out):
-        out = out.clone()
-        out[..., eos] += 1e4
-        return out
-
-    lm_head.register_forward_hook(force_eos)
-    lengths = []
-    original = module._step_stats
-
-    def record(rollout, *args):
-        lengths.append(rollout.rows.response_mask.sum(1))
-        stats = original(rollout, *args)
-        assert all(torch.isfinite(v).all() for v in stats.values())
-        return stats
-
-    module._step_stats = record
-    fit(module, tmp_path)
-    assert module.skips.updates == 0 and module.skips.steps == 0
-    assert all((n == 1).all() for n in lengths)
-
-
-def test_responses_at_the_maximum_length(tmp_path):
-    module = small_module(generation=GenerationSettings(min_new_tokens=0, max_new_tokens=(5, 6)))
-    eos = module.policy.eos_token_id
-    module.policy.model.get_output_embeddings().register_forward_hook(
-        lambda mod, inp, out: out.index_fill(-1, torch.tensor([eos]), -1e4))
-    lengths = []
-    original = module._step_stats
-    module._step_stats = lambda rollout, *a: (lengths.append(rollout.rows.response_mask.sum(1)), original(rollout, *a))[1]
-    fit(module, tmp_path)
-    assert all((n == 5).all() for n in lengths)
-
-
-def test_prompts_longer_than_a_causal_context_are_cut_from_the_start():
-    module = small_module(model_name="embedded:tiny-gpt2")
-    policy = module.policy
-    limit = policy.max_positions()
-    ids = torch.arange(limit + 100)[None] % 500 + 10
-    ids, mask = ids, torch.ones_like(ids)
-    cut_ids, cut_mask = policy.fit_prompts(ids, mask, max_new_tokens=10)
-    assert cut_ids.shape[1] == limit - 10
-    assert torch.equal(cut_ids, ids[:, -(limit - 10):])  # the end of the prompt (the instruction) is kept
-    response, response_mask = policy.generate(cut_ids, cut_mask, GenerationSettings(max_new_tokens=(10, 11)))
-    assert response_mask.sum() >= 1
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        policy.fit_prompts(ids, mask, max_new_tokens=limit)
-
-
-# ------------------------------------------------------------------ bad input, caught before anything is written
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--model.mini_batch_size", "3"], "mini_batch_size=3 must divide"),
-    (["--model.learning_rate", "-1"], "learning_rate must be a positive number"),
-    (["--model.ppo.kl_estimator", "bogus"], "kl_estimator"),
-    (["--model.ppo_steps", "0"], "ppo_steps must be > 0"),
-    (["--trainer.max_steps", "0"], "max_steps=0"),
-    (["--model.model_name", "/no/such/model"], "Could not load model.model_name='/no/such/model'"),
-])
-def test_bad_settings_fail_before_the_run_directory_is_written(flags, message, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises((ValueError, SystemExit)) as info:
-        run(["fit", "--model.ppo_steps", "1", "--trainer.enable_progress_bar", "false", *flags])
-    # the parser's own errors (a value outside a Literal's choices) exit with the message on stderr
-    said = str(info.value) if info.type is ValueError else capsys.readouterr().err
-    assert message in said, said
-    written = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert written == [], written
-
-
-@pytest.mark.parametrize("command", ["lit-rlhf", "lit-rlhf-sft"])
-def test_a_truncated_checkpoint_is_one_line_naming_the_file(command, tmp_path, monkeypatch, capsys):
-    from lit_rlhf.cli import config_path, main, main_sft
-
-    monkeypatch.chdir(tmp_path)
-    torch.save({"lit_rlhf": {"ppo_step": 1}, "state_dict": {"w": torch.ones(1000)}}, "whole.ckpt")
-    Path("cut.ckpt").write_bytes(Path("whole.ckpt").read_bytes()[:2000])  # a copy that stopped half way
-    entry, args = {"lit-rlhf": (main, ["fit", "--config", config_path("embedded_t5.yaml")]),
-                   "lit-rlhf-sft": (main_sft, ["predict", "--config", config_path("sft_embedded.yaml")])}[command]
-    monkeypatch.setattr("sys.argv", [command, *args, "--ckpt_path", "cut.ckpt"])
-    monkeypatch.delenv("LIT_RLHF_DEBUG", raising=False)
-    with pytest.raises(SystemExit) as exit_info:
-        entry()
-    assert exit_info.value.code == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith(f"{command}: error: --ckpt_path cut.ckpt is not a readable checkpoint (RuntimeError: "
-                             "PytorchStreamReader failed reading zip archive"), err[0]
-    assert not Path("logs").exists()
-
-
-def test_unknown_reward_label_lists_the_labels(tmp_path):
-    classifier = build_tiny_classifier(tmp_path / "clf", ["hello world"])
-    from lit_rlhf.rewards import ClassifierReward
-
-    with pytest.raises(ValueError, match=r"nothate.*hate|hate.*nothate"):
-        small_module(reward=ClassifierReward(model_name=str(classifier), label="toxic"))
-
-
-def test_dataset_folder_without_the_needed_columns(tmp_path):
-    folder = tmp_path / "data"
-    folder.mkdir()
-    (folder / "train.jsonl").write_text('{"id": "a", "text": "no dialogue column"}\n')
-    data = DialogSumDataModule(dataset=str(folder))
-    with pytest.raises(ValueError, match="dialogue"):
-        data.prepare_data()
 
 
 # ------------------------------------------------------------------ Ctrl-C and crashes leave a resumable last.ckpt
