@@ -14,7 +14,7 @@ Scenarios, each for both thread settings:
 * beside a twin: two identical ``lit-rlhf fit`` started together (the report gives the mean of their medians).
 
 Each fit is the packaged embedded default (tiny T5, bundled DialogSum, the composite offline reward), run
-through ``lit_rlhf.cli.commands.LitRLHFCLI`` in its own process with a callback that times every training step
+through ``lit_rlhf.cli.LitRLHFCLI`` in its own process with a callback that times every training step
 (``on_train_batch_start`` -> ``on_train_batch_end``). No toxicity callback and no checkpoints, to keep runs
 short; OMP_NUM_THREADS is removed from the fits' environment (it would override both settings). A case
 measures ``--steps`` PPO steps, or stops after ``--max-seconds`` of stepping once ``--min-steps`` are done;
@@ -97,7 +97,9 @@ def run_worker(args: argparse.Namespace) -> None:
     import lightning as L
     import torch
 
-    from lit_rlhf.cli import commands as cli
+    from lit_rlhf.cli import LitRLHFCLI, with_default_config
+    from lit_rlhf.cli.base import COMMON_CLI_SETTINGS
+    from lit_rlhf.cli.ppo import parser_kwargs
     from lit_rlhf.data import DialogSumDataModule
     from lit_rlhf.modules import PPOModule
 
@@ -119,10 +121,10 @@ def run_worker(args: argparse.Namespace) -> None:
                 "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
                 "--model.ppo_steps", str(args.steps), "--model.num_threads", args.num_threads,
                 *(["--model.model_name", args.model] if args.model else [])]
-    settings = {**cli.COMMON_CLI_SETTINGS}
+    settings = {**COMMON_CLI_SETTINGS}
     settings["trainer_defaults"] = {**settings["trainer_defaults"], "callbacks": [StepClock()]}
-    run = cli.LitRLHFCLI(PPOModule, DialogSumDataModule, args=cli.with_default_config(fit_args),
-                         parser_kwargs=cli.parser_kwargs(), **settings)
+    run = LitRLHFCLI(PPOModule, DialogSumDataModule, args=with_default_config(fit_args),
+                     parser_kwargs=parser_kwargs(), **settings)
     parameters = run.model.policy.parameter_counts()["all model parameters"]
     Path(args.out).write_text(json.dumps({"steps": steps, "threads": torch.get_num_threads(),
                                           "parameters": parameters}))

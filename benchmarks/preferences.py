@@ -54,7 +54,7 @@ def run(command: str, args: list[str], folder: Path) -> None:
         raise FileNotFoundError(f"--no-run: {folder} has no result of {command} {args[0]}")
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    argv = [sys.executable, "-c", f"from lit_rlhf.cli.commands import {COMMANDS[command]} as m; m()", *args,
+    argv = [sys.executable, "-c", f"from lit_rlhf.cli import {COMMANDS[command]} as m; m()", *args,
             "--trainer.enable_progress_bar", "false"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(folder / "run.log", "a") as log:

@@ -57,7 +57,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def assert_resume_is_exact(run, args: list[str], weights_file: str, steps: int = 8) -> None:
-    """``run`` (a CLI entry such as ``lit_rlhf.cli.commands.run_dpo``) fits ``steps`` steps in one go, writing a periodic
+    """``run`` (a CLI entry such as ``lit_rlhf.cli.run_dpo``) fits ``steps`` steps in one go, writing a periodic
     checkpoint mid-epoch at step ``steps // 2`` (what a run killed after that point leaves behind: the process
     only goes on from there); a fit resumed from that checkpoint exports the same ``<log_dir>/<weights_file>``
     tensors, bit for bit, after training the other half."""

@@ -262,11 +262,12 @@ def test_pairs_longer_than_the_context_are_cut_to_fit_it_not_an_index_error(tmp_
 @pytest.mark.parametrize("entry, reads", [("run_dpo", False), ("run_rm", True)])
 def test_only_lit_rlhf_rm_gives_its_pairs_classifier_inputs(entry, reads, tmp_path, monkeypatch):
     """lit-rlhf-dpo's pairs are not limited by a classifier no one runs; lit-rlhf-rm's reward model reads them."""
-    import lit_rlhf.cli.commands as cli_module
+    import lit_rlhf.cli.base as cli_base
+    import lit_rlhf.cli.preferences as cli_module
 
     monkeypatch.chdir(tmp_path)
     write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
-    monkeypatch.setattr(cli_module.CommonCLI, "_run_subcommand", lambda self, subcommand: None)  # parse only
+    monkeypatch.setattr(cli_base.CommonCLI, "_run_subcommand", lambda self, subcommand: None)  # parse only
     cli = getattr(cli_module, entry)(["fit", "--model.model_name", "embedded:tiny-gpt2",
                                       "--data.dataset", "pairs.jsonl"])
     assert cli.datamodule.classifier_inputs is reads
