@@ -4,6 +4,7 @@
     fit_prompt             a prompt over its token limit, cut in its content (never its frame) or marked too long
     encode_prompts         rows -> prompt text, its token ids, the query decoded from them (datasets.map)
     tokenize_completions   supervised labels: each completion's ids, end-of-turn last
+    with_string_ids        rows with an ``id`` column of strings (row numbers where absent)
     check_prompt_settings  the ``data.*`` settings of ``PromptDataModule`` that cannot work
 """
 

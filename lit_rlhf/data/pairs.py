@@ -169,7 +169,7 @@ class PreferenceCollator:
             batch[f"{side}_ids"], batch[f"{side}_mask"] = ids, mask
             if self.classifier:
                 ids, mask = pad([row[f"{side}_input_ids"] for row in rows], self.pad_token_id,
-                                 self.classifier_padding_side)
+                                self.classifier_padding_side)
                 batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"] = ids, mask
         if self.margin_column is not None:
             batch["margin"] = torch.tensor([float(row[self.margin_column]) for row in rows], dtype=torch.float32)
