@@ -229,6 +229,7 @@ def test_hub_names_go_to_load_dataset(monkeypatch, local_dir):
     dm = DialogSumDataModule(dataset="knkarthick/dialogsum")
     dm.setup()
     assert seen == ["knkarthick/dialogsum"]
+    assert dm.summary()["source"] == 40
 
 
 def test_stream_position_is_the_data_modules_own_state():
