@@ -8,8 +8,11 @@ from lit_rlhf.data.dialogsum import (
     load_predict_rows,
     tokenize_summary,
 )
-from lit_rlhf.data.preferences import PairColumns, PreferenceDataModule, pair_texts
-from lit_rlhf.data.prompts import PromptCollator, PromptDataModule, PromptStreamSampler, context_tokens, end_of_turn
+from lit_rlhf.data.batching import PromptCollator, PromptStreamSampler, pad
+from lit_rlhf.data.formats import context_tokens, end_of_turn
+from lit_rlhf.data.pairs import PairColumns, pair_texts
+from lit_rlhf.data.preferences import PreferenceDataModule
+from lit_rlhf.data.prompts import PromptDataModule
 from lit_rlhf.data.sampled_pairs import main, rank_pair, recipe_rule, sample_pairs
 from lit_rlhf.data.sources import is_blank, load_source
 
@@ -29,6 +32,7 @@ __all__ = [
     "load_predict_rows",
     "load_source",
     "main",
+    "pad",
     "pair_texts",
     "rank_pair",
     "recipe_rule",

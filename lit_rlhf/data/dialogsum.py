@@ -14,13 +14,12 @@ from importlib import resources
 
 from transformers import PreTrainedTokenizerBase
 
-from lit_rlhf.data.prompts import (  # noqa: F401  (the generic pieces, importable from here as before)
-    PromptCollator, PromptDataModule, PromptFormat, PromptStreamSampler, Truncation,
-    encode_prompts, tokenize_completions,
-)
-from lit_rlhf.settings import GenerationSettings, longest_response
+from lit_rlhf.data.batching import PromptCollator, PromptStreamSampler  # noqa: F401  (importable from here as before)
+from lit_rlhf.data.formats import PromptFormat, Truncation, encode_prompts, tokenize_completions
+from lit_rlhf.data.prompts import PromptDataModule
 from lit_rlhf.data.sources import load_local_directory as _load_local_directory  # noqa: F401
 from lit_rlhf.data.sources import quiet_datasets_progress, read_data_files
+from lit_rlhf.settings import GenerationSettings, longest_response
 
 # `datasets` is imported where it is used: it takes ~1.5 s to import, which `lit-rlhf fit --help` need not pay. Not
 # under TYPE_CHECKING either: jsonargparse runs those blocks when it reads signatures. Annotations below that name
@@ -232,7 +231,7 @@ class DialogSumDataModule(PromptDataModule):
     def required_columns(self) -> list[str]:
         return list(REQUIRED_COLUMNS)
 
-    def _load_predict_rows(self) -> datasets.Dataset:
+    def read_predict_rows(self) -> datasets.Dataset:
         return load_predict_rows(self.predict_path)
 
 

@@ -1,157 +1,29 @@
-"""Preference pairs (prompt, chosen response, rejected response) for reward models and DPO.
+"""``PreferenceDataModule``: preference pairs for reward models and DPO, from any dataset.
 
-    pair_texts            rows -> the prompt's messages, the two response texts, why a row is skipped (if it is)
-    encode_pairs          pair texts -> prompt ids (fit to the limits), response ids (end-of-turn last)
-    classifier_sides      encoded pairs -> the ids a reward model reads of each side (``classifier_inputs``)
-    PreferenceCollator    rows -> a padded preference batch
-    ScoringCollator       predict rows (prompt, response) -> a padded batch of the classifier's texts
-    PreferenceDataModule  ``PromptDataModule`` over pairs: load, check, filter, split, the resumable stream
-
-A row is either text columns (``prompt_column``, ``chosen_column``, ``rejected_column``) or two conversations
-in ``chosen_column``/``rejected_column`` (lists of ``{role, content}``, as hub preference datasets store them):
-their shared leading turns are the prompt, each last (assistant) turn is a response.
-
-A batch holds ``prompt_input_ids``/``prompt_attention_mask`` (LongTensor [B, P], padded on the policy's side: right
-for encoder-decoder models, left for decoder-only ones), ``chosen_ids``/``chosen_mask`` [B, Tc] and
-``rejected_ids``/``rejected_mask`` [B, Tr] (the responses alone, right-padded, ending in the chat template's
-end-of-turn token, else in eos when the tokenizer has one), with ``classifier_inputs`` (a reward model reads the
-batch) ``chosen_input_ids``/``chosen_attention_mask`` and
-``rejected_input_ids``/``rejected_attention_mask`` (query + newline + response, or the response alone with
-``classifier_text="response"``, encoded by ``rewards.classifier_input_ids``: the response whole, the query cut from
-its start to ``classifier_max_length``; padded on the tokenizer's side: what a sequence classifier reads, exactly
-as ``ClassifierReward(text=...)`` reads it in a rollout), lists ``prompt``, ``query`` (the prompt ids decoded, as
-rollouts give it to rewards), ``chosen``, ``rejected``, ``id``, and with ``margin_column`` a FloatTensor ``margin``
-[B].
+It reads pairs as ``lit_rlhf.data.pairs`` makes them (its docstring describes the rows and the batches): load,
+check, filter, split, and the resumable stream of ``PromptDataModule``; in predict, responses to score.
 """
 
 from __future__ import annotations
 
-import math
 from collections import Counter
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING
 
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
-from transformers import PreTrainedTokenizerBase
 
-from lit_rlhf.data.prompts import (
-    PROMPT_FIT, ChatTemplate, PromptDataModule, PromptFormat, Truncation, _pad, _rows, encode_prompts, end_of_turn,
-    with_string_ids,
+from lit_rlhf.data.formats import PROMPT_FIT, ChatTemplate, PromptFormat, Truncation, with_string_ids
+from lit_rlhf.data.pairs import (
+    PROMPT_MESSAGES, PairColumns, PreferenceCollator, ScoringCollator, classifier_sides, encode_pairs, encode_scored,
+    pair_texts,
 )
+from lit_rlhf.data.prompts import PromptDataModule
+from lit_rlhf.data.sources import RowTexts, quiet_datasets_progress, read_data_files
 from lit_rlhf.models import position_limit
-from lit_rlhf.rewards import TextField, classifier_input_ids
-from lit_rlhf.data.sources import RowTexts, is_blank, quiet_datasets_progress, read_data_files
+from lit_rlhf.rewards import TextField
 
 if TYPE_CHECKING:
     import datasets
-
-PROMPT_MESSAGES = "prompt_messages"
-"""The derived column of each row's prompt as a conversation (a text prompt is one user turn)."""
-
-
-@dataclass(frozen=True)
-class PairColumns:
-    """Where a row's pair lives (the data module's ``*_column`` settings)."""
-
-    prompt: str = "prompt"
-    chosen: str = "chosen"
-    rejected: str = "rejected"
-    margin: str | None = None
-
-
-def _messages(value: Any, column: str) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not all(isinstance(m, dict) and "content" in m for m in value):
-        raise ValueError(f"data.{column}: conversation pairs need both responses as lists of {{role, content}} "
-                         f"messages, got {type(value).__name__}")
-    return [{"role": str(m.get("role")), "content": str(m["content"] or "")} for m in value]
-
-
-def _split_conversations(chosen: Any, rejected: Any, cols: PairColumns) -> tuple[list[dict[str, str]], str, str]:
-    """(shared prompt turns, chosen reply, rejected reply) from two conversations that differ in the last turn."""
-    c, r = _messages(chosen, "chosen_column"), _messages(rejected, "rejected_column")
-    for conv, setting in ((c, f"chosen_column={cols.chosen!r}"), (r, f"rejected_column={cols.rejected!r}")):
-        if not conv or conv[-1]["role"] != "assistant":
-            raise ValueError(f"data.{setting}: a conversation does not end with an assistant turn (the response)")
-    if c[:-1] != r[:-1]:
-        raise ValueError(f"data.chosen_column={cols.chosen!r} and data.rejected_column={cols.rejected!r}: a pair's "
-                         "conversations differ before their last turn, so they do not share one prompt")
-    return c[:-1], c[-1]["content"], r[-1]["content"]
-
-
-def pair_texts(batch: dict[str, list], cols: PairColumns, conversations: bool) -> dict[str, list]:
-    """Each row's prompt as messages, its two response texts, and ``skip``: "" for a usable pair, "identical"
-    (chosen == rejected: no preference to learn) or "empty" (an empty prompt or response)."""
-    out: dict[str, list] = {PROMPT_MESSAGES: [], "chosen_text": [], "rejected_text": [], "skip": []}
-    for row in _rows(batch):
-        if conversations:
-            prompt, chosen, rejected = _split_conversations(row[cols.chosen], row[cols.rejected], cols)
-        else:
-            text = "" if row[cols.prompt] is None else str(row[cols.prompt])
-            prompt = [{"role": "user", "content": text}] if text.strip() else []
-            chosen, rejected = (str(row[c] or "") for c in (cols.chosen, cols.rejected))
-        if cols.margin is not None:
-            margin = row[cols.margin]
-            if not isinstance(margin, (int, float)) or not math.isfinite(margin):
-                raise ValueError(f"data.margin_column={cols.margin!r}: row {row.get('id')!r} has margin {margin!r}; "
-                                 "every pair needs a finite number")
-        empty = is_blank(prompt) or is_blank(chosen) or is_blank(rejected)  # the rule of ``sources.RowTexts``
-        out[PROMPT_MESSAGES].append(prompt)
-        out["chosen_text"].append(chosen)
-        out["rejected_text"].append(rejected)
-        out["skip"].append("empty" if empty else "identical" if chosen == rejected else "")
-    return out
-
-
-def _response_ids(texts: list[str], tokenizer: PreTrainedTokenizerBase, end_id: int | None) -> list[list[int]]:
-    """Response token ids, ``end_id`` last (the end-of-turn token; none when None), with no prompt and no decoder
-    start token."""
-    ids = tokenizer(texts, add_special_tokens=False).input_ids
-    return ids if end_id is None else [row + [end_id] for row in ids]
-
-
-def encode_pairs(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat) -> dict[str, list]:
-    """The prompt as ``encode_prompts`` renders and fits it (chat template, system prompt; cut in its content so
-    that it fits beside the longer response) and both responses' ids (ending in the chat template's end-of-turn
-    token, else eos)."""
-    end = end_of_turn(tokenizer, fmt.chat)
-    responses = {side: _response_ids(batch[f"{side}_text"], tokenizer, end) for side in ("chosen", "rejected")}
-    reserved = [max(len(c), len(r)) for c, r in zip(responses["chosen"], responses["rejected"])]
-    out = encode_prompts(batch, tokenizer, fmt, reserved)
-    for side in ("chosen", "rejected"):
-        out[f"{side}_ids"] = responses[side]
-    return out
-
-
-def classifier_sides(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, classifier_text: TextField,
-                     classifier_limit: int | None) -> dict[str, list]:
-    """A reward model's ids of each encoded pair's ``query + "\\n" + response`` (or of the response alone,
-    ``classifier_text="response"``) in at most ``classifier_limit`` tokens, with ``<side>_cut`` when a response alone
-    is longer: the query is the prompt as PPO's rewards receive it (its ids decoded, special tokens such as T5's
-    ``</s>`` included) and ``classifier_input_ids`` encodes it as ``ClassifierReward(text=classifier_text)`` does in a
-    rollout, so a reward model trains on what it scores there."""
-    out: dict[str, list] = {}
-    for side in ("chosen", "rejected"):
-        inputs = classifier_input_ids(tokenizer, classifier_text, batch["query"], batch[f"{side}_text"],
-                                      classifier_limit)
-        out[f"{side}_input_ids"], out[f"{side}_cut"] = inputs
-    return out
-
-
-def encode_scored(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat,
-                  prompt_column: str, response_column: str, classifier_text: TextField,
-                  classifier_limit: int | None = None) -> dict[str, list]:
-    """Predict rows: the prompt rendered as for pairs (one user turn, chat template, system prompt; fit to
-    ``fmt``'s limits in its content, as any prompt) and the classifier's ids of query + newline + response (or of
-    the response alone), as ``classifier_sides`` makes them. ``prompt`` stays the row's own text."""
-    responses = [str(r) for r in batch[response_column]]
-    prompts = [str(p or "") for p in batch[prompt_column]] if prompt_column in batch else [""] * len(responses)
-    out = encode_prompts({PROMPT_MESSAGES: [[{"role": "user", "content": p}] for p in prompts]}, tokenizer, fmt)
-    out["prompt"], out["response"] = prompts, responses
-    out["classifier_ids"] = classifier_input_ids(tokenizer, classifier_text, out["query"], responses,
-                                                 classifier_limit).input_ids
-    return out
 
 
 def _pair_fits(prompt_fit: list[str], chosen: list[list[int]], rejected: list[list[int]], *cut: list[bool],
@@ -167,56 +39,6 @@ def _pair_fits(prompt_fit: list[str], chosen: list[list[int]], rejected: list[li
 
 def _usable(skip: list[str]) -> list[bool]:
     return [not reason for reason in skip]
-
-
-@dataclass(frozen=True)
-class PreferenceCollator:
-    """Pads rows into a preference batch (see the module docstring for the keys).
-
-    ``padding_side``: the prompt's (the policy's: right for encoder-decoder, left for decoder-only models);
-    ``classifier``: whether the rows carry a reward model's inputs (``classifier_sides``) to pad;
-    ``classifier_padding_side``: the tokenizer's own, for the classifier's sequences.
-    ``margin_column``: the row value that becomes ``margin`` (None: the batch has none)."""
-
-    pad_token_id: int
-    padding_side: Literal["left", "right"]
-    classifier: bool = False
-    classifier_padding_side: Literal["left", "right"] = "right"
-    margin_column: str | None = None
-
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        batch: dict[str, Any] = {}
-        ids, mask = _pad([row["input_ids"] for row in rows], self.pad_token_id, self.padding_side)
-        batch["prompt_input_ids"], batch["prompt_attention_mask"] = ids, mask
-        for side in ("chosen", "rejected"):
-            ids, mask = _pad([row[f"{side}_ids"] for row in rows], self.pad_token_id, "right")
-            batch[f"{side}_ids"], batch[f"{side}_mask"] = ids, mask
-            if self.classifier:
-                ids, mask = _pad([row[f"{side}_input_ids"] for row in rows], self.pad_token_id,
-                                 self.classifier_padding_side)
-                batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"] = ids, mask
-        if self.margin_column is not None:
-            batch["margin"] = torch.tensor([float(row[self.margin_column]) for row in rows], dtype=torch.float32)
-        batch["prompt"] = [row["prompt"] for row in rows]
-        batch["query"] = [row["query"] for row in rows]
-        batch["chosen"] = [row["chosen_text"] for row in rows]
-        batch["rejected"] = [row["rejected_text"] for row in rows]
-        batch["id"] = [str(row["id"]) for row in rows]
-        return batch
-
-
-@dataclass(frozen=True)
-class ScoringCollator:
-    """Pads predict rows into ``input_ids``/``attention_mask`` (the classifier's text, on the tokenizer's padding
-    side) with lists ``id``, ``prompt``, ``response``."""
-
-    pad_token_id: int
-    padding_side: Literal["left", "right"] = "right"
-
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        ids, mask = _pad([row["classifier_ids"] for row in rows], self.pad_token_id, self.padding_side)
-        return {"input_ids": ids, "attention_mask": mask, "id": [str(row["id"]) for row in rows],
-                "prompt": [row["prompt"] for row in rows], "response": [row["response"] for row in rows]}
 
 
 class PreferenceDataModule(PromptDataModule):
@@ -338,7 +160,7 @@ class PreferenceDataModule(PromptDataModule):
         return RowTexts((cols.prompt, cols.chosen, cols.rejected))
 
     def required_columns(self) -> list[str]:
-        """The response columns and the margin's; the prompt column is checked per format in ``_encode``."""
+        """The response columns and the margin's; the prompt column is checked per format in ``encode_rows``."""
         cols = self.columns
         return [c for c in (cols.chosen, cols.rejected, cols.margin) if c is not None]
 
@@ -352,12 +174,12 @@ class PreferenceDataModule(PromptDataModule):
         return conversations
 
     @quiet_datasets_progress()
-    def _encode(self, rows: datasets.Dataset) -> datasets.Dataset:
+    def encode_rows(self, rows: datasets.Dataset) -> datasets.Dataset:
         """Pair texts, skip unusable pairs, encode, drop long pairs; the counts go to ``summary()``."""
         texts = rows.map(pair_texts, batched=True,
                          fn_kwargs={"cols": self.columns, "conversations": self._is_conversations(rows)})
         self._skipped.update(reason for reason in texts["skip"] if reason and reason != "empty")
-        self._empty.add([i for i, reason in zip(texts["id"], texts["skip"]) if reason == "empty"])
+        self.empty_rows.add([i for i, reason in zip(texts["id"], texts["skip"]) if reason == "empty"])
         usable = texts.filter(_usable, input_columns="skip", batched=True)
         encoded = usable.map(encode_pairs, batched=True,
                              fn_kwargs={"tokenizer": self.tokenizer, "fmt": self._pair_prompt_format()})
@@ -377,26 +199,27 @@ class PreferenceDataModule(PromptDataModule):
                 "check data.chosen_column/rejected_column, or raise data.max_prompt_tokens/max_response_tokens")
         return kept
 
-    def _build(self) -> tuple[datasets.Dataset, datasets.Dataset]:
+    def build_splits(self) -> tuple[datasets.Dataset, datasets.Dataset]:
         self._skipped = Counter()
-        train, test = super()._build()
-        skipped = {"identical": self._skipped["identical"], "empty": self._empty.count,
+        train, test = super().build_splits()
+        skipped = {"identical": self._skipped["identical"], "empty": self.empty_rows.count,
                    "too_long": self._skipped["too_long"]}
-        self._sizes.update({f"skipped_{k}": v for k, v in skipped.items()})
+        self.row_counts.update({f"skipped_{k}": v for k, v in skipped.items()})
         if any(skipped.values()):
             read = (f", or with a response longer than the {self.classifier_limit()} tokens a reward model reads "
                     "(data.classifier_max_length)") if self.classifier_inputs else ""
             rank_zero_info(
                 f"Preference pairs of data.dataset={self.dataset!r}: skipped {skipped['identical']} with identical chosen "
                 f"and rejected responses, {skipped['empty']} with a null or empty prompt or response (the first: row "
-                f"{self._empty.first_id!r}), and "
-                f"{skipped['too_long']} too long for {self._limits_in_words()} and "
+                f"{self.empty_rows.first_id!r}), and "
+                f"{skipped['too_long']} too long for {self.limits_in_words()} and "
                 f"data.max_response_tokens={self.max_response_tokens} (data.truncation={self.truncation}){read}")
         return train, test
+
     def classifier_limit(self) -> int | None:
         """The most tokens a reward model reads of a pair's side: ``classifier_max_length``, or the model's own
         limit; a setting beyond the model's limit is an error."""
-        self._load_tokenizer()
+        self.load_tokenizer()
         limit = position_limit(self.model_config, self.tokenizer)
         if self.classifier_max_length is None:
             return limit
@@ -414,12 +237,12 @@ class PreferenceDataModule(PromptDataModule):
     def _pair_prompt_format(self) -> PromptFormat:
         """How a pair's (or a scored row's) prompt messages become the prompt: chat template, system prompt, the
         token limits and ``truncation`` as for any prompt."""
-        return PromptFormat(messages_column=PROMPT_MESSAGES, chat=self._use_chat_template(),
+        return PromptFormat(messages_column=PROMPT_MESSAGES, chat=self.use_chat_template(),
                             system_prompt=self.system_prompt, max_prompt_tokens=self.max_prompt_tokens,
                             truncation=self.truncation, max_context_tokens=self.max_context_tokens,
                             decoder_only=not self.is_encoder_decoder)
 
-    def _collator(self, columns: tuple[str, ...], labels: bool) -> PreferenceCollator:
+    def make_collator(self, columns: tuple[str, ...], labels: bool) -> PreferenceCollator:
         return PreferenceCollator(
             pad_token_id=self.tokenizer.pad_token_id, padding_side="right" if self.is_encoder_decoder else "left",
             classifier=self.classifier_inputs, classifier_padding_side=self.tokenizer.padding_side,
@@ -428,7 +251,7 @@ class PreferenceDataModule(PromptDataModule):
     # -- predict: responses to score (lit-rlhf-rm predict) ------------------------------------------------
 
     @quiet_datasets_progress()
-    def _load_predict_rows(self) -> datasets.Dataset:
+    def read_predict_rows(self) -> datasets.Dataset:
         """The rows of ``predict_path``, with string ids (row numbers where absent)."""
         rows = read_data_files(self.predict_path, "data.predict_path")
         needed = [self.response_column] + ([self.columns.prompt] if self.classifier_text == "prompt+response" else [])
@@ -440,7 +263,7 @@ class PreferenceDataModule(PromptDataModule):
         return with_string_ids(rows)
 
     @quiet_datasets_progress()
-    def _encode_predict_rows(self, rows: datasets.Dataset) -> datasets.Dataset:
+    def encode_predict_rows(self, rows: datasets.Dataset) -> datasets.Dataset:
         return rows.map(encode_scored, batched=True, fn_kwargs={
             "tokenizer": self.tokenizer, "fmt": self._pair_prompt_format(), "prompt_column": self.columns.prompt,
             "response_column": self.response_column, "classifier_text": self.classifier_text,

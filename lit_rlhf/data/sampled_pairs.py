@@ -29,16 +29,16 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from lit_rlhf import rollout as ro
-from lit_rlhf.runtime import atomic_write
-from lit_rlhf.data.prompts import PROMPT_FIT
+from lit_rlhf.data.formats import PROMPT_FIT
 from lit_rlhf.rewards import CompositeReward, Reward
+from lit_rlhf.runtime import atomic_write
 from lit_rlhf.settings import GenerationSettings, longest_response
 
 if TYPE_CHECKING:
     import datasets
 
-    from lit_rlhf.models import Policy
     from lit_rlhf.data.prompts import PromptDataModule
+    from lit_rlhf.models import Policy
 
 CHUNK_SEED_STRIDE = 1_000_003
 """Chunk k of a run with seed s samples from seed s x CHUNK_SEED_STRIDE + k."""

@@ -226,7 +226,7 @@ class RowTexts:
     texts: tuple[str, ...] = ()
     template: str | None = None
     fields: tuple[str, ...] = ()
-    """The ``template``'s placeholders (``prompts.template_fields``)."""
+    """The ``template``'s placeholders (``formats.template_fields``)."""
 
     def within(self, columns: Sequence[str]) -> RowTexts:
         """This rule on the ``columns`` a source has (a conversation pair has no prompt column to check)."""

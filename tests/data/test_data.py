@@ -1,11 +1,8 @@
 """DialogSumDataModule: the bundled data in the hub schema, the recipe's filter/prompt/split, padded batches."""
 
-import gzip
 import json
-import logging
 import shutil
 import types
-from importlib import resources
 from math import ceil
 from pathlib import Path
 
@@ -20,28 +17,12 @@ from lit_rlhf.cli import config_path
 from lit_rlhf.data import DEFAULT_PROMPT_TEMPLATE, DialogSumDataModule, load_bundled_dialogsum
 from lit_rlhf.models import resolve_model_path
 from conftest import write_jsonl
-
-
-def _raw_rows(split: str) -> list[dict]:
-    source = resources.files("lit_rlhf.assets.dialogsum").joinpath(f"dialogsum.{split}.jsonl.gz")
-    with source.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as lines:
-        return [json.loads(line) for line in lines]
-
-
-def _hub_like_rows(n: int, start: int = 0) -> list[dict]:
-    """``n`` bundled train rows in the hub schema (``fname`` -> ``id``)."""
-    rows = _raw_rows("train")[start : start + n]
-    keys = ("dialogue", "summary", "topic")
-    return [{"id": r["fname"], **{k: r[k] for k in keys}} for r in rows]
+from dialogsum_rows import hub_like_rows, raw_rows, ready, write_dialogs
 
 
 @pytest.fixture
 def local_dir(tmp_path, datasets_cache) -> Path:
-    folder = tmp_path / "dialogs"
-    folder.mkdir()
-    write_jsonl(folder / "train.jsonl", _hub_like_rows(40))
-    write_jsonl(folder / "validation.jsonl", _hub_like_rows(5, start=100))
-    return folder
+    return write_dialogs(tmp_path / "dialogs")
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +39,6 @@ def recipe() -> DialogSumDataModule:
     return dm
 
 
-def _ready(**kwargs) -> DialogSumDataModule:
-    dm = DialogSumDataModule(**kwargs)
-    dm.prepare_data()
-    dm.setup("fit")
-    return dm
-
-
 # -- the bundled copy ---------------------------------------------------------------------------------------
 
 
@@ -73,13 +47,13 @@ def test_bundled_has_the_hub_schema_and_sizes(bundled):
     for ds in bundled.values():
         assert ds.column_names == ["id", "dialogue", "summary", "topic"]
     assert bundled["train"][0]["id"] == "train_0"
-    assert list(bundled["validation"]["id"]) == [r["fname"] for r in _raw_rows("dev")]
-    assert bundled["train"][12459]["summary"] == _raw_rows("train")[12459]["summary"]
+    assert list(bundled["validation"]["id"]) == [r["fname"] for r in raw_rows("dev")]
+    assert bundled["train"][12459]["summary"] == raw_rows("train")[12459]["summary"]
 
 
 def test_bundled_test_has_each_dialogue_once_per_reference(bundled):
     test = bundled["test"]
-    raw = _raw_rows("test")
+    raw = raw_rows("test")
     assert list(test["id"])[:4] == ["test_0_1", "test_0_2", "test_0_3", "test_1_1"]
     assert list(test["id"]) == [f"{r['fname']}_{k}" for r in raw for k in (1, 2, 3)]
     for n, row in enumerate(raw):
@@ -93,7 +67,7 @@ def test_bundled_test_has_each_dialogue_once_per_reference(bundled):
 
 
 def test_recipe_filter_and_split_sizes(recipe):
-    raw = _raw_rows("train")
+    raw = raw_rows("train")
     kept_ids = [r["fname"] for r in raw if 200 < len(r["dialogue"]) <= 1000]
     n_test = ceil(0.2 * len(kept_ids))  # datasets' train_test_split rounds the test part up
     n_train = len(kept_ids) - n_test
@@ -143,7 +117,7 @@ def test_t5_batches_are_right_padded(recipe):
 
 
 def test_gpt2_batches_are_left_padded(local_dir):
-    dm = _ready(model_name="embedded:tiny-gpt2", dataset=str(local_dir), eval_batch_size=5)
+    dm = ready(model_name="embedded:tiny-gpt2", dataset=str(local_dir), eval_batch_size=5)
     assert dm.tokenizer.pad_token_id == dm.tokenizer.eos_token_id
     batch = next(iter(dm.val_dataloader()))
     _check_padding(batch, dm.test_set.select(range(5)), dm.tokenizer.pad_token_id, "left", dm.tokenizer)
@@ -156,14 +130,14 @@ def test_padding_side_follows_the_model_not_the_tokenizer(local_dir, tmp_path):
     config_file = folder / "tokenizer_config.json"
     config = json.loads(config_file.read_text())
     config_file.write_text(json.dumps({**config, "padding_side": "right"}))
-    dm = _ready(model_name=str(folder), dataset=str(local_dir), eval_batch_size=5)
+    dm = ready(model_name=str(folder), dataset=str(local_dir), eval_batch_size=5)
     assert dm.tokenizer.padding_side == "right"
     batch = next(iter(dm.val_dataloader()))
     _check_padding(batch, dm.test_set.select(range(5)), dm.tokenizer.pad_token_id, "left", dm.tokenizer)
 
 
 def test_train_batches_are_full_and_shuffled_by_seed(local_dir):
-    dm = _ready(dataset=str(local_dir), min_chars=0, max_chars=10_000, batch_size=6)
+    dm = ready(dataset=str(local_dir), min_chars=0, max_chars=10_000, batch_size=6)
     n_train = dm.summary()["train"]
     assert n_train == 32 and n_train % 6 != 0
     batches = list(dm.train_dataloader())
@@ -179,7 +153,7 @@ def test_train_batches_are_full_and_shuffled_by_seed(local_dir):
 
 
 def test_held_out_loaders_are_in_order_and_keep_the_last_batch(local_dir):
-    dm = _ready(dataset=str(local_dir), min_chars=0, max_chars=10_000, eval_batch_size=3)
+    dm = ready(dataset=str(local_dir), min_chars=0, max_chars=10_000, eval_batch_size=3)
     assert dm.summary()["test"] == 8
     for loader in (dm.val_dataloader(), dm.test_dataloader()):
         batches = list(loader)
@@ -188,7 +162,7 @@ def test_held_out_loaders_are_in_order_and_keep_the_last_batch(local_dir):
 
 
 def test_max_prompt_tokens_truncates(local_dir):
-    dm = _ready(dataset=str(local_dir), min_chars=0, max_chars=10_000, max_prompt_tokens=32)
+    dm = ready(dataset=str(local_dir), min_chars=0, max_chars=10_000, max_prompt_tokens=32)
     lengths = [len(ids) for ids in dm.train_set["input_ids"]]
     assert max(lengths) == 32
     assert all(row["input_ids"][-1] == 1 for row in dm.train_set)  # T5's </s> survives truncation
@@ -218,15 +192,15 @@ def test_the_shipped_defaults_prompts_all_end_with_the_instruction():
 
 
 def test_custom_template_and_shuffled_split(local_dir):
-    dm = _ready(
+    dm = ready(
         dataset=str(local_dir), min_chars=0, max_chars=10_000, prompt_template="Dialogue: {dialogue} TL;DR:",
         shuffle_split=True, split_seed=7,
     )
     row = dm.train_set[0]
     assert row["prompt"] == f"Dialogue: {row['dialogue']} TL;DR:"
-    assert list(dm.train_set["id"]) != [r["id"] for r in _hub_like_rows(32)]
+    assert list(dm.train_set["id"]) != [r["id"] for r in hub_like_rows(32)]
     all_ids = list(dm.train_set["id"]) + list(dm.test_set["id"])
-    assert sorted(all_ids) == sorted(r["id"] for r in _hub_like_rows(40))
+    assert sorted(all_ids) == sorted(r["id"] for r in hub_like_rows(40))
 
 
 # -- sources ------------------------------------------------------------------------------------------------
@@ -235,12 +209,12 @@ def test_custom_template_and_shuffled_split(local_dir):
 def test_local_parquet_directory_and_dev_split_name(tmp_path, datasets_cache):
     folder = tmp_path / "parquet"
     folder.mkdir()
-    datasets.Dataset.from_list(_hub_like_rows(20)).to_parquet(str(folder / "train-00000.parquet"))
-    datasets.Dataset.from_list(_hub_like_rows(10, start=50)).to_parquet(str(folder / "dev.parquet"))
-    dm = _ready(dataset=str(folder), split="validation", min_chars=0, max_chars=10_000, batch_size=2)
+    datasets.Dataset.from_list(hub_like_rows(20)).to_parquet(str(folder / "train-00000.parquet"))
+    datasets.Dataset.from_list(hub_like_rows(10, start=50)).to_parquet(str(folder / "dev.parquet"))
+    dm = ready(dataset=str(folder), split="validation", min_chars=0, max_chars=10_000, batch_size=2)
     assert dm.summary() == {"source": 10, "kept": 10, "train": 8, "test": 2,
                             "prompts_cut": 0, "prompts_dropped": 0}
-    assert list(dm.train_set["id"]) == [r["id"] for r in _hub_like_rows(8, start=50)]
+    assert list(dm.train_set["id"]) == [r["id"] for r in hub_like_rows(8, start=50)]
 
 
 def test_hub_names_go_to_load_dataset(monkeypatch, local_dir):
@@ -256,105 +230,6 @@ def test_hub_names_go_to_load_dataset(monkeypatch, local_dir):
     dm.setup()
     assert seen == ["knkarthick/dialogsum"]
     assert dm.summary()["source"] == 40
-
-
-# -- clear errors -------------------------------------------------------------------------------------------
-
-
-def test_missing_column_is_named(tmp_path, datasets_cache):
-    folder = tmp_path / "no_summary"
-    folder.mkdir()
-    write_jsonl(folder / "train.jsonl", [{"id": r["id"], "dialogue": r["dialogue"]} for r in _hub_like_rows(5)])
-    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['summary'\].*it has \['id', 'dialogue'\]"):
-        DialogSumDataModule(dataset=str(folder)).setup()
-
-
-def test_filter_that_keeps_nothing_reports_the_lengths(local_dir):
-    lengths = [len(r["dialogue"]) for r in _hub_like_rows(40)]
-    dm = DialogSumDataModule(dataset=str(local_dir), min_chars=50_000, max_chars=60_000)
-    expected = f"data.min_chars=50000, data.max_chars=60000.*from {min(lengths)} to {max(lengths)}"
-    with pytest.raises(ValueError, match=expected):
-        dm.setup()
-
-
-def test_template_without_dialogue_is_rejected():
-    with pytest.raises(ValueError, match="prompt_template"):
-        DialogSumDataModule(prompt_template="Summarize this:")
-
-
-@pytest.mark.parametrize(
-    "kwargs, flag",
-    [
-        ({"min_chars": 500, "max_chars": 500}, "min_chars"),
-        ({"test_size": 1.0}, "test_size"),
-        ({"batch_size": 0}, "batch_size"),
-        ({"max_prompt_tokens": 0}, "max_prompt_tokens"),
-    ],
-)
-def test_bad_settings_name_the_flag(kwargs, flag):
-    with pytest.raises(ValueError, match=flag):
-        DialogSumDataModule(**kwargs)
-
-
-def test_unknown_dataset_path_and_split(tmp_path, local_dir):
-    with pytest.raises(ValueError, match="dataset=.*is not a directory"):
-        DialogSumDataModule(dataset=str(tmp_path / "missing")).setup()
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(ValueError, match="dataset=.*has no data files"):
-        DialogSumDataModule(dataset=str(empty)).setup()
-    with pytest.raises(ValueError, match=r"split='test' is not in .*\['train', 'validation'\]"):
-        DialogSumDataModule(dataset=str(local_dir), split="test").setup()
-
-
-def test_an_empty_training_file_is_one_line_naming_the_setting_and_the_file(tmp_path, datasets_cache):
-    folder = tmp_path / "dialogs"
-    folder.mkdir()
-    (folder / "train.jsonl").write_text("", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"^data\.dataset='.*dialogs': .*/dialogs/train\.jsonl is empty") as info:
-        DialogSumDataModule(dataset=str(folder)).setup()
-    assert "\n" not in str(info.value)
-
-
-def test_too_few_rows_for_the_split_or_the_batch(local_dir):
-    with pytest.raises(ValueError, match="test_size"):
-        DialogSumDataModule(dataset=str(local_dir), split="validation", min_chars=0, max_chars=10_000,
-                            test_size=0.9).setup()
-    dm = _ready(dataset=str(local_dir), min_chars=0, max_chars=10_000, batch_size=64)
-    with pytest.raises(ValueError, match="batch_size=64"):
-        dm.train_dataloader()
-
-
-def _tokenizer_copy(tmp_path: Path, drop: tuple[str, ...]) -> Path:
-    """The tiny GPT-2's config and tokenizer, saved without the given special tokens."""
-    folder = tmp_path / f"gpt2-without-{'-'.join(drop)}"
-    folder.mkdir()
-    source = Path(resolve_model_path("embedded:tiny-gpt2"))
-    for name in ("config.json", "tokenizer.json"):
-        shutil.copy(source / name, folder / name)
-    config = json.loads((source / "tokenizer_config.json").read_text())
-    (folder / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if k not in drop}))
-    return folder
-
-
-def test_causal_tokenizer_without_pad_uses_eos_and_says_so(tmp_path, local_dir, caplog):
-    folder = _tokenizer_copy(tmp_path, drop=("pad_token",))
-    assert AutoTokenizer.from_pretrained(folder).pad_token is None
-    lightning_log = logging.getLogger("lightning.pytorch")
-    lightning_log.addHandler(caplog.handler)  # Lightning's logger does not propagate to the root logger
-    try:
-        with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
-            dm = _ready(model_name=str(folder), dataset=str(local_dir))
-    finally:
-        lightning_log.removeHandler(caplog.handler)
-    assert dm.tokenizer.pad_token == dm.tokenizer.eos_token == "<|endoftext|>"
-    assert "no pad token: using its eos token" in caplog.text
-
-
-def test_tokenizer_without_pad_or_eos_is_rejected(tmp_path, local_dir):
-    folder = _tokenizer_copy(tmp_path, drop=("pad_token", "eos_token", "bos_token", "unk_token"))
-    with pytest.raises(ValueError, match="model_name=.*neither a pad nor an eos token"):
-        DialogSumDataModule(model_name=str(folder), dataset=str(local_dir)).setup()
 
 
 def test_stream_position_is_the_data_modules_own_state():
@@ -389,7 +264,7 @@ def test_setup_prints_no_map_or_filter_progress_bar_and_keeps_the_users_setting(
         monkeypatch.setattr(module, "HF_DATASETS_DISABLE_PROGRESS_BARS", None)
     datasets.utils.enable_progress_bars()
     predict_file = tmp_path / "dialogues.jsonl"
-    write_jsonl(predict_file, [{"dialogue": r["dialogue"]} for r in _hub_like_rows(3)])
+    write_jsonl(predict_file, [{"dialogue": r["dialogue"]} for r in hub_like_rows(3)])
     capfd.readouterr()
     dm = DialogSumDataModule(dataset=str(local_dir), min_chars=0, max_chars=10_000, with_labels=True,
                              predict_path=str(predict_file))

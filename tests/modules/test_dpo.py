@@ -13,7 +13,7 @@ from types import SimpleNamespace
 from conftest import assert_resume_is_exact, perturb_lora, write_jsonl
 from lit_rlhf.modules import DPOModule
 from lit_rlhf.models import Policy
-from lit_rlhf.data.prompts import _pad  # the prompt modules' padding
+from lit_rlhf.data import pad as _pad  # the prompt modules' padding
 
 PROMPTS = ["Summarize: the cat sat on the mat.", "Summarize: a dog ran in the park today.",
            "Summarize: we met at noon.", "Summarize: rain fell all night long."]
