@@ -22,7 +22,7 @@ MOVED_MODULES = {
     "lit_rlhf.reward_model": "lit_rlhf.modules",
     "lit_rlhf.prompts": "lit_rlhf.data",
     "lit_rlhf.preferences": "lit_rlhf.data",
-    "lit_rlhf.sampled_pairs": "lit_rlhf.data",
+    "lit_rlhf.sampled_pairs": "lit_rlhf.data.sampled_pairs",
     "lit_rlhf.sources": "lit_rlhf.data",
     "lit_rlhf.policy": "lit_rlhf.models",
     "lit_rlhf.lm": "lit_rlhf.models",
@@ -32,8 +32,9 @@ MOVED_MODULES = {
     **{f"lit_rlhf.{name}": "lit_rlhf.runtime" for name in (
         "distributed", "io", "checkpoint", "runs", "threads", "progress", "guards", "health")},
 }
-"""lit_rlhf 0.3's module -> the package whose ``__init__`` exports the same public names (``lit_rlhf.data`` and
-``lit_rlhf.rewards``, modules then, are packages of the same name now and need no entry)."""
+"""lit_rlhf 0.3's module -> the package that exports its public names now (``lit_rlhf.data.sampled_pairs``, a
+command, moved whole). ``lit_rlhf.data`` and ``lit_rlhf.rewards``, modules then, are packages of the same name now
+and need no entry."""
 
 
 class MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):

@@ -13,7 +13,6 @@ from lit_rlhf.data.formats import context_tokens, end_of_turn
 from lit_rlhf.data.pairs import PairColumns, pair_texts
 from lit_rlhf.data.preferences import PreferenceDataModule
 from lit_rlhf.data.prompts import PromptDataModule
-from lit_rlhf.data.sampled_pairs import main, rank_pair, recipe_rule, sample_pairs
 from lit_rlhf.data.sources import is_blank, load_source
 
 __all__ = [
@@ -31,11 +30,7 @@ __all__ = [
     "load_bundled_dialogsum",
     "load_predict_rows",
     "load_source",
-    "main",
     "pad",
     "pair_texts",
-    "rank_pair",
-    "recipe_rule",
-    "sample_pairs",
     "tokenize_summary",
 ]

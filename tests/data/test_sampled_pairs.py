@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lit_rlhf.rewards import CompositeReward, ReferenceSimilarityReward, Reward
-from lit_rlhf.data import rank_pair, recipe_rule, sample_pairs
+from lit_rlhf.data.sampled_pairs import rank_pair, recipe_rule, sample_pairs
 from lit_rlhf.settings import GenerationSettings
 from conftest import write_jsonl
 
@@ -125,7 +125,7 @@ def test_bundled_pairs_follow_the_stated_rule_and_never_use_the_reports_prompts(
         torch.testing.assert_close(scores, torch.tensor(sample[f"{side}_score"]), rtol=1e-4, atol=1e-4)
 
     # the command that made them, on the first 8 dialogues: a gzipped file the preference data module reads
-    from lit_rlhf.data import main
+    from lit_rlhf.data.sampled_pairs import main
 
     assert main(["--out", str(tmp_path / "made.jsonl.gz"), "--num-prompts", "8", "--batch-size", "4"]) == 0
     made = load_source(str(tmp_path / "made.jsonl.gz"))["train"]
