@@ -684,7 +684,7 @@ def worker_lit_rlhf(args: argparse.Namespace, work: dict[str, Any], out: dict[st
     batches; ``lit_rlhf_fast`` sets ``fast_rollout=True`` (lit_rlhf's cached sampling loop, old log-probs and
     values from sampling); ``lit_rlhf_grpo`` samples 4 prompts 4 times each (``grpo_batches``) with fast_rollout
     and GRPO's settings. Response lengths: GenerationSettings(min_new_tokens >= every length) blocks
-    end-of-sequence, and the module's per-sample length draw (``_response_length_limits``, a draw from
+    end-of-sequence, and the module's per-sample length draw (``response_length_limits``, a draw from
     ``max_new_tokens`` = [low, high)) is replaced on the instance by the batch's shared lengths. A wrapper
     around ``policy.decode`` records the responses really generated; each step checks them."""
     import lightning as L
@@ -708,7 +708,7 @@ def worker_lit_rlhf(args: argparse.Namespace, work: dict[str, Any], out: dict[st
             raise RuntimeError(f"the module asked for {batch_size} lengths, the batch has {len(current_lengths[-1])}")
         return current_lengths[-1].clone()
 
-    module._response_length_limits = batch_lengths
+    module.response_length_limits = batch_lengths
     real_decode = module.policy.decode
 
     def recording_decode(response_ids, response_mask):  # observes the rollout's responses, changes nothing

@@ -239,7 +239,7 @@ def test_response_length_limits_are_one_draw_over_the_global_batch():
         module = PPOModule(generation=GenerationSettings(max_new_tokens=(4, 100)), seed=3, rollout_batch_size=8,
                            export_adapter=False)
         module.trainer = SimpleNamespace(world_size=world, global_rank=rank)
-        return module._response_length_limits(8)
+        return module.response_length_limits(8)
 
     # a single process draws what Policy.generate draws from the same generator
     assert torch.equal(limits(1, 0), torch.randint(4, 100, (8,), generator=torch.Generator().manual_seed(3)))
