@@ -141,7 +141,7 @@ class PPOModule(PPOUpdate, BuildsPolicy):
     # ------------------------------------------------------------------ Lightning hooks
 
     def setup(self, stage: str) -> None:
-        # not RLHFModule's: manual optimization clips in the update
+        # (not RLHFModule's check: manual optimization clips in the update itself)
         # before the model loads: gradient clipping the strategy cannot do is refused now, not at the first update
         dist.configure_grad_clipping(self._trainer, self.ppo.max_grad_norm)
         # after the data module's setup: a column or references the reward reads and the data lacks fail here

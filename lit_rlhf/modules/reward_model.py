@@ -83,7 +83,8 @@ class RewardModelModule(RLHFModule):
     """
 
     export_name = "reward_model"
-    keeps_rng = True  # the adapter's dropout draws from the global RNGs
+    keeps_rng = True
+    """Checkpoints keep the RNG states: the adapter's dropout draws from them."""
 
     def __init__(
         self,
