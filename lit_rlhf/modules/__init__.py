@@ -1,6 +1,6 @@
 """The LightningModules: PPO (and its critic-free estimators), SFT, DPO and reward models."""
 
-from lit_rlhf.modules.base import BuildsPolicy, RLHFModule
+from lit_rlhf.modules.base import BuildsPolicy
 from lit_rlhf.modules.dpo import DPOModule, dpo_loss, sequence_logps
 from lit_rlhf.modules.ppo import PPOModule
 from lit_rlhf.modules.reward_model import RewardModelModule, bradley_terry_loss, preference_stats
@@ -10,7 +10,6 @@ __all__ = [
     "BuildsPolicy",
     "DPOModule",
     "PPOModule",
-    "RLHFModule",
     "RewardModelModule",
     "SFTModule",
     "bradley_terry_loss",
