@@ -1,10 +1,98 @@
-"""What the LightningModules share: building the policy in ``configure_model``."""
+"""What the LightningModules share (``RLHFModule``): their settings saved as hyperparameters, checks of the
+model they train, checkpoints without the frozen weights, the export at the end of fit; and building the policy
+in ``configure_model`` (``BuildsPolicy``)."""
 
-from lit_rlhf.models import build_policy
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+
+from lit_rlhf.models import build_policy, model_source_errors
+from lit_rlhf.runtime import distributed as dist
+from lit_rlhf.settings import LoraSettings, check_precision, dtype_errors, plain
 
 
-class BuildsPolicy:
-    """LightningModule mixin: the :class:`Policy` described by ``self.policy_kwargs`` is built in
+def policy_errors(dtype: str, lora: LoraSettings, finetune: str = "lora", **sources: str | None) -> list[str]:
+    """Cheap checks of the model a module trains, before anything is built: its dtype (``dtype_errors``), then
+    its sources (``model_source_errors``), each keyword (``model_name``, ``init_adapter``, ``reference_model``)
+    naming its ``model.`` flag."""
+    return dtype_errors(dtype, finetune, lora.bias) + model_source_errors(
+        {f"model.{flag}": source for flag, source in sources.items()})
+
+
+class RLHFModule(L.LightningModule):
+    """The base of lit_rlhf's LightningModules.
+
+    * ``save_settings``: the ``__init__`` arguments as hyperparameters, settings groups as plain dicts;
+    * ``weight_dtype``: the dtype ``model.dtype`` resolved to on the run's device (``configure_model``);
+    * checkpoints of a LoRA run (every module but a ``finetune="full"`` one) hold only the trainable weights: the
+      frozen base loads from ``model_name`` again; with ``keeps_rng`` they also keep every process's RNG states
+      (dropout draws from them), which resuming restores, so that a resumed run continues exactly;
+    * ``on_fit_end`` exports the result (``write_export``) to ``export_path`` on every rank: log_dir broadcasts
+      from rank zero, and gathering sharded weights is a collective.
+    """
+
+    export_name = "adapter"
+    """The export's folder in the run's log directory (``export_path`` without ``export_dir``)."""
+    export_note = "Adapter exported to {target}"
+    """What ``on_fit_end`` logs (``export_message``)."""
+    keeps_rng = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight_dtype = "float32"  # model.dtype as resolved on the run's device (configure_model)
+        self.strict_loading = False  # checkpoints hold only the trainable weights (see on_save_checkpoint)
+
+    def save_settings(self, ignore: tuple[str, ...] = (), **groups: Any) -> None:
+        """``save_hyperparameters`` of the calling ``__init__``'s arguments but ``ignore``, with its settings
+        ``groups`` (``lora``, ...) as plain dicts, which keep checkpoints loadable with
+        ``torch.load(weights_only=True)`` (resuming uses it)."""
+        self.save_hyperparameters(ignore=[*ignore, *groups], frame=inspect.currentframe().f_back)
+        self.hparams.update({name: plain(group) for name, group in groups.items()})
+
+    def setup(self, stage: str) -> None:
+        dist.check_trainer_clipping(self._trainer)  # before the model loads
+
+    def on_fit_start(self) -> None:
+        # 16-mixed is fine with automatic optimization: it unscales the gradients
+        check_precision(self.trainer.precision, self.weight_dtype, self.device,
+                        gradient_scaler=self.automatic_optimization)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.hparams.get("finetune", "lora") == "lora":  # a full fine-tune keeps every weight (tied ones too)
+            checkpoint["state_dict"] = dist.trainable_state(self, checkpoint["state_dict"])
+        if self.keeps_rng:
+            checkpoint["lit_rlhf"] = dist.checkpoint_rng(self._trainer)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.keeps_rng:
+            dist.restore_checkpoint_rng(self._trainer, checkpoint.get("lit_rlhf") or {})
+
+    def export_path(self) -> Path:
+        """Where ``on_fit_end`` writes the result (``export_dir``, or ``export_name`` in the run's log directory)."""
+        if self.hparams.get("export_dir") is not None:
+            return Path(self.hparams.export_dir)
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir) / self.export_name
+
+    def on_fit_end(self) -> None:
+        target = self.export_path()
+        self.write_export(target)
+        rank_zero_info(self.export_message(target))
+
+    def write_export(self, target: Path) -> None:
+        """Save the trained policy (``dist.export_policy``) into ``target``."""
+        dist.export_policy(self.trainer, self.policy, target)
+
+    def export_message(self, target: Path) -> str:
+        return self.export_note.format(target=target)
+
+
+class BuildsPolicy(RLHFModule):
+    """A module that trains a :class:`Policy`: the one described by ``self.policy_kwargs`` is built in
     ``configure_model``, once per process, inside the strategy's init context (where FSDP and DeepSpeed ZeRO-3
     create sharded or meta-device weights) and before a checkpoint's weights are loaded; a second call builds
     nothing. Each call also sets torch's CPU threads for the policy's size (``model.num_threads``). Code that

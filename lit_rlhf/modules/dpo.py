@@ -19,22 +19,17 @@ and plain peft load.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lit_rlhf.modules.base import BuildsPolicy
+from lit_rlhf.models import Policy, ResponseBatch
+from lit_rlhf.modules.base import BuildsPolicy, policy_errors
 from lit_rlhf.objectives import DPOLossType, check_margin, dpo_loss, preference_metrics, sequence_logps
-from lit_rlhf.runtime import distributed as dist
-from lit_rlhf.models import Policy, ResponseBatch, model_source_errors
-from lit_rlhf.settings import LoraSettings
-from lit_rlhf.settings import WeightDtype, check, check_precision, dtype_errors, lora_settings, plain
 from lit_rlhf.runtime import NumThreads, num_threads_errors
+from lit_rlhf.settings import LoraSettings, WeightDtype, check, lora_settings
 
 LogpReduction = Literal["auto", "sum", "mean"]
 PAIR_KEYS = ("prompt_input_ids", "prompt_attention_mask", "chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask")
@@ -64,7 +59,7 @@ def paired_responses(batch: dict[str, Any], pad_token_id: int) -> ResponseBatch:
 
 # ---------------------------------------------------------------------------------------------- the module
 
-class DPOModule(BuildsPolicy, L.LightningModule):
+class DPOModule(BuildsPolicy):
     """DPO or IPO training of a LoRA adapter on preference pairs, for seq2seq and decoder-only models.
 
     Batches follow the preference contract (see the module docstring). Training and validation log, under
@@ -93,6 +88,7 @@ class DPOModule(BuildsPolicy, L.LightningModule):
     """
 
     policy: Policy  # built in configure_model
+    export_note = "DPO adapter exported to {target} (give it to PPO as --model.init_adapter {target})"
 
     def __init__(
         self,
@@ -115,19 +111,15 @@ class DPOModule(BuildsPolicy, L.LightningModule):
         super().__init__()
         lora = lora_settings(lora)  # also a plain dict (a checkpoint's hyperparameters, a Python caller)
         check(dpo_settings_errors(beta, loss_type, label_smoothing, logp_reduction, learning_rate, weight_decay)
-              + num_threads_errors(num_threads) + dtype_errors(dtype, "lora", lora.bias)
-              + model_source_errors({"model.model_name": model_name, "model.init_adapter": init_adapter,
-                                     "model.reference_model": reference_model}))
-        # plain dicts keep checkpoints loadable with torch.load(weights_only=True)
-        self.save_hyperparameters(ignore=["lora"])
-        self.hparams.update(lora=plain(lora))
-        self.strict_loading = False  # checkpoints hold only the trainable weights (see on_save_checkpoint)
+              + num_threads_errors(num_threads) + policy_errors(dtype, lora, model_name=model_name,
+                                                                init_adapter=init_adapter,
+                                                                reference_model=reference_model))
+        self.save_settings(lora=lora)
         self.policy_kwargs = dict(
             model_name=model_name, lora=lora, init_adapter=init_adapter, reference_model=reference_model,
             value_head=False, finetune="lora", gradient_checkpointing=gradient_checkpointing,
             attn_implementation=attn_implementation,
         )
-        self.weight_dtype = "float32"  # model.dtype as resolved on the run's device (configure_model)
 
     # ------------------------------------------------------------------ building the policy
 
@@ -135,10 +127,7 @@ class DPOModule(BuildsPolicy, L.LightningModule):
         # before the model loads: a margin column the loss cannot use is refused now, not at the first batch
         columns = getattr(getattr(self._trainer, "datamodule", None), "columns", None)
         check_margin(self.hparams.loss_type, getattr(columns, "margin", None) is not None)
-        dist.check_trainer_clipping(self._trainer)
-
-    def on_fit_start(self) -> None:
-        check_precision(self.trainer.precision, self.weight_dtype, self.device, gradient_scaler=True)
+        super().setup(stage)
 
     # ------------------------------------------------------------------ the loss
 
@@ -185,24 +174,6 @@ class DPOModule(BuildsPolicy, L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.policy.trainable_parameters(), lr=self.hparams.learning_rate,
                                  weight_decay=self.hparams.weight_decay)
-
-    # ------------------------------------------------------------------ checkpoints and export
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # the frozen base is not written into every checkpoint: it loads from model_name again
-        checkpoint["state_dict"] = dist.trainable_state(self, checkpoint["state_dict"])
-
-    def export_path(self) -> Path:
-        """Where ``on_fit_end`` writes the adapter (``export_dir``, or ``<log_dir>/adapter``)."""
-        if self.hparams.export_dir is not None:
-            return Path(self.hparams.export_dir)
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter"
-
-    def on_fit_end(self) -> None:
-        # every rank: log_dir broadcasts from rank zero, and gathering sharded weights is a collective
-        target = self.export_path()
-        dist.export_policy(self.trainer, self.policy, target)
-        rank_zero_info(f"DPO adapter exported to {target} (give it to PPO as --model.init_adapter {target})")
 
 
 def dpo_settings_errors(

@@ -11,33 +11,31 @@ steps in ``ppo_step``, logs metrics against it and stops the run after ``ppo_ste
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lit_rlhf.modules.base import BuildsPolicy
-from lit_rlhf.runtime import distributed as dist
 from lit_rlhf import objectives
 from lit_rlhf import rollout as ro
-from lit_rlhf.runtime import SkipGuard
-from lit_rlhf.runtime import DegenerateWatch
-from lit_rlhf.models import Policy, model_source_errors
+from lit_rlhf.models import Policy
+from lit_rlhf.modules.base import BuildsPolicy, policy_errors
+from lit_rlhf.modules.ppo_update import PPOUpdate
 from lit_rlhf.rewards import ProfanityReward, Reward, check_reward_inputs
 from lit_rlhf.rollout import Rollout
-from lit_rlhf.settings import GenerationSettings, LoraSettings, PPOSettings, as_settings, check, check_precision, plain
-from lit_rlhf.settings import lora_settings
-from lit_rlhf.settings import WeightDtype, dtype_errors, memory_errors, run_errors
-from lit_rlhf.runtime import NumThreads, num_threads_errors
+from lit_rlhf.runtime import DegenerateWatch, NumThreads, SkipGuard, num_threads_errors
+from lit_rlhf.runtime import distributed as dist
+from lit_rlhf.settings import (
+    GenerationSettings, LoraSettings, PPOSettings, WeightDtype, as_settings, check, lora_settings, memory_errors,
+    plain, run_errors,
+)
 
 __all__ = ["PPOModule", "PPOSettings", "Rollout"]
 
 
-class PPOModule(BuildsPolicy, L.LightningModule):
+class PPOModule(PPOUpdate, BuildsPolicy):
     """RLHF with PPO on a Hugging Face language model with a LoRA adapter and a value head.
 
     Args:
@@ -117,22 +115,17 @@ class PPOModule(BuildsPolicy, L.LightningModule):
             ppo_steps, learning_rate, rollout_batch_size, mini_batch_size, max_consecutive_skips, samples_per_prompt,
             ppo.advantage_estimator) + num_threads_errors(num_threads)
             + memory_errors(generation.batch_size, samples_per_prompt, mini_batch_size, micro_batch_size))
-        # Plain dicts keep checkpoints loadable with torch.load(weights_only=True), which resuming uses.
-        self.save_hyperparameters(ignore=["reward", "lora", "generation", "ppo"])
-        self.hparams.update(lora=plain(lora), generation=plain(generation), ppo=plain(ppo))
+        self.save_settings(ignore=("reward",), lora=lora, generation=generation, ppo=ppo)
         self.automatic_optimization = False
-        # Checkpoints hold only the trainable weights; the frozen base comes back from model_name.
-        self.strict_loading = False
         # The policy (with a separate reference) is built in configure_model, where a strategy places or shards
         # it; what can fail cheaply is checked now, before a run folder is written.
-        check(dtype_errors(dtype, lora_bias=lora.bias) + model_source_errors(
-            {"model.model_name": model_name, "model.init_adapter": init_adapter, "model.reference_model": reference_model}))
+        check(policy_errors(dtype, lora, model_name=model_name, init_adapter=init_adapter,
+                            reference_model=reference_model))
         self.policy_kwargs = dict(
             model_name=model_name, lora=lora, init_adapter=init_adapter, reference_model=reference_model,
             value_head_dropout=value_head_dropout, value_head=not ppo.critic_free,
             gradient_checkpointing=gradient_checkpointing, attn_implementation=attn_implementation,
         )
-        self.weight_dtype = "float32"  # model.dtype as resolved on the run's device (configure_model)
         self.reward = reward
         self.score_predictions = True  # False in predict when the data lacks what the reward reads (setup)
         # Load and validate the reward now (unknown label, missing model), before a run directory is written.
@@ -148,6 +141,7 @@ class PPOModule(BuildsPolicy, L.LightningModule):
     # ------------------------------------------------------------------ Lightning hooks
 
     def setup(self, stage: str) -> None:
+        # (not RLHFModule's check: manual optimization clips in the update itself)
         # before the model loads: gradient clipping the strategy cannot do is refused now, not at the first update
         dist.configure_grad_clipping(self._trainer, self.ppo.max_grad_norm)
         # after the data module's setup: a column or references the reward reads and the data lacks fail here
@@ -184,7 +178,7 @@ class PPOModule(BuildsPolicy, L.LightningModule):
     on_test_start = on_predict_start = on_validation_start
 
     def on_fit_start(self) -> None:
-        check_precision(self.trainer.precision, self.weight_dtype, self.device)
+        super().on_fit_start()  # the precision (no gradient scaler: manual optimization)
         if self.hparams.fast_rollout and dist.weights_sharded(self.trainer):
             raise ValueError("model.fast_rollout=true samples outside the strategy's wrapped forward, which sharded "
                              "weights (FSDP, DeepSpeed ZeRO-3) do not allow; set model.fast_rollout=false")
@@ -239,7 +233,7 @@ class PPOModule(BuildsPolicy, L.LightningModule):
     def _rollout(self, batch: dict[str, Any]) -> Rollout | None:
         """Responses, scores, old log-probs/values and reference log-probs; None when the step is skipped."""
         k = self.hparams.samples_per_prompt
-        limits = self._response_length_limits(len(batch["input_ids"]) * k)
+        limits = self.response_length_limits(len(batch["input_ids"]) * k)
         fast, critic = self.hparams.fast_rollout, self.policy.has_value_head
         generated = ro.collect(self.policy, self.reward, batch, self.generation, limits, fast=fast,
                                synced_gpus=dist.synced_gpus(self.trainer), timer=self.timings, repeats=k)
@@ -264,7 +258,7 @@ class PPOModule(BuildsPolicy, L.LightningModule):
             return self._skip_step("the model produced non-finite log-probabilities or values in the rollout")
         return rollout
 
-    def _response_length_limits(self, batch_size: int) -> Tensor:
+    def response_length_limits(self, batch_size: int) -> Tensor:
         """This process's per-sample maximum response lengths [B] (see ``distributed.draw_length_limits``)."""
         low, high = self.generation.max_new_tokens
         return dist.draw_length_limits(self.length_generator, low, high, batch_size, self.trainer)
@@ -319,15 +313,11 @@ class PPOModule(BuildsPolicy, L.LightningModule):
         return ro.predict_records(generated, batch, self.reward.describe())
 
     def on_fit_end(self) -> None:
-        if not self.hparams.export_adapter:
-            return
-        # log_dir broadcasts from rank zero, and gathering sharded weights is a collective: every rank takes part
-        target = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter"
-        dist.export_policy(self.trainer, self.policy, target)
-        rank_zero_info(f"Adapter exported to {target}")
+        if self.hparams.export_adapter:  # into <log_dir>/adapter
+            super().on_fit_end()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = dist.trainable_state(self, checkpoint["state_dict"])
+        super().on_save_checkpoint(checkpoint)  # only the trainable weights
         checkpoint["lit_rlhf"] = {
             "ppo_step": self.ppo_step, "length_generator": self.length_generator.get_state(),
             "value_head": self.policy.has_value_head,  # critic-free estimators train and save none
@@ -351,124 +341,9 @@ class PPOModule(BuildsPolicy, L.LightningModule):
     def _stateful(self) -> dict[str, Any]:
         return {"kl_controller": self.kl_ctl, "skipped": self.skips, "degenerate": self.degenerate}
 
-    def _reduce(self, t: Tensor) -> Tensor:
-        return dist.all_reduce_sum(self._trainer, t)
-
-    def _any_rank(self, flag: bool) -> bool:
-        """True if ``flag`` is true on any process: skip decisions must agree, or DDP's all-reduce would hang."""
-        return dist.any_rank(self._trainer, flag, self.device)
-
-    def _skip_update(self, reason: str, opt: Any) -> None:
-        opt.zero_grad()
-        self.skips.skip_update(self.ppo_step, reason)
-
     def _skip_step(self, reason: str) -> None:
         """Skip a whole PPO step (its prompts are consumed, so the data position stays that of a normal run)."""
         self.ppo_step += 1
         self.skips.skip_step(self.ppo_step, reason)
         self._log_stats({"ppo/skipped_steps_total": torch.tensor(float(self.skips.steps))})
         self._stop_when_done()
-
-    def _minibatch_groups(self, response_mask: Tensor, by_length: bool) -> list[Tensor]:
-        return objectives.minibatch_groups(response_mask.sum(1).cpu(), self.hparams.mini_batch_size, by_length)
-
-    def _micro_batches(self, idx: Tensor) -> tuple[Tensor, ...]:
-        """The rows of each forward pass over the mini-batch ``idx``: ``model.micro_batch_size`` at a time (all
-        at once without it), in the rollout's scoring pass and in the update alike."""
-        return idx.split(self.hparams.micro_batch_size or len(idx))
-
-    # ------------------------------------------------------------------ update
-
-    def _ppo_update(self, rollout: Rollout, advantages: Tensor, returns: Tensor) -> dict[str, Tensor]:
-        opt = self.optimizers()
-        totals: dict[str, list[Tensor]] = {}
-        skipped = 0
-        for epoch in range(self.ppo.ppo_epochs):
-            groups = rollout.groups if epoch == 0 else self._minibatch_groups(rollout.rows.response_mask, False)
-            for idx in groups:
-                stats = self._minibatch_step(opt, rollout, advantages, returns, idx)
-                skipped += stats is None
-                for k, v in (stats or {}).items():
-                    totals.setdefault(k, []).append(v)
-        # the update's diagnostics are per process: log their mean over processes (the maximum for ratio_max)
-        out = dist.mean_over_ranks(self.trainer, {k: torch.stack(v).mean() for k, v in totals.items()})
-        if "ppo/policy/ratio_max" in totals:
-            out["ppo/policy/ratio_max"] = dist.all_reduce_max(self.trainer, torch.stack(totals["ppo/policy/ratio_max"]).max())
-        out["ppo/skipped_minibatches"] = torch.tensor(float(skipped))
-        return out
-
-    def _minibatch_step(
-        self, opt, rollout: Rollout, advantages: Tensor, returns: Tensor, idx: Tensor
-    ) -> dict[str, Tensor] | None:
-        """One clipped PPO gradient step on the rows ``idx`` (its micro-batches' gradients accumulated); None if
-        it was skipped as unsafe. One decision per mini-batch, taken after every micro-batch's backward."""
-        loss_finite, stats = self._accumulate_gradients(rollout, advantages, returns, idx)
-        # every rank must take the same decision, or DDP's gradient all-reduce would hang
-        ratio = float(stats["ppo/policy/ratio_mean"])
-        for unsafe, reason in ((not loss_finite, "the PPO loss was not finite"),
-                               (ratio > self.ppo.ratio_threshold, f"the mean importance ratio {ratio:.3g} exceeded "
-                                                                   f"model.ppo.ratio_threshold={self.ppo.ratio_threshold}")):
-            if self._any_rank(unsafe):
-                return self._skip_update(reason, opt)
-        grad_norm = dist.grad_norm(self.policy.trainable_parameters(), self.device)
-        if self._any_rank(not bool(torch.isfinite(grad_norm))):
-            return self._skip_update("the gradient was not finite", opt)
-        if self.ppo.max_grad_norm is not None:
-            dist.clip_grad_norm(self, opt, self.ppo.max_grad_norm)  # as the strategy allows (FSDP, DeepSpeed)
-        opt.step()
-        opt.zero_grad()
-        self.skips.passed()
-        return {"ppo/grad_norm": grad_norm, **stats}
-
-    def _accumulate_gradients(
-        self, rollout: Rollout, advantages: Tensor, returns: Tensor, idx: Tensor
-    ) -> tuple[bool, dict[str, Tensor]]:
-        """Forward and backward of the mini-batch ``idx``, ``model.micro_batch_size`` rows at a time. Every
-        micro-batch's loss divides by the whole mini-batch's denominators (global over processes), so the
-        accumulated gradient is the gradient of the mini-batch's loss. Returns whether every micro-batch's loss
-        was finite, and the mini-batch's statistics (``ppo/...``)."""
-        p, critic = self.ppo, self.policy.has_value_head
-        counts = objectives.loss_counts(rollout.rows.response_mask[idx.to(rollout.rows.response_mask.device)],
-                                      p.loss_aggregation, critic)
-        parts, finite = [], True
-        micro_batches = self._micro_batches(idx)
-        for i, micro in enumerate(micro_batches):
-            out, rows, micro = self.policy.forward_rows(rollout.rows, micro, dropout=self.hparams.train_dropout,
-                                                        with_values=critic, with_entropy=True)
-            t, rm = rows.response_ids.shape[1], rows.response_mask
-            old_logprobs, ref = rollout.logprobs[micro, :t], rollout.ref_logprobs[micro, :t] if p.kl_in_loss else None
-            loss, stats = objectives.ppo_objective(
-                out.logprobs, old_logprobs, out.values, rollout.values[micro, :t], advantages[micro, :t],
-                returns[micro, :t], rm, p.cliprange, p.cliprange_value, p.vf_coef, p.loss_aggregation,
-                self.generation.max_new_tokens[1] - 1, ref, self.kl_ctl.value if p.kl_in_loss else 0.0,
-                reduce_fn=self._reduce, counts=counts)  # the mini-batch's global denominators
-            stats["policy/entropy"] = objectives.masked_mean(out.entropy, rm)
-            finite = finite and bool(torch.isfinite(loss))
-            # DDP all-reduces the last micro-batch's backward only, which carries the sum of them all
-            with dist.gradient_sync(self._trainer, sync=i == len(micro_batches) - 1):
-                self.manual_backward(loss)  # a non-finite loss's gradient is discarded with the skipped update
-            parts.append((stats, int(rm.sum())))
-        return finite, {f"ppo/{k}": v for k, v in objectives.combine_micro_batches(parts).items()}
-
-    @torch.no_grad()
-    def _step_stats(self, rollout: Rollout, kl_per_sample: Tensor, non_score: Tensor,
-                    returns: Tensor, raw_advantages: Tensor, advantages: Tensor) -> dict[str, Tensor]:
-        """The step's statistics over the global batch (every process), with one all-reduce."""
-        parts = {name: part.to(self.device) for name, part in self.reward.last_components.items()}
-        scores = rollout.raw_scores.to(self.device)
-        stats = objectives.rollout_statistics(scores, kl_per_sample, non_score, rollout.logprobs, rollout.values, returns,
-                                            raw_advantages, advantages, rollout.rows.response_mask, parts, self._reduce)
-        if not self.policy.has_value_head:  # no critic: its statistics would describe zeros
-            stats = {k: v for k, v in stats.items() if not k.startswith("ppo/val/")}
-        if self.hparams.samples_per_prompt > 1:
-            stats.update(objectives.group_stats(scores, self.hparams.samples_per_prompt, self._reduce))
-        return {**stats, "ppo/step": torch.tensor(float(self.ppo_step))}
-
-    def _log_stats(self, stats: dict[str, Tensor]) -> None:
-        scalars = {k: float(v) for k, v in stats.items()}
-        if self.logger is not None:
-            self.logger.log_metrics(scalars, step=self.ppo_step)
-        for bar_name, name in (("reward", "env/reward_mean"), ("kl", "objective/kl")):
-            if name in scalars:
-                self.log(bar_name, scalars[name], prog_bar=True, logger=False, on_step=True)
-        self.log("ppo_step", float(self.ppo_step), prog_bar=True, logger=False, on_step=True)

@@ -19,23 +19,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lit_rlhf.models import ensure_pad_token
+from lit_rlhf.models import ensure_pad_token, lora_wrapping, model_source_errors, resolve_model_path
+from lit_rlhf.modules.base import RLHFModule
+from lit_rlhf.runtime import NumThreads, atomic_directory, num_threads_errors
 from lit_rlhf.runtime import distributed as dist
-from lit_rlhf.runtime import atomic_directory
-from lit_rlhf.models import lora_wrapping, model_source_errors
-from lit_rlhf.settings import LoraSettings, WeightDtype, check, check_precision, dtype_errors, lora_settings, plain
-from lit_rlhf.settings import resolve_base_dtype
-from lit_rlhf.runtime import NumThreads, num_threads_errors
-from lit_rlhf.models import resolve_model_path
 from lit_rlhf.objectives import bradley_terry_loss, preference_stats
+from lit_rlhf.settings import LoraSettings, WeightDtype, check, dtype_errors, lora_settings, resolve_base_dtype
 
 
-class RewardModelModule(L.LightningModule):
+class RewardModelModule(RLHFModule):
     """A reward model: a sequence classifier with one output, trained with the Bradley-Terry loss on
     ``PreferenceDataModule`` batches (give the data module the same ``model_name``: its tokenizer encodes the
     classifier's inputs). Logs ``train/loss``, ``train/accuracy``; ``val/loss``, ``val/accuracy`` (chosen
@@ -61,6 +56,10 @@ class RewardModelModule(L.LightningModule):
             float32 (the adapter merged into the base in float32).
     """
 
+    export_name = "reward_model"
+    keeps_rng = True
+    """Checkpoints keep the RNG states: the adapter's dropout draws from them."""
+
     def __init__(
         self,
         model_name: str = "embedded:tiny-gpt2",
@@ -85,19 +84,16 @@ class RewardModelModule(L.LightningModule):
         if not label:
             errors.append("model.label must name the reward output, e.g. reward")
         check(errors + num_threads_errors(num_threads) + dtype_errors(dtype, finetune, lora.bias))
-        # plain dicts keep checkpoints loadable with torch.load(weights_only=True)
-        self.save_hyperparameters(ignore=["lora"])
-        self.hparams.update(lora=plain(lora))
+        self.save_settings(lora=lora)
         self.lora = lora
         self.strict_loading = finetune == "full"  # a LoRA run's checkpoints hold only its trainable weights
         self.model: torch.nn.Module | None = None
         self.tokenizer: Any = None
-        self.weight_dtype = "float32"  # model.dtype as resolved on the run's device (configure_model)
 
     # ------------------------------------------------------------------ the classifier
 
     def setup(self, stage: str) -> None:
-        dist.check_trainer_clipping(self._trainer)  # before the model loads
+        super().setup(stage)
         data = getattr(self._trainer, "datamodule", None)
         if stage != "predict" and getattr(data, "classifier_inputs", True) is False:
             raise ValueError("a reward model reads the classifier's inputs of each pair: set data.classifier_inputs="
@@ -167,42 +163,25 @@ class RewardModelModule(L.LightningModule):
         return [{"id": i, "prompt": p, "response": r, "score": s}
                 for i, p, r, s in zip(batch["id"], batch["prompt"], batch["response"], scores)]
 
-    def on_fit_start(self) -> None:
-        check_precision(self.trainer.precision, self.weight_dtype, self.device, gradient_scaler=True)
-
     def configure_optimizers(self) -> torch.optim.Optimizer:
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         return torch.optim.AdamW(parameters, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
 
     # ------------------------------------------------------------------ checkpoints and export
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.hparams.finetune == "lora":  # the frozen base loads from model_name again
-            checkpoint["state_dict"] = dist.trainable_state(self, checkpoint["state_dict"])
-        # the adapter's dropout draws from the global RNGs: restoring them makes a resumed run continue exactly
-        checkpoint["lit_rlhf"] = dist.checkpoint_rng(self._trainer)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        dist.restore_checkpoint_rng(self._trainer, checkpoint.get("lit_rlhf") or {})
-
-    def export_path(self) -> Path:
-        """Where ``on_fit_end`` writes the model (``export_dir``, or ``<log_dir>/reward_model``)."""
-        if self.hparams.export_dir is not None:
-            return Path(self.hparams.export_dir)
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "reward_model"
-
-    def on_fit_end(self) -> None:
-        # every rank: log_dir broadcasts from rank zero, and gathering sharded weights is a collective
-        target = self.export_path()
+    def write_export(self, target: Path) -> None:
+        """Save the classifier (``export``), gathered from every rank."""
         dist.export_weights(self.trainer, self.model, lambda state_dict: self.export(target, state_dict), "model.",
                             trainable_only=False)  # merging the adapter needs the base weights too
+
+    def export_message(self, target: Path) -> str:
         # the text the classifier was trained on (the data module's classifier_text) is the one to score
         data = self.trainer.datamodule
         text = getattr(data, "classifier_text", "prompt+response")
         limit = data.classifier_limit() if hasattr(data, "classifier_limit") else None
         reads = "" if limit is None else f", max_length={limit}"  # the tokens it read of each pair's side
-        rank_zero_info(f"Reward model exported to {target} (PPO: --model.reward lit_rlhf.rewards.ClassifierReward "
-                       f"with model_name={target}, label={self.hparams.label}, text={text}{reads})")
+        return (f"Reward model exported to {target} (PPO: --model.reward lit_rlhf.rewards.ClassifierReward "
+                f"with model_name={target}, label={self.hparams.label}, text={text}{reads})")
 
     def export(self, target: str | Path, state_dict: dict[str, Tensor] | None = None) -> None:
         """Write the classifier (the adapter merged in) and its tokenizer into ``target`` (``export_reward_model``).

@@ -15,24 +15,20 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics.text.rouge import ROUGEScore
 from transformers.optimization import Adafactor
 
-from lit_rlhf.modules.base import BuildsPolicy
 from lit_rlhf import objectives
-from lit_rlhf.runtime import distributed as dist
 from lit_rlhf import rollout as ro
-from lit_rlhf.models import Policy, model_source_errors
-from lit_rlhf.settings import GenerationSettings, LoraSettings
-from lit_rlhf.settings import WeightDtype, check, check_precision, dtype_errors, lora_settings, plain
+from lit_rlhf.models import Policy
+from lit_rlhf.modules.base import BuildsPolicy, policy_errors
 from lit_rlhf.runtime import NumThreads, num_threads_errors
+from lit_rlhf.runtime import distributed as dist
+from lit_rlhf.settings import GenerationSettings, LoraSettings, WeightDtype, check, lora_settings
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 
@@ -49,7 +45,7 @@ def lr_factor(step: int, warmup_steps: int, decay_steps: int, schedule: str, min
     return min_ratio + (1.0 - min_ratio) * shape
 
 
-class SFTModule(BuildsPolicy, L.LightningModule):
+class SFTModule(BuildsPolicy):
     """Supervised fine-tuning of a seq2seq or decoder-only model on (prompt, reference summary) pairs.
 
     Batches come from ``DialogSumDataModule(with_labels=True)``: ``input_ids``/``attention_mask`` [B, P] (the
@@ -91,6 +87,8 @@ class SFTModule(BuildsPolicy, L.LightningModule):
     """
 
     policy: Policy  # built in configure_model
+    export_note = "SFT result exported to {target} (give it to PPO as --model.init_adapter {target})"
+    keeps_rng = True  # the model's and the adapter's dropout draw from the global RNGs
 
     def __init__(
         self,
@@ -118,33 +116,20 @@ class SFTModule(BuildsPolicy, L.LightningModule):
         lora = lora_settings(lora)  # also a plain dict (a checkpoint's hyperparameters, a Python caller)
         check_sft_settings(learning_rate, weight_decay, warmup_steps, lr_schedule, decay_steps, min_lr_ratio,
                            max_new_tokens, num_threads, no_repeat_ngram_size, optimizer)
-        # plain dicts keep checkpoints loadable with torch.load(weights_only=True)
-        self.save_hyperparameters(ignore=["lora"])
-        self.hparams.update(lora=plain(lora))
-        # checkpoints of a LoRA run hold only the trainable weights (see on_save_checkpoint)
-        self.strict_loading = False
+        self.save_settings(lora=lora)
         # the policy is built in configure_model (where a strategy places or shards it); cheap checks now
         if init_from_scratch and finetune != "full":
             raise ValueError("model.init_from_scratch=true trains a model from random weights: it needs "
                              "model.finetune=full")
-        check(dtype_errors(dtype, finetune, lora.bias)
-              + model_source_errors({"model.model_name": model_name, "model.init_adapter": init_adapter}))
+        check(policy_errors(dtype, lora, finetune, model_name=model_name, init_adapter=init_adapter))
         self.policy_kwargs = dict(
             model_name=model_name, lora=lora, init_adapter=init_adapter, value_head=False, finetune=finetune,
             init_from_scratch=init_from_scratch, gradient_checkpointing=gradient_checkpointing,
             attn_implementation=attn_implementation,
         )
-        self.weight_dtype = "float32"  # model.dtype as resolved on the run's device (configure_model)
         self.rouge = ROUGEScore(rouge_keys=ROUGE_KEYS)
 
     # ------------------------------------------------------------------ training
-
-    def setup(self, stage: str) -> None:
-        dist.check_trainer_clipping(self._trainer)  # before the model loads
-
-    def on_fit_start(self) -> None:
-        # 16-mixed is fine here: automatic optimization unscales its gradients
-        check_precision(self.trainer.precision, self.weight_dtype, self.device, gradient_scaler=True)
 
     def sft_loss(self, batch: dict[str, Any], reduce_fn: objectives.ReduceFn | None = None) -> Tensor:
         """Mean negative log-likelihood of the reference summary tokens (teacher forcing). Scalar.
@@ -259,32 +244,12 @@ class SFTModule(BuildsPolicy, L.LightningModule):
         """One record per prompt: ``id``, ``dialogue`` (when the batch has it) and the greedy ``summary``."""
         return ro.predict_records(self._generate(batch), batch, scorer_name=None)
 
-    # ------------------------------------------------------------------ checkpoints and export
+    # ------------------------------------------------------------------ export
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # the model's and the adapter's dropout draw from the global RNGs: restoring them makes a resumed run
-        # continue exactly
-        checkpoint["lit_rlhf"] = dist.checkpoint_rng(self._trainer)
-        if self.hparams.finetune == "full":
-            return  # every weight is trained: the whole state dict (tied embeddings under all their names)
-        # a LoRA run's frozen base is not written into every checkpoint: it loads from model_name again
-        checkpoint["state_dict"] = dist.trainable_state(self, checkpoint["state_dict"])
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        dist.restore_checkpoint_rng(self._trainer, checkpoint.get("lit_rlhf") or {})
-
-    def export_path(self) -> Path:
-        """Where ``on_fit_end`` writes the result (``export_dir``, or a folder in the run's log directory)."""
-        if self.hparams.export_dir is not None:
-            return Path(self.hparams.export_dir)
-        name = "model" if self.hparams.finetune == "full" else "adapter"
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir) / name
-
-    def on_fit_end(self) -> None:
-        # every rank: log_dir broadcasts from rank zero, and gathering sharded weights is a collective
-        target = self.export_path()
-        dist.export_policy(self.trainer, self.policy, target)
-        rank_zero_info(f"SFT result exported to {target} (give it to PPO as --model.init_adapter {target})")
+    @property
+    def export_name(self) -> str:
+        """``export_path``'s folder without ``export_dir``: ``model`` (full) or ``adapter`` (LoRA)."""
+        return "model" if self.hparams.finetune == "full" else "adapter"
 
 
 def check_sft_settings(

@@ -1,24 +1,31 @@
 """DPO: the losses by hand, log 2 at the start, a short fit raises the margin, the adapter loads with plain peft."""
 
 import math
+from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
 from torch.testing import assert_close
 
-from pathlib import Path
-from types import SimpleNamespace
-
 from conftest import assert_resume_is_exact, perturb_lora, write_jsonl
-from lit_rlhf.modules import DPOModule
 from lit_rlhf.models import Policy
-from lit_rlhf.data import pad as _pad  # the prompt modules' padding
+from lit_rlhf.modules import DPOModule
 
 PROMPTS = ["Summarize: the cat sat on the mat.", "Summarize: a dog ran in the park today.",
            "Summarize: we met at noon.", "Summarize: rain fell all night long."]
 CHOSEN = "good summary"
 REJECTED = "terrible awful text here"
+
+
+def pad(rows: list[list[int]], pad_token_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists padded on ``side`` into ids and mask, LongTensor [B, L] (as the prompt modules pad)."""
+    width = max(len(row) for row in rows)
+    fill = [width - len(row) for row in rows]
+    ids = [[pad_token_id] * f + row if side == "left" else row + [pad_token_id] * f for row, f in zip(rows, fill)]
+    mask = [[0] * f + [1] * len(row) if side == "left" else [1] * len(row) + [0] * f for row, f in zip(rows, fill)]
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
 
 
 def contract_batch(policy: Policy, prompts: list[str], chosen: list[str], rejected: list[str]) -> dict:
@@ -29,9 +36,9 @@ def contract_batch(policy: Policy, prompts: list[str], chosen: list[str], reject
     def response(text: str) -> list[int]:  # no prompt, no decoder start; eos last
         return tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
 
-    prompt_ids, prompt_mask = _pad([tok(p)["input_ids"] for p in prompts], tok.pad_token_id, side)
-    chosen_ids, chosen_mask = _pad([response(t) for t in chosen], tok.pad_token_id, "right")
-    rejected_ids, rejected_mask = _pad([response(t) for t in rejected], tok.pad_token_id, "right")
+    prompt_ids, prompt_mask = pad([tok(p)["input_ids"] for p in prompts], tok.pad_token_id, side)
+    chosen_ids, chosen_mask = pad([response(t) for t in chosen], tok.pad_token_id, "right")
+    rejected_ids, rejected_mask = pad([response(t) for t in rejected], tok.pad_token_id, "right")
     return {"prompt_input_ids": prompt_ids, "prompt_attention_mask": prompt_mask,
             "chosen_ids": chosen_ids, "chosen_mask": chosen_mask,
             "rejected_ids": rejected_ids, "rejected_mask": rejected_mask,

@@ -2,7 +2,6 @@
 ClassifierReward loads as it is."""
 
 import json
-import math
 from pathlib import Path
 
 import lightning as L
