@@ -1,6 +1,6 @@
 """The LightningModules: PPO (and its critic-free estimators), SFT, DPO and reward models."""
 
-from lit_rlhf.modules.base import BuildsPolicy
+from lit_rlhf.modules.base import BuildsPolicy, RLHFModule
 from lit_rlhf.modules.dpo import DPOModule
 from lit_rlhf.modules.ppo import PPOModule
 from lit_rlhf.modules.reward_model import RewardModelModule
@@ -11,6 +11,7 @@ __all__ = [
     "BuildsPolicy",
     "DPOModule",
     "PPOModule",
+    "RLHFModule",
     "RewardModelModule",
     "SFTModule",
     "bradley_terry_loss",
