@@ -1,4 +1,4 @@
-"""The PPO loss on 2 CPU processes (gloo), spawned by ``tests/test_ddp.py`` with ``torch.multiprocessing``.
+"""The PPO loss on 2 CPU processes (gloo), spawned by ``tests/runtime/test_ddp.py`` with ``torch.multiprocessing``.
 
 Each process holds a mini-batch of its own (other rows, other response lengths, another padded width),
 computes ``objectives.ppo_objective`` with the reduction the modules use (``distributed.all_reduce_sum`` on a

@@ -1,4 +1,4 @@
-"""A 2-process DDP fit on CPU (gloo) through the ``lit-rlhf`` CLI, launched by ``tests/test_ddp.py``.
+"""A 2-process DDP fit on CPU (gloo) through the ``lit-rlhf`` CLI, launched by ``tests/runtime/test_ddp.py``.
 
     python tests/ddp_worker.py OUT_DIR [extra lit-rlhf fit flags]
 

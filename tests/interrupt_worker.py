@@ -1,5 +1,5 @@
 """Runs lit-rlhf commands that interrupt themselves with a real Ctrl-C (SIGINT sent to this process) at a chosen
-point of a training step, for ``tests/test_interrupt.py``.
+point of a training step, for ``tests/runtime/test_interrupt.py``.
 
     python interrupt_worker.py RUNS_JSON
 

@@ -95,7 +95,7 @@ def test_kl_estimators_hand_computed():
 
 
 def test_kl_full_is_refused_from_sampled_logprobs():
-    # the exact KL needs both distributions: the policy computes it (tests/test_lm.py), not kl_penalty
+    # the exact KL needs both distributions: the policy computes it (tests/models/test_lm.py), not kl_penalty
     p = torch.log(torch.tensor([[0.5]]))
     q = torch.log(torch.tensor([[0.25]]))
     with pytest.raises(ValueError, match="full"):

@@ -84,7 +84,7 @@ def test_strategy_overlay_instantiates(overlay):
     elif name == "fsdp":
         from lit_rlhf.runtime import DeclaredBlocksWrapPolicy
 
-        # each block the model declares (_no_split_modules) is its own FSDP unit (tests/test_memory.py)
+        # each block the model declares (_no_split_modules) is its own FSDP unit (tests/models/test_memory.py)
         assert isinstance(strategy.kwargs["auto_wrap_policy"], DeclaredBlocksWrapPolicy)
         # LoRA leaves frozen and trainable weights in one block: FSDP needs use_orig_params for that
         assert strategy.kwargs["use_orig_params"] is True
