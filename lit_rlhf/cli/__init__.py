@@ -1,4 +1,9 @@
-"""The lit-rlhf, lit-rlhf-sft, lit-rlhf-rm and lit-rlhf-dpo commands (LightningCLI)."""
+"""The commands lit-rlhf, lit-rlhf-sft, lit-rlhf-rm and lit-rlhf-dpo (LightningCLI).
+
+base.py: what every command shares (parser settings, one-line errors, resume from a run folder, harmless
+warnings); configs.py: packaged configs by name, the default config, a run's own config.yaml; ppo.py, sft.py,
+preferences.py: one command family each. The top layer: it may import every other part of lit_rlhf.
+"""
 
 from lit_rlhf.cli.base import one_line_errors, quiet_harmless_warnings
 from lit_rlhf.cli.configs import (

@@ -1,4 +1,10 @@
-"""Where prompts come from and how they become batches: sources, prompt formats, the data modules."""
+"""Where prompts come from and how they become batches: sources.py, formats.py (prompt formats and their
+truncation), batching.py (padding, collators, the seeded prompt stream), rows.py (the row pipeline), the data
+modules prompts.py (PromptDataModule), dialogsum.py (DialogSumDataModule), preferences.py and pairs.py
+(PreferenceDataModule), and sampled_pairs.py (a command: preference pairs sampled from a policy).
+
+Knows no LightningModule: may import rollout, models, rewards, objectives, runtime and settings.
+"""
 
 from lit_rlhf.data.dialogsum import (
     DEFAULT_PROMPT_TEMPLATE,

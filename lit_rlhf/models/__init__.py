@@ -1,4 +1,9 @@
-"""The policy's model side: seq2seq/causal forward passes, loading, LoRA, generation, the embedded tiny models."""
+"""The policy's model side: lm.py (the seq2seq/causal difference), loading.py, lora.py, checkpointing.py,
+generation.py (generation_config, special tokens, sampling), decoding.py (the KV-cached loop), policy.py (Policy:
+generate, score), export.py, tiny.py (the embedded tiny models).
+
+Knows no module, no reward and no dataset: imports only objectives, runtime and settings.
+"""
 
 from lit_rlhf.models.decoding import SampledRollout, inverse_cdf_sample, sample_with_cache, warpers
 from lit_rlhf.models.lm import logprobs_from_logits, position_limit, trim_batch

@@ -1,4 +1,9 @@
-"""The LightningModules: PPO (and its critic-free estimators), SFT, DPO and reward models."""
+"""The LightningModules: PPOModule (ppo.py; the update and statistics in ppo_update.py; GRPO, RLOO and
+REINFORCE++ without a value head), SFTModule (sft.py), DPOModule (dpo.py), RewardModelModule (reward_model.py),
+and base.py: RLHFModule, what they all share, and BuildsPolicy.
+
+May import data, rollout, models, rewards, objectives, runtime and settings; nothing imports it but cli.
+"""
 
 from lit_rlhf.modules.base import BuildsPolicy, RLHFModule
 from lit_rlhf.modules.dpo import DPOModule

@@ -1,5 +1,9 @@
-"""Pure tensor math of the objectives: masked statistics, PPO/GAE, KL control, critic-free advantages, loss
-aggregation, preference losses (DPO, IPO, Bradley-Terry)."""
+"""Pure tensor math of the objectives: statistics.py (masked statistics), ppo.py (KL estimators, GAE, PPO
+losses, KL control), critic_free.py (GRPO, RLOO, REINFORCE++ advantages), advantages.py (the estimators by
+name), aggregation.py (loss aggregation, micro-batches), preference.py (DPO, IPO, Bradley-Terry losses).
+
+Imports only torch (and the standard library).
+"""
 
 from lit_rlhf.objectives.advantages import (
     ADVANTAGE_ESTIMATORS,

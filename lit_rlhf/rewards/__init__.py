@@ -9,6 +9,9 @@ Every reward is a subclass of :class:`Reward` (:mod:`lit_rlhf.rewards.base`, wit
 - :class:`ReferenceSimilarityReward`: ROUGE of the response against the reference summary.
 - :class:`CompositeReward`: weighted sum of rewards, keeping each part for logging.
 - :class:`FunctionReward`: a plain Python function given by its import path, as TRL's ``reward_funcs``.
+
+One file each (base.py, classifier.py, profanity.py, function.py, composite.py, reference.py). May import models,
+objectives, runtime and settings; knows no dataset and no LightningModule.
 """
 
 from lit_rlhf.rewards.base import NonFiniteRewardError, Reward, Scorer, TextField, check_reward_inputs, select_text

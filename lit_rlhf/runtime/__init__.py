@@ -1,4 +1,9 @@
-"""What a run needs around the math: processes, files, checkpoints, run folders, threads, progress, guards."""
+"""What a run needs around the math: distributed.py (reductions, agreed decisions, sharded weights, per-rank
+RNG), io.py (atomic files, RNG states), checkpoint.py (atomic checkpoints, last.ckpt at the end and on Ctrl-C),
+runs.py (run folders), threads.py, progress.py, guards.py (skipped steps), health.py (degenerate rollouts).
+
+A bottom layer: imports nothing of lit_rlhf.
+"""
 
 from lit_rlhf.runtime.checkpoint import AtomicCheckpointIO, InterruptCheckpoint, load_checkpoint
 from lit_rlhf.runtime.distributed import (
