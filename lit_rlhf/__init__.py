@@ -7,7 +7,7 @@ from :mod:`lit_rlhf.rewards` and the callbacks from :mod:`lit_rlhf.callbacks`.
 
 from lit_rlhf import moved
 
-__version__ = "0.1.0"
+__version__ = "0.4.0"
 
 MODULES = ("PPOModule", "SFTModule", "DPOModule", "RewardModelModule")
 """The LightningModules, read from :mod:`lit_rlhf.modules` on first use (``import lit_rlhf`` stays light)."""

@@ -10,6 +10,7 @@ resumes it and an old config still runs. The config a run writes names the new p
 import importlib
 import importlib.abc
 import importlib.util
+import pkgutil
 import sys
 import warnings
 from types import ModuleType
@@ -37,8 +38,31 @@ command, moved whole). ``lit_rlhf.data`` and ``lit_rlhf.rewards``, modules then,
 and need no entry."""
 
 
+def moved_attribute(old: str, name: str) -> Any:
+    """``name`` of lit_rlhf 0.3's module ``old``, from where it lives now: the new package's exports, else the
+    file of that package that defines it, else :mod:`lit_rlhf.settings` (settings classes that old modules
+    imported); an ``AttributeError`` naming the new place when it is gone."""
+    new = MOVED_MODULES[old]
+    module = importlib.import_module(new)
+    if hasattr(module, name):
+        return getattr(module, name)
+    if not name.startswith("__"):
+        places = [f"{new}.{info.name}" for info in pkgutil.iter_modules(getattr(module, "__path__", []))]
+        for place in [*places, "lit_rlhf.settings"]:
+            found = vars(importlib.import_module(place))
+            if name in found:
+                return found[name]
+    raise AttributeError(f"module {old!r} has no attribute {name!r} (lit_rlhf 0.4 moved it to {new})")
+
+
+def moved_warning(old: str) -> None:
+    warnings.warn(f"{old} is now {MOVED_MODULES[old]} (lit_rlhf 0.4's layout): write {MOVED_MODULES[old]}.<name>",
+                  FutureWarning, stacklevel=3)
+
+
 class MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Imports an old module of :data:`MOVED_MODULES` as a stand-in whose attributes are the new package's."""
+    """Imports an old module of :data:`MOVED_MODULES` as a stand-in whose attributes are read where they live
+    now (:func:`moved_attribute`); ``python -m`` of an old module runs the new one."""
 
     def find_spec(self, fullname: str, path=None, target=None):
         if fullname not in MOVED_MODULES:
@@ -46,15 +70,22 @@ class MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return importlib.util.spec_from_loader(fullname, self)
 
     def create_module(self, spec) -> None:
-        return None  # the default module; exec_module makes it read the new package
+        return None  # the default module; exec_module makes it read the new places
 
     def exec_module(self, module: ModuleType) -> None:
-        new = MOVED_MODULES[module.__name__]
-        warnings.warn(f"{module.__name__} is now {new} (lit_rlhf 0.4's layout): write {new}.<name>", FutureWarning,
-                      stacklevel=2)
-        target = importlib.import_module(new)
-        module.__getattr__ = lambda name: getattr(target, name)
-        module.__doc__ = f"Moved: {new}."
+        old = module.__name__
+        moved_warning(old)
+        module.__getattr__ = lambda name: moved_attribute(old, name)
+        module.__doc__ = f"Moved: {MOVED_MODULES[old]}."
+
+    def get_code(self, fullname: str):
+        """The new module's code, for ``python -m`` (runpy) of an old module that was a command."""
+        moved_warning(fullname)
+        new = MOVED_MODULES[fullname]
+        return importlib.util.find_spec(new).loader.get_code(new)
+
+    def is_package(self, fullname: str) -> bool:
+        return False
 
 
 def current_class_path(class_path: str) -> str:

@@ -38,7 +38,7 @@ DATA_MODULE_PATHS = {"DialogSumDataModule": "lit_rlhf.data", "PromptDataModule":
 
 def data_catalogue() -> str:
     """The data modules, one line each, for the ``--help`` of lit-rlhf and lit-rlhf-sft."""
-    lines = "".join(f"\n  {DATA_MODULE_PATHS[name]}.{name:<22} {line}" for name, line in DATA_MODULES.items())
+    lines = "".join(f"\n  {DATA_MODULE_PATHS[name] + '.' + name:<36} {line}" for name, line in DATA_MODULES.items())
     return f"\n\nData modules (--data CLASS; options: --data.help CLASS):{lines}"
 
 

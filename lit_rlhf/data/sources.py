@@ -175,7 +175,7 @@ def read_data_files(path: str | None, setting: str) -> datasets.Dataset:
 def code_digest() -> str:
     """A digest of lit_rlhf's own Python files: it changes whenever the code that encodes rows may have."""
     digest = hashlib.sha256()
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # all of lit_rlhf: encoding reads models/ and rewards/ too
     for path in sorted(package.rglob("*.py")):
         digest.update(str(path.relative_to(package)).encode())
         digest.update(path.read_bytes())

@@ -149,6 +149,10 @@ def load_tokenizer(path: str, setting: str) -> PreTrainedTokenizerBase:
     return ensure_pad_token(AutoTokenizer.from_pretrained(path), f"{setting}={path!r}")
 
 
+PAD_NOTICES_GIVEN: set[str] = set()
+"""The tokenizers (by source) whose eos stand-in for padding was announced in this process."""
+
+
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, source: str) -> PreTrainedTokenizerBase:
     """``tokenizer``, padding with its eos token when it has no pad token (decoder-only tokenizers such as GPT-2's
     ship without one; the attention mask keeps the padding out of the model's view). ``source`` names the flag
@@ -160,8 +164,10 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, source: str) -> PreTrai
                 "the tokenizer with a pad token set (tokenizer.add_special_tokens({'pad_token': ...}); "
                 "save_pretrained) and give that folder")
         tokenizer.pad_token = tokenizer.eos_token
-        rank_zero_info(f"The tokenizer of {source} has no pad token: using its eos token {tokenizer.eos_token!r} "
-                       f"(id {tokenizer.eos_token_id}) for padding.")
+        if source not in PAD_NOTICES_GIVEN:  # the data module and the policy load the same tokenizer: one line
+            PAD_NOTICES_GIVEN.add(source)
+            rank_zero_info(f"The tokenizer of {source} has no pad token: using its eos token "
+                           f"{tokenizer.eos_token!r} (id {tokenizer.eos_token_id}) for padding.")
     return tokenizer
 
 

@@ -3,6 +3,7 @@
 
 import importlib
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -61,3 +62,25 @@ def test_every_old_module_reads_its_new_package(old, monkeypatch):
         assert getattr(module, name) is getattr(new, name)
     with pytest.raises(AttributeError):
         module.no_such_name
+
+
+def test_old_modules_find_names_in_the_files_of_their_new_package(monkeypatch):
+    from lit_rlhf.data.formats import PromptFormat
+    from lit_rlhf.settings import PPOSettings
+
+    for old in ("lit_rlhf.prompts", "lit_rlhf.module"):
+        monkeypatch.delitem(sys.modules, old, raising=False)
+    with pytest.warns(FutureWarning):
+        prompts, module = importlib.import_module("lit_rlhf.prompts"), importlib.import_module("lit_rlhf.module")
+    assert prompts.PromptFormat is PromptFormat  # a name lit_rlhf.data does not export
+    assert module.PPOSettings is PPOSettings  # an old module's import from lit_rlhf.settings
+    with pytest.raises(AttributeError, match="moved it to lit_rlhf.data"):
+        prompts.no_such_name
+
+
+def test_python_m_of_an_old_command_runs_the_new_one():
+    done = subprocess.run([sys.executable, "-m", "lit_rlhf.sampled_pairs", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: ") and "--out OUT" in done.stdout  # the new module's command line
+    assert "lit_rlhf.sampled_pairs is now lit_rlhf.data.sampled_pairs" in done.stderr

@@ -134,3 +134,23 @@ def test_conversation_pairs_follow_the_same_rule():
     rows = [pair("which?"), pair(" ")]
     batch = {k: [r[k] for r in rows] for k in ("chosen", "rejected")}
     assert pair_texts(batch, PairColumns(), conversations=True)["skip"] == ["", "empty"]
+
+
+def test_the_code_digest_covers_every_file_of_the_package(tmp_path, monkeypatch):
+    """Encoding reads models/ (the context limit) and rewards/ (classifier inputs) besides data/: an edit to any
+    file of lit_rlhf changes the digest that keys the datasets cache."""
+    import shutil
+    from pathlib import Path
+
+    import lit_rlhf
+    import lit_rlhf.data.sources as sources
+
+    package = Path(lit_rlhf.__file__).parent
+    copy = tmp_path / "lit_rlhf"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("assets", "__pycache__"))
+    monkeypatch.setattr(sources, "__file__", str(copy / "data" / "sources.py"))
+    digest = sources.code_digest.__wrapped__  # the cached one holds this process's digest
+    before = digest()
+    with open(copy / "models" / "lm.py", "a") as lm:
+        lm.write("\n# an edit outside data/\n")
+    assert digest() != before
