@@ -18,7 +18,7 @@ from lit_rlhf.settings import LoraSettings
 from lit_rlhf.models import resolve_model_path
 
 from conftest import perturb_lora
-from test_policy import assert_rows_close, encode, sample, score_alone
+from policy_checks import assert_rows_close, encode, sample, score_alone
 
 SUMMARIZER, GPT2 = "embedded:summarizer", "embedded:tiny-gpt2"
 HEAD_TARGETS = {SUMMARIZER: ["q", "v", "lm_head"], GPT2: ["c_attn", "lm_head"]}  # the shipped configs' targets

@@ -10,6 +10,8 @@ import torch
 import yaml
 from torch.testing import assert_close
 
+from sft_data import batch_of, supervised_data
+
 from lit_rlhf.cli import run_sft
 from lit_rlhf.data import DialogSumDataModule
 from lit_rlhf.models import Policy, build_tiny_t5
@@ -30,19 +32,6 @@ class MetricsRecorder(L.Callback):
 
     def on_validation_end(self, trainer, pl_module):  # after the module has logged its epoch's ROUGE
         self.val.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
-
-
-def supervised_data(model_name: str, batch_size: int = 16) -> DialogSumDataModule:
-    # short dialogues and summaries keep each step fast; 2% of the kept rows are held out
-    return DialogSumDataModule(model_name=model_name, with_labels=True, min_chars=200, max_chars=500,
-                               test_size=0.02, max_prompt_tokens=128, max_summary_tokens=32,
-                               batch_size=batch_size, eval_batch_size=16)
-
-
-def batch_of(model_name: str, n: int = 4) -> dict:
-    data = supervised_data(model_name, batch_size=n)
-    data.setup("fit")
-    return next(iter(data.val_dataloader()))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from lit_rlhf.cli import run_sft
 from lit_rlhf.data import DialogSumDataModule
 from lit_rlhf.models import Policy
 from lit_rlhf.modules import SFTModule
-from test_sft import batch_of, supervised_data
+from sft_data import batch_of, supervised_data
 
 
 def test_predict_writes_one_summary_per_dialogue(tmp_path):
