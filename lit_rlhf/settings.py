@@ -15,7 +15,7 @@ import torch
 
 from lit_rlhf.objectives import (
     CRITIC_FREE_ESTIMATORS, GROUP_ESTIMATORS, AdaptiveKLController, AdvantageEstimator, FixedKLController,
-    KLEstimator, LossAggregation,
+    ImportanceSampling, KLEstimator, LossAggregation, PolicyLossType, PolicyVariant,
 )
 
 LoraBias = Literal["none", "all", "lora_only"]
@@ -174,12 +174,31 @@ class PPOSettings:
     """How a mini-batch's per-token policy loss becomes one number: token_mean (every token weighs the same,
     DAPO; the PPO default), sequence_mean (mean per response, then over responses, GRPO), token_sum_norm (sum
     divided by batch x longest response, Dr. GRPO)."""
+    cliprange_high: float | None = None
+    """Upper clipping epsilon of the ratio: it is clipped to [1 - cliprange, 1 + cliprange_high] (DAPO's
+    clip-higher, e.g. 0.28 with cliprange 0.2). None: 1 + cliprange (symmetric). With policy_loss=cispo: the
+    importance weight's upper bound."""
+    importance_sampling: ImportanceSampling = "token"
+    """Level of the importance ratio: token (PPO, one ratio per token), sequence (GSPO: one ratio per
+    response, exp of the mean token log-ratio, on every token, clipped), sequence_token (GSPO-token: the
+    sequence ratio's value, each token's own gradient). GSPO uses far smaller clip ranges (e.g. 3e-4/4e-4)."""
+    policy_loss: PolicyLossType = "ppo"
+    """ppo: the clipped surrogate. cispo (MiniMax-M1): -sg[min(ratio, 1 + cliprange_high)] * A * log-prob,
+    every token keeps its gradient (no lower bound; cliprange unused; TRL's epsilon_high=5 is
+    cliprange_high=4)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus: the loss loses entropy_coef x the policy's mean token entropy over the response tokens
+    (aggregated like the loss, from the update's forward pass). ppo/policy/entropy is logged either way."""
 
     def kl_controller(self) -> AdaptiveKLController | FixedKLController:
         """A fresh KL controller for these settings (adaptive towards ``kl_target``, or fixed)."""
         if self.adaptive_kl:
             return AdaptiveKLController(self.init_kl_coef, self.kl_target, self.kl_horizon)
         return FixedKLController(self.init_kl_coef)
+
+    def policy_variant(self) -> PolicyVariant:
+        """The policy term these settings ask for (``objectives.ppo_objective``'s ``variant``)."""
+        return PolicyVariant(self.cliprange_high, self.importance_sampling, self.policy_loss, self.entropy_coef)
 
     def errors(self, prefix: str = "model.ppo") -> list[str]:
         errors = []
@@ -202,6 +221,15 @@ class PPOSettings:
             errors.append(f"{prefix}.ratio_threshold must be > 0, got {self.ratio_threshold}")
         errors += _choice(self.advantage_estimator, f"{prefix}.advantage_estimator", AdvantageEstimator)
         errors += _choice(self.loss_aggregation, f"{prefix}.loss_aggregation", LossAggregation)
+        return errors + self._variant_errors(prefix)
+
+    def _variant_errors(self, prefix: str) -> list[str]:
+        errors = _choice(self.importance_sampling, f"{prefix}.importance_sampling", ImportanceSampling)
+        errors += _choice(self.policy_loss, f"{prefix}.policy_loss", PolicyLossType)
+        if self.cliprange_high is not None and not (self.cliprange_high > 0 and math.isfinite(self.cliprange_high)):
+            errors.append(f"{prefix}.cliprange_high must be > 0 (or null: cliprange), got {self.cliprange_high}")
+        if not (self.entropy_coef >= 0 and math.isfinite(self.entropy_coef)):
+            errors.append(f"{prefix}.entropy_coef must be >= 0, got {self.entropy_coef}")
         return errors
 
     @property

@@ -27,11 +27,12 @@ from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderC
 
 
 def logprobs_from_logits(
-    logits: Tensor, labels: Tensor, chunk_elements: int = 2**24, with_entropy: bool = False
+    logits: Tensor, labels: Tensor, chunk_elements: int = 2**24, with_entropy: bool = False, entropy_grad: bool = False
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probability of each chosen token: ``log softmax(logits)[label]``; with ``with_entropy`` also the
     entropy of each position's distribution, ``H = lse(z) - sum softmax(z) z``, from the same logsumexp
-    (no gradient: it is a diagnostic).
+    (no gradient, a diagnostic, unless ``entropy_grad``: an entropy bonus in the loss, whose backward keeps each
+    chunk's softmax).
 
     logits: [B, T, V], labels: [B, T] -> [B, T] (float32 for half-precision logits), or ([B, T], [B, T]).
 
@@ -48,7 +49,7 @@ def logprobs_from_logits(
     logprobs = chosen - torch.cat(lse_parts).view(chosen.shape)
     if not with_entropy:
         return logprobs
-    with torch.no_grad():
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         entropy = torch.cat([lse - (torch.exp(part - lse[:, None]) * part).sum(-1)
                              for part, lse in zip(parts, lse_parts)])
     return logprobs, entropy.view(chosen.shape)

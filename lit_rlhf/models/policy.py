@@ -280,14 +280,15 @@ class Policy(nn.Module):
         with_values: bool = True,
         return_logits: bool = False,
         with_entropy: bool = False,
+        entropy_grad: bool = False,
     ) -> PolicyOutput:
         """Log-probabilities (and values, and the entropy at each position) of the response tokens under the
-        current policy.
+        current policy. The entropy has a gradient only with ``entropy_grad`` (an entropy bonus in the loss).
 
         query_ids, query_mask: [B, P]; response_ids, response_mask: [B, T] -> PolicyOutput with [B, T] fields.
         """
         logits, hidden = self.lm.teacher_forced(self.model, query_ids, query_mask, response_ids, response_mask)
-        logprobs = logprobs_from_logits(logits, response_ids, with_entropy=with_entropy)
+        logprobs = logprobs_from_logits(logits, response_ids, with_entropy=with_entropy, entropy_grad=entropy_grad)
         logprobs, entropy = logprobs if with_entropy else (logprobs, None)
         values = self.value_head(hidden) if with_values else None
         return PolicyOutput(logprobs, values, logits if return_logits else None, entropy)
@@ -324,7 +325,7 @@ class Policy(nn.Module):
 
     def forward_rows(
         self, batch: ResponseBatch, idx: Tensor, dropout: bool = False, with_values: bool = True,
-        with_entropy: bool = False,
+        with_entropy: bool = False, entropy_grad: bool = False,
     ) -> tuple[PolicyOutput, ResponseBatch, Tensor]:
         """``forward`` on the rows ``idx`` of ``batch`` (trimmed, with gradients): the PPO update's pass.
         Returns the output ([b, t] fields), the trimmed rows and ``idx`` on the batch's device."""
@@ -333,7 +334,7 @@ class Policy(nn.Module):
         checkpointing = checkpointing_without_dropout(self.model) if self.gradient_checkpointing and not dropout \
             else nullcontext()
         with self.mode(dropout), checkpointing:
-            out = self(*rows.tensors(), with_values=with_values, with_entropy=with_entropy)
+            out = self(*rows.tensors(), with_values=with_values, with_entropy=with_entropy, entropy_grad=entropy_grad)
         return out, rows, idx
 
     @torch.no_grad()

@@ -92,15 +92,17 @@ class PPOUpdate:
         micro_batches = self._micro_batches(idx)
         for i, micro in enumerate(micro_batches):
             out, rows, micro = self.policy.forward_rows(rollout.rows, micro, dropout=self.hparams.train_dropout,
-                                                        with_values=critic, with_entropy=True)
+                                                        with_values=critic, with_entropy=True,
+                                                        entropy_grad=p.entropy_coef != 0.0)
             t, rm = rows.response_ids.shape[1], rows.response_mask
             old_logprobs, ref = rollout.logprobs[micro, :t], rollout.ref_logprobs[micro, :t] if p.kl_in_loss else None
             loss, stats = objectives.ppo_objective(
                 out.logprobs, old_logprobs, out.values, rollout.values[micro, :t], advantages[micro, :t],
                 returns[micro, :t], rm, p.cliprange, p.cliprange_value, p.vf_coef, p.loss_aggregation,
                 self.generation.max_new_tokens[1] - 1, ref, self.kl_ctl.value if p.kl_in_loss else 0.0,
-                reduce_fn=self._reduce, counts=counts)  # the mini-batch's global denominators
-            stats["policy/entropy"] = objectives.masked_mean(out.entropy, rm)
+                reduce_fn=self._reduce, counts=counts,  # the mini-batch's global denominators
+                variant=p.policy_variant(), entropy=out.entropy)
+            stats["policy/entropy"] = objectives.masked_mean(out.entropy.detach(), rm)
             finite = finite and bool(torch.isfinite(loss))
             # DDP all-reduces the last micro-batch's backward only, which carries the sum of them all
             with dist.gradient_sync(self._trainer, sync=i == len(micro_batches) - 1):

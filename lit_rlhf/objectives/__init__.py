@@ -1,6 +1,6 @@
 """Pure tensor math of the objectives: statistics.py (masked statistics), ppo.py (KL estimators, GAE, PPO
 losses, KL control), critic_free.py (GRPO, RLOO, REINFORCE++ advantages), advantages.py (the estimators by
-name), aggregation.py (loss aggregation, micro-batches), preference.py (DPO, IPO, Bradley-Terry losses).
+name), aggregation.py (loss aggregation, micro-batches), variants.py (clip-higher, GSPO, CISPO), preference.py (DPO, IPO, Bradley-Terry losses).
 
 Imports only torch (and the standard library).
 """
@@ -41,6 +41,7 @@ from lit_rlhf.objectives.ppo import (
     policy_loss,
     policy_loss_per_token,
     ppo_diagnostics,
+    policy_term,
     ppo_objective,
     shape_scores,
     value_loss,
@@ -53,6 +54,19 @@ from lit_rlhf.objectives.preference import (
     preference_metrics,
     preference_stats,
     sequence_logps,
+)
+from lit_rlhf.objectives.variants import (
+    IMPORTANCE_SAMPLING_LEVELS,
+    ImportanceSampling,
+    POLICY_LOSS_TYPES,
+    PolicyLossType,
+    PolicyVariant,
+    clip_fraction,
+    cispo_per_token,
+    clipped_surrogate_per_token,
+    importance_weights,
+    sequence_log_ratio,
+    variant_per_token,
 )
 from lit_rlhf.objectives.statistics import (
     ReduceFn,
@@ -72,15 +86,23 @@ __all__ = [
     "DPOLossType",
     "FixedKLController",
     "GROUP_ESTIMATORS",
+    "IMPORTANCE_SAMPLING_LEVELS",
+    "ImportanceSampling",
     "KLEstimator",
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
     "LossAggregation",
+    "POLICY_LOSS_TYPES",
+    "PolicyLossType",
+    "PolicyVariant",
     "ReduceFn",
     "aggregate",
     "bradley_terry_loss",
     "broadcast_to_tokens",
     "check_margin",
+    "cispo_per_token",
+    "clip_fraction",
+    "clipped_surrogate_per_token",
     "combine_micro_batches",
     "compute_advantages",
     "compute_gae",
@@ -88,6 +110,7 @@ __all__ = [
     "dpo_loss",
     "group_stats",
     "grpo_advantages",
+    "importance_weights",
     "k3_kl",
     "kl_penalty",
     "kl_shaped_scores",
@@ -101,6 +124,7 @@ __all__ = [
     "minibatch_groups",
     "policy_loss",
     "policy_loss_per_token",
+    "policy_term",
     "ppo_diagnostics",
     "ppo_objective",
     "preference_metrics",
@@ -108,7 +132,9 @@ __all__ = [
     "reinforce_pp_advantages",
     "rloo_advantages",
     "rollout_statistics",
+    "sequence_log_ratio",
     "sequence_logps",
     "shape_scores",
     "value_loss",
+    "variant_per_token",
 ]

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from lit_rlhf.objectives.aggregation import aggregate, aggregate_terms
 from lit_rlhf.objectives.statistics import ReduceFn, global_means, identity, masked_mean
+from lit_rlhf.objectives.variants import PolicyVariant, clip_fraction, variant_per_token
 
 KLEstimator = Literal["kl", "abs", "mse", "full"]
 KL_ESTIMATORS: tuple[str, ...] = get_args(KLEstimator)
@@ -255,6 +256,7 @@ def ppo_objective(
     returns: Tensor, response_mask: Tensor, clip_range: float, clip_range_value: float, vf_coef: float,
     aggregation: str = "token_mean", norm_constant: float | None = None, ref_logprobs: Tensor | None = None,
     kl_coef: float = 0.0, reduce_fn: ReduceFn = identity, counts: list[Tensor] | None = None,
+    variant: PolicyVariant | None = None, entropy: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One mini-batch's loss to minimise and its diagnostics, all [B, T] inputs with the response mask.
 
@@ -265,8 +267,11 @@ def ppo_objective(
     is that of the processes' mini-batches put together. Diagnostics (per process): ``loss/...``, ``val/...``
     and :func:`ppo_diagnostics`. ``counts``: when the inputs are a micro-batch of a mini-batch, this process's
     denominators of the whole mini-batch (:func:`loss_counts`); the loss is then this micro-batch's share.
+    ``variant`` (``objectives.variants``): asymmetric clipping, a sequence-level ratio (GSPO), CISPO, an entropy
+    bonus on ``entropy`` ([B, T], with its gradient); None or the defaults: the clipped surrogate above.
     """
-    per_token = policy_loss_per_token(logprobs, old_logprobs, advantages, clip_range, ref_logprobs, kl_coef)
+    per_token, weights = policy_term(logprobs, old_logprobs, advantages, response_mask, clip_range, ref_logprobs,
+                                     kl_coef, variant, entropy)
     terms = [aggregate_terms(per_token, response_mask, aggregation, norm_constant)]
     if values is not None:
         per_token_vf = value_loss_per_token(values, old_values, returns, clip_range_value)
@@ -288,7 +293,36 @@ def ppo_objective(
                            response_mask, clip_range, clip_range_value)
     if values is None:
         del diag["val/clipfrac"]
+    if weights is not None:  # the clipping of the weights the variant used
+        diag["policy/clipfrac"] = clip_fraction(weights.detach(), response_mask, clip_range, variant)
     return loss, {**stats, **diag}
+
+
+def policy_term(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, response_mask: Tensor, clip_range: float,
+    ref_logprobs: Tensor | None = None, kl_coef: float = 0.0, variant: PolicyVariant | None = None,
+    entropy: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """The policy term per token [B, T] of ``ppo_objective`` and the importance weights of a variant (None for
+    PPO's own ratio): ``policy_loss_per_token`` (today's float operations) unless ``variant`` changes the ratio or
+    the loss; then ``variant_per_token`` [+ kl_coef * k3]. ``- entropy_coef * entropy`` when the coefficient is set."""
+    variant = variant or PolicyVariant()
+    weights = None
+    if variant.plain_ratio:
+        per_token = policy_loss_per_token(logprobs, old_logprobs, advantages, clip_range, ref_logprobs, kl_coef)
+    else:
+        if advantages.dim() != logprobs.dim():
+            raise ValueError(f"advantages must be [B, T] or [B, 1], got {tuple(advantages.shape)}")
+        per_token, weights = variant_per_token(logprobs, old_logprobs, advantages, response_mask, clip_range, variant)
+        if kl_coef != 0.0:
+            if ref_logprobs is None:
+                raise ValueError("a KL term in the loss (kl_coef != 0) needs ref_logprobs")
+            per_token = per_token + kl_coef * k3_kl(logprobs, ref_logprobs)
+    if variant.entropy_coef != 0.0:
+        if entropy is None:
+            raise ValueError("an entropy bonus (entropy_coef != 0) needs the policy's entropy per token")
+        per_token = per_token - variant.entropy_coef * entropy
+    return per_token, weights
 
 
 # --------------------------------------------------------------------------------------------------
