@@ -184,8 +184,8 @@ class PPOSettings:
     sequence ratio's value, each token's own gradient). GSPO uses far smaller clip ranges (e.g. 3e-4/4e-4)."""
     policy_loss: PolicyLossType = "ppo"
     """ppo: the clipped surrogate. cispo (MiniMax-M1): -sg[min(ratio, 1 + cliprange_high)] * A * log-prob,
-    every token keeps its gradient (no lower bound; cliprange unused; TRL's epsilon_high=5 is
-    cliprange_high=4)."""
+    every token keeps its gradient (no lower bound; cliprange_high null: 1 + cliprange; TRL's epsilon_high=5
+    is cliprange_high=4)."""
     entropy_coef: float = 0.0
     """Entropy bonus: the loss loses entropy_coef x the policy's mean token entropy over the response tokens
     (aggregated like the loss, from the update's forward pass). ppo/policy/entropy is logged either way."""
