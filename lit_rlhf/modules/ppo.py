@@ -354,6 +354,9 @@ class PPOModule(PPOUpdate, BuildsPolicy):
             if name in state:
                 part.load_state_dict(state[name])
         self._own_rng_restored = dist.restore_checkpoint_rng(self._trainer, state)
+        if not self.ppo.uses_reference and self.kl_ctl.value != 0:
+            raise ValueError(f"This checkpoint's KL coefficient is {self.kl_ctl.value:.4g}: it needs a reference, which "
+                             "model.ppo.init_kl_coef=0 does not build; resume with the run's own init_kl_coef")
 
     def _stateful(self) -> dict[str, Any]:
         return {"kl_controller": self.kl_ctl, "skipped": self.skips, "degenerate": self.degenerate}
