@@ -42,15 +42,18 @@ def grpo(model_name: str, ppo: dict | None = None, **kwargs) -> PPOModule:
     return PPOModule(**{**defaults, **kwargs})
 
 
-def fit(m: PPOModule, root, batch_size: int = 2) -> list[dict]:
-    """Fit on the CPU; the statistics each step logged."""
+def fit(m: PPOModule, root, batch_size: int = 2, validate: bool = False) -> list[dict]:
+    """Fit on the CPU (then validate, with ``validate``); the statistics each step logged."""
     logged = []
     original = m._log_stats
     m._log_stats = lambda stats: logged.append({k: float(v) for k, v in stats.items()}) or original(stats)
     trainer = L.Trainer(default_root_dir=root, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        limit_val_batches=0, num_sanity_val_steps=0)
-    trainer.fit(m, DialogSumDataModule(model_name=m.hparams.model_name, batch_size=batch_size))
+                        limit_val_batches=int(validate), num_sanity_val_steps=0)
+    data = DialogSumDataModule(model_name=m.hparams.model_name, batch_size=batch_size, eval_batch_size=4)
+    trainer.fit(m, data)
+    if validate:
+        logged.append(trainer.validate(m, datamodule=data, verbose=False)[0])
     return logged
 
 
@@ -86,13 +89,13 @@ def test_no_reference_at_kl_coef_0(forwards, tmp_path):
     # a reference model that would fail to load: at init_kl_coef 0 nothing loads it
     m = grpo("embedded:tiny-gpt2", ppo={"init_kl_coef": 0.0, "kl_in_loss": False}, ppo_steps=1,
              reference_model=str(tmp_path / "no-such-model"))
-    logged = fit(m, tmp_path)
+    logged = fit(m, tmp_path, validate=True)
     assert m.policy.reference is None and m.policy_kwargs["reference_model"] is None
     assert forwards == {"policy": 1, "reference": 0}  # the update's forward; no reference, no old-log-prob pass
     assert "objective/kl" not in logged[0]  # no reference: no KL to report (not a 0 that hides the drift)
     assert logged[0]["objective/kl_coef"] == 0 and logged[0]["ppo/mean_non_score_reward"] == 0
     assert m.kl_ctl.value == 0  # the adaptive controller multiplies: 0 stays 0
-    assert "kl" not in m.trainer.callback_metrics
+    assert "val/reward_mean" in logged[-1] and "val/kl" not in logged[-1]  # validation: no reference pass either
 
 
 def test_default_run_keeps_both_passes(forwards, tmp_path):
