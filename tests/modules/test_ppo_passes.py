@@ -5,14 +5,14 @@ import lightning as L
 import pytest
 import torch
 
-from lit_rlhf.data import DialogSumDataModule
+from lit_rlhf.data import PromptDataModule
 from lit_rlhf.models import Policy
 from lit_rlhf.modules import PPOModule
 from lit_rlhf.modules import ppo as ppo_module
 from lit_rlhf.modules.ppo_passes import old_logprobs_from_update
 from lit_rlhf.settings import GenerationSettings, LoraSettings, PPOSettings
 
-from conftest import ShortnessReward
+from conftest import ShortnessReward, write_jsonl
 
 
 @pytest.fixture
@@ -43,14 +43,18 @@ def grpo(model_name: str, ppo: dict | None = None, **kwargs) -> PPOModule:
 
 
 def fit(m: PPOModule, root, batch_size: int = 2, validate: bool = False) -> list[dict]:
-    """Fit on the CPU (then validate, with ``validate``); the statistics each step logged."""
+    """Fit on the CPU on 40 short prompts (then validate, with ``validate``); the statistics each step logged."""
+    root.mkdir(parents=True, exist_ok=True)
     logged = []
     original = m._log_stats
     m._log_stats = lambda stats: logged.append({k: float(v) for k, v in stats.items()}) or original(stats)
     trainer = L.Trainer(default_root_dir=root, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                         limit_val_batches=int(validate), num_sanity_val_steps=0)
-    data = DialogSumDataModule(model_name=m.hparams.model_name, batch_size=batch_size, eval_batch_size=4)
+    rows = [{"prompt": f"Summarize: person {i} met person {i + 1} at {i % 7} and talked about item {i * 3}."}
+            for i in range(40)]
+    data = PromptDataModule(model_name=m.hparams.model_name, dataset=str(write_jsonl(root / "prompts.jsonl", rows)),
+                            batch_size=batch_size, eval_batch_size=4)
     trainer.fit(m, data)
     if validate:
         logged.append(trainer.validate(m, datamodule=data, verbose=False)[0])
