@@ -63,12 +63,13 @@ class Rollout:
     scores: Tensor  # [B] shaped (scaled, clipped) scores used for the advantages
     logprobs: Tensor
     values: Tensor
-    ref_logprobs: Tensor
+    ref_logprobs: Tensor | None  # None: no reference (init_kl_coef 0)
     groups: list[Tensor]  # mini-batch row indices of the first epoch (the rollout's scoring used the same)
     kl: Tensor | None = None  # [B, T] exact per-token KL (kl_estimator "full")
     prompts: list[str] = field(default_factory=list)
     responses: list[str] = field(default_factory=list)
     raw_scores: Tensor | None = None  # [B] the reward's scores before scaling/clipping
+    old_from_update: bool = False  # ``logprobs`` are filled by the (on-policy) update's own forward
 
 
 @torch.no_grad()
@@ -187,21 +188,21 @@ def evaluation_rng(seed: int, batch_size: int, settings: GenerationSettings) -> 
 @torch.no_grad()
 def evaluate(
     policy: Policy, reward: Reward, batch: dict[str, Any], settings: GenerationSettings, seed: int,
-    group_size: int, synced_gpus: bool | None = None,
+    group_size: int, synced_gpus: bool | None = None, reference: bool = True,
 ) -> dict[str, Tensor]:
-    """Reward, KL to the reference (nats per response) and response length of responses sampled on held-out
-    prompts, with seeded randomness isolated from training (a validation pass leaves a resume exact)."""
+    """Reward, KL to the reference (nats per response; not without a ``reference``) and response length of
+    responses sampled on held-out prompts, with seeded randomness isolated from training (a validation pass
+    leaves a resume exact)."""
     with evaluation_rng(seed, len(batch["input_ids"]), settings) as limits:
         generated = collect(policy, reward, batch, settings, limits, synced_gpus=synced_gpus)
     if generated.scores is None:
         raise ValueError(f"The reward returned non-finite scores on held-out prompts: {generated.reward_error}")
     rows = generated.rows
-    scores = policy.score(rows, list(torch.arange(len(generated.texts)).split(group_size)), values=False)
-    return {
-        "reward_mean": generated.scores.float().mean(),
-        "kl": (scores.logprobs - scores.ref_logprobs).sum(1).mean(),
-        "response_length": rows.response_mask.sum(1).float().mean(),
-    }
+    stats = {"reward_mean": generated.scores.float().mean()}
+    if reference:
+        scores = policy.score(rows, list(torch.arange(len(generated.texts)).split(group_size)), values=False)
+        stats["kl"] = (scores.logprobs - scores.ref_logprobs).sum(1).mean()
+    return {**stats, "response_length": rows.response_mask.sum(1).float().mean()}
 
 
 def samples_markdown(prompts: list[str], responses: list[str], scores: Tensor, n: int) -> str:

@@ -129,7 +129,8 @@ class PPOSettings:
     ppo_epochs: int = 1
     """Passes over each rollout batch."""
     init_kl_coef: float = 0.2
-    """Initial KL penalty coefficient beta."""
+    """Initial KL penalty coefficient beta. 0: no reference at all (none loaded, none scored; beta stays 0, and the
+    KL to the initial policy is not logged)."""
     adaptive_kl: bool = True
     """Adapt beta towards ``kl_target`` (Ziegler et al. 2019); False keeps it fixed at ``init_kl_coef``."""
     kl_target: float = 6.0
@@ -231,6 +232,12 @@ class PPOSettings:
         if not (self.entropy_coef >= 0 and math.isfinite(self.entropy_coef)):
             errors.append(f"{prefix}.entropy_coef must be >= 0, got {self.entropy_coef}")
         return errors
+
+    @property
+    def uses_reference(self) -> bool:
+        """A reference policy enters the step: False at ``init_kl_coef: 0``, where beta stays 0 (the adaptive
+        controller multiplies it) and no reference is loaded or scored."""
+        return self.init_kl_coef != 0
 
     @property
     def critic_free(self) -> bool:

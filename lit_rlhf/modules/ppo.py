@@ -22,6 +22,7 @@ from lit_rlhf import objectives
 from lit_rlhf import rollout as ro
 from lit_rlhf.models import Policy
 from lit_rlhf.modules.base import BuildsPolicy, policy_errors
+from lit_rlhf.modules.ppo_passes import old_logprobs_from_update, reference_source
 from lit_rlhf.modules.ppo_update import PPOUpdate
 from lit_rlhf.rewards import ProfanityReward, Reward, check_reward_inputs
 from lit_rlhf.rollout import Rollout
@@ -117,10 +118,10 @@ class PPOModule(PPOUpdate, BuildsPolicy):
             + memory_errors(generation.batch_size, samples_per_prompt, mini_batch_size, micro_batch_size))
         self.save_settings(ignore=("reward",), lora=lora, generation=generation, ppo=ppo)
         self.automatic_optimization = False
-        # The policy (with a separate reference) is built in configure_model, where a strategy places or shards
-        # it; what can fail cheaply is checked now, before a run folder is written.
-        check(policy_errors(dtype, lora, model_name=model_name, init_adapter=init_adapter,
-                            reference_model=reference_model))
+        # The policy (with a separate reference; none at init_kl_coef 0) is built in configure_model, where a
+        # strategy places or shards it; what can fail cheaply is checked now, before a run folder is written.
+        reference_model = reference_source(ppo, reference_model)
+        check(policy_errors(dtype, lora, model_name=model_name, init_adapter=init_adapter, reference_model=reference_model))
         self.policy_kwargs = dict(
             model_name=model_name, lora=lora, init_adapter=init_adapter, reference_model=reference_model,
             value_head_dropout=value_head_dropout, value_head=not ppo.critic_free,
@@ -217,6 +218,8 @@ class PPOModule(PPOUpdate, BuildsPolicy):
         # 3) update: epochs x mini-batches of clipped policy + value loss
         with self.timings("time/ppo/update"):
             update_stats = self._ppo_update(rollout, advantages, returns)
+        if rollout.old_from_update:  # the update's forward gave the old log-probs: their KL is known only now
+            kl = self._kl(rollout)
 
         # 4) KL controller, fed the global mean KL per response (every rank gets the same beta)
         kl_per_sample = kl.sum(1)  # [B]
@@ -228,6 +231,8 @@ class PPOModule(PPOUpdate, BuildsPolicy):
         stats = self._step_stats(rollout, kl_per_sample, non_score, returns, raw_advantages, advantages)
         stats.update(update_stats)
         stats["objective/kl_coef"] = torch.tensor(kl_coef_used)
+        if rollout.ref_logprobs is None:  # no reference: no KL to log (its terms are 0, its coefficient too)
+            del stats["objective/kl"]
         self._finish_step(rollout, stats)
 
     def _rollout(self, batch: dict[str, Any]) -> Rollout | None:
@@ -241,19 +246,24 @@ class PPOModule(PPOUpdate, BuildsPolicy):
             return self._skip_step(f"the reward returned non-finite scores ({generated.reward_error or 'on another process'})")
         rows, sampled = generated.rows, generated.sampled
         groups = self._minibatch_groups(rows.response_mask, by_length=self.ppo.sort_by_length)
-        full_kl = self.ppo.kl_estimator == "full"
+        reference = self.ppo.uses_reference
+        full_kl = reference and self.ppo.kl_estimator == "full"
+        # (ppo_passes) on-policy: the update's own forward gives the old log-probs, detached
+        from_update = old_logprobs_from_update(self.ppo, len(groups), fast, critic, self.hparams.train_dropout)
         # scored in the update's micro-batches: micro_batch_size bounds this pass too, and the first update's
         # forward sees the same rows and padding (its ratio is exactly 1)
         passes = [micro for group in groups for micro in self._micro_batches(group)]
         with self.timings("time/ppo/forward"):
             # fast rollout kept the sampled tokens' log-probs and values: only the reference is scored
-            scores = self.policy.score(rows, passes, policy=not fast, values=critic and not fast, full_kl=full_kl)
-        logprobs = sampled.logprobs if fast else scores.logprobs
+            scores = self.policy.score(rows, passes, policy=not (fast or from_update), values=critic and not fast,
+                                       reference=reference, full_kl=full_kl)
+        logprobs = sampled.logprobs if fast else torch.zeros_like(rows.response_mask, dtype=torch.float) \
+            if from_update else scores.logprobs  # (filled by the update's forward)
         values = sampled.values if fast else scores.values if critic else torch.zeros_like(logprobs)
         shaped = objectives.shape_scores(generated.scores.to(self.device), self.ppo.score_scale, self.ppo.score_clip)
         rollout = Rollout(rows, shaped, logprobs, values, scores.ref_logprobs, groups, scores.kl, generated.prompts,
-                          generated.texts, generated.scores)
-        finite = all(torch.isfinite(t).all() for t in (logprobs, values, scores.ref_logprobs))
+                          generated.texts, generated.scores, old_from_update=from_update)
+        finite = all(torch.isfinite(t).all() for t in (logprobs, values, scores.ref_logprobs) if t is not None)
         if self._any_rank(not finite):
             return self._skip_step("the model produced non-finite log-probabilities or values in the rollout")
         return rollout
@@ -265,14 +275,20 @@ class PPOModule(PPOUpdate, BuildsPolicy):
 
     def _advantages(self, rollout: Rollout) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Per-token KL, KL penalty, advantages (raw and final) and returns, [B, T] each."""
-        mask = rollout.rows.response_mask
-        kl = rollout.kl if rollout.kl is not None else \
-            objectives.kl_penalty(rollout.logprobs, rollout.ref_logprobs, self.ppo.kl_estimator) * mask
+        mask, kl = rollout.rows.response_mask, self._kl(rollout)
         p = self.ppo
         return kl, *objectives.compute_advantages(
             p.advantage_estimator, rollout.scores, torch.zeros_like(kl) if p.kl_in_loss else kl, rollout.values, mask,
             self.kl_ctl.value, self.hparams.samples_per_prompt, p.gamma, p.lam, p.whiten_advantages,
             p.grpo_scale_rewards, self._reduce)
+
+    def _kl(self, rollout: Rollout) -> Tensor:
+        """Per-token KL to the reference [B, T] (0 without one)."""
+        mask = rollout.rows.response_mask
+        if rollout.ref_logprobs is None:
+            return torch.zeros_like(rollout.logprobs)
+        return rollout.kl if rollout.kl is not None else \
+            objectives.kl_penalty(rollout.logprobs, rollout.ref_logprobs, self.ppo.kl_estimator) * mask
 
     def _finish_step(self, rollout: Rollout, stats: dict[str, Tensor]) -> None:
         """Log the step's statistics and samples; stop after the last PPO step."""
@@ -295,7 +311,8 @@ class PPOModule(PPOUpdate, BuildsPolicy):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Reward, KL and response length on held-out prompts (``val/...`` or ``test/...``)."""
         stats = ro.evaluate(self.policy, self.reward, batch, self.generation, self.hparams.seed + batch_idx,
-                            self.hparams.micro_batch_size or self.hparams.mini_batch_size, dist.synced_gpus(self.trainer))
+                            self.hparams.micro_batch_size or self.hparams.mini_batch_size, dist.synced_gpus(self.trainer),
+                            reference=self.ppo.uses_reference)
         stage = "test" if self.trainer.testing else "val"
         for name, value in stats.items():
             self.log(f"{stage}/{name}", value, sync_dist=True, batch_size=len(batch["input_ids"]))
@@ -337,6 +354,9 @@ class PPOModule(PPOUpdate, BuildsPolicy):
             if name in state:
                 part.load_state_dict(state[name])
         self._own_rng_restored = dist.restore_checkpoint_rng(self._trainer, state)
+        if not self.ppo.uses_reference and self.kl_ctl.value != 0:
+            raise ValueError(f"This checkpoint's KL coefficient is {self.kl_ctl.value:.4g}: it needs a reference, which "
+                             "model.ppo.init_kl_coef=0 does not build; resume with the run's own init_kl_coef")
 
     def _stateful(self) -> dict[str, Any]:
         return {"kl_controller": self.kl_ctl, "skipped": self.skips, "degenerate": self.degenerate}

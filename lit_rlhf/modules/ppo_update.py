@@ -95,7 +95,10 @@ class PPOUpdate:
                                                         with_values=critic, with_entropy=True,
                                                         entropy_grad=p.entropy_coef != 0.0)
             t, rm = rows.response_ids.shape[1], rows.response_mask
-            old_logprobs, ref = rollout.logprobs[micro, :t], rollout.ref_logprobs[micro, :t] if p.kl_in_loss else None
+            if rollout.old_from_update:  # on-policy: what the scoring pass would have given (ratio exactly 1)
+                rollout.logprobs[micro, :t] = out.logprobs.detach() * rm
+            with_ref = p.kl_in_loss and rollout.ref_logprobs is not None
+            old_logprobs, ref = rollout.logprobs[micro, :t], rollout.ref_logprobs[micro, :t] if with_ref else None
             loss, stats = objectives.ppo_objective(
                 out.logprobs, old_logprobs, out.values, rollout.values[micro, :t], advantages[micro, :t],
                 returns[micro, :t], rm, p.cliprange, p.cliprange_value, p.vf_coef, p.loss_aggregation,

@@ -1,0 +1,39 @@
+"""Which scoring passes a PPO step needs after generation; the ones that cannot change the result are not run.
+
+    reference   none at ``init_kl_coef: 0`` (beta stays 0: the adaptive controller multiplies it): no reference
+                model loaded, no adapter-disabled forward; the KL terms are 0 and the KL itself is not logged
+    old         the current policy's log-probs before the update. Without fast rollout (which keeps the sampled
+                tokens' log-probs while sampling: no pass to skip), an on-policy update (one epoch, the rollout
+                as one mini-batch, no value head, no dropout) takes them from its own forward, detached, in the
+                same micro-batches and padding as the scoring pass would: the same numbers, one forward fewer.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.utilities import rank_zero_info
+
+from lit_rlhf.settings import PPOSettings
+
+
+def reference_source(ppo: PPOSettings, reference_model: str | None) -> str | None:
+    """The reference model to load: ``reference_model``, or None where no reference enters the step."""
+    if reference_model is not None and not ppo.uses_reference:
+        rank_zero_info(f"model.reference_model={reference_model!r} is not loaded: model.ppo.init_kl_coef=0 uses no "
+                       "reference")
+        return None
+    return reference_model
+
+
+def old_logprobs_from_update(
+    ppo: PPOSettings, n_groups: int, fast: bool, critic: bool, dropout: bool,
+) -> bool:
+    """True where the old log-probs can come from the update's own forward instead of a scoring pass.
+
+    Needed: a scoring pass to skip (not ``fast``); the update's forward sees the weights the rollout saw (one
+    epoch, one mini-batch of all ``n_groups`` rows) in the same mode (no ``dropout``); nothing else read from that
+    pass (no value head: GAE needs the old values; the exact KL needs the current logits beside the reference's);
+    and the advantages do not need the log-probs before the update (no KL penalty in the reward)."""
+    kl_in_reward = ppo.uses_reference and not ppo.kl_in_loss
+    full_kl = ppo.uses_reference and ppo.kl_estimator == "full"
+    return (not fast and ppo.ppo_epochs == 1 and n_groups == 1 and not critic and not dropout
+            and not kl_in_reward and not full_kl)
