@@ -108,15 +108,15 @@ ROWS, PROMPT_TOKENS, RESPONSE_TOKENS, LORA_R, GRPO_K = 8, 32, 32, 16, 4
 def build_model_dir(size: str, cache: Path = CACHE) -> Path:
     """The ``size`` model saved with ``save_pretrained`` (random weights, float32) and the embedded GPT-2
     tokenizer, built once."""
+    path = cache / f"qwen2-{size}"
+    if (path / "config.json").exists():  # built: no torch or transformers imported in this process for it
+        return path
     import torch
     import transformers as tf
     from transformers import AutoTokenizer, GenerationConfig
 
     from lit_rlhf.models import resolve_model_path
 
-    path = cache / f"qwen2-{size}"
-    if (path / "config.json").exists():
-        return path
     shape = SHAPES[size]
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("embedded:tiny-gpt2"))
     eos = tokenizer.eos_token_id

@@ -30,18 +30,20 @@ In both, end-of-sequence is blocked until each row's own length (min = max new t
 generates exactly the same number of tokens.
 
 Each system runs in its own process (TRL in its own virtual environment, ``benchmarks/.venv-trl``, built on
-demand). The first ``--warmup`` steps are not measured; the report gives medians over ``--steps`` steps.
+demand; ``--in-process``, for smoke tests, runs all but TRL in the parent process instead). The first ``--warmup`` steps are not measured; the report gives medians over ``--steps`` steps.
 See benchmarks/README.md for what each system does and how lengths are forced.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -111,16 +113,37 @@ def run_system(system: str, work: dict[str, Any], args: argparse.Namespace, pyth
                PYTHONPATH=str(REPO) if system in LIT_SYSTEMS else os.environ.get("PYTHONPATH", ""))
     log(f"--- {SYSTEM_LABELS[system]} on workload {work['name']}, {args.dtype} (log: {log_path})")
     start = time.perf_counter()
-    with open(log_path, "w") as f:
-        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
-    if done.returncode != 0 or not out_path.exists():
+    if args.in_process and not system.startswith("trl"):
+        returncode = run_in_process(cmd[2:], env, log_path)
+    else:
+        with open(log_path, "w") as f:
+            returncode = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(REPO)).returncode
+    if returncode != 0 or not out_path.exists():
         tail = log_path.read_text().splitlines()[-25:]
-        log(f"{system} failed (exit {done.returncode}) after {time.perf_counter() - start:.0f} s:\n  " + "\n  ".join(tail))
+        log(f"{system} failed (exit {returncode}) after {time.perf_counter() - start:.0f} s:\n  " + "\n  ".join(tail))
         return None
     result = json.loads(out_path.read_text())
     result["process_s"] = time.perf_counter() - start
     log(f"    done in {result['process_s']:.0f} s")
     return result
+
+
+def run_in_process(worker_argv: list[str], env: dict[str, str], log_path: Path) -> int:
+    """``--in-process``: one system's worker run in this process (its output to its log), not in a new one; the
+    exit status a worker process would have had."""
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        with open(log_path, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+            try:
+                run_worker(parse_args(worker_argv))
+            except Exception:
+                traceback.print_exc()
+                return 1
+        return 0
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def prepare(args: argparse.Namespace) -> tuple[ModelSize, list[str], Path | None]:
@@ -257,6 +280,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results", default=None, help="write the report here (default benchmarks/RESULTS.md; --tiny: none)")
     if not sub:
         parser.add_argument("--render", action="store_true", help="only rewrite the report from its JSON")
+        parser.add_argument("--in-process", action="store_true",
+                            help="run the lit_rlhf systems and the floor in this process, one after another, not "
+                                 "each in its own (smoke tests: one start-up; peak memory then includes the earlier "
+                                 "systems')")
     args = parser.parse_args(argv)
     args.mode = "worker" if sub else "parent"
     args.argv = argv

@@ -131,6 +131,7 @@ def main(out_dir: str, extra: list[str]) -> None:
         # a short horizon so that beta visibly moves in three steps
         "--model.ppo.adaptive_kl", "true", "--model.ppo.kl_horizon", "32",
         "--model.fast_rollout", "false",  # exact mode: the first step's KL is exactly 0
+        "--data.split", "test",  # the bundled test split: 1,500 dialogues to filter and encode, not 12,460
         *extra,
     ])
     probe = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "Probe")

@@ -38,7 +38,7 @@ def tiny_run(tmp_path_factory):
     env = dict(os.environ, LIT_RLHF_CACHE=str(cache / "lit_rlhf"))
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--tiny", "--workload", "B", "--systems", "lit_rlhf,lit_rlhf_fast,lit_rlhf_grpo,floor",
-         "--cache-dir", str(cache), "--results", str(results)],
+         "--in-process", "--cache-dir", str(cache), "--results", str(results)],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -40,14 +40,15 @@ def test_fit_learns_a_clear_reward(tmp_path):
     # Rewarding short responses: the policy must learn to end early or pick short tokens. A random tiny model
     # has no shared structure in its output embeddings, so the adapter includes lm_head, which lets PPO learn
     # a per-token preference from every sample (with q/v only, 30 steps are not enough to see it).
+    # Rollouts of 8: the last 6 steps' mean beats the first 6's by 1.7, 1.75 and 1.25 with seeds 0, 1, 2.
     L.seed_everything(0)
     module = PPOModule(
-        model_name="embedded:tiny-t5", reward=ShortnessReward(), ppo_steps=32, rollout_batch_size=16,
+        model_name="embedded:tiny-t5", reward=ShortnessReward(), ppo_steps=32, rollout_batch_size=8,
         mini_batch_size=4, learning_rate=1e-2, generation=GenerationSettings(min_new_tokens=1, max_new_tokens=(12, 16)),
         lora=LoraSettings(target_modules=["q", "v", "lm_head"]),
         ppo=PPOSettings(init_kl_coef=0.01), log_samples_every=0, export_adapter=False,
     )
-    _, recorder = fit(module, tmp_path, batch_size=16)
+    _, recorder = fit(module, tmp_path, batch_size=8)
     rewards = [h["reward"] for h in recorder.history]
     assert len(rewards) == 32
     first, last = sum(rewards[:6]) / 6, sum(rewards[-6:]) / 6

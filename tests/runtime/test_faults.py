@@ -42,7 +42,8 @@ RUN_CONFIG = {
     "model": {"model_name": "embedded:tiny-t5", "ppo_steps": 6, "learning_rate": 1e-2, "mini_batch_size": 4,
               "log_samples_every": 0, "generation": {"min_new_tokens": 1, "max_new_tokens": [6, 12]},
               "reward": {"class_path": "lit_rlhf.rewards.ProfanityReward"}},
-    "data": {"batch_size": 8, "eval_batch_size": 4},
+    # the bundled test split: 1,500 dialogues for each process to filter and encode, not 12,460
+    "data": {"batch_size": 8, "eval_batch_size": 4, "split": "test"},
 }
 
 
