@@ -176,13 +176,16 @@ def _unwrapped(model: nn.Module) -> nn.Module:
 
 def _decoder_stack(model: nn.Module) -> nn.Module | None:
     """The module whose output's first field is the last hidden state that the LM head reads (the last entry
-    of ``output_hidden_states``): a seq2seq model's decoder, a causal LM's base model (``model.model``,
-    ``model.transformer``). None: a model without a separate one."""
+    of ``output_hidden_states``): a seq2seq model's decoder; a causal LM's decoder where ``get_decoder`` names one
+    (OPT's ``model.decoder``: its LM calls that, not ``model.model``), else its base model (``model.model``,
+    ``model.transformer``; transformers 4.x's ``get_decoder`` gives None for GPT-2 and Llama). None: neither."""
     base = _unwrapped(model)
     if getattr(base.config, "is_encoder_decoder", False):
         return base.get_decoder()
-    stack = base.base_model
-    return None if stack is base else stack
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if isinstance(decoder, nn.Module) and decoder is not base:
+        return decoder
+    return None if base.base_model is base else base.base_model
 
 
 def forward_with_last_hidden(
@@ -205,6 +208,9 @@ def forward_with_last_hidden(
     finally:
         if handle is not None:
             handle.remove()
+    if handle is not None and not captured:
+        raise RuntimeError(f"{type(_unwrapped(model)).__name__}'s forward did not call its decoder "
+                           f"{type(stack).__name__}: its last hidden states are unknown")
     return out, captured[-1] if captured else None
 
 
