@@ -6,19 +6,24 @@ value head (no hidden state at all).
 
 Each mode runs in a fresh process: a config-built model with random weights, then one prefill (``lm.start`` +
 ``lm.step``). Peak: the high-water RSS (``/proc/self/status`` VmHWM, reset just before the prefill) minus the RSS
-before it; on CPU this counts every transient buffer of the forward (attention, MLP), not only the hidden states.
+before it (glibc's mmap threshold fixed: ``FIXED_MMAP``); on CPU this counts every transient buffer of the forward
+(attention, MLP), not only the hidden states.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 
 import torch
 
 MODES = ("every-layer", "last-layer", "no-value-head")
+FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": str(2**16), "MALLOC_TRIM_THRESHOLD_": "0"}
+"""glibc: every buffer over 64 KiB in its own mapping, returned when freed (a fixed threshold: the default one grows
+after each freed mapping, so that freed tensors stay resident and the peak moves by tens of MiB from run to run)."""
 
 
 def every_layer(model, positions, with_hidden, **inputs):
@@ -69,7 +74,7 @@ def main() -> None:
     passed = [f"--{n}={getattr(args, n)}" for n in ("layers", "hidden", "rows", "tokens", "vocab")]
     for mode in MODES:
         out = subprocess.run([sys.executable, __file__, "--worker", mode, *passed], capture_output=True, text=True,
-                             check=True)
+                             check=True, env={**os.environ, **FIXED_MMAP})
         print(out.stdout.strip().splitlines()[-1])
 
 
