@@ -201,7 +201,9 @@ def forward_with_last_hidden(
         states = out.decoder_hidden_states if getattr(out, "decoder_hidden_states", None) else out.hidden_states
         return out, states[-1][:, positions]
     captured: list[Tensor] = []
-    handle = stack.register_forward_hook(lambda _, args, output: captured.append(output[0][:, positions])) \
+    whole = positions == slice(None)  # the tensor itself: a slicing node would change how autograd sums its gradient
+    handle = stack.register_forward_hook(
+        lambda _, args, output: captured.append(output[0] if whole else output[0][:, positions])) \
         if stack is not None else None
     try:
         out = model(**inputs)

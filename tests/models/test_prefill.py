@@ -85,3 +85,27 @@ def test_the_prefill_and_decode_steps_keep_at_most_the_last_layers_states(policy
     finally:
         hook.remove()
         del policy.lm.step
+
+
+def test_the_update_forward_has_the_every_layer_forwards_gradients_bit_for_bit(policy, monkeypatch):
+    """The update's forward backpropagates through the value head and the LM head into the same hidden states:
+    the gradients are summed in the same order as with ``output_hidden_states=True`` (a slicing node on the
+    captured states would change that order, and so the weights after an update)."""
+    enc, now = rollout(policy)
+    rows = (enc.input_ids.repeat_interleave(2, 0), enc.attention_mask.repeat_interleave(2, 0), now.response_ids,
+            now.response_mask)
+
+    def gradients():
+        policy.zero_grad()
+        out = policy.forward(*rows)
+        ((out.logprobs + out.values) * now.response_mask).sum().backward()
+        return {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+
+    now_grads = gradients()
+    with monkeypatch.context() as patch:
+        patch.setattr(lm_module, "forward_with_last_hidden", every_layer)
+        before = gradients()
+    policy.zero_grad()
+    assert now_grads.keys() == before.keys() and now_grads
+    for name, grad in now_grads.items():
+        assert torch.equal(grad, before[name]), name
