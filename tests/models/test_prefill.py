@@ -87,10 +87,17 @@ def test_the_prefill_and_decode_steps_keep_at_most_the_last_layers_states(policy
         del policy.lm.step
 
 
-def test_the_update_forward_has_the_every_layer_forwards_gradients_bit_for_bit(policy, monkeypatch):
-    """The update's forward backpropagates through the value head and the LM head into the same hidden states:
-    the gradients are summed in the same order as with ``output_hidden_states=True`` (a slicing node on the
-    captured states would change that order, and so the weights after an update)."""
+@pytest.mark.parametrize("name, targets", [(T5, ["q", "v", "lm_head"]), (GPT2, ["c_attn", "lm_head"])])
+def test_the_update_forward_has_the_every_layer_forwards_gradients_bit_for_bit(name, targets, monkeypatch):
+    """The update's forward backpropagates through the value head and the LM head (here with LoRA) into the same
+    hidden states: the gradients are summed in the same order as with ``output_hidden_states=True`` (a slicing
+    node on the captured states would change that order, and so the weights after an update)."""
+    torch.manual_seed(0)
+    policy = Policy(name, lora=LoraSettings(r=4, alpha=4, target_modules=targets)).eval()
+    with torch.no_grad():
+        for p in policy.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
     enc, now = rollout(policy)
     rows = (enc.input_ids.repeat_interleave(2, 0), enc.attention_mask.repeat_interleave(2, 0), now.response_ids,
             now.response_mask)
@@ -105,7 +112,6 @@ def test_the_update_forward_has_the_every_layer_forwards_gradients_bit_for_bit(p
     with monkeypatch.context() as patch:
         patch.setattr(lm_module, "forward_with_last_hidden", every_layer)
         before = gradients()
-    policy.zero_grad()
     assert now_grads.keys() == before.keys() and now_grads
-    for name, grad in now_grads.items():
-        assert torch.equal(grad, before[name]), name
+    for key, grad in now_grads.items():
+        assert torch.equal(grad, before[key]), key
