@@ -49,7 +49,7 @@ def decode(policy: Policy, ids: torch.Tensor, mask: torch.Tensor, steps: int, be
     with torch.no_grad(), adapters if beside else nullcontext():
         state = policy.lm.start(policy.model, ids, mask, horizon=steps)
         for t in range(steps):
-            logits, _ = policy.lm.step(policy.model, state)
+            logits, _ = policy.lm.step(policy.model, state, with_hidden=False)
             token = logits[:rows].argmax(-1) if forced is None else forced[:, t]
             chosen = token.repeat(2) if beside else token
             logprobs[:, :, t] = torch.log_softmax(logits.float(), -1).gather(1, chosen[:, None]).view(-1, rows)

@@ -89,9 +89,9 @@ class DecodeRecorder:
             self.rollouts.append([[b, t, p, round(end - start, 6)] for (b, t, p, start), end in zip(starts, ends)])
             return rollout
 
-        def step(model, state):
+        def step(model, state, *args):
             starts.append((int(state.step_input.shape[0]), len(starts), int(state.attention.shape[1]), time.perf_counter()))
-            return real_step(model, state)
+            return real_step(model, state, *args)
 
         policy.sample, policy.lm.step = sample, step
 

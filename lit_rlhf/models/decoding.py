@@ -149,7 +149,7 @@ def sample_with_cache(
 
     for t in range(horizon):
         # 1) one decoder step for the rows still running
-        logits, hidden = lm.step(model, state)  # [b, V], [b, H]
+        logits, hidden = lm.step(model, state, value_head is not None)  # [b, V], [b, H] (None without a value head)
         logits = logits.float()
 
         # 2) sample as generate() does: eos blocked before min_new_tokens, then the warpers; forced tokens

@@ -171,10 +171,59 @@ def _cache_argument(model_class: type) -> str:
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
-def _cached_forward(model: nn.Module, state: DecodeState, **inputs: Any) -> Any:
-    """One forward that reads and extends ``state.cache`` (the cache object is updated in place and kept)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: its wrapped model
-    return model(**inputs, **{_cache_argument(type(base)): state.cache}, use_cache=True, output_hidden_states=True)
+def _unwrapped(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: its wrapped model
+
+
+def _decoder_stack(model: nn.Module) -> nn.Module | None:
+    """The module whose output's first field is the last hidden state that the LM head reads (the last entry
+    of ``output_hidden_states``): a seq2seq model's decoder; a causal LM's decoder where ``get_decoder`` names one
+    (OPT's ``model.decoder``: its LM calls that, not ``model.model``), else its base model (``model.model``,
+    ``model.transformer``; transformers 4.x's ``get_decoder`` gives None for GPT-2 and Llama). None: neither."""
+    base = _unwrapped(model)
+    if getattr(base.config, "is_encoder_decoder", False):
+        return base.get_decoder()
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if isinstance(decoder, nn.Module) and decoder is not base:
+        return decoder
+    return None if base.base_model is base else base.base_model
+
+
+def forward_with_last_hidden(
+    model: nn.Module, positions: slice, with_hidden: bool, **inputs: Any
+) -> tuple[Any, Tensor | None]:
+    """``model(**inputs)`` and, with ``with_hidden``, the last layer's hidden states at ``positions`` [B, t, H]
+    (the same tensor ``output_hidden_states=True`` returns last). A forward hook on the decoder stack takes them
+    from its output, so no other layer's states are kept (``output_hidden_states`` keeps every layer's for the
+    whole forward: at 7B, 64 rows x 512 tokens, ~6 GiB). The logits are computed as without the hook."""
+    stack = _decoder_stack(model) if with_hidden else None
+    if with_hidden and stack is None:  # no separate stack to watch: every layer's states, the last one kept
+        out = model(**inputs, output_hidden_states=True)
+        states = out.decoder_hidden_states if getattr(out, "decoder_hidden_states", None) else out.hidden_states
+        return out, states[-1][:, positions]
+    captured: list[Tensor] = []
+    whole = positions == slice(None)  # the tensor itself: a slicing node would change how autograd sums its gradient
+    handle = stack.register_forward_hook(
+        lambda _, args, output: captured.append(output[0] if whole else output[0][:, positions])) \
+        if stack is not None else None
+    try:
+        out = model(**inputs)
+    finally:
+        if handle is not None:
+            handle.remove()
+    if handle is not None and not captured:
+        raise RuntimeError(f"{type(_unwrapped(model)).__name__}'s forward did not call its decoder "
+                           f"{type(stack).__name__}: its last hidden states are unknown")
+    return out, captured[-1] if captured else None
+
+
+def _cached_forward(model: nn.Module, state: DecodeState, with_hidden: bool, **inputs: Any) -> tuple[Any, Tensor | None]:
+    """One forward that reads and extends ``state.cache`` (the cache object is updated in place and kept), and
+    with ``with_hidden`` the last layer's hidden state of the newest position [b, H] (a copy: the prefill's
+    states of the other positions are not kept)."""
+    cache = {_cache_argument(type(_unwrapped(model))): state.cache}
+    out, hidden = forward_with_last_hidden(model, slice(-1, None), with_hidden, **inputs, **cache, use_cache=True)
+    return out, hidden[:, -1].clone() if hidden is not None else None
 
 
 class Seq2SeqLM:
@@ -187,18 +236,20 @@ class Seq2SeqLM:
         self.decoder_start_token_id = decoder_start_token_id(config, generation_config)
 
     def teacher_forced(
-        self, model: nn.Module, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Logits [B, T, V] and last hidden states [B, T, H] at the positions that predict each response token."""
+        self, model: nn.Module, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
+        with_hidden: bool = True,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Logits [B, T, V] and last hidden states [B, T, H] at the positions that predict each response token
+        (None without ``with_hidden``)."""
         start = torch.full_like(response_ids[:, :1], self.decoder_start_token_id)
         # shift right: decoder input t is response token t - 1, so position t predicts response token t
         decoder_input_ids = torch.cat([start, response_ids[:, :-1]], dim=1)
         decoder_mask = torch.cat([torch.ones_like(start), response_mask[:, :-1]], dim=1)
-        out = model(
-            input_ids=query_ids, attention_mask=query_mask, decoder_input_ids=decoder_input_ids,
-            decoder_attention_mask=decoder_mask, output_hidden_states=True, use_cache=False,
+        out, hidden = forward_with_last_hidden(
+            model, slice(None), with_hidden, input_ids=query_ids, attention_mask=query_mask,
+            decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_mask, use_cache=False,
         )
-        return out.logits, out.decoder_hidden_states[-1]
+        return out.logits, hidden
 
     def start(
         self, model: nn.Module, query_ids: Tensor, query_mask: Tensor, repeats: int = 1, horizon: int = 0
@@ -214,11 +265,12 @@ class Seq2SeqLM:
         cache = InPlaceCache(horizon) if horizon else DynamicCache()
         return DecodeState(EncoderDecoderCache(cache, DynamicCache()), step_input, query_mask, encoder_hidden)
 
-    def step(self, model: nn.Module, state: DecodeState) -> tuple[Tensor, Tensor]:
-        """One decoder step for the running rows: logits [b, V] and last hidden state [b, H] of the newest position."""
-        out = _cached_forward(model, state, encoder_outputs=(state.context,), attention_mask=state.attention,
-                              decoder_input_ids=state.step_input)
-        return out.logits[:, -1], out.decoder_hidden_states[-1][:, -1]
+    def step(self, model: nn.Module, state: DecodeState, with_hidden: bool = True) -> tuple[Tensor, Tensor | None]:
+        """One decoder step for the running rows: logits [b, V] and last hidden state [b, H] of the newest position
+        (None without ``with_hidden``: a policy without a value head needs none)."""
+        out, hidden = _cached_forward(model, state, with_hidden, encoder_outputs=(state.context,),
+                                      attention_mask=state.attention, decoder_input_ids=state.step_input)
+        return out.logits[:, -1], hidden
 
     def advance(self, state: DecodeState, token: Tensor) -> None:
         state.step_input = token[:, None]
@@ -239,19 +291,21 @@ class CausalLM:
         self.config = config
 
     def teacher_forced(
-        self, model: nn.Module, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Logits [B, T, V] and last hidden states [B, T, H] at the positions that predict each response token."""
+        self, model: nn.Module, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
+        with_hidden: bool = True,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Logits [B, T, V] and last hidden states [B, T, H] at the positions that predict each response token
+        (None without ``with_hidden``)."""
         t = response_ids.shape[1]
         input_ids = torch.cat([query_ids, response_ids], dim=1)
         attention_mask = torch.cat([query_mask, response_mask], dim=1)
-        out = model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
-            output_hidden_states=True, use_cache=False, logits_to_keep=t + 1,
-        )
         # the last query position predicts response token 0; the last response position predicts nothing (sliced
         # from the end: a model that ignores logits_to_keep, OPT on transformers 4.x, returns every position)
-        return out.logits[:, -t - 1 : -1], out.hidden_states[-1][:, -t - 1 : -1]
+        out, hidden = forward_with_last_hidden(
+            model, slice(-t - 1, -1), with_hidden, input_ids=input_ids, attention_mask=attention_mask,
+            position_ids=_positions(attention_mask), use_cache=False, logits_to_keep=t + 1,
+        )
+        return out.logits[:, -t - 1 : -1], hidden
 
     def start(
         self, model: nn.Module, query_ids: Tensor, query_mask: Tensor, repeats: int = 1, horizon: int = 0
@@ -263,10 +317,10 @@ class CausalLM:
         cache = InPlaceCache(query_ids.shape[1] + horizon) if horizon else DynamicCache()
         return DecodeState(cache, query_ids, query_mask, _positions(query_mask))
 
-    def step(self, model: nn.Module, state: DecodeState) -> tuple[Tensor, Tensor]:
-        out = _cached_forward(model, state, input_ids=state.step_input, attention_mask=state.attention,
-                              position_ids=state.context, logits_to_keep=1)
-        return out.logits[:, -1], out.hidden_states[-1][:, -1]
+    def step(self, model: nn.Module, state: DecodeState, with_hidden: bool = True) -> tuple[Tensor, Tensor | None]:
+        out, hidden = _cached_forward(model, state, with_hidden, input_ids=state.step_input,
+                                      attention_mask=state.attention, position_ids=state.context, logits_to_keep=1)
+        return out.logits[:, -1], hidden
 
     def advance(self, state: DecodeState, token: Tensor) -> None:
         state.step_input = token[:, None]

@@ -284,10 +284,10 @@ class Policy(nn.Module):
     ) -> PolicyOutput:
         """Log-probabilities (and values, and the entropy at each position) of the response tokens under the
         current policy. The entropy has a gradient only with ``entropy_grad`` (an entropy bonus in the loss).
-
         query_ids, query_mask: [B, P]; response_ids, response_mask: [B, T] -> PolicyOutput with [B, T] fields.
         """
-        logits, hidden = self.lm.teacher_forced(self.model, query_ids, query_mask, response_ids, response_mask)
+        logits, hidden = self.lm.teacher_forced(self.model, query_ids, query_mask, response_ids, response_mask,
+                                                with_hidden=with_values)
         logprobs = logprobs_from_logits(logits, response_ids, with_entropy=with_entropy, entropy_grad=entropy_grad)
         logprobs, entropy = logprobs if with_entropy else (logprobs, None)
         values = self.value_head(hidden) if with_values else None
@@ -303,13 +303,14 @@ class Policy(nn.Module):
         if self.reference is None and self.finetune == "full":
             raise ValueError("A policy that trains all its weights (model.finetune=full) has no adapter to disable: "
                              "give a separate model.reference_model to compare with")
+        tensors = (query_ids, query_mask, response_ids, response_mask)
         with self.mode(dropout=False):  # the reference never samples dropout
             if self.reference is not None:
-                logits, _ = self.lm.teacher_forced(self.reference, query_ids, query_mask, response_ids, response_mask)
+                logits, _ = self.lm.teacher_forced(self.reference, *tensors, with_hidden=False)
             else:
                 initial = self.initial_biases.put_back(self.model) if self.initial_biases is not None else nullcontext()
                 with initial, self.model.disable_adapter():  # initial biases first: peft warns on entry
-                    logits, _ = self.lm.teacher_forced(self.model, query_ids, query_mask, response_ids, response_mask)
+                    logits, _ = self.lm.teacher_forced(self.model, *tensors, with_hidden=False)
         logprobs = logprobs_from_logits(logits, response_ids)
         return PolicyOutput(logprobs, None, logits if return_logits else None)
 
