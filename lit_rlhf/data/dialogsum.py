@@ -14,10 +14,8 @@ from importlib import resources
 
 from transformers import PreTrainedTokenizerBase
 
-from lit_rlhf.data.batching import PromptCollator, PromptStreamSampler  # noqa: F401  (importable from here as before)
 from lit_rlhf.data.formats import PromptFormat, Truncation, encode_prompts, tokenize_completions
 from lit_rlhf.data.prompts import PromptDataModule
-from lit_rlhf.data.sources import load_local_directory as _load_local_directory  # noqa: F401
 from lit_rlhf.data.sources import quiet_datasets_progress, read_data_files
 from lit_rlhf.settings import GenerationSettings, longest_response
 

@@ -12,9 +12,9 @@ import torch
 import yaml
 from transformers import AutoTokenizer
 
-import lit_rlhf.data.dialogsum as data_module
 from lit_rlhf.cli import config_path
 from lit_rlhf.data import DEFAULT_PROMPT_TEMPLATE, DialogSumDataModule, load_bundled_dialogsum
+from lit_rlhf.data.sources import load_local_directory
 from lit_rlhf.models import resolve_model_path
 from conftest import write_jsonl
 from dialogsum_rows import hub_like_rows, raw_rows, ready, write_dialogs
@@ -219,7 +219,7 @@ def test_local_parquet_directory_and_dev_split_name(tmp_path, datasets_cache):
 
 def test_hub_names_go_to_load_dataset(monkeypatch, local_dir):
     seen = []
-    local = data_module._load_local_directory(str(local_dir))
+    local = load_local_directory(str(local_dir))
 
     def fake_load_dataset(name, *args, **kwargs):
         seen.append(name)
