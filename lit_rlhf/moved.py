@@ -89,9 +89,12 @@ class MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 def current_class_path(class_path: str) -> str:
-    """``lit_rlhf.prompts.PromptDataModule`` -> ``lit_rlhf.data.PromptDataModule``; any other path unchanged."""
+    """``lit_rlhf.prompts.PromptDataModule`` -> ``lit_rlhf.data.PromptDataModule`` where the new package exports
+    the name; any other path unchanged (an old path still resolves through its stand-in)."""
     module, _, name = class_path.rpartition(".")
-    return f"{MOVED_MODULES[module]}.{name}" if module in MOVED_MODULES else class_path
+    if module not in MOVED_MODULES or not hasattr(importlib.import_module(MOVED_MODULES[module]), name):
+        return class_path
+    return f"{MOVED_MODULES[module]}.{name}"
 
 
 def with_current_class_paths(config: Any) -> Any:

@@ -13,7 +13,7 @@ import yaml
 
 from lit_rlhf.cli import run
 from lit_rlhf.data import PromptDataModule
-from lit_rlhf.moved import MOVED_MODULES
+from lit_rlhf.moved import MOVED_MODULES, current_class_path
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "run_0_3"
 CKPT = "logs/lightning_logs/version_0/checkpoints/last.ckpt"
@@ -84,3 +84,10 @@ def test_python_m_of_an_old_command_runs_the_new_one():
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: ") and "--out OUT" in done.stdout  # the new module's command line
     assert "lit_rlhf.sampled_pairs is now lit_rlhf.data.sampled_pairs" in done.stderr
+
+
+def test_a_class_path_is_rewritten_only_to_a_name_the_new_package_exports():
+    assert current_class_path("lit_rlhf.prompts.PromptDataModule") == "lit_rlhf.data.PromptDataModule"
+    assert current_class_path("lit_rlhf.module.PPOModule") == "lit_rlhf.modules.PPOModule"
+    assert current_class_path("lit_rlhf.prompts.PromptFormat") == "lit_rlhf.prompts.PromptFormat"  # not exported
+    assert current_class_path("lit_rlhf.rewards.ProfanityReward") == "lit_rlhf.rewards.ProfanityReward"
