@@ -23,7 +23,7 @@ from torch import Tensor
 
 from lit_rlhf.objectives.aggregation import aggregate, aggregate_terms
 from lit_rlhf.objectives.statistics import ReduceFn, global_means, identity, masked_mean
-from lit_rlhf.objectives.variants import PolicyVariant, clip_fraction, variant_per_token
+from lit_rlhf.objectives.variants import PolicyVariant, clip_fraction, clipped_surrogate_per_token, variant_per_token
 
 KLEstimator = Literal["kl", "abs", "mse", "full"]
 KL_ESTIMATORS: tuple[str, ...] = get_args(KLEstimator)
@@ -182,18 +182,26 @@ def policy_loss_per_token(
     (PPO arXiv:1707.06347 eq. 7; the KL term of GRPO arXiv:2402.03300 eq. 3, as TRL's
     ``per_token_loss + beta * per_token_kl``). ``aggregate(..., "token_mean")`` of it equals ``policy_loss``.
     """
-    if advantages.dim() != logprobs.dim():
-        # a [B] vector would broadcast along T, not B: silently wrong whenever B == T
-        raise ValueError(f"advantages must be [B, T] or [B, 1], got {tuple(advantages.shape)}; see broadcast_to_tokens")
+    check_advantages(advantages, logprobs)
     ratio = torch.exp(logprobs - old_logprobs)
-    pg_loss1 = -advantages * ratio
-    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.max(pg_loss1, pg_loss2)
-    if kl_coef != 0.0:
-        if ref_logprobs is None:
-            raise ValueError("a KL term in the loss (kl_coef != 0) needs ref_logprobs")
-        loss = loss + kl_coef * k3_kl(logprobs, ref_logprobs)
-    return loss
+    return with_kl_term(clipped_surrogate_per_token(ratio, advantages, clip_range, clip_range), logprobs,
+                        ref_logprobs, kl_coef)
+
+
+def check_advantages(advantages: Tensor, logprobs: Tensor) -> None:
+    """Advantages per token [B, T] or per response [B, 1]: a [B] vector would broadcast along T, not B (silently
+    wrong whenever B == T)."""
+    if advantages.dim() != logprobs.dim():
+        raise ValueError(f"advantages must be [B, T] or [B, 1], got {tuple(advantages.shape)}; see broadcast_to_tokens")
+
+
+def with_kl_term(per_token: Tensor, logprobs: Tensor, ref_logprobs: Tensor | None, kl_coef: float) -> Tensor:
+    """``per_token + kl_coef * k3(logp, ref)`` (GRPO's KL in the loss); ``per_token`` itself at ``kl_coef`` 0."""
+    if kl_coef == 0.0:
+        return per_token
+    if ref_logprobs is None:
+        raise ValueError("a KL term in the loss (kl_coef != 0) needs ref_logprobs")
+    return per_token + kl_coef * k3_kl(logprobs, ref_logprobs)
 
 
 def value_loss(
@@ -311,13 +319,9 @@ def policy_term(
     if variant.plain_ratio:
         per_token = policy_loss_per_token(logprobs, old_logprobs, advantages, clip_range, ref_logprobs, kl_coef)
     else:
-        if advantages.dim() != logprobs.dim():
-            raise ValueError(f"advantages must be [B, T] or [B, 1], got {tuple(advantages.shape)}")
+        check_advantages(advantages, logprobs)
         per_token, weights = variant_per_token(logprobs, old_logprobs, advantages, response_mask, clip_range, variant)
-        if kl_coef != 0.0:
-            if ref_logprobs is None:
-                raise ValueError("a KL term in the loss (kl_coef != 0) needs ref_logprobs")
-            per_token = per_token + kl_coef * k3_kl(logprobs, ref_logprobs)
+        per_token = with_kl_term(per_token, logprobs, ref_logprobs, kl_coef)
     if variant.entropy_coef != 0.0:
         if entropy is None:
             raise ValueError("an entropy bonus (entropy_coef != 0) needs the policy's entropy per token")
