@@ -70,6 +70,8 @@ class Rollout:
     responses: list[str] = field(default_factory=list)
     raw_scores: Tensor | None = None  # [B] the reward's scores before scaling/clipping
     old_from_update: bool = False  # ``logprobs`` are filled by the (on-policy) update's own forward
+    loss_rows: Tensor | None = None  # [B] bool: the rows the policy loss is over (None: all; modules.ppo_filters)
+    filter_stats: dict[str, Tensor] = field(default_factory=dict)  # what was left out or penalised, logged
 
 
 @torch.no_grad()

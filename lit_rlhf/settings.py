@@ -15,7 +15,7 @@ import torch
 
 from lit_rlhf.objectives import (
     CRITIC_FREE_ESTIMATORS, GROUP_ESTIMATORS, AdaptiveKLController, AdvantageEstimator, FixedKLController,
-    ImportanceSampling, KLEstimator, LossAggregation, PolicyLossType, PolicyVariant,
+    ImportanceSampling, KLEstimator, LossAggregation, Overlong, PolicyLossType, PolicyVariant,
 )
 
 LoraBias = Literal["none", "all", "lora_only"]
@@ -190,6 +190,22 @@ class PPOSettings:
     entropy_coef: float = 0.0
     """Entropy bonus: the loss loses entropy_coef x the policy's mean token entropy over the response tokens
     (aggregated like the loss, from the update's forward pass). ppo/policy/entropy is logged either way."""
+    drop_zero_std_groups: bool = False
+    """grpo, rloo: leave out of the policy loss the responses of groups whose scores (before the KL penalty) are all
+    equal, which carry no signal (DAPO's dynamic sampling, without resampling: the step trains on fewer responses,
+    the loss a mean over the kept ones; a step that keeps none makes no update and still logs). Logged:
+    env/dropped_group_frac."""
+    overlong: Overlong = "none"
+    """Truncated responses (at their length limit, max_new_tokens' draw, without end-of-sequence): none (trained like
+    the others); mask (left out of the policy loss, TRL's mask_truncated_completions); penalty (DAPO's soft overlong
+    punishment added to the scaled score before the advantages: 0 up to limit - overlong_buffer tokens, then
+    linear down to -1 at the limit). Logged: env/truncated_frac (and env/overlong_penalty_mean)."""
+    overlong_buffer: int = 50
+    """overlong=penalty: the punishment buffer L_cache, in tokens before each response's limit."""
+    entropy_after_update: bool = False
+    """Also log ppo/policy/entropy_after: the policy's mean token entropy on the rollout's responses after the
+    step's optimizer steps (ppo/policy/entropy: in the update's forwards, before each mini-batch's step). Costs one
+    more forward without gradients over the rollout batch per step, about a third of the update's compute."""
 
     def kl_controller(self) -> AdaptiveKLController | FixedKLController:
         """A fresh KL controller for these settings (adaptive towards ``kl_target``, or fixed)."""
@@ -231,6 +247,12 @@ class PPOSettings:
             errors.append(f"{prefix}.cliprange_high must be > 0 (or null: cliprange), got {self.cliprange_high}")
         if not (self.entropy_coef >= 0 and math.isfinite(self.entropy_coef)):
             errors.append(f"{prefix}.entropy_coef must be >= 0, got {self.entropy_coef}")
+        errors += _choice(self.overlong, f"{prefix}.overlong", Overlong)
+        if self.overlong_buffer < 1:
+            errors.append(f"{prefix}.overlong_buffer must be >= 1, got {self.overlong_buffer}")
+        if self.drop_zero_std_groups and self.advantage_estimator not in GROUP_ESTIMATORS:
+            errors.append(f"{prefix}.drop_zero_std_groups needs a group estimator ({prefix}.advantage_estimator one of "
+                          f"{list(GROUP_ESTIMATORS)}), got {self.advantage_estimator!r}")
         return errors
 
     @property
@@ -367,33 +389,3 @@ def dtype_errors(dtype: str, finetune: str = "lora", lora_bias: str = "none", pr
         errors.append(f"{prefix}.lora.bias={lora_bias} trains the base model's biases, which {prefix}.dtype={dtype} "
                       f"stores in {dtype}: use {prefix}.lora.bias=none or {prefix}.dtype=float32")
     return errors
-
-
-def check_precision(precision: Any, dtype: str = "float32", device: Any = None, gradient_scaler: bool = False) -> None:
-    """Refuse a trainer precision or weight dtype that training cannot use well; the message names the flags.
-
-    * ``bf16-true`` / ``16-true``: Lightning casts the whole module, trained adapter and value head included, so
-      the optimizer would update half-precision weights, where small updates round away. ``model.dtype=bfloat16``
-      halves the frozen base and keeps the trained weights float32.
-    * float16 mixed precision, unless the optimization uses a ``gradient_scaler`` (SFT's automatic optimization):
-      PPO's guards read the gradients before a GradScaler would unscale them (scaled overflows would count as
-      unsafe updates and the scale would never adapt). bfloat16 has float32's range and needs no scaler.
-    * ``model.dtype=float16`` on a CPU (``device``): no faster than float32 there (bfloat16 has AVX512-BF16 and
-      AMX), with float16's narrow range and no gradient scaling. On a GPU without bfloat16 it stays available."""
-    precision = str(precision)
-    if precision in ("16-true", "bf16-true"):
-        raise ValueError(
-            f"trainer.precision={precision!r} casts the trained weights (adapter, value head) and the optimizer "
-            "state to half precision, where small updates round away; use model.dtype=bfloat16 (frozen base in "
-            "bfloat16, trained weights float32) with trainer.precision=32-true or bf16-mixed"
-        )
-    if precision.startswith("16") and not gradient_scaler:
-        raise ValueError(
-            f"trainer.precision={precision!r} (float16 with a gradient scaler) is not supported by lit_rlhf's "
-            "manual PPO update; use trainer.precision=bf16-mixed (which needs no loss scaling) or model.dtype=bfloat16"
-        )
-    if dtype == "float16" and str(getattr(device, "type", device)) == "cpu":
-        raise ValueError(
-            "model.dtype=float16 on a CPU is no faster than float32 and trains without gradient scaling; use "
-            "model.dtype=bfloat16 (fast on CPUs with AVX512-BF16 or AMX) or float32"
-        )

@@ -3,8 +3,9 @@
 import pytest
 
 from lit_rlhf import objectives
+from lit_rlhf.modules.base import check_precision
 from lit_rlhf.settings import (
-    GenerationSettings, LoraSettings, PPOSettings, check, check_precision, lora_settings, run_errors,
+    GenerationSettings, LoraSettings, PPOSettings, check, lora_settings, run_errors,
 )
 
 

@@ -51,6 +51,17 @@ class SpecialTokens:
         """True where ``tokens`` is any end-of-sequence id (all False without one). Any shape -> same shape."""
         return torch.isin(tokens, torch.tensor(self.eos, dtype=tokens.dtype, device=tokens.device))
 
+    def truncated(self, response: Tensor, response_mask: Tensor, limits: Tensor) -> Tensor:
+        """True for each response cut by its length limit ``limits`` [B]: its last token is no eos id, or (a model
+        with a forced eos) it reached the limit, where that eos was forced. response, response_mask: [B, T] ->
+        [B] bool. Both rollout modes stop a row at its first eos or its limit, seq2seq and causal alike."""
+        lengths = response_mask.long().sum(1)
+        last = response.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
+        cut = ~self.is_eos(last) & (lengths > 0)  # (an empty response: nothing was cut)
+        if self.forced_eos is not None:
+            cut = cut | (lengths >= limits.to(lengths.device))
+        return cut
+
     def force(self, token: Tensor, t: int, last: Tensor) -> Tensor:
         """``token`` [b] with the forced tokens in place: ``forced_bos`` at step 0, ``forced_eos`` where
         ``last`` [b] marks a row's final step (its own limit)."""

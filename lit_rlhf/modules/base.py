@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lit_rlhf.models import build_policy, model_source_errors
 from lit_rlhf.runtime import distributed as dist
-from lit_rlhf.settings import LoraSettings, check_precision, dtype_errors, plain
+from lit_rlhf.settings import LoraSettings, dtype_errors, plain
 
 
 def policy_errors(dtype: str, lora: LoraSettings, finetune: str = "lora", **sources: str | None) -> list[str]:
@@ -22,6 +22,36 @@ def policy_errors(dtype: str, lora: LoraSettings, finetune: str = "lora", **sour
     naming its ``model.`` flag."""
     return dtype_errors(dtype, finetune, lora.bias) + model_source_errors(
         {f"model.{flag}": source for flag, source in sources.items()})
+
+
+def check_precision(precision: Any, dtype: str = "float32", device: Any = None, gradient_scaler: bool = False) -> None:
+    """Refuse a trainer precision or weight dtype that training cannot use well; the message names the flags.
+
+    * ``bf16-true`` / ``16-true``: Lightning casts the whole module, trained adapter and value head included, so
+      the optimizer would update half-precision weights, where small updates round away. ``model.dtype=bfloat16``
+      halves the frozen base and keeps the trained weights float32.
+    * float16 mixed precision, unless the optimization uses a ``gradient_scaler`` (SFT's automatic optimization):
+      PPO's guards read the gradients before a GradScaler would unscale them (scaled overflows would count as
+      unsafe updates and the scale would never adapt). bfloat16 has float32's range and needs no scaler.
+    * ``model.dtype=float16`` on a CPU (``device``): no faster than float32 there (bfloat16 has AVX512-BF16 and
+      AMX), with float16's narrow range and no gradient scaling. On a GPU without bfloat16 it stays available."""
+    precision = str(precision)
+    if precision in ("16-true", "bf16-true"):
+        raise ValueError(
+            f"trainer.precision={precision!r} casts the trained weights (adapter, value head) and the optimizer "
+            "state to half precision, where small updates round away; use model.dtype=bfloat16 (frozen base in "
+            "bfloat16, trained weights float32) with trainer.precision=32-true or bf16-mixed"
+        )
+    if precision.startswith("16") and not gradient_scaler:
+        raise ValueError(
+            f"trainer.precision={precision!r} (float16 with a gradient scaler) is not supported by lit_rlhf's "
+            "manual PPO update; use trainer.precision=bf16-mixed (which needs no loss scaling) or model.dtype=bfloat16"
+        )
+    if dtype == "float16" and str(getattr(device, "type", device)) == "cpu":
+        raise ValueError(
+            "model.dtype=float16 on a CPU is no faster than float32 and trains without gradient scaling; use "
+            "model.dtype=bfloat16 (fast on CPUs with AVX512-BF16 or AMX) or float32"
+        )
 
 
 class RLHFModule(L.LightningModule):

@@ -22,6 +22,7 @@ from lit_rlhf import objectives
 from lit_rlhf import rollout as ro
 from lit_rlhf.models import Policy
 from lit_rlhf.modules.base import BuildsPolicy, policy_errors
+from lit_rlhf.modules.ppo_filters import filter_rollout
 from lit_rlhf.modules.ppo_passes import old_logprobs_from_update, reference_source
 from lit_rlhf.modules.ppo_update import PPOUpdate
 from lit_rlhf.rewards import ProfanityReward, Reward, check_reward_inputs
@@ -220,6 +221,8 @@ class PPOModule(PPOUpdate, BuildsPolicy):
             update_stats = self._ppo_update(rollout, advantages, returns)
         if rollout.old_from_update:  # the update's forward gave the old log-probs: their KL is known only now
             kl = self._kl(rollout)
+        if self.ppo.entropy_after_update:  # one more forward, without gradients
+            update_stats.update(self._entropy_after_update(rollout))
 
         # 4) KL controller, fed the global mean KL per response (every rank gets the same beta)
         kl_per_sample = kl.sum(1)  # [B]
@@ -229,7 +232,7 @@ class PPOModule(PPOUpdate, BuildsPolicy):
 
         self.ppo_step += 1
         stats = self._step_stats(rollout, kl_per_sample, non_score, returns, raw_advantages, advantages)
-        stats.update(update_stats)
+        stats.update({**rollout.filter_stats, **update_stats})
         stats["objective/kl_coef"] = torch.tensor(kl_coef_used)
         if rollout.ref_logprobs is None:  # no reference: no KL to log (its terms are 0, its coefficient too)
             del stats["objective/kl"]
@@ -261,8 +264,12 @@ class PPOModule(PPOUpdate, BuildsPolicy):
             if from_update else scores.logprobs  # (filled by the update's forward)
         values = sampled.values if fast else scores.values if critic else torch.zeros_like(logprobs)
         shaped = objectives.shape_scores(generated.scores.to(self.device), self.ppo.score_scale, self.ppo.score_clip)
+        # (ppo_filters) the overlong penalty, and the rows the policy loss is over
+        shaped, loss_rows, filtered = filter_rollout(self.ppo, shaped, rows, limits, self.policy.special_tokens, k,
+                                                     self._reduce)
         rollout = Rollout(rows, shaped, logprobs, values, scores.ref_logprobs, groups, scores.kl, generated.prompts,
-                          generated.texts, generated.scores, old_from_update=from_update)
+                          generated.texts, generated.scores, old_from_update=from_update, loss_rows=loss_rows,
+                          filter_stats=filtered)
         finite = all(torch.isfinite(t).all() for t in (logprobs, values, scores.ref_logprobs) if t is not None)
         if self._any_rank(not finite):
             return self._skip_step("the model produced non-finite log-probabilities or values in the rollout")

@@ -61,6 +61,9 @@ class PPOUpdate:
         """One clipped PPO gradient step on the rows ``idx`` (its micro-batches' gradients accumulated); None if
         it was skipped as unsafe. One decision per mini-batch, taken after every micro-batch's backward."""
         loss_finite, stats = self._accumulate_gradients(rollout, advantages, returns, idx)
+        if self._nothing_to_learn(rollout, idx):  # every row left out (model.ppo.drop_zero_std_groups, overlong=mask)
+            opt.zero_grad()  # no step: AdamW's momentum would still move the weights
+            return stats
         # every rank must take the same decision, or DDP's gradient all-reduce would hang
         ratio = float(stats["ppo/policy/ratio_mean"])
         for unsafe, reason in ((not loss_finite, "the PPO loss was not finite"),
@@ -78,6 +81,28 @@ class PPOUpdate:
         self.skips.passed()
         return {"ppo/grad_norm": grad_norm, **stats}
 
+    def _nothing_to_learn(self, rollout: Rollout, idx: Tensor) -> bool:
+        """True where the policy loss leaves out every row of the mini-batch ``idx`` on every process and no value
+        loss remains: its optimizer step would only apply momentum (one decision for every process)."""
+        if rollout.loss_rows is None or self.policy.has_value_head:
+            return False
+        return not self._any_rank(bool(rollout.loss_rows[idx.to(rollout.loss_rows.device)].any()))
+
+    @torch.no_grad()
+    def _entropy_after_update(self, rollout: Rollout) -> dict[str, Tensor]:
+        """``ppo/policy/entropy_after``: the policy's mean token entropy over the rollout's response tokens (every
+        process's), after the step's optimizer steps, in the rollout's micro-batches (model.ppo.entropy_after_update:
+        one forward without gradients and without dropout)."""
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for micro in (micro for group in rollout.groups for micro in self._micro_batches(group)):
+            rows, _ = self.policy.rows(rollout.rows, micro)
+            with self.policy.mode(dropout=False):
+                entropy = self.policy(*rows.tensors(), with_values=False, with_entropy=True).entropy
+            mask = rows.response_mask.to(entropy.dtype)
+            sums += torch.stack([(entropy * mask).sum(), mask.sum()]).double()
+        total, count = self._reduce(sums).unbind()
+        return {"ppo/policy/entropy_after": (total / count.clamp(min=1.0)).float()}
+
     def _accumulate_gradients(
         self, rollout: Rollout, advantages: Tensor, returns: Tensor, idx: Tensor
     ) -> tuple[bool, dict[str, Tensor]]:
@@ -86,8 +111,9 @@ class PPOUpdate:
         accumulated gradient is the gradient of the mini-batch's loss. Returns whether every micro-batch's loss
         was finite, and the mini-batch's statistics (``ppo/...``)."""
         p, critic = self.ppo, self.policy.has_value_head
-        counts = objectives.loss_counts(rollout.rows.response_mask[idx.to(rollout.rows.response_mask.device)],
-                                      p.loss_aggregation, critic)
+        device, keep = rollout.rows.response_mask.device, rollout.loss_rows  # keep: the rows the policy loss is over
+        counts = objectives.loss_counts(rollout.rows.response_mask[idx.to(device)], p.loss_aggregation, critic,
+                                        None if keep is None else keep[idx.to(device)])
         parts, finite = [], True
         micro_batches = self._micro_batches(idx)
         for i, micro in enumerate(micro_batches):
@@ -104,7 +130,7 @@ class PPOUpdate:
                 returns[micro, :t], rm, p.cliprange, p.cliprange_value, p.vf_coef, p.loss_aggregation,
                 self.generation.max_new_tokens[1] - 1, ref, self.kl_ctl.value if p.kl_in_loss else 0.0,
                 reduce_fn=self._reduce, counts=counts,  # the mini-batch's global denominators
-                variant=p.policy_variant(), entropy=out.entropy)
+                variant=p.policy_variant(), entropy=out.entropy, loss_rows=None if keep is None else keep[micro])
             stats["policy/entropy"] = objectives.masked_mean(out.entropy.detach(), rm)
             finite = finite and bool(torch.isfinite(loss))
             # DDP all-reduces the last micro-batch's backward only, which carries the sum of them all

@@ -1,6 +1,7 @@
 """Pure tensor math of the objectives: statistics.py (masked statistics), ppo.py (KL estimators, GAE, PPO
 losses, KL control), critic_free.py (GRPO, RLOO, REINFORCE++ advantages), advantages.py (the estimators by
-name), aggregation.py (loss aggregation, micro-batches), variants.py (clip-higher, GSPO, CISPO), preference.py (DPO, IPO, Bradley-Terry losses).
+name), aggregation.py (loss aggregation, micro-batches), variants.py (clip-higher, GSPO, CISPO), response_filters.py
+(responses left out of the loss, the overlong penalty), preference.py (DPO, IPO, Bradley-Terry losses).
 
 Imports only torch (and the standard library).
 """
@@ -55,6 +56,7 @@ from lit_rlhf.objectives.preference import (
     preference_stats,
     sequence_logps,
 )
+from lit_rlhf.objectives.response_filters import OVERLONG_MODES, Overlong, overlong_penalty, zero_std_rows
 from lit_rlhf.objectives.variants import (
     IMPORTANCE_SAMPLING_LEVELS,
     ImportanceSampling,
@@ -92,6 +94,8 @@ __all__ = [
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
     "LossAggregation",
+    "OVERLONG_MODES",
+    "Overlong",
     "POLICY_LOSS_TYPES",
     "PolicyLossType",
     "PolicyVariant",
@@ -122,6 +126,7 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "minibatch_groups",
+    "overlong_penalty",
     "policy_loss",
     "policy_loss_per_token",
     "policy_term",
@@ -137,4 +142,5 @@ __all__ = [
     "shape_scores",
     "value_loss",
     "variant_per_token",
+    "zero_std_rows",
 ]

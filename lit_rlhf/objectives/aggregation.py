@@ -79,12 +79,16 @@ def aggregate_count(response_mask: Tensor, mode: LossAggregation = "token_mean")
     raise ValueError(f"model.ppo.loss_aggregation={mode!r}: choose one of {LOSS_AGGREGATIONS}")
 
 
-def loss_counts(response_mask: Tensor, aggregation: LossAggregation, with_values: bool) -> list[Tensor]:
+def loss_counts(
+    response_mask: Tensor, aggregation: LossAggregation, with_values: bool, loss_rows: Tensor | None = None
+) -> list[Tensor]:
     """This process's denominators of ``ppo_objective``'s terms for a whole mini-batch [B, T]: the policy term's
     (``aggregation``) and, ``with_values``, the value term's (its tokens). Pass them as ``ppo_objective``'s
     ``counts`` for each micro-batch of it: the micro-batches' gradients then add up to the mini-batch's, where a
-    mean per micro-batch would weigh a micro-batch of few tokens like one of many."""
-    counts = [aggregate_count(response_mask, aggregation)]
+    mean per micro-batch would weigh a micro-batch of few tokens like one of many. ``loss_rows`` [B] bool: the
+    rows the policy term is over (``ppo_objective``'s); its denominator counts only them (the value term's all)."""
+    policy_mask = response_mask if loss_rows is None else response_mask[loss_rows.to(response_mask.device)]
+    counts = [aggregate_count(policy_mask, aggregation)]
     return counts + [aggregate_count(response_mask, "token_mean")] if with_values else counts
 
 

@@ -21,7 +21,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-from lit_rlhf.objectives.aggregation import aggregate, aggregate_terms
+from lit_rlhf.objectives.aggregation import aggregate, aggregate_terms, loss_counts
 from lit_rlhf.objectives.statistics import ReduceFn, global_means, identity, masked_mean
 from lit_rlhf.objectives.variants import PolicyVariant, clip_fraction, clipped_surrogate_per_token, variant_per_token
 
@@ -264,7 +264,7 @@ def ppo_objective(
     returns: Tensor, response_mask: Tensor, clip_range: float, clip_range_value: float, vf_coef: float,
     aggregation: str = "token_mean", norm_constant: float | None = None, ref_logprobs: Tensor | None = None,
     kl_coef: float = 0.0, reduce_fn: ReduceFn = identity, counts: list[Tensor] | None = None,
-    variant: PolicyVariant | None = None, entropy: Tensor | None = None,
+    variant: PolicyVariant | None = None, entropy: Tensor | None = None, loss_rows: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One mini-batch's loss to minimise and its diagnostics, all [B, T] inputs with the response mask.
 
@@ -277,10 +277,15 @@ def ppo_objective(
     denominators of the whole mini-batch (:func:`loss_counts`); the loss is then this micro-batch's share.
     ``variant`` (``objectives.variants``): asymmetric clipping, a sequence-level ratio (GSPO), CISPO, an entropy
     bonus on ``entropy`` ([B, T], with its gradient); None or the defaults: the clipped surrogate above.
+    ``loss_rows`` [B] bool (``objectives.response_filters``): the policy term is over these rows only, a mean over
+    them (``counts`` from ``loss_counts`` with the same rows); the value term and the diagnostics keep every row.
     """
     per_token, weights = policy_term(logprobs, old_logprobs, advantages, response_mask, clip_range, ref_logprobs,
                                      kl_coef, variant, entropy)
-    terms = [aggregate_terms(per_token, response_mask, aggregation, norm_constant)]
+    if loss_rows is not None and counts is None:
+        counts = loss_counts(response_mask, aggregation, values is not None, loss_rows)
+    policy_mask = response_mask if loss_rows is None else response_mask * loss_rows.to(response_mask)[:, None]
+    terms = [aggregate_terms(per_token, policy_mask, aggregation, norm_constant)]
     if values is not None:
         per_token_vf = value_loss_per_token(values, old_values, returns, clip_range_value)
         terms.append(aggregate_terms(per_token_vf, response_mask, "token_mean"))

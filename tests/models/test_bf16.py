@@ -26,7 +26,7 @@ from lit_rlhf.modules import PPOModule
 from lit_rlhf.models import Policy, ResponseBatch, load_causal_or_seq2seq
 from lit_rlhf.settings import GenerationSettings, LoraSettings
 from lit_rlhf.rewards import ProfanityReward
-from lit_rlhf.settings import check_precision
+from lit_rlhf.modules.base import check_precision
 from lit_rlhf.modules import SFTModule
 from lit_rlhf.models import resolve_model_path
 

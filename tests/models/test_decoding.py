@@ -162,3 +162,19 @@ def test_a_decode_step_passes_the_cache_under_the_name_the_model_takes(policy, c
     assert state.cache.get_seq_length() == (2 if policy.is_seq2seq else ids.shape[1] + 1)  # the cache we passed
     messages = [r.getMessage() for r in caplog.records] + [str(w.message) for w in caught]
     assert not [m for m in messages if "past_key_values" in m], messages
+
+
+def test_a_response_is_truncated_when_its_limit_and_not_an_eos_ended_it():
+    tokens = decoding.SpecialTokens(eos=(1, 2), pad=0)
+    response = torch.tensor([[5, 6, 1, 0], [5, 6, 7, 8], [5, 2, 0, 0], [5, 6, 7, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]])
+    limits = torch.tensor([4, 4, 2, 3])
+    assert tokens.truncated(response, mask, limits).tolist() == [False, True, False, True]  # (any eos id ends one)
+    # GPT-2 pads with its eos: the last real token decides, not the padding after it
+    gpt2 = decoding.SpecialTokens(eos=(1,), pad=1)
+    assert gpt2.truncated(torch.tensor([[5, 1, 1], [5, 6, 1]]), torch.tensor([[1, 1, 0], [1, 1, 0]]),
+                          torch.tensor([3, 2])).tolist() == [False, True]
+    # a forced eos (BART's) ends every response at its limit: there it is a truncation
+    forced = decoding.SpecialTokens(eos=(1,), pad=0, forced_eos=1)
+    assert forced.truncated(torch.tensor([[5, 6, 1], [5, 1, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]]),
+                            torch.tensor([3, 3])).tolist() == [True, False]
