@@ -66,7 +66,10 @@ def test_the_settings_validate_and_name_their_flags():
 def test_print_config_shows_the_variant_settings(capsys):
     with pytest.raises(SystemExit):
         run(["fit", "--model.ppo.cliprange_high", "0.28", "--model.ppo.importance_sampling", "sequence",
-             "--print_config"])
+             "--model.ppo.overlong", "penalty", "--model.ppo.overlong_buffer", "20", "--print_config"])
     ppo = yaml.safe_load(capsys.readouterr().out)["model"]["ppo"]
     assert ppo["cliprange_high"] == 0.28 and ppo["importance_sampling"] == "sequence"
     assert ppo["policy_loss"] == "ppo" and ppo["entropy_coef"] == 0.0
+    # which responses train (test_response_filter_runs.py)
+    assert ppo["overlong"] == "penalty" and ppo["overlong_buffer"] == 20
+    assert ppo["drop_zero_std_groups"] is False and ppo["entropy_after_update"] is False
