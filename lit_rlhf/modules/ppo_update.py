@@ -62,7 +62,7 @@ class PPOUpdate:
         it was skipped as unsafe. One decision per mini-batch, taken after every micro-batch's backward."""
         loss_finite, stats = self._accumulate_gradients(rollout, advantages, returns, idx)
         if self._nothing_to_learn(rollout, idx):  # every row left out (model.ppo.drop_zero_std_groups, overlong=mask)
-            opt.zero_grad()  # no step: AdamW's momentum would still move the weights
+            opt.zero_grad()  # no step: AdamW's momentum and weight decay would still move the weights
             return stats
         # every rank must take the same decision, or DDP's gradient all-reduce would hang
         ratio = float(stats["ppo/policy/ratio_mean"])
@@ -83,7 +83,7 @@ class PPOUpdate:
 
     def _nothing_to_learn(self, rollout: Rollout, idx: Tensor) -> bool:
         """True where the policy loss leaves out every row of the mini-batch ``idx`` on every process and no value
-        loss remains: its optimizer step would only apply momentum (one decision for every process)."""
+        loss remains: its optimizer step would only apply momentum and weight decay (one decision for every process)."""
         if rollout.loss_rows is None or self.policy.has_value_head:
             return False
         return not self._any_rank(bool(rollout.loss_rows[idx.to(rollout.loss_rows.device)].any()))

@@ -24,7 +24,8 @@ OVERLONG_MODES: tuple[str, ...] = get_args(Overlong)
 def zero_std_rows(scores: Tensor, k: int) -> Tensor:
     """True for the rows of groups whose k scores are all equal (no group-relative signal). [B] -> [B] bool.
 
-    Exact equality, as ``grpo_advantages`` gives such a group exactly 0 and ``group_stats``' zero-std share counts it."""
+    Exact equality, as ``grpo_advantages`` gives such a group exactly 0 and ``group_stats``' zero-std share
+    counts it."""
     if k < 1 or scores.dim() != 1 or scores.numel() % k:
         raise ValueError(f"scores of shape {tuple(scores.shape)} do not split into groups of {k} samples")
     grouped = scores.view(-1, k)
@@ -35,9 +36,9 @@ def zero_std_rows(scores: Tensor, k: int) -> Tensor:
 def overlong_penalty(lengths: Tensor, limits: Tensor, buffer: int) -> Tensor:
     """DAPO's soft overlong punishment (eq. 13) of each response, with L_max its own length limit. [B] each -> [B]:
 
-        0                               |y| <= L_max - L_cache
-        (L_max - L_cache - |y|) / L_cache   L_max - L_cache < |y| <= L_max       (down to -1 at the limit)
-        -1                              |y| > L_max
+        0                                   |y| <= L_max - L_cache
+        (L_max - L_cache - |y|) / L_cache   L_max - L_cache < |y| <= L_max   (down to -1 at the limit)
+        -1                                  |y| > L_max
     ``buffer`` is L_cache (> 0). As verl's ``overlong_buffer``: min(-(|y| - (L_max - L_cache)) / L_cache, 0),
     bounded below by -1."""
     if buffer < 1:

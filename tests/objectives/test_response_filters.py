@@ -17,7 +17,8 @@ def test_zero_std_rows_mark_whole_groups_of_equal_scores():
     scores = torch.tensor([1.0, 1.0, 0.0, 1.0, 2.0, 2.0])
     assert objectives.zero_std_rows(scores, 2).tolist() == [True, True, False, False, True, True]
     assert objectives.zero_std_rows(scores, 3).tolist() == [False] * 6
-    assert objectives.zero_std_rows(torch.tensor([0.5, 0.5, 0.5, 0.0, 0.0, 1e-7]), 3).tolist() == [True] * 3 + [False] * 3
+    nearly = torch.tensor([0.5, 0.5, 0.5, 0.0, 0.0, 1e-7])  # equal means exactly equal
+    assert objectives.zero_std_rows(nearly, 3).tolist() == [True] * 3 + [False] * 3
     with pytest.raises(ValueError, match="groups of 4"):
         objectives.zero_std_rows(scores, 4)
 
