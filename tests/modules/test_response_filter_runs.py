@@ -27,9 +27,9 @@ class EqualThenMixedScores(Reward):
                              for p, r in zip(prompts, responses)])
 
 
-def one_step(model_name, reward, tmp_path, limits=(4, 6), min_new_tokens=1, steps=1, **ppo):
-    """A grpo run of ``steps`` steps (2 prompts x 2 samples, one mini-batch; the old log-probs from the update's
-    own forward: the ratio is exactly 1) with the entropy after the update logged; returns per step the logged
+def one_step(model_name, reward, tmp_path, limits=(4, 6), min_new_tokens=1, steps=1, fast_rollout=False, **ppo):
+    """A grpo run of ``steps`` steps (2 prompts x 2 samples, one mini-batch; without fast_rollout the old log-probs
+    come from the update's own forward: the ratio is exactly 1) with the entropy after the update logged; returns per step the logged
     statistics, the rollout and its advantages, and whether any trainable weight had moved by the step's end."""
     m = PPOModule(
         model_name=model_name, reward=reward, samples_per_prompt=2, rollout_batch_size=2, mini_batch_size=4,
@@ -37,7 +37,7 @@ def one_step(model_name, reward, tmp_path, limits=(4, 6), min_new_tokens=1, step
         generation=GenerationSettings(min_new_tokens=min_new_tokens, max_new_tokens=limits), learning_rate=1e-2,
         weight_decay=0.1,  # AdamW would move the weights even without a gradient: only a step not taken leaves them
         lora=LoraSettings(target_modules=["q", "v", "lm_head"]) if "t5" in model_name else LoraSettings(),
-        log_samples_every=0, export_adapter=False, ppo_steps=steps, fast_rollout=False,
+        log_samples_every=0, export_adapter=False, ppo_steps=steps, fast_rollout=fast_rollout,
     )
     before = [p.detach().clone() for p in m.policy.trainable_parameters()]
     steps = []
@@ -88,7 +88,8 @@ def test_groups_of_equal_scores_are_left_out_of_the_loss(model_name, tmp_path):
 @pytest.mark.parametrize("model_name", MODELS)
 def test_truncated_responses_are_left_out_with_overlong_mask(model_name, tmp_path):
     # end-of-sequence is blocked up to the limit: every response is truncated, the update has nothing to learn
-    (step,) = one_step(model_name, ShortnessReward(), tmp_path, limits=(3, 4), min_new_tokens=3, overlong="mask")
+    (step,) = one_step(model_name, ShortnessReward(), tmp_path, limits=(3, 4), min_new_tokens=3, overlong="mask",
+                       fast_rollout=True)  # (the cached loop's responses; the penalty's test: generate's)
     stats, rollout = step["stats"], step["rollout"]
     assert not step["moved"] and stats["env/truncated_frac"] == 1.0 and "ppo/grad_norm" not in stats
     assert (rollout.rows.response_mask.sum(1) == 3).all() and not rollout.loss_rows.any()
