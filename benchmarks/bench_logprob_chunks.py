@@ -1,22 +1,23 @@
 """Benchmark: peak memory and time of the scoring pass and the update with ``model.logprob_chunk_size`` 0 (every
 row's [rows, tokens, vocab] logits), 256 and 1024 (the LM head over that many positions at a time).
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_logprob_chunks.py           # Qwen2 shape, 151,936 tokens, 8 x 64
+    OMP_NUM_THREADS=1 python benchmarks/bench_logprob_chunks.py           # Qwen2 shape, 151,936 tokens, 8 x 256
     python benchmarks/bench_logprob_chunks.py --tiny                      # smoke run: a 2,000-token vocabulary
 
 Model: a Qwen2 shape built from its config (random weights, float32, tied embeddings) with a 151,936-token
 vocabulary and two small layers (hidden 256), so that the logits dominate; the embedded GPT-2 tokenizer; LoRA r 16 on
-the default targets and a value head, as PPO trains. Workload: 8 rows of 32 prompt + 64 response tokens (random
-ids, every response token real). Scoring pass: ``Policy.score`` of the rows (policy log-probs, values, reference
-log-probs with the adapter disabled), no gradient. Update: ``Policy.forward_rows`` with the entropy, and the
-backward of a PPO-like loss (log-probs, entropy bonus, value loss).
+the default targets and a value head, as PPO trains. Workload: 8 rows of 32 prompt + 256 response tokens (random
+ids, every response token real): 2,048 positions, so that a chunk of 1,024 is half of them. Scoring pass:
+``Policy.score`` of the rows (policy log-probs, values, reference log-probs with the adapter disabled), no gradient.
+Update: ``Policy.forward_rows`` with the entropy (a diagnostic, as at the default ``entropy_coef`` 0), and the
+backward of a PPO-like loss (log-probs, value loss).
 
-Each chunk size runs in a fresh process (``--worker``): one untimed warm-up of each phase, then per phase the peak
-(high-water RSS, ``/proc/self/status`` VmHWM reset just before, minus the RSS before; glibc's mmap threshold fixed
-as in ``bench_prefill_memory.py``, so that freed buffers leave RSS), the median time of ``--repeats`` runs, and,
-in an untimed run under a ``TorchDispatchMode``, the largest tensor any op created whose last dimension is the
-vocabulary (the logits, their float32 copy, their gradient, a chunk of them). The log-prob sum shows that every
-setting computes the same numbers.
+Each chunk size runs in a fresh process (``--worker``). Per phase: first an untimed run under a
+``TorchDispatchMode`` (also the warm-up) that records the largest tensor any op created whose last dimension is the
+vocabulary (the logits, their gradient, a chunk of them); then ``--repeats`` runs for the peak (high-water RSS,
+``/proc/self/status`` VmHWM reset just before, minus the RSS before; glibc's mmap threshold fixed as in
+``bench_prefill_memory.py``, so that freed buffers leave RSS) and the median time. The log-prob sum and the loss
+show that every setting computes the same numbers.
 """
 
 from __future__ import annotations
@@ -103,15 +104,15 @@ def worker(chunk: int, args: argparse.Namespace) -> dict:
 
     def update() -> None:
         policy.zero_grad(set_to_none=True)
-        out, batch, _ = policy.forward_rows(rows, idx, with_entropy=True, entropy_grad=True)
+        out, batch, _ = policy.forward_rows(rows, idx, with_entropy=True)
         mask = batch.response_mask
-        loss = (-(out.logprobs * mask).sum() - 0.01 * (out.entropy * mask).sum() + (out.values * mask).square().sum())
+        loss = -(out.logprobs * mask).sum() + (out.values * mask).square().sum()
         (loss / mask.sum()).backward()
         sums["loss"] = float(loss)
 
     result = {"chunk": chunk}
     for name, run in (("scoring", scoring), ("update", update)):
-        run()  # warm-up
+        result[f"{name}_largest_logits_mib"] = largest_logits(args.vocab, run) / 2**20  # (the warm-up)
         before = vm_kib("VmRSS")
         reset_peak_rss()
         times = []
@@ -121,7 +122,6 @@ def worker(chunk: int, args: argparse.Namespace) -> dict:
             times.append(time.perf_counter() - start)
         result[f"{name}_peak_mib"] = (vm_kib("VmHWM") - before) / 1024
         result[f"{name}_s"] = statistics.median(times)
-        result[f"{name}_largest_logits_mib"] = largest_logits(args.vocab, run) / 2**20
     return {**result, **sums}
 
 
@@ -144,14 +144,14 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name, default in (("vocab", 151_936), ("hidden", 256), ("layers", 2), ("rows", 8), ("prompt", 32),
-                          ("response", 64), ("repeats", 3)):
+                          ("response", 256), ("repeats", 1)):
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--chunks", default=",".join(map(str, CHUNKS)))
-    parser.add_argument("--tiny", action="store_true", help="a 2,000-token vocabulary, hidden 64, 1 repeat")
+    parser.add_argument("--tiny", action="store_true", help="a 2,000-token vocabulary, hidden 64, 64 tokens")
     parser.add_argument("--worker", type=int)
     args = parser.parse_args()
     if args.tiny:
-        args.vocab, args.hidden, args.repeats = 2000, 64, 1
+        args.vocab, args.hidden, args.response = 2000, 64, 64
     if args.worker is not None:
         print(json.dumps(worker(args.worker, args)))
         return
