@@ -143,5 +143,7 @@ def _chunk(
     if not with_entropy:
         return logprobs, logprobs.new_empty(0)
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        entropy = lse - (torch.exp(logits - lse[:, None]) * logits).sum(-1)
+        # H = lse - sum softmax(z) z, the sum as a batched dot product: one [n, V] temporary (the softmax), not three
+        expected = torch.softmax(logits, dim=-1).unsqueeze(-2) @ logits.unsqueeze(-1)  # [n, 1, 1]
+        entropy = lse - expected.view(-1)
     return logprobs, entropy
