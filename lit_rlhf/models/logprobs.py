@@ -138,8 +138,7 @@ def _chunk(
     ``logprobs_from_logits`` computes them."""
     logits = head(states)
     logits = (transform(logits) if transform is not None else logits).float()  # [n, V]
-    lse = torch.logsumexp(logits, dim=-1)
-    logprobs = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1) - lse
+    logprobs, lse = ChosenLogSoftmax.apply(logits, labels)
     if not with_entropy:
         return logprobs, logprobs.new_empty(0)
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
@@ -147,3 +146,22 @@ def _chunk(
         expected = torch.softmax(logits, dim=-1).unsqueeze(-2) @ logits.unsqueeze(-1)  # [n, 1, 1]
         entropy = lse - expected.view(-1)
     return logprobs, entropy
+
+
+class ChosenLogSoftmax(torch.autograd.Function):
+    """``(z[label] - lse(z), lse(z))`` of logits z [n, V] and labels [n]: the autograd of ``gather`` and
+    ``logsumexp`` keeps a zero-filled scatter, the subtraction, the exponential and the product of [n, V] each in
+    the backward; this one computes the gradient ``softmax(z) (g_lse - g) + onehot(label) g`` in one [n, V]
+    tensor."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        lse = torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(logits, labels, lse)
+        return torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1) - lse, lse
+
+    @staticmethod
+    def backward(ctx, grad_logprobs: Tensor, grad_lse: Tensor) -> tuple[Tensor, None]:
+        logits, labels, lse = ctx.saved_tensors
+        grad = torch.sub(logits, lse[:, None]).exp_().mul_((grad_lse - grad_logprobs)[:, None])
+        return grad.scatter_add_(-1, labels.unsqueeze(-1), grad_logprobs.unsqueeze(-1)), None

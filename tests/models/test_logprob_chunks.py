@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lit_rlhf.models import Policy, ResponseBatch
 from lit_rlhf.models.lm import lm_kind
-from lit_rlhf.models.logprobs import chunked_logprobs, logit_transform, token_logprobs
+from lit_rlhf.models.logprobs import ChosenLogSoftmax, chunked_logprobs, logit_transform, token_logprobs
 from lit_rlhf.settings import LoraSettings, memory_errors
 
 from conftest import perturb_lora
@@ -175,3 +175,17 @@ def test_logit_transforms_and_the_chunk_size_check():
     assert_close(entropy[0], torch.log(torch.tensor(3.0)))
     assert memory_errors(None, 1, 4, None, 256) == []
     assert memory_errors(None, 1, 4, None, -1) == ["model.logprob_chunk_size must be >= 0, got -1"]
+
+
+def test_the_chosen_log_softmax_gradient_is_autograds():
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(4, 7, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    labels = torch.tensor([0, 6, 3, 3])
+    assert torch.autograd.gradcheck(ChosenLogSoftmax.apply, (logits, labels))
+    logprobs, lse = ChosenLogSoftmax.apply(logits, labels)
+    weights = torch.randn(2, 4, generator=g, dtype=torch.float64)
+    (mine,) = torch.autograd.grad((weights[0] * logprobs + weights[1] * lse).sum(), logits)
+    lse_ = torch.logsumexp(logits, -1)
+    plain = weights[0] * (logits.gather(-1, labels[:, None]).squeeze(-1) - lse_) + weights[1] * lse_
+    (expected,) = torch.autograd.grad(plain.sum(), logits)
+    assert_close(mine, expected)
