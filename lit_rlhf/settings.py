@@ -327,9 +327,9 @@ def run_errors(
 
 
 def memory_errors(generation_batch_size: int | None, samples_per_prompt: int, mini_batch_size: int,
-                  micro_batch_size: int | None = None) -> list[str]:
-    """Problems with the memory settings that depend on others (rollout chunk, micro-batch); messages name the flag."""
-    errors = []
+                  micro_batch_size: int | None = None, logprob_chunk_size: int = 0) -> list[str]:
+    """Problems with the memory settings (rollout chunk, micro-batch, log-prob chunk); messages name the flag."""
+    errors = [] if logprob_chunk_size >= 0 else [f"model.logprob_chunk_size must be >= 0, got {logprob_chunk_size}"]
     if generation_batch_size is not None and samples_per_prompt >= 1 and generation_batch_size % samples_per_prompt:
         errors.append(f"model.generation.batch_size={generation_batch_size} must be a multiple of "
                       f"model.samples_per_prompt={samples_per_prompt} (a prompt's samples are decoded together)")

@@ -1,6 +1,7 @@
-"""The policy's model side: lm.py (the seq2seq/causal difference), loading.py, lora.py, checkpointing.py,
-generation.py (generation_config, special tokens, sampling), decoding.py (the KV-cached loop), policy.py (Policy:
-generate, score), export.py, tiny.py (the embedded tiny models).
+"""The policy's model side: lm.py (the seq2seq/causal difference), logprobs.py (the response tokens' log-probs,
+the LM head chunk by chunk), loading.py, lora.py, checkpointing.py, generation.py (generation_config, special
+tokens, sampling), decoding.py (the KV-cached loop), policy.py (Policy: generate, score), export.py, tiny.py (the
+embedded tiny models).
 
 Knows no module, no reward and no dataset: imports only objectives, runtime and settings.
 """
@@ -8,8 +9,9 @@ Knows no module, no reward and no dataset: imports only objectives, runtime and 
 from lit_rlhf.models.decoding import SampledRollout, inverse_cdf_sample, sample_with_cache, warpers
 from lit_rlhf.models.lm import logprobs_from_logits, position_limit, trim_batch
 from lit_rlhf.models.loading import build_policy, ensure_pad_token, load_causal_or_seq2seq, model_source_errors
+from lit_rlhf.models.logprobs import full_kl_per_token
 from lit_rlhf.models.lora import lora_wrapping, merge_adapter
-from lit_rlhf.models.policy import Policy, ResponseBatch, ValueHead, full_kl_per_token
+from lit_rlhf.models.policy import Policy, ResponseBatch, ValueHead
 from lit_rlhf.models.tiny import (
     SUMMARIZER_ARCHITECTURE,
     build_tiny_t5,

@@ -41,8 +41,9 @@ from lit_rlhf.models.generation import (
     sample_rollout,
     special_tokens,
 )
-from lit_rlhf.models.lm import cached_decode_blocker, lm_kind, logprobs_from_logits, trim_batch
+from lit_rlhf.models.lm import cached_decode_blocker, lm_kind, trim_batch
 from lit_rlhf.models.loading import check_finetune, load_base_model, load_reference, load_tokenizer
+from lit_rlhf.models.logprobs import full_kl_per_token, token_logprobs
 from lit_rlhf.models.lora import InitialWeights, add_lora, parameter_counts
 from lit_rlhf.settings import GenerationSettings, LoraSettings, WeightDtype, check, dtype_errors, lora_settings
 
@@ -95,13 +96,6 @@ class PolicyOutput:
     entropy: Tensor | None = None  # [B, T] entropy of the next-token distribution (no gradient), when asked for
 
 
-def full_kl_per_token(logits: Tensor, ref_logits: Tensor) -> Tensor:
-    """Exact KL(pi || ref) over the vocabulary at every position: sum_v p_v (log p_v - log ref_v).
-    [B, T, V] x 2 -> [B, T] (float32)."""
-    logp, ref_logp = torch.log_softmax(logits.float(), -1), torch.log_softmax(ref_logits.float(), -1)
-    return (logp.exp() * (logp - ref_logp)).sum(-1)
-
-
 class Policy(nn.Module):
     """A language model with a trainable LoRA adapter and a value head, behind one seq2seq/causal interface.
 
@@ -136,6 +130,9 @@ class Policy(nn.Module):
             dropout off too (:func:`~lit_rlhf.models.checkpointing.checkpointing_without_dropout`).
         attn_implementation: ``from_pretrained``'s attention kernel (``"sdpa"``, ``"eager"``,
             ``"flash_attention_2"``, ...); None: transformers' own choice.
+        logprob_chunk_size: 0: the forward returns the [B, T, V] logits. N > 0: the LM head is applied N positions
+            (of the flattened rows x tokens) at a time and only each chunk's log-probs kept; the backward recomputes
+            each chunk's logits (:mod:`lit_rlhf.models.logprobs`). The exact KL still builds the logits.
     """
 
     def __init__(
@@ -151,6 +148,7 @@ class Policy(nn.Module):
         init_from_scratch: bool = False,
         gradient_checkpointing: bool = False,
         attn_implementation: str | None = None,
+        logprob_chunk_size: int = 0,
     ) -> None:
         super().__init__()
         lora = lora_settings(lora)
@@ -159,7 +157,7 @@ class Policy(nn.Module):
         torch_dtype = getattr(torch, dtype)
         base, path, setting = load_base_model(model_name, init_adapter, torch_dtype, init_from_scratch,
                                               attn_implementation)
-        self.gradient_checkpointing = gradient_checkpointing
+        self.gradient_checkpointing, self.logprob_chunk_size = gradient_checkpointing, logprob_chunk_size
         if gradient_checkpointing:
             enable_gradient_checkpointing(base)
         self.lm = lm_kind(base.config, base.generation_config)  # the seq2seq/causal difference
@@ -286,12 +284,11 @@ class Policy(nn.Module):
         current policy. The entropy has a gradient only with ``entropy_grad`` (an entropy bonus in the loss).
         query_ids, query_mask: [B, P]; response_ids, response_mask: [B, T] -> PolicyOutput with [B, T] fields.
         """
-        logits, hidden = self.lm.teacher_forced(self.model, query_ids, query_mask, response_ids, response_mask,
-                                                with_hidden=with_values)
-        logprobs = logprobs_from_logits(logits, response_ids, with_entropy=with_entropy, entropy_grad=entropy_grad)
-        logprobs, entropy = logprobs if with_entropy else (logprobs, None)
+        logprobs, entropy, hidden, logits = token_logprobs(
+            self.lm, self.model, (query_ids, query_mask, response_ids, response_mask), with_values, with_entropy,
+            entropy_grad, self.logprob_chunk_size, keep_logits=return_logits)
         values = self.value_head(hidden) if with_values else None
-        return PolicyOutput(logprobs, values, logits if return_logits else None, entropy)
+        return PolicyOutput(logprobs, values, logits, entropy)
 
     @torch.no_grad()
     def reference_forward(
@@ -306,13 +303,14 @@ class Policy(nn.Module):
         tensors = (query_ids, query_mask, response_ids, response_mask)
         with self.mode(dropout=False):  # the reference never samples dropout
             if self.reference is not None:
-                logits, _ = self.lm.teacher_forced(self.reference, *tensors, with_hidden=False)
+                scores = token_logprobs(self.lm, self.reference, tensors, chunk_size=self.logprob_chunk_size,
+                                        keep_logits=return_logits)
             else:
                 initial = self.initial_biases.put_back(self.model) if self.initial_biases is not None else nullcontext()
                 with initial, self.model.disable_adapter():  # initial biases first: peft warns on entry
-                    logits, _ = self.lm.teacher_forced(self.model, *tensors, with_hidden=False)
-        logprobs = logprobs_from_logits(logits, response_ids)
-        return PolicyOutput(logprobs, None, logits if return_logits else None)
+                    scores = token_logprobs(self.lm, self.model, tensors, chunk_size=self.logprob_chunk_size,
+                                            keep_logits=return_logits)
+        return PolicyOutput(scores.logprobs, None, scores.logits)
 
     def rows(self, batch: ResponseBatch, idx: Tensor) -> tuple[ResponseBatch, Tensor]:
         """The rows ``idx`` of ``batch`` without the padding columns they all share (the side the query is padded

@@ -75,6 +75,10 @@ class PPOModule(PPOUpdate, BuildsPolicy):
         micro_batch_size: rows per forward/backward in the update; their gradients are accumulated into one
             optimizer step of mini_batch_size rows (the same gradient as one pass: each micro-batch's loss divides
             by the mini-batch's token count). Must divide mini_batch_size; null: one pass per mini-batch.
+        logprob_chunk_size: 0: each forward builds its [rows, tokens, vocab] logits. N > 0: the LM head runs over N
+            positions (rows x tokens) at a time, keeping only their log-probs (and entropies), and the update's
+            backward recomputes each chunk's logits: the peak holds one chunk's [N, vocab] float32 logits, for a
+            second LM-head matmul in the update. (The exact KL, kl_estimator=full, still builds the logits.)
     """
 
     policy: Policy  # built in configure_model
@@ -108,6 +112,7 @@ class PPOModule(PPOUpdate, BuildsPolicy):
         gradient_checkpointing: bool = False,
         attn_implementation: str | None = None,
         micro_batch_size: int | None = None,
+        logprob_chunk_size: int = 0,
     ) -> None:
         super().__init__()
         # Settings groups come back as plain dicts from a checkpoint's hyperparameters.
@@ -115,8 +120,8 @@ class PPOModule(PPOUpdate, BuildsPolicy):
         generation, ppo = as_settings(GenerationSettings, generation), as_settings(PPOSettings, ppo)
         check(generation.errors() + ppo.errors() + run_errors(
             ppo_steps, learning_rate, rollout_batch_size, mini_batch_size, max_consecutive_skips, samples_per_prompt,
-            ppo.advantage_estimator) + num_threads_errors(num_threads)
-            + memory_errors(generation.batch_size, samples_per_prompt, mini_batch_size, micro_batch_size))
+            ppo.advantage_estimator) + num_threads_errors(num_threads) + memory_errors(
+            generation.batch_size, samples_per_prompt, mini_batch_size, micro_batch_size, logprob_chunk_size))
         self.save_settings(ignore=("reward",), lora=lora, generation=generation, ppo=ppo)
         self.automatic_optimization = False
         # The policy (with a separate reference; none at init_kl_coef 0) is built in configure_model, where a
@@ -127,14 +132,13 @@ class PPOModule(PPOUpdate, BuildsPolicy):
             model_name=model_name, lora=lora, init_adapter=init_adapter, reference_model=reference_model,
             value_head_dropout=value_head_dropout, value_head=not ppo.critic_free,
             gradient_checkpointing=gradient_checkpointing, attn_implementation=attn_implementation,
-        )
+            logprob_chunk_size=logprob_chunk_size)
         self.reward = reward
         self.score_predictions = True  # False in predict when the data lacks what the reward reads (setup)
         # Load and validate the reward now (unknown label, missing model), before a run directory is written.
         self.reward.setup()
         self.ppo, self.generation = ppo, generation
-        self.kl_ctl = ppo.kl_controller()
-        self.ppo_step = 0
+        self.kl_ctl, self.ppo_step = ppo.kl_controller(), 0
         self._own_rng_restored = False  # on_load_checkpoint gave this process its own RNG states back
         self.skips, self.degenerate = SkipGuard(max_consecutive_skips), DegenerateWatch()
         self.length_generator = torch.Generator().manual_seed(seed)
