@@ -1,0 +1,184 @@
+"""The report of ``bench_memory.py``: the measured phase peaks, the per-phase fits (``memory_model.py``), their
+error on the held-out shape and on the workload checks, and the Qwen2.5-7B prediction, as markdown."""
+
+from __future__ import annotations
+
+import platform
+import time
+from typing import Any
+
+import bench_memory as bm
+import memory_model as mm
+import numpy as np
+
+MIB, GIB = 2**20, 2**30
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def points(results: list[dict[str, Any]], key: str) -> dict[tuple, dict[str, list[mm.Point]]]:
+    """family -> phase -> measured points (runs without the profiler; ``key``: rss or cuda)."""
+    out: dict[tuple, dict[str, list[mm.Point]]] = {}
+    for r in results:
+        if r.get("profiled"):
+            continue
+        config = bm.Config(**r["config"])
+        for phase, v in r["phases"].items():
+            point = mm.Point(bm.SHAPES[r["shape"]], config.workload(), 4 if config.dtype == "float32" else 2,
+                             float(v[key]), f"{r['shape']} {config.name}")
+            out.setdefault(config.family, {}).setdefault(phase, []).append(point)
+    return out
+
+
+def fixed(phase_points: list[mm.Point]) -> list[mm.Point]:
+    """The six shapes' fixed-workload points (8 rows of 64 + 64 tokens, no levers): the fit's and the held-out."""
+    return [p for p in phase_points if p.workload == bm.Config("ppo").workload()
+            and p.name.split(" ")[0] in (*bm.FIT_SHAPES, bm.HELD_OUT)]
+
+
+def family_name(family: tuple) -> str:
+    algo, dtype, ckpt = family
+    return f"{algo} {'fp32' if dtype == 'float32' else 'bf16'}{' ckpt' if ckpt else ''}"
+
+
+def measured_table(results: list[dict[str, Any]], key: str) -> list[str]:
+    lines = ["| shape (hidden, layers, vocab) | configuration | frozen weights (MiB) | rollout | scoring | update |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in results:
+        if r.get("profiled"):
+            continue
+        s = bm.SHAPES[r["shape"]]
+        cells = " | ".join(f"{r['phases'][p][key] / MIB:.1f}" if p in r["phases"] else "-" for p in mm.PHASES)
+        lines.append(f"| {r['shape']} ({s.hidden}, {s.layers}, {s.vocab:,}) | {r['name']} | "
+                     f"{r['weight_bytes'] / MIB:.1f} | {cells} |")
+    return lines
+
+
+def profiled_table(results: list[dict[str, Any]]) -> list[str]:
+    """Live tensor bytes (profiled runs) beside the RSS of the same configuration's unprofiled run."""
+    rss = {(r["shape"], r["name"]): r for r in results if not r.get("profiled")}
+    lines = ["| shape | configuration | " + " | ".join(f"{p}: tensors / RSS" for p in mm.PHASES) + " |",
+             "|---|---|---:|---:|---:|"]
+    for r in results:
+        other = rss.get((r["shape"], r["name"]))
+        if not r.get("profiled") or other is None:
+            continue
+        cells = " | ".join(f"{r['phases'][p]['tensors'] / MIB:.1f} / {other['phases'][p]['rss'] / MIB:.1f}"
+                           for p in mm.PHASES)
+        lines.append(f"| {r['shape']} | {r['name']} | {cells} |")
+    return lines if len(lines) > 2 else []
+
+
+def fit_tables(pts: dict[tuple, dict[str, list[mm.Point]]]) -> tuple[list[str], list[str]]:
+    """Coefficients of the fit on the five fit shapes, and the errors: the held-out shape, leave-one-out over all
+    six, and the workload checks (other rows x tokens, micro-batches, rollout chunks) predicted by that fit."""
+    coef_lines = ["| family | phase | " + " | ".join(sorted({f for fs in mm.FEATURES.values() for f in fs})) + " |",
+                  "|---|---|" + "---:|" * len({f for fs in mm.FEATURES.values() for f in fs})]
+    err_lines = ["| family | phase | held-out 'big': measured / predicted (MiB) | error | leave-one-out, worst "
+                 "| workload checks: error |", "|---|---|---:|---:|---:|---|"]
+    names = sorted({f for fs in mm.FEATURES.values() for f in fs})
+    for family, phases in pts.items():
+        for phase in mm.PHASES:
+            six = fixed(phases.get(phase, []))
+            train = [p for p in six if not p.name.startswith(bm.HELD_OUT + " ")]
+            held = [p for p in six if p.name.startswith(bm.HELD_OUT + " ")]
+            if len(train) < len(mm.FEATURES[phase]):
+                continue
+            coef = dict(zip(mm.FEATURES[phase], mm.fit(phase, train)))
+            coef_lines.append(f"| {family_name(family)} | {phase} | " + " | ".join(
+                ("-" if n not in coef else f"{coef[n] / MIB:.1f} MiB" if n == "const" else f"{coef[n]:.2f}")
+                for n in names) + " |")
+            cells = ["-", "-"]
+            if held:
+                guess, err = mm.heldout_error(phase, train, held[0])
+                cells = [f"{held[0].peak / MIB:.1f} / {guess / MIB:.1f}", f"{err:+.1f} %"]
+            loo = max((abs(e) for _, e in mm.leave_one_out(phase, six)), default=float("nan")) \
+                if len(six) > len(mm.FEATURES[phase]) else float("nan")
+            checks = ", ".join(f"{p.name.split(' ', 1)[1]} {mm.heldout_error(phase, train, p)[1]:+.1f} %"
+                               for p in phases[phase] if p not in six)
+            err_lines.append(f"| {family_name(family)} | {phase} | {cells[0]} | {cells[1]} | {loo:.1f} % | "
+                             f"{checks or '-'} |")
+    return coef_lines, err_lines
+
+
+def prediction_rows(pts: dict[tuple, dict[str, list[mm.Point]]]) -> list[dict[str, Any]]:
+    """Qwen2.5-7B per lever and algorithm, from the fit on all six shapes of the lever's family."""
+    rows = []
+    for algo in ("ppo", "grpo"):
+        for lever in mm.LEVERS_7B:
+            phases = pts.get((algo, lever.dtype, lever.checkpointing))
+            if not phases or any(len(fixed(phases.get(p, []))) < len(mm.FEATURES[p]) for p in mm.PHASES):
+                continue
+            coefs = {p: mm.fit(p, fixed(phases[p])) for p in mm.PHASES}
+            out = mm.predict_step(coefs, mm.QWEN25_7B, mm.WORKLOAD_7B, lever, value_head=algo == "ppo")
+            rows.append({"algo": algo, "lever": lever, **out})
+    return rows
+
+
+def prediction_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| algorithm | frozen weights | checkpointing | rows per pass | rows decoded at once | log-probs | "
+             "weights + LoRA/AdamW | rollout | scoring | update | peak (GiB) | 24 GB | 80 GB |",
+             "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        lv = r["lever"]
+        logp = "full [rows, tokens, vocab]" if lv.logprob_chunk is None else \
+            f"chunked, {lv.logprob_chunk} positions (predicted from the model)"
+        lines.append(
+            f"| {r['algo'].upper()} | {lv.dtype} | {'yes' if lv.checkpointing else 'no'} | {lv.micro} | "
+            f"{lv.chunk or mm.WORKLOAD_7B.rows} | {logp} | {(r['weights'] + r['trainable']) / GIB:.1f} | "
+            + " | ".join(f"{r[p] / GIB:.1f}" for p in mm.PHASES)
+            + f" | {r['peak'] / GIB:.1f} | {'fits' if mm.fits(r['peak'], 24) else 'no'} | "
+            f"{'fits' if mm.fits(r['peak'], 80) else 'no'} |")
+    return lines
+
+
+def header(device: str, argv: str) -> list[str]:
+    machine = f"{cpu_name()}, {bm.os.cpu_count()} cores, 1 thread" if device == "cpu" else "CUDA"
+    return [
+        "# Peak memory of each phase of a PPO / GRPO step, and a memory model fitted to it", "",
+        f"Generated by `python benchmarks/bench_memory.py {argv}`".rstrip() + f" ({time.strftime('%Y-%m-%d')}) on "
+        f"{machine}. Each run is a fresh process taking {bm.STEPS} steps; the last step's phases are metered. "
+        "Qwen2-shaped models from configs (random weights, tied embeddings, intermediate ~5.25 x hidden, head_dim "
+        "64), LoRA r 16 on q_proj/v_proj, fast rollout, one mini-batch of all rows; PPO (value head, 8 prompts) "
+        "and GRPO (2 prompts x 4 samples, no value head); the reference is the adapter-disabled policy. Fixed "
+        "workload: 8 rows of 64 prompt + 64 response tokens. Each phase's figure is its peak above the memory "
+        "held at its start, in MiB: " + ("peak RSS growth (VmHWM reset at the phase's start, glibc's mmap "
+                                         "threshold fixed at 64 KiB)." if device == "cpu" else
+                                         "`torch.cuda.max_memory_allocated` growth."), ""]
+
+
+def render(results: list[dict[str, Any]], device: str, argv: str) -> str:
+    key = "cuda" if device == "cuda" else "rss"
+    pts = points(results, key)
+    coef_lines, err_lines = fit_tables(pts)
+    lines = header(device, argv) + ["## Measured", ""] + measured_table(results, key)
+    profiled = profiled_table(results)
+    if profiled:
+        lines += ["", "### Live tensor bytes (torch.profiler memory events) / RSS growth, MiB", ""] + profiled
+    lines += ["", "## Fitted terms", "", "bytes = sum of coefficient x feature (`benchmarks/memory_model.py`; a "
+              "coefficient is how many buffers of that size are alive at the phase's peak; `const` in MiB). Fit "
+              "on base, deep, wide, vocab and mid (least squares, 3-4 unknowns, 5 points).", ""] + coef_lines
+    lines += ["", "## Prediction error", "", "Fit on five shapes, predicted: the held-out shape 'big' (hidden 512, "
+              "8 layers, vocabulary 49,152: all three larger than in any fit shape); leave-one-out over all six "
+              "(the worst of six); the workload checks (base shape, other rows x tokens or levers).", ""] + err_lines
+    rows = prediction_rows(pts)
+    if rows:
+        lines += ["", "## Predicted: Qwen2.5-7B, LoRA r 16, 16 prompts x 4 samples, 512 prompt + 512 response tokens",
+                  "", "From each family's fit on all six shapes. Peak = frozen weights + LoRA weights and AdamW "
+                  "moments + the largest phase; fits a budget when under 90 % of it (CUDA context, fragmentation "
+                  "and a reward model are not in it).", ""] + prediction_table(rows)
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # a quick look at a results file: python benchmarks/memory_report.py OUT.json
+    import json
+    import sys
+
+    print(render(json.loads(open(sys.argv[1]).read()), "cpu", "(partial)"))
+    np.set_printoptions(precision=3)
