@@ -2,7 +2,8 @@
 measured on config-built Qwen2 shapes that vary depth, width and vocabulary independently, and the per-phase
 memory model (``memory_model.py``) fitted to them, checked on a held-out shape and used to predict Qwen2.5-7B.
 
-    python benchmarks/bench_memory.py                     # every run, CPU, 1 thread (~25 min here)
+    python benchmarks/bench_memory.py                     # every run, CPU, 1 thread (~45 min here)
+    python benchmarks/bench_memory.py --resume --profile --families "ppo float32 False,ppo bfloat16 True"
     python benchmarks/bench_memory.py --tiny              # smoke run: a 70k-parameter shape, seconds a run
     python benchmarks/bench_memory.py --device cuda       # on a GPU: torch.cuda.max_memory_allocated per phase
     python benchmarks/bench_memory.py --render            # rewrite the report from its JSON
@@ -73,8 +74,10 @@ class Config:
     @property
     def name(self) -> str:
         parts = [self.algo, "fp32" if self.dtype == "float32" else "bf16"] + (["ckpt"] if self.checkpointing else [])
-        parts += [f"{self.rows}x{self.prompt}+{self.response}"] if (self.rows, self.prompt, self.response) != (8, 64, 64) else []
-        return " ".join(parts + ([f"micro{self.micro}"] if self.micro else []) + ([f"chunk{self.chunk}"] if self.chunk else []))
+        if (self.rows, self.prompt, self.response) != (8, 64, 64):
+            parts.append(f"{self.rows}x{self.prompt}+{self.response}")
+        parts += ([f"micro{self.micro}"] if self.micro else []) + ([f"chunk{self.chunk}"] if self.chunk else [])
+        return " ".join(parts)
 
     @property
     def family(self) -> tuple[str, str, bool]:
@@ -85,10 +88,12 @@ class Config:
         return mm.Workload(self.rows, self.prompt, self.response, self.micro, self.chunk)
 
 
-FAMILIES = [Config(a, d, c) for d, c in (("bfloat16", True), ("bfloat16", False), ("float32", False), ("float32", True))
+FAMILIES = [Config(a, d, c) for d, c in (("bfloat16", True), ("bfloat16", False), ("float32", False))
             for a in ("ppo", "grpo")]
-EXTRAS = [("base", Config("ppo", rows=16)), ("base", Config("ppo", response=128)), ("base", Config("ppo", micro=2, chunk=4)),
-          ("base", Config("ppo", "bfloat16", True, rows=16)), ("base", Config("ppo", "bfloat16", True, micro=2, chunk=4))]
+"""What one fit covers (the float32 base with checkpointing is left out: no 7B configuration uses it)."""
+EXTRAS = [("base", Config("ppo", rows=16)), ("base", Config("ppo", response=128)),
+          ("base", Config("ppo", micro=2, chunk=4)), ("base", Config("ppo", "bfloat16", True, rows=16)),
+          ("base", Config("ppo", "bfloat16", True, micro=2, chunk=4))]
 """Checks of the rows x tokens and lever terms, predicted from the fixed-workload fit of their family."""
 
 

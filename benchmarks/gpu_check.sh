@@ -33,9 +33,12 @@ else
   MEMORY=(--families "${GPU_CHECK_MEMORY_FAMILIES:-ppo bfloat16 True,grpo bfloat16 True}")
 fi
 CACHE=${GPU_CHECK_CACHE:-benchmarks/.cache}
-"$PY" benchmarks/gpu_check.py --device "$DEVICE" --out "$OUT/GPU_RESULTS.md" --work "$OUT/.gpu_check_work" --cache "$CACHE"
-"$PY" benchmarks/gpu_check_settings.py --device "$DEVICE" --out "$OUT/GPU_RESULTS.md" --work "$OUT/.gpu_check_work/settings" --cache "$CACHE"
+WORK="$OUT/.gpu_check_work"
+"$PY" benchmarks/gpu_check.py --device "$DEVICE" --out "$OUT/GPU_RESULTS.md" --work "$WORK" --cache "$CACHE"
+"$PY" benchmarks/gpu_check_settings.py --device "$DEVICE" --out "$OUT/GPU_RESULTS.md" --work "$WORK/settings" \
+  --cache "$CACHE"
 "$PY" benchmarks/bench_memory.py --device "$DEVICE" "${MEMORY[@]}" --out "$OUT/GPU_MEMORY" --cache "$CACHE"
-{ echo; echo "## Memory benchmark (bench_memory.py --device $DEVICE)"; echo; tail -n +3 "$OUT/GPU_MEMORY.md"; } >> "$OUT/GPU_RESULTS.md"
-rm -rf "$OUT/.gpu_check_work"
+{ echo; echo "## Memory benchmark (bench_memory.py --device $DEVICE)"; echo; tail -n +3 "$OUT/GPU_MEMORY.md"; } \
+  >> "$OUT/GPU_RESULTS.md"
+rm -rf "$WORK"
 echo "wrote $OUT/GPU_RESULTS.md"

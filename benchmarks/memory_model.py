@@ -7,7 +7,7 @@ A step has three phases, each measured as its own peak above the memory held whe
     update    forward + backward + optimizer step, ``micro`` rows a pass
 
 Each phase's bytes = sum over its terms of (fitted coefficient x feature), every feature a byte count with a
-physical meaning, so a coefficient is "how many such buffers are alive at the peak":
+physical meaning, so a coefficient is "how many such buffers are alive at the peak" (fitted non-negative):
 
     kv          2 x layers x rows x tokens x kv_dim x dtype bytes    the KV cache (rollout)
     prefill     rows x prompt tokens x (hidden + intermediate) x b   one block's transient buffers in the prefill
@@ -142,13 +142,19 @@ class Point:
 
 
 def fit(phase: str, points: Sequence[Point]) -> np.ndarray:
-    """Least-squares coefficients of ``phase``'s features over ``points`` (scaled columns, so that a feature of
-    a few bytes and one of a gigabyte weigh alike in the solve)."""
+    """Non-negative least-squares coefficients of ``phase``'s features over ``points`` (a coefficient counts
+    buffers: none is negative; scaled columns, so that a feature of a few bytes and one of a gigabyte weigh alike
+    in the solve). scipy's ``nnls``; numpy's unconstrained ``lstsq`` where scipy is missing."""
     a = np.array([features(phase, p.shape, p.workload, p.dtype_bytes) for p in points])
     y = np.array([p.peak - known_bytes(phase, p.shape, p.workload) for p in points])
     scale = np.abs(a).max(axis=0)
     scale[scale == 0] = 1.0
-    coef, *_ = np.linalg.lstsq(a / scale, y, rcond=None)
+    try:
+        from scipy.optimize import nnls
+    except ImportError:
+        coef = np.linalg.lstsq(a / scale, y, rcond=None)[0]
+    else:
+        coef = nnls(a / scale, y)[0]
     return coef / scale
 
 
