@@ -3,7 +3,7 @@ measured on config-built Qwen2 shapes that vary depth, width and vocabulary inde
 memory model (``memory_model.py``) fitted to them, checked on a held-out shape and used to predict Qwen2.5-7B.
 
     python benchmarks/bench_memory.py                     # every run, CPU, 1 thread (~45 min here)
-    python benchmarks/bench_memory.py --resume --profile --families "ppo float32 False,ppo bfloat16 True"
+    python benchmarks/bench_memory.py --resume --profile --families "ppo float32 False"   # live tensor bytes
     python benchmarks/bench_memory.py --tiny              # smoke run: a 70k-parameter shape, seconds a run
     python benchmarks/bench_memory.py --device cuda       # on a GPU: torch.cuda.max_memory_allocated per phase
     python benchmarks/bench_memory.py --render            # rewrite the report from its JSON
@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -94,16 +94,27 @@ FAMILIES = [Config(a, d, c) for d, c in (("bfloat16", True), ("bfloat16", False)
 EXTRAS = [("base", Config("ppo", rows=16)), ("base", Config("ppo", response=128)),
           ("base", Config("ppo", micro=2, chunk=4)), ("base", Config("ppo", "bfloat16", True, rows=16)),
           ("base", Config("ppo", "bfloat16", True, micro=2, chunk=4))]
-"""Checks of the rows x tokens and lever terms, predicted from the fixed-workload fit of their family."""
+"""Checks of the rows x tokens and lever terms, predicted from the fit of their family."""
+HEAVY_SHAPES = ("base", "deep", "wide")
+HEAVY_FAMILIES = (("ppo", "bfloat16", True), ("ppo", "bfloat16", False), ("grpo", "bfloat16", True),
+                  ("ppo", "float32", False))
+"""Prompt-heavy fit points (8 rows of 448 + 16 tokens): activations and KV cache grow 3.6x, logits shrink 4x; at
+64 + 64 tokens the logits outweigh the saved activations and leave their coefficient loose."""
+FIT_WORKLOADS = ((8, 64, 64), (8, 448, 16))
 
 
-def plan(tiny: bool, families: list[Config], cuda: bool = False) -> list[tuple[str, Config]]:
+def plan(tiny: bool, families: list[Config], cuda: bool = False,
+         profile: bool = False) -> list[tuple[str, Config]]:
     if tiny:
         return [("tiny", Config("ppo", "bfloat16", True, rows=4, prompt=8, response=8, micro=2, chunk=2)),
                 ("tiny", Config("grpo", rows=4, prompt=8, response=8))]
     shapes = (*FIT_SHAPES, HELD_OUT) + (("0.5B",) if cuda else ())  # on a GPU: the 0.5B shape, a second check
     runs = [(shape, config) for config in families for shape in shapes]
-    return runs + [(s, c) for s, c in EXTRAS if c.family in {f.family for f in families}]
+    if profile:  # the live-tensor figure beside the RSS one: the seven shapes
+        return runs
+    heavy = [(s, replace(f, prompt=448, response=16)) for f in families if f.family in HEAVY_FAMILIES
+             for s in HEAVY_SHAPES]
+    return runs + heavy + [(s, c) for s, c in EXTRAS if c.family in {f.family for f in families}]
 
 
 def build_model_dir(size: str, cache: Path = CACHE) -> Path:
@@ -278,7 +289,7 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     path = Path(args.out + ".json")
     results = json.loads(path.read_text()) if path.exists() and args.resume else []
     done = {(r["shape"], r["name"], r["profiled"]) for r in results}
-    for shape, config in plan(args.tiny, families, args.device == "cuda"):
+    for shape, config in plan(args.tiny, families, args.device == "cuda", args.profile):
         if (shape, config.name, args.profile) in done:
             continue
         record = run_one(shape, config, args)

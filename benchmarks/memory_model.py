@@ -14,7 +14,9 @@ physical meaning, so a coefficient is "how many such buffers are alive at the pe
     sampling    rows x vocab x 4                                     one decode step's float32 logits
     block       rows x tokens x (hidden + intermediate) x b          one block's transient buffers (scoring, update)
     activations rows x tokens x layers x hidden x b                  what autograd keeps per layer (update)
-    logits      rows x response tokens x vocab x 4                   float32 logits, log-softmax (and their gradient)
+    logits      rows x response tokens x vocab x 4                   float32 logits (their copies and gradient)
+    lse         min(rows x response tokens x vocab, 2**24) x 4       one chunk of ``logprobs_from_logits``'s
+                                                                     logsumexp (2**24 logits at a time)
     head        vocab x hidden x 4                                   a float32 copy of the LM head's weight: CPU
                                                                      bfloat16 kernels make one (and more) per call;
                                                                      a GPU's do not, so the GPU prediction drops it
@@ -36,9 +38,11 @@ GIB = 2**30
 PHASES = ("rollout", "scoring", "update")
 FEATURES = {
     "rollout": ("kv", "prefill", "sampling", "head", "const"),
-    "scoring": ("block", "logits", "head", "const"),
-    "update": ("activations", "block", "logits", "head", "const"),
+    "scoring": ("block", "logits", "lse", "head", "const"),
+    "update": ("activations", "block", "logits", "lse", "head", "const"),
 }
+LSE_CHUNK = 2**24
+"""Logits per logsumexp call in ``lit_rlhf.models.lm.logprobs_from_logits`` (its ``chunk_elements``)."""
 CPU_ONLY = ("head",)
 """Terms of CPU kernels only, dropped from a GPU prediction (``predict_step``)."""
 
@@ -119,6 +123,7 @@ def features(phase: str, shape: Shape, wl: Workload, dtype_bytes: int) -> np.nda
         "block": float(m * wl.tokens * (h + i) * b),
         "activations": float(m * wl.tokens * shape.layers * h * b),
         "logits": float(logit_positions * shape.vocab * 4),
+        "lse": float(min(logit_positions * shape.vocab, LSE_CHUNK) * 4),
         "head": float(shape.vocab * shape.hidden * 4),
         "const": 1.0,
     }
@@ -207,14 +212,34 @@ def static_bytes(shape: Shape, dtype_bytes: int, lora_r: int, value_head: bool) 
     return {"weights": float(shape.parameters() * dtype_bytes), "trainable": 12.0 * trainable}
 
 
+FLOOR_TERMS = {"rollout": FEATURES["rollout"], "scoring": FEATURES["scoring"], "update": ("logits", "lse")}
+"""Terms that do not depend on checkpointing: a bfloat16 base's coefficient is at least the float32 family's."""
+
+
+def gpu_coefficients(coefs: dict[str, np.ndarray], float32: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """The fitted coefficients as a GPU would see them: the ``CPU_ONLY`` terms dropped and, for a bfloat16 base
+    (``float32``: the float32 family's fit, no checkpointing), each ``FLOOR_TERMS`` coefficient at least the
+    float32 family's (+ 0.5 for ``logits``). On this CPU the bfloat16 LM head's float32 weight copies make their
+    own moment the phase's peak, hiding the moments that follow (the prefill's block buffers, the float32 logits);
+    the float32 family has no copies. A feature counts bytes of the base dtype, so the same count of buffers is
+    half the bytes in bfloat16; the logits are float32 in both, and a bfloat16 base adds the bfloat16 logits the
+    head returns before ``.float()`` (half a float32 copy)."""
+    out = {}
+    for phase, coef in coefs.items():
+        coef = np.where([f in CPU_ONLY for f in FEATURES[phase]], 0.0, coef)
+        for i, name in enumerate(FEATURES[phase]):
+            if float32 is not None and name in FLOOR_TERMS[phase] and name not in CPU_ONLY:
+                coef[i] = max(coef[i], float32[phase][i] + (0.5 if name == "logits" else 0.0))
+        out[phase] = coef
+    return out
+
+
 def predict_step(coefs: dict[str, np.ndarray], shape: Shape, wl: Workload, lever: Lever,
                  value_head: bool) -> dict[str, float]:
     """Bytes of each phase (above the static part), the static part and the step's peak (static + the largest
-    phase) on a GPU (the ``CPU_ONLY`` terms dropped). ``coefs``: phase -> fitted coefficients for the lever's
-    dtype and checkpointing."""
+    phase). ``coefs``: phase -> coefficients for the lever's dtype and checkpointing (``gpu_coefficients``)."""
     wl = replace(wl, micro=lever.micro, chunk=lever.chunk, logprob_chunk=lever.logprob_chunk)
-    gpu = {phase: np.where([f in CPU_ONLY for f in FEATURES[phase]], 0.0, coefs[phase]) for phase in PHASES}
-    out = {phase: predict(phase, gpu[phase], shape, wl, lever.dtype_bytes) for phase in PHASES}
+    out = {phase: predict(phase, coefs[phase], shape, wl, lever.dtype_bytes) for phase in PHASES}
     out.update(static_bytes(shape, lever.dtype_bytes, wl.lora_r, value_head))
     out["peak"] = out["weights"] + out["trainable"] + max(out[phase] for phase in PHASES)
     return out

@@ -31,7 +31,7 @@ def shapes(mm):
 
 def test_fit_recovers_known_coefficients_and_heldout_error(mm):
     wl = mm.Workload(rows=8, prompt=64, response=64)
-    truth = {"update": np.array([3.0, 2.0, 2.5, 0.5, 5e6]), "scoring": np.array([1.5, 2.0, 3.0, 1e6])}
+    truth = {"update": np.array([3.0, 2.0, 2.5, 1.0, 0.5, 5e6]), "scoring": np.array([1.5, 2.0, 1.0, 3.0, 1e6])}
     for phase, coef in truth.items():
         pts = [mm.Point(s, wl, 4, float(mm.features(phase, s, wl, 4) @ coef) + mm.known_bytes(phase, s, wl), str(i))
                for i, s in enumerate(shapes(mm))]
@@ -51,7 +51,9 @@ def test_features_follow_the_levers(mm):
     kv, prefill, sampling, head, _ = mm.features("rollout", s, wl, 2)
     assert head == 16384 * 256 * 4
     assert kv == 2 * 4 * 8 * 128 * s.kv_dim * 2 and sampling == 8 * 16384 * 4 and prefill == 8 * 64 * (256 + 1344) * 2
-    act, block, logits, _, const = mm.features("update", s, replace(wl, micro=2), 2)
+    act, block, logits, lse, _, const = mm.features("update", s, replace(wl, micro=2), 2)
+    assert lse == logits  # 2 x 64 x 16384 logits: under one logsumexp chunk of 2**24
+    assert mm.features("scoring", s, replace(wl, rows=64, response=512), 2)[2] == 2**24 * 4
     assert (act, logits, const) == (2 * 128 * 4 * 256 * 2, 2 * 64 * 16384 * 4, 1.0)
     assert mm.features("update", s, replace(wl, logprob_chunk=100), 2)[2] == 100 * 16384 * 4  # one chunk's logits
     assert mm.features("rollout", s, replace(wl, chunk=2), 2)[0] == kv / 4
@@ -64,10 +66,14 @@ def test_step_peak_is_static_plus_largest_phase(mm):
     coefs["scoring"][-1] = 3 * 2**30  # const: 3 GiB
     coefs["scoring"][-2] = 5.0  # the CPU-only head term: dropped from the GPU prediction
     lever = mm.Lever("bfloat16", True, 4)
-    out = mm.predict_step(coefs, s, wl, lever, value_head=False)
+    out = mm.predict_step(mm.gpu_coefficients(coefs, None), s, wl, lever, value_head=False)
     static = s.parameters() * 2 + 12 * s.lora_parameters(16)
     assert out["peak"] == pytest.approx(static + max(3 * 2**30, 4 * s.lora_parameters(16)))
     assert mm.fits(0.89 * 24 * 2**30, 24) and not mm.fits(0.91 * 24 * 2**30, 24)
+    # a bfloat16 base's logits coefficient: at least the float32 family's + 0.5
+    f32 = {p: np.full(len(mm.FEATURES[p]), 2.0) for p in mm.PHASES}
+    gpu = mm.gpu_coefficients(coefs, f32)
+    assert gpu["update"][mm.FEATURES["update"].index("logits")] == 2.5 and gpu["scoring"][-2] == 0.0
 
 
 def test_phase_meter_counts_live_tensor_bytes(mm):
