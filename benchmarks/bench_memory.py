@@ -106,8 +106,7 @@ FIT_WORKLOADS = ((8, 64, 64), (8, 448, 16))
 def plan(tiny: bool, families: list[Config], cuda: bool = False,
          profile: bool = False) -> list[tuple[str, Config]]:
     if tiny:
-        return [("tiny", Config("ppo", "bfloat16", True, rows=4, prompt=8, response=8, micro=2, chunk=2)),
-                ("tiny", Config("grpo", rows=4, prompt=8, response=8))]
+        return [("tiny", Config("ppo", "bfloat16", True, rows=4, prompt=8, response=8, micro=2, chunk=2))]
     shapes = (*FIT_SHAPES, HELD_OUT) + (("0.5B",) if cuda else ())  # on a GPU: the 0.5B shape, a second check
     runs = [(shape, config) for config in families for shape in shapes]
     if profile:  # the live-tensor figure beside the RSS one: the seven shapes

@@ -199,9 +199,13 @@ class Lever:
 
 LEVERS_7B = (
     Lever("float32", False, 16), Lever("bfloat16", False, 16), Lever("bfloat16", False, 4),
-    Lever("bfloat16", True, 16), Lever("bfloat16", True, 4), Lever("bfloat16", True, 1, chunk=16),
-    Lever("bfloat16", True, 4, logprob_chunk=1024), Lever("bfloat16", True, 16, chunk=16, logprob_chunk=1024),
+    Lever("bfloat16", True, 16), Lever("bfloat16", True, 4), Lever("bfloat16", True, 4, chunk=16),
+    Lever("bfloat16", True, 2, chunk=16), Lever("bfloat16", True, 1, chunk=16),
+    Lever("bfloat16", True, 4, chunk=16, logprob_chunk=1024), Lever("bfloat16", True, 16, chunk=16, logprob_chunk=1024),
+    Lever("bfloat16", False, 4, chunk=16, logprob_chunk=1024),
 )
+"""micro: rows per scoring / update pass; chunk: rows decoded at once (None: all 64); logprob_chunk: the opt-in
+chunked log-probs (float32 logits of that many token positions at a time)."""
 WORKLOAD_7B = Workload(rows=64, prompt=512, response=512)  # 16 prompts x 4 samples
 
 
