@@ -17,6 +17,9 @@ physical meaning, so a coefficient is "how many such buffers are alive at the pe
     logits      rows x response tokens x vocab x 4                   float32 logits (their copies and gradient)
     lse         min(rows x response tokens x vocab, 2**24) x 4       one chunk of ``logprobs_from_logits``'s
                                                                      logsumexp (2**24 logits at a time)
+    attention   rows x heads x tokens**2 x 4                         one layer's float32 attention scores (CPU:
+                                                                     its sdpa materialises them; a GPU's flash /
+                                                                     memory-efficient kernels do not: dropped)
     head        vocab x hidden x 4                                   a float32 copy of the LM head's weight: CPU
                                                                      bfloat16 kernels make one (and more) per call;
                                                                      a GPU's do not, so the GPU prediction drops it
@@ -37,13 +40,13 @@ import numpy as np
 GIB = 2**30
 PHASES = ("rollout", "scoring", "update")
 FEATURES = {
-    "rollout": ("kv", "prefill", "sampling", "head", "const"),
-    "scoring": ("block", "logits", "lse", "head", "const"),
-    "update": ("activations", "block", "logits", "lse", "head", "const"),
+    "rollout": ("kv", "prefill", "sampling", "attention", "head", "const"),
+    "scoring": ("block", "logits", "lse", "attention", "head", "const"),
+    "update": ("activations", "block", "logits", "lse", "attention", "head", "const"),
 }
 LSE_CHUNK = 2**24
 """Logits per logsumexp call in ``lit_rlhf.models.lm.logprobs_from_logits`` (its ``chunk_elements``)."""
-CPU_ONLY = ("head",)
+CPU_ONLY = ("attention", "head")
 """Terms of CPU kernels only, dropped from a GPU prediction (``predict_step``)."""
 
 
@@ -125,6 +128,7 @@ def features(phase: str, shape: Shape, wl: Workload, dtype_bytes: int) -> np.nda
         "logits": float(logit_positions * shape.vocab * 4),
         "lse": float(min(logit_positions * shape.vocab, LSE_CHUNK) * 4),
         "head": float(shape.vocab * shape.hidden * 4),
+        "attention": float((c * wl.prompt**2 if phase == "rollout" else m * wl.tokens**2) * shape.heads * 4),
         "const": 1.0,
     }
     return np.array([values[name] for name in FEATURES[phase]])
@@ -220,22 +224,33 @@ FLOOR_TERMS = {"rollout": FEATURES["rollout"], "scoring": FEATURES["scoring"], "
 """Terms that do not depend on checkpointing: a bfloat16 base's coefficient is at least the float32 family's."""
 
 
-def gpu_coefficients(coefs: dict[str, np.ndarray], float32: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+def gpu_coefficients(coefs: dict[str, np.ndarray], float32: dict[str, np.ndarray] | None,
+                     floors: dict[tuple[str, str], float] | None = None) -> dict[str, np.ndarray]:
     """The fitted coefficients as a GPU would see them: the ``CPU_ONLY`` terms dropped and, for a bfloat16 base
     (``float32``: the float32 family's fit, no checkpointing), each ``FLOOR_TERMS`` coefficient at least the
     float32 family's (+ 0.5 for ``logits``). On this CPU the bfloat16 LM head's float32 weight copies make their
     own moment the phase's peak, hiding the moments that follow (the prefill's block buffers, the float32 logits);
     the float32 family has no copies. A feature counts bytes of the base dtype, so the same count of buffers is
     half the bytes in bfloat16; the logits are float32 in both, and a bfloat16 base adds the bfloat16 logits the
-    head returns before ``.float()`` (half a float32 copy)."""
+    head returns before ``.float()`` (half a float32 copy). ``floors``: (phase, feature) -> a lower bound measured
+    directly (``depth_pair``)."""
     out = {}
     for phase, coef in coefs.items():
         coef = np.where([f in CPU_ONLY for f in FEATURES[phase]], 0.0, coef)
         for i, name in enumerate(FEATURES[phase]):
             if float32 is not None and name in FLOOR_TERMS[phase] and name not in CPU_ONLY:
                 coef[i] = max(coef[i], float32[phase][i] + (0.5 if name == "logits" else 0.0))
+            coef[i] = max(coef[i], (floors or {}).get((phase, name), 0.0))
         out[phase] = coef
     return out
+
+
+def depth_pair(phase: str, shallow: Point, deep: Point) -> float:
+    """The ``activations`` coefficient from two points that differ in depth only: the one term that changes."""
+    i = FEATURES[phase].index("activations")
+    diff = features(phase, deep.shape, deep.workload, deep.dtype_bytes) - \
+        features(phase, shallow.shape, shallow.workload, shallow.dtype_bytes)
+    return (deep.peak - shallow.peak) / diff[i]
 
 
 def predict_step(coefs: dict[str, np.ndarray], shape: Shape, wl: Workload, lever: Lever,

@@ -109,6 +109,18 @@ def fit_tables(pts: dict[tuple, dict[str, list[mm.Point]]]) -> tuple[list[str], 
     return coef_lines, err_lines
 
 
+def pair_floor(update_points: list[mm.Point]) -> float:
+    """The update's per-layer coefficient from the base / deep pair (prompt-heavy where measured: the larger
+    activations), 0 without the pair. On this CPU the bfloat16 peaks are the larger of two moments (the LM head's
+    float32 weight copies, the logits), which a sum of terms cannot follow: the fit can leave the small per-layer
+    term at 0; the pair isolates it."""
+    by = {(p.name.split(" ")[0], p.workload.prompt): p for p in fixed(update_points)}
+    for prompt in (448, 64):
+        if ("base", prompt) in by and ("deep", prompt) in by:
+            return max(0.0, mm.depth_pair("update", by[("base", prompt)], by[("deep", prompt)]))
+    return 0.0
+
+
 def prediction_rows(pts: dict[tuple, dict[str, list[mm.Point]]]) -> list[dict[str, Any]]:
     """Qwen2.5-7B per lever and algorithm, from the fit on all seven shapes of the lever's family."""
     rows = []
@@ -118,9 +130,10 @@ def prediction_rows(pts: dict[tuple, dict[str, list[mm.Point]]]) -> list[dict[st
             if not phases or any(len(fixed(phases.get(p, []))) < len(mm.FEATURES[p]) for p in mm.PHASES):
                 continue
             coefs = {p: mm.fit(p, fixed(phases[p])) for p in mm.PHASES}
-            f32 = pts.get((algo, "float32", False))
+            f32 = pts.get(("ppo", "float32", False))  # (the family with the prompt-heavy points)
             f32_coefs = {p: mm.fit(p, fixed(f32[p])) for p in mm.PHASES} if f32 and lever.dtype != "float32" else None
-            gpu = mm.gpu_coefficients(coefs, f32_coefs)
+            floors = {("update", "activations"): pair_floor(phases["update"])}
+            gpu = mm.gpu_coefficients(coefs, f32_coefs, floors)
             out = mm.predict_step(gpu, mm.QWEN25_7B, mm.WORKLOAD_7B, lever, value_head=algo == "ppo")
             rows.append({"algo": algo, "lever": lever, **out})
     return rows
@@ -198,7 +211,8 @@ def render(results: list[dict[str, Any]], device: str, argv: str) -> str:
         lines += ["", "## Predicted: Qwen2.5-7B, LoRA r 16, 16 prompts x 4 samples, 512 prompt + 512 response tokens",
                   "", "From each family's fit on all its points, as a GPU would see them "
                   "(`memory_model.gpu_coefficients`: the CPU-only `head` term dropped; a bfloat16 base's `logits` "
-                  "coefficient at least the float32 family's + 0.5). Peak = frozen "
+                  "coefficient at least the float32 family's + 0.5; the update's `activations` at least the base/deep "
+                  "pair's). Peak = frozen "
                   "weights + LoRA weights and AdamW moments + the largest phase; fits a budget when under 90 % of "
                   "it (CUDA context, fragmentation and a reward model are not in it).", ""] + prediction_table(rows)
     return "\n".join(lines) + "\n"

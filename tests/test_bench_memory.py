@@ -30,17 +30,20 @@ def shapes(mm):
 
 
 def test_fit_recovers_known_coefficients_and_heldout_error(mm):
-    wl = mm.Workload(rows=8, prompt=64, response=64)
-    truth = {"update": np.array([3.0, 2.0, 2.5, 1.0, 0.5, 5e6]), "scoring": np.array([1.5, 2.0, 1.0, 3.0, 1e6])}
+    wl, heavy = mm.Workload(rows=8, prompt=64, response=64), mm.Workload(rows=8, prompt=448, response=16)
+    truth = {"update": np.array([3.0, 2.0, 2.5, 1.0, 0.7, 0.5, 5e6]),
+             "scoring": np.array([1.5, 2.0, 1.0, 0.7, 3.0, 1e6])}
     for phase, coef in truth.items():
-        pts = [mm.Point(s, wl, 4, float(mm.features(phase, s, wl, 4) @ coef) + mm.known_bytes(phase, s, wl), str(i))
-               for i, s in enumerate(shapes(mm))]
-        np.testing.assert_allclose(mm.fit(phase, pts[:6]), coef, rtol=1e-6)
-        guess, err = mm.heldout_error(phase, pts[:6], pts[6])
-        assert guess == pytest.approx(pts[6].peak) and abs(err) < 1e-6
+        def point(s, w):
+            return mm.Point(s, w, 4, float(mm.features(phase, s, w, 4) @ coef) + mm.known_bytes(phase, s, w))
+        train = [point(s, w) for s in shapes(mm)[:6] for w in (wl, heavy)]  # the bench's fit points
+        np.testing.assert_allclose(mm.fit(phase, train), coef, rtol=1e-6)
+        guess, err = mm.heldout_error(phase, train, point(shapes(mm)[6], wl))
+        assert guess == pytest.approx(point(shapes(mm)[6], wl).peak) and abs(err) < 1e-6
     # the held-out error is (predicted - measured) / measured, in percent
     s = shapes(mm)
-    pts = [mm.Point(x, wl, 4, float(mm.features("scoring", x, wl, 4) @ truth["scoring"]), "") for x in s[:6]]
+    pts = [mm.Point(x, w, 4, float(mm.features("scoring", x, w, 4) @ truth["scoring"]), "") for x in s[:6]
+           for w in (wl, heavy)]
     held = replace(pts[0], shape=s[6], peak=200e6)
     expected = float(mm.features("scoring", s[6], wl, 4) @ truth["scoring"])
     assert mm.heldout_error("scoring", pts, held) == pytest.approx((expected, 100 * (expected - 200e6) / 200e6))
@@ -48,10 +51,11 @@ def test_fit_recovers_known_coefficients_and_heldout_error(mm):
 
 def test_features_follow_the_levers(mm):
     s, wl = mm.qwen2_shape(256, 4, 16384), mm.Workload(rows=8, prompt=64, response=64)
-    kv, prefill, sampling, head, _ = mm.features("rollout", s, wl, 2)
-    assert head == 16384 * 256 * 4
+    kv, prefill, sampling, attention, head, _ = mm.features("rollout", s, wl, 2)
+    assert head == 16384 * 256 * 4 and attention == 8 * 4 * 64**2 * 4
     assert kv == 2 * 4 * 8 * 128 * s.kv_dim * 2 and sampling == 8 * 16384 * 4 and prefill == 8 * 64 * (256 + 1344) * 2
-    act, block, logits, lse, _, const = mm.features("update", s, replace(wl, micro=2), 2)
+    act, block, logits, lse, attention, _, const = mm.features("update", s, replace(wl, micro=2), 2)
+    assert attention == 2 * 4 * 128**2 * 4
     assert lse == logits  # 2 x 64 x 16384 logits: under one logsumexp chunk of 2**24
     assert mm.features("scoring", s, replace(wl, rows=64, response=512), 2)[2] == 2**24 * 4
     assert (act, logits, const) == (2 * 128 * 4 * 256 * 2, 2 * 64 * 16384 * 4, 1.0)
