@@ -203,7 +203,8 @@ class Lever:
 
 LEVERS_7B = (
     Lever("float32", False, 16), Lever("bfloat16", False, 16), Lever("bfloat16", False, 4),
-    Lever("bfloat16", True, 16), Lever("bfloat16", True, 4), Lever("bfloat16", True, 4, chunk=16),
+    Lever("bfloat16", True, 16), Lever("bfloat16", True, 8), Lever("bfloat16", True, 4),
+    Lever("bfloat16", True, 4, chunk=16),
     Lever("bfloat16", True, 2, chunk=16), Lever("bfloat16", True, 1, chunk=16),
     Lever("bfloat16", True, 4, chunk=16, logprob_chunk=1024), Lever("bfloat16", True, 16, chunk=16, logprob_chunk=1024),
     Lever("bfloat16", False, 4, chunk=16, logprob_chunk=1024),
