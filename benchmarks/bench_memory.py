@@ -4,7 +4,7 @@ memory model (``memory_model.py``) fitted to them, checked on a held-out shape a
 
     python benchmarks/bench_memory.py                     # every run, CPU, 1 thread (~45 min here)
     python benchmarks/bench_memory.py --resume --profile --families "ppo float32 False"   # live tensor bytes
-    python benchmarks/bench_memory.py --tiny              # smoke run: a 70k-parameter shape, seconds a run
+    python benchmarks/bench_memory.py --tiny              # smoke run: a 0.3M-parameter shape, seconds a run
     python benchmarks/bench_memory.py --device cuda       # on a GPU: torch.cuda.max_memory_allocated per phase
     python benchmarks/bench_memory.py --render            # rewrite the report from its JSON
 
@@ -304,7 +304,7 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--tiny", action="store_true", help="a 70k-parameter shape: a smoke run")
+    parser.add_argument("--tiny", action="store_true", help="a 0.3M-parameter shape: a smoke run")
     parser.add_argument("--families", default="", help="comma-separated 'algo dtype checkpointing' (default: all)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=1)

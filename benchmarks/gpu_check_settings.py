@@ -3,7 +3,7 @@ Qwen2 shape with the memory levers on (bfloat16 base, gradient checkpointing, mi
 each policy-loss and scoring setting (one step in the CPU dry run), appended to the report as a table.
 
     python benchmarks/gpu_check_settings.py --device cuda --out benchmarks/GPU_RESULTS.md   # Qwen2.5-0.5B shape
-    python benchmarks/gpu_check_settings.py --device cpu --out /tmp/GPU_RESULTS.md          # dry run: 70k parameters
+    python benchmarks/gpu_check_settings.py --device cpu --out /tmp/GPU_RESULTS.md          # dry run: 0.3M parameters
 
 A setting passes when its steps ran with finite losses and no skipped update; the on-policy exact rollout
 (``fast_rollout: false``, one epoch of one mini-batch, no value head, KL in the loss) takes its old log-probs from
