@@ -1,115 +1,126 @@
-"""Benchmark: peak memory of one PPO step (and one GRPO step, k = 4) with each memory lever on and off, and a
-per-component memory model fitted to the peaks, with its prediction for Qwen2.5-7B.
+"""Benchmark: the peak memory of each phase of a lit_rlhf PPO / GRPO step with LoRA (rollout, scoring, update),
+measured on config-built Qwen2 shapes that vary depth, width and vocabulary independently, and the per-phase
+memory model (``memory_model.py``) fitted to them, checked on a held-out shape and used to predict Qwen2.5-7B.
 
-    python benchmarks/bench_memory.py                    # 0.1B and 0.5B Qwen2 shapes, CPU, ~30 min on 1 thread
-    python benchmarks/bench_memory.py --tiny             # smoke test: a 1M-parameter Qwen2 shape, seconds a run
-    python benchmarks/bench_memory.py --device cuda      # GPU: torch.cuda.max_memory_allocated
+    python benchmarks/bench_memory.py                     # every run, CPU, 1 thread (~45 min here)
+    python benchmarks/bench_memory.py --resume --profile --families "ppo float32 False"   # live tensor bytes
+    python benchmarks/bench_memory.py --tiny              # smoke run: a 0.3M-parameter shape, seconds a run
+    python benchmarks/bench_memory.py --device cuda       # on a GPU: torch.cuda.max_memory_allocated per phase
+    python benchmarks/bench_memory.py --render            # rewrite the report from its JSON
 
-Models: Qwen2-shaped (grouped-query attention, a 151,936-token vocabulary, tied embeddings) built from configs
-with random weights and saved once into ``benchmarks/.cache``: "0.1B" (hidden 512, 8 layers) and "0.5B" (the
-Qwen2.5-0.5B shape: hidden 896, 24 layers, 14 query / 2 key-value heads, 494M parameters). The tokenizer is
-the embedded GPT-2 one (2,000 tokens; the ids it does not know decode to nothing, which the reward ignores).
-Workload: 8 prompts of 32 random tokens, responses of exactly 32 tokens (end-of-sequence blocked), LoRA r 16 on
-the default targets, mini-batch 8 (one optimizer step), fast rollout. GRPO: 2 prompts x 4 samples.
-
-Each configuration runs in a fresh process (``--worker``): one PPO step through a Lightning Trainer. CPU peak:
-the process's high-water RSS (``/proc/self/status`` VmHWM, reset after setup; ``ru_maxrss`` where the reset is
-refused) minus its RSS after setup (weights loaded); CUDA: ``max_memory_allocated`` minus ``memory_allocated``
-after setup. Results: ``benchmarks/RESULTS_MEMORY.json`` and the tables of ``benchmarks/RESULTS_MEMORY.md``.
+Each run is a fresh process (``--worker``): one step through a Lightning Trainer, its three phases wrapped. At
+each phase's start: CPU, the RSS (``/proc/self/status`` VmRSS) and a reset of the high-water mark (``echo 5 >
+/proc/self/clear_refs``), glibc's mmap threshold fixed at 64 KiB so that freed buffers leave RSS; the phase's
+RSS peak is VmHWM minus that RSS. Beside it, allocator-independent: the live tensor bytes, from
+``torch.profiler``'s memory events (every allocation and free of the CPU allocator, in order; the peak of their
+running sum), in separate runs (``--profile``: the profiler's own buffers disturb RSS). CUDA: ``max_memory_allocated``
+minus ``memory_allocated`` at the phase's start.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
-
-# /proc/self/status readings, shared with the PPO step benchmark (benchmarks/ is on the path of a script run here)
-from ppo_step.machine import reset_peak_rss as reset_peak
-from ppo_step.machine import vm_kib as rss_kib
+from typing import Any, Iterator
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import memory_model as mm  # noqa: E402  (benchmarks/ is not a package)
+from ppo_step.machine import reset_peak_rss as reset_peak  # noqa: E402
+from ppo_step.machine import vm_kib as rss_kib  # noqa: E402
+
 CACHE = HERE / ".cache"
 MIB = 2**20
-GIB = 2**30
-
-
-@dataclass(frozen=True)
-class Shape:
-    """A Qwen2-shaped decoder (tied embeddings)."""
-
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    vocab: int = 151_936
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
-
-    def parameters(self) -> int:
-        """Parameters of the model (embedding tied to the LM head; Qwen2's q/k/v biases)."""
-        kv = self.kv_heads * self.head_dim
-        attention = self.hidden * (self.hidden + 2 * kv) + (self.hidden + 2 * kv) + self.hidden * self.hidden
-        mlp = 3 * self.hidden * self.intermediate
-        return self.vocab * self.hidden + self.layers * (attention + mlp + 2 * self.hidden) + self.hidden
-
-    def lora_parameters(self, r: int) -> int:
-        """LoRA on q_proj and v_proj (peft's default for Qwen2) of every layer."""
-        kv = self.kv_heads * self.head_dim
-        return self.layers * r * ((self.hidden + self.hidden) + (self.hidden + kv))
-
-    def kv_bytes_per_row_token(self, dtype_bytes: int) -> int:
-        """KV cache per row and token: keys and values of every layer."""
-        return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes
-
+STEPS = 2
+"""Steps a run takes; the last one is metered (the first one's lazy initialisations stay out of its peaks)."""
+FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": str(2**16), "MALLOC_TRIM_THRESHOLD_": "0"}
 
 SHAPES = {
-    "tiny": Shape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=2000),
-    "0.1B": Shape(hidden=512, layers=8, heads=8, kv_heads=2, intermediate=2816),
-    "0.5B": Shape(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864),
+    "tiny": mm.qwen2_shape(64, 2, 2000),
+    "base": mm.qwen2_shape(256, 4, 16384),  # the reference point
+    "deep": mm.qwen2_shape(256, 8, 16384),  # 2x layers
+    "wide": mm.qwen2_shape(512, 4, 16384),  # 2x hidden (and intermediate, heads)
+    "vocab": mm.qwen2_shape(256, 4, 65536),  # 4x vocabulary
+    "mid": mm.qwen2_shape(384, 6, 32768),  # all three between
+    "lean": mm.qwen2_shape(384, 2, 8192),  # few layers, a small vocabulary, between the widths
+    "big": mm.qwen2_shape(512, 8, 49152),  # all three at once: the held-out shape
+    "0.5B": mm.Shape(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151_936),
 }
-QWEN25_7B = Shape(hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944, vocab=152_064)
-"""Qwen2.5-7B's shape (untied LM head: its parameter count adds vocab x hidden)."""
+FIT_SHAPES, HELD_OUT = ("base", "deep", "wide", "vocab", "mid", "lean"), "big"
 
 
 @dataclass(frozen=True)
-class Lever:
-    """One configuration: the memory levers and the algorithm."""
+class Config:
+    """One measured configuration: the algorithm, the frozen weights' dtype, checkpointing, and the workload."""
 
-    name: str
+    algo: str  # ppo (GAE, value head) or grpo (k = 4, critic-free)
     dtype: str = "float32"
     checkpointing: bool = False
-    micro: int | None = None  # rows per forward/backward; None: the mini-batch (8)
-    chunk: int | None = None  # rows decoded at once; None: all 8
-    grpo: bool = False
+    rows: int = 8
+    prompt: int = 64
+    response: int = 64
+    micro: int | None = None
+    chunk: int | None = None
+
+    @property
+    def name(self) -> str:
+        parts = [self.algo, "fp32" if self.dtype == "float32" else "bf16"] + (["ckpt"] if self.checkpointing else [])
+        if (self.rows, self.prompt, self.response) != (8, 64, 64):
+            parts.append(f"{self.rows}x{self.prompt}+{self.response}")
+        parts += ([f"micro{self.micro}"] if self.micro else []) + ([f"chunk{self.chunk}"] if self.chunk else [])
+        return " ".join(parts)
+
+    @property
+    def family(self) -> tuple[str, str, bool]:
+        """What one fit covers: the algorithm, dtype and checkpointing."""
+        return self.algo, self.dtype, self.checkpointing
+
+    def workload(self) -> mm.Workload:
+        return mm.Workload(self.rows, self.prompt, self.response, self.micro, self.chunk)
 
 
-LEVERS = [
-    Lever("fp32"), Lever("fp32 micro1", micro=1), Lever("fp32 ckpt", checkpointing=True),
-    Lever("fp32 ckpt micro1", checkpointing=True, micro=1), Lever("bf16", dtype="bfloat16"),
-    Lever("bf16 micro1", dtype="bfloat16", micro=1), Lever("bf16 ckpt", dtype="bfloat16", checkpointing=True),
-    Lever("bf16 ckpt micro1 chunk2", dtype="bfloat16", checkpointing=True, micro=1, chunk=2),
-    Lever("fp32 chunk2", chunk=2), Lever("grpo fp32", grpo=True),
-    Lever("grpo bf16 ckpt micro1 chunk4", dtype="bfloat16", checkpointing=True, micro=1, chunk=4, grpo=True),
-]
-ROWS, PROMPT_TOKENS, RESPONSE_TOKENS, LORA_R, GRPO_K = 8, 32, 32, 16, 4
+FAMILIES = [Config(a, d, c) for d, c in (("bfloat16", True), ("bfloat16", False), ("float32", False))
+            for a in ("ppo", "grpo")]
+"""What one fit covers (the float32 base with checkpointing is left out: no 7B configuration uses it)."""
+EXTRAS = [("base", Config("ppo", rows=16)), ("base", Config("ppo", response=128)),
+          ("base", Config("ppo", micro=2, chunk=4)), ("base", Config("ppo", "bfloat16", True, rows=16)),
+          ("base", Config("ppo", "bfloat16", True, micro=2, chunk=4))]
+"""Checks of the rows x tokens and lever terms, predicted from the fit of their family."""
+HEAVY_SHAPES = ("base", "deep", "wide")
+HEAVY_FAMILIES = (("ppo", "bfloat16", True), ("ppo", "bfloat16", False), ("grpo", "bfloat16", True),
+                  ("ppo", "float32", False))
+"""Prompt-heavy fit points (8 rows of 448 + 16 tokens): activations and KV cache grow 3.6x, logits shrink 4x; at
+64 + 64 tokens the logits outweigh the saved activations and leave their coefficient loose."""
+FIT_WORKLOADS = ((8, 64, 64), (8, 448, 16))
+
+
+def plan(tiny: bool, families: list[Config], cuda: bool = False,
+         profile: bool = False) -> list[tuple[str, Config]]:
+    if tiny:
+        return [("tiny", Config("ppo", "bfloat16", True, rows=4, prompt=8, response=8, micro=2, chunk=2))]
+    shapes = (*FIT_SHAPES, HELD_OUT) + (("0.5B",) if cuda else ())  # on a GPU: the 0.5B shape, a second check
+    runs = [(shape, config) for config in families for shape in shapes]
+    if profile:  # the live-tensor figure beside the RSS one: the seven shapes
+        return runs
+    heavy = [(s, replace(f, prompt=448, response=16)) for f in families if f.family in HEAVY_FAMILIES
+             for s in HEAVY_SHAPES]
+    return runs + heavy + [(s, c) for s, c in EXTRAS if c.family in {f.family for f in families}]
 
 
 def build_model_dir(size: str, cache: Path = CACHE) -> Path:
-    """The ``size`` model saved with ``save_pretrained`` (random weights, float32) and the embedded GPT-2
-    tokenizer, built once."""
+    """The ``size`` shape saved with ``save_pretrained`` (random weights, float32, tied embeddings) with the
+    embedded GPT-2 tokenizer (the ids it does not know decode to nothing), built once."""
     path = cache / f"qwen2-{size}"
-    if (path / "config.json").exists():  # built: no torch or transformers imported in this process for it
+    if (path / "config.json").exists():
         return path
     import torch
     import transformers as tf
@@ -117,17 +128,17 @@ def build_model_dir(size: str, cache: Path = CACHE) -> Path:
 
     from lit_rlhf.models import resolve_model_path
 
-    shape = SHAPES[size]
+    s = SHAPES[size]
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("embedded:tiny-gpt2"))
     eos = tokenizer.eos_token_id
-    config = tf.Qwen2Config(hidden_size=shape.hidden, num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                            num_key_value_heads=shape.kv_heads, intermediate_size=shape.intermediate,
-                            vocab_size=shape.vocab, tie_word_embeddings=True, max_position_embeddings=4096,
-                            bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    config = tf.Qwen2Config(hidden_size=s.hidden, num_hidden_layers=s.layers, num_attention_heads=s.heads,
+                            num_key_value_heads=s.kv_heads, intermediate_size=s.intermediate, vocab_size=s.vocab,
+                            tie_word_embeddings=True, max_position_embeddings=4096, bos_token_id=eos,
+                            eos_token_id=eos, pad_token_id=eos)
     torch.manual_seed(0)
     model = tf.Qwen2ForCausalLM(config)
     model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     tmp.rename(path)
@@ -137,9 +148,55 @@ def build_model_dir(size: str, cache: Path = CACHE) -> Path:
 # ---------------------------------------------------------------------------------- worker (one configuration)
 
 
-def worker_module(spec: dict[str, Any], lever: Lever):
-    """The PPOModule of ``spec``'s configuration: LoRA r 16, RESPONSE_TOKENS per response, a reward with no model
-    (the peaks are the policy's); GRPO with k = GRPO_K samples of ROWS / k prompts when ``lever.grpo``."""
+def tensor_peak(prof) -> tuple[int, int]:
+    """(peak, net) of the running sum of the CPU allocator's allocations and frees the profiler recorded."""
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+                     and str(e.device_type()).endswith("CPU")), key=lambda e: e.start_ns())
+    total = peak = 0
+    for e in events:
+        total += e.nbytes()
+        peak = max(peak, total)
+    return peak, total
+
+
+class PhaseMeter:
+    """Per-phase peaks: ``with meter("update"): ...`` records the phase's peak above its start."""
+
+    def __init__(self, cuda: bool, profile: bool) -> None:
+        self.cuda, self.profile, self.phases = cuda, profile and not cuda, {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        import torch
+
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize()
+            start = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            start, reset = rss_kib("VmRSS") * 1024, reset_peak()
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) \
+            if self.profile else None
+        began = time.perf_counter()
+        if prof is not None:
+            prof.__enter__()
+        try:
+            yield
+        finally:
+            record: dict[str, Any] = {"seconds": time.perf_counter() - began}
+            if self.cuda:
+                torch.cuda.synchronize()
+                record["cuda"] = torch.cuda.max_memory_allocated() - start
+            else:  # read before the profiler's own result processing
+                record.update(rss=rss_kib("VmHWM") * 1024 - start, rss_reset=reset)
+            if prof is not None:
+                prof.__exit__(None, None, None)
+                record["tensors"], record["tensors_net"] = tensor_peak(prof)
+            self.phases[name] = record  # the last step's (each phase runs once a step)
+
+
+def make_module(spec: dict[str, Any], config: Config):
     import torch
 
     from lit_rlhf.modules import PPOModule
@@ -150,198 +207,110 @@ def worker_module(spec: dict[str, Any], lever: Lever):
         def compute(self, prompts, responses, references):
             return torch.tensor([len(r) % 7 / 7.0 for r in responses])
 
-    k = GRPO_K if lever.grpo else 1
+    k = 4 if config.algo == "grpo" else 1
+    n = config.response
     return PPOModule(
-        spec["model_dir"], reward=LengthReward(), lora=LoraSettings(r=LORA_R, alpha=LORA_R),
-        generation=GenerationSettings(min_new_tokens=RESPONSE_TOKENS, max_new_tokens=(RESPONSE_TOKENS, RESPONSE_TOKENS + 1),
-                                      batch_size=lever.chunk),
-        ppo=PPOSettings(advantage_estimator="grpo" if lever.grpo else "gae"), ppo_steps=1,
-        rollout_batch_size=ROWS // k, mini_batch_size=ROWS, micro_batch_size=lever.micro, samples_per_prompt=k,
-        dtype=lever.dtype, gradient_checkpointing=lever.checkpointing, log_samples_every=0, export_adapter=False,
-        num_threads=spec["threads"],
-    )
+        spec["model_dir"], reward=LengthReward(), lora=LoraSettings(r=16, alpha=16),
+        generation=GenerationSettings(min_new_tokens=n, max_new_tokens=(n, n + 1), batch_size=config.chunk),
+        ppo=PPOSettings(advantage_estimator="grpo" if k > 1 else "gae", ppo_epochs=1), ppo_steps=STEPS,
+        rollout_batch_size=config.rows // k, mini_batch_size=config.rows, micro_batch_size=config.micro,
+        samples_per_prompt=k, dtype=config.dtype, gradient_checkpointing=config.checkpointing, log_samples_every=0,
+        export_adapter=False, num_threads=spec["threads"])
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """One PPO (or GRPO) step of ``spec``'s configuration; memory after setup and the step's peak, in bytes."""
+    """One step of ``spec``'s configuration, each phase metered; bytes."""
     import lightning as L
     import torch
     from torch.utils.data import DataLoader
 
+    from lit_rlhf import rollout as ro
+
     torch.set_num_threads(spec["threads"])
-    lever, cuda = Lever(**spec["lever"]), spec["device"] == "cuda"
-    k = GRPO_K if lever.grpo else 1
-    module = worker_module(spec, lever)
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(10, 1900, (ROWS // k, PROMPT_TOKENS), generator=generator)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "query": ["prompt"] * (ROWS // k)}
-    out: dict[str, Any] = {}
+    config, cuda = Config(**spec["config"]), spec["device"] == "cuda"
+    meter, out = PhaseMeter(cuda, spec["profile"]), {}
+    module = make_module(spec, config)
+    k = 4 if config.algo == "grpo" else 1
+    ids = torch.randint(10, 1900, (config.rows // k, config.prompt), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "query": ["prompt"] * (config.rows // k)}
+
+    def metered(name: str, fn):
+        def call(*args, **kwargs):
+            with meter(name):
+                return fn(*args, **kwargs)
+        return call
+
+    collect, ro.collect = ro.collect, metered("rollout", ro.collect)  # (put back below: a test runs this in-process)
 
     class Watch(L.Callback):
         def on_train_start(self, trainer, pl_module):
-            # safetensors maps the weights from the file: read every one, so the pages count as resident now and
-            # not as the step's memory
-            with torch.no_grad():
+            with torch.no_grad():  # the weights are mapped from the file: read each, so their pages count now
                 for p in pl_module.parameters():
                     p.sum()
-            if cuda:
-                torch.cuda.synchronize()
-                out["after_setup"] = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-            else:
-                out["after_setup"] = rss_kib("VmRSS") * 1024
-                out["peak_reset"] = reset_peak()
-            self.start = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if cuda:
-                torch.cuda.synchronize()
-                out["peak"] = torch.cuda.max_memory_allocated()
-            elif out["peak_reset"]:
-                out["peak"] = rss_kib("VmHWM") * 1024
-            else:
-                out["peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            out["seconds"] = time.perf_counter() - self.start
+            pl_module.policy.score = metered("scoring", pl_module.policy.score)
+            pl_module._ppo_update = metered("update", pl_module._ppo_update)
+            out["after_setup"] = torch.cuda.memory_allocated() if cuda else rss_kib("VmRSS") * 1024
 
     trainer = L.Trainer(accelerator="cuda" if cuda else "cpu", devices=1, max_epochs=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Watch()])
-    trainer.fit(module, DataLoader([batch], batch_size=None))
+    try:
+        trainer.fit(module, DataLoader([batch] * STEPS, batch_size=None))
+    finally:
+        ro.collect = collect
     params = list(module.policy.parameters())
-    out["weight_bytes"] = sum(p.numel() * p.element_size() for p in params)
+    out["weight_bytes"] = sum(p.numel() * p.element_size() for p in params if not p.requires_grad)
     out["trainable"] = sum(p.numel() for p in params if p.requires_grad)
-    out["step_extra"] = out["peak"] - out["after_setup"]
+    out["phases"] = meter.phases
     return out
 
 
-# ---------------------------------------------------------------------------------- parent: runs, fit, report
+# ---------------------------------------------------------------------------------- parent: runs in order
+
+
+def run_one(shape: str, config: Config, args: argparse.Namespace) -> dict[str, Any]:
+    spec = {"model_dir": str(build_model_dir(shape, Path(args.cache))), "config": asdict(config),
+            "device": args.device, "threads": args.threads, "profile": args.profile}
+    env = {**os.environ, **FIXED_MMAP, "OMP_NUM_THREADS": str(args.threads)}
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
+                          env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"{shape} {config.name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return {"shape": shape, "config": asdict(config), "name": config.name, "profiled": spec["profile"],
+            **json.loads(lines[-1][7:])}
 
 
 def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Every (size, lever) in a fresh process; the results in order."""
-    sizes = ["tiny"] if args.tiny else args.sizes.split(",")
-    levers = [lever for lever in LEVERS if not args.levers or lever.name in args.levers.split(",")]
-    results = []
-    for size in sizes:
-        model_dir = build_model_dir(size, Path(args.cache))
-        for lever in levers:
-            spec = {"model_dir": str(model_dir), "lever": asdict(lever), "device": args.device, "threads": args.threads}
-            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-            proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
-                                  text=True, env=env)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                raise RuntimeError(f"{size} {lever.name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-            record = {"size": size, "lever": lever.name, **asdict(lever), **json.loads(lines[-1][7:])}
-            print(f"{size:>5} {lever.name:<32} extra {record['step_extra'] / MIB:9.1f} MiB  after setup "
-                  f"{record['after_setup'] / MIB:9.1f} MiB  {record['seconds']:.1f} s", flush=True)
-            results.append(record)
-            Path(args.out + ".json").write_text(json.dumps(results, indent=1) + "\n")  # kept if a later run fails
-    return results
-
-
-def per_token_slopes(results: list[dict[str, Any]]) -> dict[tuple[str, str, bool], float]:
-    """Bytes per token of one update pass, from the micro-batch 8 vs 1 pairs: (extra_8 - extra_1) / (7 rows x
-    tokens per row), keyed by (size, dtype, checkpointing). PPO runs only."""
-    by: dict[tuple, dict[str, Any]] = {}
-    for r in results:  # a rollout chunk changes the decode, not the update pass: used where no run without one
-        key = (r["size"], r["dtype"], r["checkpointing"], r["micro"])
-        if not r["grpo"] and (key not in by or r["chunk"] is None):
-            by[key] = r
-    tokens = (ROWS - 1) * (PROMPT_TOKENS + RESPONSE_TOKENS)
-    return {(size, dtype, ckpt): (by[(size, dtype, ckpt, None)]["step_extra"] - one["step_extra"]) / tokens
-            for (size, dtype, ckpt, micro), one in by.items() if micro == 1 and (size, dtype, ckpt, None) in by}
-
-
-def fit_activation_model(slopes: dict[tuple[str, str, bool], float]) -> dict[tuple[str, bool], tuple[float, float]]:
-    """Per (dtype, checkpointing): bytes per token = a x (layers x hidden) + b x vocab, solved from the sizes
-    measured (least squares; two sizes give an exact solve). The layer term holds what autograd keeps per block,
-    the vocabulary term the float32 logits, log-softmax and their gradient."""
-    import numpy as np
-
-    model = {}
-    for dtype in ("float32", "bfloat16"):
-        for ckpt in (False, True):
-            points = [(SHAPES[s], v) for (s, d, c), v in slopes.items() if d == dtype and c == ckpt]
-            if len(points) < 2:
-                continue
-            a = np.array([[shape.layers * shape.hidden, shape.vocab] for shape, _ in points], dtype=float)
-            y = np.array([v for _, v in points], dtype=float)
-            coef, *_ = np.linalg.lstsq(a, y, rcond=None)
-            model[(dtype, ckpt)] = (float(coef[0]), float(coef[1]))
-    return model
-
-
-def predict_7b(model: dict[tuple[str, bool], tuple[float, float]], gpu_gib: float = 80.0) -> list[dict[str, Any]]:
-    """Qwen2.5-7B, LoRA r 16, 16 prompts x 4 samples = 64 rows of 512 + 512 tokens: weights + optimizer state
-    + the larger of the rollout's KV cache (rows decoded at once) and one update pass (rows per pass x 1024
-    tokens x bytes per token), for the lever combinations of interest."""
-    shape, rows, tokens = QWEN25_7B, 64, 1024
-    params = shape.parameters() + shape.vocab * shape.hidden  # untied LM head
-    trainable = shape.lora_parameters(16)
-    optimizer = trainable * 4 * 4  # float32 weight, gradient, AdamW's two moments
-    out = []
-    for dtype, ckpt, micro, chunk in (("float32", False, 8, 64), ("bfloat16", False, 8, 64), ("bfloat16", True, 8, 64),
-                                      ("bfloat16", True, 1, 64), ("bfloat16", True, 1, 16), ("bfloat16", False, 1, 16)):
-        if (dtype, ckpt) not in model:
+    """Every planned (shape, configuration) in a fresh process; kept in OUT.json after each (a rerun skips what
+    is there)."""
+    families = [f for f in FAMILIES if not args.families or " ".join(map(str, f.family)) in args.families.split(",")]
+    path = Path(args.out + ".json")
+    results = json.loads(path.read_text()) if path.exists() and args.resume else []
+    done = {(r["shape"], r["name"], r["profiled"]) for r in results}
+    for shape, config in plan(args.tiny, families, args.device == "cuda", args.profile):
+        if (shape, config.name, args.profile) in done:
             continue
-        a, b = model[(dtype, ckpt)]
-        nbytes = 4 if dtype == "float32" else 2
-        weights = params * nbytes
-        kv = chunk * tokens * shape.kv_bytes_per_row_token(nbytes) + chunk * shape.vocab * 4 * 2
-        update = micro * tokens * (a * shape.layers * shape.hidden + b * shape.vocab)
-        peak = weights + optimizer + max(kv, update)
-        out.append({"dtype": dtype, "checkpointing": ckpt, "micro_batch": micro, "rollout_chunk": chunk,
-                    "weights_gib": weights / GIB, "kv_gib": kv / GIB, "update_gib": update / GIB,
-                    "peak_gib": peak / GIB, "fits": peak < gpu_gib * GIB * 0.9})
-    return out
-
-
-def render(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    slopes = per_token_slopes(results)
-    model = fit_activation_model(slopes)
-    lines = [
-        "# Peak memory of one PPO / GRPO step, with each lever on and off",
-        "",
-        f"Generated by `benchmarks/bench_memory.py{' --tiny' if args.tiny else ''} --device {args.device} "
-        f"--threads {args.threads}` ({time.strftime('%Y-%m-%d')}). Each row is a fresh process; "
-        f"{ROWS} rows of {PROMPT_TOKENS} prompt + {RESPONSE_TOKENS} response tokens, LoRA r {LORA_R}, mini-batch "
-        f"{ROWS}. *extra*: the step's peak minus the memory after setup (weights loaded); "
-        f"{'CPU RSS' if args.device == 'cpu' else 'torch.cuda.max_memory_allocated'}.",
-        "",
-        "| model | levers | weights (MiB) | after setup (MiB) | step extra (MiB) | step (s) |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    for r in results:
-        lines.append(f"| {r['size']} | {r['lever']} | {r['weight_bytes'] / MIB:.0f} | {r['after_setup'] / MIB:.0f} | "
-                     f"{r['step_extra'] / MIB:.0f} | {r['seconds']:.1f} |")
-    lines += ["", "## Update pass: bytes per token (micro-batch 8 vs 1)", "",
-              "| model | dtype | checkpointing | bytes / token |", "|---|---|---|---:|"]
-    lines += [f"| {s} | {d} | {c} | {v:,.0f} |" for (s, d, c), v in sorted(slopes.items())]
-    lines += ["", "Fitted: bytes per token = a x (layers x hidden) + b x vocab", "",
-              "| dtype | checkpointing | a | b |", "|---|---|---:|---:|"]
-    lines += [f"| {d} | {c} | {a:.2f} | {b:.2f} |" for (d, c), (a, b) in sorted(model.items())]
-    prediction = predict_7b(model)
-    if prediction:
-        lines += ["", "## Predicted: Qwen2.5-7B, LoRA r 16, 16 prompts x 4 samples, 512 + 512 tokens, one 80 GB GPU",
-                  "", "| base dtype | checkpointing | rows per pass | rows decoded at once | weights | KV cache + "
-                  "logits | update pass | peak (GiB) | fits (< 72 GiB) |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
-        lines += [f"| {p['dtype']} | {p['checkpointing']} | {p['micro_batch']} | {p['rollout_chunk']} | "
-                  f"{p['weights_gib']:.1f} | {p['kv_gib']:.1f} | {p['update_gib']:.1f} | {p['peak_gib']:.1f} | "
-                  f"{'yes' if p['fits'] else 'no'} |" for p in prediction]
-    lines += ["", "The fit has as many points as sizes measured (two: an exact solve, not a check). What the numbers say, "
-              "and the limits of the 7B prediction: README.md, section \"Bigger models\"."]
-    return "\n".join(lines) + "\n"
+        record = run_one(shape, config, args)
+        key = "cuda" if args.device == "cuda" else "rss"
+        print(f"{shape:>6} {config.name:<28} " + "  ".join(
+            f"{p} {v[key] / MIB:7.1f}" + (f" ({v['tensors'] / MIB:.1f})" if "tensors" in v else "")
+            for p, v in record["phases"].items()) + " MiB", flush=True)
+        results.append(record)
+        path.write_text(json.dumps(results, indent=1) + "\n")
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--tiny", action="store_true", help="a 1M-parameter Qwen2 shape: a smoke test")
-    parser.add_argument("--sizes", default="0.1B,0.5B", help="comma-separated: tiny, 0.1B, 0.5B")
-    parser.add_argument("--levers", default="", help="comma-separated lever names (default: all)")
+    parser.add_argument("--tiny", action="store_true", help="a 0.3M-parameter shape: a smoke run")
+    parser.add_argument("--families", default="", help="comma-separated 'algo dtype checkpointing' (default: all)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--profile", action="store_true", help="CPU: also the live tensor bytes (torch.profiler; "
+                        "its own buffers disturb RSS: these runs are kept apart from the RSS ones)")
+    parser.add_argument("--resume", action="store_true", help="keep OUT.json's runs, run the rest")
     parser.add_argument("--cache", default=str(CACHE))
     parser.add_argument("--render", action="store_true", help="only rewrite OUT.md from OUT.json")
     parser.add_argument("--out", default=str(HERE / "RESULTS_MEMORY"), help="writes OUT.json and OUT.md")
@@ -349,11 +318,10 @@ def main() -> None:
     if args.worker:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return
-    if args.render:
-        results = json.loads(Path(args.out + ".json").read_text())
-    else:
-        results = run_all(args)
-    Path(args.out + ".md").write_text(render(results, args))
+    results = json.loads(Path(args.out + ".json").read_text()) if args.render else run_all(args)
+    import memory_report  # (after the runs)
+
+    Path(args.out + ".md").write_text(memory_report.render(results, args.device, " ".join(sys.argv[1:])))
     print(f"wrote {args.out}.md and .json")
 
 

@@ -371,8 +371,9 @@ def test_fsdp_wraps_the_blocks_the_model_declares(kind, blocks, count, tiny_mode
 
 
 def test_gpu_check_dry_run_on_cpu(tmp_path):
-    """benchmarks/gpu_check.sh --device cpu: PPO and GRPO steps with every lever, an exact resume, the memory
-    benchmark; the same script the GPU machine runs, on tiny sizes."""
+    """benchmarks/gpu_check.sh --device cpu: PPO and GRPO steps with every lever, an exact resume, each
+    policy-loss and scoring setting, the per-phase memory benchmark; the same script the GPU machine runs, on
+    tiny sizes."""
     import os
     import subprocess
     import sys
@@ -385,4 +386,6 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = (tmp_path / "out" / "GPU_RESULTS.md").read_text()
     assert "Exact resume: yes" in report and "| GRPO k=4, 2 steps | 2 |" in report
-    assert "| tiny | bf16 ckpt micro1 chunk2 |" in report  # the memory benchmark's table
+    assert "| tiny (64, 2, 2,000) | ppo bf16 ckpt 4x8+8 micro2 chunk2 |" in report  # the memory benchmark's table
+    # each policy-loss and scoring setting ran its two steps (the on-policy exact rollout: first ratio exactly 1)
+    assert report.count("| ok |") == 7, report
