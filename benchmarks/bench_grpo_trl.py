@@ -133,6 +133,7 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians over the measured steps of every round (warm-up and profiled steps left out)."""
     steps = [s for r in results for s in r["steps"] if not s["warmup"] and not s.get("profiled")]
     row = {p: statistics.median(s[p] for s in steps) for p in (*PHASES, "total")}
+    row["cpu"] = {p: statistics.median(s["cpu"][p] for s in steps) for p in (*PHASES, "total")}
     row["n_steps"], row["all_totals"] = len(steps), [round(s["total"], 2) for s in steps]
     row["response_lengths"] = sorted({n for s in steps for n in s["response_lengths"]})
     row["prompt_lengths"] = sorted({n for s in steps for n in s["prompt_lengths"]})
@@ -148,9 +149,10 @@ def flop_limit_row(shape_key: str, rate: float) -> dict[str, Any]:
     return row
 
 
-def measure_rates() -> dict[str, float]:
-    return {"gemm_gflops": gemm_rate(1, repeats=10) / 1e9,
-            "gemm_gflops_bf16": gemm_rate(1, repeats=10, dtype="bfloat16") / 1e9}
+def measure_rates(n: int = 2048) -> dict[str, float]:
+    """GEMM rates (GFLOP/s) of an n x n x n matmul on one thread, fp32 and bf16, best of 10."""
+    return {"gemm_gflops": gemm_rate(1, n=n, repeats=10) / 1e9,
+            "gemm_gflops_bf16": gemm_rate(1, n=n, repeats=10, dtype="bfloat16") / 1e9}
 
 
 def lscpu_model() -> str:
@@ -174,7 +176,8 @@ def run_parent(args: argparse.Namespace) -> int:
     prompts_file = cache / f"grpo_prompts_{args.shape}.json"
     prompts_file.write_text(json.dumps({"batches": batches, "profile_batch": args.profile}))
     started, load_start = time.time(), os.getloadavg()
-    before = measure_rates()
+    gemm_n = 256 if args.shape == "tiny" else 2048  # the smoke run's rates are not a measurement
+    before = measure_rates(gemm_n)
     log(f"rates before: {before}; load {load_start}")
     raw: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
     for round_no in range(args.rounds):
@@ -182,7 +185,7 @@ def run_parent(args: argparse.Namespace) -> int:
             result = run_system(system, args, prompts_file, round_no)
             if result is not None:
                 raw[system].append(result)
-    after = measure_rates()
+    after = measure_rates(gemm_n)
     key = "gemm_gflops" if args.dtype == "float32" else "gemm_gflops_bf16"
     rate = 1e9 * max(before[key], after[key])
     rows = {s: summarize(r) for s, r in raw.items() if r}
@@ -191,7 +194,7 @@ def run_parent(args: argparse.Namespace) -> int:
            "cpu": lscpu_model(), "cores": os.cpu_count(), "flags": cpu_flags().split("; flags: ")[-1],
            "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)), "minutes": (time.time() - started) / 60,
            "load_start": load_start, "load_end": os.getloadavg(), "rates": [before, after], "threads": 1,
-           "command": "python " + " ".join([os.path.relpath(__file__, REPO), *args.argv]), "rounds": args.rounds,
+           "command": "python " + " ".join([os.path.relpath(__file__, REPO), *args.argv]), "rounds": args.rounds, "gemm_n": gemm_n,
            "systems_missing": [s for s in systems if not raw[s]]}
     section = {"rows": rows, "raw": raw, "run": run}
     if args.in_process and not args.results:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from grpo_trl.common import new_tokens, profile_table, step_record, stub_reward
+from grpo_trl.common import clocks, new_tokens, profile_table, step_record, stub_reward
 from grpo_trl.shapes import BETA, LEARNING_RATE, LORA_ALPHA, LORA_R, LORA_TARGETS, NEW_TOKENS, PROMPTS_PER_STEP, SAMPLES
 
 LIT_PHASES = {"time/ppo/generate": "generate", "time/ppo/reward": "reward", "time/ppo/forward": "scoring",
@@ -84,6 +84,27 @@ def profile_phases(module, store: dict[str, str]) -> None:
     wrap(module, "_ppo_update", "update")
 
 
+def dual_timer():
+    """lit_rlhf's PhaseTimer (wall seconds per phase, what the module logs) that also keeps CPU seconds in ``cpu``."""
+    from contextlib import contextmanager
+
+    from lit_rlhf.rollout import PhaseTimer
+
+    class DualTimer(PhaseTimer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cpu: dict[str, float] = {}
+
+        @contextmanager
+        def __call__(self, name: str):
+            start, cpu = clocks()
+            yield
+            self[name] = time.perf_counter() - start
+            self.cpu[name] = time.process_time() - cpu
+
+    return DualTimer()
+
+
 def worker_lit(args, batches: list[list[dict[str, Any]]], out: dict[str, Any]) -> None:
     import lightning as L
     import torch
@@ -92,6 +113,7 @@ def worker_lit(args, batches: list[list[dict[str, Any]]], out: dict[str, Any]) -
     fast = args.system == "lit_rlhf_fast"
     module = lit_module(args.model_dir, len(batches), fast, args.dtype)
     out["checks"] = lit_checks(module, fast)
+    module.timings = dual_timer()
     old_skipped: list[bool] = []
     watch_old_pass(old_skipped)
     generated: list[list[int]] = []
@@ -126,12 +148,14 @@ def lit_timer(args, module, out: dict[str, Any], generated: list, old_skipped: l
             pl_module.response_length_limits = lambda b: torch.full((b,), n, dtype=torch.long)
             if batch_idx == profile_at:
                 profile_phases(pl_module, out["profiles"])
-            self.start = time.perf_counter()
+            self.start = clocks()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            total = time.perf_counter() - self.start
+            total, cpu_total = (now - then for now, then in zip(clocks(), self.start))
             phases = {LIT_PHASES[k]: v for k, v in pl_module.timings.items() if k in LIT_PHASES}
-            rec = step_record(phases, total, generated[-1], [int(batch["attention_mask"].shape[1])] * len(generated[-1]))
+            cpu = {LIT_PHASES[k]: v for k, v in pl_module.timings.cpu.items() if k in LIT_PHASES}
+            rec = step_record(phases, total, generated[-1], [int(batch["attention_mask"].shape[1])] * len(generated[-1]),
+                              cpu, cpu_total)
             rec["old_logprob_pass_skipped"] = old_skipped[-1] if old_skipped else None
             rec["warmup"] = batch_idx < args.warmup
             rec["profiled"] = batch_idx == profile_at

@@ -63,17 +63,27 @@ def section_lines(key: str, sec: dict[str, Any]) -> list[str]:
     lines = [f"## {key}: Qwen2 {run['shape']} ({run['parameters']:,} parameters), frozen weights {run['dtype']}", "",
              f"Machine: {run['cpu']}, {run['cores']} cores ({run['flags']}), shared; load average {fmt_load(run['load_start'])} "
              f"at the start, {fmt_load(run['load_end'])} at the end; {run['started']}, {run['minutes']:.0f} min, "
-             f"{run['rounds']} round(s). GEMM 2048^3 on one thread: fp32 {rates[0]['gemm_gflops']:.0f} / "
+             f"{run['rounds']} round(s). GEMM {run.get('gemm_n', 2048)}^3 on one thread: fp32 {rates[0]['gemm_gflops']:.0f} / "
              f"{rates[1]['gemm_gflops']:.0f} GFLOP/s, bf16 {rates[0]['gemm_gflops_bf16']:.0f} / "
              f"{rates[1]['gemm_gflops_bf16']:.0f} (before / after).", "",
              f"Command: `{run['command']}`", "",
-             "| system | " + " | ".join(SHOWN) + " | steps |", "|---|" + "---:|" * (len(SHOWN) + 1)]
+             "Wall seconds:", ""] + table_lines(rows) + ratio_lines(rows)
+    cpu_rows = {s: {**r["cpu"], "n_steps": r["n_steps"]} for s, r in rows.items() if "cpu" in r}
+    if cpu_rows:
+        cpu_rows["flop_limit"] = rows["flop_limit"]
+        lines += ["", "CPU seconds of the process (time the co-tenants took the core is not in them; their "
+                  "cache and memory-bandwidth use is):", ""] + table_lines(cpu_rows) + ratio_lines(cpu_rows)
+    lines += check_lines(sec) + [""]
+    if run.get("systems_missing"):
+        lines.append(f"Missing (failed): {', '.join(run['systems_missing'])}.")
+    return lines
+
+
+def table_lines(rows: dict[str, Any]) -> list[str]:
+    lines = ["| system | " + " | ".join(SHOWN) + " | steps |", "|---|" + "---:|" * (len(SHOWN) + 1)]
     for system, row in rows.items():
         cells = [f"{row[p]:.2f}" if p in row else "–" for p in SHOWN]
         lines.append(f"| {LABELS[system]} | " + " | ".join(cells) + f" | {row.get('n_steps', '–')} |")
-    lines += ratio_lines(rows) + check_lines(sec) + [""]
-    if run.get("systems_missing"):
-        lines.append(f"Missing (failed): {', '.join(run['systems_missing'])}.")
     return lines
 
 

@@ -118,12 +118,12 @@ def forward_flops(shape: Shape, prompt: int, response: int, lora_r: int = LORA_R
 
 
 def step_flops(shape: Shape, prompts: int = PROMPTS_PER_STEP, samples: int = SAMPLES, prompt: int = PROMPT_TOKENS,
-               response: int = NEW_TOKENS) -> dict[str, float]:
+               response: int = NEW_TOKENS, lora_r: int = LORA_R) -> dict[str, float]:
     """Least matmul work of one GRPO step, by phase: generate = one forward per response with each prompt's
     tokens once (KV cache, prefix shared by its samples); scoring = the reference forward (on-policy: no old
     log-prob pass); update = forward + activation gradients (two forwards; frozen weights need no weight gradient)
     plus the LoRA weight gradients."""
-    one = forward_flops(shape, prompt, response)
+    one = forward_flops(shape, prompt, response, lora_r)
     rows = prompts * samples
     return {"generate": rows * one["total"] - (rows - prompts) * one["prompt"],
             "scoring": rows * one["total"],

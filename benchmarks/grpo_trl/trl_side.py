@@ -8,10 +8,9 @@ backward and AdamW step)."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-from grpo_trl.common import new_tokens, step_record, stub_reward, timed
+from grpo_trl.common import clocks, new_tokens, step_record, stub_reward, timed
 from grpo_trl.shapes import BETA, LEARNING_RATE, LORA_ALPHA, LORA_R, LORA_TARGETS, NEW_TOKENS, PROMPTS_PER_STEP, SAMPLES
 
 
@@ -108,6 +107,12 @@ def instrument(trainer, phases: dict[str, float], seen: dict[str, Any]) -> None:
     trainer._calculate_rewards, trainer._get_per_token_logps_and_entropies = rewards, logps
 
 
+def trl_phases(phases: dict[str, float], total: float, prefix: str = "") -> dict[str, float]:
+    """generate, reward, scoring (the rest of generate-and-score) and update (the rest of the step)."""
+    gen, rew, gs = (phases.get(prefix + k, 0.0) for k in ("generate", "reward", "generate_and_score"))
+    return {"generate": gen, "reward": rew, "scoring": gs - gen - rew, "update": total - gs}
+
+
 def worker_trl(args, batches: list[list[dict[str, Any]]], out: dict[str, Any]) -> None:
     from transformers import TrainerCallback
 
@@ -126,14 +131,12 @@ def worker_trl(args, batches: list[list[dict[str, Any]]], out: dict[str, Any]) -
             phases.clear()
             for key in ("scoring_passes", "update_forward_passes"):
                 seen.pop(key, None)
-            self.start = time.perf_counter()
+            self.start = clocks()
 
         def on_step_end(self, targs, state, control, **kwargs):
-            total = time.perf_counter() - self.start
-            gs = phases.get("generate_and_score", 0.0)
-            rec = step_record({"generate": phases.get("generate", 0.0), "reward": phases.get("reward", 0.0),
-                               "scoring": gs - phases.get("generate", 0.0) - phases.get("reward", 0.0),
-                               "update": total - gs}, total, seen["lengths"], seen["prompt_lengths"])
+            total, cpu_total = (now - then for now, then in zip(clocks(), self.start))
+            rec = step_record(trl_phases(phases, total), total, seen["lengths"], seen["prompt_lengths"],
+                              trl_phases(phases, cpu_total, "cpu:"), cpu_total)
             rec["logprob_passes_in_scoring"] = seen.get("scoring_passes", 0)
             rec["update_forward_s"] = phases.get("update_forward", 0.0)
             rec["warmup"] = state.global_step - 1 < args.warmup
