@@ -72,9 +72,11 @@ def profile_phases(module, store: dict[str, str]) -> None:
         real = getattr(owner, name)
 
         def profiled(*args, **kwargs):
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
                 result = real(*args, **kwargs)
             store[label] = profile_table(prof)
+            store[label + ", by input shape"] = prof.key_averages(group_by_input_shape=True).table(
+                sort_by="self_cpu_time_total", row_limit=15)
             setattr(owner, name, real)
             return result
 

@@ -65,7 +65,7 @@ def section_lines(key: str, sec: dict[str, Any]) -> list[str]:
              f"at the start, {fmt_load(run['load_end'])} at the end; {run['started']}, {run['minutes']:.0f} min, "
              f"{run['rounds']} round(s). GEMM {run.get('gemm_n', 2048)}^3 on one thread: fp32 {rates[0]['gemm_gflops']:.0f} / "
              f"{rates[1]['gemm_gflops']:.0f} GFLOP/s, bf16 {rates[0]['gemm_gflops_bf16']:.0f} / "
-             f"{rates[1]['gemm_gflops_bf16']:.0f} (before / after).", "",
+             f"{rates[1]['gemm_gflops_bf16']:.0f} (before / after)" + cpu_clock_rates(rates) + ".", "",
              f"Command: `{run['command']}`", "",
              "Wall seconds:", ""] + table_lines(rows) + ratio_lines(rows)
     cpu_rows = {s: {**r["cpu"], "n_steps": r["n_steps"]} for s, r in rows.items() if "cpu" in r}
@@ -85,6 +85,14 @@ def table_lines(rows: dict[str, Any]) -> list[str]:
         cells = [f"{row[p]:.2f}" if p in row else "–" for p in SHOWN]
         lines.append(f"| {LABELS[system]} | " + " | ".join(cells) + f" | {row.get('n_steps', '–')} |")
     return lines
+
+
+def cpu_clock_rates(rates: list[dict[str, float]]) -> str:
+    if "gemm_gflops_cpu" not in rates[0]:
+        return ""
+    return (f"; by the CPU clock (what the FLOP limit divides by: the higher) fp32 {rates[0]['gemm_gflops_cpu']:.0f} / "
+            f"{rates[1]['gemm_gflops_cpu']:.0f}, bf16 {rates[0]['gemm_gflops_bf16_cpu']:.0f} / "
+            f"{rates[1]['gemm_gflops_bf16_cpu']:.0f}")
 
 
 def fmt_load(load: list[float]) -> str:
