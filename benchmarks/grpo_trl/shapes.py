@@ -52,9 +52,13 @@ def build_model_dir(cache: Path, shape: Shape) -> Path:
     import torch
     import transformers as tf
 
+    from lit_rlhf.models import resolve_model_path
     from lit_rlhf.models.tiny import build_tokenizer
 
-    tokenizer = build_tokenizer(shape.vocab, "gpt2")  # byte-level BPE on the bundled DialogSum train split
+    if shape.name == "qwen2-tiny":  # the embedded tiny GPT-2's: the same kind of tokenizer, built once per cache
+        tokenizer = tf.AutoTokenizer.from_pretrained(resolve_model_path("embedded:tiny-gpt2"))
+    else:
+        tokenizer = build_tokenizer(shape.vocab, "gpt2")  # byte-level BPE on the bundled DialogSum train split
     eos = tokenizer.eos_token_id
     config = tf.Qwen2Config(hidden_size=shape.hidden, num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
                             num_key_value_heads=shape.kv_heads, intermediate_size=shape.intermediate,
