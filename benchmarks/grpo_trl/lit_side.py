@@ -48,7 +48,9 @@ def lit_checks(module, fast: bool) -> dict[str, Any]:
             "kl_in_loss": p.kl_in_loss, "kl_estimator_in_loss": "k3", "loss_aggregation": p.loss_aggregation,
             "advantage_estimator": p.advantage_estimator, "scale_rewards": p.grpo_scale_rewards,
             "cliprange": p.cliprange, "ppo_epochs": p.ppo_epochs, "reference": "base with the adapter disabled"
-            if p.uses_reference else "none", "fast_rollout": fast}
+            if p.uses_reference else "none", "fast_rollout": fast,
+            "frozen_dtypes": sorted({str(q.dtype) for q in module.parameters() if not q.requires_grad}),
+            "trainable_dtypes": sorted({str(q.dtype) for q in module.parameters() if q.requires_grad})}
 
 
 def watch_old_pass(seen: list[bool]):
