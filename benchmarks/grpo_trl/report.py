@@ -128,8 +128,10 @@ def check_lines(sec: dict[str, Any]) -> list[str]:
         c, row = results[0]["checks"], sec["rows"][system]
         old = {s.get("old_logprob_pass_skipped") for r in results for s in r["steps"] if not s["warmup"]}
         passes = {s.get("logprob_passes_in_scoring") for r in results for s in r["steps"] if not s["warmup"]}
-        extra = ("old log-probs kept from sampling (no pass)" if system == "lit_rlhf_fast" else
-                 f"old-log-prob pass skipped {sorted(old, key=str)}" if system != "trl" else
+        dtypes = (f", frozen {c['frozen_dtypes']}, trainable {c['trainable_dtypes']}"
+                  if system != "trl" and "frozen_dtypes" in c else "")
+        extra = ("old log-probs kept from sampling (no pass)" + dtypes if system == "lit_rlhf_fast" else
+                 f"old-log-prob pass skipped {sorted(old, key=str)}" + dtypes if system != "trl" else
                  f"log-prob passes in scoring {sorted(passes, key=str)} (1 = reference only), loss_type "
                  f"{c['loss_type']}, num_iterations {c['num_iterations']}, gradient checkpointing "
                  f"{c['gradient_checkpointing']}, frozen {c['frozen_dtypes']}, trainable {c['trainable_dtypes']}")
