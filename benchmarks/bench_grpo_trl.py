@@ -68,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument("--results", default=None, help="default benchmarks/RESULTS_TRL_GRPO.md; --shape tiny: none")
         p.add_argument("--in-process", action="store_true", help="lit_rlhf systems in this process (smoke tests)")
         p.add_argument("--render", action="store_true", help="only rewrite the report from its JSON")
+        p.add_argument("--add", action="store_true",
+                       help="add these systems to the section of the same shape and dtype (its other systems, FLOP "
+                            "limit and machine readings kept; this run's readings and command listed beside them)")
     args = p.parse_args(argv)
     args.mode, args.argv = ("worker" if worker else "parent"), argv
     if not worker and args.results is None and args.shape != "tiny":
@@ -228,9 +231,28 @@ def run_parent(args: argparse.Namespace) -> int:
 
         print(render({f"{args.shape}/{args.dtype}": section}))
         return 0
+    if args.add:
+        section = added_to(Path(args.results), f"{args.shape}/{args.dtype}", section)
     sections = store_section(Path(args.results), f"{args.shape}/{args.dtype}", section)
     write_report(Path(args.results), sections)
     return 1 if run["systems_missing"] else 0
+
+
+def added_to(path: Path, key: str, section: dict[str, Any]) -> dict[str, Any]:
+    """``section``'s systems added to the stored section ``key`` (which keeps its FLOP limit and readings); the
+    added run's machine readings and command are kept in its ``run["added"]``."""
+    json_path = path.with_suffix(".json")
+    stored = json.loads(json_path.read_text())["sections"].get(key) if json_path.exists() else None
+    if stored is None:
+        return section
+    new_systems = [s for s in section["raw"] if section["raw"][s]]
+    stored["raw"].update({s: section["raw"][s] for s in new_systems})
+    limit = stored["rows"].pop("flop_limit")
+    stored["rows"].update({s: section["rows"][s] for s in new_systems})
+    stored["rows"]["flop_limit"] = limit
+    added = {k: section["run"][k] for k in ("command", "started", "minutes", "load_start", "load_end", "rates")}
+    stored["run"].setdefault("added", []).append({**added, "systems": new_systems})
+    return stored
 
 
 def main(argv: list[str] | None = None) -> int:

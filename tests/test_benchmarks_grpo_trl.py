@@ -72,3 +72,19 @@ def test_trl_side_runs_the_same_tiny_step(bench, tmp_path):
     assert step["logprob_passes_in_scoring"] == 1  # the reference only: no old-log-prob pass
     assert out["checks"]["trainable_parameters"] == 2 * (16 * (64 + 64) + 16 * (64 + 32))
     assert out["checks"]["reference"] == "base with the adapter disabled" and out["checks"]["kl_beta"] == 0.04
+
+
+def test_add_keeps_the_stored_section_and_its_flop_limit(bench, tmp_path):
+    results = tmp_path / "R.md"
+    run = {"command": "c1", "started": "s", "minutes": 1.0, "load_start": [1, 1, 1], "load_end": [2, 2, 2],
+           "rates": [{}, {}]}
+    stored = {"rows": {"lit_rlhf": {"total": 1.0}, "flop_limit": {"total": 0.5}},
+              "raw": {"lit_rlhf": [{"steps": []}]}, "run": dict(run)}
+    results.with_suffix(".json").write_text(json.dumps({"sections": {"40m/float32": stored}}))
+    new = {"rows": {"lit_rlhf_fast": {"total": 0.8}, "flop_limit": {"total": 0.4}},
+           "raw": {"lit_rlhf_fast": [{"steps": []}]}, "run": {**run, "command": "c2"}}
+    merged = bench.added_to(results, "40m/float32", new)
+    assert list(merged["rows"]) == ["lit_rlhf", "lit_rlhf_fast", "flop_limit"]
+    assert merged["rows"]["flop_limit"] == {"total": 0.5} and merged["run"]["command"] == "c1"
+    assert merged["run"]["added"][0]["command"] == "c2" and merged["run"]["added"][0]["systems"] == ["lit_rlhf_fast"]
+    assert bench.added_to(results, "387m/float32", new) is new  # nothing stored under that key: the run as it is

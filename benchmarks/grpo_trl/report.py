@@ -66,7 +66,7 @@ def section_lines(key: str, sec: dict[str, Any]) -> list[str]:
              f"{run['rounds']} round(s). GEMM {run.get('gemm_n', 2048)}^3 on one thread: fp32 {rates[0]['gemm_gflops']:.0f} / "
              f"{rates[1]['gemm_gflops']:.0f} GFLOP/s, bf16 {rates[0]['gemm_gflops_bf16']:.0f} / "
              f"{rates[1]['gemm_gflops_bf16']:.0f} (before / after)" + cpu_clock_rates(rates) + ".", "",
-             f"Command: `{run['command']}`", "",
+             f"Command: `{run['command']}`", "", *added_lines(run),
              "Wall seconds:", ""] + table_lines(rows) + ratio_lines(rows)
     cpu_rows = {s: {**r["cpu"], "n_steps": r["n_steps"]} for s, r in rows.items() if "cpu" in r}
     if cpu_rows:
@@ -85,6 +85,14 @@ def table_lines(rows: dict[str, Any]) -> list[str]:
         cells = [f"{row[p]:.2f}" if p in row else "–" for p in SHOWN]
         lines.append(f"| {LABELS[system]} | " + " | ".join(cells) + f" | {row.get('n_steps', '–')} |")
     return lines
+
+
+def added_lines(run: dict[str, Any]) -> list[str]:
+    """The runs that added systems to this section (``--add``): their command, time, load and GEMM readings."""
+    return [f"Added by `{a['command']}` ({', '.join(a['systems'])}; {a['started']}, {a['minutes']:.0f} min, load "
+            f"{fmt_load(a['load_start'])} / {fmt_load(a['load_end'])}; GEMM by the CPU clock fp32 "
+            f"{a['rates'][0].get('gemm_gflops_cpu', 0):.0f} / {a['rates'][1].get('gemm_gflops_cpu', 0):.0f}).\n"
+            for a in run.get("added", [])]
 
 
 def cpu_clock_rates(rates: list[dict[str, float]]) -> str:
