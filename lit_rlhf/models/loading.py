@@ -67,7 +67,25 @@ def load_causal_or_seq2seq(
             raise
         raise ValueError(f"model.attn_implementation={attn_implementation!r} is not available for {path!r}: "
                          f"{err}\nChoose another one (e.g. sdpa or eager) or null (transformers' choice)") from err
-    return fuse_tanh_gelu(model)
+    return contiguous_head_input(fuse_tanh_gelu(model))
+
+
+def contiguous_head_input(model: nn.Module) -> nn.Module:
+    """Make the LM head's input contiguous before the head runs. A causal LM applies its head to a strided slice of
+    the last hidden states (transformers' ``logits_to_keep``), and ``nn.Linear`` on a non-contiguous 3-D input runs
+    a batched matmul that, in bfloat16 on a CPU, first copies the [vocab, hidden] weight once per row (a 40M-parameter
+    Qwen2 shape with 16 rows: 79% of the scoring pass; benchmarks/RESULTS_TRL_GRPO.md). The copy made instead holds
+    hidden states, not logits. Returns ``model``, changed in place (a forward pre-hook on its output embedding)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, nn.Module):
+        head.register_forward_pre_hook(_contiguous_first)
+    return model
+
+
+def _contiguous_first(module: nn.Module, args: tuple) -> tuple | None:
+    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return None
 
 
 def check_finetune(finetune: str, init_from_scratch: bool) -> None:

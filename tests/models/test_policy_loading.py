@@ -72,6 +72,28 @@ def test_bad_target_modules_raise_a_clear_error(name):
         Policy(name, lora=LoraSettings(r=4, target_modules=["nonexistent"]))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_lm_head_multiplies_contiguous_hidden_states_with_the_same_log_probs(dtype):
+    # a causal LM hands its head a strided slice (logits_to_keep); the head must see it contiguous (a 2-D matmul
+    # instead of a batched one that copies the weight per row in bfloat16), with the same log-probs
+    policy = make_policy(GPT2, dtype=dtype)
+    query_ids, query_mask = encode(policy)
+    response_ids, response_mask = sample(policy, query_ids, query_mask)
+    tensors = (query_ids, query_mask, response_ids, response_mask)
+    head = policy.model.get_base_model().get_output_embeddings()
+    seen = []
+    head.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))  # runs after lit_rlhf's
+    with torch.no_grad():
+        ours = policy(*tensors, with_values=False).logprobs
+        assert seen and all(seen)
+        for key in list(head._forward_pre_hooks)[:-1]:  # without lit_rlhf's hook: the strided slice
+            del head._forward_pre_hooks[key]
+        seen.clear()
+        plain = policy(*tensors, with_values=False).logprobs
+    assert seen and not all(seen)
+    assert_close(ours, plain, **({} if dtype == "float32" else {"atol": 2e-2, "rtol": 2e-2}))
+
+
 @MODELS
 def test_tanh_gelu_is_fused_and_computes_the_same(name):
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
