@@ -14,7 +14,8 @@ dropout, k3 KL in the loss at beta 0.04 against the adapter-disabled base, token
 1e-5) per rollout, on-policy (no old-log-prob pass on either side), stub reward. Warm-up steps (``--warmup``,
 not measured) generate 8 tokens per response.
 
-Each system runs in its own process (TRL in ``--trl-python``, default /work/venvs/trl116/bin/python), all on one
+Each system runs in its own process (TRL in its own environment, ``benchmarks/.venv-trl-grpo``,
+built on demand with TRL 1.16.0 and transformers 5.25.0, or ``--trl-python``), all on one
 thread; ``--rounds 2`` runs them in the order A B then B A, so that a co-tenant's load falls on both sides. The
 report gives medians of every measured step of every round; the GEMM rate the FLOP limit divides by is measured
 before and after (the higher), in the run's dtype. See benchmarks/README.md.
@@ -40,7 +41,8 @@ from grpo_trl.shapes import SHAPES, build_model_dir, build_prompts, model_parame
 from ppo_step.machine import cpu_flags, gemm_rate, library_versions, log  # noqa: E402
 
 SYSTEMS = ("lit_rlhf", "lit_rlhf_fast", "trl")
-DEFAULT_TRL_PYTHON = "/work/venvs/trl116/bin/python"
+TRL_GRPO_VENV = HERE / ".venv-trl-grpo"
+TRL_GRPO_PINS = ["trl==1.16.0", "transformers==5.25.0", "peft==0.21.2", "accelerate==1.16.0"]
 DEFAULT_RESULTS = HERE / "RESULTS_TRL_GRPO.md"
 
 
@@ -63,7 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not worker:
         p.add_argument("--systems", default="lit_rlhf,trl", help=f"comma-separated, of {', '.join(SYSTEMS)}")
         p.add_argument("--rounds", type=int, default=1, help="2: the systems in order, then in reverse order")
-        p.add_argument("--trl-python", default=DEFAULT_TRL_PYTHON)
+        p.add_argument("--trl-python", default=None,
+                       help="TRL's interpreter; default benchmarks/.venv-trl-grpo, built on demand (not by --shape tiny)")
         p.add_argument("--profile", action="store_true", help="lit_rlhf: profile scoring and update of one extra step")
         p.add_argument("--results", default=None, help="default benchmarks/RESULTS_TRL_GRPO.md; --shape tiny: none")
         p.add_argument("--in-process", action="store_true", help="lit_rlhf systems in this process (smoke tests)")
@@ -197,6 +200,11 @@ def run_parent(args: argparse.Namespace) -> int:
     from grpo_trl.report import store_section, write_report
 
     systems = [s.strip() for s in args.systems.split(",")]
+    if "trl" in systems and args.trl_python is None:
+        from ppo_step.trl_system import trl_python
+
+        built = trl_python(build=args.shape != "tiny", venv=TRL_GRPO_VENV, pins=TRL_GRPO_PINS)
+        args.trl_python = str(built) if built else str(TRL_GRPO_VENV / "bin" / "python")
     if "trl" in systems and not Path(args.trl_python).exists():
         log(f"TRL skipped: {args.trl_python} does not exist")
         systems.remove("trl")

@@ -108,23 +108,24 @@ def worker_trl(args: argparse.Namespace, work: dict[str, Any], out: dict[str, An
     out["memory"] = memory.report()
 
 
-def trl_python(build: bool) -> Path | None:
-    """The TRL environment's python; built on demand (torch pinned first so pip cannot swap it)."""
-    python = TRL_VENV / "bin" / "python"
+def trl_python(build: bool, venv: Path = TRL_VENV, pins: list[str] = TRL_PINS) -> Path | None:
+    """The python of a TRL environment (``venv`` with ``pins``, by default TRL 0.11's ``benchmarks/.venv-trl``);
+    built on demand (torch pinned first so pip cannot swap it)."""
+    python, name = venv / "bin" / "python", f"benchmarks/{venv.name}"
     if python.exists():
         check = subprocess.run([str(python), "-c", "import trl, torch; print(trl.__version__, torch.__version__)"],
                                capture_output=True, text=True)
         if check.returncode == 0:
             return python
-        log(f"benchmarks/.venv-trl is broken ({check.stderr.strip().splitlines()[-1:]}); rebuilding")
+        log(f"{name} is broken ({check.stderr.strip().splitlines()[-1:]}); rebuilding")
     if not build:
         return None
-    log("building benchmarks/.venv-trl (torch 2.13.0, TRL 0.11.4 and its pinned dependencies) ...")
-    shutil.rmtree(TRL_VENV, ignore_errors=True)
+    log(f"building {name} ({TORCH_PIN}, {' '.join(pins)}) ...")
+    shutil.rmtree(venv, ignore_errors=True)
     commands = [
-        [sys.executable, "-m", "venv", str(TRL_VENV)],
-        [str(TRL_VENV / "bin" / "pip"), "install", "-q", TORCH_PIN],
-        [str(TRL_VENV / "bin" / "pip"), "install", "-q", *TRL_PINS, TORCH_PIN],
+        [sys.executable, "-m", "venv", str(venv)],
+        [str(python), "-m", "pip", "install", "-q", TORCH_PIN],
+        [str(python), "-m", "pip", "install", "-q", *pins, TORCH_PIN],
     ]
     for cmd in commands:
         done = subprocess.run(cmd, capture_output=True, text=True)
