@@ -74,8 +74,10 @@ def arithmetic_splits(
 
 
 def load_bundled_arithmetic() -> datasets.DatasetDict:
-    """``bundled:arithmetic``: :func:`arithmetic_splits` with the defaults (20,000 train and 500 test problems of
-    up to 3-digit operands), columns ``id``, ``prompt``, ``answer`` (all text)."""
+    """``bundled:arithmetic``: :func:`arithmetic_splits` of this module's ``TRAIN_SIZE``, ``TEST_SIZE``, ``SEED`` and
+    ``MAX_DIGITS`` (20,000 train and 500 test problems of up to 3-digit operands), columns ``id``, ``prompt``,
+    ``answer`` (all text)."""
     import datasets
 
-    return datasets.DatasetDict({split: datasets.Dataset.from_list(rows) for split, rows in arithmetic_splits().items()})
+    splits = arithmetic_splits(TRAIN_SIZE, TEST_SIZE, SEED, MAX_DIGITS)  # read now: a test may make them smaller
+    return datasets.DatasetDict({split: datasets.Dataset.from_list(rows) for split, rows in splits.items()})

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from lit_rlhf.cli import run
+from lit_rlhf.data import arithmetic
 
 CONFIG = Path(__file__).parents[2] / "configs" / "rlvr_arithmetic.yaml"
 
@@ -15,6 +16,8 @@ CONFIG = Path(__file__).parents[2] / "configs" / "rlvr_arithmetic.yaml"
 @pytest.mark.usefixtures("datasets_cache")
 def test_the_config_runs_a_step_and_reports_accuracy_and_pass_at_k(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(arithmetic, "TRAIN_SIZE", 40)  # the same generator, fewer rows to encode
+    monkeypatch.setattr(arithmetic, "TEST_SIZE", 6)
     config = yaml.safe_load(CONFIG.read_text())
     callback = config["trainer"]["callbacks"][1]["init_args"]
     callback.update(num_prompts=6, batch_size=3, pass_at_k=2, bootstrap_resamples=50)
