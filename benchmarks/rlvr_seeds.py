@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         path = find_report(folder) if args.no_run else run_seed(seed, folder, extra)
         report = json.loads(path.read_text())
         rows[seed], k = seed_row(report), report["settings"].get("pass_at_k")
-    command = " ".join(["OMP_NUM_THREADS=1 lit-rlhf fit --seed_everything N --model.seed N", *extra])
+    command = " ".join(["OMP_NUM_THREADS=1 lit-rlhf fit", *extra, "--seed_everything N --model.seed N"])
     text = render(rows, command, k)
     print(text)
     args.results.write_text(text)
