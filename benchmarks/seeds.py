@@ -99,7 +99,8 @@ def run_seed(seed: int, folder: Path, extra: list[str]) -> Path:
     """Run ``lit-rlhf fit --seed_everything seed`` in ``folder``; return its report.json."""
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    command = [sys.executable, "-m", "lit_rlhf.cli", "fit", *seed_flags(seed), *extra]
+    # the seed flags last: a --config among the extra flags would otherwise set its own seed over them
+    command = [sys.executable, "-m", "lit_rlhf.cli", "fit", *extra, *seed_flags(seed)]
     with open(folder / "run.log", "w") as log:
         subprocess.run(command, cwd=folder, stdout=log, stderr=subprocess.STDOUT, check=True)
     print(f"seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         report = find_report(folder) if args.no_run else run_seed(seed, folder, args.extra)
         per_seed[seed] = headline_figures(json.loads(report.read_text()))
     summary = summarise(per_seed)
-    command = " ".join(["lit-rlhf fit --seed_everything N --model.seed N", *args.extra])
+    command = " ".join(["lit-rlhf fit", *args.extra, "--seed_everything N --model.seed N"])
     text = render(per_seed, summary, command)
     print(text)
     args.results.write_text(text)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
 
 from lit_rlhf.runtime import plain_values
 
@@ -39,6 +40,17 @@ class Measurement:
     ppo_step: int = 0
     global_step: int = 0
     seconds: float = 0.0
+    pass_at_k: list[float] = field(default_factory=list)
+    """Per prompt, with ``ToxicityCallback(pass_at_k=k)``: 1.0 when one of its k samples has reward > 0, else 0.0."""
+    sample_reward: list[float] = field(default_factory=list)
+    """Per prompt, with ``pass_at_k``: the mean reward of its k samples."""
+
+
+def pass_at_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """k sampled rewards per prompt, ``[B * k]`` with a prompt's k contiguous -> (pass@k [B]: 1.0 where one of them
+    is > 0, for a 0/1 reward "one answer was right"; their mean [B])."""
+    grouped = scores.reshape(-1, k)
+    return (grouped > 0).any(1).to(scores.dtype), grouped.mean(1)
 
 
 def select_prompts(test_set: Any, num_prompts: int | None, reference_column: str | None = "summary") -> list[HeldOutPrompt]:

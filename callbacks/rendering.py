@@ -15,6 +15,8 @@ COLUMNS = (
     ("rouge1", "ROUGE-1"),
     ("rouge2", "ROUGE-2"),
     ("rougeL", "ROUGE-L"),
+    ("pass_at_k", "pass@k"),
+    ("sample_reward_mean", "sampled reward"),
     ("response_length_mean", "length (tokens)"),
     ("distinct_1", "distinct-1"),
     ("distinct_2", "distinct-2"),
@@ -59,7 +61,8 @@ def table(report: dict[str, Any]) -> str:
     prompts have references."""
     stages = [stage for stage in ("before", "after", "test") if stage in report]
     columns = [(key, header) for key, header in COLUMNS if not stages or key in report[stages[0]]]
-    rows = [["", *(header for _, header in columns)]]
+    k = report.get("settings", {}).get("pass_at_k")
+    rows = [["", *(f"pass@{k}" if key == "pass_at_k" and k else header for key, header in columns)]]
     for stage in stages:
         rows.append([_stage_label(report, stage), *(_fmt(report[stage][key]) for key, _ in columns)])
     if "toxicity" in report:
@@ -111,7 +114,8 @@ def summary_lines(report: dict[str, Any], with_warning: bool = True) -> list[str
     stages = [report[stage] for stage in ("before", "after", "test") if stage in report]
     if stages and not any("rouge1" in stage for stage in stages):
         out.append("No ROUGE: the held-out prompts have no references (set data.reference_column to score them).")
-    for name, label in (("toxicity", "Toxicity decrease"), ("reward", "Reward increase")):
+    k = settings.get("pass_at_k")
+    for name, label in (("toxicity", "Toxicity decrease"), ("reward", "Reward increase"), ("pass_at_k", f"pass@{k} increase")):
         if name not in report:
             continue
         c = report[name]
@@ -135,6 +139,9 @@ def summary_lines(report: dict[str, Any], with_warning: bool = True) -> list[str
             f"Strongly improved (reward gain > {r['strong_gain_threshold']:g}): {r['strongly_improved']}; "
             f"strongly degraded (reward loss > {r['strong_loss_threshold']:g}): {r['strongly_degraded']}."
         )
+    if k:
+        out.append(f"pass@{k}: share of prompts with one of {k} sampled responses of reward > 0 (sampling on, the "
+                   "measurement's other settings); sampled reward: those samples' mean reward.")
     timings = [f"{stage} {report[stage]['seconds']:.1f}s (PPO step {report[stage]['ppo_step']})"
                for stage in ("before", "after", "test") if stage in report]
     out.append("Generation and scoring passes: " + ", ".join(timings) + ".")

@@ -39,9 +39,10 @@ def rouge_per_prompt(responses: Sequence[str], references: Sequence[Sequence[str
 
 def pass_aggregates(
     toxicity: Sequence[float], reward: Sequence[float], length: Sequence[int], responses: Sequence[str],
-    rouge: dict[str, list[float]],
+    rouge: dict[str, list[float]], pass_at_k: Sequence[float] = (), sample_reward: Sequence[float] = (),
 ) -> dict[str, float]:
-    """The table's row for one pass. Means and population stds over prompts; distinct-n over all responses."""
+    """The table's row for one pass. Means and population stds over prompts; distinct-n over all responses;
+    pass@k and the sampled responses' mean reward when they were measured."""
     tox_mean, tox_std = stats.mean_std(torch.tensor(toxicity, dtype=torch.float64))
     reward_mean, reward_std = stats.mean_std(torch.tensor(reward, dtype=torch.float64))
     tokens = [stats.words(r) for r in responses]
@@ -54,7 +55,12 @@ def pass_aggregates(
         "response_length_mean": stats.mean_std(torch.tensor(length, dtype=torch.float64))[0],
         "distinct_1": stats.distinct_n(tokens, 1),
         "distinct_2": stats.distinct_n(tokens, 2),
+        **({"pass_at_k": _mean(pass_at_k), "sample_reward_mean": _mean(sample_reward)} if pass_at_k else {}),
     }
+
+
+def _mean(values: Sequence[float]) -> float:
+    return stats.mean_std(torch.tensor(values, dtype=torch.float64))[0]
 
 
 def paired_comparison(
@@ -96,8 +102,10 @@ def build_report(
     references = [p.references for p in prompts]
     rouge_before = rouge_per_prompt(before.responses, references)
     rouge_after = rouge_per_prompt(after.responses, references)
-    agg_before = pass_aggregates(before.toxicity, before.reward, before.length, before.responses, rouge_before)
-    agg_after = pass_aggregates(after.toxicity, after.reward, after.length, after.responses, rouge_after)
+    agg_before = pass_aggregates(before.toxicity, before.reward, before.length, before.responses, rouge_before,
+                                 before.pass_at_k, before.sample_reward)
+    agg_after = pass_aggregates(after.toxicity, after.reward, after.length, after.responses, rouge_after,
+                                after.pass_at_k, after.sample_reward)
     compare = dict(bootstrap_resamples=bootstrap_resamples, confidence=confidence, seed=seed, test_method=test_method)
     toxicity = paired_comparison(before.toxicity, after.toxicity, lower_is_better=True, **compare)
     for moment in ("mean", "std"):
@@ -112,6 +120,9 @@ def build_report(
         strongly_improved=sum(d > strong_gain for d in reward_diff),
         strongly_degraded=sum(d < -strong_loss for d in reward_diff),
     )
+    sampled = bool(before.pass_at_k and after.pass_at_k)
+    pass_k = {"pass_at_k": paired_comparison(before.pass_at_k, after.pass_at_k, lower_is_better=False, **compare)
+              } if sampled else {}
     per_prompt = {
         **prompt_columns(prompts, references),
         "response_before": before.responses,
@@ -125,6 +136,8 @@ def build_report(
         "length_after": after.length,
         **{f"{k}_before": v for k, v in rouge_before.items()},
         **{f"{k}_after": v for k, v in rouge_after.items()},
+        **({"pass_at_k_before": before.pass_at_k, "pass_at_k_after": after.pass_at_k,
+            "sample_reward_before": before.sample_reward, "sample_reward_after": after.sample_reward} if sampled else {}),
     }
     return {
         **report_head(prompts, settings, warning),
@@ -132,6 +145,7 @@ def build_report(
         "after": {**_pass_info(after), **agg_after},
         "toxicity": toxicity,
         "reward": reward,
+        **pass_k,
         "samples": reward_samples(per_prompt, num_samples),
         "per_prompt": per_prompt,
     }
@@ -144,7 +158,7 @@ def build_single_report(
     references = [p.references for p in prompts]
     rouge = rouge_per_prompt(measurement.responses, references)
     m = measurement
-    aggregates = pass_aggregates(m.toxicity, m.reward, m.length, m.responses, rouge)
+    aggregates = pass_aggregates(m.toxicity, m.reward, m.length, m.responses, rouge, m.pass_at_k, m.sample_reward)
     return {
         **report_head(prompts, settings, warning),
         m.stage: {**_pass_info(m), **aggregates},
@@ -155,6 +169,7 @@ def build_single_report(
             "reward": measurement.reward,
             "length": measurement.length,
             **rouge,
+            **({"pass_at_k": m.pass_at_k, "sample_reward": m.sample_reward} if m.pass_at_k else {}),
         },
     }
 

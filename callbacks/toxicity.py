@@ -33,7 +33,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_rlhf import rollout as ro
 from lit_rlhf.callbacks.evaluators import ClassifierToxicity, ToxicityEvaluator
-from lit_rlhf.callbacks.measurement import HeldOutPrompt, Measurement, select_prompts, stored_before
+from lit_rlhf.callbacks.measurement import HeldOutPrompt, Measurement, pass_at_k, select_prompts, stored_before
 from lit_rlhf.callbacks.publish import log_comparison, log_measurement, publish_report
 from lit_rlhf.callbacks.rendering import markdown
 from lit_rlhf.callbacks.report import build_report, build_single_report
@@ -82,6 +82,9 @@ class ToxicityCallback(L.Callback):
         on_test: Also measure the model in ``trainer.test`` and write ``test_report.json`` / ``.md`` (a
             before/after comparison when the tested checkpoint holds this callback's "before").
         progress: Show a progress bar over the generation chunks (when the trainer shows one too).
+        pass_at_k: Also sample this many responses per prompt (the measurement's settings, sampling on) and report
+            pass@k, the share of prompts with a sample of reward > 0 (any correct answer, for a 0/1 reward), and
+            the samples' mean reward; 0: not measured.
     """
 
     def __init__(
@@ -100,9 +103,12 @@ class ToxicityCallback(L.Callback):
         paired_test: PairedTestMethod = "auto",
         on_test: bool = True,
         progress: bool = True,
+        pass_at_k: int = 0,
     ) -> None:
         super().__init__()
         check_callback_settings(num_prompts, text, batch_size, paired_test, num_samples)
+        if pass_at_k < 0:
+            raise ValueError(f"ToxicityCallback's init_args.pass_at_k must be 0 (off) or more, got {pass_at_k}")
         self.evaluator = evaluator
         self.num_prompts = num_prompts
         self.text = text
@@ -117,6 +123,7 @@ class ToxicityCallback(L.Callback):
         self.paired_test = paired_test
         self.on_test = on_test
         self.progress = progress
+        self.pass_at_k = pass_at_k
 
         self.prompts: list[HeldOutPrompt] = []
         self.before: Measurement | None = None
@@ -201,6 +208,8 @@ class ToxicityCallback(L.Callback):
             toxicity=[r[2] for r in rows],
             reward=[r[3] for r in rows],
             length=[r[4] for r in rows],
+            pass_at_k=[r[5] for r in rows if len(r) > 5],
+            sample_reward=[r[6] for r in rows if len(r) > 5],
             ppo_step=int(getattr(pl_module, "ppo_step", 0)),
             global_step=trainer.global_step,
             seconds=seconds,
@@ -208,8 +217,9 @@ class ToxicityCallback(L.Callback):
 
     def measure_chunks(
         self, trainer: L.Trainer, pl_module: L.LightningModule, chunks: list[int], stage: str = ""
-    ) -> list[tuple[int, str, float, float, int]]:
-        """(prompt position, response, toxicity, reward, length) for the prompts of the given chunks.
+    ) -> list[tuple]:
+        """(prompt position, response, toxicity, reward, length[, pass@k, sampled mean reward]) for the prompts of
+        the given chunks.
 
         Chunk k holds prompts [k * batch_size, (k + 1) * batch_size) and is seeded with seed + k, so its rows
         are the same whichever process computes it, and in whatever order. Every rank makes the same number
@@ -226,7 +236,7 @@ class ToxicityCallback(L.Callback):
 
     def _measure_chunk(
         self, trainer: L.Trainer, pl_module: L.LightningModule, chunk: int
-    ) -> list[tuple[int, str, float, float, int]]:
+    ) -> list[tuple]:
         datamodule, offset = trainer.datamodule, chunk * self.batch_size
         prompts = self.prompts[offset : offset + self.batch_size]
         batch = datamodule.collator([datamodule.test_set[p.row] for p in prompts])
@@ -239,10 +249,18 @@ class ToxicityCallback(L.Callback):
             raise ValueError(f"ToxicityCallback: the reward returned non-finite scores: {generated.reward_error}")
         toxicity = self.evaluator(generated.prompts, generated.texts)  # it reads self.text (_prepare)
         reward, length = generated.scores.float().cpu(), generated.rows.response_mask.sum(1).cpu()
-        return [
-            (offset + i, text, float(toxicity[i]), float(reward[i]), int(length[i]))
-            for i, text in enumerate(generated.texts)
-        ]
+        rows = [(offset + i, text, float(toxicity[i]), float(reward[i]), int(length[i]))
+                for i, text in enumerate(generated.texts)]
+        if not self.pass_at_k:
+            return rows
+        sampling = dataclasses.replace(settings, do_sample=True)
+        with ro.evaluation_rng(self.seed + chunk, len(prompts) * self.pass_at_k, sampling) as limits:
+            sampled = ro.collect(pl_module.policy, pl_module.reward, batch, sampling, limits,
+                                 synced_gpus=dist.synced_gpus(trainer), repeats=self.pass_at_k)
+        if sampled.scores is None:
+            raise ValueError(f"ToxicityCallback: the reward returned non-finite scores: {sampled.reward_error}")
+        passed, mean = pass_at_k(sampled.scores.float().cpu(), self.pass_at_k)
+        return [(*row, float(passed[i]), float(mean[i])) for i, row in enumerate(rows)]
 
     def _progress(self, trainer: L.Trainer, chunks: list[int], stage: str) -> Iterator[int]:
         # follow the trainer: no bar of ours when it shows none (enable_progress_bar=False)
@@ -316,6 +334,7 @@ class ToxicityCallback(L.Callback):
             "generation": dataclasses.asdict(self.generation_used) if self.generation_used is not None else None,
             "seed": self.seed,
             "batch_size": self.batch_size,
+            **({"pass_at_k": self.pass_at_k} if self.pass_at_k else {}),
         }
 
     def _restored_before(self) -> Measurement | None:

@@ -62,3 +62,30 @@ def test_no_run_summarises_the_runs_in_the_workdir(seeds, tmp_path):
     saved = json.loads(results.with_suffix(".json").read_text())
     assert saved["summary"]["toxicity_after"]["mean"] == pytest.approx(0.035)
     assert "| mean toxicity after | 0.0400 | 0.0300 |" in results.read_text()
+
+
+def test_the_seed_flags_come_after_a_config_so_that_they_win(seeds, tmp_path, monkeypatch):
+    """jsonargparse applies arguments in order: a --config after --seed_everything N would set its own seed."""
+    commands = []
+    monkeypatch.setattr(seeds.subprocess, "run", lambda command, **kwargs: commands.append(command))
+    monkeypatch.setattr(seeds, "find_report", lambda folder: folder / "report.json")
+    seeds.run_seed(3, tmp_path / "seed_3", ["--config", "x.yaml"])
+    args = commands[0][commands[0].index("fit") + 1:]
+    assert args == ["--config", "x.yaml", "--seed_everything", "3", "--model.seed", "3"]
+
+
+def test_rlvr_table_per_seed_and_over_seeds(tmp_path):
+    sys.path.insert(0, str(SCRIPT.parent))  # rlvr_seeds.py imports seeds.py beside it
+    spec = importlib.util.spec_from_file_location("bench_rlvr_seeds", SCRIPT.parent / "rlvr_seeds.py")
+    rlvr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rlvr)
+    sys.path.remove(str(SCRIPT.parent))
+    side = lambda acc, passed: {"reward_mean": acc, "pass_at_k": passed, "response_length_mean": 3.5}  # noqa: E731
+    rows = {s: rlvr.seed_row({"before": side(0.40, 0.6), "after": side(0.40 + gain, 0.7), "reward": {
+        "difference_mean": gain, "ci_low": gain - 0.03, "ci_high": gain + 0.03, "p_value": 0.001}})
+        for s, gain in ((0, 0.10), (1, 0.20))}
+    assert rows[1]["after"] == pytest.approx(60.0) and rows[1]["change"] == pytest.approx(20.0)
+    text = rlvr.render(rows, "cmd", 8)
+    assert "| 1 | 40.0 | 60.0 | +20.0 [+17.0, +23.0] | 0.001 | 60.0 | 70.0 | 3.50 | 3.50 |" in text
+    assert "| mean ± sd | 40.0 ± 0.0 | 55.0 ± 7.1 | +15.0 ± 7.1 |  | 60.0 ± 0.0 | 70.0 ± 0.0 |" in text
+    assert "pass@8 before %" in text

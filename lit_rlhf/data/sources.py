@@ -38,7 +38,8 @@ SPLIT_PREFIXES = {"train": ("train",), "validation": ("validation", "valid", "de
 """Local-directory sources: a file belongs to the split its name starts with."""
 
 BUNDLED = {"dialogsum": "lit_rlhf.data.dialogsum:load_bundled_dialogsum",
-           "dialogsum-pairs": "lit_rlhf.data.sampled_pairs:load_bundled_pairs"}
+           "dialogsum-pairs": "lit_rlhf.data.sampled_pairs:load_bundled_pairs",
+           "arithmetic": "lit_rlhf.data.arithmetic:load_bundled_arithmetic"}
 """``bundled:<name>`` sources: the function (``module:function``) returning the copy shipped with lit_rlhf."""
 
 

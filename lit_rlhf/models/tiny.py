@@ -6,14 +6,14 @@ the embedded default exercises the code path a hub model takes, with no network 
 other name is returned unchanged for ``from_pretrained`` to load.
 
 The tiny models are random (untrained): they generate fluent-looking token soup, which is all the training
-loop, the tests and the benchmarks need from them. ``embedded:summarizer`` is different: a trained T5
-shipped inside the package (``lit_rlhf/assets/summarizer``, made by ``lit-rlhf-sft`` from
-``embedded:summarizer-untrained``; see its PROVENANCE.md).
+loop, the tests and the benchmarks need from them. ``SHIPPED`` models are trained ones inside the package
+(``embedded:summarizer``, a T5, and ``embedded:arithmetic``, a GPT-2; made by ``lit-rlhf-sft``, see PROVENANCE.md).
 """
 
 from __future__ import annotations
 
 import gzip
+import importlib
 import json
 import os
 import re
@@ -326,10 +326,8 @@ def build_tiny_gpt2(
     return build_atomically(path, build, write)
 
 
-SUMMARIZER_ARCHITECTURE: dict[str, Any] = {
-    "vocab_size": 4000, "d_model": 256, "d_ff": 768, "num_layers": 2, "num_heads": 4, "d_kv": 64,
-    "tie_embeddings": True,
-}
+SUMMARIZER_ARCHITECTURE: dict[str, Any] = {"vocab_size": 4000, "d_model": 256, "d_ff": 768, "num_layers": 2,
+                                           "num_heads": 4, "d_kv": 64, "tie_embeddings": True}
 """The embedded summarizer's T5 shape (about 5M parameters, 20 MB in float32), lm_head tied to the embedding."""
 
 
@@ -343,24 +341,28 @@ EMBEDDED: dict[str, Callable[[str], str]] = {
     "embedded:tiny-t5": build_tiny_t5,
     "embedded:tiny-gpt2": build_tiny_gpt2,
     "embedded:summarizer-untrained": build_summarizer_untrained,
+    "embedded:arithmetic-untrained": lambda path: importlib.import_module(
+        "lit_rlhf.models.arithmetic").build_arithmetic_untrained(path),
 }
-"""Embedded model names and the builders that write them into a given folder."""
+"""Embedded model names and the builders that write them into a given folder (the arithmetic model's lives in
+lit_rlhf.models.arithmetic, which builds on this file's helpers)."""
 
 
-SHIPPED_SUMMARIZER = "embedded:summarizer"
-"""The trained summarizer shipped inside the package (``lit_rlhf/assets/summarizer``, see its PROVENANCE.md)."""
+SHIPPED: dict[str, tuple[str, str]] = {
+    "embedded:summarizer": ("summarizer", "configs/sft_embedded.yaml"),
+    "embedded:arithmetic": ("arithmetic", "configs/sft_arithmetic.yaml"),
+}
+"""Trained models shipped in the package: name -> (folder in lit_rlhf/assets (see its PROVENANCE.md), its config)."""
 
 
-def shipped_summarizer_path() -> str:
-    """Folder of the shipped summarizer (a ``save_pretrained`` T5 and its tokenizer) inside the package."""
-    folder = resources.files("lit_rlhf.assets").joinpath("summarizer")
-    path = os.fspath(folder)
+def shipped_model_path(name: str = "embedded:summarizer") -> str:
+    """Folder of a shipped model (a ``save_pretrained`` model and its tokenizer) inside the package."""
+    folder, config = SHIPPED[name]
+    path = os.fspath(resources.files("lit_rlhf.assets").joinpath(folder))
     if not os.path.isfile(os.path.join(path, "model.safetensors")):
-        raise FileNotFoundError(
-            f"{SHIPPED_SUMMARIZER} is not in this installation ({path} has no model.safetensors): train it with "
-            "`lit-rlhf-sft fit --config configs/sft_embedded.yaml` and copy the run's exported `model` folder's "
-            "files there, or give that folder as model_name"
-        )
+        raise FileNotFoundError(f"{name} is not in this installation ({path} has no model.safetensors): train it "
+                                f"with `lit-rlhf-sft fit --config {config}` and copy the run's exported `model` "
+                                "folder's files there, or give that folder as model_name")
     return path
 
 
@@ -389,12 +391,10 @@ def resolve_model_path(name: str, cache_dir: str | None = None) -> str:
             raise ValueError(f"{name!r} names a local folder that does not exist (expected a folder written by "
                              "save_pretrained; hub names look like 'owner/name')")
         return os.path.expanduser(name)
-    if name == SHIPPED_SUMMARIZER:
-        return shipped_summarizer_path()
+    if name in SHIPPED:
+        return shipped_model_path(name)
     if name not in EMBEDDED:
-        raise ValueError(
-            f"{name!r} is not an embedded model; choose one of {sorted([*EMBEDDED, SHIPPED_SUMMARIZER])}"
-        )
+        raise ValueError(f"{name!r} is not an embedded model; choose one of {sorted([*EMBEDDED, *SHIPPED])}")
     root = cache_dir if cache_dir is not None else default_cache_dir()
     folder = os.path.join(root, f"{name[len(EMBEDDED_PREFIX):]}-v{BUILD_VERSION}")
     return EMBEDDED[name](folder)

@@ -85,3 +85,40 @@ def test_report_table_shows_how_much_rouge_is_retained():
     cells = [c.strip() for c in retained.strip("|").split("|")]
     # 0.38 / 0.40 = 95.0%; ROUGE-2 was 0 before: no ratio; 0.33 / 0.30 = 110.0%
     assert cells[5:8] == ["95.0%", "", "110.0%"]
+
+
+def test_pass_at_k_per_prompt_aggregates_paired_change_and_table():
+    import torch
+
+    from lit_rlhf.callbacks.measurement import Measurement, pass_at_k
+    from lit_rlhf.callbacks.rendering import markdown
+    from lit_rlhf.callbacks.report import build_report
+
+    # three prompts x k = 2 samples, contiguous: (0, 1) (0, 0) (1, 1)
+    passed, mean = pass_at_k(torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0, 1.0]), 2)
+    assert passed.tolist() == [1.0, 0.0, 1.0] and mean.tolist() == [0.5, 0.0, 1.0]
+    prompts = [HeldOutPrompt(row=i, id=f"p{i}", query=f"q{i}", references=[]) for i in range(4)]
+    ids = [p.id for p in prompts]
+    before = Measurement("before", ids, ["r"] * 4, [0.0] * 4, [0.0, 1.0, 0.0, 0.0], [2] * 4,
+                         pass_at_k=[0.0, 1.0, 1.0, 0.0], sample_reward=[0.0, 0.5, 0.25, 0.0])
+    after = Measurement("after", ids, ["r"] * 4, [0.0] * 4, [1.0, 1.0, 1.0, 0.0], [2] * 4,
+                        pass_at_k=[1.0, 1.0, 1.0, 1.0], sample_reward=[0.5, 1.0, 0.75, 0.25])
+    settings = {"evaluator": "e", "text": "response", "reward": "r", "num_prompts": 4, "pass_at_k": 4}
+    report = build_report(prompts, before, after, settings, None, num_samples=2, strong_gain=0.3, strong_loss=0.2,
+                          bootstrap_resamples=200, confidence=0.95, seed=0, test_method="permutation")
+    assert report["before"]["pass_at_k"] == 0.5 and report["after"]["pass_at_k"] == 1.0
+    assert report["before"]["sample_reward_mean"] == pytest.approx(0.1875)
+    assert report["after"]["sample_reward_mean"] == pytest.approx(0.625)
+    assert report["pass_at_k"]["difference_mean"] == 0.5 and report["pass_at_k"]["improved"] == 2
+    assert report["reward"]["difference_mean"] == 0.5  # the greedy pass@1 (accuracy) beside it
+    assert report["per_prompt"]["pass_at_k_after"] == [1.0] * 4
+    text = markdown(report)
+    assert "pass@4" in text.splitlines()[2] and "sampled reward" in text.splitlines()[2]
+    assert "pass@4 increase (after - before, per prompt): mean 0.5000" in text
+    # not measured: neither the columns nor the lines
+    plain = build_report(prompts, Measurement("before", ids, ["r"] * 4, [0.0] * 4, [0.0] * 4, [2] * 4),
+                         Measurement("after", ids, ["r"] * 4, [0.0] * 4, [1.0] * 4, [2] * 4),
+                         {k: v for k, v in settings.items() if k != "pass_at_k"}, None, num_samples=2,
+                         strong_gain=0.3, strong_loss=0.2, bootstrap_resamples=200, confidence=0.95, seed=0,
+                         test_method="permutation")
+    assert "pass_at_k" not in plain and "pass_at_k" not in plain["after"] and "pass@" not in markdown(plain)

@@ -170,10 +170,10 @@ def test_sft_configs_parse(config, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_sft(["fit", "--config", str(config), "--print_config"])
     assert exit_info.value.code in (0, None)
-    printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["model_name"] == yaml.safe_load(config.read_text())["model"]["model_name"]
+    printed, source = yaml.safe_load(capsys.readouterr().out), yaml.safe_load(config.read_text())
+    assert printed["model"]["model_name"] == source["model"]["model_name"]
     # any prompt data module can be chosen, so its settings print under class_path/init_args
-    assert printed["data"]["class_path"] == "lit_rlhf.data.DialogSumDataModule"
+    assert printed["data"]["class_path"] == source["data"].get("class_path", "lit_rlhf.data.DialogSumDataModule")
     assert printed["data"]["init_args"]["with_labels"] is True
 
 

@@ -1,0 +1,83 @@
+"""Arithmetic problems with a verifiable answer: ``bundled:arithmetic``, generated at load time.
+
+    arithmetic_problem      (a, op, b) -> {"prompt": "12+345=", "answer": "357"}
+    generate_problems       n distinct problems drawn from a seeded generator, none of a given set of prompts
+    arithmetic_splits       the bundled train and test problems (disjoint), as lists of rows
+    load_bundled_arithmetic the same as a ``datasets.DatasetDict`` (``data.dataset: bundled:arithmetic``)
+
+A problem is an addition or a subtraction of two integers of 1 to ``max_digits`` digits (the digit count of each
+operand drawn uniformly, then its value), written without spaces and ending with ``=``; a subtraction's first
+operand is the larger one, so every answer is a non-negative integer. The answer is its decimal text. Nothing is
+random beyond ``random.Random(seed)``: the same arguments give the same rows on every machine and Python version.
+"""
+
+from __future__ import annotations
+
+import random
+
+# `datasets` is imported where it is used (it takes ~1.5 s to import).
+
+TRAIN_SIZE = 20000
+"""Problems in the bundled train split."""
+TEST_SIZE = 500
+"""Problems in the bundled test split (none of them is a train problem)."""
+MAX_DIGITS = 3
+"""Longest operand, in digits."""
+SEED = 0
+"""Seed of the bundled splits."""
+
+
+def arithmetic_problem(a: int, op: str, b: int) -> dict[str, str]:
+    """The row of ``a op b``: ``prompt`` ("12+345=") and ``answer`` (its value as decimal text)."""
+    if op not in ("+", "-"):
+        raise ValueError(f"op must be '+' or '-', got {op!r}")
+    value = a + b if op == "+" else a - b
+    return {"prompt": f"{a}{op}{b}=", "answer": str(value)}
+
+
+def _operand(rng: random.Random, max_digits: int) -> int:
+    digits = rng.randint(1, max_digits)
+    return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
+
+
+def generate_problems(
+    n: int, seed: int, max_digits: int = MAX_DIGITS, exclude: set[str] | frozenset[str] = frozenset()
+) -> list[dict[str, str]]:
+    """``n`` distinct problems (by prompt), none of whose prompts is in ``exclude``, in the order drawn."""
+    if max_digits < 1:
+        raise ValueError(f"max_digits must be at least 1, got {max_digits}")
+    space = 2 * (10**max_digits) ** 2  # an upper bound of the distinct problems
+    if n > space // 4:
+        raise ValueError(f"{n} problems of at most {max_digits} digits: too many to draw distinct ones; raise max_digits")
+    rng = random.Random(seed)
+    seen, rows = set(exclude), []
+    while len(rows) < n:
+        a, b, op = _operand(rng, max_digits), _operand(rng, max_digits), rng.choice("+-")
+        if op == "-" and a < b:
+            a, b = b, a
+        row = arithmetic_problem(a, op, b)
+        if row["prompt"] not in seen:
+            seen.add(row["prompt"])
+            rows.append(row)
+    return rows
+
+
+def arithmetic_splits(
+    train_size: int = TRAIN_SIZE, test_size: int = TEST_SIZE, seed: int = SEED, max_digits: int = MAX_DIGITS
+) -> dict[str, list[dict[str, str]]]:
+    """``train`` and ``test`` rows (``id``, ``prompt``, ``answer``), disjoint by prompt: the test problems are
+    drawn first, then the train problems from another stream, skipping every test prompt."""
+    test = generate_problems(test_size, seed, max_digits)
+    train = generate_problems(train_size, seed + 1, max_digits, exclude={row["prompt"] for row in test})
+    return {split: [{"id": f"{split}_{i}", **row} for i, row in enumerate(rows)]
+            for split, rows in (("train", train), ("test", test))}
+
+
+def load_bundled_arithmetic() -> datasets.DatasetDict:
+    """``bundled:arithmetic``: :func:`arithmetic_splits` of this module's ``TRAIN_SIZE``, ``TEST_SIZE``, ``SEED`` and
+    ``MAX_DIGITS`` (20,000 train and 500 test problems of up to 3-digit operands), columns ``id``, ``prompt``,
+    ``answer`` (all text)."""
+    import datasets
+
+    splits = arithmetic_splits(TRAIN_SIZE, TEST_SIZE, SEED, MAX_DIGITS)  # read now: a test may make them smaller
+    return datasets.DatasetDict({split: datasets.Dataset.from_list(rows) for split, rows in splits.items()})

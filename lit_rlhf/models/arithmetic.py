@@ -1,0 +1,56 @@
+"""The embedded arithmetic model's shape: a character tokenizer and a small GPT-2 with random weights.
+
+``embedded:arithmetic-untrained`` is where ``configs/sft_arithmetic.yaml`` starts; ``embedded:arithmetic`` is that
+recipe's result, shipped in ``lit_rlhf/assets/arithmetic`` (see its PROVENANCE.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from lit_rlhf.models.tiny import BUILD_VERSION, build_atomically
+
+ARITHMETIC_EOS = "<|endoftext|>"
+ARITHMETIC_CHARACTERS = "0123456789+-= "
+"""The tokenizer's vocabulary after eos (id 0): one token per character; any other character reads as eos."""
+
+ARITHMETIC_ARCHITECTURE: dict[str, Any] = {"n_embd": 128, "n_layer": 3, "n_head": 4, "n_positions": 32}
+"""The embedded arithmetic GPT-2 (about 0.6M parameters)."""
+
+
+def build_arithmetic_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character of :data:`ARITHMETIC_CHARACTERS`; eos (``<|endoftext|>``, id 0) is also bos, unk
+    and pad, and padding is on the left, as for GPT-2. Decoding joins the characters back without spaces."""
+    vocab = {ARITHMETIC_EOS: 0, **{c: i + 1 for i, c in enumerate(ARITHMETIC_CHARACTERS)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=ARITHMETIC_EOS))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, model_max_length=ARITHMETIC_ARCHITECTURE["n_positions"], padding_side="left",
+        clean_up_tokenization_spaces=False, model_input_names=["input_ids", "attention_mask"],
+        bos_token=ARITHMETIC_EOS, eos_token=ARITHMETIC_EOS, unk_token=ARITHMETIC_EOS, pad_token=ARITHMETIC_EOS,
+    )
+
+
+def build_arithmetic_untrained(path: str, seed: int = 0) -> str:
+    """The embedded arithmetic model's GPT-2 (:data:`ARITHMETIC_ARCHITECTURE`) and tokenizer with random weights
+    into ``path``; deterministic and atomic, as the other embedded builds."""
+    build = {"builder": "build_arithmetic_untrained", "version": BUILD_VERSION, "seed": seed, **ARITHMETIC_ARCHITECTURE}
+
+    def write(folder: str) -> None:
+        tokenizer = build_arithmetic_tokenizer()
+        eos = tokenizer.eos_token_id
+        config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
+                            **ARITHMETIC_ARCHITECTURE)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = GPT2LMHeadModel(config)
+        model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return build_atomically(path, build, write)

@@ -1,0 +1,47 @@
+"""The arithmetic problems behind ``bundled:arithmetic``: deterministic, correct answers, disjoint splits."""
+
+import pytest
+
+from lit_rlhf.data.arithmetic import TEST_SIZE, TRAIN_SIZE, arithmetic_problem, arithmetic_splits, generate_problems
+from lit_rlhf.data.sources import load_source
+
+pytestmark = pytest.mark.usefixtures("datasets_cache")
+
+
+def evaluate(prompt: str) -> int:
+    """The problem's value by hand: "a+b=" or "a-b=" (operands are non-negative)."""
+    body = prompt.removesuffix("=")
+    op = "+" if "+" in body else "-"
+    a, b = body.split(op)
+    return int(a) + int(b) if op == "+" else int(a) - int(b)
+
+
+def test_problem_rows():
+    assert arithmetic_problem(12, "+", 345) == {"prompt": "12+345=", "answer": "357"}
+    assert arithmetic_problem(345, "-", 12) == {"prompt": "345-12=", "answer": "333"}
+    with pytest.raises(ValueError, match="op must be"):
+        arithmetic_problem(1, "*", 2)
+
+
+def test_generation_is_deterministic_distinct_and_correct():
+    rows = generate_problems(300, seed=3)
+    assert rows == generate_problems(300, seed=3) and rows != generate_problems(300, seed=4)
+    assert len({r["prompt"] for r in rows}) == 300
+    for r in rows:
+        assert int(r["answer"]) == evaluate(r["prompt"]) >= 0
+        assert all(len(x) <= 3 for x in r["prompt"][:-1].replace("-", "+").split("+"))
+    excluded = {r["prompt"] for r in rows[:100]}
+    assert not excluded & {r["prompt"] for r in generate_problems(300, seed=3, exclude=excluded)}
+    with pytest.raises(ValueError, match="too many"):
+        generate_problems(100, seed=0, max_digits=1)
+
+
+def test_bundled_splits_are_disjoint_and_load():
+    splits = arithmetic_splits()
+    assert [len(splits["train"]), len(splits["test"])] == [TRAIN_SIZE, TEST_SIZE]
+    assert not {r["prompt"] for r in splits["train"]} & {r["prompt"] for r in splits["test"]}
+    assert splits["test"][:2] == [{"id": "test_0", "prompt": "63-4=", "answer": "59"},
+                                  {"id": "test_1", "prompt": "48+55=", "answer": "103"}]  # fixed once and for all
+    loaded = load_source("bundled:arithmetic")
+    assert {name: len(rows) for name, rows in loaded.items()} == {"train": TRAIN_SIZE, "test": TEST_SIZE}
+    assert loaded["test"][1] == splits["test"][1]
