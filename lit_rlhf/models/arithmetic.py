@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
-from lit_rlhf.models.tiny import BUILD_VERSION, build_atomically
+from lit_rlhf.models.tiny import BUILD_VERSION, build_atomically, save_gpt2
 
 ARITHMETIC_EOS = "<|endoftext|>"
 ARITHMETIC_CHARACTERS = "0123456789+-= "
@@ -42,15 +41,6 @@ def build_arithmetic_untrained(path: str, seed: int = 0) -> str:
     build = {"builder": "build_arithmetic_untrained", "version": BUILD_VERSION, "seed": seed, **ARITHMETIC_ARCHITECTURE}
 
     def write(folder: str) -> None:
-        tokenizer = build_arithmetic_tokenizer()
-        eos = tokenizer.eos_token_id
-        config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
-                            **ARITHMETIC_ARCHITECTURE)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = GPT2LMHeadModel(config)
-        model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+        save_gpt2(folder, build_arithmetic_tokenizer(), seed, **ARITHMETIC_ARCHITECTURE)
 
     return build_atomically(path, build, write)

@@ -303,27 +303,24 @@ def build_tiny_gpt2(
              "n_embd": n_embd, "n_layer": n_layer, "n_head": n_head, "n_positions": n_positions, "seed": seed}
 
     def write(folder: str) -> None:
-        tokenizer = build_tokenizer(vocab_size, kind="gpt2")
-        eos = tokenizer.eos_token_id
-        config = GPT2Config(
-            vocab_size=len(tokenizer),
-            n_positions=n_positions,
-            n_embd=n_embd,
-            n_layer=n_layer,
-            n_head=n_head,
-            bos_token_id=eos,
-            eos_token_id=eos,
-            pad_token_id=eos,
-        )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = GPT2LMHeadModel(config)
-        # pad = eos as in the tokenizer, so generate() does not warn that it had to pick a pad id itself.
-        model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+        save_gpt2(folder, build_tokenizer(vocab_size, kind="gpt2"), seed, n_positions=n_positions, n_embd=n_embd,
+                  n_layer=n_layer, n_head=n_head)
 
     return build_atomically(path, build, write)
+
+
+def save_gpt2(folder: str, tokenizer: Any, seed: int, **architecture: Any) -> None:
+    """A ``GPT2LMHeadModel`` of ``architecture`` with weights drawn from ``seed`` (the global RNG untouched) and
+    ``tokenizer`` (eos = bos = pad), saved into ``folder`` with ``save_pretrained``."""
+    eos = tokenizer.eos_token_id
+    config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, **architecture)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config)
+    # pad = eos as in the tokenizer, so generate() does not warn that it had to pick a pad id itself.
+    model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 SUMMARIZER_ARCHITECTURE: dict[str, Any] = {"vocab_size": 4000, "d_model": 256, "d_ff": 768, "num_layers": 2,
