@@ -13,13 +13,10 @@ to --results (Markdown) beside a JSON of the per-seed values.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
-import statistics
-from pathlib import Path
 
-from seeds import cpu_model, find_report, run_seed
+from seeds import cpu_model, mean_sd, seed_arguments, seed_reports
 
 CONFIG = "rlvr_arithmetic.yaml"
 
@@ -68,25 +65,12 @@ def render(rows: dict[int, dict[str, float]], command: str, k: int | None) -> st
     ])
 
 
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--workdir", type=Path, default=Path("benchmarks/.cache/rlvr"))
-    parser.add_argument("--results", type=Path, default=Path("benchmarks/RESULTS_RLVR.md"))
-    parser.add_argument("--no-run", action="store_true", help="summarise the runs already in --workdir")
-    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed on to lit-rlhf fit")
-    args = parser.parse_args(argv)
+    args = seed_arguments(__doc__.split("\n\n")[0], "benchmarks/.cache/rlvr", "benchmarks/RESULTS_RLVR.md", argv)
     extra = ["--config", CONFIG, *args.extra]
-    rows, k = {}, None
-    for seed in args.seeds:
-        folder = args.workdir.absolute() / f"seed_{seed}"
-        path = find_report(folder) if args.no_run else run_seed(seed, folder, extra)
-        report = json.loads(path.read_text())
-        rows[seed], k = seed_row(report), report["settings"].get("pass_at_k")
+    reports = seed_reports(args, extra)
+    rows = {seed: seed_row(report) for seed, report in reports.items()}
+    k = list(reports.values())[-1]["settings"].get("pass_at_k") if reports else None
     command = " ".join(["OMP_NUM_THREADS=1 lit-rlhf fit", *extra, "--seed_everything N --model.seed N"])
     text = render(rows, command, k)
     print(text)

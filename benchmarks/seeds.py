@@ -61,9 +61,14 @@ def summarise(per_seed: dict[int, dict[str, float]]) -> dict[str, dict[str, floa
     for key in HEADLINES:
         values = [figures[key] for figures in per_seed.values() if key in figures]
         if values:
-            out[key] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                        "min": min(values), "max": max(values), "n": len(values)}
+            mean, std = mean_sd(values)
+            out[key] = {"mean": mean, "std": std, "min": min(values), "max": max(values), "n": len(values)}
     return out
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def render(per_seed: dict[int, dict[str, float]], summary: dict[str, dict[str, float]], command: str) -> str:
@@ -120,19 +125,30 @@ def find_report(folder: Path) -> Path:
     return reports[-1]
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def seed_arguments(description: str, workdir: str, results: str, argv: list[str] | None) -> argparse.Namespace:
+    """The seed scripts' flags: --seeds, --workdir (one seed_N folder each), --results, --no-run, --extra."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--workdir", type=Path, default=Path("benchmarks/.cache/seeds"))
-    parser.add_argument("--results", type=Path, default=Path("benchmarks/RESULTS_SEEDS.md"))
+    parser.add_argument("--workdir", type=Path, default=Path(workdir))
+    parser.add_argument("--results", type=Path, default=Path(results))
     parser.add_argument("--no-run", action="store_true", help="summarise the runs already in --workdir")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed on to lit-rlhf fit")
-    args = parser.parse_args(argv)
-    per_seed = {}
+    return parser.parse_args(argv)
+
+
+def seed_reports(args: argparse.Namespace, extra: list[str]) -> dict[int, dict]:
+    """Each seed's ``report.json``, run with ``extra`` flags into --workdir/seed_N (or found there with --no-run)."""
+    reports = {}
     for seed in args.seeds:
         folder = args.workdir.absolute() / f"seed_{seed}"
-        report = find_report(folder) if args.no_run else run_seed(seed, folder, args.extra)
-        per_seed[seed] = headline_figures(json.loads(report.read_text()))
+        path = find_report(folder) if args.no_run else run_seed(seed, folder, extra)
+        reports[seed] = json.loads(path.read_text())
+    return reports
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = seed_arguments(__doc__.split("\n\n")[0], "benchmarks/.cache/seeds", "benchmarks/RESULTS_SEEDS.md", argv)
+    per_seed = {seed: headline_figures(report) for seed, report in seed_reports(args, args.extra).items()}
     summary = summarise(per_seed)
     command = " ".join(["lit-rlhf fit", *args.extra, "--seed_everything N --model.seed N"])
     text = render(per_seed, summary, command)
