@@ -108,6 +108,13 @@ def reinforce_pp_advantages(
 
 
 @torch.no_grad()
+def zero_std_groups(scores: Tensor, k: int) -> Tensor:
+    """True for the groups whose k scores are all equal, exactly (``grpo_advantages`` gives them exactly 0: no
+    group-relative signal). [B] -> [B / k] bool."""
+    grouped = _groups(scores, k)
+    return grouped.amax(1) == grouped.amin(1)
+
+
 def group_stats(scores: Tensor, k: int, reduce_fn: ReduceFn = identity) -> dict[str, Tensor]:
     """Statistics of the groups of k samples per prompt, for logging; global over processes.
 
@@ -120,7 +127,7 @@ def group_stats(scores: Tensor, k: int, reduce_fn: ReduceFn = identity) -> dict[
     """
     grouped = _groups(scores, k)  # [B/k, k]
     std = grouped.std(1) if k > 1 else torch.zeros_like(grouped[:, 0])
-    all_equal = (grouped.amax(1) == grouped.amin(1)).to(grouped.dtype)
+    all_equal = zero_std_groups(scores, k).to(grouped.dtype)
     sums = torch.stack([grouped.mean(1).sum(), std.sum(), all_equal.sum(), torch.ones_like(std).sum()])
     mean_sum, std_sum, equal_sum, n_groups = reduce_fn(sums.double()).unbind()
     n_groups = n_groups.clamp(min=1.0)

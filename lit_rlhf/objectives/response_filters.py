@@ -14,23 +14,18 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-import torch
 from torch import Tensor
+
+from lit_rlhf.objectives.critic_free import zero_std_groups
 
 Overlong = Literal["none", "mask", "penalty"]
 OVERLONG_MODES: tuple[str, ...] = get_args(Overlong)
 
 
 def zero_std_rows(scores: Tensor, k: int) -> Tensor:
-    """True for the rows of groups whose k scores are all equal (no group-relative signal). [B] -> [B] bool.
-
-    Exact equality, as ``grpo_advantages`` gives such a group exactly 0 and ``group_stats``' zero-std share
-    counts it."""
-    if k < 1 or scores.dim() != 1 or scores.numel() % k:
-        raise ValueError(f"scores of shape {tuple(scores.shape)} do not split into groups of {k} samples")
-    grouped = scores.view(-1, k)
-    all_equal = grouped.amax(1) == grouped.amin(1)  # [B / k]
-    return all_equal.repeat_interleave(k)
+    """True for the rows of groups whose k scores are all equal (``critic_free.zero_std_groups``, which
+    ``group_stats``' zero-std share counts). [B] -> [B] bool."""
+    return zero_std_groups(scores, k).repeat_interleave(k)
 
 
 def overlong_penalty(lengths: Tensor, limits: Tensor, buffer: int) -> Tensor:
