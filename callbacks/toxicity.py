@@ -242,25 +242,28 @@ class ToxicityCallback(L.Callback):
         batch = datamodule.collator([datamodule.test_set[p.row] for p in prompts])
         batch = move_data_to_device(batch, pl_module.device)
         settings = self.generation_used
-        with ro.evaluation_rng(self.seed + chunk, len(prompts), settings) as limits:
-            generated = ro.collect(pl_module.policy, pl_module.reward, batch, settings, limits,
-                                   synced_gpus=dist.synced_gpus(trainer))
-        if generated.scores is None:
-            raise ValueError(f"ToxicityCallback: the reward returned non-finite scores: {generated.reward_error}")
+        generated = self._collect(trainer, pl_module, batch, len(prompts), chunk, settings)
         toxicity = self.evaluator(generated.prompts, generated.texts)  # it reads self.text (_prepare)
         reward, length = generated.scores.float().cpu(), generated.rows.response_mask.sum(1).cpu()
         rows = [(offset + i, text, float(toxicity[i]), float(reward[i]), int(length[i]))
                 for i, text in enumerate(generated.texts)]
         if not self.pass_at_k:
             return rows
-        sampling = dataclasses.replace(settings, do_sample=True)
-        with ro.evaluation_rng(self.seed + chunk, len(prompts) * self.pass_at_k, sampling) as limits:
-            sampled = ro.collect(pl_module.policy, pl_module.reward, batch, sampling, limits,
-                                 synced_gpus=dist.synced_gpus(trainer), repeats=self.pass_at_k)
-        if sampled.scores is None:
-            raise ValueError(f"ToxicityCallback: the reward returned non-finite scores: {sampled.reward_error}")
+        sampled = self._collect(trainer, pl_module, batch, len(prompts), chunk,
+                                dataclasses.replace(settings, do_sample=True), repeats=self.pass_at_k)
         passed, mean = pass_at_k(sampled.scores.float().cpu(), self.pass_at_k)
         return [(*row, float(passed[i]), float(mean[i])) for i, row in enumerate(rows)]
+
+    def _collect(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, n: int, chunk: int,
+                 settings: GenerationSettings, repeats: int = 1) -> ro.Generated:
+        """``repeats`` responses per prompt of ``batch`` (``n`` prompts) with ``settings``, seeded by the chunk;
+        their scores finite."""
+        with ro.evaluation_rng(self.seed + chunk, n * repeats, settings) as limits:
+            generated = ro.collect(pl_module.policy, pl_module.reward, batch, settings, limits,
+                                   synced_gpus=dist.synced_gpus(trainer), repeats=repeats)
+        if generated.scores is None:
+            raise ValueError(f"ToxicityCallback: the reward returned non-finite scores: {generated.reward_error}")
+        return generated
 
     def _progress(self, trainer: L.Trainer, chunks: list[int], stage: str) -> Iterator[int]:
         # follow the trainer: no bar of ours when it shows none (enable_progress_bar=False)
