@@ -16,15 +16,16 @@ MODELS = ["embedded:tiny-t5", "embedded:tiny-gpt2"]
 
 
 class EqualThenMixedScores(Reward):
-    """First call: the same score for every response. Later calls: the first prompt's responses scored by their
-    length, every other prompt's 0 (one group with a signal, the others without)."""
+    """First call: the same score for every response. Later calls: the first prompt's responses scored 0, -0.05,
+    ... in their order (different whatever was sampled), every other prompt's 0 (one group with a signal, the
+    others without)."""
 
     calls = 0
 
     def compute(self, prompts, responses, references):
         self.calls += 1
-        return torch.tensor([-len(r) / 20.0 if self.calls > 1 and p == prompts[0] else 0.0
-                             for p, r in zip(prompts, responses)])
+        first = [p == prompts[0] and self.calls > 1 for p in prompts]
+        return torch.tensor([-sum(first[:i]) / 20.0 if own else 0.0 for i, own in enumerate(first)])
 
 
 def one_step(model_name, reward, tmp_path, limits=(4, 6), min_new_tokens=1, steps=1, fast_rollout=False, **ppo):
