@@ -34,6 +34,10 @@ GENERATION_FLAGS = ("do_sample", "temperature", "top_k", "top_p", "min_new_token
 TOKEN_FIELDS = ("eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id", "forced_bos_token_id",
                 "forced_eos_token_id")
 """The fields of a model's ``generation_config`` that PPO keeps: which tokens end, pad and start a response."""
+OUTPUT_FIELDS = ("use_cache", "output_attentions", "output_hidden_states", "output_scores", "output_logits",
+                 "return_dict_in_generate")
+"""Fields of a ``generation_config`` about what ``generate`` returns or caches, not what it samples (newer
+transformers write some of them into every saved model's file): never named in the sampling notice."""
 
 
 class PerRowMaxLength(StoppingCriteria):
@@ -92,7 +96,7 @@ def model_sampling_settings(generation_config: GenerationConfig | None) -> dict[
     if generation_config is None:
         return {}
     return {k: v for k, v in generation_config.to_diff_dict().items()
-            if k not in TOKEN_FIELDS and not k.startswith("_") and k != "transformers_version"}
+            if k not in TOKEN_FIELDS + OUTPUT_FIELDS and not k.startswith("_") and k != "transformers_version"}
 
 
 def replaced_sampling_notice(model_settings: dict[str, object], settings: GenerationSettings) -> str:

@@ -87,8 +87,10 @@ def test_the_models_own_sampling_settings_do_not_change_the_rollout(tmp_path, mo
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "generate"])
 def test_the_models_own_sampling_settings_are_named_once_with_the_flags_that_replace_them(tmp_path, caplog, fast):
+    # use_cache and output_*: what generate returns, not what it samples (newer transformers save them)
     path = build_tiny("qwen2", tmp_path, eos_token_id=[TURN_END, 0], temperature=0.7, top_p=0.8,
-                      repetition_penalty=1.05, do_sample=True)
+                      repetition_penalty=1.05, do_sample=True, use_cache=False, output_hidden_states=True,
+                      return_dict_in_generate=True)
     policy = make_policy(path)
     with caplog.at_level("WARNING", logger="lit_rlhf"):
         for _ in range(2):
@@ -99,6 +101,7 @@ def test_the_models_own_sampling_settings_are_named_once_with_the_flags_that_rep
     assert "temperature=0.7" in line and "top_p=0.8" in line
     assert "--model.generation.temperature 1.0" in line and "--model.generation.top_p 0.9" in line
     assert "repetition_penalty: no such setting here, not used" in line
+    assert "use_cache" not in line and "output_hidden_states" not in line and "return_dict" not in line
 
 
 @pytest.fixture(scope="module")
