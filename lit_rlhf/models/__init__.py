@@ -6,6 +6,7 @@ embedded tiny models).
 Knows no module, no reward and no dataset: imports only objectives, runtime and settings.
 """
 
+from lit_rlhf.models.episodes import Episode, episode_tensors, run_episodes
 from lit_rlhf.models.decoding import SampledRollout, inverse_cdf_sample, sample_with_cache, warpers
 from lit_rlhf.models.lm import logprobs_from_logits, position_limit, trim_batch
 from lit_rlhf.models.loading import build_policy, ensure_pad_token, load_causal_or_seq2seq, model_source_errors
@@ -22,6 +23,7 @@ from lit_rlhf.models.tiny import (
 )
 
 __all__ = [
+    "Episode",
     "Policy",
     "ResponseBatch",
     "SUMMARIZER_ARCHITECTURE",
@@ -29,6 +31,7 @@ __all__ = [
     "ValueHead",
     "build_policy",
     "ensure_pad_token",
+    "episode_tensors",
     "build_tiny_t5",
     "build_tokenizer",
     "default_cache_dir",
@@ -42,6 +45,7 @@ __all__ = [
     "model_source_errors",
     "position_limit",
     "resolve_model_path",
+    "run_episodes",
     "sample_with_cache",
     "trim_batch",
     "warpers",
