@@ -138,12 +138,12 @@ class PPOModule(PPOUpdate, BuildsPolicy):
         check(policy_errors(dtype, lora, model_name=model_name, init_adapter=init_adapter, reference_model=reference_model))
         self.policy_kwargs = dict(
             model_name=model_name, lora=lora, init_adapter=init_adapter, reference_model=reference_model,
-            value_head_dropout=value_head_dropout, value_head=not ppo.critic_free,
-            gradient_checkpointing=gradient_checkpointing, attn_implementation=attn_implementation,
-            logprob_chunk_size=logprob_chunk_size)
-        self.reward, self.environment = reward, environment
-        self.score_predictions = True  # False in predict when the data lacks what the reward reads (setup)
-        self.reward.setup()  # loaded and validated now (unknown label, missing model), before a run folder is written
+            value_head_dropout=value_head_dropout, value_head=not ppo.critic_free, logprob_chunk_size=logprob_chunk_size,
+            gradient_checkpointing=gradient_checkpointing, attn_implementation=attn_implementation)
+        # score_predictions: False in predict when the data lacks what the reward reads (setup)
+        self.reward, self.environment, self.score_predictions = reward, environment, True
+        if environment is None:  # (an environment scores its episodes itself)
+            self.reward.setup()  # loaded and validated now (unknown label, missing model), before a run folder is written
         self.ppo, self.generation, self.kl_ctl, self.ppo_step = ppo, generation, ppo.kl_controller(), 0
         self._own_rng_restored = False  # on_load_checkpoint gave this process its own RNG states back
         self.skips, self.degenerate = SkipGuard(max_consecutive_skips), DegenerateWatch()

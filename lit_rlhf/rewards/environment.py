@@ -113,7 +113,7 @@ def _bounded(value: int | float) -> int | float:
 def parse_tool_call(text: str) -> tuple[str, str] | None:
     """``(name, argument text)`` of the first ``<tool>name(args)</tool>`` in ``text``; None without one."""
     match = TOOL_CALL.search(text)
-    return None if match is None else (match.group(1), match.group(2))
+    return None if match is None else (match.group(1), match.group(2).strip())
 
 
 class ToolEnvironment(Environment):
