@@ -22,7 +22,7 @@ from lit_rlhf import objectives
 from lit_rlhf import rollout as ro
 from lit_rlhf.models import Policy
 from lit_rlhf.modules.base import BuildsPolicy, policy_errors
-from lit_rlhf.modules.ppo_filters import filter_rollout
+from lit_rlhf.modules.ppo_filters import episode_stats, filter_rollout
 from lit_rlhf.modules.ppo_passes import (
     environment_errors, environment_notice, old_logprobs_from_update, reference_source,
 )
@@ -288,7 +288,8 @@ class PPOModule(PPOUpdate, BuildsPolicy):
                                                      self._reduce)
         rollout = Rollout(rows, shaped, logprobs, values, scores.ref_logprobs, groups, scores.kl, generated.prompts,
                           generated.texts, generated.scores, old_from_update=from_update, loss_rows=loss_rows,
-                          filter_stats=filtered, action_mask=generated.action_mask)
+                          filter_stats={**filtered, **episode_stats(generated.episodes, rows.response_mask, self._reduce)},
+                          action_mask=generated.action_mask)
         finite = all(torch.isfinite(t).all() for t in (logprobs, values, scores.ref_logprobs) if t is not None)
         if self._any_rank(not finite):
             return self._skip_step("the model produced non-finite log-probabilities or values in the rollout")

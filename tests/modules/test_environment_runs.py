@@ -44,6 +44,8 @@ def test_first_step_trains_only_the_model_tokens_with_kl_zero_and_ratio_one(esti
         return original_objective(*args, **kwargs)
 
     monkeypatch.setattr(objectives, "ppo_objective", recording)
+    logged, original_log = [], module._log_stats
+    monkeypatch.setattr(module, "_log_stats", lambda stats: logged.append(stats) or original_log(stats))
     history = fit(module, tmp_path)
     rollout = rollouts[0]
     own, every = rollout.action_mask, rollout.rows.response_mask
@@ -52,6 +54,10 @@ def test_first_step_trains_only_the_model_tokens_with_kl_zero_and_ratio_one(esti
     assert torch.equal(masks[0], first[:, :masks[0].shape[1]]) and masks[0].sum() == own.sum()  # ...out of the loss
     assert history.history[0]["kl"] == 0.0  # fast_rollout is not used: the scoring pass gives the old log-probs
     assert torch.count_nonzero(log_ratios[0]) == 0
+    step = next(stats for stats in logged if "env/turns_mean" in stats)
+    assert float(step["env/turns_mean"]) == 3.0 and float(step["env/context_full_frac"]) == 0.0
+    assert float(step["env/conversation_len_mean"]) == float(every.sum(1).double().mean())
+    assert float(step["tokens/responses_len_mean"]) == float(own.sum(1).double().mean())  # the model's tokens
     if estimator == "gae":
         assert (rollout.values * (every - own)).abs().sum() > 0 and torch.isfinite(rollout.values).all()
 
