@@ -9,7 +9,9 @@ Knows no module, no reward and no dataset: imports only objectives, runtime and 
 from lit_rlhf.models.episodes import Episode, episode_tensors, run_episodes
 from lit_rlhf.models.decoding import SampledRollout, inverse_cdf_sample, sample_with_cache, warpers
 from lit_rlhf.models.lm import logprobs_from_logits, position_limit, trim_batch
-from lit_rlhf.models.loading import build_policy, ensure_pad_token, load_causal_or_seq2seq, model_source_errors
+from lit_rlhf.models.loading import (
+    build_policy, ensure_pad_token, is_encoder_decoder, load_causal_or_seq2seq, model_source_errors,
+)
 from lit_rlhf.models.logprobs import full_kl_per_token
 from lit_rlhf.models.lora import lora_wrapping, merge_adapter
 from lit_rlhf.models.policy import Policy, ResponseBatch, ValueHead
@@ -37,6 +39,7 @@ __all__ = [
     "default_cache_dir",
     "full_kl_per_token",
     "inverse_cdf_sample",
+    "is_encoder_decoder",
     "load_causal_or_seq2seq",
     "logprobs_from_logits",
     "looks_like_local_path",

@@ -129,7 +129,7 @@ class PPOModule(PPOUpdate, BuildsPolicy):
             ppo_steps, learning_rate, rollout_batch_size, mini_batch_size, max_consecutive_skips, samples_per_prompt,
             ppo.advantage_estimator) + num_threads_errors(num_threads) + memory_errors(
             generation.batch_size, samples_per_prompt, mini_batch_size, micro_batch_size, logprob_chunk_size
-        ) + environment_errors(environment, ppo))
+        ) + environment_errors(environment, ppo, model_name))
         self.save_settings(ignore=("reward", "environment"), lora=lora, generation=generation, ppo=ppo)
         self.automatic_optimization = False
         # The policy (with a separate reference; none at init_kl_coef 0) is built in configure_model, where a
@@ -177,9 +177,6 @@ class PPOModule(PPOUpdate, BuildsPolicy):
         follow = getattr(self.reward, "follow_dtype", None)
         if follow is not None:  # a classifier reward without its own dtype runs in the base dtype
             follow(self.weight_dtype)
-        if self.environment is not None and self.policy.is_seq2seq:
-            raise ValueError(f"model.environment runs multi-turn conversations of a decoder-only chat model; "
-                             f"model.model_name={self.hparams.model_name!r} is an encoder-decoder (seq2seq) model")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams

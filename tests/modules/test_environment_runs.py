@@ -82,6 +82,5 @@ def test_settings_an_environment_cannot_work_with_are_refused():
     with pytest.raises(ValueError, match="model.ppo.overlong='mask' .* model.environment"):
         PPOModule(model_name="embedded:tiny-gpt2", environment=ScriptedEnvironment(),
                   ppo=PPOSettings(overlong="mask"))
-    module = PPOModule(model_name="embedded:tiny-t5", environment=ScriptedEnvironment())
     with pytest.raises(ValueError, match="model.environment .* decoder-only .* is an encoder-decoder"):
-        module.configure_model()
+        PPOModule(model_name="embedded:tiny-t5", environment=ScriptedEnvironment())  # before anything is built
