@@ -44,6 +44,9 @@ def test_first_step_trains_only_the_model_tokens_with_kl_zero_and_ratio_one(esti
         return original_objective(*args, **kwargs)
 
     monkeypatch.setattr(objectives, "ppo_objective", recording)
+    advantage_masks, original_advantages = [], objectives.compute_advantages
+    monkeypatch.setattr(objectives, "compute_advantages",
+                        lambda *args: advantage_masks.append(args[4]) or original_advantages(*args))
     logged, original_log = [], module._log_stats
     monkeypatch.setattr(module, "_log_stats", lambda stats: logged.append(stats) or original_log(stats))
     history = fit(module, tmp_path)
@@ -52,6 +55,7 @@ def test_first_step_trains_only_the_model_tokens_with_kl_zero_and_ratio_one(esti
     assert (every.sum(1) > own.sum(1) + 3).all()  # the tool's replies (2 of them) are in every sequence...
     first = own[rollout.groups[0]]  # (the first mini-batch's rows)
     assert torch.equal(masks[0], first[:, :masks[0].shape[1]]) and masks[0].sum() == own.sum()  # ...out of the loss
+    assert torch.equal(advantage_masks[0], own)  # and of the advantages (GAE skips them, as it skips padding)
     assert history.history[0]["kl"] == 0.0  # fast_rollout is not used: the scoring pass gives the old log-probs
     assert torch.count_nonzero(log_ratios[0]) == 0
     step = next(stats for stats in logged if "env/turns_mean" in stats)
