@@ -32,12 +32,13 @@ class Environment:
     The default ``reset`` asks the row's ``prompt_column`` as one user message (after ``system_prompt``); the
     default ``step`` ends the episode after the model's first turn; ``reward`` has no default."""
 
-    def __init__(self, max_turns: int = 4, prompt_column: str = "prompt", system_prompt: str | None = None) -> None:
+    def __init__(self, max_turns: int = 4, prompt_column: str = "question", system_prompt: str | None = None) -> None:
         """
         Args:
             max_turns: The most model turns of one episode; the episode ends after that many (or when the model's
                 context is full: then the environment's last messages are not appended), and is scored.
-            prompt_column: The data column whose text is the first user message (the default ``reset``).
+            prompt_column: The data column whose text is the first user message (the default ``reset``). Not
+                ``prompt``: the data module replaces a column of that name with its rendered prompt.
             system_prompt: A system message before it (None: none).
         """
         if max_turns < 1:
@@ -51,7 +52,8 @@ class Environment:
         """The episode's first messages: the system prompt, if any, then the row's prompt as a user message."""
         if self.prompt_column not in row:
             raise ValueError(f"{self.describe()}: the data has no column {self.prompt_column!r} (model.environment."
-                             f"prompt_column); its columns: {sorted(row)}")
+                             f"prompt_column); its columns: {sorted(row)} (a column named 'prompt' is the data "
+                             "module's rendered prompt, not carried: name it otherwise, e.g. question)")
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         return system + [{"role": "user", "content": str(row[self.prompt_column])}]
 
@@ -127,7 +129,7 @@ class ToolEnvironment(Environment):
     the argument text (one string) and returns the result. The default: ``calc`` (``+ - * /`` on integers)."""
 
     def __init__(
-        self, max_turns: int = 4, prompt_column: str = "prompt", system_prompt: str | None = None,
+        self, max_turns: int = 4, prompt_column: str = "question", system_prompt: str | None = None,
         answer_column: str = "answer", tools: dict[str, str] | None = None,
     ) -> None:
         """

@@ -41,15 +41,15 @@ def test_tool_environment_answers_calls_and_errors_and_scores_the_last_turn():
     assert env.reward(said("It is 15170."), row) == 0.0 and env.reward(said("It is 1517.5"), row) == 0.0
     with pytest.raises(ValueError, match="no column 'answer'"):
         env.reward(said("1517"), {"question": "?"})
-    with pytest.raises(ValueError, match="no column 'question'"):
-        env.reset({"prompt": "?"})
+    with pytest.raises(ValueError, match="no column 'question'.*'prompt' is the data module's rendered prompt"):
+        env.reset({"text": "?"})
     copy = pickle.loads(pickle.dumps(env))  # the tools travel by their import paths
     assert copy.call("calc", "2*3") == "6"
 
 
 def test_environment_defaults_and_settings_checks():
     env = Environment(max_turns=2, system_prompt="Be brief.")
-    assert env.reset({"prompt": "Hi"}) == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert env.reset({"question": "Hi"}) == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert env.step([], "anything", {}) is None
     with pytest.raises(NotImplementedError, match="reward"):
         env.reward([], {})
