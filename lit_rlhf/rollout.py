@@ -3,6 +3,9 @@
     generate_responses   prompts fitted to the context, sampled (``generate``, or the cached loop of
                          ``lit_rlhf.models.decoding`` with fast rollout) in chunks of generation.batch_size rows
                          (``decode_in_chunks``), responses decoded
+    generate_episodes    with model.environment: multi-turn episodes (``lit_rlhf.models.episodes``), the whole
+                         conversation after the first prompt as the response, ``action_mask`` the model's own tokens,
+                         scored by the environment
     score_responses      the reward's scores, or the reason they are unusable (non-finite)
     collect              both, timed per phase
     evaluation_rng       seeded sampling for measurements, isolated from the training run's random stream
