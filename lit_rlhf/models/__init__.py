@@ -1,13 +1,14 @@
 """The policy's model side: lm.py (the seq2seq/causal difference), logprobs.py (the response tokens' log-probs,
 the LM head chunk by chunk), loading.py, lora.py, checkpointing.py, generation.py (generation_config, special
-tokens, sampling), decoding.py (the KV-cached loop), policy.py (Policy: generate, score), export.py, tiny.py (the
+tokens, sampling), decoding.py (the KV-cached loop), episodes.py (multi-turn episodes with an environment), policy.py (Policy:
+generate, score), export.py, tiny.py (the
 embedded tiny models).
 
 Knows no module, no reward and no dataset: imports only objectives, runtime and settings.
 """
 
-from lit_rlhf.models.episodes import Episode, episode_tensors, run_episodes
 from lit_rlhf.models.decoding import SampledRollout, inverse_cdf_sample, sample_with_cache, warpers
+from lit_rlhf.models.episodes import Episode, episode_tensors, run_episodes
 from lit_rlhf.models.lm import logprobs_from_logits, position_limit, trim_batch
 from lit_rlhf.models.loading import (
     build_policy, ensure_pad_token, is_encoder_decoder, load_causal_or_seq2seq, model_source_errors,
