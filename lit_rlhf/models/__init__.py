@@ -1,8 +1,7 @@
 """The policy's model side: lm.py (the seq2seq/causal difference), logprobs.py (the response tokens' log-probs,
 the LM head chunk by chunk), loading.py, lora.py, checkpointing.py, generation.py (generation_config, special
-tokens, sampling), decoding.py (the KV-cached loop), episodes.py (multi-turn episodes with an environment), policy.py (Policy:
-generate, score), export.py, tiny.py (the
-embedded tiny models).
+tokens, sampling), decoding.py (the KV-cached loop), episodes.py (multi-turn episodes with an environment),
+policy.py (Policy: generate, score), export.py, tiny.py (the embedded tiny models).
 
 Knows no module, no reward and no dataset: imports only objectives, runtime and settings.
 """
