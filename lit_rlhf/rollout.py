@@ -139,7 +139,8 @@ def generate_episodes(
                           [policy.tokenizer.decode(e.prompt_ids) for e in episodes],
                           _repeat(batch.get("reference"), repeats), None, _repeat_columns(columns, repeats),
                           action_mask=own)
-    scores = torch.tensor([float(environment.reward(e.messages, e.row)) for e in episodes], dtype=torch.float32)
+    scores = torch.tensor([float(environment.reward(e.messages, e.row)) for e in episodes], dtype=torch.float32,
+                          device=device)  # (where a reward's scores are: on the module's device)
     bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
     generated.scores = None if bad else scores
     generated.reward_error = f"{environment.describe()} returned non-finite rewards at {bad}" if bad else None
