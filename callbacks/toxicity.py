@@ -139,6 +139,9 @@ class ToxicityCallback(L.Callback):
     # ------------------------------------------------------------------ Lightning hooks
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if getattr(pl_module, "environment", None) is not None:
+            rank_zero_warn("ToxicityCallback measures single responses scored by model.reward, not model.environment's "
+                           "multi-turn episodes (their reward is env/reward_mean in the step statistics)")
         self._prepare(trainer, pl_module)
         self.before = self._restored_before()
         if self.before is None:

@@ -3,6 +3,9 @@
     generate_responses   prompts fitted to the context, sampled (``generate``, or the cached loop of
                          ``lit_rlhf.models.decoding`` with fast rollout) in chunks of generation.batch_size rows
                          (``decode_in_chunks``), responses decoded
+    generate_episodes    with model.environment: multi-turn episodes (``lit_rlhf.models.episodes``), the whole
+                         conversation after the first prompt as the response, ``action_mask`` the model's own tokens,
+                         scored by the environment
     score_responses      the reward's scores, or the reason they are unusable (non-finite)
     collect              both, timed per phase
     evaluation_rng       seeded sampling for measurements, isolated from the training run's random stream
@@ -20,12 +23,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 
-from lit_rlhf.models import SampledRollout
-from lit_rlhf.models import Policy, ResponseBatch
-from lit_rlhf.rewards import NonFiniteRewardError, Reward
+from lit_rlhf.models import Episode, Policy, ResponseBatch, SampledRollout, episode_tensors, run_episodes
+from lit_rlhf.rewards import Environment, NonFiniteRewardError, Reward
 from lit_rlhf.settings import GenerationSettings, longest_response
 
 Timer = Callable[[str], AbstractContextManager]
@@ -53,6 +56,8 @@ class Generated:
     columns: dict[str, list[Any]] = field(default_factory=dict)  # the batch's source columns, per response  # fast rollout: log-probs and values kept while sampling
     scores: Tensor | None = None  # [B] the reward's raw scores
     reward_error: str | None = None  # why the scores are unusable (non-finite), if they are
+    action_mask: Tensor | None = None  # [B, T] the model's own tokens (model.environment); None: the response mask
+    episodes: list[Episode] | None = None  # model.environment: each row's conversation
 
 
 @dataclass
@@ -72,6 +77,13 @@ class Rollout:
     old_from_update: bool = False  # ``logprobs`` are filled by the (on-policy) update's own forward
     loss_rows: Tensor | None = None  # [B] bool: the rows the policy loss is over (None: all; modules.ppo_filters)
     filter_stats: dict[str, Tensor] = field(default_factory=dict)  # what was left out or penalised, logged
+    action_mask: Tensor | None = None  # [B, T] the model's own tokens (model.environment); None: every response token
+
+    @property
+    def loss_mask(self) -> Tensor:
+        """[B, T] the tokens the loss, the KL and the statistics are over: the model's own (``action_mask``), or
+        every response token."""
+        return self.rows.response_mask if self.action_mask is None else self.action_mask
 
 
 @torch.no_grad()
@@ -97,8 +109,47 @@ def generate_responses(
     rows = ResponseBatch(query_ids, query_mask, response_ids, response_mask)
     texts = policy.decode(response_ids, response_mask)
     prompts, references = (_repeat(column, repeats) for column in (batch["query"], batch.get("reference")))
-    columns = {name: _repeat(values, repeats) for name, values in (batch.get("columns") or {}).items()}
-    return Generated(rows, texts, prompts, references, sampled, columns)
+    return Generated(rows, texts, prompts, references, sampled, _repeat_columns(batch.get("columns") or {}, repeats))
+
+
+def generate_episodes(
+    policy: Policy, batch: dict[str, Any], settings: GenerationSettings, limits: Tensor, environment: Environment,
+    synced_gpus: bool | None = None, repeats: int = 1,
+) -> Generated:
+    """``generate_responses`` with an environment (``lit_rlhf.models.episodes``): k episodes per row of the batch
+    (its source ``columns``), scored by the environment. The response is the whole conversation after the first
+    prompt; ``action_mask`` marks the model's own tokens. ``batch``'s own prompt ids are not read: the
+    environment's first messages are the prompt."""
+    n = len(batch["input_ids"])
+    columns = batch.get("columns") or {}
+    rows = [{name: values[i] for name, values in columns.items()} for i in range(n) for _ in range(repeats)]
+
+    def generate(query_ids: Tensor, query_mask: Tensor, turn_limits: Tensor) -> tuple[Tensor, Tensor]:
+        return decode_in_chunks(policy, query_ids, query_mask, settings, turn_limits, False, synced_gpus, 1)[:2]
+
+    if not getattr(policy.tokenizer, "chat_template", None) and policy.first_notice("plain chat template"):
+        rank_zero_info("model.environment: the tokenizer has no chat template; the conversations use "
+                       "lit_rlhf.models.episodes.PLAIN_CHAT_TEMPLATE (<|role|>content lines)")
+    tokens, device = policy.special_tokens, batch["input_ids"].device
+    episodes = run_episodes(policy.tokenizer, environment, rows, limits, generate, tokens.eos, tokens.pad,
+                            policy.max_positions(), device)
+    query_ids, query_mask, response_ids, response_mask, own = (t.to(device) for t in episode_tensors(episodes, tokens.pad))
+    generated = Generated(ResponseBatch(query_ids, query_mask, response_ids, response_mask),
+                          policy.decode(response_ids, response_mask),
+                          [policy.tokenizer.decode(e.prompt_ids) for e in episodes],
+                          _repeat(batch.get("reference"), repeats), None, _repeat_columns(columns, repeats),
+                          action_mask=own)
+    scores = torch.tensor([float(environment.reward(e.messages, e.row)) for e in episodes], dtype=torch.float32,
+                          device=device)  # (where a reward's scores are: on the module's device)
+    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+    generated.scores = None if bad else scores
+    generated.reward_error = f"{environment.describe()} returned non-finite rewards at {bad}" if bad else None
+    generated.episodes = episodes
+    return generated
+
+
+def _repeat_columns(columns: dict[str, list[Any]], repeats: int) -> dict[str, list[Any]]:
+    return {name: _repeat(values, repeats) for name, values in columns.items()}
 
 
 def _repeat(values: list[Any] | None, repeats: int) -> list[Any] | None:
@@ -161,10 +212,15 @@ def score_responses(reward: Reward, generated: Generated) -> Generated:
 def collect(
     policy: Policy, reward: Reward | None, batch: dict[str, Any], settings: GenerationSettings, limits: Tensor,
     fast: bool = False, synced_gpus: bool | None = None, timer: Timer | None = None, repeats: int = 1,
+    environment: Environment | None = None,
 ) -> Generated:
     """generate -> decode -> score, each phase inside ``timer(name)`` (``time/ppo/generate``, ``.../reward``).
-    ``reward`` None: the responses are not scored (``predict`` on prompts the reward cannot read)."""
+    ``reward`` None: the responses are not scored (``predict`` on prompts the reward cannot read). With an
+    ``environment``: its episodes (``generate_episodes``), scored by it (``reward`` is not called)."""
     timer = timer if timer is not None else (lambda name: nullcontext())  # an empty PhaseTimer is falsy
+    if environment is not None:
+        with timer("time/ppo/generate"):
+            return generate_episodes(policy, batch, settings, limits, environment, synced_gpus, repeats)
     with timer("time/ppo/generate"):
         generated = generate_responses(policy, batch, settings, limits, fast, synced_gpus, repeats)
     if reward is None:
@@ -190,21 +246,23 @@ def evaluation_rng(seed: int, batch_size: int, settings: GenerationSettings) -> 
 @torch.no_grad()
 def evaluate(
     policy: Policy, reward: Reward, batch: dict[str, Any], settings: GenerationSettings, seed: int,
-    group_size: int, synced_gpus: bool | None = None, reference: bool = True,
+    group_size: int, synced_gpus: bool | None = None, reference: bool = True, environment: Environment | None = None,
 ) -> dict[str, Tensor]:
     """Reward, KL to the reference (nats per response; not without a ``reference``) and response length of
     responses sampled on held-out prompts, with seeded randomness isolated from training (a validation pass
-    leaves a resume exact)."""
+    leaves a resume exact). With an ``environment``: its episodes, the KL and length over the model's tokens."""
     with evaluation_rng(seed, len(batch["input_ids"]), settings) as limits:
-        generated = collect(policy, reward, batch, settings, limits, synced_gpus=synced_gpus)
+        generated = collect(policy, reward, batch, settings, limits, synced_gpus=synced_gpus, environment=environment)
     if generated.scores is None:
         raise ValueError(f"The reward returned non-finite scores on held-out prompts: {generated.reward_error}")
     rows = generated.rows
+    own = rows.response_mask if generated.action_mask is None else generated.action_mask
     stats = {"reward_mean": generated.scores.float().mean()}
     if reference:
         scores = policy.score(rows, list(torch.arange(len(generated.texts)).split(group_size)), values=False)
-        stats["kl"] = (scores.logprobs - scores.ref_logprobs).sum(1).mean()
-    return {**stats, "response_length": rows.response_mask.sum(1).float().mean()}
+        kl = scores.logprobs - scores.ref_logprobs
+        stats["kl"] = (kl if generated.action_mask is None else kl * own).sum(1).mean()
+    return {**stats, "response_length": own.sum(1).float().mean()}
 
 
 def samples_markdown(prompts: list[str], responses: list[str], scores: Tensor, n: int) -> str:

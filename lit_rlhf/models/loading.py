@@ -207,6 +207,15 @@ def model_source_errors(sources: dict[str, str | None]) -> list[str]:
     return errors
 
 
+def is_encoder_decoder(name: str) -> bool:
+    """Whether the model ``name`` (as ``model.model_name`` takes it) is an encoder-decoder, read from its config;
+    False where the config does not load (``model_source_errors`` says why)."""
+    try:
+        return bool(getattr(AutoConfig.from_pretrained(resolve_model_path(name)), "is_encoder_decoder", False))
+    except (OSError, ValueError):
+        return False
+
+
 def build_policy(kwargs: dict, dtype: str, device: torch.device | None = None) -> tuple[Policy, str]:
     """A :class:`Policy` of ``kwargs`` with its base in ``dtype`` as resolved on ``device``
     (``settings.resolve_dtype``: ``auto`` is bfloat16 on a CUDA device with bfloat16, float32 elsewhere), and that

@@ -22,10 +22,12 @@ from lit_rlhf import objectives
 from lit_rlhf import rollout as ro
 from lit_rlhf.models import Policy
 from lit_rlhf.modules.base import BuildsPolicy, policy_errors
-from lit_rlhf.modules.ppo_filters import filter_rollout
-from lit_rlhf.modules.ppo_passes import old_logprobs_from_update, reference_source
+from lit_rlhf.modules.ppo_filters import episode_stats, filter_rollout
+from lit_rlhf.modules.ppo_passes import (
+    environment_errors, environment_notice, old_logprobs_from_update, reference_source,
+)
 from lit_rlhf.modules.ppo_update import PPOUpdate
-from lit_rlhf.rewards import ProfanityReward, Reward, check_reward_inputs
+from lit_rlhf.rewards import Environment, ProfanityReward, Reward, check_reward_inputs
 from lit_rlhf.rollout import Rollout
 from lit_rlhf.runtime import DegenerateWatch, NumThreads, SkipGuard, num_threads_errors
 from lit_rlhf.runtime import distributed as dist
@@ -79,6 +81,10 @@ class PPOModule(PPOUpdate, BuildsPolicy):
             positions (rows x tokens) at a time, keeping only their log-probs (and entropies), and the update's
             backward recomputes each chunk's logits: the peak holds one chunk's [N, vocab] float32 logits, for a
             second LM-head matmul in the update. (The exact KL, kl_estimator=full, still builds the logits.)
+        environment: multi-turn episodes (``lit_rlhf.rewards.Environment``, e.g. ``ToolEnvironment``; a decoder-only
+            chat model): the environment gives the first messages, answers each model turn (tool results) and
+            scores the episode (``model.reward`` is not used). Its tokens are in the sequence but out of the loss
+            and the KL. null: single-turn responses scored by ``model.reward``.
     """
 
     policy: Policy  # built in configure_model
@@ -113,6 +119,7 @@ class PPOModule(PPOUpdate, BuildsPolicy):
         attn_implementation: str | None = None,
         micro_batch_size: int | None = None,
         logprob_chunk_size: int = 0,
+        environment: Environment | None = None,
     ) -> None:
         super().__init__()
         # Settings groups come back as plain dicts from a checkpoint's hyperparameters.
@@ -121,8 +128,9 @@ class PPOModule(PPOUpdate, BuildsPolicy):
         check(generation.errors() + ppo.errors() + run_errors(
             ppo_steps, learning_rate, rollout_batch_size, mini_batch_size, max_consecutive_skips, samples_per_prompt,
             ppo.advantage_estimator) + num_threads_errors(num_threads) + memory_errors(
-            generation.batch_size, samples_per_prompt, mini_batch_size, micro_batch_size, logprob_chunk_size))
-        self.save_settings(ignore=("reward",), lora=lora, generation=generation, ppo=ppo)
+            generation.batch_size, samples_per_prompt, mini_batch_size, micro_batch_size, logprob_chunk_size
+        ) + environment_errors(environment, ppo, model_name))
+        self.save_settings(ignore=("reward", "environment"), lora=lora, generation=generation, ppo=ppo)
         self.automatic_optimization = False
         # The policy (with a separate reference; none at init_kl_coef 0) is built in configure_model, where a
         # strategy places or shards it; what can fail cheaply is checked now, before a run folder is written.
@@ -130,15 +138,13 @@ class PPOModule(PPOUpdate, BuildsPolicy):
         check(policy_errors(dtype, lora, model_name=model_name, init_adapter=init_adapter, reference_model=reference_model))
         self.policy_kwargs = dict(
             model_name=model_name, lora=lora, init_adapter=init_adapter, reference_model=reference_model,
-            value_head_dropout=value_head_dropout, value_head=not ppo.critic_free,
-            gradient_checkpointing=gradient_checkpointing, attn_implementation=attn_implementation,
-            logprob_chunk_size=logprob_chunk_size)
-        self.reward = reward
-        self.score_predictions = True  # False in predict when the data lacks what the reward reads (setup)
-        # Load and validate the reward now (unknown label, missing model), before a run directory is written.
-        self.reward.setup()
-        self.ppo, self.generation = ppo, generation
-        self.kl_ctl, self.ppo_step = ppo.kl_controller(), 0
+            value_head_dropout=value_head_dropout, value_head=not ppo.critic_free, logprob_chunk_size=logprob_chunk_size,
+            gradient_checkpointing=gradient_checkpointing, attn_implementation=attn_implementation)
+        # score_predictions: False in predict when the data lacks what the reward reads (setup)
+        self.reward, self.environment, self.score_predictions = reward, environment, True
+        if environment is None:  # (an environment scores its episodes itself)
+            self.reward.setup()  # loaded and validated now (unknown label, missing model), before a run folder is written
+        self.ppo, self.generation, self.kl_ctl, self.ppo_step = ppo, generation, ppo.kl_controller(), 0
         self._own_rng_restored = False  # on_load_checkpoint gave this process its own RNG states back
         self.skips, self.degenerate = SkipGuard(max_consecutive_skips), DegenerateWatch()
         self.length_generator = torch.Generator().manual_seed(seed)
@@ -153,7 +159,7 @@ class PPOModule(PPOUpdate, BuildsPolicy):
         # after the data module's setup: a column or references the reward reads and the data lacks fail here
         reward_inputs = getattr(self._trainer.datamodule, "reward_inputs", None) if self._trainer else None
         self.score_predictions = True
-        if reward_inputs is not None:
+        if reward_inputs is not None and self.environment is None:  # (the environment scores instead)
             try:
                 check_reward_inputs(self.reward, *reward_inputs(stage))
             except ValueError as err:
@@ -185,6 +191,9 @@ class PPOModule(PPOUpdate, BuildsPolicy):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()  # the precision (no gradient scaler: manual optimization)
+        if self.environment is not None and dist.weights_sharded(self.trainer):
+            raise ValueError("model.environment runs a different number of turns on each process, which sharded "
+                             "weights (FSDP, DeepSpeed ZeRO-3) cannot follow; use DDP or one device")
         if self.hparams.fast_rollout and dist.weights_sharded(self.trainer):
             raise ValueError("model.fast_rollout=true samples outside the strategy's wrapped forward, which sharded "
                              "weights (FSDP, DeepSpeed ZeRO-3) do not allow; set model.fast_rollout=false")
@@ -246,9 +255,12 @@ class PPOModule(PPOUpdate, BuildsPolicy):
         """Responses, scores, old log-probs/values and reference log-probs; None when the step is skipped."""
         k = self.hparams.samples_per_prompt
         limits = self.response_length_limits(len(batch["input_ids"]) * k)
-        fast, critic = self.hparams.fast_rollout, self.policy.has_value_head
+        fast, critic = self.hparams.fast_rollout and self.environment is None, self.policy.has_value_head
+        if self.environment is not None and self.policy.first_notice("environment"):
+            rank_zero_info(environment_notice(self.hparams.fast_rollout))
         generated = ro.collect(self.policy, self.reward, batch, self.generation, limits, fast=fast,
-                               synced_gpus=dist.synced_gpus(self.trainer), timer=self.timings, repeats=k)
+                               synced_gpus=dist.synced_gpus(self.trainer), timer=self.timings, repeats=k,
+                               environment=self.environment)
         if self._any_rank(generated.reward_error is not None):
             return self._skip_step(f"the reward returned non-finite scores ({generated.reward_error or 'on another process'})")
         rows, sampled = generated.rows, generated.sampled
@@ -273,7 +285,8 @@ class PPOModule(PPOUpdate, BuildsPolicy):
                                                      self._reduce)
         rollout = Rollout(rows, shaped, logprobs, values, scores.ref_logprobs, groups, scores.kl, generated.prompts,
                           generated.texts, generated.scores, old_from_update=from_update, loss_rows=loss_rows,
-                          filter_stats=filtered)
+                          filter_stats={**filtered, **episode_stats(generated.episodes, rows.response_mask, self._reduce)},
+                          action_mask=generated.action_mask)
         finite = all(torch.isfinite(t).all() for t in (logprobs, values, scores.ref_logprobs) if t is not None)
         if self._any_rank(not finite):
             return self._skip_step("the model produced non-finite log-probabilities or values in the rollout")
@@ -286,7 +299,7 @@ class PPOModule(PPOUpdate, BuildsPolicy):
 
     def _advantages(self, rollout: Rollout) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Per-token KL, KL penalty, advantages (raw and final) and returns, [B, T] each."""
-        mask, kl = rollout.rows.response_mask, self._kl(rollout)
+        mask, kl = rollout.loss_mask, self._kl(rollout)
         p = self.ppo
         return kl, *objectives.compute_advantages(
             p.advantage_estimator, rollout.scores, torch.zeros_like(kl) if p.kl_in_loss else kl, rollout.values, mask,
@@ -295,11 +308,12 @@ class PPOModule(PPOUpdate, BuildsPolicy):
 
     def _kl(self, rollout: Rollout) -> Tensor:
         """Per-token KL to the reference [B, T] (0 without one)."""
-        mask = rollout.rows.response_mask
+        mask = rollout.loss_mask
         if rollout.ref_logprobs is None:
             return torch.zeros_like(rollout.logprobs)
-        return rollout.kl if rollout.kl is not None else \
-            objectives.kl_penalty(rollout.logprobs, rollout.ref_logprobs, self.ppo.kl_estimator) * mask
+        if rollout.kl is not None:  # (0 outside the response mask; the environment's tokens left out too)
+            return rollout.kl if rollout.action_mask is None else rollout.kl * mask
+        return objectives.kl_penalty(rollout.logprobs, rollout.ref_logprobs, self.ppo.kl_estimator) * mask
 
     def _finish_step(self, rollout: Rollout, stats: dict[str, Tensor]) -> None:
         """Log the step's statistics and samples; stop after the last PPO step."""
@@ -323,7 +337,7 @@ class PPOModule(PPOUpdate, BuildsPolicy):
         """Reward, KL and response length on held-out prompts (``val/...`` or ``test/...``)."""
         stats = ro.evaluate(self.policy, self.reward, batch, self.generation, self.hparams.seed + batch_idx,
                             self.hparams.micro_batch_size or self.hparams.mini_batch_size, dist.synced_gpus(self.trainer),
-                            reference=self.ppo.uses_reference)
+                            reference=self.ppo.uses_reference, environment=self.environment)
         stage = "test" if self.trainer.testing else "val"
         for name, value in stats.items():
             self.log(f"{stage}/{name}", value, sync_dist=True, batch_size=len(batch["input_ids"]))
@@ -337,8 +351,10 @@ class PPOModule(PPOUpdate, BuildsPolicy):
         limits = torch.full((len(batch["input_ids"]),), settings.max_new_tokens[1] - 1)  # the longest allowed
         with ro.evaluation_rng(self.hparams.seed + batch_idx, len(limits), settings):
             reward = self.reward if self.score_predictions else None
-            generated = ro.collect(self.policy, reward, batch, settings, limits, synced_gpus=dist.synced_gpus(self.trainer))
-        return ro.predict_records(generated, batch, self.reward.describe())
+            generated = ro.collect(self.policy, reward, batch, settings, limits, synced_gpus=dist.synced_gpus(self.trainer),
+                                   environment=self.environment)
+        scorer = self.environment if self.environment is not None else self.reward
+        return ro.predict_records(generated, batch, scorer.describe())
 
     def on_fit_end(self) -> None:
         if self.hparams.export_adapter:  # into <log_dir>/adapter

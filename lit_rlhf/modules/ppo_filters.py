@@ -48,3 +48,17 @@ def filter_rollout(
     wanted = (ppo.overlong != "none", ppo.overlong == "penalty", ppo.drop_zero_std_groups)
     stats = {name: (total / n).float() for name, total, on in zip(names, sums, wanted) if on}
     return scores, keep, stats
+
+
+def episode_stats(episodes: list | None, response_mask: Tensor, reduce_fn: ReduceFn) -> dict[str, Tensor]:
+    """model.environment's episodes over the global batch: ``env/turns_mean`` (model turns), ``env/context_full_frac``
+    (ended where the context was full) and ``env/conversation_len_mean`` (tokens after the first prompt, the
+    environment's included); {} without episodes."""
+    if episodes is None:
+        return {}
+    device = response_mask.device
+    sums = reduce_fn(torch.tensor([sum(e.turns for e in episodes), sum(e.truncated for e in episodes),
+                                   float(response_mask.sum()), len(episodes)], dtype=torch.float64, device=device))
+    n = sums[3].clamp(min=1.0)
+    return {"env/turns_mean": (sums[0] / n).float(), "env/context_full_frac": (sums[1] / n).float(),
+            "env/conversation_len_mean": (sums[2] / n).float()}

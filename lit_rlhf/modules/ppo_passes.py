@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from lightning.pytorch.utilities import rank_zero_info
 
+from lit_rlhf.models import is_encoder_decoder
 from lit_rlhf.settings import PPOSettings
 
 
@@ -37,3 +38,24 @@ def old_logprobs_from_update(
     full_kl = ppo.uses_reference and ppo.kl_estimator == "full"
     return (not fast and ppo.ppo_epochs == 1 and n_groups == 1 and not critic and not dropout
             and not kl_in_reward and not full_kl)
+
+
+def environment_errors(environment: object | None, ppo: PPOSettings, model_name: str) -> list[str]:
+    """What ``model.environment`` cannot be combined with (one line each, naming the flags)."""
+    if environment is None:
+        return []
+    errors = []
+    if is_encoder_decoder(model_name):
+        errors.append(f"model.environment runs multi-turn conversations of a decoder-only chat model; "
+                      f"model.model_name={model_name!r} is an encoder-decoder (seq2seq) model")
+    if ppo.overlong != "none":
+        errors.append(f"model.ppo.overlong={ppo.overlong!r} reads a single response's length against its limit; "
+                      "with model.environment (several turns, each with its own limit) set model.ppo.overlong=none")
+    return errors
+
+
+def environment_notice(fast_rollout: bool) -> str:
+    """Said once, at the first rollout with ``model.environment``."""
+    notice = ("model.environment: each turn re-reads its whole conversation (generate: the exact path, no KV cache "
+              "across turns); the log-probs come from a teacher-forced pass over the whole conversation")
+    return notice + ("; model.fast_rollout's sampled log-probs are not used" if fast_rollout else "")

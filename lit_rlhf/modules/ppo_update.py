@@ -95,10 +95,10 @@ class PPOUpdate:
         one forward without gradients and without dropout)."""
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         for micro in (micro for group in rollout.groups for micro in self._micro_batches(group)):
-            rows, _ = self.policy.rows(rollout.rows, micro)
+            rows, idx = self.policy.rows(rollout.rows, micro)
             with self.policy.mode(dropout=False):
                 entropy = self.policy(*rows.tensors(), with_values=False, with_entropy=True).entropy
-            mask = rows.response_mask.to(entropy.dtype)
+            mask = rollout.loss_mask[idx, :entropy.shape[1]].to(entropy.dtype)
             sums += torch.stack([(entropy * mask).sum(), mask.sum()]).double()
         total, count = self._reduce(sums).unbind()
         return {"ppo/policy/entropy_after": (total / count.clamp(min=1.0)).float()}
@@ -112,7 +112,7 @@ class PPOUpdate:
         was finite, and the mini-batch's statistics (``ppo/...``)."""
         p, critic = self.ppo, self.policy.has_value_head
         device, keep = rollout.rows.response_mask.device, rollout.loss_rows  # keep: the rows the policy loss is over
-        counts = objectives.loss_counts(rollout.rows.response_mask[idx.to(device)], p.loss_aggregation, critic,
+        counts = objectives.loss_counts(rollout.loss_mask[idx.to(device)], p.loss_aggregation, critic,
                                         None if keep is None else keep[idx.to(device)])
         parts, finite = [], True
         micro_batches = self._micro_batches(idx)
@@ -121,6 +121,8 @@ class PPOUpdate:
                                                         with_values=critic, with_entropy=True,
                                                         entropy_grad=p.entropy_coef != 0.0)
             t, rm = rows.response_ids.shape[1], rows.response_mask
+            if rollout.action_mask is not None:  # model.environment: only the model's own tokens are trained
+                rm = rollout.action_mask[micro, :t]
             if rollout.old_from_update:  # on-policy: what the scoring pass would have given (ratio exactly 1)
                 rollout.logprobs[micro, :t] = out.logprobs.detach() * rm
             with_ref = p.kl_in_loss and rollout.ref_logprobs is not None
@@ -146,7 +148,7 @@ class PPOUpdate:
         parts = {name: part.to(self.device) for name, part in self.reward.last_components.items()}
         scores = rollout.raw_scores.to(self.device)
         stats = objectives.rollout_statistics(scores, kl_per_sample, non_score, rollout.logprobs, rollout.values, returns,
-                                            raw_advantages, advantages, rollout.rows.response_mask, parts, self._reduce)
+                                            raw_advantages, advantages, rollout.loss_mask, parts, self._reduce)
         if not self.policy.has_value_head:  # no critic: its statistics would describe zeros
             stats = {k: v for k, v in stats.items() if not k.startswith("ppo/val/")}
         if self.hparams.samples_per_prompt > 1:

@@ -9,6 +9,8 @@ Every reward is a subclass of :class:`Reward` (:mod:`lit_rlhf.rewards.base`, wit
 - :class:`ReferenceSimilarityReward`: ROUGE of the response against the reference summary.
 - :class:`CompositeReward`: weighted sum of rewards, keeping each part for logging.
 - :class:`FunctionReward`: a plain Python function given by its import path, as TRL's ``reward_funcs``.
+- :class:`Environment`, :class:`ToolEnvironment`: multi-turn episodes (``model.environment``) that answer the
+  model's turns (tool calls) and score the finished conversation.
 
 One file each (base.py, classifier.py, profanity.py, function.py, composite.py, reference.py). May import models,
 objectives, runtime and settings; knows no dataset and no LightningModule.
@@ -17,6 +19,7 @@ objectives, runtime and settings; knows no dataset and no LightningModule.
 from lit_rlhf.rewards.base import NonFiniteRewardError, Reward, Scorer, TextField, check_reward_inputs, select_text
 from lit_rlhf.rewards.classifier import ClassifierReward, classifier_input_ids, special_tokens_around
 from lit_rlhf.rewards.composite import CompositeReward
+from lit_rlhf.rewards.environment import Environment, ToolEnvironment, calc, parse_tool_call
 from lit_rlhf.rewards.function import FunctionReward, RewardFunctionError
 from lit_rlhf.rewards.profanity import ProfanityReward, import_profanity_check
 from lit_rlhf.rewards.reference import ReferenceSimilarityReward
@@ -24,6 +27,7 @@ from lit_rlhf.rewards.reference import ReferenceSimilarityReward
 __all__ = [
     "ClassifierReward",
     "CompositeReward",
+    "Environment",
     "FunctionReward",
     "NonFiniteRewardError",
     "ProfanityReward",
@@ -32,9 +36,12 @@ __all__ = [
     "RewardFunctionError",
     "Scorer",
     "TextField",
+    "ToolEnvironment",
+    "calc",
     "check_reward_inputs",
     "classifier_input_ids",
     "import_profanity_check",
+    "parse_tool_call",
     "select_text",
     "special_tokens_around",
 ]
