@@ -85,8 +85,8 @@ class GenerationSettings:
     top_p: float = 1.0
     """Nucleus filtering; 1.0 disables it."""
     temperature: float = 1.0
-    """Softmax temperature for sampling. The PPO log-probabilities are those of the temperature-1 policy,
-    so values other than 1.0 make the rollout off-policy."""
+    """Softmax temperature for sampling. The PPO log-probabilities are those of the policy at this temperature
+    (model.ppo.logprobs_at_temperature; false: the temperature-1 policy's, off-policy when this is not 1.0)."""
     no_repeat_ngram_size: int = 0
     """Forbid repeating any n-gram of this size within a response (``generate``'s option); 0 disables it.
     For greedy evaluation summaries of small models, which otherwise loop; it makes a PPO rollout off-policy
@@ -206,6 +206,11 @@ class PPOSettings:
     """Also log ppo/policy/entropy_after: the policy's mean token entropy on the rollout's responses after the
     step's optimizer steps (ppo/policy/entropy: in the update's forwards, before each mini-batch's step). Costs one
     more forward without gradients over the rollout batch per step, about a third of the update's compute."""
+
+    logprobs_at_temperature: bool = True
+    """The log-probabilities of PPO (old, new and reference: the ratio, the KL, the entropy) are those of the
+    distribution the rollout samples from, softmax(logits / model.generation.temperature), as TRL, verl and OpenRLHF
+    compute them. false: the temperature-1 policy's. Nothing changes at temperature 1 or with greedy rollouts."""
 
     def kl_controller(self) -> AdaptiveKLController | FixedKLController:
         """A fresh KL controller for these settings (adaptive towards ``kl_target``, or fixed)."""

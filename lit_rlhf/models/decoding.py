@@ -132,7 +132,7 @@ def next_token(
 def sample_with_cache(
     model: nn.Module, lm: Seq2SeqLM | CausalLM, value_head: Callable[[Tensor], Tensor] | None, query_ids: Tensor,
     query_mask: Tensor, max_new_tokens: Tensor, settings: GenerationSettings, tokens: SpecialTokens,
-    repeats: int = 1, uniforms: Tensor | None = None,
+    repeats: int = 1, uniforms: Tensor | None = None, logprob_temperature: float = 1.0,
 ) -> SampledRollout:
     """Sample one response per query; rows leave the batch when they emit any eos id or reach their own limit.
 
@@ -143,7 +143,7 @@ def sample_with_cache(
     Sampling draws from torch's global RNG, one uniform number per running row per step; or, with ``uniforms``
     [B, >= max(max_new_tokens)], row i's token t uses ``uniforms[i, t]``: each row then has its own stream, and
     its tokens do not depend on which other rows share the batch (see ``lit_rlhf.rollout``'s chunks).
-    """
+    ``logprob_temperature``: the kept log-probs are those of softmax(logits / it), as the scoring forward's."""
     if settings.no_repeat_ngram_size:
         raise ValueError("model.generation.no_repeat_ngram_size is not available with model.fast_rollout=true; "
                          "set it to 0 or model.fast_rollout=false")
@@ -160,8 +160,8 @@ def sample_with_cache(
 
     for t in range(horizon):
         # 1) one decoder step for the rows still running
-        logits, hidden = lm.step(model, state, value_head is not None)  # [b, V], [b, H] (None without a value head)
-        logits = logits.float()
+        raw, hidden = lm.step(model, state, value_head is not None)  # [b, V], [b, H] (None without a value head)
+        logits = raw.float()
 
         # 2) sample as generate() does: eos blocked before min_new_tokens, then the warpers; forced tokens
         # replace the draw (the draw still happens, so the random stream matches generate's)
@@ -169,8 +169,9 @@ def sample_with_cache(
         token = next_token(logits, warp, settings.do_sample, tokens.eos if t < settings.min_new_tokens else (),
                            None if uniforms is None else uniforms[rows, t])
         token = tokens.force(token, t, last)
-        # PPO's log-probability is that of the temperature-1 policy, as the scoring forward computes it
-        token_logprob = torch.log_softmax(logits, -1).gather(1, token[:, None]).squeeze(1)
+        # PPO's log-probability, as the scoring forward computes it (at the policy's log-prob temperature)
+        scaled = logits if logprob_temperature == 1.0 else (raw / logprob_temperature).float()
+        token_logprob = torch.log_softmax(scaled, -1).gather(1, token[:, None]).squeeze(1)
 
         response[rows, t] = token
         logprobs[rows, t] = token_logprob

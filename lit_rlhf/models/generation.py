@@ -277,4 +277,5 @@ def sample_rollout(
         return sample_with_cache(
             policy.model, policy.lm, policy.value_head if policy.has_value_head else None, input_ids, attention_mask,
             max_new_tokens, settings, policy.special_tokens, repeats=repeats, uniforms=uniforms,
+            logprob_temperature=policy.logprob_temperature,
         )

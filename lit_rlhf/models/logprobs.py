@@ -49,14 +49,18 @@ def full_kl_per_token(logits: Tensor, ref_logits: Tensor) -> Tensor:
 def token_logprobs(
     lm: Any, model: nn.Module, tensors: tuple[Tensor, Tensor, Tensor, Tensor], with_hidden: bool = False,
     with_entropy: bool = False, entropy_grad: bool = False, chunk_size: int = 0, keep_logits: bool = False,
+    temperature: float = 1.0,
 ) -> TokenScores:
     """The response tokens' log-probs under ``model`` (``lm``: its seq2seq/causal adapter). ``tensors``: query ids,
     query mask [B, P], response ids, response mask [B, T]. ``chunk_size`` > 0: the LM head chunk by chunk (see
     the module's docstring); the logits are then never built, so ``keep_logits`` (the exact KL needs them) takes
-    the plain path. The entropy has a gradient only with ``entropy_grad``."""
+    the plain path. The entropy has a gradient only with ``entropy_grad``. ``temperature``: of the policy whose
+    log-probs (and entropy, and kept logits) these are, softmax(logits / temperature)."""
     response_ids = tensors[2]
     if chunk_size <= 0 or keep_logits:
         logits, hidden = lm.teacher_forced(model, *tensors, with_hidden=with_hidden)
+        if temperature != 1.0:
+            logits = logits / temperature
         logprobs = logprobs_from_logits(logits, response_ids, with_entropy=with_entropy, entropy_grad=entropy_grad)
         logprobs, entropy = logprobs if with_entropy else (logprobs, None)
         return TokenScores(logprobs, entropy, hidden, logits if keep_logits else None)
@@ -74,8 +78,9 @@ def token_logprobs(
         raise RuntimeError(f"{type(base).__name__}'s forward did not call its output embedding "
                            f"{type(head).__name__}: set model.logprob_chunk_size=0")
     states = captured[-1]  # [B, T, H]
+    transform = logit_transform(base.config, temperature)
     logprobs, entropy = chunked_logprobs(head, states.reshape(-1, states.shape[-1]), response_ids.reshape(-1),
-                                         chunk_size, with_entropy, entropy_grad, logit_transform(base.config))
+                                         chunk_size, with_entropy, entropy_grad, transform)
     return TokenScores(logprobs.view(response_ids.shape), entropy.view(response_ids.shape) if with_entropy else None,
                        hidden, None)
 
@@ -98,10 +103,18 @@ def head_inputs(head: nn.Module, positions: slice) -> Iterator[list[Tensor]]:
         handle.remove()
 
 
-def logit_transform(config: Any) -> Callable[[Tensor], Tensor] | None:
+def logit_transform(config: Any, temperature: float = 1.0) -> Callable[[Tensor], Tensor] | None:
     """What ``config``'s model does to the head's logits before returning them (None: nothing): Gemma's final
     soft-capping ``cap * tanh(logits / cap)``, Cohere's ``logits * logit_scale``, Granite's ``logits /
-    logits_scaling``, with the models' own operations in their order."""
+    logits_scaling``, with the models' own operations in their order; then the division by ``temperature`` (the
+    plain path's order: the model's logits, then ``/ temperature``)."""
+    own = _model_logit_transform(config)
+    if temperature == 1.0:
+        return own
+    return (lambda logits: logits / temperature) if own is None else (lambda logits: own(logits) / temperature)
+
+
+def _model_logit_transform(config: Any) -> Callable[[Tensor], Tensor] | None:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     cap = getattr(text, "final_logit_softcapping", None)
     scale, divisor = getattr(text, "logit_scale", None), getattr(text, "logits_scaling", None)

@@ -135,6 +135,8 @@ class Policy(nn.Module):
             each chunk's logits (:mod:`lit_rlhf.models.logprobs`). The exact KL still builds the logits.
     """
 
+    logprob_temperature: float = 1.0  # log-probs of softmax(logits / this): forward, reference_forward, sampling
+
     def __init__(
         self,
         model_name: str = "embedded:tiny-t5",
@@ -286,7 +288,7 @@ class Policy(nn.Module):
         """
         logprobs, entropy, hidden, logits = token_logprobs(
             self.lm, self.model, (query_ids, query_mask, response_ids, response_mask), with_values, with_entropy,
-            entropy_grad, self.logprob_chunk_size, keep_logits=return_logits)
+            entropy_grad, self.logprob_chunk_size, keep_logits=return_logits, temperature=self.logprob_temperature)
         values = self.value_head(hidden) if with_values else None
         return PolicyOutput(logprobs, values, logits, entropy)
 
@@ -304,12 +306,12 @@ class Policy(nn.Module):
         with self.mode(dropout=False):  # the reference never samples dropout
             if self.reference is not None:
                 scores = token_logprobs(self.lm, self.reference, tensors, chunk_size=self.logprob_chunk_size,
-                                        keep_logits=return_logits)
+                                        keep_logits=return_logits, temperature=self.logprob_temperature)
             else:
                 initial = self.initial_biases.put_back(self.model) if self.initial_biases is not None else nullcontext()
                 with initial, self.model.disable_adapter():  # initial biases first: peft warns on entry
                     scores = token_logprobs(self.lm, self.model, tensors, chunk_size=self.logprob_chunk_size,
-                                            keep_logits=return_logits)
+                                            keep_logits=return_logits, temperature=self.logprob_temperature)
         return PolicyOutput(scores.logprobs, None, scores.logits)
 
     def rows(self, batch: ResponseBatch, idx: Tensor) -> tuple[ResponseBatch, Tensor]:

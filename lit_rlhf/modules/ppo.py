@@ -174,6 +174,8 @@ class PPOModule(PPOUpdate, BuildsPolicy):
         own follows the base dtype. The policy sets eval/train mode itself around each pass (dropout is off unless
         train_dropout)."""
         super()._build_policy()
+        g = self.generation  # log-probs of the distribution the rollout samples from (model.ppo.logprobs_at_temperature)
+        self.policy.logprob_temperature = g.temperature if self.ppo.logprobs_at_temperature and g.do_sample else 1.0
         follow = getattr(self.reward, "follow_dtype", None)
         if follow is not None:  # a classifier reward without its own dtype runs in the base dtype
             follow(self.weight_dtype)
