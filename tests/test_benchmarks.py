@@ -12,6 +12,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -34,9 +35,14 @@ def bench():
 
 @pytest.fixture(scope="module")
 def bench_cache(tmp_path_factory, embedded_cache):
-    """One cache for this file's smoke runs: the tiny T5 is built once, and DialogSum's encoded prompts are read
-    back by the second run (datasets caches every step)."""
-    return tmp_path_factory.mktemp("bench_cache")
+    """One cache for this file's smoke runs. Its tiny T5 is a copy of the session's embedded one: the same
+    build_tiny_t5 build (its marker says so, and the scripts reuse it), not a second tokenizer training; the
+    second run reads DialogSum's encoded prompts back (datasets caches every step)."""
+    from lit_rlhf.models import resolve_model_path
+
+    cache = tmp_path_factory.mktemp("bench_cache")
+    shutil.copytree(resolve_model_path("embedded:tiny-t5"), cache / "tiny-t5")
+    return cache
 
 
 @pytest.fixture(scope="module")
