@@ -217,9 +217,11 @@ def log_ratios(monkeypatch):
     return recorded
 
 
-def fit_ppo(module, root: Path, batch_size: int = 8, ckpt_path=None, callbacks=(), **trainer_kwargs):
-    """Fit a PPOModule on the bundled DialogSum prompts, on the CPU, without a logger; returns the trainer and
-    a MetricsRecorder of its steps."""
+def fit_ppo(module, root: Path, batch_size: int = 8, ckpt_path=None, callbacks=(), split: str = "test",
+            **trainer_kwargs):
+    """Fit a PPOModule on the bundled DialogSum prompts (of ``split``: the test split's 1,500 dialogues are
+    quicker to filter and encode than the train split's 12,460), on the CPU, without a logger; returns the trainer
+    and a MetricsRecorder of its steps."""
     from lit_rlhf.data import DialogSumDataModule
 
     recorder = MetricsRecorder()
@@ -228,7 +230,8 @@ def fit_ppo(module, root: Path, batch_size: int = 8, ckpt_path=None, callbacks=(
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
         callbacks=[recorder, *callbacks], **trainer_kwargs,
     )
-    data = DialogSumDataModule(model_name=module.hparams.model_name, batch_size=batch_size, eval_batch_size=8)
+    data = DialogSumDataModule(model_name=module.hparams.model_name, batch_size=batch_size, eval_batch_size=8,
+                               split=split)
     trainer.fit(module, data, ckpt_path=ckpt_path)
     return trainer, recorder
 

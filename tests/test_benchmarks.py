@@ -3,14 +3,16 @@
 Only lit_rlhf (exact mode, fast_rollout and GRPO with k = 4) and the bare floor run here (TRL needs its own
 environment, which --tiny never builds); no timing is asserted: the test checks that the real lit_rlhf steps and
 the floor run on the same workload and that the report has a row for each, plus the FLOP limits and the decode-step
-table. The decode-step limits and the results file's sections (keyed by workload and dtype) are checked on
+table. Both smoke runs call the scripts' main in this process (a new interpreter would add only its imports) and
+share one cache. The decode-step limits and the results file's sections (keyed by workload and dtype) are checked on
 hand-computed numbers, without running anything.
 """
 
+import contextlib
 import importlib.util
+import io
 import json
-import os
-import subprocess
+import shutil
 import sys
 from pathlib import Path
 
@@ -32,17 +34,28 @@ def bench():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def bench_cache(tmp_path_factory, embedded_cache):
+    """One cache for this file's smoke runs. Its tiny T5 is a copy of the session's embedded one: the same
+    build_tiny_t5 build (its marker says so, and the scripts reuse it), not a second tokenizer training; the
+    second run reads DialogSum's encoded prompts back (datasets caches every step)."""
+    from lit_rlhf.models import resolve_model_path
+
     cache = tmp_path_factory.mktemp("bench_cache")
-    results = cache / "RESULTS.md"
-    env = dict(os.environ, LIT_RLHF_CACHE=str(cache / "lit_rlhf"))
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--tiny", "--workload", "B", "--systems", "lit_rlhf,lit_rlhf_fast,lit_rlhf_grpo,floor",
-         "--in-process", "--cache-dir", str(cache), "--results", str(results)],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout, results
+    shutil.copytree(resolve_model_path("embedded:tiny-t5"), cache / "tiny-t5")
+    return cache
+
+
+@pytest.fixture(scope="module")
+def tiny_run(bench, bench_cache):
+    # in this process (main with the script's own arguments): a new interpreter would only add its imports;
+    # --in-process already runs each system's worker here
+    results = bench_cache / "RESULTS.md"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = bench.main(["--tiny", "--workload", "B", "--systems", "lit_rlhf,lit_rlhf_fast,lit_rlhf_grpo,floor",
+                           "--in-process", "--cache-dir", str(bench_cache), "--results", str(results)])
+    assert code == 0, stdout.getvalue()[-3000:]
+    return stdout.getvalue(), results
 
 
 def test_tiny_run_prints_the_tables_of_workload_b(tiny_run):
@@ -139,17 +152,16 @@ def test_render_rewrites_the_recorded_results(bench, tmp_path, name):
     assert bench.NOTES_MARKER in text
 
 
-def test_reference_rows_benchmark_checks_the_rows_against_the_teacher_forced_reference(tmp_path):
+def test_reference_rows_benchmark_checks_the_rows_against_the_teacher_forced_reference(bench_cache, capsys):
     """bench_reference_rows.py decodes reference rows (peft's "__base__" adapter per row) beside the policy's;
     it stops with an error unless their log-probs equal the teacher-forced reference's, then names the faster way."""
-    env = dict(os.environ, LIT_RLHF_CACHE=str(tmp_path / "lit_rlhf"))
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench_reference_rows.py"), "--tiny", "--repeats", "1",
-         "--cache-dir", str(tmp_path)], capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "| decode, 16 policy + 16 reference rows |" in done.stdout
-    assert "faster here: " in done.stdout
+    spec = importlib.util.spec_from_file_location("bench_reference_rows", REPO / "benchmarks" / "bench_reference_rows.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--tiny", "--repeats", "1", "--cache-dir", str(bench_cache)]) == 0
+    stdout = capsys.readouterr().out
+    assert "| decode, 16 policy + 16 reference rows |" in stdout
+    assert "faster here: " in stdout
 
 
 def test_goals_check_each_workload_and_dtype_against_its_own_targets(bench):

@@ -95,7 +95,8 @@ def gemm_rate(threads: int, n: int = 2048, repeats: int = GEMM_REPEATS, dtype: s
     torch.set_num_threads(threads)
     m, k, n = shape or (n, n, n)
     a, b = torch.randn(m, k).to(getattr(torch, dtype)), torch.randn(k, n).to(getattr(torch, dtype))
-    return 2 * m * k * n / best_seconds(lambda: a @ b, repeats)
+    # one untimed call is enough warm-up for a single timed one (--tiny); more repeats get two
+    return 2 * m * k * n / best_seconds(lambda: a @ b, repeats, warmup=min(2, repeats))
 
 
 def read_bandwidth(threads: int, mib: int = BANDWIDTH_MIB, repeats: int = BANDWIDTH_REPEATS) -> float:

@@ -101,7 +101,7 @@ DATA_SEED = 0
 
 # The machine's rates the limits divide by
 GEMM_REPEATS = 20
-GEMM_REPEATS_TINY = 3  # --tiny: the rates are printed, not compared
+GEMM_REPEATS_TINY = 1  # --tiny: the rates are printed, not compared (one timed 2048 GEMM after one untimed)
 DECODE_ROWS = (16, 8, 4, 1)  # rows still decoding at which the decode-step table compares steps with their limits
 BANDWIDTH_MIB = 512  # the read-bandwidth tensor (fp32), far larger than the caches
 BANDWIDTH_MIB_TINY = 64

@@ -176,10 +176,11 @@ def test_the_preference_configs_run_end_to_end_rm_into_ppo_and_dpo_into_test(tmp
     exported = Path(rm.trainer.log_dir) / "reward_model"
     assert rm.datamodule.classifier_text == "response"
 
+    # the PPO fit and the test read the bundled test split (1,500 dialogues to encode, not 12,460)
     tiny_ppo = ["--config", config_path("embedded_t5.yaml"), "--config", shipped["ppo_learned_reward.yaml"],
                 "--model.reward.model_name", str(exported), "--model.ppo_steps", "1", "--data.batch_size", "4",
                 "--model.generation.max_new_tokens", "[4, 8]", "--trainer.enable_progress_bar", "false",
-                "--trainer.default_root_dir", "ppo", "--trainer.callbacks", "[]"]
+                "--trainer.default_root_dir", "ppo", "--trainer.callbacks", "[]", "--data.split", "test"]
     ppo = run(["fit", *tiny_ppo])
     assert isinstance(ppo.model.reward, ClassifierReward) and ppo.model.reward.text == "response"
     assert ppo.model.ppo_step == 1
@@ -189,5 +190,5 @@ def test_the_preference_configs_run_end_to_end_rm_into_ppo_and_dpo_into_test(tmp
     adapter = Path(dpo.trainer.log_dir) / "adapter"
     tested = run(["test", "--config", config_path("embedded_t5.yaml"), "--model.init_adapter", str(adapter),
                   "--trainer.limit_test_batches", "1", "--trainer.enable_progress_bar", "false",
-                  "--trainer.default_root_dir", "test", "--trainer.callbacks", "[]"])
+                  "--trainer.default_root_dir", "test", "--trainer.callbacks", "[]", "--data.split", "test"])
     assert "test/reward_mean" in tested.trainer.callback_metrics

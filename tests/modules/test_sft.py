@@ -14,7 +14,7 @@ from sft_data import batch_of, supervised_data
 
 from lit_rlhf.cli import run_sft
 from lit_rlhf.data import DialogSumDataModule
-from lit_rlhf.models import Policy, build_tiny_t5
+from lit_rlhf.models import Policy, resolve_model_path
 from lit_rlhf.modules import PPOModule, SFTModule, lead_summary, longest_summary, lr_factor, rouge_scores
 from lit_rlhf.rewards import ProfanityReward
 from lit_rlhf.settings import GenerationSettings
@@ -102,7 +102,9 @@ def fit_ppo_one_step(ppo: PPOModule, tmp_path: Path) -> float:
     trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         num_sanity_val_steps=0, callbacks=[KL()])
-    trainer.fit(ppo, DialogSumDataModule(model_name=ppo.hparams.model_name, batch_size=8, eval_batch_size=8))
+    # the bundled test split: 1,500 dialogues to filter and encode, not 12,460
+    trainer.fit(ppo, DialogSumDataModule(model_name=ppo.hparams.model_name, batch_size=8, eval_batch_size=8,
+                                         split="test"))
     return seen[0]
 
 
@@ -133,11 +135,12 @@ def test_decoder_only_loss_is_the_summary_tokens_nll():
 
 def test_flan_t5_recipe_config_makes_an_adapter_that_ppo_loads(tmp_path):
     # configs/sft_flan_t5.yaml with google/flan-t5-base replaced by a tiny T5 of the same family (q/v
-    # attention names, gated-GELU, untied lm_head) and the hub dataset by the bundled copy
-    stand_in = build_tiny_t5(str(tmp_path / "flan-t5-stand-in"))
+    # attention names, gated-GELU, untied lm_head: the embedded one's folder) and the hub dataset by the bundled
+    # copy's test split (1,500 dialogues to encode, not 12,460)
+    stand_in = resolve_model_path("embedded:tiny-t5")
     cli = run_sft([
         "fit", "--config", str(SFT_CONFIGS[0].parent / "sft_flan_t5.yaml"), "--model.model_name", stand_in,
-        "--data.dataset", "bundled", "--data.batch_size", "4", "--data.max_chars", "500",
+        "--data.dataset", "bundled", "--data.split", "test", "--data.batch_size", "4", "--data.max_chars", "500",
         "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1", "--trainer.accelerator", "cpu",
         "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "logs"),
         "--model.max_new_tokens", "8", "--model.lr_schedule", "constant",

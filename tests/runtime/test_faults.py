@@ -236,7 +236,7 @@ def checkpointed_trainer(tmp_path: Path, *callbacks) -> L.Trainer:
 
 @pytest.mark.parametrize("exception", [KeyboardInterrupt(), RuntimeError("crash")], ids=["ctrl-c", "crash"])
 def test_an_interrupted_fit_leaves_a_resumable_last_ckpt(tmp_path, exception):
-    data = lambda: DialogSumDataModule(model_name="embedded:tiny-t5", batch_size=8)  # noqa: E731
+    data = lambda: DialogSumDataModule(model_name="embedded:tiny-t5", batch_size=8, split="test")  # noqa: E731
     expected = SystemExit if isinstance(exception, KeyboardInterrupt) else RuntimeError  # Lightning exits on Ctrl-C
     with pytest.raises(expected):
         checkpointed_trainer(tmp_path, StopAfter(1, exception)).fit(small_module(ppo_steps=3), data())
@@ -264,7 +264,7 @@ class CrashInsideStep(L.Callback):
 def test_an_error_inside_a_step_saves_nothing_half_updated(tmp_path, capsys):
     with pytest.raises(RuntimeError, match="crash"):
         checkpointed_trainer(tmp_path, CrashInsideStep()).fit(small_module(ppo_steps=3), DialogSumDataModule(
-            model_name="embedded:tiny-t5", batch_size=8))
+            model_name="embedded:tiny-t5", batch_size=8, split="test"))
     assert not (tmp_path / "checkpoints" / "last.ckpt").exists()  # nor any other checkpoint: none was due
     assert "inside a training step, whose state is half-updated: nothing saved" in capsys.readouterr().err
 
@@ -272,7 +272,7 @@ def test_an_error_inside_a_step_saves_nothing_half_updated(tmp_path, capsys):
 def test_a_failure_before_the_first_step_saves_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="early"):
         checkpointed_trainer(tmp_path, FailAtStart()).fit(small_module(), DialogSumDataModule(
-            model_name="embedded:tiny-t5", batch_size=8))
+            model_name="embedded:tiny-t5", batch_size=8, split="test"))
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -288,7 +288,7 @@ def test_progress_bar_counts_ppo_steps_to_ppo_steps(tmp_path):
     trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
                         enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
                         num_sanity_val_steps=0, callbacks=[bar])
-    trainer.fit(small_module(ppo_steps=2), DialogSumDataModule(model_name="embedded:tiny-t5", batch_size=8))
+    trainer.fit(small_module(ppo_steps=2), DialogSumDataModule(model_name="embedded:tiny-t5", batch_size=8, split="test"))
     # not the epoch's 1000 batches: the run's 2 PPO steps, so the rate and ETA are the run's
     assert (bar.train_progress_bar.n, bar.train_progress_bar.total) == (2, 2)
     assert bar.train_progress_bar.desc.startswith("PPO steps")
@@ -310,7 +310,7 @@ def test_a_resumed_run_s_progress_bar_shows_its_total_from_the_start(tmp_path):
 
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    data = lambda: DialogSumDataModule(model_name="embedded:tiny-t5", batch_size=8)  # noqa: E731
+    data = lambda: DialogSumDataModule(model_name="embedded:tiny-t5", batch_size=8, split="test")  # noqa: E731
     # a periodic checkpoint after PPO step 1 (2 optimizer steps), in the middle of the prompt stream's epoch
     periodic = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=2, filename="{step}",
                                save_top_k=-1)
