@@ -137,7 +137,7 @@ class Floor:
             old_lp, old_v, a, ret = old_logps[idx, :t], old_values[idx, :t], adv[idx, :t], returns[idx, :t]
             ratio = torch.exp(logp - old_lp)
             if self.first_ratio_error is None:
-                self.first_ratio_error = float(((ratio - 1).abs() * rm).max())
+                self.first_ratio_error = float(((ratio.detach() - 1).abs() * rm).max())
             n = rm.sum()
             pg = (torch.max(-a * ratio, -a * ratio.clamp(1 - PPO.cliprange, 1 + PPO.cliprange)) * rm).sum() / n
             v_clip = old_v + (v - old_v).clamp(-PPO.cliprange_value, PPO.cliprange_value)
