@@ -2,7 +2,8 @@
 
     arithmetic_problem      (a, op, b) -> {"prompt": "12+345=", "answer": "357"}
     generate_problems       n distinct problems drawn from a seeded generator, none of a given set of prompts
-    arithmetic_splits       the bundled train and test problems (disjoint), as lists of rows
+    arithmetic_splits       the bundled train and test problems: one pool of distinct problems, shuffled and cut
+                            in two (disjoint, the same distribution), as lists of rows
     load_bundled_arithmetic the same as a ``datasets.DatasetDict`` (``data.dataset: bundled:arithmetic``)
 
 A problem is an addition or a subtraction of two integers of 1 to ``max_digits`` digits (the digit count of each
@@ -65,10 +66,13 @@ def generate_problems(
 def arithmetic_splits(
     train_size: int = TRAIN_SIZE, test_size: int = TEST_SIZE, seed: int = SEED, max_digits: int = MAX_DIGITS
 ) -> dict[str, list[dict[str, str]]]:
-    """``train`` and ``test`` rows (``id``, ``prompt``, ``answer``), disjoint by prompt: the test problems are
-    drawn first, then the train problems from another stream, skipping every test prompt."""
-    test = generate_problems(test_size, seed, max_digits)
-    train = generate_problems(train_size, seed + 1, max_digits, exclude={row["prompt"] for row in test})
+    """``train`` and ``test`` rows (``id``, ``prompt``, ``answer``), disjoint by prompt and of one distribution:
+    ``train_size + test_size`` distinct problems, shuffled (``random.Random(seed + 1)``), the first ``test_size``
+    the test split. (Drawn apart, the two would differ: the few distinct problems of small operands, e.g. the
+    100 one-digit additions, fill a short test draw at their drawing rate but run out in a long train draw.)"""
+    pool = generate_problems(train_size + test_size, seed, max_digits)
+    random.Random(seed + 1).shuffle(pool)
+    test, train = pool[:test_size], pool[test_size:]
     return {split: [{"id": f"{split}_{i}", **row} for i, row in enumerate(rows)]
             for split, rows in (("train", train), ("test", test))}
 

@@ -1,5 +1,7 @@
 """The arithmetic problems behind ``bundled:arithmetic``: deterministic, correct answers, disjoint splits."""
 
+from collections import Counter
+
 import pytest
 
 from lit_rlhf.data.arithmetic import TEST_SIZE, TRAIN_SIZE, arithmetic_problem, arithmetic_splits, generate_problems
@@ -40,8 +42,26 @@ def test_bundled_splits_are_disjoint_and_load():
     splits = arithmetic_splits()
     assert [len(splits["train"]), len(splits["test"])] == [TRAIN_SIZE, TEST_SIZE]
     assert not {r["prompt"] for r in splits["train"]} & {r["prompt"] for r in splits["test"]}
-    assert splits["test"][:2] == [{"id": "test_0", "prompt": "63-4=", "answer": "59"},
-                                  {"id": "test_1", "prompt": "48+55=", "answer": "103"}]  # fixed once and for all
+    assert splits["test"][:2] == [{"id": "test_0", "prompt": "989-39=", "answer": "950"},
+                                  {"id": "test_1", "prompt": "172+340=", "answer": "512"}]  # fixed from now on
     loaded = load_source("bundled:arithmetic")
     assert {name: len(rows) for name, rows in loaded.items()} == {"train": TRAIN_SIZE, "test": TEST_SIZE}
     assert loaded["test"][1] == splits["test"][1]
+
+
+def test_the_test_split_is_drawn_from_the_train_splits_distribution():
+    # each kind of problem (operation, digits of each operand) is about as common in both splits: a test split
+    # drawn apart from the train split had 5.6% one-digit additions against 0.4% in train
+    splits = arithmetic_splits()
+
+    def shares(rows):
+        kinds = Counter()
+        for row in rows:
+            body = row["prompt"].removesuffix("=")
+            op = "+" if "+" in body else "-"
+            kinds[(op, *map(len, body.split(op)))] += 1
+        return {kind: n / len(rows) for kind, n in kinds.items()}
+
+    train, test = shares(splits["train"]), shares(splits["test"])
+    assert len(train) == 15  # 1-3 digits each, + and - (a subtraction's first operand is the longer or equal)
+    assert max(abs(test.get(kind, 0.0) - share) for kind, share in train.items()) < 0.025
