@@ -77,3 +77,27 @@ def test_shipped_model_plays_an_episode_with_the_tool():
     rows = [{"question": p["prompt"], "answer": p["answer"]} for p in PROBLEMS]
     episodes = run_episodes(tokenizer, environment, rows, torch.tensor([14, 14]), greedy, (0,), 0, 64)
     assert all(e.done and 1 <= e.turns <= 2 for e in episodes)
+
+
+class LongAnswer(ToolEnvironment):
+    """The tool answers the first question at length (an error message): that conversation nears the context."""
+
+    def step(self, messages, turn, row):
+        return [{"role": "tool", "content": "9" * 40 if row["question"] == "1+1=" else "2"}]
+
+
+def test_a_turn_never_runs_a_row_past_the_context():
+    """One batched generate runs every row to the batch's longest limit: a conversation near the context's end is
+    generated in a call of its own, with no longer limit than its room (else a learnt-position model fails)."""
+    tokenizer, calls = build_tool_tokenizer(), []
+
+    def generate(ids, mask, limits):
+        calls.append((mask.sum(1) + limits.max()).tolist())  # each row's length after the call's longest turn
+        turn = [22, 24, 14, 2, 15, 23, 0]  # <tool>calc(1)</tool> eos
+        return torch.tensor([turn] * len(ids)), torch.ones(len(ids), len(turn), dtype=torch.long)
+
+    rows = [{"question": "1+1=", "answer": "2"}, {"question": "2+2=", "answer": "4"}]
+    episodes = run_episodes(tokenizer, LongAnswer(max_turns=2, system_prompt=""), rows, torch.tensor([14, 14]),
+                            generate, (0,), 0, 64)
+    assert len(calls) == 3 and all(n <= 64 for call in calls for n in call), calls  # turn 2: one call per row
+    assert [e.turns for e in episodes] == [2, 2] and not any(e.truncated for e in episodes)
