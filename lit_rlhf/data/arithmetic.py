@@ -134,5 +134,6 @@ def load_bundled_arithmetic_questions() -> datasets.DatasetDict:
     import datasets
 
     splits = arithmetic_splits(TRAIN_SIZE, TEST_SIZE, SEED, MAX_DIGITS)
-    return datasets.DatasetDict({split: datasets.Dataset.from_list(
-        [{"id": r["id"], "question": r["prompt"], "answer": r["answer"]} for r in rows]) for split, rows in splits.items()})
+    questions = {split: [{"id": r["id"], "question": r["prompt"], "answer": r["answer"]} for r in rows]
+                 for split, rows in splits.items()}
+    return datasets.DatasetDict({split: datasets.Dataset.from_list(rows) for split, rows in questions.items()})

@@ -45,3 +45,17 @@ def test_bundled_splits_are_disjoint_and_load():
     loaded = load_source("bundled:arithmetic")
     assert {name: len(rows) for name, rows in loaded.items()} == {"train": TRAIN_SIZE, "test": TEST_SIZE}
     assert loaded["test"][1] == splits["test"][1]
+
+
+def test_bundled_tool_conversations_and_questions(monkeypatch):
+    import lit_rlhf.data.arithmetic as arithmetic
+
+    monkeypatch.setattr(arithmetic, "TRAIN_SIZE", 50)
+    monkeypatch.setattr(arithmetic, "TEST_SIZE", 20)
+    questions = load_source("bundled:arithmetic-questions")
+    assert questions["test"][0] == {"id": "test_0", "question": "63-4=", "answer": "59"}
+    assert (len(questions["train"]), questions.column_names["train"]) == (50, ["id", "question", "answer"])
+    tools = load_source("bundled:arithmetic-tools")
+    assert tools["train"].column_names == ["id", "messages", "answer"] and len(tools["train"]) > 50
+    first = tools["test"][0]  # the held-out problem 63-4=, its first assistant turn
+    assert first["id"] == "test_0_0" and first["messages"][0] == {"role": "user", "content": "63-4="}
