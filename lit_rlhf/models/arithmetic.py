@@ -1,7 +1,9 @@
 """The embedded arithmetic model's shape: a character tokenizer and a small GPT-2 with random weights.
 
 ``embedded:arithmetic-untrained`` is where ``configs/sft_arithmetic.yaml`` starts; ``embedded:arithmetic`` is that
-recipe's result, shipped in ``lit_rlhf/assets/arithmetic`` (see its PROVENANCE.md).
+recipe's result, shipped in ``lit_rlhf/assets/arithmetic`` (see its PROVENANCE.md). The tool model's likewise:
+``embedded:arithmetic-tools-untrained``, ``configs/sft_arithmetic_tools.yaml``, ``embedded:arithmetic-tools`` in
+``lit_rlhf/assets/arithmetic_tools``: the same scheme with role and tool-call tokens and a chat template.
 """
 
 from __future__ import annotations

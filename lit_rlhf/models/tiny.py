@@ -7,7 +7,7 @@ other name is returned unchanged for ``from_pretrained`` to load.
 
 The tiny models are random (untrained): they generate fluent-looking token soup, which is all the training
 loop, the tests and the benchmarks need from them. ``SHIPPED`` models are trained ones inside the package
-(``embedded:summarizer``, a T5, and ``embedded:arithmetic``, a GPT-2; made by ``lit-rlhf-sft``, see PROVENANCE.md).
+(``embedded:summarizer``, a T5, ``embedded:arithmetic`` and ``-tools``, GPT-2s; by ``lit-rlhf-sft``, see PROVENANCE.md).
 """
 
 from __future__ import annotations
