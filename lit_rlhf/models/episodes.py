@@ -140,7 +140,10 @@ def run_episodes(
                              for i in active])
         turn_limits = torch.minimum(limits.cpu()[active], room)
         for rows_of_call in position_groups(room, turn_limits):
-            response, response_mask = generate(*(t[rows_of_call].to(device) for t in (ids, mask, turn_limits)))
+            columns = mask[rows_of_call].any(0)  # without the columns only other calls' rows fill
+            response, response_mask = generate(ids[rows_of_call][:, columns].to(device),
+                                               mask[rows_of_call][:, columns].to(device),
+                                               turn_limits[rows_of_call].to(device))
             response, response_mask = response.cpu(), response_mask.cpu().bool()
             for j, i in enumerate(rows_of_call.tolist()):
                 own = response[j][response_mask[j]].tolist()
@@ -153,7 +156,7 @@ def position_groups(room: Tensor, turn_limits: Tensor) -> list[Tensor]:
     """The rows of one turn's generate calls: a batched call runs every row for the batch's longest limit, so a
     row with less room than that would run past the model's positions. Every row with room for the longest
     limit goes in one call (all of them, but for a conversation near the context's end); the others in one call
-    per limit (a row's limit is at most its room)."""
+    per limit (a row's limit is at most its room). Row indices into ``room``, each group in ascending order."""
     longest = int(turn_limits.max())
     fits = room >= longest
     groups = [fits.nonzero().flatten()] if bool(fits.any()) else []

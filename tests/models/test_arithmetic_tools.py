@@ -94,6 +94,7 @@ def test_a_turn_never_runs_a_row_past_the_context():
     tokenizer, calls = build_tool_tokenizer(), []
 
     def generate(ids, mask, limits):
+        assert bool(mask[:, 0].any())  # no column of padding only
         calls.append((mask.sum(1) + limits.max()).tolist())  # each row's length after the call's longest turn
         turn = [22, 24, 14, 2, 15, 23, 0]  # <tool>calc(1)</tool> eos
         return torch.tensor([turn] * len(ids)), torch.ones(len(ids), len(turn), dtype=torch.long)
