@@ -102,6 +102,12 @@ def cpu_model() -> str:
 
 def run_seed(seed: int, folder: Path, extra: list[str]) -> Path:
     """Run ``lit-rlhf fit --seed_everything seed`` in ``folder``; return its report.json."""
+    run_fit(seed, folder, extra)
+    return find_report(folder)
+
+
+def run_fit(seed: int, folder: Path, extra: list[str]) -> None:
+    """Run ``lit-rlhf fit`` with ``extra`` flags and the seed's flags in ``folder`` (its log in run.log)."""
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     # the seed flags last: a --config among the extra flags would otherwise set its own seed over them
@@ -109,7 +115,6 @@ def run_seed(seed: int, folder: Path, extra: list[str]) -> Path:
     with open(folder / "run.log", "w") as log:
         subprocess.run(command, cwd=folder, stdout=log, stderr=subprocess.STDOUT, check=True)
     print(f"seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
-    return find_report(folder)
 
 
 def seed_flags(seed: int) -> list[str]:

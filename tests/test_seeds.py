@@ -89,3 +89,20 @@ def test_rlvr_table_per_seed_and_over_seeds(tmp_path):
     assert "| 1 | 40.0 | 60.0 | +20.0 [+17.0, +23.0] | 0.001 | 60.0 | 70.0 | 3.50 | 3.50 |" in text
     assert "| mean ± sd | 40.0 ± 0.0 | 55.0 ± 7.1 | +15.0 ± 7.1 |  | 60.0 ± 0.0 | 70.0 ± 0.0 |" in text
     assert "pass@8 before %" in text
+
+
+def test_tool_benchmark_compares_episodes_per_problem(seeds):
+    sys.path.insert(0, str(SCRIPT.parent))  # rlvr_tools.py imports seeds.py beside it
+    spec = importlib.util.spec_from_file_location("bench_rlvr_tools", SCRIPT.parent / "rlvr_tools.py")
+    tools = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tools)
+    sys.path.remove(str(SCRIPT.parent))
+    before = [{"reward": float(i < 2), "tool": i == 0} for i in range(10)]  # 20% right, 10% with the tool
+    after = [{"reward": float(i < 7), "tool": True} for i in range(10)]
+    row = tools.compare(before, after)
+    assert (row["before"], row["after"], row["tool_before"], row["tool_after"]) == (20.0, 70.0, 10.0, 100.0)
+    assert row["change"] == pytest.approx(50.0) and row["ci_low"] > 0 and row["p"] < 0.1
+    text = tools.render({0: row, 1: {**row, "after": 80.0, "change": 60.0}}, "cmd")
+    assert "| mean ± sd | 20.0 ± 0.0 | 75.0 ± 7.1 | +55.0 ± 7.1 | | 10.0 ± 0.0 | 100.0 ± 0.0 |" in text
+    environment = tools.environment_from_config()  # the config's environment, as the runs build it
+    assert (environment.max_turns, environment.prompt_column, environment.system_prompt) == (2, "question", "")

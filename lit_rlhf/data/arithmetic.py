@@ -5,6 +5,9 @@
     arithmetic_splits       the bundled train and test problems: one pool of distinct problems, shuffled and cut
                             in two (disjoint, the same distribution), as lists of rows
     load_bundled_arithmetic the same as a ``datasets.DatasetDict`` (``data.dataset: bundled:arithmetic``)
+    tool_sft_rows           supervised turns of conversations with a calculator tool (the tool model's data)
+    load_bundled_arithmetic_tools      those of the bundled splits (``bundled:arithmetic-tools``)
+    load_bundled_arithmetic_questions  the bundled problems as ``question``s (``bundled:arithmetic-questions``)
 
 A problem is an addition or a subtraction of two integers of 1 to ``max_digits`` digits (the digit count of each
 operand drawn uniformly, then its value), written without spaces and ending with ``=``; a subtraction's first
@@ -85,3 +88,56 @@ def load_bundled_arithmetic() -> datasets.DatasetDict:
 
     splits = arithmetic_splits(TRAIN_SIZE, TEST_SIZE, SEED, MAX_DIGITS)  # read now: a test may make them smaller
     return datasets.DatasetDict({split: datasets.Dataset.from_list(rows) for split, rows in splits.items()})
+
+
+# ---------------------------------------------------------------------------------------------- with a tool
+
+TOOL_FRACTION = 0.3
+"""The share of ``bundled:arithmetic-tools``'s problems answered with the calculator (the others directly)."""
+
+
+def tool_conversation(row: dict[str, str], tool: bool) -> list[dict[str, str]]:
+    """A problem's conversation: the question, then (``tool``) a call of ``calc`` on it and the call's result,
+    then the answer. ``{"prompt": "12+345=", "answer": "357"}`` -> user ``12+345=``, assistant
+    ``<tool>calc(12+345)</tool>``, tool ``357``, assistant ``357`` (without ``tool``: user, assistant ``357``)."""
+    conversation = [{"role": "user", "content": row["prompt"]}]
+    if tool:
+        call = f"<tool>calc({row['prompt'].removesuffix('=')})</tool>"
+        conversation += [{"role": "assistant", "content": call}, {"role": "tool", "content": row["answer"]}]
+    return conversation + [{"role": "assistant", "content": row["answer"]}]
+
+
+def tool_sft_rows(rows: list[dict[str, str]], tool_fraction: float = TOOL_FRACTION, seed: int = SEED) -> list[dict]:
+    """Supervised rows of ``rows``' conversations (:func:`tool_conversation`), a problem with the tool with
+    probability ``tool_fraction`` (``random.Random(seed)``, one draw per problem in order): one row per assistant
+    turn, ``messages`` the conversation up to and including it (the turn to learn is the last), with the
+    problem's ``id`` (``<id>_<turn>``) and ``answer``."""
+    rng, out = random.Random(seed), []
+    for row in rows:
+        conversation = tool_conversation(row, rng.random() < tool_fraction)
+        turns = [i for i, m in enumerate(conversation) if m["role"] == "assistant"]
+        out += [{"id": f"{row.get('id', len(out))}_{j}", "messages": conversation[: i + 1], "answer": row["answer"]}
+                for j, i in enumerate(turns)]
+    return out
+
+
+def load_bundled_arithmetic_tools() -> datasets.DatasetDict:
+    """``bundled:arithmetic-tools``: :func:`tool_sft_rows` of the bundled train and test problems (each split its
+    own draws, seed :data:`SEED`), columns ``id``, ``messages`` (a list of ``{role, content}``), ``answer``."""
+    import datasets
+
+    splits = arithmetic_splits(TRAIN_SIZE, TEST_SIZE, SEED, MAX_DIGITS)
+    return datasets.DatasetDict({split: datasets.Dataset.from_list(tool_sft_rows(rows, TOOL_FRACTION, SEED))
+                                 for split, rows in splits.items()})
+
+
+def load_bundled_arithmetic_questions() -> datasets.DatasetDict:
+    """``bundled:arithmetic-questions``: the bundled problems with their ``prompt`` named ``question`` (columns
+    ``id``, ``question``, ``answer``): the first user message of a ``model.environment`` (whose data module
+    replaces a column named ``prompt`` with its rendered prompt)."""
+    import datasets
+
+    splits = arithmetic_splits(TRAIN_SIZE, TEST_SIZE, SEED, MAX_DIGITS)
+    questions = {split: [{"id": r["id"], "question": r["prompt"], "answer": r["answer"]} for r in rows]
+                 for split, rows in splits.items()}
+    return datasets.DatasetDict({split: datasets.Dataset.from_list(rows) for split, rows in questions.items()})

@@ -39,7 +39,9 @@ SPLIT_PREFIXES = {"train": ("train",), "validation": ("validation", "valid", "de
 
 BUNDLED = {"dialogsum": "lit_rlhf.data.dialogsum:load_bundled_dialogsum",
            "dialogsum-pairs": "lit_rlhf.data.sampled_pairs:load_bundled_pairs",
-           "arithmetic": "lit_rlhf.data.arithmetic:load_bundled_arithmetic"}
+           "arithmetic": "lit_rlhf.data.arithmetic:load_bundled_arithmetic",
+           "arithmetic-tools": "lit_rlhf.data.arithmetic:load_bundled_arithmetic_tools",
+           "arithmetic-questions": "lit_rlhf.data.arithmetic:load_bundled_arithmetic_questions"}
 """``bundled:<name>`` sources: the function (``module:function``) returning the copy shipped with lit_rlhf."""
 
 

@@ -1,14 +1,16 @@
 """The embedded arithmetic model's shape: a character tokenizer and a small GPT-2 with random weights.
 
 ``embedded:arithmetic-untrained`` is where ``configs/sft_arithmetic.yaml`` starts; ``embedded:arithmetic`` is that
-recipe's result, shipped in ``lit_rlhf/assets/arithmetic`` (see its PROVENANCE.md).
+recipe's result, shipped in ``lit_rlhf/assets/arithmetic`` (see its PROVENANCE.md). The tool model's likewise:
+``embedded:arithmetic-tools-untrained``, ``configs/sft_arithmetic_tools.yaml``, ``embedded:arithmetic-tools`` in
+``lit_rlhf/assets/arithmetic_tools``: the same scheme with role and tool-call tokens and a chat template.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from lit_rlhf.models.tiny import BUILD_VERSION, build_atomically, save_gpt2
@@ -42,5 +44,57 @@ def build_arithmetic_untrained(path: str, seed: int = 0) -> str:
 
     def write(folder: str) -> None:
         save_gpt2(folder, build_arithmetic_tokenizer(), seed, **ARITHMETIC_ARCHITECTURE)
+
+    return build_atomically(path, build, write)
+
+
+# ---------------------------------------------------------------------------------------------- the tool model
+
+TOOL_CHARACTERS = "0123456789+-=() "
+"""The tool model's characters (one token each): the arithmetic ones and the parentheses of a call."""
+TOOL_UNK = "<unk>"
+TOOL_ROLES = ("<|system|>", "<|user|>", "<|assistant|>", "<|tool|>")
+"""One special token per chat role (the template writes ``<|role|>`` before each message)."""
+TOOL_WORDS = ("<tool>", "</tool>", "calc")
+"""Whole tokens of a tool call ``<tool>calc(12+345)</tool>`` (plain tokens: a decoded turn keeps them)."""
+TOOL_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}<|endoftext|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+"""``<|user|>12+345=<|assistant|><tool>calc(12+345)</tool><|endoftext|><|tool|>357<|assistant|>357<|endoftext|>``:
+each message after its role token, an assistant turn closed by eos (the token the model ends its turn with)."""
+TOOL_ARCHITECTURE: dict[str, Any] = {**ARITHMETIC_ARCHITECTURE, "n_positions": 64}
+"""The embedded tool model's GPT-2 (the arithmetic shape with a context of 64 tokens; about 0.6M parameters)."""
+
+
+def build_tool_tokenizer() -> PreTrainedTokenizerFast:
+    """The arithmetic tokenizer's scheme for tool conversations: eos (id 0, also bos and pad), one token per
+    character of :data:`TOOL_CHARACTERS`, ``<unk>`` for any other character, then :data:`TOOL_ROLES` (special)
+    and :data:`TOOL_WORDS` (whole tokens), and the chat template :data:`TOOL_CHAT_TEMPLATE`."""
+    vocab = {ARITHMETIC_EOS: 0, **{c: i + 1 for i, c in enumerate(TOOL_CHARACTERS)}}
+    vocab[TOOL_UNK] = len(vocab)
+    for token in (*TOOL_ROLES, *TOOL_WORDS):
+        vocab[token] = len(vocab)
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=TOOL_UNK))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (ARITHMETIC_EOS, *TOOL_ROLES)])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in TOOL_WORDS])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, model_max_length=TOOL_ARCHITECTURE["n_positions"], padding_side="left",
+        clean_up_tokenization_spaces=False, model_input_names=["input_ids", "attention_mask"],
+        bos_token=ARITHMETIC_EOS, eos_token=ARITHMETIC_EOS, unk_token=TOOL_UNK, pad_token=ARITHMETIC_EOS,
+        chat_template=TOOL_CHAT_TEMPLATE,
+    )
+
+
+def build_tool_untrained(path: str, seed: int = 0) -> str:
+    """The embedded tool model's GPT-2 (:data:`TOOL_ARCHITECTURE`) and tokenizer with random weights into
+    ``path`` (``embedded:arithmetic-tools-untrained``, where ``configs/sft_arithmetic_tools.yaml`` starts)."""
+    build = {"builder": "build_tool_untrained", "version": BUILD_VERSION, "seed": seed, **TOOL_ARCHITECTURE}
+
+    def write(folder: str) -> None:
+        save_gpt2(folder, build_tool_tokenizer(), seed, **TOOL_ARCHITECTURE)
 
     return build_atomically(path, build, write)

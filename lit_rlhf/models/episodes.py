@@ -139,13 +139,30 @@ def run_episodes(
         room = torch.tensor([context - len(episodes[i].prompt_ids) - len(episodes[i].ids) if context else 1 << 30
                              for i in active])
         turn_limits = torch.minimum(limits.cpu()[active], room)
-        response, response_mask = generate(ids.to(device), mask.to(device), turn_limits.to(device))
-        response, response_mask = response.cpu(), response_mask.cpu().bool()
-        for j, i in enumerate(active):
-            own = response[j][response_mask[j]].tolist()
-            take_turn(episodes[i], own, tokenizer, environment, end, eos, context,
-                      last=turn == environment.max_turns - 1)
+        for rows_of_call in position_groups(room, turn_limits):
+            columns = mask[rows_of_call].any(0)  # without the columns only other calls' rows fill
+            response, response_mask = generate(ids[rows_of_call][:, columns].to(device),
+                                               mask[rows_of_call][:, columns].to(device),
+                                               turn_limits[rows_of_call].to(device))
+            response, response_mask = response.cpu(), response_mask.cpu().bool()
+            for j, i in enumerate(rows_of_call.tolist()):
+                own = response[j][response_mask[j]].tolist()
+                take_turn(episodes[active[i]], own, tokenizer, environment, end, eos, context,
+                          last=turn == environment.max_turns - 1)
     return episodes
+
+
+def position_groups(room: Tensor, turn_limits: Tensor) -> list[Tensor]:
+    """The rows of one turn's generate calls: a batched call runs every row for the batch's longest limit, so a
+    row with less room than that would run past the model's positions. Every row with room for the longest
+    limit goes in one call (all of them, but for a conversation near the context's end); the others in one call
+    per limit (a row's limit is at most its room). Row indices into ``room``, each group in ascending order."""
+    longest = int(turn_limits.max())
+    fits = room >= longest
+    groups = [fits.nonzero().flatten()] if bool(fits.any()) else []
+    for limit in sorted(set(turn_limits[~fits].tolist())):
+        groups.append(((turn_limits == limit) & ~fits).nonzero().flatten())
+    return groups
 
 
 def take_turn(episode: Episode, own: list[int], tokenizer: Any, environment: EnvironmentLike, end: str,

@@ -7,7 +7,7 @@ other name is returned unchanged for ``from_pretrained`` to load.
 
 The tiny models are random (untrained): they generate fluent-looking token soup, which is all the training
 loop, the tests and the benchmarks need from them. ``SHIPPED`` models are trained ones inside the package
-(``embedded:summarizer``, a T5, and ``embedded:arithmetic``, a GPT-2; made by ``lit-rlhf-sft``, see PROVENANCE.md).
+(``embedded:summarizer``, a T5, ``embedded:arithmetic`` and ``-tools``, GPT-2s; by ``lit-rlhf-sft``, see PROVENANCE.md).
 """
 
 from __future__ import annotations
@@ -340,6 +340,8 @@ EMBEDDED: dict[str, Callable[[str], str]] = {
     "embedded:summarizer-untrained": build_summarizer_untrained,
     "embedded:arithmetic-untrained": lambda path: importlib.import_module(
         "lit_rlhf.models.arithmetic").build_arithmetic_untrained(path),
+    "embedded:arithmetic-tools-untrained": lambda path: importlib.import_module(
+        "lit_rlhf.models.arithmetic").build_tool_untrained(path),
 }
 """Embedded model names and the builders that write them into a given folder (the arithmetic model's lives in
 lit_rlhf.models.arithmetic, which builds on this file's helpers)."""
@@ -348,6 +350,7 @@ lit_rlhf.models.arithmetic, which builds on this file's helpers)."""
 SHIPPED: dict[str, tuple[str, str]] = {
     "embedded:summarizer": ("summarizer", "configs/sft_embedded.yaml"),
     "embedded:arithmetic": ("arithmetic", "configs/sft_arithmetic.yaml"),
+    "embedded:arithmetic-tools": ("arithmetic_tools", "configs/sft_arithmetic_tools.yaml"),
 }
 """Trained models shipped in the package: name -> (folder in lit_rlhf/assets (see its PROVENANCE.md), its config)."""
 

@@ -65,3 +65,17 @@ def test_the_test_split_is_drawn_from_the_train_splits_distribution():
     train, test = shares(splits["train"]), shares(splits["test"])
     assert len(train) == 15  # 1-3 digits each, + and - (a subtraction's first operand is the longer or equal)
     assert max(abs(test.get(kind, 0.0) - share) for kind, share in train.items()) < 0.025
+
+
+def test_bundled_tool_conversations_and_questions(monkeypatch):
+    import lit_rlhf.data.arithmetic as arithmetic
+
+    monkeypatch.setattr(arithmetic, "TRAIN_SIZE", 50)
+    monkeypatch.setattr(arithmetic, "TEST_SIZE", 20)
+    questions = load_source("bundled:arithmetic-questions")
+    assert questions["test"][0] == {"id": "test_0", "question": "112-8=", "answer": "104"}
+    assert (len(questions["train"]), questions.column_names["train"]) == (50, ["id", "question", "answer"])
+    tools = load_source("bundled:arithmetic-tools")
+    assert tools["train"].column_names == ["id", "messages", "answer"] and len(tools["train"]) > 50
+    first = tools["test"][0]  # the held-out problem 112-8=, its first assistant turn
+    assert first["id"] == "test_0_0" and first["messages"][0] == {"role": "user", "content": "112-8="}
