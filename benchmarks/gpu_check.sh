@@ -8,7 +8,7 @@
 # (benchmarks/bench_memory.py --device cuda). Writes benchmarks/GPU_RESULTS.md (and GPU_MEMORY.md/.json beside it).
 #
 #   benchmarks/gpu_check.sh                 # on the GPU machine, from the repository root; ~10 minutes on one GPU
-#   benchmarks/gpu_check.sh --device cpu    # a dry run on CPU with tiny sizes (tests/models/test_memory.py runs it)
+#   benchmarks/gpu_check.sh --device cpu    # a dry run on CPU with tiny sizes (tests/models/test_gpu_check.py runs it)
 #
 # Environment: PYTHON (default .venv/bin/python, else python), GPU_CHECK_OUT (default benchmarks/), the folder the
 # reports are written to, GPU_CHECK_CACHE (default benchmarks/.cache), where the models are built,
