@@ -74,10 +74,10 @@ def test_shipped_model_plays_an_episode_with_the_tool():
         return out, (torch.cumsum((out == 0).long(), 1) - (out == 0).long() == 0).long()
 
     environment = ToolEnvironment(max_turns=2, prompt_column="question", system_prompt="")
-    rows = [{"question": "63-4=", "answer": "59"}, {"question": "12+345=", "answer": "357"}]  # held-out, train
+    rows = [{"question": "854-691=", "answer": "163"}, {"question": "63-4=", "answer": "59"}]  # held-out, train
     episodes = run_episodes(tokenizer, environment, rows, torch.tensor([14, 14]), greedy, (0,), 0, 64)
     assert all(e.done and 1 <= e.turns <= 2 for e in episodes)
-    assert [m["content"] for m in episodes[0].messages[1:]] == ["<tool>calc(63-4)</tool>", "59", "59"]
+    assert [m["content"] for m in episodes[0].messages[1:]] == ["<tool>calc(854-691)</tool>", "163", "163"]
     assert environment.reward(episodes[0].messages, rows[0]) == 1.0
 
 
