@@ -19,6 +19,18 @@ def seeds():
     return module
 
 
+def benchmark_script(name: str):
+    """benchmarks/<name> as a module (it imports seeds.py beside it)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name.removesuffix('.py')}", SCRIPT.parent / name)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return module
+
+
 def report(tox_before, tox_after, reward_before, reward_after, rouge_before, rouge_after, length_after=20.0):
     side = lambda tox, reward, rouge, length: {"toxicity_mean": tox, "reward_mean": reward, "rouge1": rouge,
                                                "response_length_mean": length}
@@ -75,11 +87,7 @@ def test_the_seed_flags_come_after_a_config_so_that_they_win(seeds, tmp_path, mo
 
 
 def test_rlvr_table_per_seed_and_over_seeds(tmp_path):
-    sys.path.insert(0, str(SCRIPT.parent))  # rlvr_seeds.py imports seeds.py beside it
-    spec = importlib.util.spec_from_file_location("bench_rlvr_seeds", SCRIPT.parent / "rlvr_seeds.py")
-    rlvr = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rlvr)
-    sys.path.remove(str(SCRIPT.parent))
+    rlvr = benchmark_script("rlvr_seeds.py")
     side = lambda acc, passed: {"reward_mean": acc, "pass_at_k": passed, "response_length_mean": 3.5}  # noqa: E731
     rows = {s: rlvr.seed_row({"before": side(0.40, 0.6), "after": side(0.40 + gain, 0.7), "reward": {
         "difference_mean": gain, "ci_low": gain - 0.03, "ci_high": gain + 0.03, "p_value": 0.001}})
@@ -92,11 +100,7 @@ def test_rlvr_table_per_seed_and_over_seeds(tmp_path):
 
 
 def test_tool_benchmark_compares_episodes_per_problem(seeds):
-    sys.path.insert(0, str(SCRIPT.parent))  # rlvr_tools.py imports seeds.py beside it
-    spec = importlib.util.spec_from_file_location("bench_rlvr_tools", SCRIPT.parent / "rlvr_tools.py")
-    tools = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tools)
-    sys.path.remove(str(SCRIPT.parent))
+    tools = benchmark_script("rlvr_tools.py")
     before = [{"reward": float(i < 2), "tool": i == 0} for i in range(10)]  # 20% right, 10% with the tool
     after = [{"reward": float(i < 7), "tool": True} for i in range(10)]
     row = tools.compare(before, after)
