@@ -24,7 +24,7 @@ from lit_rlhf.models import Policy
 from lit_rlhf.modules.base import BuildsPolicy, policy_errors
 from lit_rlhf.modules.ppo_filters import episode_stats, filter_rollout
 from lit_rlhf.modules.ppo_passes import (
-    environment_errors, environment_notice, old_logprobs_from_update, reference_source,
+    check_environment_strategy, environment_errors, environment_notice, old_logprobs_from_update, reference_source,
 )
 from lit_rlhf.modules.ppo_update import PPOUpdate
 from lit_rlhf.rewards import Environment, ProfanityReward, Reward, check_reward_inputs
@@ -187,15 +187,14 @@ class PPOModule(PPOUpdate, BuildsPolicy):
     # The reward follows the module to its device. Not in setup(): Lightning moves the module to its device
     # after setup, so there self.device is still the CPU.
     def on_validation_start(self) -> None:
+        check_environment_strategy(self.environment, self.trainer)
         self.reward.to(self.device)
 
     on_test_start = on_predict_start = on_validation_start
 
     def on_fit_start(self) -> None:
         super().on_fit_start()  # the precision (no gradient scaler: manual optimization)
-        if self.environment is not None and dist.weights_sharded(self.trainer):
-            raise ValueError("model.environment runs a different number of turns on each process, which sharded "
-                             "weights (FSDP, DeepSpeed ZeRO-3) cannot follow; use DDP or one device")
+        check_environment_strategy(self.environment, self.trainer)  # (and in validate, test and predict)
         if self.hparams.fast_rollout and dist.weights_sharded(self.trainer):
             raise ValueError("model.fast_rollout=true samples outside the strategy's wrapped forward, which sharded "
                              "weights (FSDP, DeepSpeed ZeRO-3) do not allow; set model.fast_rollout=false")

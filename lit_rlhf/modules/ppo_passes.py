@@ -13,6 +13,7 @@ from __future__ import annotations
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_rlhf.models import is_encoder_decoder
+from lit_rlhf.runtime import distributed as dist
 from lit_rlhf.settings import PPOSettings
 
 
@@ -38,6 +39,14 @@ def old_logprobs_from_update(
     full_kl = ppo.uses_reference and ppo.kl_estimator == "full"
     return (not fast and ppo.ppo_epochs == 1 and n_groups == 1 and not critic and not dropout
             and not kl_in_reward and not full_kl)
+
+
+def check_environment_strategy(environment: object | None, trainer: object) -> None:
+    """Refuses an environment under sharded weights (fit, validate, test, predict): each process runs its own number
+    of turns, and every forward of sharded weights is a collective of all processes."""
+    if environment is not None and dist.weights_sharded(trainer):
+        raise ValueError("model.environment runs a different number of turns on each process, which sharded "
+                         "weights (FSDP, DeepSpeed ZeRO-3) cannot follow; use DDP or one device")
 
 
 def environment_errors(environment: object | None, ppo: PPOSettings, model_name: str) -> list[str]:

@@ -26,6 +26,10 @@ from typing import Any
 Message = dict[str, Any]
 
 
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+"""A number in a turn's text (an integer or a decimal; "1,358" reads as 1 then 358)."""
+
+
 class Environment:
     """The base of a multi-turn environment (``model.environment``; see the module docstring for the contract).
 
@@ -124,9 +128,11 @@ class ToolEnvironment(Environment):
     A turn holding ``<tool>name(args)</tool>`` gets the function's result (its ``str``) as the next message,
     role ``tool``, rendered by the chat template; a call that fails (unknown name, bad arguments, the function
     raised) gets ``error: ...`` as its result instead, never a crash. A turn without a call ends the episode,
-    whose reward is 1.0 when the last turn holds the row's ``answer_column`` value (as a whole number or word),
-    else 0.0. ``tools`` maps names to import paths (``module:function``, as ``FunctionReward``); a function takes
-    the argument text (one string) and returns the result. The default: ``calc`` (``+ - * /`` on integers)."""
+    whose reward is 1.0 when its last turn, without a tool call, answers the row's ``answer_column`` value: a
+    numeric answer must be the turn's first number ("357 or 358" answers 357), another answer a whole word or
+    phrase of it; else 0.0. ``tools`` maps names to import paths (``module:function``, as ``FunctionReward``),
+    beside ``calc`` (``+ - * /`` on integers, always there unless ``tools`` names its own ``calc``); a function
+    takes the argument text (one string) and returns the result."""
 
     def __init__(
         self, max_turns: int = 4, prompt_column: str = "question", system_prompt: str | None = None,
@@ -138,11 +144,12 @@ class ToolEnvironment(Environment):
             prompt_column: The data column whose text is the first user message.
             system_prompt: A system message before it; None: one that documents the tools and the call format.
             answer_column: The data column holding each row's expected answer (the reward).
-            tools: Name -> ``module:function`` of each tool; None: ``{"calc": "lit_rlhf.rewards.environment:calc"}``.
+            tools: Name -> ``module:function`` of each tool the model may call besides ``calc``
+                (``lit_rlhf.rewards.environment:calc``; a tool named ``calc`` here replaces it).
         """
         from lit_rlhf.rewards.function import import_function
 
-        self.tool_paths = dict(tools) if tools is not None else {"calc": "lit_rlhf.rewards.environment:calc"}
+        self.tool_paths = {"calc": "lit_rlhf.rewards.environment:calc", **(tools or {})}
         self.tools = {name: import_function(path, f"model.environment.tools.{name}")
                       for name, path in self.tool_paths.items()}
         if system_prompt is None:
@@ -181,6 +188,11 @@ class ToolEnvironment(Environment):
         if self.answer_column not in row:
             raise ValueError(f"{self.describe()}: the data has no column {self.answer_column!r} (model.environment."
                              f"answer_column); its columns: {sorted(row)}")
-        last = next((m["content"] for m in reversed(messages) if m.get("role") == "assistant"), "")
-        answer = re.escape(str(row[self.answer_column]).strip())
-        return 1.0 if re.search(rf"(?<![\w.-]){answer}(?![\w]|\.\d)", str(last)) else 0.0
+        last = str(next((m["content"] for m in reversed(messages) if m.get("role") == "assistant"), ""))
+        answer = str(row[self.answer_column]).strip()
+        if parse_tool_call(last) is not None:  # an episode cut at max_turns mid-call gave no answer
+            return 0.0
+        if NUMBER.fullmatch(answer):  # the turn's first number is its answer
+            first = NUMBER.search(last)
+            return 1.0 if first is not None and float(first.group()) == float(answer) else 0.0
+        return 1.0 if re.search(rf"(?<![\w.-]){re.escape(answer)}(?![\w]|\.\d)", last) else 0.0

@@ -88,3 +88,17 @@ def test_settings_an_environment_cannot_work_with_are_refused():
                   ppo=PPOSettings(overlong="mask"))
     with pytest.raises(ValueError, match="model.environment .* decoder-only .* is an encoder-decoder"):
         PPOModule(model_name="embedded:tiny-t5", environment=ScriptedEnvironment())  # before anything is built
+
+
+def test_sharded_weights_are_refused_in_every_stage(monkeypatch):
+    # each process runs its own number of turns: a collective forward of sharded weights would wait forever
+    from lit_rlhf.modules import ppo_passes
+
+    module = PPOModule(model_name="embedded:tiny-gpt2", environment=ScriptedEnvironment())
+    monkeypatch.setattr(ppo_passes.dist, "weights_sharded", lambda trainer: True)
+    monkeypatch.setattr(PPOModule, "trainer", property(lambda self: None))
+    for hook in (module.on_validation_start, module.on_test_start, module.on_predict_start):
+        with pytest.raises(ValueError, match="model.environment runs a different number of turns"):
+            hook()
+    module.environment = None  # single-turn: the stages run
+    module.on_validation_start()

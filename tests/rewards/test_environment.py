@@ -39,6 +39,10 @@ def test_tool_environment_answers_calls_and_errors_and_scores_the_last_turn():
     said = lambda text: first + [{"role": "assistant", "content": text}]  # noqa: E731
     assert env.reward(said("It is 1517."), row) == 1.0
     assert env.reward(said("It is 15170."), row) == 0.0 and env.reward(said("It is 1517.5"), row) == 0.0
+    # only the turn's first number answers, and a turn that calls a tool answers nothing
+    assert env.reward(said("1516 or 1517"), row) == 0.0 and env.reward(said("1,517"), row) == 0.0
+    assert env.reward(said("<tool>calc(1517)</tool>"), row) == 0.0
+    assert env.reward(said("Paris."), {"answer": "Paris"}) == 1.0 and env.reward(said("Parisian"), {"answer": "Paris"}) == 0.0
     with pytest.raises(ValueError, match="no column 'answer'"):
         env.reward(said("1517"), {"question": "?"})
     with pytest.raises(ValueError, match="no column 'question'.*'prompt' is the data module's rendered prompt"):
@@ -57,3 +61,5 @@ def test_environment_defaults_and_settings_checks():
         Environment(max_turns=0)
     with pytest.raises(ValueError, match="model.environment.tools.calc"):
         ToolEnvironment(tools={"calc": "no_such_module_here:calc"})
+    more = ToolEnvironment(tools={"neg": "operator:neg"})  # beside calc, not instead
+    assert more.call("calc", "1+1") == "2" and sorted(more.tools) == ["calc", "neg"]
