@@ -124,7 +124,8 @@ def render(rows: dict[int, dict[str, float]], command: str) -> str:
         f"Command: `{command}`, one seed at a time, one thread. CPU: {cpu_model()}; Python "
         f"{platform.python_version()}.", "",
         "Accuracy: greedy episodes (the config's ToolEnvironment: at most 2 model turns) on the 500 held-out test "
-        "problems, reward 1 when the last turn holds the answer; change: after - before per problem, mean with its "
+        "problems, reward 1 when the last turn's first number is the answer; change: after - before per problem, "
+        "mean with its "
         "paired 95% BCa bootstrap CI over problems and the Wilcoxon signed-rank p; tool calls: episodes in which the "
         "model called the calculator; sd: sample standard deviation over seeds.", "",
         *lines, "",
