@@ -114,7 +114,7 @@ def generate_responses(
 
 def generate_episodes(
     policy: Policy, batch: dict[str, Any], settings: GenerationSettings, limits: Tensor, environment: Environment,
-    synced_gpus: bool | None = None, repeats: int = 1,
+    synced_gpus: bool | None = None, repeats: int = 1, score: bool = True,
 ) -> Generated:
     """``generate_responses`` with an environment (``lit_rlhf.models.episodes``): k episodes per row of the batch
     (its source ``columns``), scored by the environment. The response is the whole conversation after the first
@@ -139,12 +139,14 @@ def generate_episodes(
                           [policy.tokenizer.decode(e.prompt_ids) for e in episodes],
                           _repeat(batch.get("reference"), repeats), None, _repeat_columns(columns, repeats),
                           action_mask=own)
+    generated.episodes = episodes
+    if not score:  # (predict on rows the environment's reward cannot read)
+        return generated
     scores = torch.tensor([float(environment.reward(e.messages, e.row)) for e in episodes], dtype=torch.float32,
                           device=device)  # (where a reward's scores are: on the module's device)
     bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
     generated.scores = None if bad else scores
     generated.reward_error = f"{environment.describe()} returned non-finite rewards at {bad}" if bad else None
-    generated.episodes = episodes
     return generated
 
 
@@ -216,11 +218,12 @@ def collect(
 ) -> Generated:
     """generate -> decode -> score, each phase inside ``timer(name)`` (``time/ppo/generate``, ``.../reward``).
     ``reward`` None: the responses are not scored (``predict`` on prompts the reward cannot read). With an
-    ``environment``: its episodes (``generate_episodes``), scored by it (``reward`` is not called)."""
+    ``environment``: its episodes (``generate_episodes``), scored by it (``reward`` is not called; None: unscored)."""
     timer = timer if timer is not None else (lambda name: nullcontext())  # an empty PhaseTimer is falsy
     if environment is not None:
         with timer("time/ppo/generate"):
-            return generate_episodes(policy, batch, settings, limits, environment, synced_gpus, repeats)
+            return generate_episodes(policy, batch, settings, limits, environment, synced_gpus, repeats,
+                                     score=reward is not None)
     with timer("time/ppo/generate"):
         generated = generate_responses(policy, batch, settings, limits, fast, synced_gpus, repeats)
     if reward is None:

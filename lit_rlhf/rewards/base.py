@@ -182,25 +182,26 @@ class Reward(Scorer):
 
 
 def check_reward_inputs(reward: Reward, columns: Sequence[str], has_references: bool,
-                        first_null: Callable[[str], str | None] | None = None) -> None:
+                        first_null: Callable[[str], str | None] | None = None, flag: str = "model.reward") -> None:
     """Raise a ValueError, naming the reward and what is missing, when the data lacks a column the reward reads
     or references the reward compares with, or (``first_null``: a column -> the id of its first row without a
-    value) when some rows have no value in such a column: the reward would be handed None."""
+    value) when some rows have no value in such a column: the reward would be handed None. ``flag``: the setting
+    that names it (``model.environment`` for an environment's reward)."""
     missing = [c for c in reward.required_columns() if c not in columns]
     if missing:
         raise ValueError(
-            f"model.reward {reward.describe()} reads the column(s) {missing}, which the data lacks (its columns: "
+            f"{flag} {reward.describe()} reads the column(s) {missing}, which the data lacks (its columns: "
             f"{list(columns)}); add them to the data (data.dataset, data.predict_path) or change the reward"
         )
     for column in reward.required_columns() if first_null is not None else []:
         row = first_null(column)
         if row is not None:
             raise ValueError(
-                f"model.reward {reward.describe()} reads the column {column!r}, which row {row!r} of the data has no "
+                f"{flag} {reward.describe()} reads the column {column!r}, which row {row!r} of the data has no "
                 "value in (null or absent); give every row one (data.dataset, data.predict_path) or drop those rows"
             )
     if reward.needs_references() and not has_references:
         raise ValueError(
-            f"model.reward {reward.describe()} compares responses with references, and the data has none: set "
+            f"{flag} {reward.describe()} compares responses with references, and the data has none: set "
             f"data.reference_column to one of the data's columns {list(columns)}, or change the reward"
         )

@@ -52,6 +52,14 @@ class Environment:
     def describe(self) -> str:
         return type(self).__name__
 
+    def required_columns(self) -> list[str]:
+        """Data columns ``reward`` reads, checked against the data before the first step (``predict`` on rows
+        without them writes the episodes unscored); the base class cannot know: none."""
+        return []
+
+    def needs_references(self) -> bool:
+        return False
+
     def reset(self, row: dict[str, Any]) -> list[Message]:
         """The episode's first messages: the system prompt, if any, then the row's prompt as a user message."""
         if self.prompt_column not in row:
@@ -158,6 +166,9 @@ class ToolEnvironment(Environment):
                              "tool call.")
         super().__init__(max_turns, prompt_column, system_prompt)
         self.answer_column = answer_column
+
+    def required_columns(self) -> list[str]:
+        return [self.answer_column]
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "tools"}  # functions travel by their import path

@@ -102,3 +102,24 @@ def test_sharded_weights_are_refused_in_every_stage(monkeypatch):
             hook()
     module.environment = None  # single-turn: the stages run
     module.on_validation_start()
+
+
+def test_predict_on_rows_the_environments_reward_cannot_read_writes_unscored_episodes(tmp_path):
+    # ToolEnvironment's reward reads `answer`: new questions without it still get their episodes, only no score
+    from lit_rlhf.rewards import ToolEnvironment
+
+    train = write_jsonl(tmp_path / "q.jsonl", questions(8))
+    new = write_jsonl(tmp_path / "new.jsonl", [{"question": q["question"]} for q in questions(3)])
+    trainer = L.Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    module = PPOModule(model_name="embedded:tiny-gpt2", environment=ToolEnvironment(max_turns=2),
+                       generation=GenerationSettings(min_new_tokens=1, max_new_tokens=(4, 6)))
+    data = PromptDataModule(model_name="embedded:tiny-gpt2", dataset=str(train), prompt_column="question",
+                            predict_path=str(new), eval_batch_size=3)
+    with pytest.warns(UserWarning, match=r"model.environment ToolEnvironment reads the column\(s\) \['answer'\]"):
+        records = [r for batch in trainer.predict(module, data) for r in batch]
+    assert len(records) == 3 and all("score" not in r and r["response"] for r in records)
+    data = PromptDataModule(model_name="embedded:tiny-gpt2", dataset=str(train), prompt_column="question",
+                            predict_path=str(train), eval_batch_size=4)  # with answers: scored by the environment
+    records = [r for batch in trainer.predict(module, data) for r in batch]
+    assert len(records) == 8 and all(r["score"] in (0.0, 1.0) and r["scorer"] == "ToolEnvironment" for r in records)
