@@ -214,19 +214,18 @@ def score_responses(reward: Reward, generated: Generated) -> Generated:
 def collect(
     policy: Policy, reward: Reward | None, batch: dict[str, Any], settings: GenerationSettings, limits: Tensor,
     fast: bool = False, synced_gpus: bool | None = None, timer: Timer | None = None, repeats: int = 1,
-    environment: Environment | None = None,
+    environment: Environment | None = None, score: bool = True,
 ) -> Generated:
     """generate -> decode -> score, each phase inside ``timer(name)`` (``time/ppo/generate``, ``.../reward``).
-    ``reward`` None: the responses are not scored (``predict`` on prompts the reward cannot read). With an
-    ``environment``: its episodes (``generate_episodes``), scored by it (``reward`` is not called; None: unscored)."""
+    ``reward`` None or ``score`` false: the responses are not scored (``predict`` on prompts the reward cannot
+    read). With an ``environment``: its episodes (``generate_episodes``), scored by it (``reward`` is not called)."""
     timer = timer if timer is not None else (lambda name: nullcontext())  # an empty PhaseTimer is falsy
     if environment is not None:
         with timer("time/ppo/generate"):
-            return generate_episodes(policy, batch, settings, limits, environment, synced_gpus, repeats,
-                                     score=reward is not None)
+            return generate_episodes(policy, batch, settings, limits, environment, synced_gpus, repeats, score)
     with timer("time/ppo/generate"):
         generated = generate_responses(policy, batch, settings, limits, fast, synced_gpus, repeats)
-    if reward is None:
+    if reward is None or not score:
         return generated
     with timer("time/ppo/reward"):
         return score_responses(reward, generated)

@@ -352,9 +352,8 @@ class PPOModule(PPOUpdate, BuildsPolicy):
         settings = GenerationSettings(**{**plain(self.generation), "do_sample": self.hparams.predict_do_sample})
         limits = torch.full((len(batch["input_ids"]),), settings.max_new_tokens[1] - 1)  # the longest allowed
         with ro.evaluation_rng(self.hparams.seed + batch_idx, len(limits), settings):
-            reward = self.reward if self.score_predictions else None
-            generated = ro.collect(self.policy, reward, batch, settings, limits, synced_gpus=dist.synced_gpus(self.trainer),
-                                   environment=self.environment)
+            generated = ro.collect(self.policy, self.reward, batch, settings, limits, synced_gpus=dist.synced_gpus(
+                self.trainer), environment=self.environment, score=self.score_predictions)
         scorer = self.environment if self.environment is not None else self.reward
         return ro.predict_records(generated, batch, scorer.describe())
 
