@@ -1,6 +1,6 @@
 """Prompt rows into batches: padding, the collator, and the seeded, resumable stream of training batches.
 
-    pad                  token-id lists -> ids and mask, padded on one side
+    pad                  token-id lists -> ids and mask, padded on one side (lit_rlhf.models.pad_rows)
     PromptCollator       rows -> a padded batch (tensors for the model, lists for rewards and logs)
     PromptStreamSampler  the seeded stream of training batches, resumable, one slice per process
     length_grouped       a stream order regrouped into batches of similar-length rows
@@ -14,17 +14,7 @@ from typing import Any, Callable, Iterator, Literal
 import torch
 from torch.utils.data import DistributedSampler
 
-
-def pad(rows: list[list[int]], pad_token_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad token-id lists into ids and mask, LongTensor [B, L], on the given side."""
-    width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        cols = slice(width - len(row), width) if side == "left" else slice(0, len(row))
-        ids[i, cols] = torch.tensor(row, dtype=torch.long)
-        mask[i, cols] = 1
-    return ids, mask
+from lit_rlhf.models import pad_rows as pad
 
 
 @dataclass(frozen=True)

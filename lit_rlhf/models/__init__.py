@@ -7,7 +7,7 @@ Knows no module, no reward and no dataset: imports only objectives, runtime and 
 """
 
 from lit_rlhf.models.decoding import SampledRollout, inverse_cdf_sample, sample_with_cache, warpers
-from lit_rlhf.models.episodes import Episode, episode_tensors, run_episodes
+from lit_rlhf.models.episodes import Episode, episode_tensors, pad_rows, run_episodes
 from lit_rlhf.models.lm import logprobs_from_logits, position_limit, trim_batch
 from lit_rlhf.models.loading import (
     build_policy, ensure_pad_token, is_encoder_decoder, load_causal_or_seq2seq, model_source_errors,
@@ -34,6 +34,7 @@ __all__ = [
     "build_policy",
     "ensure_pad_token",
     "episode_tensors",
+    "pad_rows",
     "build_tiny_t5",
     "build_tokenizer",
     "default_cache_dir",

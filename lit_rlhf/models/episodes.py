@@ -99,8 +99,9 @@ def closing_text(tokenizer: Any, end: str, turn_ids: list[int], eos: tuple[int, 
     return end
 
 
-def left_pad(rows: list[list[int]], pad: int, side: str = "left") -> tuple[Tensor, Tensor]:
-    """Rows of ids padded into [B, max(1, longest)] ids and mask, on ``side``."""
+def pad_rows(rows: list[list[int]], pad: int, side: str = "left") -> tuple[Tensor, Tensor]:
+    """Token-id lists padded into ids and mask, LongTensor [B, max(1, longest)], on ``side`` (the one padding of
+    the package: the data modules' collators use it too)."""
     width = max(1, max((len(r) for r in rows), default=0))
     ids, mask = torch.full((len(rows), width), pad, dtype=torch.long), torch.zeros(len(rows), width, dtype=torch.long)
     for i, row in enumerate(rows):
@@ -135,7 +136,7 @@ def run_episodes(
         active = [i for i, e in enumerate(episodes) if not e.done]
         if not active:
             break
-        ids, mask = left_pad([episodes[i].prompt_ids + episodes[i].ids for i in active], pad)
+        ids, mask = pad_rows([episodes[i].prompt_ids + episodes[i].ids for i in active], pad)
         room = torch.tensor([context - len(episodes[i].prompt_ids) - len(episodes[i].ids) if context else 1 << 30
                              for i in active])
         turn_limits = torch.minimum(limits.cpu()[active], room)
@@ -190,7 +191,7 @@ def take_turn(episode: Episode, own: list[int], tokenizer: Any, environment: Env
 def episode_tensors(episodes: list[Episode], pad: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """query ids, query mask [B, P] (left-padded first prompts), response ids, response mask [B, T] (the whole
     conversation after them, right-padded) and the model's own tokens [B, T] (1 model, 0 environment or pad)."""
-    query_ids, query_mask = left_pad([e.prompt_ids for e in episodes], pad)
-    response_ids, response_mask = left_pad([e.ids for e in episodes], pad, side="right")
-    own, _ = left_pad([e.own for e in episodes], 0, side="right")
+    query_ids, query_mask = pad_rows([e.prompt_ids for e in episodes], pad)
+    response_ids, response_mask = pad_rows([e.ids for e in episodes], pad, side="right")
+    own, _ = pad_rows([e.own for e in episodes], 0, side="right")
     return query_ids, query_mask, response_ids, response_mask, own
