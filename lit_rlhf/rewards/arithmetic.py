@@ -6,6 +6,7 @@
       init_args: {function: lit_rlhf.rewards.arithmetic:exact_answer}
 
     first_integer   the first integer written in a text (an optional minus sign, then digits), or None
+    first_number    the same for a number with decimals ("3.5"), as a float
     exact_answer    1.0 where a response's first integer equals the row's ``answer``, else 0.0
 """
 
@@ -16,12 +17,20 @@ from collections.abc import Sequence
 from typing import Any
 
 _INTEGER = re.compile(r"-?\d+")
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+"""A number written in a text: an optional minus sign, digits, optional decimals."""
 
 
 def first_integer(text: str) -> int | None:
     """The first integer in ``text`` ("357", " -12 apples" -> -12), or None when it has none."""
     match = _INTEGER.search(text)
     return int(match.group()) if match else None
+
+
+def first_number(text: str) -> float | None:
+    """The first number in ``text``, an integer or a decimal ("It is 3.5." -> 3.5; "1,358" reads 1), or None."""
+    match = NUMBER.search(text)
+    return float(match.group()) if match else None
 
 
 def exact_answer(prompts: Sequence[str], responses: Sequence[str], answer: Sequence[Any], **columns: Any) -> list[float]:

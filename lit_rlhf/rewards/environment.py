@@ -23,11 +23,9 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from lit_rlhf.rewards.arithmetic import NUMBER, first_number
+
 Message = dict[str, Any]
-
-
-NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-"""A number in a turn's text (an integer or a decimal; "1,358" reads as 1 then 358)."""
 
 
 class Environment:
@@ -204,6 +202,5 @@ class ToolEnvironment(Environment):
         if parse_tool_call(last) is not None:  # an episode cut at max_turns mid-call gave no answer
             return 0.0
         if NUMBER.fullmatch(answer):  # the turn's first number is its answer
-            first = NUMBER.search(last)
-            return 1.0 if first is not None and float(first.group()) == float(answer) else 0.0
+            return 1.0 if first_number(last) == float(answer) else 0.0
         return 1.0 if re.search(rf"(?<![\w.-]){re.escape(answer)}(?![\w]|\.\d)", last) else 0.0
