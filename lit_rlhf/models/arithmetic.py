@@ -8,6 +8,7 @@ recipe's result, shipped in ``lit_rlhf/assets/arithmetic`` (see its PROVENANCE.m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -26,24 +27,48 @@ ARITHMETIC_ARCHITECTURE: dict[str, Any] = {"n_embd": 128, "n_layer": 3, "n_head"
 def build_arithmetic_tokenizer() -> PreTrainedTokenizerFast:
     """One token per character of :data:`ARITHMETIC_CHARACTERS`; eos (``<|endoftext|>``, id 0) is also bos, unk
     and pad, and padding is on the left, as for GPT-2. Decoding joins the characters back without spaces."""
-    vocab = {ARITHMETIC_EOS: 0, **{c: i + 1 for i, c in enumerate(ARITHMETIC_CHARACTERS)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=ARITHMETIC_EOS))
+    return character_tokenizer(ARITHMETIC_CHARACTERS, ARITHMETIC_EOS, ARITHMETIC_ARCHITECTURE["n_positions"])
+
+
+def character_tokenizer(
+    characters: str, unk: str, max_length: int, special: tuple[str, ...] = (), words: tuple[str, ...] = (),
+    chat_template: str | None = None,
+) -> PreTrainedTokenizerFast:
+    """eos (``<|endoftext|>``, id 0, also bos and pad), one token per character of ``characters``, then ``unk``
+    (when it is not eos), the ``special`` tokens and the whole ``words``; any other character reads as ``unk``.
+    Padding on the left, as for GPT-2; decoding joins the characters back without spaces."""
+    vocab = {ARITHMETIC_EOS: 0, **{c: i + 1 for i, c in enumerate(characters)}}
+    for token in ((unk,) if unk != ARITHMETIC_EOS else ()) + special + words:
+        vocab[token] = len(vocab)
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=unk))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
+    if special or words:
+        tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (ARITHMETIC_EOS, *special)])
+        tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in words])
+    extra = {} if chat_template is None else {"chat_template": chat_template}
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, model_max_length=ARITHMETIC_ARCHITECTURE["n_positions"], padding_side="left",
+        tokenizer_object=tokenizer, model_max_length=max_length, padding_side="left",
         clean_up_tokenization_spaces=False, model_input_names=["input_ids", "attention_mask"],
-        bos_token=ARITHMETIC_EOS, eos_token=ARITHMETIC_EOS, unk_token=ARITHMETIC_EOS, pad_token=ARITHMETIC_EOS,
+        bos_token=ARITHMETIC_EOS, eos_token=ARITHMETIC_EOS, unk_token=unk, pad_token=ARITHMETIC_EOS, **extra,
     )
 
 
 def build_arithmetic_untrained(path: str, seed: int = 0) -> str:
     """The embedded arithmetic model's GPT-2 (:data:`ARITHMETIC_ARCHITECTURE`) and tokenizer with random weights
     into ``path``; deterministic and atomic, as the other embedded builds."""
-    build = {"builder": "build_arithmetic_untrained", "version": BUILD_VERSION, "seed": seed, **ARITHMETIC_ARCHITECTURE}
+    return build_untrained(path, "build_arithmetic_untrained", build_arithmetic_tokenizer, ARITHMETIC_ARCHITECTURE,
+                           seed)
+
+
+def build_untrained(path: str, builder: str, tokenizer: Callable[[], PreTrainedTokenizerFast],
+                    architecture: dict[str, Any], seed: int) -> str:
+    """A GPT-2 of ``architecture`` with random weights (``seed``) and ``tokenizer()`` into ``path``, built once per
+    ``builder`` name, version and settings (``build_atomically``)."""
+    build = {"builder": builder, "version": BUILD_VERSION, "seed": seed, **architecture}
 
     def write(folder: str) -> None:
-        save_gpt2(folder, build_arithmetic_tokenizer(), seed, **ARITHMETIC_ARCHITECTURE)
+        save_gpt2(folder, tokenizer(), seed, **architecture)
 
     return build_atomically(path, build, write)
 
@@ -72,29 +97,11 @@ def build_tool_tokenizer() -> PreTrainedTokenizerFast:
     """The arithmetic tokenizer's scheme for tool conversations: eos (id 0, also bos and pad), one token per
     character of :data:`TOOL_CHARACTERS`, ``<unk>`` for any other character, then :data:`TOOL_ROLES` (special)
     and :data:`TOOL_WORDS` (whole tokens), and the chat template :data:`TOOL_CHAT_TEMPLATE`."""
-    vocab = {ARITHMETIC_EOS: 0, **{c: i + 1 for i, c in enumerate(TOOL_CHARACTERS)}}
-    vocab[TOOL_UNK] = len(vocab)
-    for token in (*TOOL_ROLES, *TOOL_WORDS):
-        vocab[token] = len(vocab)
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=TOOL_UNK))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tokenizer.decoder = decoders.Fuse()
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (ARITHMETIC_EOS, *TOOL_ROLES)])
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in TOOL_WORDS])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, model_max_length=TOOL_ARCHITECTURE["n_positions"], padding_side="left",
-        clean_up_tokenization_spaces=False, model_input_names=["input_ids", "attention_mask"],
-        bos_token=ARITHMETIC_EOS, eos_token=ARITHMETIC_EOS, unk_token=TOOL_UNK, pad_token=ARITHMETIC_EOS,
-        chat_template=TOOL_CHAT_TEMPLATE,
-    )
+    return character_tokenizer(TOOL_CHARACTERS, TOOL_UNK, TOOL_ARCHITECTURE["n_positions"], TOOL_ROLES, TOOL_WORDS,
+                               TOOL_CHAT_TEMPLATE)
 
 
 def build_tool_untrained(path: str, seed: int = 0) -> str:
     """The embedded tool model's GPT-2 (:data:`TOOL_ARCHITECTURE`) and tokenizer with random weights into
     ``path`` (``embedded:arithmetic-tools-untrained``, where ``configs/sft_arithmetic_tools.yaml`` starts)."""
-    build = {"builder": "build_tool_untrained", "version": BUILD_VERSION, "seed": seed, **TOOL_ARCHITECTURE}
-
-    def write(folder: str) -> None:
-        save_gpt2(folder, build_tool_tokenizer(), seed, **TOOL_ARCHITECTURE)
-
-    return build_atomically(path, build, write)
+    return build_untrained(path, "build_tool_untrained", build_tool_tokenizer, TOOL_ARCHITECTURE, seed)
