@@ -17,10 +17,11 @@ from lit_rlhf.settings import LoraSettings, dtype_errors, plain
 
 
 def policy_errors(dtype: str, lora: LoraSettings, finetune: str = "lora", **sources: str | None) -> list[str]:
-    """Cheap checks of the model a module trains, before anything is built: its dtype (``dtype_errors``), then
-    its sources (``model_source_errors``), each keyword (``model_name``, ``init_adapter``, ``reference_model``)
-    naming its ``model.`` flag."""
-    return dtype_errors(dtype, finetune, lora.bias) + model_source_errors(
+    """Cheap checks of the model a module trains, before anything is built: ``finetune`` (lora or full), its
+    dtype (``dtype_errors``), then its sources (``model_source_errors``), each keyword (``model_name``,
+    ``init_adapter``, ``reference_model``) naming its ``model.`` flag."""
+    errors = [] if finetune in ("lora", "full") else [f"model.finetune must be lora or full, got {finetune!r}"]
+    return errors + dtype_errors(dtype, finetune, lora.bias) + model_source_errors(
         {f"model.{flag}": source for flag, source in sources.items()})
 
 
@@ -66,10 +67,8 @@ class RLHFModule(L.LightningModule):
       from rank zero, and gathering sharded weights is a collective.
     """
 
-    export_name = "adapter"
-    """The export's folder in the run's log directory (``export_path`` without ``export_dir``)."""
-    export_note = "Adapter exported to {target}"
-    """What ``on_fit_end`` logs (``export_message``)."""
+    export_note = "{what} exported to {target}"
+    """What ``on_fit_end`` logs (``export_message``; ``what``: Adapter or Model)."""
     keeps_rng = False
 
     def __init__(self) -> None:
@@ -102,6 +101,12 @@ class RLHFModule(L.LightningModule):
         if self.keeps_rng:
             dist.restore_checkpoint_rng(self._trainer, checkpoint.get("lit_rlhf") or {})
 
+    @property
+    def export_name(self) -> str:
+        """The export's folder in the run's log directory (``export_path`` without ``export_dir``): ``model`` for
+        a module that trains every weight (``finetune="full"``), else ``adapter``."""
+        return "model" if self.hparams.get("finetune", "lora") == "full" else "adapter"
+
     def export_path(self) -> Path:
         """Where ``on_fit_end`` writes the result (``export_dir``, or ``export_name`` in the run's log directory)."""
         if self.hparams.get("export_dir") is not None:
@@ -118,7 +123,8 @@ class RLHFModule(L.LightningModule):
         dist.export_policy(self.trainer, self.policy, target)
 
     def export_message(self, target: Path) -> str:
-        return self.export_note.format(target=target)
+        what = "Model" if self.export_name == "model" else "Adapter"
+        return self.export_note.format(what=what, target=target)
 
 
 class BuildsPolicy(RLHFModule):

@@ -11,7 +11,7 @@ steps in ``ppo_step``, logs metrics against it and stops the run after ``ppo_ste
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jsonargparse import lazy_instance
@@ -40,16 +40,18 @@ __all__ = ["PPOModule", "PPOSettings", "Rollout"]
 
 
 class PPOModule(PPOUpdate, BuildsPolicy):
-    """RLHF with PPO on a Hugging Face language model with a LoRA adapter and a value head.
+    """RLHF with PPO on a Hugging Face language model with a LoRA adapter (or every weight) and a value head.
 
     Args:
         model_name: policy: hub name, local path or ``embedded:...``; also picks the data's tokenizer (linked).
         reward: what scores a response (``lit_rlhf.rewards``); default the offline ``ProfanityReward``.
-        lora: the LoRA adapter trained by PPO.
+        lora: the LoRA adapter trained by PPO (with ``finetune=lora``).
+        finetune: ``lora``: train a LoRA adapter on the frozen base. ``full``: train every weight (float32; the
+            export is the whole model, in ``<log_dir>/model``); a KL term then needs ``reference_model``.
         generation: rollout sampling settings.
         ppo: PPO hyperparameters.
         ppo_steps: PPO steps (rollout + update) to run; None: until the trainer stops (max_steps counts optimizer steps).
-        learning_rate: AdamW learning rate of the trainable parameters (adapter + value head).
+        learning_rate: AdamW learning rate of the trainable parameters (adapter or every weight, + value head).
         weight_decay: AdamW weight decay (0: Adam, as the recipe).
         rollout_batch_size: prompts per PPO step per process (linked from data.batch_size).
         mini_batch_size: samples per optimizer step; must divide rollout_batch_size (see micro_batch_size).
@@ -62,7 +64,7 @@ class PPOModule(PPOUpdate, BuildsPolicy):
         seed: seed of the per-sample response-length draws and of validation/test sampling.
         log_samples_every: write a prompt / response / reward table every N PPO steps (0: never).
         num_log_samples: rows in that table.
-        export_adapter: save the adapter (``save_pretrained``) into ``<log_dir>/adapter`` at the end of fit.
+        export_adapter: save the adapter (``save_pretrained``) into ``<log_dir>/adapter`` (or ``model``) at the end.
         max_consecutive_skips: stop with an explanation after this many unsafe updates in a row were skipped.
         fast_rollout: sample with the cached loop (``lit_rlhf.models.decoding``), keeping its log-probs and values: no
             scoring forward; the first ratio is then 1 up to float rounding. ``false``: ``generate``, then a
@@ -94,6 +96,7 @@ class PPOModule(PPOUpdate, BuildsPolicy):
         model_name: str = "embedded:tiny-t5",
         reward: Reward = lazy_instance(ProfanityReward),
         lora: LoraSettings = LoraSettings(),
+        finetune: Literal["lora", "full"] = "lora",
         generation: GenerationSettings = GenerationSettings(),
         ppo: PPOSettings = PPOSettings(),
         ppo_steps: int | None = 10,
@@ -134,10 +137,11 @@ class PPOModule(PPOUpdate, BuildsPolicy):
         self.automatic_optimization = False
         # The policy (with a separate reference; none at init_kl_coef 0) is built in configure_model, where a
         # strategy places or shards it; what can fail cheaply is checked now, before a run folder is written.
-        reference_model = reference_source(ppo, reference_model)
-        check(policy_errors(dtype, lora, model_name=model_name, init_adapter=init_adapter, reference_model=reference_model))
+        reference_model = reference_source(ppo, reference_model, finetune)
+        check(policy_errors(dtype, lora, finetune, model_name=model_name, init_adapter=init_adapter,
+                            reference_model=reference_model))
         self.policy_kwargs = dict(
-            model_name=model_name, lora=lora, init_adapter=init_adapter, reference_model=reference_model,
+            model_name=model_name, lora=lora, finetune=finetune, init_adapter=init_adapter, reference_model=reference_model,
             value_head_dropout=value_head_dropout, value_head=not ppo.critic_free, logprob_chunk_size=logprob_chunk_size,
             gradient_checkpointing=gradient_checkpointing, attn_implementation=attn_implementation)
         # score_predictions: False in predict when the data lacks what the reward reads (setup)
@@ -149,8 +153,6 @@ class PPOModule(PPOUpdate, BuildsPolicy):
         self.skips, self.degenerate = SkipGuard(max_consecutive_skips), DegenerateWatch()
         self.length_generator = torch.Generator().manual_seed(seed)
         self.timings = ro.PhaseTimer()  # seconds per phase of the last step
-
-    # ------------------------------------------------------------------ Lightning hooks
 
     def setup(self, stage: str) -> None:
         # (not RLHFModule's check: manual optimization clips in the update itself)
@@ -358,7 +360,7 @@ class PPOModule(PPOUpdate, BuildsPolicy):
         return ro.predict_records(generated, batch, scorer.describe())
 
     def on_fit_end(self) -> None:
-        if self.hparams.export_adapter:  # into <log_dir>/adapter
+        if self.hparams.export_adapter:  # into <log_dir>/adapter (or model)
             super().on_fit_end()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -17,8 +17,14 @@ from lit_rlhf.runtime import distributed as dist
 from lit_rlhf.settings import PPOSettings
 
 
-def reference_source(ppo: PPOSettings, reference_model: str | None) -> str | None:
-    """The reference model to load: ``reference_model``, or None where no reference enters the step."""
+def reference_source(ppo: PPOSettings, reference_model: str | None, finetune: str = "lora") -> str | None:
+    """The reference model to load: ``reference_model``, or None where no reference enters the step (or the
+    adapter-disabled policy is the reference). A policy that trains every weight has no adapter to disable: with
+    a KL term it needs ``reference_model``."""
+    if finetune == "full" and ppo.uses_reference and reference_model is None:
+        raise ValueError(f"model.finetune=full trains every weight, so no adapter can be disabled to give the KL "
+                         f"term's reference (model.ppo.init_kl_coef={ppo.init_kl_coef}): give model.reference_model "
+                         "(e.g. the model_name it starts from) or set model.ppo.init_kl_coef=0")
     if reference_model is not None and not ppo.uses_reference:
         rank_zero_info(f"model.reference_model={reference_model!r} is not loaded: model.ppo.init_kl_coef=0 uses no "
                        "reference")

@@ -244,13 +244,6 @@ class SFTModule(BuildsPolicy):
         """One record per prompt: ``id``, ``dialogue`` (when the batch has it) and the greedy ``summary``."""
         return ro.predict_records(self._generate(batch), batch, scorer_name=None)
 
-    # ------------------------------------------------------------------ export
-
-    @property
-    def export_name(self) -> str:
-        """``export_path``'s folder without ``export_dir``: ``model`` (full) or ``adapter`` (LoRA)."""
-        return "model" if self.hparams.finetune == "full" else "adapter"
-
 
 def check_sft_settings(
     learning_rate: float, weight_decay: float, warmup_steps: int, lr_schedule: str, decay_steps: int | None,
