@@ -125,8 +125,7 @@ class PPOModule(PPOUpdate, BuildsPolicy):
         environment: Environment | None = None,
     ) -> None:
         super().__init__()
-        # Settings groups come back as plain dicts from a checkpoint's hyperparameters.
-        lora = lora_settings(lora)
+        lora = lora_settings(lora)  # (settings groups come back as plain dicts from a checkpoint's hyperparameters)
         generation, ppo = as_settings(GenerationSettings, generation), as_settings(PPOSettings, ppo)
         check(generation.errors() + ppo.errors() + run_errors(
             ppo_steps, learning_rate, rollout_batch_size, mini_batch_size, max_consecutive_skips, samples_per_prompt,
@@ -137,11 +136,10 @@ class PPOModule(PPOUpdate, BuildsPolicy):
         self.automatic_optimization = False
         # The policy (with a separate reference; none at init_kl_coef 0) is built in configure_model, where a
         # strategy places or shards it; what can fail cheaply is checked now, before a run folder is written.
-        reference_model = reference_source(ppo, reference_model, finetune)
-        check(policy_errors(dtype, lora, finetune, model_name=model_name, init_adapter=init_adapter,
-                            reference_model=reference_model))
+        ref = reference_source(ppo, reference_model, finetune)
+        check(policy_errors(dtype, lora, finetune, model_name=model_name, init_adapter=init_adapter, reference_model=ref))
         self.policy_kwargs = dict(
-            model_name=model_name, lora=lora, finetune=finetune, init_adapter=init_adapter, reference_model=reference_model,
+            model_name=model_name, lora=lora, finetune=finetune, init_adapter=init_adapter, reference_model=ref,
             value_head_dropout=value_head_dropout, value_head=not ppo.critic_free, logprob_chunk_size=logprob_chunk_size,
             gradient_checkpointing=gradient_checkpointing, attn_implementation=attn_implementation)
         # score_predictions: False in predict when the data lacks what the reward reads (setup)
