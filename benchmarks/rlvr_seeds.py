@@ -9,6 +9,12 @@ one after the other (benchmarks/seeds.py's run_seed). The measurement keeps the 
 the same in every run. Accuracy is the report's mean reward (greedy answers, exact-answer reward, 500 held-out
 problems); the change's CI is the report's paired BCa bootstrap CI over problems. The table is printed and written
 to --results (Markdown) beside a JSON of the per-seed values.
+
+The 500 test problems also chose where the shipped model stopped and the recipe's settings, so a second table
+scores the model before and each seed's exported model after on 500 fresh problems that nothing saw: drawn by the
+same generator with another seed, none of them in the bundled pool (train or test), greedy answers through
+`lit-rlhf predict` with the recipe's config. The pool holds nearly every problem of small operands, so the fresh
+ones have larger operands on average: they are harder.
 """
 
 from __future__ import annotations
@@ -16,9 +22,66 @@ from __future__ import annotations
 import json
 import platform
 
-from seeds import cpu_model, mean_sd, seed_arguments, seed_reports
+import subprocess
+import sys
+from pathlib import Path
+
+from seeds import cpu_model, find_report, mean_sd, seed_arguments, seed_reports
 
 CONFIG = "rlvr_arithmetic.yaml"
+FRESH, FRESH_SEED = 500, 12345
+"""How many fresh problems, and the generator's seed that draws them."""
+
+
+def write_fresh_problems(path: Path) -> Path:
+    """FRESH problems of the bundled generator (seed FRESH_SEED), none of them in the bundled pool, as JSONL."""
+    from lit_rlhf.data.arithmetic import arithmetic_splits, generate_problems
+
+    pool = {row["prompt"] for rows in arithmetic_splits().values() for row in rows}
+    rows = generate_problems(FRESH, FRESH_SEED, exclude=pool)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"id": f"fresh_{i}", **row}) + "\n" for i, row in enumerate(rows)))
+    return path
+
+
+def fresh_scores(model: str, problems: Path, folder: Path) -> list[float]:
+    """The exact-answer scores of ``model``'s greedy answers to ``problems`` (``lit-rlhf predict``, log in folder)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "lit_rlhf.cli", "predict", "--config", CONFIG, "--model.model_name", model,
+               "--data.predict_path", str(problems), "--trainer.callbacks=[]", "--trainer.default_root_dir", "."]
+    with open(folder / "predict.log", "w") as log:
+        subprocess.run(command, cwd=folder, stdout=log, stderr=subprocess.STDOUT, check=True)
+    return [json.loads(line)["score"] for line in (folder / "predictions.jsonl").read_text().splitlines()]
+
+
+def fresh_rows(workdir: Path, seeds: list[int]) -> dict[int, dict[str, float]]:
+    """Per seed: accuracy (%) on the fresh problems of the model the runs start from and of the seed's export."""
+    import yaml
+
+    problems = write_fresh_problems(workdir / "fresh" / "problems.jsonl")
+    runs = {seed: find_report(workdir / f"seed_{seed}").parent for seed in seeds}
+    start = yaml.safe_load((runs[seeds[0]] / "config.yaml").read_text())["model"]["model_name"]
+    before = fresh_scores(start, problems, workdir / "fresh" / "before")
+    rows = {}
+    for seed, run in runs.items():
+        after = fresh_scores(str(run / "model"), problems, workdir / "fresh" / f"seed_{seed}")
+        rows[seed] = {"before": 100 * sum(before) / len(before), "after": 100 * sum(after) / len(after),
+                      "change": 100 * sum(a - b for a, b in zip(after, before)) / len(after)}
+    return rows
+
+
+def render_fresh(rows: dict[int, dict[str, float]]) -> str:
+    """The fresh problems' table: accuracy before and after per seed, then the mean and sd over seeds."""
+    lines = ["| seed | accuracy before % | accuracy after % | change (points) |", "|---|---|---|---|"]
+    lines += [f"| {seed} | {r['before']:.1f} | {r['after']:.1f} | {r['change']:+.1f} |" for seed, r in sorted(rows.items())]
+    stats = {key: mean_sd([r[key] for r in rows.values()]) for key in ("before", "after", "change")}
+    lines.append(f"| mean ± sd | {stats['before'][0]:.1f} ± {stats['before'][1]:.1f} | {stats['after'][0]:.1f} ± "
+                 f"{stats['after'][1]:.1f} | {stats['change'][0]:+.1f} ± {stats['change'][1]:.1f} |")
+    return "\n".join([
+        f"## {FRESH} fresh problems", "",
+        f"Greedy answers (`lit-rlhf predict`) to {FRESH} problems of the same generator (seed {FRESH_SEED}), none of "
+        "them in the bundled pool: no choice of the model or the recipe saw them. Harder than the test split (the "
+        "pool holds nearly all problems of small operands).", "", *lines, ""])
 
 
 def seed_row(report: dict) -> dict[str, float]:
@@ -72,10 +135,12 @@ def main(argv: list[str] | None = None) -> None:
     rows = {seed: seed_row(report) for seed, report in reports.items()}
     k = list(reports.values())[-1]["settings"].get("pass_at_k") if reports else None
     command = " ".join(["OMP_NUM_THREADS=1 lit-rlhf fit", *extra, "--seed_everything N --model.seed N"])
-    text = render(rows, command, k)
+    fresh = fresh_rows(args.workdir.absolute(), args.seeds)
+    text = render(rows, command, k) + "\n" + render_fresh(fresh)
     print(text)
     args.results.write_text(text)
-    args.results.with_suffix(".json").write_text(json.dumps({"cpu": cpu_model(), "per_seed": rows}, indent=2) + "\n")
+    args.results.with_suffix(".json").write_text(
+        json.dumps({"cpu": cpu_model(), "per_seed": rows, "fresh_per_seed": fresh}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

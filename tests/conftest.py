@@ -75,9 +75,10 @@ def assert_resume_is_exact(run, args: list[str], weights_file: str, steps: int =
     assert half["global_step"] == steps // 2
     end = torch.load(next(Path(straight.trainer.log_dir).rglob(f"step={steps}.ckpt")), weights_only=True)
     assert any(not torch.equal(end["state_dict"][k], v) for k, v in half["state_dict"].items())  # it trained on
+    whole = weights(straight)  # read now: a resumed PPO fit continues in the run's own folder, over this export
     resumed = run(["fit", *args, "--trainer.max_steps", str(steps), "--ckpt_path", str(ckpt)])
     assert resumed.trainer.global_step == steps
-    whole, again = weights(straight), weights(resumed)
+    again = weights(resumed)
     assert whole.keys() == again.keys()
     assert [k for k in whole if not torch.equal(whole[k], again[k])] == []
 

@@ -81,16 +81,17 @@ def write_adapter(policy: Policy, directory: str | os.PathLike, state_dict: dict
 def write_full_model(policy: Policy, directory: Path, state_dict: dict[str, Tensor] | None) -> Path:
     """``finetune="full"``: the whole model and tokenizer with ``save_pretrained`` (plus the value head, if
     any), loadable as a base model, or as PPO's ``init_adapter``."""
-    model_state = None
-    if state_dict is not None:
-        model_state = _prefixed(state_dict, "model.")
-        if not model_state:
-            raise ValueError(
-                f"save_adapter: the given state_dict has no 'model.*' weights; got {sorted(state_dict)[:3]}")
+    model_state = value_head_state = None
+    if state_dict is not None:  # gathered from a sharded strategy: this process holds only a shard of both
+        model_state, value_head_state = _prefixed(state_dict, "model."), _prefixed(state_dict, "value_head.")
+        if not model_state or (policy.has_value_head and not value_head_state):
+            raise ValueError("save_adapter: the given state_dict has no 'model.*' or no 'value_head.*' weights; "
+                             f"got keys like {sorted(state_dict)[:3]}")
     policy.model.save_pretrained(directory, state_dict=model_state)
     policy.tokenizer.save_pretrained(directory)
     if policy.has_value_head:
-        torch.save(policy.value_head.state_dict(), directory / "value_head.pt")
+        torch.save(policy.value_head.state_dict() if value_head_state is None else value_head_state,
+                   directory / "value_head.pt")
     manifest = {"base_model": policy.model_name, "init_adapter": policy.init_adapter, "finetune": "full",
                 "load": "AutoModelForSeq2SeqLM/AutoModelForCausalLM.from_pretrained(this_dir)"}
     (directory / "lit_rlhf_adapter.json").write_text(json.dumps(manifest, indent=2) + "\n")

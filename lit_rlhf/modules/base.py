@@ -25,6 +25,18 @@ def policy_errors(dtype: str, lora: LoraSettings, finetune: str = "lora", **sour
         {f"model.{flag}": source for flag, source in sources.items()})
 
 
+def check_checkpoint_kind(finetune: str, state_dict: dict[str, Any]) -> None:
+    """Refuse a checkpoint of a LoRA run for a module that trains every weight, or the other way round: with
+    non-strict loading (a LoRA checkpoint holds only the adapter) either would load nothing and go on untrained."""
+    lora = any("lora_" in key for key in state_dict)
+    if finetune == "full" and lora:
+        raise ValueError("This checkpoint holds a LoRA adapter, but model.finetune=full trains every weight: "
+                         "load it with the run's own model.finetune=lora")
+    if finetune == "lora" and not lora and any(key.startswith("policy.model.") for key in state_dict):
+        raise ValueError("This checkpoint holds every weight of a model.finetune=full run, but model.finetune=lora "
+                         "trains an adapter: load it with model.finetune=full")
+
+
 def check_precision(precision: Any, dtype: str = "float32", device: Any = None, gradient_scaler: bool = False) -> None:
     """Refuse a trainer precision or weight dtype that training cannot use well; the message names the flags.
 
@@ -92,12 +104,16 @@ class RLHFModule(L.LightningModule):
                         gradient_scaler=self.automatic_optimization)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.hparams.get("finetune", "lora") == "lora":  # a full fine-tune keeps every weight (tied ones too)
-            checkpoint["state_dict"] = dist.trainable_state(self, checkpoint["state_dict"])
+        state = checkpoint["state_dict"]
+        if self.hparams.get("finetune", "lora") == "lora":
+            checkpoint["state_dict"] = dist.trainable_state(self, state)
+        else:  # a full fine-tune keeps every trained weight (tied ones too), not a frozen reference model's
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith("policy.reference.")}
         if self.keeps_rng:
             checkpoint["lit_rlhf"] = dist.checkpoint_rng(self._trainer)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_checkpoint_kind(self.hparams.get("finetune", "lora"), checkpoint.get("state_dict") or {})
         if self.keeps_rng:
             dist.restore_checkpoint_rng(self._trainer, checkpoint.get("lit_rlhf") or {})
 

@@ -373,6 +373,7 @@ class PPOModule(PPOUpdate, BuildsPolicy):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)  # (the weights are of this run's kind, LoRA or full)
         state = checkpoint.get("lit_rlhf")
         if state is None:
             raise ValueError("This checkpoint was not written by lit_rlhf's PPOModule (no 'lit_rlhf' state)")

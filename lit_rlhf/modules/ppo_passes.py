@@ -24,7 +24,7 @@ def reference_source(ppo: PPOSettings, reference_model: str | None, finetune: st
     if finetune == "full" and ppo.uses_reference and reference_model is None:
         raise ValueError(f"model.finetune=full trains every weight, so no adapter can be disabled to give the KL "
                          f"term's reference (model.ppo.init_kl_coef={ppo.init_kl_coef}): give model.reference_model "
-                         "(e.g. the model_name it starts from) or set model.ppo.init_kl_coef=0")
+                         "(the model to stay close to, e.g. model_name) or set model.ppo.init_kl_coef=0")
     if reference_model is not None and not ppo.uses_reference:
         rank_zero_info(f"model.reference_model={reference_model!r} is not loaded: model.ppo.init_kl_coef=0 uses no "
                        "reference")

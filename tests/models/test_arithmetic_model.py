@@ -24,12 +24,18 @@ def test_untrained_shape_builds(tmp_path):
 
 
 def test_shipped_model_answers_in_greedy_decoding():
+    # the shipped model is trained but stopped early (PROVENANCE.md: 30.2% of the 500 test problems): numbers
+    # then end-of-sequence, right on some of the first 100 test problems and wrong on many
+    from lit_rlhf.data.arithmetic import arithmetic_splits
+
     path = resolve_model_path("embedded:arithmetic")
     model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    batch = tokenizer(["12+345=", "9-4=", "1+1="], return_tensors="pt", padding=True)
+    rows = arithmetic_splits()["test"][:100]
+    batch = tokenizer([r["prompt"] for r in rows], return_tensors="pt", padding=True)
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=0)
     answers = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    assert all(a.isdigit() for a in answers), answers  # a number, then end-of-sequence: not an accuracy check
-    assert answers[2] == "2"
+    assert all(a.isdigit() for a in answers), answers  # a number, then end-of-sequence
+    right = sum(a == r["answer"] for a, r in zip(answers, rows))
+    assert 15 <= right <= 50, right  # an untrained model gets ~0, a fully trained one most

@@ -57,11 +57,19 @@ def test_every_weight_trains_and_the_export_is_the_trained_model(model_name, est
 
 @pytest.mark.parametrize("model_name", ["embedded:tiny-t5", "embedded:tiny-gpt2"])
 def test_a_kl_term_compares_with_the_reference_model_kl_zero_at_the_first_step(model_name, tmp_path, log_ratios):
+    import lightning as L
+
     with pytest.raises(ValueError, match="model.finetune=full .* give model.reference_model .*init_kl_coef=0"):
         full_module(model_name, "gae", ppo=dict(init_kl_coef=0.05))
     torch.manual_seed(0)
     module = full_module(model_name, "gae", ppo=dict(init_kl_coef=0.05), reference_model=model_name, ppo_steps=2)
-    _, recorder = fit_ppo(module, tmp_path, batch_size=4, enable_checkpointing=False)
+    saves = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _, recorder = fit_ppo(module, tmp_path, batch_size=4, callbacks=[saves])
+    # the checkpoint holds every trained weight and the value head, not the frozen reference model
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["state_dict"]
+    trained = {f"policy.model.{name}" for name in module.policy.model.state_dict()}
+    assert trained <= saved.keys() and "policy.value_head.summary.weight" in saved
+    assert not [key for key in saved if key.startswith("policy.reference.")]
     assert recorder.history[0]["kl"] == 0.0 and torch.count_nonzero(log_ratios[0]) == 0  # policy == reference
     assert recorder.history[1]["kl"] != 0.0  # the trained weights moved away from the reference's
     policy, reference = module.policy.model.state_dict(), module.policy.reference.state_dict()
@@ -97,3 +105,39 @@ def test_print_config_shows_finetune(capsys):
     assert yaml.safe_load(capsys.readouterr().out)["model"]["finetune"] == "full"
     with pytest.raises(ValueError, match="model.finetune must be lora or full, got 'half'"):
         PPOModule(model_name="embedded:tiny-gpt2", finetune="half")
+
+
+def test_a_full_export_writes_the_given_gathered_weights(tmp_path):
+    # under a sharding strategy the export gets the gathered weights (this process holds only a shard): the files
+    # must be those weights, the value head's included, not the parameters this process holds
+    from transformers import AutoModelForCausalLM
+
+    from lit_rlhf.models import Policy, ValueHead
+
+    policy = Policy("embedded:tiny-gpt2", finetune="full")
+    gathered = {name: weight + 1.0 for name, weight in policy.state_dict().items()}
+    directory = policy.save_adapter(tmp_path / "model", state_dict=gathered)
+    head = ValueHead(policy.model.config.hidden_size)
+    head.load_state_dict(torch.load(directory / "value_head.pt"))
+    assert_close(head.summary.weight, gathered["value_head.summary.weight"], rtol=0, atol=0)
+    loaded = AutoModelForCausalLM.from_pretrained(directory).state_dict()
+    assert_close(loaded["transformer.h.0.attn.c_attn.weight"], gathered["model.transformer.h.0.attn.c_attn.weight"],
+                 rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no 'model.\\*' or no 'value_head.\\*' weights"):
+        policy.save_adapter(tmp_path / "bad", state_dict={k: v for k, v in gathered.items() if "value_head" not in k})
+
+
+def test_a_checkpoint_of_the_other_kind_is_refused(tmp_path):
+    # non-strict loading would otherwise load nothing of it and go on with the untrained weights
+    from lit_rlhf.settings import LoraSettings
+
+    full = full_module("embedded:tiny-gpt2", "grpo", ppo=dict(init_kl_coef=0.0))
+    lora = PPOModule(model_name="embedded:tiny-gpt2", lora=LoraSettings(), ppo=PPOSettings(init_kl_coef=0.0))
+    full.configure_model()
+    lora.configure_model()
+    full_state = {f"policy.{k}": v for k, v in full.policy.state_dict().items()}
+    lora_state = {f"policy.{k}": v for k, v in lora.policy.state_dict().items() if "lora_" in k}
+    with pytest.raises(ValueError, match="holds a LoRA adapter, but model.finetune=full"):
+        full.on_load_checkpoint({"state_dict": lora_state, "lit_rlhf": {}})
+    with pytest.raises(ValueError, match="holds every weight of a model.finetune=full run"):
+        lora.on_load_checkpoint({"state_dict": full_state, "lit_rlhf": {}})
