@@ -10,7 +10,7 @@ from lit_rlhf.models.decoding import SampledRollout, inverse_cdf_sample, sample_
 from lit_rlhf.models.episodes import Episode, episode_tensors, pad_rows, run_episodes
 from lit_rlhf.models.lm import logprobs_from_logits, position_limit, trim_batch
 from lit_rlhf.models.loading import (
-    build_policy, ensure_pad_token, is_encoder_decoder, load_causal_or_seq2seq, model_source_errors,
+    build_policy, ensure_pad_token, finetune_errors, is_encoder_decoder, load_causal_or_seq2seq, model_source_errors,
 )
 from lit_rlhf.models.logprobs import full_kl_per_token
 from lit_rlhf.models.lora import lora_wrapping, merge_adapter
@@ -46,6 +46,7 @@ __all__ = [
     "looks_like_local_path",
     "lora_wrapping",
     "merge_adapter",
+    "finetune_errors",
     "model_source_errors",
     "position_limit",
     "resolve_model_path",

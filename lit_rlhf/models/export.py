@@ -43,21 +43,12 @@ def write_adapter(policy: Policy, directory: str | os.PathLike, state_dict: dict
     directory.mkdir(parents=True, exist_ok=True)
     if policy.finetune == "full":
         return write_full_model(policy, directory, state_dict)
-    model_state = value_head_state = None
-    if state_dict is not None:
-        model_state, value_head_state = _prefixed(state_dict, "model."), _prefixed(state_dict, "value_head.")
-        if not model_state or (policy.has_value_head and not value_head_state):
-            raise ValueError(
-                "save_adapter: the given state_dict has no 'model.*' or no 'value_head.*' weights; "
-                f"got keys like {sorted(state_dict)[:3]}"
-            )
+    model_state, value_head_state = gathered_parts(policy, state_dict)
     # save_embedding_layers=False: a LoRA on lm_head leaves its base weight as the base model has it (nothing
     # here resizes or trains embeddings), so the file holds the adapter only, as without lm_head
     policy.model.save_pretrained(directory, state_dict=model_state, save_embedding_layers=False)
     policy.tokenizer.save_pretrained(directory)
-    if policy.has_value_head:
-        torch.save(policy.value_head.state_dict() if value_head_state is None else value_head_state,
-                   directory / "value_head.pt")
+    save_value_head(policy, directory, value_head_state)
     # How to rebuild the trained policy: with init_adapter, this adapter sits on base + init_adapter merged,
     # which adapter_config.json's base_model_name_or_path alone does not say.
     manifest = {
@@ -78,20 +69,35 @@ def write_adapter(policy: Policy, directory: str | os.PathLike, state_dict: dict
     return directory
 
 
-def write_full_model(policy: Policy, directory: Path, state_dict: dict[str, Tensor] | None) -> Path:
-    """``finetune="full"``: the whole model and tokenizer with ``save_pretrained`` (plus the value head, if
-    any), loadable as a base model, or as PPO's ``init_adapter``."""
-    model_state = value_head_state = None
-    if state_dict is not None:  # gathered from a sharded strategy: this process holds only a shard of both
-        model_state, value_head_state = _prefixed(state_dict, "model."), _prefixed(state_dict, "value_head.")
-        if not model_state or (policy.has_value_head and not value_head_state):
-            raise ValueError("save_adapter: the given state_dict has no 'model.*' or no 'value_head.*' weights; "
-                             f"got keys like {sorted(state_dict)[:3]}")
-    policy.model.save_pretrained(directory, state_dict=model_state)
-    policy.tokenizer.save_pretrained(directory)
+def gathered_parts(policy: Policy, state_dict: dict[str, Tensor] | None) -> tuple[dict | None, dict | None]:
+    """The model's and the value head's entries of a gathered ``state_dict`` (keyed as ``policy.state_dict()``;
+    under a sharding strategy this process holds only a shard of both), or (None, None) without one."""
+    if state_dict is None:
+        return None, None
+    model_state, value_head_state = _prefixed(state_dict, "model."), _prefixed(state_dict, "value_head.")
+    if not model_state or (policy.has_value_head and not value_head_state):
+        raise ValueError(
+            "save_adapter: the given state_dict has no 'model.*' or no 'value_head.*' weights; "
+            f"got keys like {sorted(state_dict)[:3]}"
+        )
+    return model_state, value_head_state
+
+
+def save_value_head(policy: Policy, directory: Path, value_head_state: dict[str, Tensor] | None) -> None:
+    """``value_head.pt`` in ``directory`` (none without a value head): ``value_head_state`` if given, else the
+    policy's own."""
     if policy.has_value_head:
         torch.save(policy.value_head.state_dict() if value_head_state is None else value_head_state,
                    directory / "value_head.pt")
+
+
+def write_full_model(policy: Policy, directory: Path, state_dict: dict[str, Tensor] | None) -> Path:
+    """``finetune="full"``: the whole model and tokenizer with ``save_pretrained`` (plus the value head, if
+    any), loadable as a base model, or as PPO's ``init_adapter``."""
+    model_state, value_head_state = gathered_parts(policy, state_dict)
+    policy.model.save_pretrained(directory, state_dict=model_state)
+    policy.tokenizer.save_pretrained(directory)
+    save_value_head(policy, directory, value_head_state)
     manifest = {"base_model": policy.model_name, "init_adapter": policy.init_adapter, "finetune": "full",
                 "load": "AutoModelForSeq2SeqLM/AutoModelForCausalLM.from_pretrained(this_dir)"}
     (directory / "lit_rlhf_adapter.json").write_text(json.dumps(manifest, indent=2) + "\n")

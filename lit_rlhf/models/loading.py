@@ -22,7 +22,7 @@ from transformers import (
 
 from lit_rlhf.models.lora import merge_adapter
 from lit_rlhf.models.tiny import resolve_model_path
-from lit_rlhf.settings import lora_settings, resolve_base_dtype
+from lit_rlhf.settings import check, lora_settings, resolve_base_dtype
 
 if TYPE_CHECKING:
     from lit_rlhf.models.policy import Policy
@@ -88,13 +88,17 @@ def _contiguous_first(module: nn.Module, args: tuple) -> tuple | None:
     return None
 
 
-def check_finetune(finetune: str, init_from_scratch: bool) -> None:
-    """Raise for a ``model.finetune`` other than lora or full, and for ``model.init_from_scratch`` without full."""
-    if finetune not in ("lora", "full"):
-        raise ValueError(f"model.finetune must be lora or full, got {finetune!r}")
+def finetune_errors(finetune: str, init_from_scratch: bool = False) -> list[str]:
+    """A ``model.finetune`` other than lora or full, and ``model.init_from_scratch`` without full."""
+    errors = [] if finetune in ("lora", "full") else [f"model.finetune must be lora or full, got {finetune!r}"]
     if init_from_scratch and finetune != "full":
-        raise ValueError("model.init_from_scratch=true trains a model from random weights: it needs "
-                         "model.finetune=full")
+        errors.append("model.init_from_scratch=true trains a model from random weights: it needs model.finetune=full")
+    return errors
+
+
+def check_finetune(finetune: str, init_from_scratch: bool) -> None:
+    """Raise for :func:`finetune_errors`."""
+    check(finetune_errors(finetune, init_from_scratch))
 
 
 def load_reference(

@@ -11,28 +11,29 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_rlhf.models import build_policy, model_source_errors
+from lit_rlhf.models import build_policy, finetune_errors, model_source_errors
 from lit_rlhf.runtime import distributed as dist
 from lit_rlhf.settings import LoraSettings, dtype_errors, plain
 
 
-def policy_errors(dtype: str, lora: LoraSettings, finetune: str = "lora", **sources: str | None) -> list[str]:
-    """Cheap checks of the model a module trains, before anything is built: ``finetune`` (lora or full), its
+def policy_errors(dtype: str, lora: LoraSettings, finetune: str = "lora", init_from_scratch: bool = False,
+                  **sources: str | None) -> list[str]:
+    """Cheap checks of the model a module trains, before anything is built: ``finetune`` (``finetune_errors``), its
     dtype (``dtype_errors``), then its sources (``model_source_errors``), each keyword (``model_name``,
     ``init_adapter``, ``reference_model``) naming its ``model.`` flag."""
-    errors = [] if finetune in ("lora", "full") else [f"model.finetune must be lora or full, got {finetune!r}"]
-    return errors + dtype_errors(dtype, finetune, lora.bias) + model_source_errors(
+    errors = finetune_errors(finetune, init_from_scratch) + dtype_errors(dtype, finetune, lora.bias)
+    return errors + model_source_errors(
         {f"model.{flag}": source for flag, source in sources.items()})
 
 
-def check_checkpoint_kind(finetune: str, state_dict: dict[str, Any]) -> None:
-    """Refuse a checkpoint of a LoRA run for a module that trains every weight, or the other way round: with
+def check_checkpoint_kind(every_weight: bool, state_dict: dict[str, Any]) -> None:
+    """Refuse a checkpoint of a LoRA run for a module that trains ``every_weight``, or the other way round: with
     non-strict loading (a LoRA checkpoint holds only the adapter) either would load nothing and go on untrained."""
     lora = any("lora_" in key for key in state_dict)
-    if finetune == "full" and lora:
+    if every_weight and lora:
         raise ValueError("This checkpoint holds a LoRA adapter, but model.finetune=full trains every weight: "
                          "load it with the run's own model.finetune=lora")
-    if finetune == "lora" and not lora and any(key.startswith("policy.model.") for key in state_dict):
+    if not every_weight and not lora and any(key.startswith("policy.model.") for key in state_dict):
         raise ValueError("This checkpoint holds every weight of a model.finetune=full run, but model.finetune=lora "
                          "trains an adapter: load it with model.finetune=full")
 
@@ -105,7 +106,7 @@ class RLHFModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
-        if self.hparams.get("finetune", "lora") == "lora":
+        if not self.trains_every_weight:
             checkpoint["state_dict"] = dist.trainable_state(self, state)
         else:  # a full fine-tune keeps every trained weight (tied ones too), not a frozen reference model's
             checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith("policy.reference.")}
@@ -113,15 +114,20 @@ class RLHFModule(L.LightningModule):
             checkpoint["lit_rlhf"] = dist.checkpoint_rng(self._trainer)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_checkpoint_kind(self.hparams.get("finetune", "lora"), checkpoint.get("state_dict") or {})
+        check_checkpoint_kind(self.trains_every_weight, checkpoint.get("state_dict") or {})
         if self.keeps_rng:
             dist.restore_checkpoint_rng(self._trainer, checkpoint.get("lit_rlhf") or {})
 
     @property
+    def trains_every_weight(self) -> bool:
+        """``finetune="full"`` (a module without that setting trains an adapter)."""
+        return self.hparams.get("finetune", "lora") == "full"
+
+    @property
     def export_name(self) -> str:
         """The export's folder in the run's log directory (``export_path`` without ``export_dir``): ``model`` for
-        a module that trains every weight (``finetune="full"``), else ``adapter``."""
-        return "model" if self.hparams.get("finetune", "lora") == "full" else "adapter"
+        a module that trains every weight, else ``adapter``."""
+        return "model" if self.trains_every_weight else "adapter"
 
     def export_path(self) -> Path:
         """Where ``on_fit_end`` writes the result (``export_dir``, or ``export_name`` in the run's log directory)."""

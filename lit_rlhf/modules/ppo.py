@@ -159,10 +159,10 @@ class PPOModule(PPOUpdate, BuildsPolicy):
         # after the data module's setup: a column or references the reward reads and the data lacks fail here
         reward_inputs = getattr(self._trainer.datamodule, "reward_inputs", None) if self._trainer else None
         self.score_predictions = True
-        scorer = (self.reward, "model.reward") if self.environment is None else (self.environment, "model.environment")
+        scorer, flag = (self.reward, "model.reward") if self.environment is None else (self.environment, "model.environment")
         if reward_inputs is not None:
             try:
-                check_reward_inputs(scorer[0], *reward_inputs(stage), flag=scorer[1])
+                check_reward_inputs(scorer, *reward_inputs(stage), flag=flag)
             except ValueError as err:
                 if stage != "predict":
                     raise

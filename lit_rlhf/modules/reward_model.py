@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lit_rlhf.models import ensure_pad_token, lora_wrapping, model_source_errors, resolve_model_path
+from lit_rlhf.models import ensure_pad_token, finetune_errors, lora_wrapping, model_source_errors, resolve_model_path
 from lit_rlhf.modules.base import RLHFModule
 from lit_rlhf.runtime import NumThreads, atomic_directory, num_threads_errors
 from lit_rlhf.runtime import distributed as dist
@@ -75,9 +75,7 @@ class RewardModelModule(RLHFModule):
     ) -> None:
         super().__init__()
         lora = lora_settings(lora)  # also a plain dict (a checkpoint's hyperparameters); checked there
-        errors = model_source_errors({"model.model_name": model_name})
-        if finetune not in ("lora", "full"):
-            errors.append(f"model.finetune must be lora or full, got {finetune!r}")
+        errors = model_source_errors({"model.model_name": model_name}) + finetune_errors(finetune)
         if learning_rate <= 0 or weight_decay < 0 or center_coef < 0:
             errors.append(f"model.learning_rate must be > 0 and model.weight_decay, model.center_coef >= 0, got "
                           f"{learning_rate}, {weight_decay}, {center_coef}")

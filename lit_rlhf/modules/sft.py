@@ -118,10 +118,7 @@ class SFTModule(BuildsPolicy):
                            max_new_tokens, num_threads, no_repeat_ngram_size, optimizer)
         self.save_settings(lora=lora)
         # the policy is built in configure_model (where a strategy places or shards it); cheap checks now
-        if init_from_scratch and finetune != "full":
-            raise ValueError("model.init_from_scratch=true trains a model from random weights: it needs "
-                             "model.finetune=full")
-        check(policy_errors(dtype, lora, finetune, model_name=model_name, init_adapter=init_adapter))
+        check(policy_errors(dtype, lora, finetune, init_from_scratch, model_name=model_name, init_adapter=init_adapter))
         self.policy_kwargs = dict(
             model_name=model_name, lora=lora, init_adapter=init_adapter, value_head=False, finetune=finetune,
             init_from_scratch=init_from_scratch, gradient_checkpointing=gradient_checkpointing,
